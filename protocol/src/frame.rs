@@ -1,0 +1,425 @@
+//! Frames: the envelope every message travels in, and its two encodings.
+//!
+//! A frame is a map with a `type` field: `"req"` (request), `"res"` (response) or `"ntf"`
+//! (notification). The same schema is encoded as MessagePack (maps with string keys) on
+//! binary WebSocket frames and on the QUIC stream, and as JSON on text WebSocket frames.
+//!
+//! Decoding is two-phase: the envelope first (so a bad body can still be answered with the
+//! request's sequence number), then the body by kind (see [`crate::messages`]).
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ErrorBody, ProtocolError};
+use crate::limits::{scan_json, scan_msgpack, FrameLimits};
+
+/// The two encodings of the same schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    /// MessagePack with string map keys (binary WebSocket frames, QUIC stream).
+    MsgPack,
+    /// JSON (text WebSocket frames).
+    Json,
+}
+
+/// A frame body whose schema depends on the kind; decoded lazily with [`Body::decode`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    /// No body was sent; decodes as an empty map.
+    Empty,
+    /// A MessagePack value.
+    MsgPack(rmpv::Value),
+    /// A JSON value.
+    Json(serde_json::Value),
+}
+
+impl Body {
+    /// Decodes the body into `T`; an absent body decodes like an empty map.
+    pub fn decode<T: DeserializeOwned>(&self, kind: &str) -> Result<T, ProtocolError> {
+        let invalid = |reason: String| ProtocolError::InvalidBody {
+            kind: kind.to_string(),
+            reason,
+        };
+        match self {
+            Body::Empty => serde_json::from_value(serde_json::Value::Object(Default::default()))
+                .map_err(|e| invalid(e.to_string())),
+            Body::MsgPack(v) => {
+                rmpv::ext::from_value(v.clone()).map_err(|e| invalid(e.to_string()))
+            }
+            Body::Json(v) => serde_json::from_value(v.clone()).map_err(|e| invalid(e.to_string())),
+        }
+    }
+}
+
+/// A request: from client to server (or `ping` from server to client).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestFrame {
+    /// The sender's sequence number; strictly increasing per connection and direction.
+    pub seq: u64,
+    /// What is asked (e.g. `room.join`).
+    pub kind: String,
+    /// Kind-specific body.
+    pub body: Body,
+}
+
+/// A response: echoes the request's sequence number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseFrame {
+    /// The sequence number of the request answered (0 if the request could not be read).
+    pub seq: u64,
+    /// The ok body or the error.
+    pub result: Result<Body, ErrorBody>,
+}
+
+/// A notification: a server push with a per-session sequence number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotificationFrame {
+    /// Per-session sequence number, starting at 1, without gaps; used for resume.
+    pub seq: u64,
+    /// What happened (e.g. `room.comment`).
+    pub kind: String,
+    /// Kind-specific body.
+    pub body: Body,
+}
+
+/// Any decoded frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// A request.
+    Request(RequestFrame),
+    /// A response.
+    Response(ResponseFrame),
+    /// A notification.
+    Notification(NotificationFrame),
+}
+
+#[derive(Deserialize)]
+#[serde(bound(deserialize = "B: Deserialize<'de>"))]
+struct Envelope<B> {
+    #[serde(rename = "type")]
+    frame_type: String,
+    seq: u64,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    body: Option<B>,
+    #[serde(default)]
+    ok: Option<B>,
+    #[serde(default)]
+    error: Option<ErrorBody>,
+}
+
+#[derive(Serialize)]
+struct OutFrame<'a, B: Serialize + ?Sized> {
+    #[serde(rename = "type")]
+    frame_type: &'static str,
+    seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body: Option<&'a B>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ok: Option<&'a B>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a ErrorBody>,
+}
+
+fn envelope_into_frame<B>(
+    env: Envelope<B>,
+    wrap: impl Fn(B) -> Body,
+) -> Result<Frame, ProtocolError> {
+    let body = |b: Option<B>| b.map(&wrap).unwrap_or(Body::Empty);
+    match env.frame_type.as_str() {
+        "req" => Ok(Frame::Request(RequestFrame {
+            seq: env.seq,
+            kind: env
+                .kind
+                .ok_or_else(|| ProtocolError::Malformed("request without kind".into()))?,
+            body: body(env.body),
+        })),
+        "res" => {
+            let result = match (env.ok, env.error) {
+                (_, Some(error)) => Err(error),
+                (ok, None) => Ok(body(ok)),
+            };
+            Ok(Frame::Response(ResponseFrame {
+                seq: env.seq,
+                result,
+            }))
+        }
+        "ntf" => Ok(Frame::Notification(NotificationFrame {
+            seq: env.seq,
+            kind: env
+                .kind
+                .ok_or_else(|| ProtocolError::Malformed("notification without kind".into()))?,
+            body: body(env.body),
+        })),
+        other => Err(ProtocolError::Malformed(format!(
+            "unknown frame type {other:?} (expected \"req\", \"res\" or \"ntf\")"
+        ))),
+    }
+}
+
+/// Decodes one frame, enforcing `limits` before parsing.
+pub fn decode_frame(
+    encoding: Encoding,
+    bytes: &[u8],
+    limits: &FrameLimits,
+) -> Result<Frame, ProtocolError> {
+    match encoding {
+        Encoding::MsgPack => {
+            scan_msgpack(bytes, limits)?;
+            let env: Envelope<rmpv::Value> = rmp_serde::from_slice(bytes)
+                .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+            envelope_into_frame(env, Body::MsgPack)
+        }
+        Encoding::Json => {
+            scan_json(bytes, limits)?;
+            let env: Envelope<serde_json::Value> = serde_json::from_slice(bytes)
+                .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+            envelope_into_frame(env, Body::Json)
+        }
+    }
+}
+
+fn encode<B: Serialize + ?Sized>(
+    encoding: Encoding,
+    frame: &OutFrame<'_, B>,
+) -> Result<Bytes, ProtocolError> {
+    match encoding {
+        Encoding::MsgPack => rmp_serde::to_vec_named(frame)
+            .map(Bytes::from)
+            .map_err(|e| ProtocolError::Encode(e.to_string())),
+        Encoding::Json => serde_json::to_vec(frame)
+            .map(Bytes::from)
+            .map_err(|e| ProtocolError::Encode(e.to_string())),
+    }
+}
+
+/// Encodes a request frame.
+pub fn encode_request<B: Serialize + ?Sized>(
+    encoding: Encoding,
+    seq: u64,
+    kind: &str,
+    body: &B,
+) -> Result<Bytes, ProtocolError> {
+    encode(
+        encoding,
+        &OutFrame {
+            frame_type: "req",
+            seq,
+            kind: Some(kind),
+            body: Some(body),
+            ok: None,
+            error: None,
+        },
+    )
+}
+
+/// Encodes a successful response frame.
+pub fn encode_response_ok<B: Serialize + ?Sized>(
+    encoding: Encoding,
+    seq: u64,
+    ok: &B,
+) -> Result<Bytes, ProtocolError> {
+    encode(
+        encoding,
+        &OutFrame {
+            frame_type: "res",
+            seq,
+            kind: None,
+            body: None,
+            ok: Some(ok),
+            error: None,
+        },
+    )
+}
+
+/// Encodes an error response frame.
+pub fn encode_response_error(
+    encoding: Encoding,
+    seq: u64,
+    error: &ErrorBody,
+) -> Result<Bytes, ProtocolError> {
+    encode::<()>(
+        encoding,
+        &OutFrame {
+            frame_type: "res",
+            seq,
+            kind: None,
+            body: None,
+            ok: None,
+            error: Some(error),
+        },
+    )
+}
+
+/// Encodes a notification frame.
+pub fn encode_notification<B: Serialize + ?Sized>(
+    encoding: Encoding,
+    seq: u64,
+    kind: &str,
+    body: &B,
+) -> Result<Bytes, ProtocolError> {
+    encode(
+        encoding,
+        &OutFrame {
+            frame_type: "ntf",
+            seq,
+            kind: Some(kind),
+            body: Some(body),
+            ok: None,
+            error: None,
+        },
+    )
+}
+
+/// A notification body encoded once, framed many times with different sequence numbers.
+///
+/// Fan-out to N connections costs one body encoding per encoding in use plus N small
+/// envelope writes, not N full serializations.
+#[derive(Debug, Clone)]
+pub struct EncodedBody {
+    kind: &'static str,
+    msgpack: Bytes,
+    json: Bytes,
+}
+
+impl EncodedBody {
+    /// Encodes `body` in both encodings.
+    pub fn new<B: Serialize + ?Sized>(kind: &'static str, body: &B) -> Result<Self, ProtocolError> {
+        let msgpack =
+            rmp_serde::to_vec_named(body).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+        let json = serde_json::to_vec(body).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+        Ok(EncodedBody {
+            kind,
+            msgpack: msgpack.into(),
+            json: json.into(),
+        })
+    }
+
+    /// The notification kind.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// The encoded body bytes (without envelope).
+    pub fn body_bytes(&self, encoding: Encoding) -> &Bytes {
+        match encoding {
+            Encoding::MsgPack => &self.msgpack,
+            Encoding::Json => &self.json,
+        }
+    }
+
+    /// Approximate memory held, for queue accounting.
+    pub fn size_bytes(&self) -> usize {
+        self.msgpack.len() + self.json.len()
+    }
+
+    /// Frames the body as a notification with sequence number `seq`.
+    pub fn frame(&self, encoding: Encoding, seq: u64) -> Bytes {
+        match encoding {
+            Encoding::MsgPack => {
+                let mut out = Vec::with_capacity(self.msgpack.len() + self.kind.len() + 32);
+                // Writing into a Vec cannot fail.
+                let _ = rmp::encode::write_map_len(&mut out, 4);
+                let _ = rmp::encode::write_str(&mut out, "type");
+                let _ = rmp::encode::write_str(&mut out, "ntf");
+                let _ = rmp::encode::write_str(&mut out, "seq");
+                let _ = rmp::encode::write_uint(&mut out, seq);
+                let _ = rmp::encode::write_str(&mut out, "kind");
+                let _ = rmp::encode::write_str(&mut out, self.kind);
+                let _ = rmp::encode::write_str(&mut out, "body");
+                out.extend_from_slice(&self.msgpack);
+                out.into()
+            }
+            Encoding::Json => {
+                let mut out = Vec::with_capacity(self.json.len() + self.kind.len() + 48);
+                out.extend_from_slice(b"{\"type\":\"ntf\",\"seq\":");
+                out.extend_from_slice(seq.to_string().as_bytes());
+                out.extend_from_slice(b",\"kind\":");
+                // Kinds are static ASCII identifiers; serde_json escapes anyway.
+                out.extend_from_slice(&serde_json::to_vec(self.kind).unwrap_or_default());
+                out.extend_from_slice(b",\"body\":");
+                out.extend_from_slice(&self.json);
+                out.push(b'}');
+                out.into()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Hello {
+        text: String,
+        n: u32,
+    }
+
+    #[test]
+    fn request_round_trips_in_both_encodings() {
+        for enc in [Encoding::MsgPack, Encoding::Json] {
+            let body = Hello {
+                text: "hi".into(),
+                n: 7,
+            };
+            let bytes = encode_request(enc, 42, "room.comment", &body).expect("encode");
+            let frame = decode_frame(enc, &bytes, &FrameLimits::default()).expect("decode");
+            let Frame::Request(req) = frame else {
+                panic!("not a request: {frame:?}")
+            };
+            assert_eq!(req.seq, 42);
+            assert_eq!(req.kind, "room.comment");
+            assert_eq!(
+                req.body.decode::<Hello>("room.comment").expect("body"),
+                body
+            );
+        }
+    }
+
+    #[test]
+    fn error_response_round_trips() {
+        for enc in [Encoding::MsgPack, Encoding::Json] {
+            let err = ErrorBody::new(ErrorCode::RoomNotFound, "no such room");
+            let bytes = encode_response_error(enc, 3, &err).expect("encode");
+            let frame = decode_frame(enc, &bytes, &FrameLimits::default()).expect("decode");
+            assert_eq!(
+                frame,
+                Frame::Response(ResponseFrame {
+                    seq: 3,
+                    result: Err(err.clone())
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn prepared_notification_equals_direct_encoding() {
+        let body = Hello {
+            text: "x\"y".into(),
+            n: 1,
+        };
+        let prepared = EncodedBody::new("room.comment", &body).expect("encode");
+        for enc in [Encoding::MsgPack, Encoding::Json] {
+            let framed = prepared.frame(enc, 9);
+            let direct = encode_notification(enc, 9, "room.comment", &body).expect("encode");
+            let a = decode_frame(enc, &framed, &FrameLimits::default()).expect("decode framed");
+            let b = decode_frame(enc, &direct, &FrameLimits::default()).expect("decode direct");
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn json_text_frame_is_human_writable() {
+        let text = br#"{"type":"req","seq":1,"kind":"ping"}"#;
+        let frame = decode_frame(Encoding::Json, text, &FrameLimits::default()).expect("decode");
+        assert!(
+            matches!(frame, Frame::Request(RequestFrame { seq: 1, ref kind, body: Body::Empty }) if kind == "ping")
+        );
+    }
+}

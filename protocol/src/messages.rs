@@ -1,0 +1,480 @@
+//! Typed request, response and notification bodies, and the kind table.
+//!
+//! Each request kind has a body type and a response type ([`RequestKind`]); each
+//! notification kind has a body type ([`Event`]). Unknown body fields are ignored, so
+//! newer clients can talk to older servers; unknown kinds are refused with
+//! `unknown_kind`.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProtocolError;
+use crate::frame::{encode_request, Body, EncodedBody, Encoding};
+
+/// A room identifier (opaque string, e.g. `r-3f9c…`).
+pub type RoomId = String;
+/// A user identifier, taken from the token's `sub` claim.
+pub type UserId = String;
+/// A session identifier, issued by the server in the `auth` response; used to resume.
+pub type SessionId = String;
+
+/// A request body type: its kind string and the type of its ok response.
+pub trait RequestKind: Serialize + DeserializeOwned {
+    /// The `kind` string on the wire.
+    const KIND: &'static str;
+    /// The ok body of the response.
+    type Response: Serialize + DeserializeOwned;
+}
+
+/// A body with no fields (`{}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
+
+/// `auth`: the first request on every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthRequest {
+    /// A JWT (HS256) with `sub` (user id) and `exp` (seconds since the epoch); optional `roles`.
+    pub token: String,
+    /// The protocol version the client speaks; absent means 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u32>,
+    /// Resume an earlier session instead of starting a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<ResumeRequest>,
+}
+
+/// The resume part of `auth`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeRequest {
+    /// The session id from an earlier `auth` response.
+    pub session_id: SessionId,
+    /// The highest notification sequence number the client has processed (0 if none).
+    pub last_seq: u64,
+}
+
+/// What happened to a resume request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResumeOutcome {
+    /// No resume was asked for: a new session.
+    New,
+    /// The session was resumed: every notification after `last_seq` follows, in order.
+    Resumed,
+    /// The session could not be resumed (unknown, expired, other user, or the missed
+    /// notifications are no longer buffered): a new session was started, the client must
+    /// re-join its rooms and refetch state.
+    Resync,
+}
+
+/// Response to `auth`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthResponse {
+    /// The protocol version the server will speak.
+    pub protocol_version: u32,
+    /// The authenticated user.
+    pub user_id: UserId,
+    /// The session id to resume with later.
+    pub session_id: SessionId,
+    /// Whether an earlier session was resumed.
+    pub resume: ResumeOutcome,
+    /// The sequence number of the last notification already sent in this session (on
+    /// resume: before replay starts, notifications `last_seq+1 ..` follow).
+    pub notification_seq: u64,
+    /// The node that accepted the connection.
+    pub node: String,
+    /// The server's ping interval; answer pings within two intervals.
+    pub ping_interval_ms: u64,
+    /// How long a disconnected session can be resumed.
+    pub resume_window_ms: u64,
+}
+
+/// `ping`: from either side; the other answers with [`PingResponse`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingRequest {}
+
+/// Response to `ping`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingResponse {
+    /// Sender's wall clock, milliseconds since the Unix epoch (0 if not given).
+    #[serde(default)]
+    pub time_ms: u64,
+}
+
+/// A participant's role in a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The creator.
+    Host,
+    /// May moderate.
+    Moderator,
+    /// On stage.
+    Speaker,
+    /// In the audience.
+    Listener,
+}
+
+/// Where a room is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomState {
+    /// Created with a future start; not live yet.
+    Scheduled,
+    /// Live.
+    Live,
+    /// Ended; no more joins.
+    Ended,
+}
+
+/// A room as seen by members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInfo {
+    /// Room id.
+    pub room_id: RoomId,
+    /// Title.
+    pub title: String,
+    /// The creator.
+    pub host: UserId,
+    /// Lifecycle state.
+    pub state: RoomState,
+    /// Scheduled start, ms since the epoch, if scheduled.
+    #[serde(default)]
+    pub scheduled_start_ms: Option<u64>,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: u64,
+    /// Listeners (distinct users) currently in the room.
+    pub listener_count: u64,
+    /// Comments posted so far.
+    pub comment_count: u64,
+}
+
+/// `room.create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomCreateRequest {
+    /// 1-200 characters.
+    pub title: String,
+    /// Optional scheduled start (ms since the epoch); absent means live now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_start_ms: Option<u64>,
+}
+
+/// Response to `room.create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomCreateResponse {
+    /// The new room's id.
+    pub room_id: RoomId,
+    /// The room.
+    pub room: RoomInfo,
+}
+
+/// A request naming one room (`room.join`, `room.leave`, `room.end`, `room.info`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomRef {
+    /// The room.
+    pub room_id: RoomId,
+}
+
+/// `room.join` body.
+pub type RoomJoinRequest = RoomRef;
+
+/// Response to `room.join`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomJoinResponse {
+    /// The room.
+    pub room: RoomInfo,
+    /// The joiner's role.
+    pub role: Role,
+    /// The last comments (oldest first), so a joiner sees the conversation.
+    pub recent_comments: Vec<CommentEvent>,
+}
+
+/// `room.leave` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomLeaveRequest {
+    /// The room.
+    pub room_id: RoomId,
+}
+
+/// `room.end` body (host only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomEndRequest {
+    /// The room.
+    pub room_id: RoomId,
+}
+
+/// `room.info` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInfoRequest {
+    /// The room.
+    pub room_id: RoomId,
+}
+
+/// `room.comment`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomCommentRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// 1-500 characters.
+    pub text: String,
+}
+
+/// Response to `room.comment`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomCommentResponse {
+    /// The comment's position in the room's total order (1, 2, …).
+    pub comment_id: u64,
+}
+
+/// `room.react`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomReactRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// One emoji (1-16 bytes of UTF-8).
+    pub emoji: String,
+}
+
+/// `room.comment` notification: one comment, in the room's total order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommentEvent {
+    /// The room.
+    pub room_id: RoomId,
+    /// Position in the room's total order, from 1, without gaps.
+    pub comment_id: u64,
+    /// Author.
+    pub user_id: UserId,
+    /// Text.
+    pub text: String,
+    /// Server time the comment was ordered, ms since the epoch.
+    pub at_ms: u64,
+}
+
+/// `room.reactions` notification: reactions aggregated over one window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReactionsEvent {
+    /// The room.
+    pub room_id: RoomId,
+    /// Length of the aggregation window.
+    pub window_ms: u64,
+    /// Count per emoji in this window.
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// `room.listeners` notification: the listener count, pushed at a bounded rate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenersEvent {
+    /// The room.
+    pub room_id: RoomId,
+    /// Distinct users in the room.
+    pub count: u64,
+}
+
+/// `room.ended` notification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomEndedEvent {
+    /// The room.
+    pub room_id: RoomId,
+    /// Who ended it.
+    pub by: UserId,
+}
+
+macro_rules! request_table {
+    ($( $(#[$doc:meta])* $variant:ident = $kind:literal : $req:ty => $resp:ty ),* $(,)?) => {
+        /// Every request a client may send, decoded.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum ClientRequest {
+            $( $(#[$doc])* $variant($req), )*
+        }
+
+        impl ClientRequest {
+            /// Every request kind, in table order.
+            pub const KINDS: &'static [&'static str] = &[$($kind),*];
+
+            /// The `kind` string.
+            pub fn kind(&self) -> &'static str {
+                match self { $( ClientRequest::$variant(_) => $kind, )* }
+            }
+
+            /// Decodes a request body by kind.
+            pub fn decode(kind: &str, body: &Body) -> Result<Self, ProtocolError> {
+                match kind {
+                    $( $kind => Ok(ClientRequest::$variant(body.decode(kind)?)), )*
+                    other => Err(ProtocolError::UnknownKind(other.to_string())),
+                }
+            }
+
+            /// Encodes the request as a frame.
+            pub fn encode(&self, encoding: Encoding, seq: u64) -> Result<Bytes, ProtocolError> {
+                match self { $( ClientRequest::$variant(b) => encode_request(encoding, seq, $kind, b), )* }
+            }
+        }
+    };
+}
+
+request_table! {
+    /// `auth`
+    Auth = "auth": AuthRequest => AuthResponse,
+    /// `ping`
+    Ping = "ping": PingRequest => PingResponse,
+    /// `room.create`
+    RoomCreate = "room.create": RoomCreateRequest => RoomCreateResponse,
+    /// `room.join`
+    RoomJoin = "room.join": RoomRef => RoomJoinResponse,
+    /// `room.leave`
+    RoomLeave = "room.leave": RoomLeaveRequest => Empty,
+    /// `room.end`
+    RoomEnd = "room.end": RoomEndRequest => Empty,
+    /// `room.info`
+    RoomInfo = "room.info": RoomInfoRequest => RoomInfo,
+    /// `room.comment`
+    RoomComment = "room.comment": RoomCommentRequest => RoomCommentResponse,
+    /// `room.react`
+    RoomReact = "room.react": RoomReactRequest => Empty,
+}
+
+macro_rules! request_kinds {
+    ($( $req:ty = $kind:literal => $resp:ty ),* $(,)?) => {
+        $( impl RequestKind for $req { const KIND: &'static str = $kind; type Response = $resp; } )*
+    };
+}
+
+request_kinds! {
+    AuthRequest = "auth" => AuthResponse,
+    PingRequest = "ping" => PingResponse,
+    RoomCreateRequest = "room.create" => RoomCreateResponse,
+    RoomRef = "room.join" => RoomJoinResponse,
+    RoomLeaveRequest = "room.leave" => Empty,
+    RoomEndRequest = "room.end" => Empty,
+    RoomInfoRequest = "room.info" => RoomInfo,
+    RoomCommentRequest = "room.comment" => RoomCommentResponse,
+    RoomReactRequest = "room.react" => Empty,
+}
+
+macro_rules! event_table {
+    ($( $(#[$doc:meta])* $variant:ident = $kind:literal : $body:ty ),* $(,)?) => {
+        /// Every notification the server may push, decoded.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Event {
+            $( $(#[$doc])* $variant($body), )*
+        }
+
+        impl Event {
+            /// Every notification kind.
+            pub const KINDS: &'static [&'static str] = &[$($kind),*];
+
+            /// The `kind` string.
+            pub fn kind(&self) -> &'static str {
+                match self { $( Event::$variant(_) => $kind, )* }
+            }
+
+            /// Decodes a notification body by kind.
+            pub fn decode(kind: &str, body: &Body) -> Result<Self, ProtocolError> {
+                match kind {
+                    $( $kind => Ok(Event::$variant(body.decode(kind)?)), )*
+                    other => Err(ProtocolError::UnknownKind(other.to_string())),
+                }
+            }
+
+            /// Encodes the body once for fan-out.
+            pub fn encode_body(&self) -> Result<EncodedBody, ProtocolError> {
+                match self { $( Event::$variant(b) => EncodedBody::new($kind, b), )* }
+            }
+
+            /// The body as a JSON value (for printing).
+            pub fn body_json(&self) -> serde_json::Value {
+                match self { $( Event::$variant(b) => serde_json::to_value(b).unwrap_or_default(), )* }
+            }
+        }
+    };
+}
+
+event_table! {
+    /// A comment.
+    Comment = "room.comment": CommentEvent,
+    /// Aggregated reactions.
+    Reactions = "room.reactions": ReactionsEvent,
+    /// Listener count.
+    Listeners = "room.listeners": ListenersEvent,
+    /// The room ended.
+    RoomEnded = "room.ended": RoomEndedEvent,
+}
+
+impl Event {
+    /// The room this event belongs to.
+    pub fn room_id(&self) -> &str {
+        match self {
+            Event::Comment(e) => &e.room_id,
+            Event::Reactions(e) => &e.room_id,
+            Event::Listeners(e) => &e.room_id,
+            Event::RoomEnded(e) => &e.room_id,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{decode_frame, Frame};
+    use crate::limits::FrameLimits;
+
+    #[test]
+    fn every_request_kind_round_trips() {
+        let requests = vec![
+            ClientRequest::Auth(AuthRequest {
+                token: "t".into(),
+                protocol_version: Some(1),
+                resume: Some(ResumeRequest {
+                    session_id: "s".into(),
+                    last_seq: 4,
+                }),
+            }),
+            ClientRequest::Ping(PingRequest {}),
+            ClientRequest::RoomCreate(RoomCreateRequest {
+                title: "t".into(),
+                scheduled_start_ms: None,
+            }),
+            ClientRequest::RoomJoin(RoomRef {
+                room_id: "r".into(),
+            }),
+            ClientRequest::RoomComment(RoomCommentRequest {
+                room_id: "r".into(),
+                text: "hello".into(),
+            }),
+            ClientRequest::RoomReact(RoomReactRequest {
+                room_id: "r".into(),
+                emoji: "👏".into(),
+            }),
+        ];
+        for enc in [Encoding::MsgPack, Encoding::Json] {
+            for (i, req) in requests.iter().enumerate() {
+                let bytes = req.encode(enc, i as u64 + 1).expect("encode");
+                let Frame::Request(frame) =
+                    decode_frame(enc, &bytes, &FrameLimits::default()).expect("decode")
+                else {
+                    panic!("not a request")
+                };
+                let back = ClientRequest::decode(&frame.kind, &frame.body).expect("body");
+                assert_eq!(&back, req);
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_kind_and_bad_body_are_distinguished() {
+        let err = ClientRequest::decode("room.fly", &Body::Empty).unwrap_err();
+        assert!(matches!(err, ProtocolError::UnknownKind(_)));
+        let err = ClientRequest::decode("room.join", &Body::Empty).unwrap_err();
+        assert!(matches!(err, ProtocolError::InvalidBody { .. }), "{err}");
+        // ping has no required fields: an absent body is fine
+        ClientRequest::decode("ping", &Body::Empty).expect("ping without body");
+    }
+
+    #[test]
+    fn kinds_tables_agree() {
+        assert_eq!(ClientRequest::KINDS.len(), 9);
+        assert!(Event::KINDS.contains(&"room.comment"));
+    }
+}

@@ -1,0 +1,1 @@
+//! System-level tests and benchmarks for Chorus live in `tests/` and `benches/`.
