@@ -1,0 +1,1 @@
+//! Token bucket (in progress).
