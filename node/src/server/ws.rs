@@ -71,9 +71,11 @@ impl TransportReader for WsReader {
             let (encoding, bytes) = match message {
                 Message::Text(text) => (Encoding::Json, Bytes::from(text)),
                 Message::Binary(bytes) => (Encoding::MsgPack, bytes),
-                // Control frames: tungstenite answers pings itself.
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-                Message::Close(_) => return None,
+                // Control frames: tungstenite answers pings itself. After a Close, keep
+                // reading: that flushes tungstenite's close reply and then ends the stream.
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) | Message::Close(_) => {
+                    continue
+                }
             };
             if bytes.len() > self.frame_bytes_max {
                 return Some(Ok(Inbound::TooLarge(bytes.len())));
@@ -136,14 +138,14 @@ pub async fn echo(mut socket: ServerWebSocket) {
         };
         let reply = match message {
             Message::Text(_) | Message::Binary(_) => message,
-            Message::Close(_) => break,
+            // Keep reading after a Close: tungstenite replies and then ends the stream,
+            // completing the closing handshake cleanly.
             _ => continue,
         };
         if socket.send(reply).await.is_err() {
             break;
         }
     }
-    let _ = socket.close(None).await;
 }
 
 #[cfg(test)]
