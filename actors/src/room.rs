@@ -1,1 +1,1317 @@
-//! Room core (in progress).
+//! The room core: lifecycle, membership, comments, reactions and listener counts of one
+//! live audio room (SPEC R1, R6, R7, R9), sans-IO.
+//!
+//! [`RoomCore`] is a plain struct. Each `handle_*` method takes the caller's clock
+//! (`now_ms`), validates, changes state, answers with a result and queues
+//! [`RoomEffect`]s (broadcast an event, persist the definition, tell removed members) that
+//! the actor shell drains with [`RoomCore::drain_effects`] and executes in order. Timers are
+//! the shell's job too: it calls [`RoomCore::handle_tick`] at
+//! [`RoomCore::next_deadline_ms`].
+//!
+//! This module does not know sessions, sockets, actors, Raft or the clock. Members are
+//! opaque handles `M` (the shell's session handle; `u64` in tests) that belong to a user:
+//! one user may be present through several members (devices, SPEC P7). Roles beyond host
+//! and listener, the stage, moderation and polls (R2-R5, R8) are not here yet.
+//!
+//! Costs: a join or leave is O(log members) and never broadcasts by itself; the listener
+//! count is pushed from [`RoomCore::handle_tick`] at most once per
+//! [`RoomConfig::listener_count_interval_ms`] (R9). Reactions are counted per window and
+//! pushed once per window (R7).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use chorus_protocol::{
+    CommentEvent, ErrorCode, Event, ListenersEvent, ReactionsEvent, Role, RoomCommentResponse,
+    RoomEndedEvent, RoomId, RoomInfo, RoomJoinResponse, RoomState, UserId,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::rate::TokenBucket;
+
+/// Effects queued and not yet drained. The shell drains after every call, so a handful is
+/// normal; more means the shell forgot to drain ([`RoomCore::check_invariants`] asserts it).
+pub const EFFECTS_PENDING_MAX: usize = 4096;
+
+/// Above this many members, [`RoomCore::check_invariants`] skips its O(members)
+/// cross-checks (members against per-user counts) so debug builds of large rooms do not
+/// turn every join into a full scan; the O(1) checks still run.
+pub const INVARIANTS_MEMBERS_SCAN_MAX: usize = 1_000;
+
+/// Limits and timings of a room. Defaults match the protocol notes (`docs/protocol.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RoomConfig {
+    /// Comments kept for joiners (the join response carries them, oldest first). Default
+    /// 50. Bigger means more context for joiners and a bigger join response.
+    pub recent_comments_max: usize,
+    /// Longest title, in characters (Unicode scalar values) after trimming. Default 200.
+    pub title_chars_max: usize,
+    /// Longest comment, in characters (Unicode scalar values) after trimming. Default 500.
+    pub comment_chars_max: usize,
+    /// Longest emoji, in bytes of UTF-8. Default 16.
+    pub emoji_bytes_max: usize,
+    /// Distinct emojis counted in one reaction window; a reaction with a new emoji beyond it
+    /// is refused as rate limited until the window closes. Default 64. Bounds the size of a
+    /// `room.reactions` notification.
+    pub reaction_emojis_max: usize,
+    /// Length of a reaction aggregation window, in milliseconds. Default 200. Longer means
+    /// fewer notifications and later ones.
+    pub reaction_window_ms: u64,
+    /// Least time between two `room.listeners` pushes, in milliseconds. Default 1000.
+    pub listener_count_interval_ms: u64,
+    /// Comments a user may post per second, sustained (shared by all the user's devices).
+    /// Default 5.
+    pub comment_rate_per_sec: u32,
+    /// Comments a user may post in a burst before the sustained rate applies. Default 10.
+    pub comment_burst: u32,
+    /// Members (sessions) in the room at once; joins beyond it are refused with
+    /// [`RoomError::RoomFull`]. Default 1,000,000.
+    pub members_max: usize,
+    /// Users whose comment rate is tracked at once. Beyond it the least recently active
+    /// user's bucket is dropped, which lets that user burst again; harmless as long as a
+    /// bucket is dropped only after `comment_burst / comment_rate_per_sec` seconds of
+    /// inactivity (then it was full anyway). Default 100,000.
+    pub comment_rate_users_max: usize,
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        RoomConfig {
+            recent_comments_max: 50,
+            title_chars_max: 200,
+            comment_chars_max: 500,
+            emoji_bytes_max: 16,
+            reaction_emojis_max: 64,
+            reaction_window_ms: 200,
+            listener_count_interval_ms: 1_000,
+            comment_rate_per_sec: 5,
+            comment_burst: 10,
+            members_max: 1_000_000,
+            comment_rate_users_max: 100_000,
+        }
+    }
+}
+
+/// Why a room request was refused. Each variant maps to a stable wire code
+/// ([`RoomError::code`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoomError {
+    /// The member is not in the room.
+    #[error("not a member of the room")]
+    NotInRoom,
+    /// The room has ended; nothing but reading its info is possible.
+    #[error("the room has ended")]
+    RoomEnded,
+    /// The user may not do this (e.g. end a room they do not host).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// An argument is out of range (empty title, comment too long, bad emoji, …).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The user posts faster than the room allows; retry later.
+    #[error("rate limited, retry later")]
+    RateLimited,
+    /// The room holds [`RoomConfig::members_max`] members already.
+    #[error("the room is full")]
+    RoomFull,
+}
+
+impl RoomError {
+    /// The stable error code a client sees.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RoomError::NotInRoom => ErrorCode::NotInRoom,
+            RoomError::RoomEnded => ErrorCode::RoomEnded,
+            RoomError::Forbidden(_) => ErrorCode::Forbidden,
+            RoomError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            RoomError::RateLimited => ErrorCode::RateLimited,
+            RoomError::RoomFull => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// What must survive the room's owner: persisted (and replicated) whenever it changes, and
+/// enough to rebuild a [`RoomCore`] on another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomDefinition {
+    /// The room's id.
+    pub room_id: RoomId,
+    /// Title, trimmed, 1 to [`RoomConfig::title_chars_max`] characters.
+    pub title: String,
+    /// The creator; the only user with the host role.
+    pub host: UserId,
+    /// Scheduled start, ms since the epoch, if the room was created with one.
+    #[serde(default)]
+    pub scheduled_start_ms: Option<u64>,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: u64,
+    /// Lifecycle state.
+    pub state: RoomState,
+    /// When the room ended, ms since the epoch; set exactly when `state` is `Ended`.
+    #[serde(default)]
+    pub ended_at_ms: Option<u64>,
+}
+
+impl RoomDefinition {
+    /// Validates a new room: the title is trimmed and must hold 1 to `title_chars_max`
+    /// characters and no control characters; `room_id` and `host` must not be empty. The
+    /// room is `Scheduled` if `scheduled_start_ms` is after `now_ms`, else `Live`.
+    pub fn new(
+        room_id: RoomId,
+        title: &str,
+        host: UserId,
+        scheduled_start_ms: Option<u64>,
+        now_ms: u64,
+        config: &RoomConfig,
+    ) -> Result<Self, RoomError> {
+        if room_id.is_empty() {
+            return Err(RoomError::InvalidArgument("empty room id".into()));
+        }
+        if host.is_empty() {
+            return Err(RoomError::InvalidArgument("empty host user id".into()));
+        }
+        let title = title.trim();
+        if title.is_empty() {
+            return Err(RoomError::InvalidArgument("empty title".into()));
+        }
+        if exceeds_chars(title, config.title_chars_max) {
+            return Err(RoomError::InvalidArgument(format!(
+                "title longer than {} characters",
+                config.title_chars_max
+            )));
+        }
+        if title.chars().any(char::is_control) {
+            return Err(RoomError::InvalidArgument(
+                "title contains control characters".into(),
+            ));
+        }
+        let state = match scheduled_start_ms {
+            Some(start_ms) if start_ms > now_ms => RoomState::Scheduled,
+            _ => RoomState::Live,
+        };
+        Ok(RoomDefinition {
+            room_id,
+            title: title.to_string(),
+            host,
+            scheduled_start_ms,
+            created_at_ms: now_ms,
+            state,
+            ended_at_ms: None,
+        })
+    }
+}
+
+/// Something the shell must do, in queue order.
+///
+/// A `Broadcast` goes to the room's members as of its place in the queue: the shell keeps
+/// its fan-out set in step by applying `MembersRemoved` when it reaches it. So the
+/// `room.ended` broadcast queued by [`RoomCore::handle_end`] still reaches every member,
+/// and the `MembersRemoved` right after it then detaches them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoomEffect<M> {
+    /// Send this notification to every member.
+    Broadcast(Event),
+    /// Store (and replicate) this definition, replacing the previous one.
+    Persist(RoomDefinition),
+    /// These members were removed by the room (it ended): tell their sessions they are no
+    /// longer in it.
+    MembersRemoved(Vec<M>),
+}
+
+/// Reactions counted since the window opened.
+#[derive(Debug, Clone)]
+struct ReactionWindow {
+    closes_at_ms: u64,
+    /// At most `reaction_emojis_max` entries.
+    counts: BTreeMap<String, u64>,
+}
+
+/// Per-user comment buckets, bounded by `comment_rate_users_max`, least recently used
+/// evicted first.
+#[derive(Debug, Clone, Default)]
+struct CommentLimiter {
+    /// User → (bucket, use stamp of its latest use).
+    buckets: BTreeMap<UserId, (TokenBucket, u64)>,
+    /// Use stamp → user; the first entry is the least recently used.
+    recency: BTreeMap<u64, UserId>,
+    /// Next use stamp: a counter, not the clock, so a clock stepping back cannot reorder.
+    use_next: u64,
+}
+
+impl CommentLimiter {
+    fn try_take(&mut self, user: &str, now_ms: u64, config: &RoomConfig) -> bool {
+        let stamp = self.use_next;
+        self.use_next += 1;
+        let granted = match self.buckets.get_mut(user) {
+            Some((bucket, used)) => {
+                self.recency.remove(used);
+                *used = stamp;
+                bucket.try_take(now_ms)
+            }
+            None => {
+                let mut bucket =
+                    TokenBucket::new(config.comment_burst, config.comment_rate_per_sec, now_ms);
+                let granted = bucket.try_take(now_ms);
+                self.buckets.insert(user.to_string(), (bucket, stamp));
+                granted
+            }
+        };
+        self.recency.insert(stamp, user.to_string());
+        while self.buckets.len() > config.comment_rate_users_max {
+            let Some((_, evicted)) = self.recency.pop_first() else {
+                break;
+            };
+            self.buckets.remove(&evicted);
+        }
+        granted
+    }
+
+    fn clear(&mut self) {
+        self.buckets.clear();
+        self.recency.clear();
+    }
+}
+
+/// One room's state and rules. See the module docs.
+#[derive(Debug, Clone)]
+pub struct RoomCore<M> {
+    definition: RoomDefinition,
+    config: RoomConfig,
+    /// Member → its user. At most `members_max` entries.
+    members: BTreeMap<M, UserId>,
+    /// User → how many members it has (≥ 1); `users.len()` is the listener count.
+    users: BTreeMap<UserId, usize>,
+    /// Comments posted so far; also the id of the latest comment.
+    comment_count: u64,
+    /// The latest `recent_comments_max` comments, ids consecutive, oldest first.
+    recent_comments: VecDeque<CommentEvent>,
+    /// `at_ms` of the latest comment, so comment times never go backwards.
+    comment_latest_at_ms: u64,
+    comment_limiter: CommentLimiter,
+    reactions: Option<ReactionWindow>,
+    /// The listener count last pushed (0 before the first push).
+    listeners_pushed_count: u64,
+    /// When it was pushed.
+    listeners_pushed_at_ms: Option<u64>,
+    /// When the count first differed from the pushed one; `None` when they agree.
+    listeners_changed_at_ms: Option<u64>,
+    /// Bounded by the shell draining after every call (see [`EFFECTS_PENDING_MAX`]).
+    effects: Vec<RoomEffect<M>>,
+}
+
+impl<M: Clone + Ord> RoomCore<M> {
+    /// A room with no members, from its (validated or persisted) definition.
+    pub fn new(definition: RoomDefinition, config: RoomConfig) -> Self {
+        let core = RoomCore {
+            definition,
+            config,
+            members: BTreeMap::new(),
+            users: BTreeMap::new(),
+            comment_count: 0,
+            recent_comments: VecDeque::new(),
+            comment_latest_at_ms: 0,
+            comment_limiter: CommentLimiter::default(),
+            reactions: None,
+            listeners_pushed_count: 0,
+            listeners_pushed_at_ms: None,
+            listeners_changed_at_ms: None,
+            effects: Vec::new(),
+        };
+        core.checked();
+        core
+    }
+
+    /// `member` (a session of `user`) joins. Joining again with the same member is
+    /// idempotent and answers the same way. Scheduled rooms may be joined (members wait for
+    /// the start); ended rooms may not. The host gets the host role, everyone else listener.
+    ///
+    /// The listener count is not pushed here: the change makes [`Self::handle_tick`] due.
+    pub fn handle_join(
+        &mut self,
+        now_ms: u64,
+        member: M,
+        user: &str,
+    ) -> Result<RoomJoinResponse, RoomError> {
+        self.refuse_if_ended()?;
+        match self.members.get(&member) {
+            Some(existing) if existing == user => {}
+            Some(_) => {
+                return Err(RoomError::Forbidden(
+                    "this session is in the room as another user".into(),
+                ))
+            }
+            None => {
+                if self.members.len() >= self.config.members_max {
+                    return Err(RoomError::RoomFull);
+                }
+                self.members.insert(member, user.to_string());
+                *self.users.entry(user.to_string()).or_insert(0) += 1;
+                self.note_listener_change(now_ms);
+            }
+        }
+        let role = if user == self.definition.host {
+            Role::Host
+        } else {
+            Role::Listener
+        };
+        let response = RoomJoinResponse {
+            room: self.info(),
+            role,
+            recent_comments: self.recent_comments.iter().cloned().collect(),
+        };
+        self.checked();
+        Ok(response)
+    }
+
+    /// `member` leaves. The listener count is not pushed here (see [`Self::handle_join`]).
+    pub fn handle_leave(&mut self, now_ms: u64, member: &M) -> Result<(), RoomError> {
+        self.refuse_if_ended()?;
+        let user = self.members.remove(member).ok_or(RoomError::NotInRoom)?;
+        if let Some(count) = self.users.get_mut(&user) {
+            *count -= 1;
+            if *count == 0 {
+                self.users.remove(&user);
+            }
+        }
+        self.note_listener_change(now_ms);
+        self.checked();
+        Ok(())
+    }
+
+    /// `member` posts a comment: trimmed, 1 to `comment_chars_max` characters, within its
+    /// user's rate (shared by all the user's members). It gets the next id in the room's
+    /// total order and is broadcast to every member, the sender included.
+    pub fn handle_comment(
+        &mut self,
+        now_ms: u64,
+        member: &M,
+        text: &str,
+    ) -> Result<RoomCommentResponse, RoomError> {
+        self.refuse_if_ended()?;
+        let user = self.members.get(member).ok_or(RoomError::NotInRoom)?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(RoomError::InvalidArgument("empty comment".into()));
+        }
+        if exceeds_chars(text, self.config.comment_chars_max) {
+            return Err(RoomError::InvalidArgument(format!(
+                "comment longer than {} characters",
+                self.config.comment_chars_max
+            )));
+        }
+        // Validate before spending a token: a refused comment costs the user nothing.
+        if !self.comment_limiter.try_take(user, now_ms, &self.config) {
+            return Err(RoomError::RateLimited);
+        }
+        self.comment_count += 1;
+        self.comment_latest_at_ms = self.comment_latest_at_ms.max(now_ms);
+        let comment = CommentEvent {
+            room_id: self.definition.room_id.clone(),
+            comment_id: self.comment_count,
+            user_id: user.clone(),
+            text: text.to_string(),
+            at_ms: self.comment_latest_at_ms,
+        };
+        self.recent_comments.push_back(comment.clone());
+        while self.recent_comments.len() > self.config.recent_comments_max {
+            self.recent_comments.pop_front();
+        }
+        self.effects
+            .push(RoomEffect::Broadcast(Event::Comment(comment)));
+        let response = RoomCommentResponse {
+            comment_id: self.comment_count,
+        };
+        self.checked();
+        Ok(response)
+    }
+
+    /// `member` reacts with `emoji` (1 to `emoji_bytes_max` bytes, no control characters).
+    /// The reaction is counted in the open window, or opens one closing
+    /// `reaction_window_ms` from now; the window's counts are broadcast once, from
+    /// [`Self::handle_tick`].
+    pub fn handle_react(&mut self, now_ms: u64, member: &M, emoji: &str) -> Result<(), RoomError> {
+        self.refuse_if_ended()?;
+        if !self.members.contains_key(member) {
+            return Err(RoomError::NotInRoom);
+        }
+        if emoji.is_empty() {
+            return Err(RoomError::InvalidArgument("empty emoji".into()));
+        }
+        if emoji.len() > self.config.emoji_bytes_max {
+            return Err(RoomError::InvalidArgument(format!(
+                "emoji longer than {} bytes",
+                self.config.emoji_bytes_max
+            )));
+        }
+        if emoji.chars().any(char::is_control) {
+            return Err(RoomError::InvalidArgument(
+                "emoji contains control characters".into(),
+            ));
+        }
+        // A window that is already due is closed first, even if the shell's tick is late,
+        // so windows never run longer than configured.
+        self.close_reaction_window_if_due(now_ms);
+        let counted = self.reactions.as_ref().map_or(0, |w| w.counts.len());
+        let known = self
+            .reactions
+            .as_ref()
+            .is_some_and(|w| w.counts.contains_key(emoji));
+        if !known && counted >= self.config.reaction_emojis_max {
+            return Err(RoomError::RateLimited);
+        }
+        let window_ms = self.config.reaction_window_ms;
+        let window = self.reactions.get_or_insert_with(|| ReactionWindow {
+            closes_at_ms: now_ms.saturating_add(window_ms),
+            counts: BTreeMap::new(),
+        });
+        if let Some(count) = window.counts.get_mut(emoji) {
+            *count = count.saturating_add(1);
+        } else {
+            window.counts.insert(emoji.to_string(), 1);
+        }
+        self.checked();
+        Ok(())
+    }
+
+    /// The host starts a scheduled room: it goes live and the definition is persisted.
+    /// Starting a live room is a no-op.
+    pub fn handle_start(&mut self, now_ms: u64, user: &str) -> Result<(), RoomError> {
+        // The definition has no start time yet; every handler takes the clock regardless.
+        let _ = now_ms;
+        self.refuse_if_ended()?;
+        self.refuse_unless_host(user, "start")?;
+        if self.definition.state == RoomState::Scheduled {
+            self.definition.state = RoomState::Live;
+            self.effects
+                .push(RoomEffect::Persist(self.definition.clone()));
+        }
+        self.checked();
+        Ok(())
+    }
+
+    /// The host ends the room. In order: pending reactions are broadcast, the ended
+    /// definition is persisted, `room.ended` is broadcast, and every member is removed
+    /// (one [`RoomEffect::MembersRemoved`] listing them, possibly empty).
+    pub fn handle_end(&mut self, now_ms: u64, user: &str) -> Result<(), RoomError> {
+        self.refuse_if_ended()?;
+        self.refuse_unless_host(user, "end")?;
+        self.close_reaction_window();
+        self.definition.state = RoomState::Ended;
+        self.definition.ended_at_ms = Some(now_ms);
+        self.effects
+            .push(RoomEffect::Persist(self.definition.clone()));
+        self.effects
+            .push(RoomEffect::Broadcast(Event::RoomEnded(RoomEndedEvent {
+                room_id: self.definition.room_id.clone(),
+                by: user.to_string(),
+            })));
+        let removed: Vec<M> = std::mem::take(&mut self.members).into_keys().collect();
+        self.users.clear();
+        self.comment_limiter.clear();
+        self.listeners_changed_at_ms = None;
+        self.effects.push(RoomEffect::MembersRemoved(removed));
+        self.checked();
+        Ok(())
+    }
+
+    /// Timers: closes the reaction window if due (one `room.reactions` broadcast), and
+    /// pushes the listener count if it changed since the last push and
+    /// `listener_count_interval_ms` has passed since then. Call it at
+    /// [`Self::next_deadline_ms`]; calling it early or late is harmless.
+    pub fn handle_tick(&mut self, now_ms: u64) {
+        self.close_reaction_window_if_due(now_ms);
+        if self.listeners_changed_at_ms.is_some() && now_ms >= self.listeners_push_allowed_at_ms() {
+            let count = self.listener_count();
+            if count != self.listeners_pushed_count {
+                self.effects
+                    .push(RoomEffect::Broadcast(Event::Listeners(ListenersEvent {
+                        room_id: self.definition.room_id.clone(),
+                        count,
+                    })));
+                self.listeners_pushed_count = count;
+                self.listeners_pushed_at_ms = Some(now_ms);
+            }
+            self.listeners_changed_at_ms = None;
+        }
+        self.checked();
+    }
+
+    /// When the shell should next call [`Self::handle_tick`], ms since the epoch (possibly
+    /// already past: call it now); `None` when nothing is pending.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        let reactions = self.reactions.as_ref().map(|w| w.closes_at_ms);
+        let listeners = self
+            .listeners_changed_at_ms
+            .map(|changed_at_ms| changed_at_ms.max(self.listeners_push_allowed_at_ms()));
+        match (reactions, listeners) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Takes the queued effects, oldest first. The shell executes them in this order.
+    pub fn drain_effects(&mut self) -> Vec<RoomEffect<M>> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// The room as members see it; `listener_count` counts distinct users, right now (not
+    /// the last pushed value).
+    pub fn info(&self) -> RoomInfo {
+        RoomInfo {
+            room_id: self.definition.room_id.clone(),
+            title: self.definition.title.clone(),
+            host: self.definition.host.clone(),
+            state: self.definition.state,
+            scheduled_start_ms: self.definition.scheduled_start_ms,
+            created_at_ms: self.definition.created_at_ms,
+            listener_count: self.listener_count(),
+            comment_count: self.comment_count,
+        }
+    }
+
+    /// The members, in `M`'s order.
+    pub fn members(&self) -> impl Iterator<Item = &M> {
+        self.members.keys()
+    }
+
+    /// The user a member belongs to, if it is a member.
+    pub fn member_user(&self, member: &M) -> Option<&str> {
+        self.members.get(member).map(String::as_str)
+    }
+
+    /// How many members (sessions) are in the room.
+    pub fn member_count(&self) -> usize {
+        self.members.len()
+    }
+
+    /// How many distinct users are in the room.
+    pub fn listener_count(&self) -> u64 {
+        u64::try_from(self.users.len()).unwrap_or(u64::MAX)
+    }
+
+    /// The latest comments, oldest first (at most `recent_comments_max`).
+    pub fn recent_comments(&self) -> impl Iterator<Item = &CommentEvent> {
+        self.recent_comments.iter()
+    }
+
+    /// The room's definition (what is persisted).
+    pub fn definition(&self) -> &RoomDefinition {
+        &self.definition
+    }
+
+    /// The room's limits and timings.
+    pub fn config(&self) -> &RoomConfig {
+        &self.config
+    }
+
+    /// Panics if the state is inconsistent (a bug in this module or in the shell). Run after
+    /// every transition in debug builds. Costs O(recent comments), plus O(members) for
+    /// rooms up to [`INVARIANTS_MEMBERS_SCAN_MAX`] members.
+    pub fn check_invariants(&self) {
+        let config = &self.config;
+        // Lifecycle.
+        let ended = self.definition.state == RoomState::Ended;
+        assert_eq!(
+            ended,
+            self.definition.ended_at_ms.is_some(),
+            "ended_at_ms is set exactly when the room has ended"
+        );
+        if ended {
+            assert!(self.members.is_empty(), "an ended room has no members");
+            assert!(self.users.is_empty(), "an ended room has no users");
+            assert!(self.reactions.is_none(), "an ended room has no open window");
+            assert!(self.listeners_changed_at_ms.is_none());
+        }
+        // Membership.
+        assert!(
+            self.members.len() <= config.members_max,
+            "members over bound"
+        );
+        assert!(
+            self.users.len() <= self.members.len(),
+            "more users than members"
+        );
+        assert_eq!(self.users.is_empty(), self.members.is_empty());
+        if self.members.len() <= INVARIANTS_MEMBERS_SCAN_MAX {
+            let mut recount: BTreeMap<&str, usize> = BTreeMap::new();
+            for user in self.members.values() {
+                *recount.entry(user.as_str()).or_insert(0) += 1;
+            }
+            assert_eq!(
+                recount.len(),
+                self.users.len(),
+                "user set differs from members"
+            );
+            for (user, count) in &self.users {
+                assert_eq!(
+                    recount.get(user.as_str()),
+                    Some(count),
+                    "member count of user {user:?} differs from members"
+                );
+            }
+        }
+        // Comments: the recent buffer holds the latest ids, consecutive, oldest first.
+        assert!(self.recent_comments.len() <= config.recent_comments_max);
+        let recent_len = u64::try_from(self.recent_comments.len()).unwrap_or(u64::MAX);
+        assert!(recent_len <= self.comment_count);
+        let first_id = self.comment_count - recent_len + 1;
+        for (expected_id, comment) in (first_id..).zip(&self.recent_comments) {
+            assert_eq!(comment.comment_id, expected_id, "comment ids have a gap");
+            assert!(comment.at_ms <= self.comment_latest_at_ms);
+        }
+        let limiter = &self.comment_limiter;
+        assert!(limiter.buckets.len() <= config.comment_rate_users_max);
+        assert_eq!(limiter.buckets.len(), limiter.recency.len());
+        // Reactions.
+        if let Some(window) = &self.reactions {
+            assert!(!window.counts.is_empty(), "an open window counts something");
+            assert!(window.counts.len() <= config.reaction_emojis_max);
+        }
+        assert!(
+            self.effects.len() <= EFFECTS_PENDING_MAX,
+            "effects are not drained by the shell"
+        );
+    }
+
+    fn checked(&self) {
+        #[cfg(debug_assertions)]
+        self.check_invariants();
+    }
+
+    fn refuse_if_ended(&self) -> Result<(), RoomError> {
+        if self.definition.state == RoomState::Ended {
+            Err(RoomError::RoomEnded)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn refuse_unless_host(&self, user: &str, action: &str) -> Result<(), RoomError> {
+        if user == self.definition.host {
+            Ok(())
+        } else {
+            Err(RoomError::Forbidden(format!(
+                "only the host may {action} the room"
+            )))
+        }
+    }
+
+    /// O(1): remembers whether the listener count now differs from the pushed one.
+    fn note_listener_change(&mut self, now_ms: u64) {
+        if self.listener_count() == self.listeners_pushed_count {
+            self.listeners_changed_at_ms = None;
+        } else if self.listeners_changed_at_ms.is_none() {
+            self.listeners_changed_at_ms = Some(now_ms);
+        }
+    }
+
+    fn listeners_push_allowed_at_ms(&self) -> u64 {
+        self.listeners_pushed_at_ms.map_or(0, |pushed_at_ms| {
+            pushed_at_ms.saturating_add(self.config.listener_count_interval_ms)
+        })
+    }
+
+    fn close_reaction_window_if_due(&mut self, now_ms: u64) {
+        if self
+            .reactions
+            .as_ref()
+            .is_some_and(|window| now_ms >= window.closes_at_ms)
+        {
+            self.close_reaction_window();
+        }
+    }
+
+    fn close_reaction_window(&mut self) {
+        if let Some(window) = self.reactions.take() {
+            self.effects
+                .push(RoomEffect::Broadcast(Event::Reactions(ReactionsEvent {
+                    room_id: self.definition.room_id.clone(),
+                    window_ms: self.config.reaction_window_ms,
+                    counts: window.counts,
+                })));
+        }
+    }
+}
+
+/// Whether `text` has more than `chars_max` characters, looking at no more than
+/// `chars_max + 1` of them.
+fn exceeds_chars(text: &str, chars_max: usize) -> bool {
+    text.chars().nth(chars_max).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: &str = "host";
+    const T0: u64 = 1_700_000_000_000;
+
+    fn definition(config: &RoomConfig) -> RoomDefinition {
+        RoomDefinition::new(
+            "r-1".into(),
+            "  Morning show ",
+            HOST.into(),
+            None,
+            T0,
+            config,
+        )
+        .expect("valid definition")
+    }
+
+    fn room_with(config: RoomConfig) -> RoomCore<u64> {
+        RoomCore::new(definition(&config), config)
+    }
+
+    fn room() -> RoomCore<u64> {
+        room_with(RoomConfig::default())
+    }
+
+    fn broadcasts(effects: &[RoomEffect<u64>]) -> Vec<&Event> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                RoomEffect::Broadcast(event) => Some(event),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn listener_pushes(effects: &[RoomEffect<u64>]) -> Vec<u64> {
+        broadcasts(effects)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Listeners(l) => Some(l.count),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Ticks whenever the room asks to, up to `now_ms`, like the shell's timer would.
+    fn tick_if_due(room: &mut RoomCore<u64>, now_ms: u64) {
+        if room.next_deadline_ms().is_some_and(|d| d <= now_ms) {
+            room.handle_tick(now_ms);
+        }
+    }
+
+    #[test]
+    fn a_new_definition_is_trimmed_and_live_unless_scheduled_in_the_future() {
+        let config = RoomConfig::default();
+        let live = definition(&config);
+        assert_eq!(live.title, "Morning show");
+        assert_eq!(live.state, RoomState::Live);
+        assert_eq!(live.created_at_ms, T0);
+        let past = RoomDefinition::new("r".into(), "t", HOST.into(), Some(T0), T0, &config)
+            .expect("valid");
+        assert_eq!(past.state, RoomState::Live);
+        let future = RoomDefinition::new("r".into(), "t", HOST.into(), Some(T0 + 1), T0, &config)
+            .expect("valid");
+        assert_eq!(future.state, RoomState::Scheduled);
+        assert_eq!(future.scheduled_start_ms, Some(T0 + 1));
+    }
+
+    #[test]
+    fn the_definition_round_trips_through_serde() {
+        let def = definition(&RoomConfig::default());
+        let json = serde_json::to_string(&def).expect("encodes");
+        assert!(json.contains("\"state\":\"live\""), "{json}");
+        let back: RoomDefinition = serde_json::from_str(&json).expect("decodes");
+        assert_eq!(back, def);
+        let config: RoomConfig = serde_json::from_str(r#"{"members_max": 3}"#).expect("config");
+        assert_eq!(config.members_max, 3);
+        assert_eq!(
+            config.recent_comments_max, 50,
+            "absent fields take defaults"
+        );
+    }
+
+    #[test]
+    fn comments_are_ordered_and_the_last_n_are_replayed_to_joiners() {
+        let mut room = room();
+        room.handle_join(T0, 1, HOST).expect("host joins");
+        // 60 comments from 12 users, 5 each: within every user's burst.
+        for i in 0..60u64 {
+            let member = 100 + i % 12;
+            if room.member_user(&member).is_none() {
+                room.handle_join(T0, member, &format!("user-{member}"))
+                    .expect("join");
+            }
+            let response = room
+                .handle_comment(T0 + i, &member, &format!("  comment {}  ", i + 1))
+                .expect("comment");
+            assert_eq!(response.comment_id, i + 1);
+        }
+        let effects = room.drain_effects();
+        let ids: Vec<u64> = broadcasts(&effects)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Comment(c) => Some(c.comment_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            (1..=60).collect::<Vec<_>>(),
+            "one total order, no gaps"
+        );
+
+        let joined = room.handle_join(T0 + 100, 2, "late").expect("join");
+        assert_eq!(joined.role, Role::Listener);
+        assert_eq!(joined.room.comment_count, 60);
+        let replayed: Vec<u64> = joined
+            .recent_comments
+            .iter()
+            .map(|c| c.comment_id)
+            .collect();
+        assert_eq!(
+            replayed,
+            (11..=60).collect::<Vec<_>>(),
+            "the last 50, oldest first"
+        );
+        let last = joined.recent_comments.last().expect("some");
+        assert_eq!(last.text, "comment 60");
+        assert_eq!(last.room_id, "r-1");
+        assert_eq!(last.user_id, "user-111");
+    }
+
+    #[test]
+    fn comment_times_never_go_backwards_even_if_the_clock_does() {
+        let mut room = room();
+        room.handle_join(T0, 1, "a").expect("join");
+        room.handle_comment(T0 + 500, &1, "first").expect("comment");
+        room.handle_comment(T0, &1, "second").expect("comment");
+        let times: Vec<u64> = room.recent_comments().map(|c| c.at_ms).collect();
+        assert_eq!(times, vec![T0 + 500, T0 + 500]);
+    }
+
+    #[test]
+    fn the_comment_rate_limit_is_per_user_and_shared_across_devices() {
+        let mut room = room();
+        room.handle_join(T0, 1, "alice").expect("phone");
+        room.handle_join(T0, 2, "alice").expect("laptop");
+        room.handle_join(T0, 3, "bob").expect("bob");
+        for i in 0..10u64 {
+            let device = 1 + i % 2;
+            room.handle_comment(T0, &device, "hi")
+                .expect("within burst");
+        }
+        for device in [1, 2] {
+            let err = room.handle_comment(T0, &device, "hi").expect_err("limited");
+            assert_eq!(err, RoomError::RateLimited);
+            assert_eq!(err.code(), ErrorCode::RateLimited);
+        }
+        room.handle_comment(T0, &3, "bob is not limited")
+            .expect("other user");
+        // 5 per second: one more comment every 200 ms.
+        room.handle_comment(T0 + 200, &2, "again")
+            .expect("refilled");
+        assert_eq!(
+            room.handle_comment(T0 + 200, &1, "again"),
+            Err(RoomError::RateLimited)
+        );
+        // Refused comments took no id.
+        assert_eq!(room.info().comment_count, 12);
+    }
+
+    #[test]
+    fn invalid_comments_do_not_spend_rate_tokens() {
+        let mut room = room_with(RoomConfig {
+            comment_burst: 1,
+            ..RoomConfig::default()
+        });
+        room.handle_join(T0, 1, "a").expect("join");
+        for _ in 0..5 {
+            assert!(room.handle_comment(T0, &1, "   ").is_err());
+        }
+        room.handle_comment(T0, &1, "ok")
+            .expect("token still there");
+    }
+
+    #[test]
+    fn the_comment_rate_map_is_bounded_and_evicts_the_least_recently_active() {
+        let mut room = room_with(RoomConfig {
+            comment_rate_users_max: 2,
+            comment_burst: 1,
+            ..RoomConfig::default()
+        });
+        for member in 1..=3u64 {
+            room.handle_join(T0, member, &format!("u{member}"))
+                .expect("join");
+        }
+        room.handle_comment(T0, &1, "x").expect("u1");
+        room.handle_comment(T0, &2, "x").expect("u2");
+        assert_eq!(
+            room.handle_comment(T0, &1, "x"),
+            Err(RoomError::RateLimited)
+        );
+        // u3 pushes out u2 (least recently used: u1 was used after it).
+        room.handle_comment(T0, &3, "x").expect("u3");
+        assert_eq!(room.comment_limiter.buckets.len(), 2);
+        assert!(!room.comment_limiter.buckets.contains_key("u2"));
+        assert_eq!(
+            room.handle_comment(T0, &1, "x"),
+            Err(RoomError::RateLimited)
+        );
+    }
+
+    #[test]
+    fn reactions_aggregate_into_one_broadcast_per_window() {
+        let mut room = room();
+        for member in 1..=3u64 {
+            room.handle_join(T0, member, &format!("u{member}"))
+                .expect("join");
+        }
+        room.handle_tick(T0);
+        room.drain_effects();
+        assert_eq!(room.next_deadline_ms(), None);
+
+        for i in 0..300u64 {
+            let member = 1 + i % 3;
+            let emoji = if i % 3 == 0 { "👏" } else { "🔥" };
+            room.handle_react(T0 + i / 2, &member, emoji)
+                .expect("react");
+        }
+        assert!(room.drain_effects().is_empty(), "no broadcast per reaction");
+        assert_eq!(room.next_deadline_ms(), Some(T0 + 200));
+        room.handle_tick(T0 + 199);
+        assert!(room.drain_effects().is_empty(), "window not closed early");
+
+        room.handle_tick(T0 + 200);
+        let effects = room.drain_effects();
+        let expected = BTreeMap::from([("👏".to_string(), 100), ("🔥".to_string(), 200)]);
+        assert_eq!(
+            effects,
+            vec![RoomEffect::Broadcast(Event::Reactions(ReactionsEvent {
+                room_id: "r-1".into(),
+                window_ms: 200,
+                counts: expected,
+            }))]
+        );
+        assert_eq!(room.next_deadline_ms(), None);
+        room.handle_tick(T0 + 400);
+        assert!(
+            room.drain_effects().is_empty(),
+            "nothing pending, nothing sent"
+        );
+    }
+
+    #[test]
+    fn a_late_tick_does_not_merge_two_windows() {
+        let mut room = room();
+        room.handle_join(T0, 1, "a").expect("join");
+        room.handle_tick(T0);
+        room.drain_effects();
+        room.handle_react(T0, &1, "👍").expect("react");
+        // The shell's tick is late: the next reaction closes the due window first.
+        room.handle_react(T0 + 250, &1, "👍").expect("react");
+        let first = room.drain_effects();
+        assert_eq!(broadcasts(&first).len(), 1);
+        assert_eq!(room.next_deadline_ms(), Some(T0 + 450));
+        room.handle_tick(T0 + 450);
+        assert_eq!(broadcasts(&room.drain_effects()).len(), 1);
+    }
+
+    #[test]
+    fn distinct_emojis_per_window_are_bounded() {
+        let mut room = room_with(RoomConfig {
+            reaction_emojis_max: 2,
+            ..RoomConfig::default()
+        });
+        room.handle_join(T0, 1, "a").expect("join");
+        room.handle_react(T0, &1, "a").expect("1st kind");
+        room.handle_react(T0, &1, "b").expect("2nd kind");
+        assert_eq!(room.handle_react(T0, &1, "c"), Err(RoomError::RateLimited));
+        room.handle_react(T0, &1, "a")
+            .expect("known kind still counts");
+        room.handle_tick(T0 + 200);
+        room.handle_react(T0 + 200, &1, "c").expect("new window");
+    }
+
+    #[test]
+    fn the_listener_count_is_pushed_at_most_once_per_interval_and_only_when_changed() {
+        let mut room = room();
+        room.handle_join(T0, 1, HOST).expect("join");
+        assert!(room.drain_effects().is_empty(), "join does not broadcast");
+        assert_eq!(room.next_deadline_ms(), Some(T0));
+        room.handle_tick(T0);
+        assert_eq!(listener_pushes(&room.drain_effects()), vec![1]);
+
+        room.handle_join(T0 + 10, 2, "a").expect("join");
+        room.handle_join(T0 + 20, 3, "a")
+            .expect("second device, same user");
+        assert_eq!(room.next_deadline_ms(), Some(T0 + 1_000));
+        room.handle_tick(T0 + 500);
+        assert!(
+            room.drain_effects().is_empty(),
+            "too soon after the last push"
+        );
+        room.handle_tick(T0 + 1_000);
+        assert_eq!(listener_pushes(&room.drain_effects()), vec![2]);
+
+        // Leave and come back: the count is what was pushed, so nothing is due.
+        room.handle_leave(T0 + 1_100, &2).expect("leave");
+        room.handle_leave(T0 + 1_100, &3).expect("leave");
+        assert!(room.next_deadline_ms().is_some());
+        room.handle_join(T0 + 1_200, 4, "b").expect("join");
+        assert_eq!(room.next_deadline_ms(), None);
+        room.handle_tick(T0 + 5_000);
+        assert!(
+            room.drain_effects().is_empty(),
+            "unchanged count is not pushed"
+        );
+
+        // A change long after the last push goes out at the next tick.
+        room.handle_leave(T0 + 9_000, &4).expect("leave");
+        assert_eq!(room.next_deadline_ms(), Some(T0 + 9_000));
+        room.handle_tick(T0 + 9_000);
+        assert_eq!(listener_pushes(&room.drain_effects()), vec![1]);
+        assert_eq!(room.info().listener_count, 1);
+    }
+
+    #[test]
+    fn five_thousand_joins_produce_a_bounded_number_of_broadcasts() {
+        let mut room = room();
+        let mut effects = Vec::new();
+        // 5,000 joins over 5 s, the shell ticking whenever the room asks.
+        for member in 0..5_000u64 {
+            let now_ms = T0 + member;
+            room.handle_join(now_ms, member, &format!("user-{member}"))
+                .expect("join");
+            tick_if_due(&mut room, now_ms);
+            effects.extend(room.drain_effects());
+        }
+        room.handle_tick(T0 + 6_000);
+        effects.extend(room.drain_effects());
+        let pushes = listener_pushes(&effects);
+        assert_eq!(
+            effects.len(),
+            pushes.len(),
+            "only listener counts were broadcast"
+        );
+        assert!(pushes.len() <= 6, "{} pushes for 5,000 joins", pushes.len());
+        assert_eq!(pushes.last(), Some(&5_000));
+        assert_eq!(room.member_count(), 5_000);
+    }
+
+    #[test]
+    fn end_is_host_only_and_removes_every_member() {
+        let mut room = room();
+        room.handle_join(T0, 1, HOST).expect("join");
+        room.handle_join(T0, 2, "a").expect("join");
+        room.handle_join(T0, 3, "b").expect("join");
+        room.handle_react(T0, &2, "🎉").expect("react");
+        room.drain_effects();
+
+        let err = room.handle_end(T0 + 50, "a").expect_err("not the host");
+        assert!(matches!(err, RoomError::Forbidden(_)), "{err}");
+        assert_eq!(err.code(), ErrorCode::Forbidden);
+        assert!(room.drain_effects().is_empty());
+        assert_eq!(room.member_count(), 3);
+
+        room.handle_end(T0 + 100, HOST).expect("host ends");
+        let effects = room.drain_effects();
+        assert_eq!(effects.len(), 4, "{effects:?}");
+        assert!(
+            matches!(&effects[0], RoomEffect::Broadcast(Event::Reactions(r)) if r.counts["🎉"] == 1),
+            "pending reactions are flushed first"
+        );
+        let RoomEffect::Persist(persisted) = &effects[1] else {
+            panic!("expected persist, got {:?}", effects[1]);
+        };
+        assert_eq!(persisted.state, RoomState::Ended);
+        assert_eq!(persisted.ended_at_ms, Some(T0 + 100));
+        assert_eq!(
+            effects[2],
+            RoomEffect::Broadcast(Event::RoomEnded(RoomEndedEvent {
+                room_id: "r-1".into(),
+                by: HOST.into(),
+            }))
+        );
+        assert_eq!(effects[3], RoomEffect::MembersRemoved(vec![1, 2, 3]));
+        assert_eq!(room.member_count(), 0);
+        assert_eq!(room.info().state, RoomState::Ended);
+        assert_eq!(room.info().listener_count, 0);
+        assert_eq!(room.next_deadline_ms(), None);
+
+        assert_eq!(
+            room.handle_join(T0 + 200, 4, "c"),
+            Err(RoomError::RoomEnded)
+        );
+        assert_eq!(
+            room.handle_comment(T0 + 200, &2, "hi"),
+            Err(RoomError::RoomEnded)
+        );
+        assert_eq!(
+            room.handle_react(T0 + 200, &2, "🎉"),
+            Err(RoomError::RoomEnded)
+        );
+        assert_eq!(room.handle_leave(T0 + 200, &2), Err(RoomError::RoomEnded));
+        assert_eq!(room.handle_end(T0 + 200, HOST), Err(RoomError::RoomEnded));
+        assert_eq!(RoomError::RoomEnded.code(), ErrorCode::RoomEnded);
+        room.handle_tick(T0 + 10_000);
+        assert!(room.drain_effects().is_empty());
+    }
+
+    #[test]
+    fn a_scheduled_room_can_be_joined_and_goes_live_when_the_host_starts_it() {
+        let config = RoomConfig::default();
+        let def = RoomDefinition::new(
+            "r-2".into(),
+            "Later",
+            HOST.into(),
+            Some(T0 + 3_600_000),
+            T0,
+            &config,
+        )
+        .expect("valid");
+        let mut room: RoomCore<u64> = RoomCore::new(def, config);
+        let joined = room
+            .handle_join(T0, 1, "early")
+            .expect("join a scheduled room");
+        assert_eq!(joined.room.state, RoomState::Scheduled);
+
+        let err = room
+            .handle_start(T0 + 10, "early")
+            .expect_err("not the host");
+        assert_eq!(err.code(), ErrorCode::Forbidden);
+        room.handle_start(T0 + 10, HOST).expect("host starts");
+        let effects = room.drain_effects();
+        assert!(
+            matches!(&effects[..], [RoomEffect::Persist(d)] if d.state == RoomState::Live),
+            "{effects:?}"
+        );
+        room.handle_start(T0 + 20, HOST)
+            .expect("starting twice is a no-op");
+        assert!(room.drain_effects().is_empty());
+        assert_eq!(room.info().state, RoomState::Live);
+    }
+
+    #[test]
+    fn invalid_inputs_are_refused_with_the_right_code() {
+        let config = RoomConfig::default();
+        let invalid = |result: Result<RoomDefinition, RoomError>| {
+            assert_eq!(
+                result.expect_err("refused").code(),
+                ErrorCode::InvalidArgument
+            );
+        };
+        invalid(RoomDefinition::new(
+            "r".into(),
+            "   ",
+            HOST.into(),
+            None,
+            T0,
+            &config,
+        ));
+        invalid(RoomDefinition::new(
+            "r".into(),
+            &"x".repeat(201),
+            HOST.into(),
+            None,
+            T0,
+            &config,
+        ));
+        invalid(RoomDefinition::new(
+            "r".into(),
+            "a\u{7}b",
+            HOST.into(),
+            None,
+            T0,
+            &config,
+        ));
+        invalid(RoomDefinition::new(
+            "".into(),
+            "t",
+            HOST.into(),
+            None,
+            T0,
+            &config,
+        ));
+        invalid(RoomDefinition::new(
+            "r".into(),
+            "t",
+            "".into(),
+            None,
+            T0,
+            &config,
+        ));
+        // 200 multi-byte characters are fine: the limit is in characters.
+        RoomDefinition::new("r".into(), &"é".repeat(200), HOST.into(), None, T0, &config)
+            .expect("200 characters");
+
+        let mut room = room_with(RoomConfig {
+            members_max: 2,
+            ..RoomConfig::default()
+        });
+        room.handle_join(T0, 1, "a").expect("join");
+        let code = |result: Result<(), RoomError>| result.expect_err("refused").code();
+        let comment = |room: &mut RoomCore<u64>, member: u64, text: &str| {
+            room.handle_comment(T0, &member, text).map(|_| ())
+        };
+        assert_eq!(
+            code(comment(&mut room, 1, " \n ")),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code(comment(&mut room, 1, &"x".repeat(501))),
+            ErrorCode::InvalidArgument
+        );
+        comment(&mut room, 1, &"ü".repeat(500)).expect("500 characters");
+        assert_eq!(code(comment(&mut room, 9, "hi")), ErrorCode::NotInRoom);
+
+        assert_eq!(
+            code(room.handle_react(T0, &1, "")),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code(room.handle_react(T0, &1, &"x".repeat(17))),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code(room.handle_react(T0, &1, "\u{0}")),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(code(room.handle_react(T0, &9, "👍")), ErrorCode::NotInRoom);
+        // The limit is in bytes: an 18-byte family emoji is refused.
+        assert_eq!(
+            code(room.handle_react(T0, &1, "👨‍👩‍👧")),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(code(room.handle_leave(T0, &9)), ErrorCode::NotInRoom);
+
+        room.handle_join(T0, 2, "b").expect("join");
+        let full = room.handle_join(T0, 3, "c").expect_err("full");
+        assert_eq!(full, RoomError::RoomFull);
+        assert_eq!(full.code(), ErrorCode::Unavailable);
+        room.handle_join(T0, 2, "b")
+            .expect("rejoining a full room is still idempotent");
+
+        let other = room
+            .handle_join(T0, 1, "mallory")
+            .expect_err("member is someone else");
+        assert_eq!(other.code(), ErrorCode::Forbidden);
+    }
+
+    #[test]
+    fn joining_twice_is_idempotent() {
+        let mut room = room();
+        let first = room.handle_join(T0, 7, HOST).expect("join");
+        let again = room.handle_join(T0 + 5, 7, HOST).expect("join again");
+        assert_eq!(first, again);
+        assert_eq!(first.role, Role::Host);
+        assert_eq!(room.member_count(), 1);
+        assert_eq!(room.info().listener_count, 1);
+
+        // A second device of the same user is a second member, not a second listener.
+        let device = room.handle_join(T0 + 6, 8, HOST).expect("second device");
+        assert_eq!(device.role, Role::Host);
+        assert_eq!(room.member_count(), 2);
+        assert_eq!(room.info().listener_count, 1);
+        assert_eq!(room.members().copied().collect::<Vec<_>>(), vec![7, 8]);
+
+        room.handle_leave(T0 + 7, &7).expect("leave");
+        assert_eq!(room.info().listener_count, 1);
+        room.handle_leave(T0 + 8, &8).expect("leave");
+        assert_eq!(room.info().listener_count, 0);
+        assert_eq!(room.handle_leave(T0 + 9, &8), Err(RoomError::NotInRoom));
+    }
+}

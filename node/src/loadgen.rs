@@ -30,11 +30,11 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::client::cli::DEV_SECRET;
 use crate::client::{
     client_endpoint, Client, ClientConfig, ClientError, ClientEvent, ReconnectPolicy, ServerUrl,
     TransportKind,
 };
+use crate::config::DEV_SECRET;
 use crate::token::{unix_now_secs, TokenKeys};
 
 /// Most listeners one run may start.

@@ -143,15 +143,22 @@ mod tests {
         let t = keys.mint("alice", &[], 1000, 60).expect("mint");
         assert_eq!(keys.verify(&t, 2000), Err(TokenError::Expired));
         let other = TokenKeys::new(b"other secret");
-        assert!(matches!(other.verify(&t, 1010), Err(TokenError::Invalid(_))));
-        assert!(matches!(keys.verify("not.a.jwt", 1010), Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            other.verify(&t, 1010),
+            Err(TokenError::Invalid(_))
+        ));
+        assert!(matches!(
+            keys.verify("not.a.jwt", 1010),
+            Err(TokenError::Invalid(_))
+        ));
         assert!(matches!(keys.verify("", 1010), Err(TokenError::Invalid(_))));
     }
 
     #[test]
     fn alg_none_is_refused() {
         // header {"alg":"none","typ":"JWT"}, payload {"sub":"mallory","exp":99999999999}
-        let t = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJtYWxsb3J5IiwiZXhwIjo5OTk5OTk5OTk5OX0.";
+        let t =
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJtYWxsb3J5IiwiZXhwIjo5OTk5OTk5OTk5OX0.";
         let keys = TokenKeys::new(b"secret");
         assert!(matches!(keys.verify(t, 1), Err(TokenError::Invalid(_))));
     }

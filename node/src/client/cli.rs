@@ -16,11 +16,8 @@ use chorus_protocol::{
 use serde::Serialize;
 
 use super::{Client, ClientConfig, ClientEvent};
+use crate::config::DEV_SECRET;
 use crate::token::{unix_now_secs, TokenKeys};
-
-/// Development secret used when neither `--secret` nor `CHORUS_SECRET` is given (the
-/// same default as `chorus serve`).
-pub const DEV_SECRET: &str = "chorus-dev-secret";
 
 /// Lifetime of tokens minted with `--user`, in seconds.
 pub const MINTED_TOKEN_TTL_SECS: u64 = 3600;

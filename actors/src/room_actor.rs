@@ -1,0 +1,417 @@
+//! The room actor (a thin ractor shell around [`RoomCore`]) and the directory that finds or
+//! starts room actors.
+//!
+//! The shell decodes a message, reads the clock, calls the core, and executes the core's
+//! effects: fan-out to members, persistence, timers. Fan-out encodes each notification
+//! once ([`EncodedBody`]) and hands the same bytes to every member's [`MemberSink`].
+//!
+//! **Boundary:** ractor mailboxes are unbounded. What enters a room's mailbox is bounded
+//! in front of it: every request comes from a connection that passed its token bucket
+//! (`ConnectionConfig::requests_per_sec`), connections per node are capped, and timers are
+//! at most one outstanding per room (`tick_at_ms`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chorus_protocol::{EncodedBody, RoomCommentResponse, RoomInfo, RoomJoinResponse, UserId};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::room::{RoomConfig, RoomCore, RoomDefinition, RoomEffect, RoomError};
+use crate::store::{RoomStore, StoreError};
+
+/// Where a room delivers notifications for one member (a session on this node).
+pub trait MemberSink: Send + Sync + 'static {
+    /// Delivers an encoded notification. Must not block: queue or drop.
+    fn deliver(&self, body: &Arc<EncodedBody>);
+    /// The room removed this member (it ended).
+    fn removed_from_room(&self, room_id: &str);
+}
+
+/// A member handle: a stable key (ordering and identity) and the sink to deliver to.
+#[derive(Clone)]
+pub struct Member {
+    key: u64,
+    sink: Arc<dyn MemberSink>,
+}
+
+impl Member {
+    /// A member with identity `key` (unique per session on this node).
+    pub fn new(key: u64, sink: Arc<dyn MemberSink>) -> Self {
+        Member { key, sink }
+    }
+
+    /// The identity key.
+    pub fn key(&self) -> u64 {
+        self.key
+    }
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Member({})", self.key)
+    }
+}
+
+impl PartialEq for Member {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+impl Eq for Member {}
+impl PartialOrd for Member {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Member {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key.cmp(&other.key)
+    }
+}
+
+/// Messages a room actor handles.
+pub enum RoomMsg {
+    /// Join as `user`.
+    Join {
+        /// Who.
+        member: Member,
+        /// User id of the member.
+        user: UserId,
+        /// Answer.
+        reply: RpcReplyPort<Result<RoomJoinResponse, RoomError>>,
+    },
+    /// Leave.
+    Leave {
+        /// Who.
+        member: Member,
+        /// Answer, if anyone waits.
+        reply: Option<RpcReplyPort<Result<(), RoomError>>>,
+    },
+    /// Post a comment.
+    Comment {
+        /// Who.
+        member: Member,
+        /// Text.
+        text: String,
+        /// Answer.
+        reply: RpcReplyPort<Result<RoomCommentResponse, RoomError>>,
+    },
+    /// React.
+    React {
+        /// Who.
+        member: Member,
+        /// The emoji.
+        emoji: String,
+        /// Answer.
+        reply: RpcReplyPort<Result<(), RoomError>>,
+    },
+    /// End the room (host only).
+    End {
+        /// Who asks.
+        user: UserId,
+        /// Answer.
+        reply: RpcReplyPort<Result<(), RoomError>>,
+    },
+    /// Read the room's info.
+    Info {
+        /// Answer.
+        reply: RpcReplyPort<RoomInfo>,
+    },
+    /// A timer fired: flush windows and counters.
+    Tick,
+}
+
+// The cluster feature of ractor is off for now; the blanket impl covers RoomMsg.
+
+/// Milliseconds since the Unix epoch from the system clock (shell only; cores get `now_ms`).
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The room actor's state.
+pub struct RoomShell {
+    core: RoomCore<Member>,
+    store: RoomStore,
+    tick_at_ms: Option<u64>,
+}
+
+/// The room actor.
+pub struct RoomActor;
+
+/// Start-up arguments: the definition, config and store.
+pub struct RoomArgs {
+    /// The room.
+    pub definition: RoomDefinition,
+    /// Limits.
+    pub config: RoomConfig,
+    /// Where definition changes are written.
+    pub store: RoomStore,
+}
+
+impl Actor for RoomActor {
+    type Msg = RoomMsg;
+    type State = RoomShell;
+    type Arguments = RoomArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        metrics::gauge!("chorus_rooms_active").increment(1.0);
+        Ok(RoomShell {
+            core: RoomCore::new(args.definition, args.config),
+            store: args.store,
+            tick_at_ms: None,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        metrics::gauge!("chorus_rooms_active").decrement(1.0);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let now_ms = unix_now_ms();
+        match message {
+            RoomMsg::Join {
+                member,
+                user,
+                reply,
+            } => {
+                let result = state.core.handle_join(now_ms, member, &user);
+                let _ = reply.send(result);
+            }
+            RoomMsg::Leave { member, reply } => {
+                let result = state.core.handle_leave(now_ms, &member);
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            RoomMsg::Comment {
+                member,
+                text,
+                reply,
+            } => {
+                let result = state.core.handle_comment(now_ms, &member, &text);
+                // Effects (the broadcast) run before the reply so that the author sees its own
+                // comment notification no later than the response.
+                state.execute_effects();
+                let _ = reply.send(result);
+            }
+            RoomMsg::React {
+                member,
+                emoji,
+                reply,
+            } => {
+                let result = state.core.handle_react(now_ms, &member, &emoji);
+                let _ = reply.send(result);
+            }
+            RoomMsg::End { user, reply } => {
+                // handle_end removes every member before its effects run; the room.ended
+                // broadcast must still reach them, so fan out to the members as they were.
+                let members: Vec<Member> = state.core.members().cloned().collect();
+                let result = state.core.handle_end(now_ms, &user);
+                state.execute_effects_to(Some(&members));
+                let ended = result.is_ok();
+                let _ = reply.send(result);
+                if ended {
+                    myself.stop(Some("room ended".into()));
+                    return Ok(());
+                }
+            }
+            RoomMsg::Info { reply } => {
+                let _ = reply.send(state.core.info());
+            }
+            RoomMsg::Tick => {
+                state.tick_at_ms = None;
+                state.core.handle_tick(now_ms);
+            }
+        }
+        state.execute_effects();
+        state.schedule_tick(&myself, now_ms);
+        Ok(())
+    }
+}
+
+impl RoomShell {
+    fn execute_effects(&mut self) {
+        self.execute_effects_to(None);
+    }
+
+    /// Executes queued effects; broadcasts go to `recipients` if given, else to the
+    /// current members.
+    fn execute_effects_to(&mut self, recipients: Option<&[Member]>) {
+        for effect in self.core.drain_effects() {
+            match effect {
+                RoomEffect::Broadcast(event) => {
+                    let started = Instant::now();
+                    let body = match event.encode_body() {
+                        Ok(body) => Arc::new(body),
+                        Err(error) => {
+                            tracing::error!(%error, "cannot encode room event");
+                            continue;
+                        }
+                    };
+                    let mut delivered = 0u64;
+                    let mut deliver = |member: &Member| {
+                        member.sink.deliver(&body);
+                        delivered += 1;
+                    };
+                    match recipients {
+                        Some(members) => members.iter().for_each(&mut deliver),
+                        None => self.core.members().for_each(&mut deliver),
+                    }
+                    metrics::histogram!("chorus_fanout_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::counter!("chorus_fanout_deliveries_total").increment(delivered);
+                }
+                RoomEffect::Persist(definition) => {
+                    if let Err(error) = self.store.put(&definition) {
+                        tracing::error!(room = %definition.room_id, %error, "cannot persist room");
+                    }
+                }
+                RoomEffect::MembersRemoved(members) => {
+                    let room_id = self.core.definition().room_id.clone();
+                    for member in members {
+                        member.sink.removed_from_room(&room_id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn schedule_tick(&mut self, myself: &ActorRef<RoomMsg>, now_ms: u64) {
+        let Some(due_ms) = self.core.next_deadline_ms() else {
+            return;
+        };
+        if matches!(self.tick_at_ms, Some(at) if at <= due_ms) {
+            return;
+        }
+        self.tick_at_ms = Some(due_ms);
+        let delay = Duration::from_millis(due_ms.saturating_sub(now_ms));
+        myself.send_after(delay, || RoomMsg::Tick);
+    }
+}
+
+/// Why a room could not be found or started.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// No such room.
+    #[error("room {0:?} not found")]
+    NotFound(String),
+    /// The room has ended.
+    #[error("room {0:?} has ended")]
+    Ended(String),
+    /// A room with this id exists already.
+    #[error("room {0:?} exists already")]
+    Exists(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The actor could not be started.
+    #[error("cannot start room actor: {0}")]
+    Spawn(String),
+}
+
+/// Finds running room actors or starts them from stored definitions.
+pub struct RoomDirectory {
+    store: RoomStore,
+    config: RoomConfig,
+    // tokio Mutex: held across the (short) actor spawn so that one room never gets two actors.
+    rooms: tokio::sync::Mutex<HashMap<String, ActorRef<RoomMsg>>>,
+}
+
+impl RoomDirectory {
+    /// A directory over `store`.
+    pub fn new(store: RoomStore, config: RoomConfig) -> Self {
+        RoomDirectory {
+            store,
+            config,
+            rooms: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The room limits in force.
+    pub fn config(&self) -> &RoomConfig {
+        &self.config
+    }
+
+    /// Stores a new room's definition and starts its actor.
+    pub async fn create(&self, definition: RoomDefinition) -> Result<RoomInfo, DirectoryError> {
+        let mut rooms = self.rooms.lock().await;
+        if rooms.contains_key(&definition.room_id) || self.store.get(&definition.room_id)?.is_some()
+        {
+            return Err(DirectoryError::Exists(definition.room_id));
+        }
+        self.store.put(&definition)?;
+        let room_id = definition.room_id.clone();
+        let actor = self.spawn(definition).await?;
+        let info = ractor::call!(actor, |reply| RoomMsg::Info { reply })
+            .map_err(|e| DirectoryError::Spawn(e.to_string()))?;
+        rooms.insert(room_id, actor);
+        Ok(info)
+    }
+
+    /// The running actor of `room_id`, started from its stored definition if needed.
+    pub async fn get(&self, room_id: &str) -> Result<ActorRef<RoomMsg>, DirectoryError> {
+        let mut rooms = self.rooms.lock().await;
+        if let Some(actor) = rooms.get(room_id) {
+            if actor.get_status() == ractor::ActorStatus::Running {
+                return Ok(actor.clone());
+            }
+            rooms.remove(room_id);
+        }
+        let definition = self
+            .store
+            .get(room_id)?
+            .ok_or_else(|| DirectoryError::NotFound(room_id.to_string()))?;
+        if definition.state == chorus_protocol::RoomState::Ended {
+            return Err(DirectoryError::Ended(room_id.to_string()));
+        }
+        let actor = self.spawn(definition).await?;
+        rooms.insert(room_id.to_string(), actor.clone());
+        Ok(actor)
+    }
+
+    /// Number of running room actors.
+    pub async fn running(&self) -> usize {
+        self.rooms.lock().await.len()
+    }
+
+    /// Stops every room actor (shutdown).
+    pub async fn stop_all(&self) {
+        let rooms = std::mem::take(&mut *self.rooms.lock().await);
+        for (_, actor) in rooms {
+            actor.stop(Some("node shutting down".into()));
+        }
+    }
+
+    async fn spawn(&self, definition: RoomDefinition) -> Result<ActorRef<RoomMsg>, DirectoryError> {
+        let (actor, _handle) = Actor::spawn(
+            None,
+            RoomActor,
+            RoomArgs {
+                definition,
+                config: self.config.clone(),
+                store: self.store.clone(),
+            },
+        )
+        .await
+        .map_err(|e| DirectoryError::Spawn(e.to_string()))?;
+        Ok(actor)
+    }
+}

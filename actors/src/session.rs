@@ -1,0 +1,469 @@
+//! Session and connection cores (sans-IO).
+//!
+//! A *session* is what a client resumes: its notification sequence, a bounded buffer of
+//! recent notifications, and its room memberships. It outlives a connection by the resume
+//! window. A *connection* is one transport attachment: its request order, rate limit and
+//! liveness (server pings). Neither reads the clock nor touches a socket: the node's
+//! connection driver feeds them `now_ms` and executes what they decide.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use chorus_protocol::{ErrorCode, RoomId};
+
+use crate::rate::TokenBucket;
+
+/// Session limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// How long a detached session can be resumed, in ms. Default 60,000. After this the
+    /// session leaves its rooms and is forgotten; a resume gets `resync`.
+    pub resume_window_ms: u64,
+    /// Notifications kept for replay on resume. Default 1,024. A client that missed more
+    /// than this gets `resync`.
+    pub resume_buffer_frames_max: usize,
+    /// Rooms one session may be in at once. Default 16; more joins get `too_many_rooms`.
+    pub rooms_max: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            resume_window_ms: 60_000,
+            resume_buffer_frames_max: 1024,
+            rooms_max: 16,
+        }
+    }
+}
+
+/// Why a resume was refused (the client must resync).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeRefusal {
+    /// The resume window has passed.
+    Expired,
+    /// The client claims to have seen notifications that were never sent.
+    FromTheFuture,
+    /// Some missed notifications are no longer buffered.
+    BufferOverrun,
+}
+
+/// The state of one session, generic over the buffered notification type `N`.
+#[derive(Debug)]
+pub struct SessionCore<N> {
+    config: SessionConfig,
+    last_seq: u64,
+    buffer: VecDeque<(u64, N)>,
+    attachment: Option<u64>,
+    detached_since_ms: Option<u64>,
+    rooms: BTreeSet<RoomId>,
+}
+
+impl<N: Clone> SessionCore<N> {
+    /// A new session attached to connection `attachment`.
+    pub fn new(config: SessionConfig, attachment: u64) -> Self {
+        SessionCore {
+            config,
+            last_seq: 0,
+            buffer: VecDeque::new(),
+            attachment: Some(attachment),
+            detached_since_ms: None,
+            rooms: BTreeSet::new(),
+        }
+    }
+
+    /// The sequence number of the last notification assigned.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// The attached connection, if any.
+    pub fn attachment(&self) -> Option<u64> {
+        self.attachment
+    }
+
+    /// Assigns the next sequence number to `notification` and buffers it for resume.
+    /// Returns the sequence number; the caller sends it if a connection is attached.
+    pub fn handle_notification(&mut self, notification: N) -> u64 {
+        self.last_seq += 1;
+        self.buffer.push_back((self.last_seq, notification));
+        while self.buffer.len() > self.config.resume_buffer_frames_max {
+            self.buffer.pop_front();
+        }
+        self.check_invariants();
+        self.last_seq
+    }
+
+    /// The connection `attachment` went away at `now_ms`. Ignored if another connection
+    /// has taken over the session since.
+    pub fn handle_detach(&mut self, now_ms: u64, attachment: u64) {
+        if self.attachment == Some(attachment) {
+            self.attachment = None;
+            self.detached_since_ms = Some(now_ms);
+        }
+    }
+
+    /// A client resumes on connection `attachment`, having seen up to `last_seq`.
+    /// Returns the notifications to replay, in order. The previous attachment, if any, is
+    /// replaced (the caller closes it).
+    pub fn handle_resume(
+        &mut self,
+        now_ms: u64,
+        attachment: u64,
+        last_seq: u64,
+    ) -> Result<Vec<(u64, N)>, ResumeRefusal> {
+        if self.is_expired(now_ms) {
+            return Err(ResumeRefusal::Expired);
+        }
+        if last_seq > self.last_seq {
+            return Err(ResumeRefusal::FromTheFuture);
+        }
+        if last_seq < self.last_seq {
+            let oldest_buffered = self.buffer.front().map(|(s, _)| *s).unwrap_or(u64::MAX);
+            if last_seq + 1 < oldest_buffered {
+                return Err(ResumeRefusal::BufferOverrun);
+            }
+        }
+        self.attachment = Some(attachment);
+        self.detached_since_ms = None;
+        let replay = self
+            .buffer
+            .iter()
+            .filter(|(s, _)| *s > last_seq)
+            .cloned()
+            .collect();
+        Ok(replay)
+    }
+
+    /// Whether the session is detached for longer than the resume window.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        match self.detached_since_ms {
+            Some(since) => now_ms.saturating_sub(since) > self.config.resume_window_ms,
+            None => false,
+        }
+    }
+
+    /// Records that the session joined `room`; refuses past `rooms_max`.
+    pub fn handle_room_joined(&mut self, room: &str) -> Result<(), ErrorCode> {
+        if self.rooms.contains(room) {
+            return Ok(());
+        }
+        if self.rooms.len() >= self.config.rooms_max {
+            return Err(ErrorCode::TooManyRooms);
+        }
+        self.rooms.insert(room.to_string());
+        Ok(())
+    }
+
+    /// Whether the session may join one more room (checked before asking the room).
+    pub fn can_join(&self, room: &str) -> bool {
+        self.rooms.contains(room) || self.rooms.len() < self.config.rooms_max
+    }
+
+    /// Records that the session left (or was removed from) `room`.
+    pub fn handle_room_left(&mut self, room: &str) {
+        self.rooms.remove(room);
+    }
+
+    /// Whether the session is in `room`.
+    pub fn in_room(&self, room: &str) -> bool {
+        self.rooms.contains(room)
+    }
+
+    /// The rooms the session is in.
+    pub fn rooms(&self) -> impl Iterator<Item = &RoomId> {
+        self.rooms.iter()
+    }
+
+    /// Checks the core's invariants (debug builds).
+    pub fn check_invariants(&self) {
+        #[cfg(debug_assertions)]
+        {
+            assert!(self.buffer.len() <= self.config.resume_buffer_frames_max);
+            let mut expected = self.buffer.front().map(|(s, _)| *s);
+            for (seq, _) in &self.buffer {
+                assert_eq!(Some(*seq), expected, "resume buffer must be contiguous");
+                expected = Some(seq + 1);
+            }
+            if let Some((last, _)) = self.buffer.back() {
+                assert_eq!(*last, self.last_seq);
+            }
+            assert!(self.rooms.len() <= self.config.rooms_max);
+        }
+    }
+}
+
+/// Per-connection limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionConfig {
+    /// Interval between server pings, in ms. Default 30,000.
+    pub ping_interval_ms: u64,
+    /// Consecutive unanswered pings after which the connection is closed. Default 2.
+    pub pings_missed_max: u32,
+    /// Sustained requests per second per connection. Default 20.
+    pub requests_per_sec: u32,
+    /// Request burst per connection. Default 40.
+    pub requests_burst: u32,
+    /// Time allowed from connect to successful auth, in ms. Default 10,000.
+    pub auth_timeout_ms: u64,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            ping_interval_ms: 30_000,
+            pings_missed_max: 2,
+            requests_per_sec: 20,
+            requests_burst: 40,
+            auth_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// What the liveness check asks the driver to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LivenessAction {
+    /// Nothing is due.
+    Wait,
+    /// Send a ping request with this server sequence number.
+    SendPing(u64),
+    /// Close the connection with this code.
+    Close(ErrorCode),
+}
+
+/// Per-connection protocol state: request ordering, rate limit, liveness, auth deadline.
+#[derive(Debug)]
+pub struct ConnectionCore {
+    config: ConnectionConfig,
+    connected_at_ms: u64,
+    authenticated: bool,
+    last_request_seq: Option<u64>,
+    bucket: TokenBucket,
+    next_ping_at_ms: u64,
+    next_ping_seq: u64,
+    unanswered_pings: u32,
+    outstanding_ping_seqs: VecDeque<u64>,
+}
+
+impl ConnectionCore {
+    /// A connection opened at `now_ms`.
+    pub fn new(config: ConnectionConfig, now_ms: u64) -> Self {
+        ConnectionCore {
+            config,
+            connected_at_ms: now_ms,
+            authenticated: false,
+            last_request_seq: None,
+            bucket: TokenBucket::new(config.requests_burst, config.requests_per_sec, now_ms),
+            next_ping_at_ms: now_ms + config.ping_interval_ms,
+            next_ping_seq: 1,
+            unanswered_pings: 0,
+            outstanding_ping_seqs: VecDeque::new(),
+        }
+    }
+
+    /// Whether auth succeeded.
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    /// Marks the connection authenticated.
+    pub fn handle_authenticated(&mut self) {
+        self.authenticated = true;
+    }
+
+    /// Admits a request with sequence number `seq` and `kind` at `now_ms`, or says which
+    /// error to answer with. Checks, cheapest first: order, auth, rate.
+    pub fn handle_request(&mut self, now_ms: u64, seq: u64, kind: &str) -> Result<(), ErrorCode> {
+        if let Some(last) = self.last_request_seq {
+            if seq <= last {
+                return Err(ErrorCode::OutOfOrder);
+            }
+        }
+        if seq == 0 {
+            return Err(ErrorCode::OutOfOrder);
+        }
+        self.last_request_seq = Some(seq);
+        if !self.authenticated && kind != "auth" && kind != "ping" {
+            return Err(ErrorCode::Unauthenticated);
+        }
+        if !self.bucket.try_take(now_ms) {
+            return Err(ErrorCode::RateLimited);
+        }
+        Ok(())
+    }
+
+    /// The client answered server ping `seq`.
+    pub fn handle_pong(&mut self, seq: u64) {
+        if self.outstanding_ping_seqs.contains(&seq) {
+            self.outstanding_ping_seqs.clear();
+            self.unanswered_pings = 0;
+        }
+    }
+
+    /// Liveness and auth-deadline check at `now_ms`.
+    pub fn handle_tick(&mut self, now_ms: u64) -> LivenessAction {
+        if !self.authenticated
+            && now_ms.saturating_sub(self.connected_at_ms) >= self.config.auth_timeout_ms
+        {
+            return LivenessAction::Close(ErrorCode::Unauthenticated);
+        }
+        if now_ms < self.next_ping_at_ms {
+            return LivenessAction::Wait;
+        }
+        if self.unanswered_pings >= self.config.pings_missed_max {
+            return LivenessAction::Close(ErrorCode::PingTimeout);
+        }
+        let seq = self.next_ping_seq;
+        self.next_ping_seq += 1;
+        self.unanswered_pings += 1;
+        self.outstanding_ping_seqs.push_back(seq);
+        // Bounded by pings_missed_max: we close before more accumulate.
+        while self.outstanding_ping_seqs.len() > self.config.pings_missed_max as usize {
+            self.outstanding_ping_seqs.pop_front();
+        }
+        self.next_ping_at_ms = now_ms + self.config.ping_interval_ms;
+        LivenessAction::SendPing(seq)
+    }
+
+    /// When `handle_tick` should next be called.
+    pub fn next_deadline_ms(&self) -> u64 {
+        if self.authenticated {
+            self.next_ping_at_ms
+        } else {
+            self.next_ping_at_ms
+                .min(self.connected_at_ms + self.config.auth_timeout_ms)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> SessionCore<&'static str> {
+        SessionCore::new(
+            SessionConfig {
+                resume_buffer_frames_max: 3,
+                ..SessionConfig::default()
+            },
+            1,
+        )
+    }
+
+    #[test]
+    fn resume_replays_exactly_the_missed_notifications_in_order() {
+        let mut s = session();
+        s.handle_notification("a");
+        s.handle_notification("b");
+        s.handle_detach(1_000, 1);
+        s.handle_notification("c");
+        let replay = s.handle_resume(2_000, 2, 1).expect("resume");
+        assert_eq!(replay, vec![(2, "b"), (3, "c")]);
+        assert_eq!(s.attachment(), Some(2));
+        // nothing missed: empty replay
+        assert_eq!(s.handle_resume(2_000, 3, 3).expect("resume"), vec![]);
+    }
+
+    #[test]
+    fn resume_is_refused_after_the_window_or_past_the_buffer() {
+        let mut s = session();
+        for n in ["a", "b", "c", "d", "e"] {
+            s.handle_notification(n);
+        }
+        assert_eq!(s.handle_resume(0, 2, 0), Err(ResumeRefusal::BufferOverrun));
+        assert_eq!(s.handle_resume(0, 2, 9), Err(ResumeRefusal::FromTheFuture));
+        assert_eq!(s.handle_resume(0, 2, 1), Err(ResumeRefusal::BufferOverrun));
+        assert!(s.handle_resume(0, 2, 2).is_ok(), "3..5 are still buffered");
+        s.handle_detach(10, 2);
+        assert!(!s.is_expired(60_010));
+        assert!(s.is_expired(60_011));
+        assert_eq!(s.handle_resume(60_011, 3, 5), Err(ResumeRefusal::Expired));
+    }
+
+    #[test]
+    fn a_stale_detach_does_not_detach_the_new_connection() {
+        let mut s = session();
+        s.handle_resume(0, 2, 0).expect("take over");
+        s.handle_detach(5, 1);
+        assert_eq!(s.attachment(), Some(2));
+        assert!(!s.is_expired(1_000_000));
+    }
+
+    #[test]
+    fn rooms_are_bounded() {
+        let mut s = SessionCore::<()>::new(
+            SessionConfig {
+                rooms_max: 2,
+                ..SessionConfig::default()
+            },
+            1,
+        );
+        assert_eq!(s.handle_room_joined("a"), Ok(()));
+        assert_eq!(s.handle_room_joined("b"), Ok(()));
+        assert_eq!(s.handle_room_joined("a"), Ok(()), "rejoin is free");
+        assert_eq!(s.handle_room_joined("c"), Err(ErrorCode::TooManyRooms));
+        s.handle_room_left("a");
+        assert_eq!(s.handle_room_joined("c"), Ok(()));
+    }
+
+    #[test]
+    fn requests_must_increase_and_auth_comes_first() {
+        let mut c = ConnectionCore::new(ConnectionConfig::default(), 0);
+        assert_eq!(
+            c.handle_request(0, 1, "room.join"),
+            Err(ErrorCode::Unauthenticated)
+        );
+        assert_eq!(c.handle_request(0, 2, "ping"), Ok(()));
+        assert_eq!(c.handle_request(0, 2, "auth"), Err(ErrorCode::OutOfOrder));
+        assert_eq!(c.handle_request(0, 3, "auth"), Ok(()));
+        c.handle_authenticated();
+        assert_eq!(c.handle_request(0, 10, "room.join"), Ok(()));
+        assert_eq!(
+            c.handle_request(0, 9, "room.join"),
+            Err(ErrorCode::OutOfOrder)
+        );
+    }
+
+    #[test]
+    fn a_flood_is_rate_limited_and_recovers() {
+        let config = ConnectionConfig {
+            requests_per_sec: 10,
+            requests_burst: 5,
+            ..ConnectionConfig::default()
+        };
+        let mut c = ConnectionCore::new(config, 0);
+        c.handle_authenticated();
+        let admitted = (1..=50)
+            .filter(|seq| c.handle_request(0, *seq, "ping").is_ok())
+            .count();
+        assert_eq!(admitted, 5);
+        assert_eq!(c.handle_request(1_000, 51, "ping"), Ok(()));
+    }
+
+    #[test]
+    fn two_missed_pings_close_the_connection() {
+        let config = ConnectionConfig {
+            ping_interval_ms: 100,
+            ..ConnectionConfig::default()
+        };
+        let mut c = ConnectionCore::new(config, 0);
+        c.handle_authenticated();
+        assert_eq!(c.handle_tick(50), LivenessAction::Wait);
+        assert_eq!(c.handle_tick(100), LivenessAction::SendPing(1));
+        c.handle_pong(1);
+        assert_eq!(c.handle_tick(200), LivenessAction::SendPing(2));
+        assert_eq!(c.handle_tick(300), LivenessAction::SendPing(3));
+        assert_eq!(
+            c.handle_tick(400),
+            LivenessAction::Close(ErrorCode::PingTimeout)
+        );
+    }
+
+    #[test]
+    fn unauthenticated_connections_time_out() {
+        let mut c = ConnectionCore::new(ConnectionConfig::default(), 0);
+        assert_eq!(c.next_deadline_ms(), 10_000);
+        assert_eq!(
+            c.handle_tick(10_000),
+            LivenessAction::Close(ErrorCode::Unauthenticated)
+        );
+    }
+}

@@ -1,0 +1,7 @@
+//! The Chorus cluster layer.
+//!
+//! Today: [`tls`], the cluster CA and node certificates used by client-facing QUIC (and,
+//! next, by mutual TLS between nodes). Raft metadata, placement and inter-node links
+//! arrive with the cluster issue; see `ARCHITECTURE.md`.
+
+pub mod tls;

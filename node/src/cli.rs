@@ -1,0 +1,237 @@
+//! Command-line entry point: `chorus serve | token | client | loadgen`.
+//!
+//! Wiring only: parse flags, build config, start things, wait for signals.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::NodeConfig;
+
+/// Chorus: a distributed actor cluster for live audio.
+#[derive(Debug, Parser)]
+#[command(name = "chorus", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node (with no flags: a working single-node cluster with development defaults).
+    Serve(ServeArgs),
+    /// Print a client token (JWT, HS256) for development.
+    Token(TokenArgs),
+    /// Act as a client: create-room, join, say, react, leave, info, end.
+    Client(crate::client::cli::ClientArgs),
+    /// Generate load: listeners and senders in one room; prints delivery latency.
+    Loadgen(crate::loadgen::LoadgenArgs),
+}
+
+/// `chorus serve` flags; each overrides the config file, which overrides the defaults.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Data directory (sled, certificates). Default ./chorus-data.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Directory with the cluster CA (ca.pem, ca-key.pem). Default: the data dir.
+    #[arg(long = "ca")]
+    pub ca_dir: Option<PathBuf>,
+    /// HTTP address for /ws, /ws/echo, /healthz, /metrics. Default 127.0.0.1:7070.
+    #[arg(long)]
+    pub http_addr: Option<SocketAddr>,
+    /// QUIC address (ALPN chorus/1). Default 127.0.0.1:7071.
+    #[arg(long)]
+    pub quic_addr: Option<SocketAddr>,
+    /// Token secret. Default: the development secret (with a warning).
+    #[arg(long, env = "CHORUS_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Node name (logs, certificates, auth responses).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+    /// Server ping interval in ms (default 30000).
+    #[arg(long)]
+    pub ping_interval_ms: Option<u64>,
+    /// Unanswered pings before a connection is closed (default 2).
+    #[arg(long)]
+    pub pings_missed_max: Option<u32>,
+    /// Resume window in ms (default 60000).
+    #[arg(long)]
+    pub resume_window_ms: Option<u64>,
+    /// Requests per second per connection (default 20).
+    #[arg(long)]
+    pub requests_per_sec: Option<u32>,
+    /// Request burst per connection (default 40).
+    #[arg(long)]
+    pub requests_burst: Option<u32>,
+    /// Outgoing queue per connection in frames (default 4096).
+    #[arg(long)]
+    pub outgoing_queue_frames_max: Option<usize>,
+    /// Maximum client connections (default 50000).
+    #[arg(long)]
+    pub connections_max: Option<usize>,
+    /// Maximum frame size in bytes (default 65536).
+    #[arg(long)]
+    pub frame_bytes_max: Option<usize>,
+}
+
+impl ServeArgs {
+    /// Builds the effective config.
+    pub fn into_config(self) -> anyhow::Result<NodeConfig> {
+        let mut config = match &self.config {
+            Some(path) => NodeConfig::from_file(path)?,
+            None => NodeConfig::default(),
+        };
+        macro_rules! set {
+            ($($flag:ident => $($field:ident).+),* $(,)?) => {
+                $( if let Some(value) = self.$flag { config.$($field).+ = value; } )*
+            };
+        }
+        set! {
+            data_dir => data_dir,
+            http_addr => http_addr,
+            quic_addr => quic_addr,
+            node_name => node_name,
+            ping_interval_ms => limits.ping_interval_ms,
+            pings_missed_max => limits.pings_missed_max,
+            resume_window_ms => limits.resume_window_ms,
+            requests_per_sec => limits.requests_per_sec,
+            requests_burst => limits.requests_burst,
+            outgoing_queue_frames_max => limits.outgoing_queue_frames_max,
+            connections_max => limits.connections_max,
+            frame_bytes_max => limits.frame_bytes_max,
+        }
+        if self.ca_dir.is_some() {
+            config.ca_dir = self.ca_dir;
+        }
+        if self.secret.is_some() {
+            config.secret = self.secret;
+        }
+        if self.log_json {
+            config.log_json = true;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// `chorus token` flags.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// User id (the token's `sub`).
+    #[arg(long)]
+    pub user: String,
+    /// Secret to sign with.
+    #[arg(long, env = "CHORUS_SECRET", hide_env_values = true, default_value = crate::config::DEV_SECRET)]
+    pub secret: String,
+    /// Validity, e.g. 1h, 30m, 7d.
+    #[arg(long, default_value = "1h")]
+    pub ttl: humantime::Duration,
+    /// Roles to include (repeatable), e.g. --role operator.
+    #[arg(long = "role")]
+    pub roles: Vec<String>,
+}
+
+fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CHORUS_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    init_tracing(config.log_json);
+    let node = crate::server::start(config).await?;
+    wait_for_signal().await;
+    tracing::info!("signal received");
+    node.shutdown().await;
+    Ok(())
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let keys = crate::token::TokenKeys::new(args.secret.as_bytes());
+    let token = keys.mint(
+        &args.user,
+        &args.roles,
+        crate::token::unix_now_secs(),
+        args.ttl.as_secs(),
+    )?;
+    println!("{token}");
+    Ok(())
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> ExitCode {
+    // quinn uses ring; other dependencies may pull aws-lc-rs: pick one provider for the
+    // whole process so rustls never has to guess (it panics if it must and cannot).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("chorus: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Token(args) => token(args),
+            Command::Client(args) => crate::client::cli::run(args).await,
+            Command::Loadgen(args) => {
+                init_tracing(false);
+                crate::loadgen::run(args).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("chorus: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

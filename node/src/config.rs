@@ -1,0 +1,214 @@
+//! Node configuration: embedded defaults, an optional TOML file, then flags and env.
+//!
+//! `chorus serve` with no flags is a working single-node cluster: data in `./chorus-data`,
+//! HTTP (WebSocket, metrics, health) on 127.0.0.1:7070, QUIC on 127.0.0.1:7071, and a
+//! development secret (logged as a warning).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The token secret used when none is configured. Development only: anyone can mint
+/// tokens with it.
+pub const DEV_SECRET: &str = "chorus-dev-secret";
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Directory for sled, certificates and exports. Default `./chorus-data`.
+    pub data_dir: PathBuf,
+    /// Directory holding the cluster CA (`ca.pem`, `ca-key.pem`). Default: the data dir.
+    pub ca_dir: Option<PathBuf>,
+    /// HTTP listen address (`/ws`, `/ws/echo`, `/healthz`, `/metrics`). Default 127.0.0.1:7070.
+    pub http_addr: SocketAddr,
+    /// QUIC listen address (ALPN `chorus/1`). Default 127.0.0.1:7071.
+    pub quic_addr: SocketAddr,
+    /// Token secret (HS256). Default: [`DEV_SECRET`], with a warning. Also `CHORUS_SECRET`.
+    pub secret: Option<String>,
+    /// The node's name in logs, certificates and `auth` responses. Default `node-1`.
+    pub node_name: String,
+    /// Extra names (DNS or IP) for the node's certificate. localhost, 127.0.0.1 and the
+    /// QUIC listen IP are always included.
+    pub tls_names: Vec<String>,
+    /// Protocol limits.
+    pub limits: LimitsConfig,
+    /// Emit logs as JSON lines.
+    pub log_json: bool,
+}
+
+/// Protocol and resource limits. Every bound has a unit in its name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Maximum frame size in bytes. Default 65,536. Larger frames get `frame_too_large`.
+    pub frame_bytes_max: usize,
+    /// Hard transport cap on one message in bytes. Default 1 MiB; above it the connection
+    /// is closed (WebSocket 1009, QUIC 4001).
+    pub transport_message_bytes_max: usize,
+    /// Connections per node. Default 50,000; more are closed with `too_many_connections`.
+    pub connections_max: usize,
+    /// Outgoing frames queued per connection. Default 4,096; a connection that lets its
+    /// queue fill is closed with `slow_consumer`.
+    pub outgoing_queue_frames_max: usize,
+    /// Sustained requests per second per connection. Default 20.
+    pub requests_per_sec: u32,
+    /// Request burst per connection. Default 40.
+    pub requests_burst: u32,
+    /// Rooms one session may be in. Default 16.
+    pub rooms_per_session_max: usize,
+    /// Server ping interval in ms. Default 30,000.
+    pub ping_interval_ms: u64,
+    /// Unanswered pings before closing. Default 2.
+    pub pings_missed_max: u32,
+    /// Time to authenticate after connecting, in ms. Default 10,000.
+    pub auth_timeout_ms: u64,
+    /// How long a disconnected session can be resumed, in ms. Default 60,000.
+    pub resume_window_ms: u64,
+    /// Notifications buffered per session for resume. Default 1,024.
+    pub resume_buffer_frames_max: usize,
+    /// Sessions (attached or resumable) per node. Default 100,000; beyond it new sessions
+    /// are refused with `unavailable`.
+    pub sessions_max: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            frame_bytes_max: chorus_protocol::limits::FRAME_BYTES_MAX_DEFAULT,
+            transport_message_bytes_max: 1024 * 1024,
+            connections_max: 50_000,
+            outgoing_queue_frames_max: 4096,
+            requests_per_sec: 20,
+            requests_burst: 40,
+            rooms_per_session_max: 16,
+            ping_interval_ms: 30_000,
+            pings_missed_max: 2,
+            auth_timeout_ms: 10_000,
+            resume_window_ms: 60_000,
+            resume_buffer_frames_max: 1024,
+            sessions_max: 100_000,
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            data_dir: PathBuf::from("chorus-data"),
+            ca_dir: None,
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            quic_addr: SocketAddr::from(([127, 0, 0, 1], 7071)),
+            secret: None,
+            node_name: "node-1".to_string(),
+            tls_names: Vec::new(),
+            limits: LimitsConfig::default(),
+            log_json: false,
+        }
+    }
+}
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl NodeConfig {
+    /// Reads a TOML config file (same field names as this struct; `[limits]` table).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+
+    /// The effective secret and whether it is the development default.
+    pub fn effective_secret(&self) -> (String, bool) {
+        match &self.secret {
+            Some(secret) => (secret.clone(), false),
+            None => (DEV_SECRET.to_string(), true),
+        }
+    }
+
+    /// The CA directory (the data dir unless set).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.ca_dir.clone().unwrap_or_else(|| self.data_dir.clone())
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let checks: [(bool, &str); 8] = [
+            (l.frame_bytes_max >= 1024, "frame_bytes_max must be at least 1024"),
+            (
+                l.transport_message_bytes_max >= l.frame_bytes_max,
+                "transport_message_bytes_max must be at least frame_bytes_max",
+            ),
+            (l.connections_max > 0, "connections_max must be positive"),
+            (l.outgoing_queue_frames_max >= 16, "outgoing_queue_frames_max must be at least 16"),
+            (l.requests_per_sec > 0 && l.requests_burst > 0, "request rate and burst must be positive"),
+            (l.ping_interval_ms >= 10, "ping_interval_ms must be at least 10"),
+            (l.pings_missed_max >= 1, "pings_missed_max must be at least 1"),
+            (
+                l.resume_buffer_frames_max <= l.outgoing_queue_frames_max,
+                "resume_buffer_frames_max must not exceed outgoing_queue_frames_max (a replay must fit the queue)",
+            ),
+        ];
+        for (ok, message) in checks {
+            if !ok {
+                return Err(ConfigError::Invalid(message.to_string()));
+            }
+        }
+        if self.node_name.is_empty() {
+            return Err(ConfigError::Invalid("node_name must not be empty".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_a_file_overrides_them() {
+        NodeConfig::default().validate().expect("defaults");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("chorus.toml");
+        std::fs::write(
+            &path,
+            "http_addr = \"127.0.0.1:9000\"\n[limits]\nping_interval_ms = 500\n",
+        )
+        .expect("write");
+        let config = NodeConfig::from_file(&path).expect("parse");
+        assert_eq!(config.http_addr.port(), 9000);
+        assert_eq!(config.limits.ping_interval_ms, 500);
+        assert_eq!(config.limits.requests_per_sec, 20);
+        std::fs::write(&path, "no_such_field = 1\n").expect("write");
+        assert!(NodeConfig::from_file(&path).is_err());
+    }
+}

@@ -1,0 +1,591 @@
+//! The connection driver: one client connection, whatever the transport.
+//!
+//! A transport (WebSocket or QUIC) provides a [`TransportReader`] and a
+//! [`TransportWriter`]. The driver runs the protocol over them: auth, request order and
+//! rate ([`ConnectionCore`]), liveness pings, dispatch to rooms, and a writer task that
+//! drains the bounded outgoing queue. Every refusal is an error response or a close with a
+//! reason; nothing a client sends can panic the task or block another client.
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chorus_actors::room::{RoomDefinition, RoomError};
+use chorus_actors::room_actor::{unix_now_ms, DirectoryError, RoomMsg};
+use chorus_actors::session::{ConnectionConfig, ConnectionCore, LivenessAction};
+use chorus_protocol::{
+    decode_frame, encode_request, encode_response_error, encode_response_ok, AuthRequest,
+    AuthResponse, ClientRequest, Empty, Encoding, ErrorBody, ErrorCode, Frame, PingRequest,
+    PingResponse, ProtocolError, ResumeOutcome, RoomCreateResponse, PROTOCOL_VERSION,
+};
+use ractor::{ActorRef, RpcReplyPort};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::session::{CloseSignal, OutFrame, Outbound, Session};
+use super::Node;
+use crate::token::TokenError;
+
+/// Time a room has to answer a request before the client gets `unavailable`.
+const ROOM_CALL_TIMEOUT_MS: u64 = 5_000;
+/// Time the writer gets to flush and close after the connection ends.
+const WRITER_DRAIN_TIMEOUT_MS: u64 = 2_000;
+
+/// One message read from a transport.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A complete frame in the given encoding.
+    Frame(Encoding, Bytes),
+    /// A frame above the frame limit (but within the transport cap) that was discarded.
+    TooLarge(usize),
+}
+
+/// The receiving half of a transport.
+pub trait TransportReader: Send {
+    /// The next message; `None` when the peer closed; `Err` for a transport failure.
+    fn next(&mut self) -> impl Future<Output = Option<Result<Inbound, String>>> + Send;
+}
+
+/// The sending half of a transport.
+pub trait TransportWriter: Send + 'static {
+    /// Queues one frame (may buffer).
+    fn feed(
+        &mut self,
+        frame: Bytes,
+        encoding: Encoding,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Flushes buffered frames.
+    fn flush(&mut self) -> impl Future<Output = Result<(), String>> + Send;
+    /// Closes the transport: `None` is a normal close, else (close code, reason).
+    fn close(self, reason: Option<(u16, String)>) -> impl Future<Output = ()> + Send;
+}
+
+/// Runs one connection to completion.
+pub async fn drive<R: TransportReader, W: TransportWriter>(
+    node: Arc<Node>,
+    transport: &'static str,
+    mut reader: R,
+    writer: W,
+) {
+    let limits = &node.config.limits;
+    let attachment = node.next_attachment_id();
+    let close = Arc::new(CloseSignal::default());
+    let (outbound, rx) = Outbound::new(attachment, limits.outgoing_queue_frames_max, close.clone());
+    let encoding = Arc::new(OnceLock::new());
+    let writer_task = tokio::spawn(write_loop(writer, rx, close.clone(), encoding.clone()));
+    metrics::gauge!("chorus_connections", "transport" => transport).increment(1.0);
+
+    let connection_config = ConnectionConfig {
+        ping_interval_ms: limits.ping_interval_ms,
+        pings_missed_max: limits.pings_missed_max,
+        requests_per_sec: limits.requests_per_sec,
+        requests_burst: limits.requests_burst,
+        auth_timeout_ms: limits.auth_timeout_ms,
+    };
+    let mut conn = Connection {
+        node: node.clone(),
+        core: ConnectionCore::new(connection_config, unix_now_ms()),
+        session: None,
+        outbound,
+        encoding,
+    };
+
+    loop {
+        let deadline_ms = conn.core.next_deadline_ms();
+        let sleep = Duration::from_millis(deadline_ms.saturating_sub(unix_now_ms()));
+        tokio::select! {
+            _ = close.requested() => break,
+            _ = node.shutdown.cancelled() => {
+                close.close(ErrorCode::Unavailable, "node shutting down");
+                break;
+            }
+            _ = tokio::time::sleep(sleep) => {
+                match conn.core.handle_tick(unix_now_ms()) {
+                    LivenessAction::Wait => {}
+                    LivenessAction::SendPing(seq) => {
+                        let ping = PingRequest {};
+                        let _ = ping;
+                        let body = PingResponse { time_ms: unix_now_ms() };
+                        if let Ok(frame) = encode_request(conn.encoding(), seq, "ping", &body) {
+                            conn.outbound.push(OutFrame::Encoded(frame));
+                        }
+                    }
+                    LivenessAction::Close(code) => {
+                        let reason = match code {
+                            ErrorCode::PingTimeout => "missed pings",
+                            _ => "not authenticated in time",
+                        };
+                        conn.close_after_flush(code, reason);
+                        break;
+                    }
+                }
+            }
+            message = reader.next() => match message {
+                None => break,
+                Some(Err(error)) => {
+                    tracing::debug!(%error, transport, "transport closed");
+                    break;
+                }
+                Some(Ok(Inbound::TooLarge(size_bytes))) => {
+                    let error = ProtocolError::FrameTooLarge { size_bytes, limit_bytes: node.config.limits.frame_bytes_max };
+                    conn.respond_error(0, error.to_body());
+                }
+                Some(Ok(Inbound::Frame(encoding, bytes))) => {
+                    let _ = conn.encoding.set(encoding);
+                    metrics::counter!("chorus_frames_in_total", "transport" => transport).increment(1);
+                    if conn.handle_frame(encoding, &bytes).await == Flow::Stop {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    if let Some(session) = &conn.session {
+        session.detach(unix_now_ms(), attachment);
+    }
+    // Dropping the last sender lets the writer finish the queue and close normally.
+    drop(conn);
+    if tokio::time::timeout(Duration::from_millis(WRITER_DRAIN_TIMEOUT_MS), writer_task)
+        .await
+        .is_err()
+    {
+        tracing::debug!(transport, "writer did not drain in time");
+    }
+    metrics::gauge!("chorus_connections", "transport" => transport).decrement(1.0);
+    node.connection_closed();
+}
+
+async fn write_loop<W: TransportWriter>(
+    mut writer: W,
+    mut rx: mpsc::Receiver<OutFrame>,
+    close: Arc<CloseSignal>,
+    encoding: Arc<OnceLock<Encoding>>,
+) {
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = close.requested() => {
+                let reason = close.reason().map(|(code, reason)| (code.close_code(), reason));
+                writer.close(reason).await;
+                return;
+            }
+            frame = rx.recv() => frame,
+        };
+        let enc = *encoding.get().unwrap_or(&Encoding::MsgPack);
+        let bytes = match frame {
+            None => {
+                writer.close(None).await;
+                return;
+            }
+            Some(OutFrame::Close(code, reason)) => {
+                let _ = writer.flush().await;
+                writer.close(Some((code.close_code(), reason))).await;
+                return;
+            }
+            Some(OutFrame::Encoded(bytes)) => bytes,
+            Some(OutFrame::Notification(seq, body)) => body.frame(enc, seq),
+        };
+        if let Err(error) = writer.feed(bytes, enc).await {
+            tracing::debug!(%error, "write failed");
+            close.close(ErrorCode::Unavailable, "write failed");
+            return;
+        }
+        metrics::counter!("chorus_frames_out_total").increment(1);
+        if rx.is_empty() {
+            if let Err(error) = writer.flush().await {
+                tracing::debug!(%error, "flush failed");
+                close.close(ErrorCode::Unavailable, "write failed");
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Connection {
+    node: Arc<Node>,
+    core: ConnectionCore,
+    session: Option<Arc<Session>>,
+    outbound: Outbound,
+    encoding: Arc<OnceLock<Encoding>>,
+}
+
+impl Connection {
+    fn encoding(&self) -> Encoding {
+        *self.encoding.get().unwrap_or(&Encoding::MsgPack)
+    }
+
+    fn respond_ok<B: Serialize>(&self, seq: u64, body: &B) {
+        match encode_response_ok(self.encoding(), seq, body) {
+            Ok(frame) => {
+                self.outbound.push(OutFrame::Encoded(frame));
+            }
+            Err(error) => self.respond_error(seq, error.to_body()),
+        }
+    }
+
+    fn respond_error(&self, seq: u64, error: ErrorBody) {
+        let name = error.error_code().map(|c| c.name()).unwrap_or("unknown");
+        metrics::counter!("chorus_errors_total", "code" => name).increment(1);
+        if let Ok(frame) = encode_response_error(self.encoding(), seq, &error) {
+            self.outbound.push(OutFrame::Encoded(frame));
+        }
+    }
+
+    fn close_after_flush(&self, code: ErrorCode, reason: &str) {
+        if !self
+            .outbound
+            .push(OutFrame::Close(code, reason.to_string()))
+        {
+            self.outbound.close_signal().close(code, reason);
+        }
+    }
+
+    async fn handle_frame(&mut self, encoding: Encoding, bytes: &[u8]) -> Flow {
+        let frame = match decode_frame(encoding, bytes, &self.node.frame_limits) {
+            Ok(frame) => frame,
+            Err(error) => {
+                self.respond_error(0, error.to_body());
+                return Flow::Continue;
+            }
+        };
+        let request = match frame {
+            Frame::Response(response) => {
+                self.core.handle_pong(response.seq);
+                return Flow::Continue;
+            }
+            Frame::Notification(notification) => {
+                self.respond_error(
+                    notification.seq,
+                    ErrorBody::new(
+                        ErrorCode::UnexpectedFrame,
+                        "clients may not send notifications",
+                    ),
+                );
+                return Flow::Continue;
+            }
+            Frame::Request(request) => request,
+        };
+        let seq = request.seq;
+        if let Err(code) = self.core.handle_request(unix_now_ms(), seq, &request.kind) {
+            let message = match code {
+                ErrorCode::OutOfOrder => "request seq must be greater than the previous one",
+                ErrorCode::Unauthenticated => "authenticate first: only auth and ping are served",
+                ErrorCode::RateLimited => "too many requests on this connection",
+                _ => "refused",
+            };
+            self.respond_error(seq, ErrorBody::new(code, message));
+            return Flow::Continue;
+        }
+        let decoded = match ClientRequest::decode(&request.kind, &request.body) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                self.respond_error(seq, error.to_body());
+                return Flow::Continue;
+            }
+        };
+        self.dispatch(seq, decoded).await
+    }
+
+    async fn dispatch(&mut self, seq: u64, request: ClientRequest) -> Flow {
+        let now_ms = unix_now_ms();
+        if let ClientRequest::Auth(auth) = request {
+            return self.authenticate(seq, auth, now_ms);
+        }
+        if let ClientRequest::Ping(_) = request {
+            self.respond_ok(seq, &PingResponse { time_ms: now_ms });
+            return Flow::Continue;
+        }
+        // ConnectionCore admits nothing else before auth.
+        let Some(session) = self.session.clone() else {
+            self.respond_error(
+                seq,
+                ErrorBody::new(ErrorCode::Unauthenticated, "authenticate first"),
+            );
+            return Flow::Continue;
+        };
+        let result = self.room_request(&session, request, now_ms).await;
+        match result {
+            Ok(frame) => {
+                self.outbound
+                    .push(OutFrame::Encoded(frame(self.encoding(), seq)));
+            }
+            Err(error) => self.respond_error(seq, error),
+        }
+        Flow::Continue
+    }
+
+    fn authenticate(&mut self, seq: u64, auth: AuthRequest, now_ms: u64) -> Flow {
+        if self.session.is_some() {
+            self.respond_error(
+                seq,
+                ErrorBody::new(ErrorCode::AlreadyAuthenticated, "already authenticated"),
+            );
+            return Flow::Continue;
+        }
+        let version = auth.protocol_version.unwrap_or(PROTOCOL_VERSION);
+        if version != PROTOCOL_VERSION {
+            self.respond_error(
+                seq,
+                ErrorBody::new(
+                    ErrorCode::UnsupportedVersion,
+                    format!("protocol version {version} not supported; this server speaks {PROTOCOL_VERSION}"),
+                ),
+            );
+            self.close_after_flush(
+                ErrorCode::UnsupportedVersion,
+                "unsupported protocol version",
+            );
+            return Flow::Stop;
+        }
+        let claims = match self.node.keys.verify(&auth.token, now_ms / 1000) {
+            Ok(claims) => claims,
+            Err(error) => {
+                let code = match error {
+                    TokenError::Expired => ErrorCode::TokenExpired,
+                    _ => ErrorCode::InvalidToken,
+                };
+                tracing::info!(code = code.name(), "auth refused");
+                self.respond_error(seq, ErrorBody::new(code, error.to_string()));
+                self.close_after_flush(code, &error.to_string());
+                return Flow::Stop;
+            }
+        };
+        let user = claims.sub;
+        let node = &self.node;
+        let encoding = self.encoding();
+        let response = |session_id: &str, outcome: ResumeOutcome, notification_seq: u64| {
+            let body = AuthResponse {
+                protocol_version: PROTOCOL_VERSION,
+                user_id: user.clone(),
+                session_id: session_id.to_string(),
+                resume: outcome,
+                notification_seq,
+                node: node.config.node_name.clone(),
+                ping_interval_ms: node.config.limits.ping_interval_ms,
+                resume_window_ms: node.config.limits.resume_window_ms,
+            };
+            encode_response_ok(encoding, seq, &body).unwrap_or_default()
+        };
+        let mut outcome = ResumeOutcome::New;
+        if let Some(resume) = &auth.resume {
+            outcome = ResumeOutcome::Resync;
+            if let Some(session) = node.sessions.get(&resume.session_id) {
+                if session.user_id == user {
+                    let resumed =
+                        session.resume(now_ms, resume.last_seq, self.outbound.clone(), |last| {
+                            response(&session.id, ResumeOutcome::Resumed, last)
+                        });
+                    match resumed {
+                        Ok(replayed) => {
+                            metrics::counter!("chorus_resumes_total", "outcome" => "resumed")
+                                .increment(1);
+                            tracing::debug!(session = %session.id, replayed, "session resumed");
+                            self.core.handle_authenticated();
+                            self.session = Some(session);
+                            return Flow::Continue;
+                        }
+                        Err(refusal) => {
+                            tracing::debug!(?refusal, "resume refused");
+                        }
+                    }
+                }
+            }
+            metrics::counter!("chorus_resumes_total", "outcome" => "resync").increment(1);
+        }
+        match node
+            .sessions
+            .create(&user, self.outbound.clone(), |id| response(id, outcome, 0))
+        {
+            Some(session) => {
+                self.core.handle_authenticated();
+                self.session = Some(session);
+                Flow::Continue
+            }
+            None => {
+                self.respond_error(
+                    seq,
+                    ErrorBody::new(ErrorCode::Unavailable, "node has too many sessions"),
+                );
+                self.close_after_flush(ErrorCode::Unavailable, "too many sessions");
+                Flow::Stop
+            }
+        }
+    }
+
+    /// Runs a room request; returns a closure that encodes the ok response.
+    async fn room_request(
+        &self,
+        session: &Arc<Session>,
+        request: ClientRequest,
+        now_ms: u64,
+    ) -> Result<Box<dyn FnOnce(Encoding, u64) -> Bytes + Send>, ErrorBody> {
+        fn ok<B: Serialize + Send + 'static>(
+            body: B,
+        ) -> Box<dyn FnOnce(Encoding, u64) -> Bytes + Send> {
+            Box::new(move |encoding, seq| {
+                encode_response_ok(encoding, seq, &body).unwrap_or_default()
+            })
+        }
+        let node = &self.node;
+        match request {
+            ClientRequest::RoomCreate(create) => {
+                let definition = RoomDefinition::new(
+                    super::session::random_id("r-"),
+                    &create.title,
+                    session.user_id.clone(),
+                    create.scheduled_start_ms,
+                    now_ms,
+                    node.rooms.config(),
+                )
+                .map_err(room_error)?;
+                let room = node
+                    .rooms
+                    .create(definition)
+                    .await
+                    .map_err(directory_error)?;
+                Ok(ok(RoomCreateResponse {
+                    room_id: room.room_id.clone(),
+                    room,
+                }))
+            }
+            ClientRequest::RoomJoin(join) => {
+                if !session.with_core(|core| core.can_join(&join.room_id)) {
+                    return Err(ErrorBody::new(
+                        ErrorCode::TooManyRooms,
+                        "this session is in the maximum number of rooms",
+                    ));
+                }
+                let actor = self.room(&join.room_id).await?;
+                let member = session.member();
+                let user = session.user_id.clone();
+                let response = ask(&actor, |reply| RoomMsg::Join {
+                    member,
+                    user,
+                    reply,
+                })
+                .await?
+                .map_err(room_error)?;
+                session
+                    .with_core(|core| core.handle_room_joined(&join.room_id))
+                    .map_err(|code| ErrorBody::new(code, "too many rooms"))?;
+                Ok(ok(response))
+            }
+            ClientRequest::RoomLeave(leave) => {
+                self.require_member(session, &leave.room_id)?;
+                let actor = self.room(&leave.room_id).await?;
+                let member = session.member();
+                let result = ask(&actor, |reply| RoomMsg::Leave {
+                    member,
+                    reply: Some(reply),
+                })
+                .await?;
+                session.with_core(|core| core.handle_room_left(&leave.room_id));
+                result.map_err(room_error)?;
+                Ok(ok(Empty {}))
+            }
+            ClientRequest::RoomEnd(end) => {
+                let actor = self.room(&end.room_id).await?;
+                let user = session.user_id.clone();
+                ask(&actor, |reply| RoomMsg::End { user, reply })
+                    .await?
+                    .map_err(room_error)?;
+                Ok(ok(Empty {}))
+            }
+            ClientRequest::RoomInfo(info) => {
+                let actor = self.room(&info.room_id).await?;
+                let room = ask(&actor, |reply| RoomMsg::Info { reply }).await?;
+                Ok(ok(room))
+            }
+            ClientRequest::RoomComment(comment) => {
+                self.require_member(session, &comment.room_id)?;
+                let actor = self.room(&comment.room_id).await?;
+                let member = session.member();
+                let response = ask(&actor, |reply| RoomMsg::Comment {
+                    member,
+                    text: comment.text,
+                    reply,
+                })
+                .await?
+                .map_err(room_error)?;
+                Ok(ok(response))
+            }
+            ClientRequest::RoomReact(react) => {
+                self.require_member(session, &react.room_id)?;
+                let actor = self.room(&react.room_id).await?;
+                let member = session.member();
+                ask(&actor, |reply| RoomMsg::React {
+                    member,
+                    emoji: react.emoji,
+                    reply,
+                })
+                .await?
+                .map_err(room_error)?;
+                Ok(ok(Empty {}))
+            }
+            ClientRequest::Auth(_) | ClientRequest::Ping(_) => Err(ErrorBody::new(
+                ErrorCode::Internal,
+                "auth and ping are handled before dispatch",
+            )),
+        }
+    }
+
+    fn require_member(&self, session: &Session, room_id: &str) -> Result<(), ErrorBody> {
+        if session.with_core(|core| core.in_room(room_id)) {
+            Ok(())
+        } else {
+            Err(ErrorBody::new(
+                ErrorCode::NotInRoom,
+                format!("join room {room_id:?} first"),
+            ))
+        }
+    }
+
+    async fn room(&self, room_id: &str) -> Result<ActorRef<RoomMsg>, ErrorBody> {
+        self.node.rooms.get(room_id).await.map_err(directory_error)
+    }
+}
+
+async fn ask<T: Send + 'static>(
+    actor: &ActorRef<RoomMsg>,
+    message: impl FnOnce(RpcReplyPort<T>) -> RoomMsg,
+) -> Result<T, ErrorBody> {
+    match actor
+        .call(message, Some(Duration::from_millis(ROOM_CALL_TIMEOUT_MS)))
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(value)) => Ok(value),
+        Ok(ractor::rpc::CallResult::Timeout) => Err(ErrorBody::new(
+            ErrorCode::Unavailable,
+            "the room did not answer in time",
+        )),
+        Ok(ractor::rpc::CallResult::SenderError) | Err(_) => Err(ErrorBody::new(
+            ErrorCode::Unavailable,
+            "the room is not available (it may have ended)",
+        )),
+    }
+}
+
+fn room_error(error: RoomError) -> ErrorBody {
+    ErrorBody::new(error.code(), error.to_string())
+}
+
+fn directory_error(error: DirectoryError) -> ErrorBody {
+    let code = match &error {
+        DirectoryError::NotFound(_) => ErrorCode::RoomNotFound,
+        DirectoryError::Ended(_) => ErrorCode::RoomEnded,
+        DirectoryError::Exists(_) => ErrorCode::Internal,
+        DirectoryError::Store(_) | DirectoryError::Spawn(_) => {
+            tracing::error!(%error, "room directory failure");
+            ErrorCode::Internal
+        }
+    };
+    ErrorBody::new(code, error.to_string())
+}

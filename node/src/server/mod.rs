@@ -1,0 +1,523 @@
+//! The node server: HTTP (WebSocket `/ws`, `/ws/echo`, `/healthz`, `/metrics`) and QUIC
+//! edges, the session registry and the room directory, and orderly shutdown.
+//!
+//! Shutdown order: stop accepting, close client connections (`unavailable`, they resume
+//! elsewhere), stop room actors, flush sled, close the QUIC endpoint; each step bounded.
+
+pub mod connection;
+pub mod quic;
+pub mod session;
+pub mod ws;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chorus_actors::room::RoomConfig;
+use chorus_actors::room_actor::{unix_now_ms, RoomDirectory, RoomMsg};
+use chorus_actors::session::SessionConfig;
+use chorus_actors::store::RoomStore;
+use chorus_protocol::{ErrorCode, FrameLimits, ALPN, WS_SUBPROTOCOL};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::NodeConfig;
+use crate::token::TokenKeys;
+use session::SessionRegistry;
+
+/// How often detached sessions are checked for expiry.
+const SESSION_SWEEP_INTERVAL_MS: u64 = 1_000;
+/// Bound on each shutdown step.
+const SHUTDOWN_STEP_TIMEOUT_MS: u64 = 5_000;
+/// Message size accepted on `/ws/echo` (the Autobahn cases send up to 16 MiB).
+const ECHO_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Binding a socket failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Certificates could not be prepared.
+    #[error(transparent)]
+    Tls(#[from] chorus_cluster::tls::TlsError),
+    /// The QUIC endpoint could not be configured.
+    #[error("QUIC setup: {0}")]
+    Quic(String),
+    /// The data directory or its database could not be opened.
+    #[error("storage at {path}: {reason}")]
+    Storage {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The cause.
+        reason: String,
+    },
+    /// The metrics recorder could not be installed.
+    #[error("metrics: {0}")]
+    Metrics(String),
+}
+
+/// Shared node state.
+pub struct Node {
+    /// The configuration in force.
+    pub config: NodeConfig,
+    keys: TokenKeys,
+    rooms: RoomDirectory,
+    sessions: SessionRegistry,
+    frame_limits: FrameLimits,
+    metrics: PrometheusHandle,
+    shutdown: CancellationToken,
+    connections: AtomicUsize,
+    next_attachment: AtomicU64,
+    db: sled::Db,
+}
+
+impl Node {
+    fn next_attachment_id(&self) -> u64 {
+        self.next_attachment.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Reserves a connection slot; false if the node is full.
+    fn try_open_connection(&self) -> bool {
+        let max = self.config.limits.connections_max;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Current client connections.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+}
+
+/// A started node; [`RunningNode::shutdown`] stops it in order.
+pub struct RunningNode {
+    node: Arc<Node>,
+    tracker: TaskTracker,
+    endpoint: quinn::Endpoint,
+    /// The bound HTTP address.
+    pub http_addr: SocketAddr,
+    /// The bound QUIC address.
+    pub quic_addr: SocketAddr,
+}
+
+static METRICS: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+
+fn metrics_handle() -> Result<PrometheusHandle, ServeError> {
+    if let Some(handle) = METRICS.get() {
+        return Ok(handle.clone());
+    }
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("chorus_fanout_seconds".into()),
+            &[
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                0.1, 0.25, 1.0,
+            ],
+        )
+        .map_err(|e| ServeError::Metrics(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| ServeError::Metrics(e.to_string()))?;
+    describe_metrics();
+    Ok(METRICS.get_or_init(|| handle).clone())
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        "chorus_connections",
+        "Open client connections by transport."
+    );
+    describe_gauge!(
+        "chorus_sessions",
+        "Sessions (attached or resumable) on this node."
+    );
+    describe_gauge!("chorus_rooms_active", "Room actors running on this node.");
+    describe_counter!("chorus_frames_in_total", "Frames received from clients.");
+    describe_counter!("chorus_frames_out_total", "Frames sent to clients.");
+    describe_counter!(
+        "chorus_errors_total",
+        "Error responses sent, by error code name."
+    );
+    describe_counter!("chorus_resumes_total", "Resume attempts by outcome.");
+    describe_counter!(
+        "chorus_slow_consumer_closes_total",
+        "Connections closed because their outgoing queue filled."
+    );
+    describe_counter!(
+        "chorus_fanout_deliveries_total",
+        "Notifications handed to member sessions by room fan-out."
+    );
+    describe_histogram!(
+        "chorus_fanout_seconds",
+        Unit::Seconds,
+        "Time for a room to hand one notification to all its local members."
+    );
+    metrics::gauge!("chorus_connections", "transport" => "ws").set(0.0);
+    metrics::gauge!("chorus_connections", "transport" => "quic").set(0.0);
+    metrics::gauge!("chorus_sessions").set(0.0);
+    metrics::gauge!("chorus_rooms_active").set(0.0);
+    metrics::counter!("chorus_frames_in_total", "transport" => "ws").absolute(0);
+    metrics::counter!("chorus_frames_out_total").absolute(0);
+}
+
+/// Starts a node: binds its sockets and spawns its tasks.
+pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
+    config.validate()?;
+    let metrics = metrics_handle()?;
+    let (secret, is_dev_secret) = config.effective_secret();
+    if is_dev_secret {
+        tracing::warn!(
+            "no secret configured: using the development secret; anyone can mint tokens"
+        );
+    }
+
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|e| ServeError::Storage {
+        path: data_dir.clone(),
+        reason: e.to_string(),
+    })?;
+    let db = sled::open(data_dir.join("db")).map_err(|e| ServeError::Storage {
+        path: data_dir.clone(),
+        reason: e.to_string(),
+    })?;
+    let store = RoomStore::open(&db).map_err(|e| ServeError::Storage {
+        path: data_dir.clone(),
+        reason: e.to_string(),
+    })?;
+
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let quic_ip = config.quic_addr.ip();
+    if !quic_ip.is_unspecified() {
+        names.push(quic_ip.to_string());
+    }
+    names.extend(config.tls_names.iter().cloned());
+    names.dedup();
+    let identity = chorus_cluster::tls::ensure_node_identity(
+        &config.ca_dir(),
+        &data_dir,
+        &config.node_name,
+        &names,
+    )?;
+    let tls = chorus_cluster::tls::server_config(&identity, ALPN)?;
+    let quic_config = quic::server_config(tls).map_err(|e| ServeError::Quic(e.to_string()))?;
+    let endpoint = quinn::Endpoint::server(quic_config, config.quic_addr).map_err(|source| {
+        ServeError::Bind {
+            addr: config.quic_addr,
+            source,
+        }
+    })?;
+    let quic_addr = endpoint.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.quic_addr,
+        source,
+    })?;
+    let listener = TcpListener::bind(config.http_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.http_addr,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.http_addr,
+        source,
+    })?;
+
+    let limits = &config.limits;
+    let session_config = SessionConfig {
+        resume_window_ms: limits.resume_window_ms,
+        resume_buffer_frames_max: limits.resume_buffer_frames_max,
+        rooms_max: limits.rooms_per_session_max,
+    };
+    let frame_limits = FrameLimits {
+        frame_bytes_max: limits.frame_bytes_max,
+        ..FrameLimits::default()
+    };
+    let node = Arc::new(Node {
+        keys: TokenKeys::new(secret.as_bytes()),
+        rooms: RoomDirectory::new(store, RoomConfig::default()),
+        sessions: SessionRegistry::new(session_config, limits.sessions_max),
+        frame_limits,
+        metrics,
+        shutdown: CancellationToken::new(),
+        connections: AtomicUsize::new(0),
+        next_attachment: AtomicU64::new(1),
+        db,
+        config,
+    });
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(accept_http(node.clone(), listener, tracker.clone()));
+    tracker.spawn(accept_quic(node.clone(), endpoint.clone(), tracker.clone()));
+    tracker.spawn(sweep_sessions(node.clone()));
+    tracing::info!(%http_addr, %quic_addr, node = %node.config.node_name, "node serving");
+    Ok(RunningNode {
+        node,
+        tracker,
+        endpoint,
+        http_addr,
+        quic_addr,
+    })
+}
+
+impl RunningNode {
+    /// Shared state (for tests and admin).
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Resolves when shutdown has been requested.
+    pub async fn stopping(&self) {
+        self.node.shutdown.cancelled().await
+    }
+
+    /// Stops the node in order, each step bounded.
+    pub async fn shutdown(self) {
+        let step = Duration::from_millis(SHUTDOWN_STEP_TIMEOUT_MS);
+        tracing::info!("shutting down: closing client connections");
+        self.node.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(step, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not close in time");
+        }
+        tracing::info!("stopping rooms");
+        self.node.rooms.stop_all().await;
+        tracing::info!("flushing storage");
+        if let Err(error) = self.node.db.flush_async().await {
+            tracing::error!(%error, "storage flush failed");
+        }
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"node shutting down");
+        let _ = tokio::time::timeout(step, self.endpoint.wait_idle()).await;
+        tracing::info!("node stopped");
+    }
+}
+
+async fn sweep_sessions(node: Arc<Node>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(SESSION_SWEEP_INTERVAL_MS));
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        for session in node.sessions.take_expired(unix_now_ms()) {
+            let rooms: Vec<String> = session.with_core(|core| core.rooms().cloned().collect());
+            for room_id in rooms {
+                if let Ok(actor) = node.rooms.get(&room_id).await {
+                    let _ = actor.cast(RoomMsg::Leave {
+                        member: session.member(),
+                        reply: None,
+                    });
+                }
+            }
+            tracing::debug!(session = %session.id, "session expired");
+        }
+    }
+}
+
+async fn accept_quic(node: Arc<Node>, endpoint: quinn::Endpoint, tracker: TaskTracker) {
+    loop {
+        let incoming = tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => return,
+            },
+        };
+        let node = node.clone();
+        tracker.spawn(async move {
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    tracing::debug!(%error, "QUIC handshake failed");
+                    return;
+                }
+            };
+            if !node.try_open_connection() {
+                quic::refuse(&connection, ErrorCode::TooManyConnections, "node is full");
+                return;
+            }
+            let accepted = tokio::select! {
+                _ = node.shutdown.cancelled() => None,
+                stream = connection.accept_bi() => stream.ok(),
+                _ = tokio::time::sleep(Duration::from_millis(node.config.limits.auth_timeout_ms)) => None,
+            };
+            let Some((send, recv)) = accepted else {
+                quic::refuse(&connection, ErrorCode::Unauthenticated, "no stream opened");
+                node.connection_closed();
+                return;
+            };
+            let limits = &node.config.limits;
+            let (reader, writer) = quic::split(
+                connection,
+                send,
+                recv,
+                limits.frame_bytes_max,
+                limits.transport_message_bytes_max,
+            );
+            connection::drive(node.clone(), "quic", reader, writer).await;
+        });
+    }
+}
+
+async fn accept_http(node: Arc<Node>, listener: TcpListener, tracker: TaskTracker) {
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let conn_tracker = tracker.clone();
+        tracker.spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let node = node.clone();
+                let tracker = conn_tracker.clone();
+                async move { Ok::<_, Infallible>(route(node, tracker, request)) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "http connection ended with error");
+            }
+        });
+    }
+}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> HttpResponse {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+}
+
+fn route(node: Arc<Node>, tracker: TaskTracker, request: Request<Incoming>) -> HttpResponse {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/healthz") => {
+            if node.shutdown.is_cancelled() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            } else {
+                text(StatusCode::OK, "ok\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let mut response = text(StatusCode::OK, node.metrics.render());
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        (&Method::GET, "/ws") => upgrade(node, tracker, request, false),
+        (&Method::GET, "/ws/echo") => upgrade(node, tracker, request, true),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn upgrade(
+    node: Arc<Node>,
+    tracker: TaskTracker,
+    mut request: Request<Incoming>,
+    echo: bool,
+) -> HttpResponse {
+    let headers = request.headers();
+    let is_upgrade = headers
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = headers.get(SEC_WEBSOCKET_KEY).filter(|_| is_upgrade) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade request\n",
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let offers_subprotocol = headers
+        .get(hyper::header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|p| p.trim() == WS_SUBPROTOCOL));
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let limits = node.config.limits.clone();
+    tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                tracing::debug!(%error, "upgrade failed");
+                return;
+            }
+        };
+        let io = TokioIo::new(upgraded);
+        if echo {
+            let config = ws::config(ECHO_MESSAGE_BYTES_MAX);
+            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+            ws::echo(socket).await;
+            return;
+        }
+        let config = ws::config(limits.transport_message_bytes_max);
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        let (reader, writer) = ws::split(socket, limits.frame_bytes_max);
+        if !node.try_open_connection() {
+            use connection::TransportWriter;
+            let code = ErrorCode::TooManyConnections;
+            writer
+                .close(Some((code.close_code(), "node is full".to_string())))
+                .await;
+            return;
+        }
+        connection::drive(node, "ws", reader, writer).await;
+    });
+    let mut response = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+    let headers = response.headers_mut();
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(value) = HeaderValue::from_str(&accept) {
+        headers.insert(SEC_WEBSOCKET_ACCEPT, value);
+    }
+    if offers_subprotocol {
+        headers.insert(
+            hyper::header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(WS_SUBPROTOCOL),
+        );
+    }
+    response
+}

@@ -1,0 +1,126 @@
+//! QUIC transport (quinn): one bidirectional stream per connection carrying 4-byte
+//! big-endian length-prefixed MessagePack frames. Datagrams are enabled for voice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use chorus_protocol::{Encoding, ErrorCode};
+
+use super::connection::{Inbound, TransportReader, TransportWriter};
+
+/// QUIC idle timeout: a peer silent for this long is gone.
+pub const IDLE_TIMEOUT_MS: u32 = 30_000;
+/// Keep-alive interval, well under the idle timeout.
+pub const KEEP_ALIVE_MS: u64 = 10_000;
+/// Time to wait for the peer to acknowledge the last frames before closing.
+const CLOSE_LINGER_MS: u64 = 1_000;
+
+/// Builds the transport config shared by client-facing endpoints.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(VarInt::from_u32(IDLE_TIMEOUT_MS).into()));
+    transport.keep_alive_interval(Some(Duration::from_millis(KEEP_ALIVE_MS)));
+    // One control stream per client; a second is refused by flow control.
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    transport.max_concurrent_uni_streams(VarInt::from_u32(0));
+    transport.datagram_receive_buffer_size(Some(64 * 1024));
+    transport
+}
+
+fn codec(transport_message_bytes_max: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .big_endian()
+        .max_frame_length(transport_message_bytes_max)
+        .new_codec()
+}
+
+/// Reading half.
+pub struct QuicReader {
+    frames: FramedRead<RecvStream, LengthDelimitedCodec>,
+    frame_bytes_max: usize,
+}
+
+/// Writing half.
+pub struct QuicWriter {
+    frames: FramedWrite<SendStream, LengthDelimitedCodec>,
+    connection: quinn::Connection,
+}
+
+/// Wraps an accepted stream pair.
+pub fn split(
+    connection: quinn::Connection,
+    send: SendStream,
+    recv: RecvStream,
+    frame_bytes_max: usize,
+    transport_message_bytes_max: usize,
+) -> (QuicReader, QuicWriter) {
+    (
+        QuicReader {
+            frames: FramedRead::new(recv, codec(transport_message_bytes_max)),
+            frame_bytes_max,
+        },
+        QuicWriter {
+            frames: FramedWrite::new(send, codec(transport_message_bytes_max)),
+            connection,
+        },
+    )
+}
+
+impl TransportReader for QuicReader {
+    async fn next(&mut self) -> Option<Result<Inbound, String>> {
+        match self.frames.next().await? {
+            Ok(frame) if frame.len() > self.frame_bytes_max => {
+                Some(Ok(Inbound::TooLarge(frame.len())))
+            }
+            Ok(frame) => Some(Ok(Inbound::Frame(Encoding::MsgPack, frame.freeze()))),
+            Err(error) => Some(Err(error.to_string())),
+        }
+    }
+}
+
+impl TransportWriter for QuicWriter {
+    async fn feed(&mut self, frame: Bytes, _encoding: Encoding) -> Result<(), String> {
+        self.frames.feed(frame).await.map_err(|e| e.to_string())
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        SinkExt::<Bytes>::flush(&mut self.frames)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn close(mut self, reason: Option<(u16, String)>) {
+        let _ = SinkExt::<Bytes>::flush(&mut self.frames).await;
+        let send = self.frames.get_mut();
+        let _ = send.finish();
+        // Let the last frames (an error response, say) reach the peer before closing.
+        let _ = tokio::time::timeout(Duration::from_millis(CLOSE_LINGER_MS), send.stopped()).await;
+        let (code, reason) = reason.unwrap_or((0, String::new()));
+        self.connection
+            .close(VarInt::from_u32(code as u32), reason.as_bytes());
+    }
+}
+
+/// Closes a connection that could not be served (e.g. too many connections).
+pub fn refuse(connection: &quinn::Connection, code: ErrorCode, reason: &str) {
+    connection.close(
+        VarInt::from_u32(code.close_code() as u32),
+        reason.as_bytes(),
+    );
+}
+
+/// Builds a server endpoint config from a rustls server config.
+pub fn server_config(
+    tls: rustls::ServerConfig,
+) -> Result<quinn::ServerConfig, Box<dyn std::error::Error + Send + Sync>> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}

@@ -1,0 +1,283 @@
+//! Sessions on this node: the resumable part of a client, and its link to the attached
+//! connection's outgoing queue.
+//!
+//! A [`Session`] wraps a [`SessionCore`] under a mutex. Rooms deliver notifications to it
+//! ([`MemberSink`]); it assigns the sequence number, buffers the notification for resume
+//! and, if a connection is attached, queues it there. Sequence assignment and queueing
+//! happen under one lock, so a resume sees a consistent cut: everything up to `last_seq`
+//! is replayed, everything after goes to the new queue.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use chorus_actors::room_actor::{Member, MemberSink};
+use chorus_actors::session::{ResumeRefusal, SessionConfig, SessionCore};
+use chorus_protocol::{EncodedBody, ErrorCode};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// One frame waiting in a connection's outgoing queue.
+#[derive(Debug)]
+pub enum OutFrame {
+    /// A notification, framed by the writer in the connection's encoding.
+    Notification(u64, Arc<EncodedBody>),
+    /// An already encoded frame (response, server ping).
+    Encoded(Bytes),
+    /// Flush what is queued, then close with this code and reason.
+    Close(ErrorCode, String),
+}
+
+/// Why and how a connection must close immediately (queue overflow, takeover, shutdown).
+#[derive(Debug, Default)]
+pub struct CloseSignal {
+    token: CancellationToken,
+    reason: Mutex<Option<(ErrorCode, String)>>,
+}
+
+impl CloseSignal {
+    /// Requests an immediate close; the first reason wins.
+    pub fn close(&self, code: ErrorCode, reason: impl Into<String>) {
+        if let Ok(mut slot) = self.reason.lock() {
+            if slot.is_none() {
+                *slot = Some((code, reason.into()));
+            }
+        }
+        self.token.cancel();
+    }
+
+    /// Resolves when a close was requested.
+    pub async fn requested(&self) {
+        self.token.cancelled().await
+    }
+
+    /// Whether a close was requested.
+    pub fn is_requested(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// The close reason, if any.
+    pub fn reason(&self) -> Option<(ErrorCode, String)> {
+        self.reason.lock().ok().and_then(|slot| slot.clone())
+    }
+}
+
+/// The sending side of one connection's bounded outgoing queue.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// Identifies the connection (attachment) on this node.
+    pub attachment: u64,
+    tx: mpsc::Sender<OutFrame>,
+    close: Arc<CloseSignal>,
+}
+
+impl Outbound {
+    /// A queue of `capacity` frames; returns the receiving end for the writer.
+    pub fn new(
+        attachment: u64,
+        capacity: usize,
+        close: Arc<CloseSignal>,
+    ) -> (Self, mpsc::Receiver<OutFrame>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            Outbound {
+                attachment,
+                tx,
+                close,
+            },
+            rx,
+        )
+    }
+
+    /// Queues a frame without waiting. A full queue means the client does not keep up: the
+    /// connection is closed as a slow consumer (it may resume and catch up from the buffer).
+    pub fn push(&self, frame: OutFrame) -> bool {
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("chorus_slow_consumer_closes_total").increment(1);
+                self.close.close(
+                    ErrorCode::SlowConsumer,
+                    "outgoing queue full: client too slow",
+                );
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// The connection's close signal.
+    pub fn close_signal(&self) -> &Arc<CloseSignal> {
+        &self.close
+    }
+}
+
+struct SessionInner {
+    core: SessionCore<Arc<EncodedBody>>,
+    outbound: Option<Outbound>,
+}
+
+/// A client session on this node.
+pub struct Session {
+    /// The id clients resume with.
+    pub id: String,
+    /// The authenticated user.
+    pub user_id: String,
+    key: u64,
+    inner: Mutex<SessionInner>,
+}
+
+impl Session {
+    fn lock(&self) -> MutexGuard<'_, SessionInner> {
+        // A poisoned lock means a panic while holding it; the data is still consistent for
+        // our purposes (each operation is a few field updates), so keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The member handle rooms use for this session.
+    pub fn member(self: &Arc<Self>) -> Member {
+        Member::new(self.key, self.clone() as Arc<dyn MemberSink>)
+    }
+
+    /// Runs `f` on the core.
+    pub fn with_core<T>(&self, f: impl FnOnce(&mut SessionCore<Arc<EncodedBody>>) -> T) -> T {
+        f(&mut self.lock().core)
+    }
+
+    /// The connection `attachment` closed at `now_ms`.
+    pub fn detach(&self, now_ms: u64, attachment: u64) {
+        let mut inner = self.lock();
+        inner.core.handle_detach(now_ms, attachment);
+        if inner.outbound.as_ref().map(|o| o.attachment) == Some(attachment) {
+            inner.outbound = None;
+        }
+    }
+
+    /// Attaches `outbound` after replaying what the client missed since `last_seq`. The
+    /// auth response is queued first. A previous connection is closed.
+    pub fn resume(
+        &self,
+        now_ms: u64,
+        last_seq: u64,
+        outbound: Outbound,
+        auth_response: impl FnOnce(u64) -> Bytes,
+    ) -> Result<usize, ResumeRefusal> {
+        let mut inner = self.lock();
+        let replay = inner
+            .core
+            .handle_resume(now_ms, outbound.attachment, last_seq)?;
+        outbound.push(OutFrame::Encoded(auth_response(inner.core.last_seq())));
+        let count = replay.len();
+        for (seq, body) in replay {
+            outbound.push(OutFrame::Notification(seq, body));
+        }
+        if let Some(previous) = inner.outbound.replace(outbound) {
+            previous.close.close(
+                ErrorCode::ResumeFailed,
+                "session resumed on another connection",
+            );
+        }
+        Ok(count)
+    }
+}
+
+impl MemberSink for Session {
+    fn deliver(&self, body: &Arc<EncodedBody>) {
+        let mut inner = self.lock();
+        let seq = inner.core.handle_notification(body.clone());
+        if let Some(outbound) = &inner.outbound {
+            outbound.push(OutFrame::Notification(seq, body.clone()));
+        }
+    }
+
+    fn removed_from_room(&self, room_id: &str) {
+        self.lock().core.handle_room_left(room_id);
+    }
+}
+
+/// All sessions on this node, by id.
+pub struct SessionRegistry {
+    config: SessionConfig,
+    sessions_max: usize,
+    next_key: AtomicU64,
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+}
+
+impl SessionRegistry {
+    /// An empty registry.
+    pub fn new(config: SessionConfig, sessions_max: usize) -> Self {
+        SessionRegistry {
+            config,
+            sessions_max,
+            next_key: AtomicU64::new(1),
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates a session for `user_id` attached to `outbound`, queueing the auth response
+    /// first. `None` if the node holds `sessions_max` sessions already.
+    pub fn create(
+        &self,
+        user_id: &str,
+        outbound: Outbound,
+        auth_response: impl FnOnce(&str) -> Bytes,
+    ) -> Option<Arc<Session>> {
+        let mut map = self.map();
+        if map.len() >= self.sessions_max {
+            return None;
+        }
+        let id = random_id("s-");
+        outbound.push(OutFrame::Encoded(auth_response(&id)));
+        let session = Arc::new(Session {
+            id: id.clone(),
+            user_id: user_id.to_string(),
+            key: self.next_key.fetch_add(1, Ordering::Relaxed),
+            inner: Mutex::new(SessionInner {
+                core: SessionCore::new(self.config, outbound.attachment),
+                outbound: Some(outbound),
+            }),
+        });
+        map.insert(id, session.clone());
+        metrics::gauge!("chorus_sessions").set(map.len() as f64);
+        Some(session)
+    }
+
+    /// Looks a session up.
+    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+        self.map().get(id).cloned()
+    }
+
+    /// Removes and returns sessions detached for longer than the resume window.
+    pub fn take_expired(&self, now_ms: u64) -> Vec<Arc<Session>> {
+        let mut map = self.map();
+        let expired: Vec<String> = map
+            .iter()
+            .filter(|(_, s)| s.with_core(|core| core.is_expired(now_ms)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let taken = expired.iter().filter_map(|id| map.remove(id)).collect();
+        metrics::gauge!("chorus_sessions").set(map.len() as f64);
+        taken
+    }
+
+    /// Number of sessions.
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Whether there are no sessions.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A random identifier with a prefix: 128 bits, hex.
+pub fn random_id(prefix: &str) -> String {
+    let value: u128 = rand::random();
+    format!("{prefix}{value:032x}")
+}

@@ -1,1 +1,0 @@
-//! System-level tests and benchmarks for Chorus live in `tests/` and `benches/`.
