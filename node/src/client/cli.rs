@@ -15,7 +15,7 @@ use chorus_protocol::{
 };
 use serde::Serialize;
 
-use super::{Client, ClientConfig, ClientEvent};
+use super::{Client, ClientConfig, ClientError, ClientEvent};
 use crate::config::DEV_SECRET;
 use crate::token::{unix_now_secs, TokenKeys};
 
@@ -124,9 +124,17 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         Encoding::MsgPack
     };
     config.request_timeout_ms = args.timeout_ms;
-    let mut client = Client::connect(config)
-        .await
-        .with_context(|| format!("cannot connect to {}", args.urls.join(", ")))?;
+    let mut client = match Client::connect(config).await {
+        Ok(client) => client,
+        // These name the URL already.
+        Err(e @ (ClientError::Connect { .. } | ClientError::InvalidUrl { .. })) => {
+            return Err(e.into())
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("cannot connect to {}", args.urls.join(", "))))
+        }
+    };
     let result = execute(&mut client, args.command).await;
     client.close().await;
     // Events that arrived before the close.

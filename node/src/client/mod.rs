@@ -23,7 +23,7 @@
 
 mod backoff;
 pub mod cli;
-mod connection;
+pub mod connection;
 mod driver;
 mod error;
 
