@@ -53,6 +53,10 @@ const QUIC_READ_CHUNK_BYTES: usize = 64 * 1024;
 /// How long [`Connection::close`] waits for the peer's side of the close handshake.
 const CLOSE_HANDSHAKE_MS: u64 = 1000;
 
+/// How long a QUIC connection whose stream the server finished waits for the server's
+/// connection close (which carries the close code).
+const STREAM_END_CLOSE_WAIT_MS: u64 = 1000;
+
 /// Default QUIC port when a `quic://` URL names none.
 pub const QUIC_PORT_DEFAULT: u16 = 7071;
 
@@ -629,7 +633,18 @@ impl Connection {
                 }
                 match q.recv.read_chunk(QUIC_READ_CHUNK_BYTES, true).await {
                     Ok(Some(chunk)) => q.buffer.extend_from_slice(&chunk.bytes),
-                    Ok(None) => return Wire::Closed(None, "server finished the stream".into()),
+                    Ok(None) => {
+                        // A server finishes the stream before closing the connection (so
+                        // its last frames flush): wait briefly for the close and its code.
+                        let wait = Duration::from_millis(STREAM_END_CLOSE_WAIT_MS);
+                        return match tokio::time::timeout(wait, q.connection.closed()).await {
+                            Ok(error) => {
+                                let (code, reason) = connection_error_status(&error);
+                                Wire::Closed(code, reason)
+                            }
+                            Err(_) => Wire::Closed(None, "server finished the stream".into()),
+                        };
+                    }
                     Err(quinn::ReadError::ConnectionLost(e)) => {
                         let (code, reason) = connection_error_status(&e);
                         return Wire::Closed(code, reason);
