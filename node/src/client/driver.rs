@@ -195,9 +195,13 @@ impl Driver {
 
     /// Serves the current connection until it ends.
     async fn serve(&mut self) -> End {
+        let silence_limit = self.silence_limit();
         let mut last_frame_at = Instant::now();
+        // One timer per connection, moved on only when it fires: frames do not touch it.
+        let silence =
+            tokio::time::sleep(silence_limit.unwrap_or(Duration::from_secs(365 * 86_400)));
+        tokio::pin!(silence);
         loop {
-            let silence_deadline = self.silence_deadline(last_frame_at);
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return End::Cancelled,
@@ -228,19 +232,25 @@ impl Driver {
                     // Every handle is gone: nobody can observe anything any more.
                     None => return End::Cancelled,
                 },
-                _ = sleep_until_opt(silence_deadline) => {
-                    let silent_ms = last_frame_at.elapsed().as_millis();
+                _ = &mut silence, if silence_limit.is_some() => {
+                    let limit = silence_limit.unwrap_or_default();
+                    let deadline = last_frame_at + limit;
+                    if Instant::now() < deadline {
+                        silence.as_mut().reset(deadline);
+                        continue;
+                    }
                     self.connection.close(CLOSE_NORMAL, "server silent").await;
                     return End::Lost {
                         code: None,
-                        reason: format!("no frame from the server for {silent_ms} ms"),
+                        reason: format!("no frame from the server for {} ms", limit.as_millis()),
                     };
                 }
             }
         }
     }
 
-    fn silence_deadline(&self, last_frame_at: Instant) -> Option<Instant> {
+    /// How long the server may stay silent (it pings every interval), if it pings at all.
+    fn silence_limit(&self) -> Option<Duration> {
         if self.ping_interval_ms == 0 {
             return None;
         }
@@ -248,7 +258,7 @@ impl Driver {
             .ping_interval_ms
             .saturating_mul(SILENCE_HALF_PING_INTERVALS)
             / 2;
-        Some(last_frame_at + Duration::from_millis(silence_ms))
+        Some(Duration::from_millis(silence_ms))
     }
 
     /// Handles one frame; returns `Some` if the connection must end.
@@ -531,13 +541,6 @@ impl Driver {
     pub(super) fn with_ping_interval(mut self, ping_interval_ms: u64) -> Self {
         self.ping_interval_ms = ping_interval_ms;
         self
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -120,6 +120,18 @@ impl ServerSide {
         outcome: ResumeOutcome,
         notification_seq: u64,
     ) -> AuthRequest {
+        self.accept_auth_pinging(session_id, outcome, notification_seq, 30_000)
+            .await
+    }
+
+    /// Like `accept_auth`, announcing a ping interval.
+    async fn accept_auth_pinging(
+        &mut self,
+        session_id: &str,
+        outcome: ResumeOutcome,
+        notification_seq: u64,
+        ping_interval_ms: u64,
+    ) -> AuthRequest {
         let request = self.recv_request().await;
         assert_eq!(request.kind, "auth");
         let auth: AuthRequest = request.body.decode("auth").expect("auth body");
@@ -132,7 +144,7 @@ impl ServerSide {
                 resume: outcome,
                 notification_seq,
                 node: "mock".into(),
-                ping_interval_ms: 30_000,
+                ping_interval_ms,
                 resume_window_ms: 60_000,
             },
         )
@@ -441,6 +453,44 @@ async fn next_event_or_none(client: &mut Client) -> Option<ClientEvent> {
     tokio::time::timeout(STEP, client.next_event())
         .await
         .expect("end of events in time")
+}
+
+#[tokio::test]
+async fn a_server_that_stops_pinging_is_treated_as_gone() {
+    let (url, mut server) = mock_server().await;
+    let (client, side) = tokio::join!(Client::connect(fast_config(&url)), async {
+        let mut side = server.recv().await.expect("connection");
+        side.accept_auth_pinging("s1", ResumeOutcome::New, 0, 100)
+            .await;
+        side
+    });
+    let mut client = client.expect("connected");
+    let mut side = side;
+    // Pings keep it alive...
+    for seq in 1..=4 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        side.send(encode_request(Encoding::MsgPack, seq, "ping", &PingRequest {}).expect("encode"))
+            .await;
+        assert_eq!(side.recv_response().await.seq, seq);
+    }
+    assert!(client.try_next_event().is_none(), "still connected");
+    // ...silence does not: 2.5 intervals later the client gives up on this connection.
+    let started = std::time::Instant::now();
+    match next_event(&mut client).await {
+        ClientEvent::Disconnected { code: None, reason } => {
+            assert!(reason.contains("no frame from the server"), "{reason}")
+        }
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // And it reconnects to resume.
+    let mut again = tokio::time::timeout(STEP, server.recv())
+        .await
+        .expect("reconnect in time")
+        .expect("connection");
+    let auth = again.accept_auth("s1", ResumeOutcome::Resumed, 0).await;
+    assert!(auth.resume.is_some());
+    drop(side);
 }
 
 #[tokio::test]
