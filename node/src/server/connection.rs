@@ -147,11 +147,15 @@ pub async fn drive<R: TransportReader, W: TransportWriter>(
     }
     // Dropping the last sender lets the writer finish the queue and close normally.
     drop(conn);
-    if tokio::time::timeout(Duration::from_millis(WRITER_DRAIN_TIMEOUT_MS), writer_task)
+    let mut writer_task = writer_task;
+    if tokio::time::timeout(Duration::from_millis(WRITER_DRAIN_TIMEOUT_MS), &mut writer_task)
         .await
         .is_err()
     {
-        tracing::debug!(transport, "writer did not drain in time");
+        // A peer that does not read (slow consumer) would pin the writer on a full socket:
+        // abort it, which drops the socket.
+        tracing::debug!(transport, "writer did not drain in time; dropping the transport");
+        writer_task.abort();
     }
     metrics::gauge!("chorus_connections", "transport" => transport).decrement(1.0);
     node.connection_closed();
