@@ -26,6 +26,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print a client token (JWT, HS256) for development.
     Token(TokenArgs),
+    /// Act as a client: create-room, join, say, react, leave, info, end.
+    Client(crate::client::cli::ClientArgs),
+    /// Generate load: listeners and senders in one room; prints delivery latency.
+    Loadgen(crate::loadgen::LoadgenArgs),
 }
 
 /// `chorus serve` flags; each overrides the config file, which overrides the defaults.
@@ -216,6 +220,11 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Token(args) => token(args),
+            Command::Client(args) => crate::client::cli::run(args).await,
+            Command::Loadgen(args) => {
+                init_tracing(false);
+                crate::loadgen::run(args).await
+            }
         }
     });
     match result {

@@ -1,0 +1,366 @@
+//! `chorus client`: a scriptable client for every user action.
+//!
+//! Every response and every received event is printed as one JSON line on stdout
+//! (events as `{"seq":…,"kind":…,"body":{…}}`, see [`ClientEvent::to_json`]); errors go
+//! to stderr and the command exits non-zero. Each invocation is one connection (one
+//! session), so commands that need membership (`say`, `react`) join first.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chorus_protocol::{
+    Encoding, Event, ResumeOutcome, RoomCommentRequest, RoomCreateRequest, RoomEndRequest,
+    RoomInfoRequest, RoomLeaveRequest, RoomReactRequest, RoomRef,
+};
+use serde::Serialize;
+
+use super::{Client, ClientConfig, ClientEvent};
+use crate::config::DEV_SECRET;
+use crate::token::{unix_now_secs, TokenKeys};
+
+/// Lifetime of tokens minted with `--user`, in seconds.
+pub const MINTED_TOKEN_TTL_SECS: u64 = 3600;
+
+/// Longest `join --for`, in seconds (one day): every run is bounded.
+pub const JOIN_FOR_SECS_MAX: u64 = 86_400;
+
+/// Options of `chorus client`.
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    /// Server URL: `ws://HOST:PORT/ws` or `quic://HOST:PORT`. Repeat to give fallbacks
+    /// that reconnects try in turn.
+    #[arg(long = "url", default_value = "ws://127.0.0.1:7070/ws")]
+    pub urls: Vec<String>,
+    /// A token (JWT) to authenticate with.
+    #[arg(long, conflicts_with = "user", required_unless_present = "user")]
+    pub token: Option<String>,
+    /// Mint a development token for this user id locally (with `--secret`).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Secret used to mint the `--user` token.
+    #[arg(long, env = "CHORUS_SECRET", default_value = DEV_SECRET, hide_env_values = true, hide_default_value = true)]
+    pub secret: String,
+    /// CA certificate (PEM) trusted for QUIC.
+    #[arg(long, default_value = "./chorus-data/ca.pem")]
+    pub ca: PathBuf,
+    /// Use JSON text frames on WebSocket instead of MessagePack binary frames.
+    #[arg(long)]
+    pub json_text: bool,
+    /// How long to wait for each response, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ClientCommand,
+}
+
+/// The actions of `chorus client`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ClientCommand {
+    /// Create a room; prints `{"room_id": …, "room": {…}}`.
+    CreateRoom {
+        /// Room title (1-200 characters).
+        title: String,
+        /// Scheduled start, milliseconds since the Unix epoch (default: live now).
+        #[arg(long)]
+        scheduled_start_ms: Option<u64>,
+    },
+    /// Join a room, print the join response, then every event until `--for` elapses
+    /// (default: until Ctrl-C or end of standard input), then leave.
+    Join {
+        /// Room id.
+        room: String,
+        /// Seconds to stay in the room.
+        #[arg(long = "for")]
+        for_secs: Option<f64>,
+    },
+    /// Join a room (this is a new session) and post a comment.
+    Say {
+        /// Room id.
+        room: String,
+        /// Comment text (1-500 characters).
+        text: String,
+    },
+    /// Join a room and send a reaction.
+    React {
+        /// Room id.
+        room: String,
+        /// One emoji.
+        emoji: String,
+    },
+    /// Leave a room.
+    Leave {
+        /// Room id.
+        room: String,
+    },
+    /// Show a room.
+    Info {
+        /// Room id.
+        room: String,
+    },
+    /// End a room (host only).
+    End {
+        /// Room id.
+        room: String,
+    },
+}
+
+/// Runs `chorus client`.
+pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
+    let token = match (&args.token, &args.user) {
+        (Some(token), _) => token.clone(),
+        (None, Some(user)) => TokenKeys::new(args.secret.as_bytes())
+            .mint(user, &[], unix_now_secs(), MINTED_TOKEN_TTL_SECS)
+            .context("cannot mint a token for --user")?,
+        (None, None) => anyhow::bail!("give --token or --user"),
+    };
+    let mut config = ClientConfig::new(String::new(), token);
+    config.urls = args.urls.clone();
+    config.ca_path = Some(args.ca.clone());
+    config.encoding = if args.json_text {
+        Encoding::Json
+    } else {
+        Encoding::MsgPack
+    };
+    config.request_timeout_ms = args.timeout_ms;
+    let mut client = Client::connect(config)
+        .await
+        .with_context(|| format!("cannot connect to {}", args.urls.join(", ")))?;
+    let result = execute(&mut client, args.command).await;
+    client.close().await;
+    // Events that arrived before the close.
+    while let Some(event) = client.try_next_event() {
+        print_event(&event);
+    }
+    result
+}
+
+async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<()> {
+    match command {
+        ClientCommand::CreateRoom {
+            title,
+            scheduled_start_ms,
+        } => {
+            let response = client
+                .request(RoomCreateRequest {
+                    title,
+                    scheduled_start_ms,
+                })
+                .await
+                .context("room.create failed")?;
+            print_json(&response);
+        }
+        ClientCommand::Join { room, for_secs } => join(client, room, for_secs).await?,
+        ClientCommand::Say { room, text } => {
+            join_once(client, &room).await?;
+            let response = client
+                .request(RoomCommentRequest {
+                    room_id: room,
+                    text,
+                })
+                .await
+                .context("room.comment failed")?;
+            print_json(&response);
+            print_buffered(client);
+        }
+        ClientCommand::React { room, emoji } => {
+            join_once(client, &room).await?;
+            let response = client
+                .request(RoomReactRequest {
+                    room_id: room,
+                    emoji,
+                })
+                .await
+                .context("room.react failed")?;
+            print_json(&response);
+            print_buffered(client);
+        }
+        ClientCommand::Leave { room } => {
+            let response = client
+                .request(RoomLeaveRequest { room_id: room })
+                .await
+                .context("room.leave failed")?;
+            print_json(&response);
+        }
+        ClientCommand::Info { room } => {
+            let response = client
+                .request(RoomInfoRequest { room_id: room })
+                .await
+                .context("room.info failed")?;
+            print_json(&response);
+        }
+        ClientCommand::End { room } => {
+            join_once(client, &room).await?;
+            let response = client
+                .request(RoomEndRequest { room_id: room })
+                .await
+                .context("room.end failed")?;
+            print_json(&response);
+            print_buffered(client);
+        }
+    }
+    Ok(())
+}
+
+async fn join_once(client: &mut Client, room: &str) -> anyhow::Result<()> {
+    let response = client
+        .request(RoomRef {
+            room_id: room.to_string(),
+        })
+        .await
+        .with_context(|| format!("room.join {room} failed"))?;
+    print_json(&response);
+    Ok(())
+}
+
+/// `join`: stay in the room, printing events, until the time is up, Ctrl-C, end of
+/// standard input (only without `--for`), or the client closes.
+async fn join(client: &mut Client, room: String, for_secs: Option<f64>) -> anyhow::Result<()> {
+    let stay = match for_secs {
+        Some(secs) if secs.is_finite() && secs >= 0.0 => {
+            Some(Duration::from_secs_f64(secs.min(JOIN_FOR_SECS_MAX as f64)))
+        }
+        Some(secs) => anyhow::bail!("--for must be a non-negative number of seconds, not {secs}"),
+        None => None,
+    };
+    join_once(client, &room).await?;
+    let deadline =
+        tokio::time::Instant::now() + stay.unwrap_or(Duration::from_secs(JOIN_FOR_SECS_MAX));
+    let mut stdin_closed = match stay {
+        Some(_) => None,
+        None => Some(stdin_eof()),
+    };
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut failure = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = &mut ctrl_c => break,
+            _ = async {
+                match stdin_closed.as_mut() {
+                    Some(rx) => { let _ = rx.await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => break,
+            event = client.next_event() => {
+                let Some(event) = event else { break };
+                print_event(&event);
+                match &event {
+                    ClientEvent::Reconnected { outcome: ResumeOutcome::Resync } => {
+                        // A new session is in no room: join again.
+                        join_once(client, &room).await?;
+                    }
+                    ClientEvent::Notification { event: Event::RoomEnded(ended), .. }
+                        if ended.room_id == room => return Ok(()),
+                    ClientEvent::Closed { code, reason } => {
+                        failure = Some(anyhow::anyhow!(
+                            "connection closed (code {code:?}): {reason}"
+                        ));
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    stdin_closed.take();
+    let response = client
+        .request(RoomLeaveRequest { room_id: room })
+        .await
+        .context("room.leave failed")?;
+    print_json(&response);
+    Ok(())
+}
+
+/// Resolves when standard input reaches its end. A plain thread, not tokio's stdin: a
+/// blocking read there would hold up runtime shutdown.
+fn stdin_eof() -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 4096];
+        // Input is discarded; only its end matters.
+        while let Ok(1..) = std::io::Read::read(&mut stdin, &mut buf) {}
+        let _ = tx.send(());
+    });
+    rx
+}
+
+fn print_buffered(client: &mut Client) {
+    while let Some(event) = client.try_next_event() {
+        print_event(&event);
+    }
+}
+
+fn print_event(event: &ClientEvent) {
+    println!("{}", event.to_json());
+}
+
+fn print_json<T: Serialize>(value: &T) {
+    match serde_json::to_string(value) {
+        Ok(line) => println!("{line}"),
+        Err(e) => eprintln!("cannot print response as JSON: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ClientArgs,
+    }
+
+    #[test]
+    fn join_with_user_and_duration_parses() {
+        let cli = Cli::try_parse_from([
+            "client",
+            "--url",
+            "quic://127.0.0.1:7071",
+            "--user",
+            "alice",
+            "join",
+            "r-1",
+            "--for",
+            "2.5",
+        ])
+        .expect("parses");
+        assert_eq!(cli.args.urls, vec!["quic://127.0.0.1:7071".to_string()]);
+        assert_eq!(cli.args.user.as_deref(), Some("alice"));
+        assert!(matches!(
+            cli.args.command,
+            ClientCommand::Join { ref room, for_secs: Some(s) } if room == "r-1" && s == 2.5
+        ));
+    }
+
+    #[test]
+    fn token_and_user_conflict_and_one_is_required() {
+        assert!(
+            Cli::try_parse_from(["client", "--token", "t", "--user", "u", "info", "r"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["client", "info", "r"]).is_err());
+        let cli = Cli::try_parse_from([
+            "client",
+            "--token",
+            "t",
+            "create-room",
+            "Hello",
+            "--scheduled-start-ms",
+            "5",
+        ])
+        .expect("parses");
+        assert!(matches!(
+            cli.args.command,
+            ClientCommand::CreateRoom { ref title, scheduled_start_ms: Some(5) } if title == "Hello"
+        ));
+    }
+}

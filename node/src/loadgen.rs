@@ -1,0 +1,815 @@
+//! `chorus loadgen`: many virtual clients in one room, measuring comment delivery.
+//!
+//! N listeners join one room (ramped at `--connect-rate`), then M senders post comments at
+//! `--rate` per second each for `--duration` seconds. Each comment's text carries its send
+//! time in microseconds since the epoch, so every listener measures delivery latency on
+//! receipt (same machine, same clock). Latencies go into sharded HDR histograms; counters
+//! into atomics. Progress is printed on stderr once per second; the final report on stdout
+//! and, with `--json FILE`, as JSON.
+//!
+//! Every loop is bounded by a count and a deadline: the ramp by N, sending by the
+//! duration, the drain by `--drain-secs`, shutdown by [`SHUTDOWN_WAIT_SECS`].
+//!
+//! Open files: every connection is one socket (WebSocket) and the process needs a few
+//! more. At start the soft `RLIMIT_NOFILE` is raised to the hard limit; with the usual hard
+//! limit of 20,000 (or more), 10,000 listeners fit in one process. If the hard limit is
+//! lower, raise it (`ulimit -Hn` as root) or split the load over several processes.
+//! QUIC clients share one UDP socket per [`QUIC_CLIENTS_PER_ENDPOINT`] connections.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chorus_protocol::{Encoding, Event, RoomCommentRequest, RoomCreateRequest, RoomRef};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::client::{
+    client_endpoint, Client, ClientConfig, ClientError, ClientEvent, ReconnectPolicy, ServerUrl,
+    TransportKind,
+};
+use crate::config::DEV_SECRET;
+use crate::token::{unix_now_secs, TokenKeys};
+
+/// Most listeners one run may start.
+pub const LISTENERS_MAX: u32 = 100_000;
+/// Most senders one run may start.
+pub const SENDERS_MAX: u32 = 1_000;
+/// Highest comment rate per sender, per second.
+pub const RATE_PER_SEC_MAX: f64 = 1_000.0;
+/// Longest run, in seconds.
+pub const DURATION_SECS_MAX: u64 = 86_400;
+/// QUIC connections per shared client endpoint (UDP socket).
+pub const QUIC_CLIENTS_PER_ENDPOINT: usize = 500;
+/// How long stopped tasks get to close their connections.
+pub const SHUTDOWN_WAIT_SECS: u64 = 10;
+/// Latency histogram shards (listeners record into `index % shards`).
+const HISTOGRAM_SHARDS: usize = 16;
+/// Highest latency the histograms track, in microseconds (60 s); larger values saturate.
+const LATENCY_US_MAX: u64 = 60_000_000;
+/// Prefix of every load-generator comment: `lg RUN SENDER N SENT_US`.
+const COMMENT_PREFIX: &str = "lg";
+
+/// Options of `chorus loadgen`.
+#[derive(Debug, clap::Args)]
+pub struct LoadgenArgs {
+    /// Server URL: `ws://HOST:PORT/ws` or `quic://HOST:PORT`.
+    #[arg(long, default_value = "ws://127.0.0.1:7070/ws")]
+    pub url: String,
+    /// CA certificate (PEM) trusted for QUIC.
+    #[arg(long, default_value = "./chorus-data/ca.pem")]
+    pub ca: PathBuf,
+    /// Secret to mint the virtual users' tokens with.
+    #[arg(long, env = "CHORUS_SECRET", default_value = DEV_SECRET, hide_env_values = true, hide_default_value = true)]
+    pub secret: String,
+    /// Listening clients (each its own user and connection).
+    #[arg(long, default_value_t = 100)]
+    pub listeners: u32,
+    /// Commenting clients. The server limits each user to 5 comments/s (burst 10).
+    #[arg(long, default_value_t = 1)]
+    pub senders: u32,
+    /// Comments per second per sender.
+    #[arg(long, default_value_t = 2.0)]
+    pub rate: f64,
+    /// Seconds of sending, after all listeners have joined.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// New listener connections per second during the ramp.
+    #[arg(long, default_value_t = 500.0)]
+    pub connect_rate: f64,
+    /// Room to use (default: create one).
+    #[arg(long)]
+    pub room: Option<String>,
+    /// Write the final report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Use JSON text frames on WebSocket instead of MessagePack.
+    #[arg(long)]
+    pub json_text: bool,
+    /// Seconds to wait after sending stops for deliveries still in flight.
+    #[arg(long, default_value_t = 5)]
+    pub drain_secs: u64,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyReport {
+    /// Samples recorded.
+    pub samples: u64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+    /// Mean.
+    pub mean_ms: f64,
+}
+
+/// The final report (also the `--json` file).
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadgenReport {
+    /// Server URL.
+    pub url: String,
+    /// `websocket` or `quic`.
+    pub transport: String,
+    /// Room used.
+    pub room_id: String,
+    /// Listeners asked for.
+    pub listeners_target: u32,
+    /// Listeners that connected and joined.
+    pub listeners_connected: u64,
+    /// Senders asked for.
+    pub senders_target: u32,
+    /// Senders that connected and joined.
+    pub senders_connected: u64,
+    /// Comments per second per sender asked for.
+    pub rate_per_sender: f64,
+    /// Seconds of sending.
+    pub duration_secs: u64,
+    /// Seconds the listener ramp took.
+    pub ramp_secs: f64,
+    /// Comments the server accepted.
+    pub comments_sent: u64,
+    /// Comments received by listeners.
+    pub deliveries: u64,
+    /// comments_sent × listeners_connected.
+    pub expected_deliveries: u64,
+    /// deliveries / expected_deliveries.
+    pub delivery_ratio: f64,
+    /// Deliveries per second, from the first send to the last delivery.
+    pub deliveries_per_sec: f64,
+    /// Delivery latency (send to receipt).
+    pub latency: LatencyReport,
+    /// Comments a listener received with a comment id not above the previous one.
+    pub order_violations: u64,
+    /// Connections lost during the run.
+    pub disconnects: u64,
+    /// Errors of any kind.
+    pub errors: u64,
+    /// Errors by stage and kind.
+    pub errors_by_kind: BTreeMap<String, u64>,
+}
+
+/// Counters shared by every task.
+struct Stats {
+    listeners_joined: AtomicU64,
+    listeners_settled: AtomicU64,
+    senders_joined: AtomicU64,
+    senders_settled: AtomicU64,
+    sent: AtomicU64,
+    deliveries: AtomicU64,
+    order_violations: AtomicU64,
+    disconnects: AtomicU64,
+    errors: AtomicU64,
+    first_send_us: AtomicU64,
+    last_delivery_us: AtomicU64,
+    /// Keys are `stage: label` with a bounded set of labels ([`ClientError::label`]).
+    errors_by_kind: Mutex<BTreeMap<String, u64>>,
+    latency_us: Vec<Mutex<Histogram<u64>>>,
+}
+
+impl Stats {
+    fn new() -> anyhow::Result<Self> {
+        let mut latency_us = Vec::with_capacity(HISTOGRAM_SHARDS);
+        for _ in 0..HISTOGRAM_SHARDS {
+            latency_us.push(Mutex::new(
+                Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).context("histogram bounds")?,
+            ));
+        }
+        Ok(Stats {
+            listeners_joined: AtomicU64::new(0),
+            listeners_settled: AtomicU64::new(0),
+            senders_joined: AtomicU64::new(0),
+            senders_settled: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            deliveries: AtomicU64::new(0),
+            order_violations: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            first_send_us: AtomicU64::new(0),
+            last_delivery_us: AtomicU64::new(0),
+            errors_by_kind: Mutex::new(BTreeMap::new()),
+            latency_us,
+        })
+    }
+
+    fn error(&self, stage: &str, error: &ClientError) {
+        tracing::debug!(stage, %error, "loadgen error");
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut map) = self.errors_by_kind.lock() {
+            *map.entry(format!("{stage}: {}", error.label()))
+                .or_insert(0) += 1;
+        }
+    }
+
+    fn record_latency(&self, shard: usize, latency_us: u64) {
+        if let Some(histogram) = self.latency_us.get(shard % HISTOGRAM_SHARDS) {
+            if let Ok(mut h) = histogram.lock() {
+                h.saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
+            }
+        }
+    }
+
+    fn merged_latency(&self) -> anyhow::Result<Histogram<u64>> {
+        let mut merged = Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)?;
+        for shard in &self.latency_us {
+            if let Ok(h) = shard.lock() {
+                merged.add(&*h).context("merge histograms")?;
+            }
+        }
+        Ok(merged)
+    }
+}
+
+/// Everything a virtual client task needs.
+struct Plan {
+    url: String,
+    ca: PathBuf,
+    encoding: Encoding,
+    keys: TokenKeys,
+    token_ttl_secs: u64,
+    run_id: String,
+    room_id: String,
+    endpoints: Vec<quinn::Endpoint>,
+}
+
+impl Plan {
+    fn config(&self, user: &str, index: usize) -> anyhow::Result<ClientConfig> {
+        let token = self
+            .keys
+            .mint(user, &[], unix_now_secs(), self.token_ttl_secs)
+            .context("mint token")?;
+        let mut config = ClientConfig::new(self.url.clone(), token);
+        config.ca_path = Some(self.ca.clone());
+        config.encoding = self.encoding;
+        // Measure the server, not the reconnect logic: a lost connection is an error.
+        config.reconnect = ReconnectPolicy::disabled();
+        config.connect_timeout_ms = 15_000;
+        config.quic_endpoint = match self.endpoints.len() {
+            0 => None,
+            n => self.endpoints.get(index % n).cloned(),
+        };
+        Ok(config)
+    }
+}
+
+/// Runs `chorus loadgen`.
+pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
+    validate(&args)?;
+    raise_open_files_limit(u64::from(args.listeners) + u64::from(args.senders) + 64);
+    let transport = ServerUrl::parse(&args.url)?.transport();
+    let endpoints = quic_endpoints(&args, transport).await?;
+    let keys = TokenKeys::new(args.secret.as_bytes());
+    let ramp_estimate_secs = f64::from(args.listeners) / args.connect_rate;
+    let mut plan = Plan {
+        url: args.url.clone(),
+        ca: args.ca.clone(),
+        encoding: if args.json_text {
+            Encoding::Json
+        } else {
+            Encoding::MsgPack
+        },
+        keys,
+        token_ttl_secs: 3600 + args.duration + ramp_estimate_secs as u64 * 2,
+        run_id: format!("{:08x}", rand::random::<u32>()),
+        room_id: String::new(),
+        endpoints,
+    };
+    plan.room_id = match &args.room {
+        Some(room) => room.clone(),
+        None => create_room(&plan).await?,
+    };
+    let plan = Arc::new(plan);
+    let stats = Arc::new(Stats::new()?);
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    eprintln!(
+        "loadgen: {} listeners, {} senders × {}/s for {} s on {} (room {}, run {})",
+        args.listeners, args.senders, args.rate, args.duration, args.url, plan.room_id, plan.run_id
+    );
+
+    let progress = tokio::spawn(progress(
+        stats.clone(),
+        args.listeners,
+        args.senders,
+        stop.clone(),
+    ));
+
+    // Ramp: spawn listeners at the connect rate, in 10 ms steps.
+    let ramp_started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut spawned: u32 = 0;
+    while spawned < args.listeners {
+        tick.tick().await;
+        let due = (ramp_started.elapsed().as_secs_f64() * args.connect_rate).ceil() as u64;
+        let due = due.clamp(1, u64::from(args.listeners)) as u32;
+        while spawned < due {
+            tracker.spawn(listener(
+                spawned as usize,
+                plan.clone(),
+                stats.clone(),
+                stop.clone(),
+            ));
+            spawned += 1;
+        }
+    }
+    let settle_deadline = Instant::now() + Duration::from_secs(30);
+    wait_until(settle_deadline, || {
+        stats.listeners_settled.load(Ordering::Relaxed) >= u64::from(args.listeners)
+    })
+    .await;
+    let ramp_secs = ramp_started.elapsed().as_secs_f64();
+
+    // Senders: connect and join, then start together.
+    let start = CancellationToken::new();
+    for index in 0..args.senders as usize {
+        tracker.spawn(sender(
+            index,
+            plan.clone(),
+            stats.clone(),
+            SendSchedule {
+                rate_per_sec: args.rate,
+                senders: args.senders,
+                duration: Duration::from_secs(args.duration),
+            },
+            start.clone(),
+            stop.clone(),
+        ));
+    }
+    wait_until(Instant::now() + Duration::from_secs(30), || {
+        stats.senders_settled.load(Ordering::Relaxed) >= u64::from(args.senders)
+    })
+    .await;
+    start.cancel();
+    tokio::time::sleep(Duration::from_secs(args.duration)).await;
+
+    // Drain: wait for deliveries in flight.
+    let listeners_joined = stats.listeners_joined.load(Ordering::Relaxed);
+    let drain_deadline = Instant::now() + Duration::from_secs(args.drain_secs);
+    wait_until(drain_deadline, || {
+        let expected = stats.sent.load(Ordering::Relaxed) * listeners_joined;
+        stats.deliveries.load(Ordering::Relaxed) >= expected
+    })
+    .await;
+
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(SHUTDOWN_WAIT_SECS), tracker.wait())
+        .await
+        .is_err()
+    {
+        eprintln!("loadgen: some clients did not close within {SHUTDOWN_WAIT_SECS} s");
+    }
+    let _ = progress.await;
+
+    let report = report(&args, &plan, transport, &stats, listeners_joined, ramp_secs)?;
+    print_report(&report);
+    if let Some(path) = &args.json {
+        let json = serde_json::to_vec_pretty(&report)?;
+        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("loadgen: report written to {}", path.display());
+    }
+    for endpoint in &plan.endpoints {
+        endpoint.close(quinn::VarInt::from_u32(1000), b"loadgen done");
+    }
+    Ok(())
+}
+
+fn validate(args: &LoadgenArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.listeners <= LISTENERS_MAX,
+        "--listeners must be at most {LISTENERS_MAX}"
+    );
+    anyhow::ensure!(
+        (1..=SENDERS_MAX).contains(&args.senders),
+        "--senders must be 1-{SENDERS_MAX}"
+    );
+    anyhow::ensure!(
+        args.rate > 0.0 && args.rate <= RATE_PER_SEC_MAX,
+        "--rate must be in (0, {RATE_PER_SEC_MAX}]"
+    );
+    anyhow::ensure!(
+        (1..=DURATION_SECS_MAX).contains(&args.duration),
+        "--duration must be 1-{DURATION_SECS_MAX} seconds"
+    );
+    anyhow::ensure!(
+        args.connect_rate >= 1.0 && args.connect_rate.is_finite(),
+        "--connect-rate must be at least 1"
+    );
+    anyhow::ensure!(args.drain_secs <= 600, "--drain-secs must be at most 600");
+    Ok(())
+}
+
+/// Raises the soft open-files limit to the hard limit; warns if it stays below `needed`.
+fn raise_open_files_limit(needed: u64) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < needed => eprintln!(
+            "loadgen: warning: open-files limit is {limit}, {needed} are needed; raise the hard limit (ulimit -Hn) or use fewer clients"
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("loadgen: warning: cannot raise the open-files limit: {e}"),
+    }
+}
+
+/// Shared QUIC endpoints, one per [`QUIC_CLIENTS_PER_ENDPOINT`] clients.
+async fn quic_endpoints(
+    args: &LoadgenArgs,
+    transport: TransportKind,
+) -> anyhow::Result<Vec<quinn::Endpoint>> {
+    let ServerUrl::Quic { host, port, .. } = ServerUrl::parse(&args.url)? else {
+        return Ok(Vec::new());
+    };
+    debug_assert_eq!(transport, TransportKind::Quic);
+    let addr = tokio::net::lookup_host((host.as_str(), port))
+        .await?
+        .next()
+        .with_context(|| format!("{host} resolves to no address"))?;
+    let clients = args.listeners as usize + args.senders as usize + 1;
+    let count = clients.div_ceil(QUIC_CLIENTS_PER_ENDPOINT).max(1);
+    (0..count)
+        .map(|_| client_endpoint(addr).context("cannot bind a UDP socket"))
+        .collect()
+}
+
+async fn create_room(plan: &Plan) -> anyhow::Result<String> {
+    let mut host = Client::connect(plan.config(&format!("lg-host-{}", plan.run_id), 0)?)
+        .await
+        .context("cannot connect to create the room")?;
+    let created = host
+        .request(RoomCreateRequest {
+            title: format!("loadgen {}", plan.run_id),
+            scheduled_start_ms: None,
+        })
+        .await
+        .context("room.create failed")?;
+    host.close().await;
+    Ok(created.room_id)
+}
+
+async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) {
+    while !done() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Connects and joins; counts a failure under `stage`.
+async fn connect_and_join(
+    plan: &Plan,
+    user: &str,
+    index: usize,
+    stats: &Stats,
+    stage: &str,
+) -> Option<Client> {
+    let config = match plan.config(user, index) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build client configuration");
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+    };
+    let mut client = match Client::connect(config).await {
+        Ok(client) => client,
+        Err(e) => {
+            stats.error(&format!("{stage} connect"), &e);
+            return None;
+        }
+    };
+    match client
+        .request(RoomRef {
+            room_id: plan.room_id.clone(),
+        })
+        .await
+    {
+        Ok(_) => Some(client),
+        Err(e) => {
+            stats.error(&format!("{stage} join"), &e);
+            client.close().await;
+            None
+        }
+    }
+}
+
+async fn listener(index: usize, plan: Arc<Plan>, stats: Arc<Stats>, stop: CancellationToken) {
+    let user = format!("lg-{}-l{index}", plan.run_id);
+    let joined = tokio::select! {
+        _ = stop.cancelled() => None,
+        client = connect_and_join(&plan, &user, index, &stats, "listener") => client,
+    };
+    stats.listeners_settled.fetch_add(1, Ordering::Relaxed);
+    let Some(mut client) = joined else { return };
+    stats.listeners_joined.fetch_add(1, Ordering::Relaxed);
+    let prefix = format!("{COMMENT_PREFIX} {} ", plan.run_id);
+    let mut last_comment_id = 0u64;
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => break,
+            event = client.next_event() => event,
+        };
+        match event {
+            Some(ClientEvent::Notification {
+                event: Event::Comment(comment),
+                ..
+            }) => {
+                if comment.comment_id <= last_comment_id {
+                    stats.order_violations.fetch_add(1, Ordering::Relaxed);
+                }
+                last_comment_id = comment.comment_id;
+                let Some(rest) = comment.text.strip_prefix(&prefix) else {
+                    continue;
+                };
+                let now_us = unix_now_us();
+                if let Some(sent_us) = rest.rsplit(' ').next().and_then(|t| t.parse::<u64>().ok()) {
+                    stats.record_latency(index, now_us.saturating_sub(sent_us));
+                }
+                stats.deliveries.fetch_add(1, Ordering::Relaxed);
+                stats.last_delivery_us.fetch_max(now_us, Ordering::Relaxed);
+            }
+            Some(ClientEvent::Disconnected { code, reason }) => {
+                stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                stats.error("listener", &ClientError::Closed { code, reason });
+            }
+            Some(ClientEvent::Closed { .. }) | None => break,
+            Some(_) => {}
+        }
+    }
+    client.close().await;
+}
+
+/// When and how fast a sender sends.
+#[derive(Debug, Clone, Copy)]
+struct SendSchedule {
+    rate_per_sec: f64,
+    senders: u32,
+    duration: Duration,
+}
+
+async fn sender(
+    index: usize,
+    plan: Arc<Plan>,
+    stats: Arc<Stats>,
+    schedule: SendSchedule,
+    start: CancellationToken,
+    stop: CancellationToken,
+) {
+    let user = format!("lg-{}-s{index}", plan.run_id);
+    let joined = tokio::select! {
+        _ = stop.cancelled() => None,
+        client = connect_and_join(&plan, &user, index, &stats, "sender") => client,
+    };
+    stats.senders_settled.fetch_add(1, Ordering::Relaxed);
+    let Some(mut client) = joined else { return };
+    stats.senders_joined.fetch_add(1, Ordering::Relaxed);
+    // Senders also receive the room's comments: drain them while waiting.
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => { client.close().await; return; }
+            _ = start.cancelled() => break,
+            event = client.next_event() => if event.is_none() { return },
+        }
+    }
+    let period = Duration::from_secs_f64(1.0 / schedule.rate_per_sec);
+    // Spread the senders over one period so their comments do not arrive in bursts.
+    let offset = period.mul_f64(index as f64 / f64::from(schedule.senders.max(1)));
+    let started = Instant::now();
+    let end = started + schedule.duration;
+    let mut tick = tokio::time::interval_at(started + offset, period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let requester = client.requester();
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep_until(end) => break,
+            _ = tick.tick() => {
+                let sent_us = unix_now_us();
+                let text = format!("{COMMENT_PREFIX} {} {index} {n} {sent_us}", plan.run_id);
+                n += 1;
+                let _ = stats.first_send_us.compare_exchange(0, sent_us, Ordering::Relaxed, Ordering::Relaxed);
+                match requester.request(RoomCommentRequest { room_id: plan.room_id.clone(), text }).await {
+                    Ok(_) => { stats.sent.fetch_add(1, Ordering::Relaxed); }
+                    Err(e) => stats.error("sender comment", &e),
+                }
+            }
+            event = client.next_event() => match event {
+                Some(ClientEvent::Disconnected { code, reason }) => {
+                    stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                    stats.error("sender", &ClientError::Closed { code, reason });
+                }
+                Some(ClientEvent::Closed { .. }) | None => break,
+                Some(_) => {}
+            },
+        }
+    }
+    // Keep draining until the run stops, so the server never sees a slow consumer.
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            event = client.next_event() => if event.is_none() { break },
+        }
+    }
+    client.close().await;
+}
+
+async fn progress(stats: Arc<Stats>, listeners: u32, senders: u32, stop: CancellationToken) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tick.tick().await;
+    let (mut last_sent, mut last_deliveries) = (0u64, 0u64);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sent = stats.sent.load(Ordering::Relaxed);
+        let deliveries = stats.deliveries.load(Ordering::Relaxed);
+        eprintln!(
+            "[{:>4}s] listeners {}/{} · senders {}/{} · sent {} (+{}/s) · deliveries {} (+{}/s) · errors {}",
+            started.elapsed().as_secs(),
+            stats.listeners_joined.load(Ordering::Relaxed),
+            listeners,
+            stats.senders_joined.load(Ordering::Relaxed),
+            senders,
+            sent,
+            sent - last_sent,
+            deliveries,
+            deliveries - last_deliveries,
+            stats.errors.load(Ordering::Relaxed),
+        );
+        (last_sent, last_deliveries) = (sent, deliveries);
+    }
+}
+
+fn report(
+    args: &LoadgenArgs,
+    plan: &Plan,
+    transport: TransportKind,
+    stats: &Stats,
+    listeners_joined: u64,
+    ramp_secs: f64,
+) -> anyhow::Result<LoadgenReport> {
+    let histogram = stats.merged_latency()?;
+    let ms = |us: u64| us as f64 / 1000.0;
+    let sent = stats.sent.load(Ordering::Relaxed);
+    let deliveries = stats.deliveries.load(Ordering::Relaxed);
+    let expected = sent * listeners_joined;
+    let first = stats.first_send_us.load(Ordering::Relaxed);
+    let last = stats.last_delivery_us.load(Ordering::Relaxed);
+    let window_secs = if last > first && first > 0 {
+        (last - first) as f64 / 1e6
+    } else {
+        0.0
+    };
+    Ok(LoadgenReport {
+        url: args.url.clone(),
+        transport: match transport {
+            TransportKind::WebSocket => "websocket".into(),
+            TransportKind::Quic => "quic".into(),
+        },
+        room_id: plan.room_id.clone(),
+        listeners_target: args.listeners,
+        listeners_connected: listeners_joined,
+        senders_target: args.senders,
+        senders_connected: stats.senders_joined.load(Ordering::Relaxed),
+        rate_per_sender: args.rate,
+        duration_secs: args.duration,
+        ramp_secs,
+        comments_sent: sent,
+        deliveries,
+        expected_deliveries: expected,
+        delivery_ratio: if expected > 0 {
+            deliveries as f64 / expected as f64
+        } else {
+            0.0
+        },
+        deliveries_per_sec: if window_secs > 0.0 {
+            deliveries as f64 / window_secs
+        } else {
+            0.0
+        },
+        latency: LatencyReport {
+            samples: histogram.len(),
+            p50_ms: ms(histogram.value_at_quantile(0.5)),
+            p90_ms: ms(histogram.value_at_quantile(0.9)),
+            p99_ms: ms(histogram.value_at_quantile(0.99)),
+            p999_ms: ms(histogram.value_at_quantile(0.999)),
+            max_ms: ms(histogram.max()),
+            mean_ms: histogram.mean() / 1000.0,
+        },
+        order_violations: stats.order_violations.load(Ordering::Relaxed),
+        disconnects: stats.disconnects.load(Ordering::Relaxed),
+        errors: stats.errors.load(Ordering::Relaxed),
+        errors_by_kind: stats
+            .errors_by_kind
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default(),
+    })
+}
+
+fn print_report(r: &LoadgenReport) {
+    println!(
+        "loadgen report ({} {}, room {})",
+        r.transport, r.url, r.room_id
+    );
+    println!(
+        "  listeners connected   {}/{} (ramp {:.1} s)",
+        r.listeners_connected, r.listeners_target, r.ramp_secs
+    );
+    println!(
+        "  senders connected     {}/{} at {}/s for {} s",
+        r.senders_connected, r.senders_target, r.rate_per_sender, r.duration_secs
+    );
+    println!("  comments sent         {}", r.comments_sent);
+    println!(
+        "  deliveries            {} of {} expected ({:.2}%)",
+        r.deliveries,
+        r.expected_deliveries,
+        r.delivery_ratio * 100.0
+    );
+    println!("  deliveries/s          {:.0}", r.deliveries_per_sec);
+    println!(
+        "  latency ms            p50 {:.2} · p90 {:.2} · p99 {:.2} · p999 {:.2} · max {:.2} · mean {:.2}",
+        r.latency.p50_ms,
+        r.latency.p90_ms,
+        r.latency.p99_ms,
+        r.latency.p999_ms,
+        r.latency.max_ms,
+        r.latency.mean_ms
+    );
+    println!("  order violations      {}", r.order_violations);
+    println!("  disconnects           {}", r.disconnects);
+    println!("  errors                {}", r.errors);
+    for (kind, count) in &r.errors_by_kind {
+        println!("    {kind}: {count}");
+    }
+}
+
+/// Microseconds since the Unix epoch.
+fn unix_now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: LoadgenArgs,
+    }
+
+    fn parse(extra: &[&str]) -> LoadgenArgs {
+        let mut argv = vec!["loadgen"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).expect("parses").args
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        validate(&parse(&[])).expect("defaults");
+    }
+
+    #[test]
+    fn out_of_range_options_are_refused() {
+        assert!(validate(&parse(&["--listeners", "100001"])).is_err());
+        assert!(validate(&parse(&["--senders", "0"])).is_err());
+        assert!(validate(&parse(&["--rate", "0"])).is_err());
+        assert!(validate(&parse(&["--rate", "NaN"])).is_err());
+        assert!(validate(&parse(&["--duration", "0"])).is_err());
+        assert!(validate(&parse(&["--connect-rate", "0.5"])).is_err());
+    }
+
+    #[test]
+    fn shards_merge_into_one_histogram() {
+        let stats = Stats::new().expect("stats");
+        for i in 0..1000u64 {
+            stats.record_latency(i as usize, 1000 + i);
+        }
+        stats.record_latency(3, u64::MAX);
+        let merged = stats.merged_latency().expect("merge");
+        assert_eq!(merged.len(), 1001);
+        assert!(merged.max() >= LATENCY_US_MAX);
+        let p50 = merged.value_at_quantile(0.5);
+        assert!((1490..=1510).contains(&p50), "p50 {p50}");
+    }
+}
