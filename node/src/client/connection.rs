@@ -629,7 +629,22 @@ impl Connection {
                 }
                 match q.recv.read_chunk(QUIC_READ_CHUNK_BYTES, true).await {
                     Ok(Some(chunk)) => q.buffer.extend_from_slice(&chunk.bytes),
-                    Ok(None) => return Wire::Closed(None, "server finished the stream".into()),
+                    Ok(None) => {
+                        // The server finishes its stream and then closes the connection
+                        // with the close code: wait briefly for that code.
+                        let closed = tokio::time::timeout(
+                            std::time::Duration::from_millis(QUIC_CLOSE_WAIT_MS),
+                            q.connection.closed(),
+                        )
+                        .await;
+                        return match closed {
+                            Ok(error) => {
+                                let (code, reason) = connection_error_status(&error);
+                                Wire::Closed(code, reason)
+                            }
+                            Err(_) => Wire::Closed(None, "server finished the stream".into()),
+                        };
+                    }
                     Err(quinn::ReadError::ConnectionLost(e)) => {
                         let (code, reason) = connection_error_status(&e);
                         return Wire::Closed(code, reason);
@@ -742,6 +757,10 @@ impl Connection {
 }
 
 /// The close code and reason of a lost QUIC connection.
+/// How long a client waits for the server's close code after the server finished its
+/// stream.
+const QUIC_CLOSE_WAIT_MS: u64 = 2_000;
+
 fn connection_error_status(error: &quinn::ConnectionError) -> (Option<u16>, String) {
     match error {
         quinn::ConnectionError::ApplicationClosed(close) => (

@@ -39,6 +39,8 @@ pub enum Inbound {
     Frame(Encoding, Bytes),
     /// A frame above the frame limit (but within the transport cap) that was discarded.
     TooLarge(usize),
+    /// A message above the transport cap: the stream cannot continue; close.
+    OverCap,
 }
 
 /// The receiving half of a transport.
@@ -127,6 +129,10 @@ pub async fn drive<R: TransportReader, W: TransportWriter>(
                     tracing::debug!(%error, transport, "transport closed");
                     break;
                 }
+                Some(Ok(Inbound::OverCap)) => {
+                    close.close(ErrorCode::FrameTooLarge, "message exceeds the transport cap");
+                    break;
+                }
                 Some(Ok(Inbound::TooLarge(size_bytes))) => {
                     let error = ProtocolError::FrameTooLarge { size_bytes, limit_bytes: node.config.limits.frame_bytes_max };
                     conn.respond_error(0, error.to_body());
@@ -148,13 +154,19 @@ pub async fn drive<R: TransportReader, W: TransportWriter>(
     // Dropping the last sender lets the writer finish the queue and close normally.
     drop(conn);
     let mut writer_task = writer_task;
-    if tokio::time::timeout(Duration::from_millis(WRITER_DRAIN_TIMEOUT_MS), &mut writer_task)
-        .await
-        .is_err()
+    if tokio::time::timeout(
+        Duration::from_millis(WRITER_DRAIN_TIMEOUT_MS),
+        &mut writer_task,
+    )
+    .await
+    .is_err()
     {
         // A peer that does not read (slow consumer) would pin the writer on a full socket:
         // abort it, which drops the socket.
-        tracing::debug!(transport, "writer did not drain in time; dropping the transport");
+        tracing::debug!(
+            transport,
+            "writer did not drain in time; dropping the transport"
+        );
         writer_task.abort();
     }
     metrics::gauge!("chorus_connections", "transport" => transport).decrement(1.0);
@@ -493,6 +505,14 @@ impl Connection {
                 .await?;
                 session.with_core(|core| core.handle_room_left(&leave.room_id));
                 result.map_err(room_error)?;
+                Ok(ok(Empty {}))
+            }
+            ClientRequest::RoomStart(start) => {
+                let actor = self.room(&start.room_id).await?;
+                let user = session.user_id.clone();
+                ask(&actor, |reply| RoomMsg::Start { user, reply })
+                    .await?
+                    .map_err(room_error)?;
                 Ok(ok(Empty {}))
             }
             ClientRequest::RoomEnd(end) => {
