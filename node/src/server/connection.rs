@@ -67,11 +67,32 @@ pub trait TransportWriter: Send + 'static {
 pub async fn drive<R: TransportReader, W: TransportWriter>(
     node: Arc<Node>,
     transport: &'static str,
+    reader: R,
+    writer: W,
+) {
+    use tracing::Instrument;
+    let attachment = node.next_attachment_id();
+    // Every log line of this connection carries its id and, after auth, its user; with
+    // the request span below, `conn`/`seq` identify a request end to end.
+    let span = tracing::info_span!(
+        "conn",
+        id = attachment,
+        transport,
+        user = tracing::field::Empty
+    );
+    drive_attached(node, transport, attachment, reader, writer)
+        .instrument(span)
+        .await
+}
+
+async fn drive_attached<R: TransportReader, W: TransportWriter>(
+    node: Arc<Node>,
+    transport: &'static str,
+    attachment: u64,
     mut reader: R,
     writer: W,
 ) {
     let limits = &node.config.limits;
-    let attachment = node.next_attachment_id();
     let close = Arc::new(CloseSignal::default());
     let (outbound, rx) = Outbound::new(attachment, limits.outgoing_queue_frames_max, close.clone());
     let encoding = Arc::new(OnceLock::new());
@@ -87,6 +108,7 @@ pub async fn drive<R: TransportReader, W: TransportWriter>(
     };
     let mut conn = Connection {
         node: node.clone(),
+        span: tracing::Span::current(),
         core: ConnectionCore::new(connection_config, unix_now_ms()),
         session: None,
         outbound,
@@ -227,6 +249,7 @@ enum Flow {
 
 struct Connection {
     node: Arc<Node>,
+    span: tracing::Span,
     core: ConnectionCore,
     session: Option<Arc<Session>>,
     outbound: Outbound,
@@ -307,7 +330,8 @@ impl Connection {
                 return Flow::Continue;
             }
         };
-        self.dispatch(seq, decoded).await
+        let span = tracing::debug_span!("request", seq, kind = decoded.kind());
+        tracing::Instrument::instrument(self.dispatch(seq, decoded), span).await
     }
 
     async fn dispatch(&mut self, seq: u64, request: ClientRequest) -> Flow {
@@ -375,6 +399,7 @@ impl Connection {
             }
         };
         let user = claims.sub;
+        self.span.record("user", user.as_str());
         let node = &self.node;
         let encoding = self.encoding();
         let response = |session_id: &str, outcome: ResumeOutcome, notification_seq: u64| {
