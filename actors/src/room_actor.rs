@@ -106,6 +106,13 @@ pub enum RoomMsg {
         /// Answer.
         reply: RpcReplyPort<Result<(), RoomError>>,
     },
+    /// Start a scheduled room (host only).
+    Start {
+        /// Who asks.
+        user: UserId,
+        /// Answer.
+        reply: RpcReplyPort<Result<(), RoomError>>,
+    },
     /// End the room (host only).
     End {
         /// Who asks.
@@ -218,6 +225,10 @@ impl Actor for RoomActor {
                 reply,
             } => {
                 let result = state.core.handle_react(now_ms, &member, &emoji);
+                let _ = reply.send(result);
+            }
+            RoomMsg::Start { user, reply } => {
+                let result = state.core.handle_start(now_ms, &user);
                 let _ = reply.send(result);
             }
             RoomMsg::End { user, reply } => {

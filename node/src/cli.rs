@@ -83,6 +83,15 @@ pub struct ServeArgs {
     /// Maximum frame size in bytes (default 65536).
     #[arg(long)]
     pub frame_bytes_max: Option<usize>,
+    /// Notifications kept per session for resume (default 1024; at most the outgoing queue).
+    #[arg(long)]
+    pub resume_buffer_frames_max: Option<usize>,
+    /// Comments per second per user in a room (default 5).
+    #[arg(long)]
+    pub comment_rate_per_sec: Option<u32>,
+    /// Comment burst per user in a room (default 10).
+    #[arg(long)]
+    pub comment_burst: Option<u32>,
 }
 
 impl ServeArgs {
@@ -110,6 +119,9 @@ impl ServeArgs {
             outgoing_queue_frames_max => limits.outgoing_queue_frames_max,
             connections_max => limits.connections_max,
             frame_bytes_max => limits.frame_bytes_max,
+            resume_buffer_frames_max => limits.resume_buffer_frames_max,
+            comment_rate_per_sec => room.comment_rate_per_sec,
+            comment_burst => room.comment_burst,
         }
         if self.ca_dir.is_some() {
             config.ca_dir = self.ca_dir;
@@ -182,6 +194,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
     init_tracing(config.log_json);
     let node = crate::server::start(config).await?;
+    // One machine-readable line on stdout once serving (scripts and tests read the bound
+    // addresses from it, e.g. when started with port 0); logs go to stderr.
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "serving",
+            "node": node.node().config.node_name,
+            "http_addr": node.http_addr.to_string(),
+            "quic_addr": node.quic_addr.to_string(),
+        })
+    );
     wait_for_signal().await;
     tracing::info!("signal received");
     node.shutdown().await;

@@ -34,6 +34,8 @@ pub struct NodeConfig {
     pub tls_names: Vec<String>,
     /// Protocol limits.
     pub limits: LimitsConfig,
+    /// Room limits (comment length and rate, reaction window, listener-count interval, …).
+    pub room: chorus_actors::room::RoomConfig,
     /// Emit logs as JSON lines.
     pub log_json: bool,
 }
@@ -104,6 +106,7 @@ impl Default for NodeConfig {
             node_name: "node-1".to_string(),
             tls_names: Vec::new(),
             limits: LimitsConfig::default(),
+            room: chorus_actors::room::RoomConfig::default(),
             log_json: false,
         }
     }

@@ -198,6 +198,13 @@ pub struct RoomLeaveRequest {
     pub room_id: RoomId,
 }
 
+/// `room.start` body (host only): a scheduled room goes live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomStartRequest {
+    /// The room.
+    pub room_id: RoomId,
+}
+
 /// `room.end` body (host only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomEndRequest {
@@ -325,6 +332,8 @@ request_table! {
     RoomJoin = "room.join": RoomRef => RoomJoinResponse,
     /// `room.leave`
     RoomLeave = "room.leave": RoomLeaveRequest => Empty,
+    /// `room.start`
+    RoomStart = "room.start": RoomStartRequest => Empty,
     /// `room.end`
     RoomEnd = "room.end": RoomEndRequest => Empty,
     /// `room.info`
@@ -347,6 +356,7 @@ request_kinds! {
     RoomCreateRequest = "room.create" => RoomCreateResponse,
     RoomRef = "room.join" => RoomJoinResponse,
     RoomLeaveRequest = "room.leave" => Empty,
+    RoomStartRequest = "room.start" => Empty,
     RoomEndRequest = "room.end" => Empty,
     RoomInfoRequest = "room.info" => RoomInfo,
     RoomCommentRequest = "room.comment" => RoomCommentResponse,
@@ -422,7 +432,7 @@ mod tests {
 
     #[test]
     fn every_request_kind_round_trips() {
-        let requests = vec![
+        let requests = [
             ClientRequest::Auth(AuthRequest {
                 token: "t".into(),
                 protocol_version: Some(1),
@@ -474,7 +484,7 @@ mod tests {
 
     #[test]
     fn kinds_tables_agree() {
-        assert_eq!(ClientRequest::KINDS.len(), 9);
+        assert_eq!(ClientRequest::KINDS.len(), 10);
         assert!(Event::KINDS.contains(&"room.comment"));
     }
 }

@@ -55,7 +55,7 @@ const CLOSE_HANDSHAKE_MS: u64 = 1000;
 
 /// How long a QUIC connection whose stream the server finished waits for the server's
 /// connection close (which carries the close code).
-const STREAM_END_CLOSE_WAIT_MS: u64 = 1000;
+const STREAM_END_CLOSE_WAIT_MS: u64 = 2000;
 
 /// Default QUIC port when a `quic://` URL names none.
 pub const QUIC_PORT_DEFAULT: u16 = 7071;

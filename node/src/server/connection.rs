@@ -39,6 +39,8 @@ pub enum Inbound {
     Frame(Encoding, Bytes),
     /// A frame above the frame limit (but within the transport cap) that was discarded.
     TooLarge(usize),
+    /// A message above the transport cap: the stream cannot continue; close.
+    OverCap,
 }
 
 /// The receiving half of a transport.
@@ -65,11 +67,32 @@ pub trait TransportWriter: Send + 'static {
 pub async fn drive<R: TransportReader, W: TransportWriter>(
     node: Arc<Node>,
     transport: &'static str,
+    reader: R,
+    writer: W,
+) {
+    use tracing::Instrument;
+    let attachment = node.next_attachment_id();
+    // Every log line of this connection carries its id and, after auth, its user; with
+    // the request span below, `conn`/`seq` identify a request end to end.
+    let span = tracing::info_span!(
+        "conn",
+        id = attachment,
+        transport,
+        user = tracing::field::Empty
+    );
+    drive_attached(node, transport, attachment, reader, writer)
+        .instrument(span)
+        .await
+}
+
+async fn drive_attached<R: TransportReader, W: TransportWriter>(
+    node: Arc<Node>,
+    transport: &'static str,
+    attachment: u64,
     mut reader: R,
     writer: W,
 ) {
     let limits = &node.config.limits;
-    let attachment = node.next_attachment_id();
     let close = Arc::new(CloseSignal::default());
     let (outbound, rx) = Outbound::new(attachment, limits.outgoing_queue_frames_max, close.clone());
     let encoding = Arc::new(OnceLock::new());
@@ -85,6 +108,7 @@ pub async fn drive<R: TransportReader, W: TransportWriter>(
     };
     let mut conn = Connection {
         node: node.clone(),
+        span: tracing::Span::current(),
         core: ConnectionCore::new(connection_config, unix_now_ms()),
         session: None,
         outbound,
@@ -127,6 +151,10 @@ pub async fn drive<R: TransportReader, W: TransportWriter>(
                     tracing::debug!(%error, transport, "transport closed");
                     break;
                 }
+                Some(Ok(Inbound::OverCap)) => {
+                    close.close(ErrorCode::FrameTooLarge, "message exceeds the transport cap");
+                    break;
+                }
                 Some(Ok(Inbound::TooLarge(size_bytes))) => {
                     let error = ProtocolError::FrameTooLarge { size_bytes, limit_bytes: node.config.limits.frame_bytes_max };
                     conn.respond_error(0, error.to_body());
@@ -147,11 +175,21 @@ pub async fn drive<R: TransportReader, W: TransportWriter>(
     }
     // Dropping the last sender lets the writer finish the queue and close normally.
     drop(conn);
-    if tokio::time::timeout(Duration::from_millis(WRITER_DRAIN_TIMEOUT_MS), writer_task)
-        .await
-        .is_err()
+    let mut writer_task = writer_task;
+    if tokio::time::timeout(
+        Duration::from_millis(WRITER_DRAIN_TIMEOUT_MS),
+        &mut writer_task,
+    )
+    .await
+    .is_err()
     {
-        tracing::debug!(transport, "writer did not drain in time");
+        // A peer that does not read (slow consumer) would pin the writer on a full socket:
+        // abort it, which drops the socket.
+        tracing::debug!(
+            transport,
+            "writer did not drain in time; dropping the transport"
+        );
+        writer_task.abort();
     }
     metrics::gauge!("chorus_connections", "transport" => transport).decrement(1.0);
     node.connection_closed();
@@ -211,6 +249,7 @@ enum Flow {
 
 struct Connection {
     node: Arc<Node>,
+    span: tracing::Span,
     core: ConnectionCore,
     session: Option<Arc<Session>>,
     outbound: Outbound,
@@ -291,7 +330,8 @@ impl Connection {
                 return Flow::Continue;
             }
         };
-        self.dispatch(seq, decoded).await
+        let span = tracing::debug_span!("request", seq, kind = decoded.kind());
+        tracing::Instrument::instrument(self.dispatch(seq, decoded), span).await
     }
 
     async fn dispatch(&mut self, seq: u64, request: ClientRequest) -> Flow {
@@ -359,6 +399,7 @@ impl Connection {
             }
         };
         let user = claims.sub;
+        self.span.record("user", user.as_str());
         let node = &self.node;
         let encoding = self.encoding();
         let response = |session_id: &str, outcome: ResumeOutcome, notification_seq: u64| {
@@ -489,6 +530,14 @@ impl Connection {
                 .await?;
                 session.with_core(|core| core.handle_room_left(&leave.room_id));
                 result.map_err(room_error)?;
+                Ok(ok(Empty {}))
+            }
+            ClientRequest::RoomStart(start) => {
+                let actor = self.room(&start.room_id).await?;
+                let user = session.user_id.clone();
+                ask(&actor, |reply| RoomMsg::Start { user, reply })
+                    .await?
+                    .map_err(room_error)?;
                 Ok(ok(Empty {}))
             }
             ClientRequest::RoomEnd(end) => {

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chorus_actors::room::RoomConfig;
 use chorus_actors::room_actor::{unix_now_ms, RoomDirectory, RoomMsg};
 use chorus_actors::session::SessionConfig;
 use chorus_actors::store::RoomStore;
@@ -262,7 +261,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     };
     let node = Arc::new(Node {
         keys: TokenKeys::new(secret.as_bytes()),
-        rooms: RoomDirectory::new(store, RoomConfig::default()),
+        rooms: RoomDirectory::new(store, config.room.clone()),
         sessions: SessionRegistry::new(session_config, limits.sessions_max),
         frame_limits,
         metrics,

@@ -79,6 +79,10 @@ impl TransportReader for QuicReader {
                 Some(Ok(Inbound::TooLarge(frame.len())))
             }
             Ok(frame) => Some(Ok(Inbound::Frame(Encoding::MsgPack, frame.freeze()))),
+            // LengthDelimitedCodec reports a length above the cap as InvalidData.
+            Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                Some(Ok(Inbound::OverCap))
+            }
             Err(error) => Some(Err(error.to_string())),
         }
     }

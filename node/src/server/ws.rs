@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use chorus_protocol::Encoding;
+use chorus_protocol::{Encoding, ErrorCode};
 
 use super::connection::{Inbound, TransportReader, TransportWriter};
 
@@ -66,6 +66,9 @@ impl TransportReader for WsReader {
         loop {
             let message = match self.stream.next().await? {
                 Ok(message) => message,
+                Err(tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
+                    return Some(Ok(Inbound::OverCap))
+                }
                 Err(error) => return Some(Err(error.to_string())),
             };
             let (encoding, bytes) = match message {
@@ -107,7 +110,12 @@ impl TransportWriter for WsWriter {
                 reason: Utf8Bytes::from_static(""),
             },
             Some((code, reason)) => CloseFrame {
-                code: CloseCode::from(code),
+                // WebSocket has its own code for an oversized message (1009).
+                code: if code == ErrorCode::FrameTooLarge.close_code() {
+                    CloseCode::Size
+                } else {
+                    CloseCode::from(code)
+                },
                 // Close reasons are limited to 123 bytes by RFC 6455.
                 reason: Utf8Bytes::from(truncate_utf8(&reason, 123).to_string()),
             },

@@ -1,0 +1,237 @@
+//! Shared helpers for system tests: start real `chorus` node processes on loopback, make
+//! clients, poll with deadlines.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use chorus_node::client::{Client, ClientConfig, ClientEvent, ReconnectPolicy};
+use chorus_node::token::{unix_now_secs, TokenKeys};
+use chorus_protocol::Event;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The development secret nodes use when started without one.
+pub const SECRET: &str = "chorus-dev-secret";
+
+/// Default deadline for anything a test waits for. Generous: CI machines are busy.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A `chorus serve` process with its own data dir and OS-assigned ports.
+pub struct TestNode {
+    child: Child,
+    /// Bound HTTP address.
+    pub http: SocketAddr,
+    /// Bound QUIC address.
+    pub quic: SocketAddr,
+    data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl TestNode {
+    /// Starts a node with extra `serve` flags.
+    pub async fn start(extra: &[&str]) -> TestNode {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let data_dir = temp.path().join("data");
+        let mut node = Self::start_in(&data_dir, extra).await;
+        node._temp = Some(temp);
+        node
+    }
+
+    /// Starts a node on an existing data dir (for restart tests).
+    pub async fn start_in(data_dir: &Path, extra: &[&str]) -> TestNode {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
+            .args(extra)
+            .env("CHORUS_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn chorus serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("node did not report its addresses in time")
+            .expect("read node stdout")
+            .expect("node exited before serving");
+        let ready: serde_json::Value = serde_json::from_str(&line).expect("ready line is JSON");
+        let http = ready["http_addr"]
+            .as_str()
+            .expect("http_addr")
+            .parse()
+            .expect("addr");
+        let quic = ready["quic_addr"]
+            .as_str()
+            .expect("quic_addr")
+            .parse()
+            .expect("addr");
+        // Keep draining stdout so the node never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        TestNode {
+            child,
+            http,
+            quic,
+            data_dir: data_dir.to_path_buf(),
+            _temp: None,
+        }
+    }
+
+    /// `ws://…/ws`
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.http)
+    }
+
+    /// `quic://…`
+    pub fn quic_url(&self) -> String {
+        format!("quic://{}", self.quic)
+    }
+
+    /// The CA clients trust for QUIC.
+    pub fn ca_path(&self) -> PathBuf {
+        self.data_dir.join("ca.pem")
+    }
+
+    /// The data dir.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// A client config for `url` as `user`, without reconnects.
+    pub fn config(&self, url: &str, user: &str) -> ClientConfig {
+        let mut config = ClientConfig::new(url, token(user));
+        config.ca_path = Some(self.ca_path());
+        config.reconnect = ReconnectPolicy::disabled();
+        config
+    }
+
+    /// A connected, authenticated client.
+    pub async fn client(&self, url: &str, user: &str) -> Client {
+        Client::connect(self.config(url, user))
+            .await
+            .unwrap_or_else(|e| panic!("{user} cannot connect to {url}: {e}"))
+    }
+
+    /// GET a path on the HTTP port; returns the body.
+    pub async fn http_get(&self, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(self.http)
+            .await
+            .expect("connect http");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default()
+    }
+
+    /// The value of a metric line (first sample whose line starts with `prefix`).
+    pub async fn metric(&self, prefix: &str) -> Option<f64> {
+        let body = self.http_get("/metrics").await;
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("pid");
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("node did not exit after SIGTERM")
+            .expect("wait")
+    }
+
+    /// SIGKILL.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// A development token for `user`.
+pub fn token(user: &str) -> String {
+    TokenKeys::new(SECRET.as_bytes())
+        .mint(user, &[], unix_now_secs(), 3600)
+        .expect("mint")
+}
+
+/// Waits for the next notification that `pick` accepts, skipping others; panics with
+/// `what` at the deadline or if the client closes.
+pub async fn expect_event<T>(
+    client: &mut Client,
+    what: &str,
+    mut pick: impl FnMut(&Event) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let event = tokio::time::timeout_at(deadline, client.next_event())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+        match event {
+            Some(ClientEvent::Notification { event, .. }) => {
+                if let Some(found) = pick(&event) {
+                    return found;
+                }
+            }
+            Some(ClientEvent::Closed { code, reason })
+            | Some(ClientEvent::Disconnected { code, reason }) => {
+                panic!("connection closed ({code:?}: {reason}) while waiting for {what}")
+            }
+            Some(_) => {}
+            None => panic!("client ended while waiting for {what}"),
+        }
+    }
+}
+
+/// Collects comment texts until `count` have arrived.
+pub async fn collect_comments(
+    client: &mut Client,
+    room_id: &str,
+    count: usize,
+) -> Vec<(u64, String)> {
+    let mut comments = Vec::with_capacity(count);
+    while comments.len() < count {
+        let found = expect_event(
+            client,
+            &format!("comment {} of {count}", comments.len() + 1),
+            |event| match event {
+                Event::Comment(c) if c.room_id == room_id => Some((c.comment_id, c.text.clone())),
+                _ => None,
+            },
+        )
+        .await;
+        comments.push(found);
+    }
+    comments
+}
+
+/// Polls `check` until it returns true or the deadline passes.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out: {what}");
+}
