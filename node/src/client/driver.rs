@@ -202,8 +202,8 @@ impl Driver {
             tokio::time::sleep(silence_limit.unwrap_or(Duration::from_secs(365 * 86_400)));
         tokio::pin!(silence);
         loop {
+            // Unbiased: a busy stream of notifications must not starve requests.
             tokio::select! {
-                biased;
                 _ = self.cancel.cancelled() => return End::Cancelled,
                 received = self.connection.recv() => {
                     last_frame_at = Instant::now();
