@@ -49,6 +49,9 @@ pub const DURATION_SECS_MAX: u64 = 86_400;
 pub const QUIC_CLIENTS_PER_ENDPOINT: usize = 500;
 /// How long stopped tasks get to close their connections.
 pub const SHUTDOWN_WAIT_SECS: u64 = 10;
+/// Comments one sender may have waiting for an answer; a tick beyond it is skipped and
+/// counted as an error (the server is not keeping up).
+const SENDER_IN_FLIGHT_MAX: usize = 64;
 /// Latency histogram shards (listeners record into `index % shards`).
 const HISTOGRAM_SHARDS: usize = 16;
 /// Highest latency the histograms track, in microseconds (60 s); larger values saturate.
@@ -587,22 +590,32 @@ async fn sender(
     let end = started + schedule.duration;
     let mut tick = tokio::time::interval_at(started + offset, period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Open loop: comments leave on schedule whether or not earlier ones were answered, so
+    // a slow server shows up as latency, not as a lower send rate.
     let requester = client.requester();
+    let mut in_flight = tokio::task::JoinSet::new();
     let mut n = 0u64;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep_until(end) => break,
             _ = tick.tick() => {
+                if in_flight.len() >= SENDER_IN_FLIGHT_MAX {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut map) = stats.errors_by_kind.lock() {
+                        *map.entry("sender comment: too_many_in_flight".into()).or_insert(0) += 1;
+                    }
+                    continue;
+                }
                 let sent_us = unix_now_us();
                 let text = format!("{COMMENT_PREFIX} {} {index} {n} {sent_us}", plan.run_id);
                 n += 1;
                 let _ = stats.first_send_us.compare_exchange(0, sent_us, Ordering::Relaxed, Ordering::Relaxed);
-                match requester.request(RoomCommentRequest { room_id: plan.room_id.clone(), text }).await {
-                    Ok(_) => { stats.sent.fetch_add(1, Ordering::Relaxed); }
-                    Err(e) => stats.error("sender comment", &e),
-                }
+                let requester = requester.clone();
+                let room_id = plan.room_id.clone();
+                in_flight.spawn(async move { requester.request(RoomCommentRequest { room_id, text }).await });
             }
+            Some(done) = in_flight.join_next() => record_send(&stats, done),
             event = client.next_event() => match event {
                 Some(ClientEvent::Disconnected { code, reason }) => {
                     stats.disconnects.fetch_add(1, Ordering::Relaxed);
@@ -613,6 +626,14 @@ async fn sender(
             },
         }
     }
+    // Collect the answers still outstanding (each bounded by the request timeout).
+    while !in_flight.is_empty() {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(done) = in_flight.join_next() => record_send(&stats, done),
+            event = client.next_event() => if event.is_none() { break },
+        }
+    }
     // Keep draining until the run stops, so the server never sees a slow consumer.
     loop {
         tokio::select! {
@@ -621,6 +642,22 @@ async fn sender(
         }
     }
     client.close().await;
+}
+
+fn record_send(
+    stats: &Stats,
+    done: Result<Result<chorus_protocol::RoomCommentResponse, ClientError>, tokio::task::JoinError>,
+) {
+    match done {
+        Ok(Ok(_)) => {
+            stats.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Err(e)) => stats.error("sender comment", &e),
+        Err(e) => {
+            tracing::warn!(error = %e, "comment task failed");
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 async fn progress(stats: Arc<Stats>, listeners: u32, senders: u32, stop: CancellationToken) {
