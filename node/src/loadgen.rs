@@ -589,7 +589,8 @@ async fn sender(
     let started = Instant::now();
     let end = started + schedule.duration;
     let mut tick = tokio::time::interval_at(started + offset, period);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Burst: a tick delayed by a busy CPU is made up at once, so the rate is the one asked for.
+    tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
     // Open loop: comments leave on schedule whether or not earlier ones were answered, so
     // a slow server shows up as latency, not as a lower send rate.
     let requester = client.requester();
