@@ -30,7 +30,7 @@ pub const NODE_KEY_FILE: &str = "node-key.pem";
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// Reading or writing a PEM file failed.
-    #[error("{path}: {source}")]
+    #[error("cannot read or write {path}")]
     Io {
         /// The file.
         path: PathBuf,

@@ -44,8 +44,11 @@ impl Body {
         match self {
             Body::Empty => serde_json::from_value(serde_json::Value::Object(Default::default()))
                 .map_err(|e| invalid(e.to_string())),
+            // rmpv's own deserializer cannot read enums sent as strings (unit variants):
+            // re-encode the (small, already bounded) value and let rmp-serde read it.
             Body::MsgPack(v) => {
-                rmpv::ext::from_value(v.clone()).map_err(|e| invalid(e.to_string()))
+                let bytes = rmp_serde::to_vec(v).map_err(|e| invalid(e.to_string()))?;
+                rmp_serde::from_slice(&bytes).map_err(|e| invalid(e.to_string()))
             }
             Body::Json(v) => serde_json::from_value(v.clone()).map_err(|e| invalid(e.to_string())),
         }
@@ -411,6 +414,30 @@ mod tests {
             let a = decode_frame(enc, &framed, &FrameLimits::default()).expect("decode framed");
             let b = decode_frame(enc, &direct, &FrameLimits::default()).expect("decode direct");
             assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn bodies_with_enums_decode_in_both_encodings() {
+        use crate::messages::{AuthResponse, ResumeOutcome};
+        let body = AuthResponse {
+            protocol_version: 1,
+            user_id: "u".into(),
+            session_id: "s".into(),
+            resume: ResumeOutcome::Resync,
+            notification_seq: 3,
+            node: "n".into(),
+            ping_interval_ms: 1,
+            resume_window_ms: 2,
+        };
+        for enc in [Encoding::MsgPack, Encoding::Json] {
+            let bytes = encode_response_ok(enc, 1, &body).expect("encode");
+            let Frame::Response(ResponseFrame { result: Ok(ok), .. }) =
+                decode_frame(enc, &bytes, &FrameLimits::default()).expect("decode")
+            else {
+                panic!("not an ok response");
+            };
+            assert_eq!(ok.decode::<AuthResponse>("auth").expect("body"), body);
         }
     }
 

@@ -669,7 +669,8 @@ impl Connection {
             .await_response(seq)
             .await?
             .map_err(ClientError::Server)?;
-        super::decode_body::<R::Response>(R::KIND, &ok).map_err(ClientError::Protocol)
+        ok.decode::<R::Response>(R::KIND)
+            .map_err(ClientError::Protocol)
     }
 
     /// Sends `auth` (optionally resuming a session) and waits for the response. A refusal
@@ -687,7 +688,8 @@ impl Connection {
         };
         self.send_request(seq, &body).await?;
         let ok = self.await_response(seq).await?.map_err(ClientError::Auth)?;
-        super::decode_body::<AuthResponse>(AuthRequest::KIND, &ok).map_err(ClientError::Protocol)
+        ok.decode::<AuthResponse>(AuthRequest::KIND)
+            .map_err(ClientError::Protocol)
     }
 
     async fn await_response(

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_protocol::{
-    AuthResponse, Body, ErrorBody, ErrorCode, Event, Frame, NotificationFrame, PingResponse,
+    AuthResponse, ErrorBody, ErrorCode, Event, Frame, NotificationFrame, PingResponse,
     ProtocolError, RequestFrame, ResumeOutcome, ResumeRequest,
 };
 use rand::rngs::SmallRng;
@@ -319,11 +319,7 @@ impl Driver {
         self.shared
             .last_seq
             .store(notification.seq, Ordering::Release);
-        let body = match notification.body {
-            // See `decode_body`: decode MessagePack through JSON.
-            body @ Body::MsgPack(_) => Body::Json(body_to_json(&body)),
-            other => other,
-        };
+        let body = notification.body;
         Some(match Event::decode(&notification.kind, &body) {
             Ok(event) => ClientEvent::Notification {
                 seq: notification.seq,

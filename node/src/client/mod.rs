@@ -261,21 +261,6 @@ pub fn body_to_json(body: &Body) -> serde_json::Value {
     }
 }
 
-/// Decodes a body into `T`.
-///
-/// MessagePack bodies go through JSON: `rmpv::ext::from_value` (what
-/// [`Body::decode`] uses) cannot decode unit enum variants sent as strings
-/// (`"resume": "new"`, `"role": "host"`), which every response with an enum contains.
-pub fn decode_body<T: serde::de::DeserializeOwned>(
-    kind: &str,
-    body: &Body,
-) -> Result<T, ProtocolError> {
-    match body {
-        Body::MsgPack(_) => Body::Json(body_to_json(body)).decode(kind),
-        other => other.decode(kind),
-    }
-}
-
 /// Encodes a request frame once the driver has assigned its sequence number.
 type EncodeRequest = Box<dyn FnOnce(Encoding, u64) -> Result<Bytes, ProtocolError> + Send>;
 
@@ -343,9 +328,9 @@ impl Requester {
         match tokio::time::timeout_at(deadline, response).await {
             Err(_) => Err(timeout()),
             Ok(Err(_)) => Err(closed_error()),
-            Ok(Ok(result)) => {
-                decode_body::<R::Response>(R::KIND, &result?).map_err(ClientError::Protocol)
-            }
+            Ok(Ok(result)) => result?
+                .decode::<R::Response>(R::KIND)
+                .map_err(ClientError::Protocol),
         }
     }
 }
