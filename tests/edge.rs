@@ -649,6 +649,37 @@ async fn a_message_above_the_transport_cap_closes_the_connection_with_a_reason()
         })
         .await
         .expect("connection not closed");
-        assert_eq!(code, Some(expected), "{url}");
+        if url.starts_with("ws") {
+            // The server closes with 1009 while the 2 MiB are still arriving; closing a TCP
+            // socket with unread data sends a reset, which may destroy the close frame on
+            // its way. Closed it must be; with a code, that code must be 1009.
+            assert!(code.is_none() || code == Some(expected), "{url}: {code:?}");
+        } else {
+            assert_eq!(code, Some(expected), "{url}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_closes_normally_leaves_its_rooms_at_once() {
+    let node = TestNode::start(&[]).await;
+    for url in [node.ws_url(), node.quic_url()] {
+        let mut host = node.client(&node.ws_url(), "host").await;
+        let room = create_room(&host, "goodbye").await;
+        join(&host, &room).await;
+        let mut guest = node.client(&url, "guest").await;
+        join(&guest, &room).await;
+        expect_event(&mut host, "listener count 2", |e| match e {
+            Event::Listeners(l) if l.count == 2 => Some(()),
+            _ => None,
+        })
+        .await;
+        guest.close().await;
+        // Well inside the 60 s resume window: the goodbye, not expiry, removed the guest.
+        expect_event(&mut host, "listener count back to 1", |e| match e {
+            Event::Listeners(l) if l.count == 1 => Some(()),
+            _ => None,
+        })
+        .await;
     }
 }

@@ -41,6 +41,9 @@ pub enum Inbound {
     TooLarge(usize),
     /// A message above the transport cap: the stream cannot continue; close.
     OverCap,
+    /// The client closed on purpose (WebSocket close 1000, QUIC stream finished or close
+    /// code 0): its session ends now instead of waiting out the resume window.
+    Goodbye,
 }
 
 /// The receiving half of a transport.
@@ -147,6 +150,12 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
             }
             message = reader.next() => match message {
                 None => break,
+                Some(Ok(Inbound::Goodbye)) => {
+                    if let Some(session) = conn.session.take() {
+                        node.end_session(&session).await;
+                    }
+                    break;
+                }
                 Some(Err(error)) => {
                     tracing::debug!(%error, transport, "transport closed");
                     break;

@@ -111,6 +111,26 @@ impl Node {
         self.connections.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Ends a session now: it leaves its rooms and can no longer be resumed.
+    async fn end_session(&self, session: &Arc<session::Session>) {
+        self.sessions.remove(&session.id);
+        self.leave_all_rooms(session).await;
+        tracing::debug!(session = %session.id, "session ended by its client");
+    }
+
+    async fn leave_all_rooms(&self, session: &Arc<session::Session>) {
+        let rooms: Vec<String> = session.with_core(|core| core.rooms().cloned().collect());
+        for room_id in rooms {
+            if let Ok(actor) = self.rooms.get(&room_id).await {
+                let _ = actor.cast(RoomMsg::Leave {
+                    member: session.member(),
+                    reply: None,
+                });
+            }
+            session.with_core(|core| core.handle_room_left(&room_id));
+        }
+    }
+
     /// Current client connections.
     pub fn connection_count(&self) -> usize {
         self.connections.load(Ordering::Acquire)
@@ -330,15 +350,7 @@ async fn sweep_sessions(node: Arc<Node>) {
             _ = interval.tick() => {}
         }
         for session in node.sessions.take_expired(unix_now_ms()) {
-            let rooms: Vec<String> = session.with_core(|core| core.rooms().cloned().collect());
-            for room_id in rooms {
-                if let Ok(actor) = node.rooms.get(&room_id).await {
-                    let _ = actor.cast(RoomMsg::Leave {
-                        member: session.member(),
-                        reply: None,
-                    });
-                }
-            }
+            node.leave_all_rooms(&session).await;
             tracing::debug!(session = %session.id, "session expired");
         }
     }

@@ -17,6 +17,9 @@ use super::connection::{Inbound, TransportReader, TransportWriter};
 pub const IDLE_TIMEOUT_MS: u32 = 30_000;
 /// Keep-alive interval, well under the idle timeout.
 pub const KEEP_ALIVE_MS: u64 = 10_000;
+/// The QUIC application close code with which a client ends its session (like WebSocket's
+/// 1000 normal closure).
+pub const GOODBYE_CLOSE_CODE: u16 = 1000;
 /// Time to wait for the peer to acknowledge the last frames before closing.
 const CLOSE_LINGER_MS: u64 = 1_000;
 
@@ -44,6 +47,20 @@ fn codec(transport_message_bytes_max: usize) -> LengthDelimitedCodec {
 pub struct QuicReader {
     frames: FramedRead<RecvStream, LengthDelimitedCodec>,
     frame_bytes_max: usize,
+    connection: quinn::Connection,
+}
+
+impl QuicReader {
+    /// Whether the client closed the connection with application code 1000 (as WebSocket's
+    /// normal closure): a goodbye. Code 0 is what quinn sends when a client merely drops
+    /// its handle, so it does not end the session.
+    fn closed_by_client_normally(&self) -> bool {
+        matches!(
+            self.connection.close_reason(),
+            Some(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code.into_inner() == u64::from(GOODBYE_CLOSE_CODE)
+        )
+    }
 }
 
 /// Writing half.
@@ -64,6 +81,7 @@ pub fn split(
         QuicReader {
             frames: FramedRead::new(recv, codec(transport_message_bytes_max)),
             frame_bytes_max,
+            connection: connection.clone(),
         },
         QuicWriter {
             frames: FramedWrite::new(send, codec(transport_message_bytes_max)),
@@ -74,7 +92,14 @@ pub fn split(
 
 impl TransportReader for QuicReader {
     async fn next(&mut self) -> Option<Result<Inbound, String>> {
-        match self.frames.next().await? {
+        let Some(next) = self.frames.next().await else {
+            return if self.closed_by_client_normally() {
+                Some(Ok(Inbound::Goodbye))
+            } else {
+                None
+            };
+        };
+        match next {
             Ok(frame) if frame.len() > self.frame_bytes_max => {
                 Some(Ok(Inbound::TooLarge(frame.len())))
             }
@@ -83,6 +108,7 @@ impl TransportReader for QuicReader {
             Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
                 Some(Ok(Inbound::OverCap))
             }
+            Err(_) if self.closed_by_client_normally() => Some(Ok(Inbound::Goodbye)),
             Err(error) => Some(Err(error.to_string())),
         }
     }

@@ -252,6 +252,14 @@ impl SessionRegistry {
         self.map().get(id).cloned()
     }
 
+    /// Removes a session (its client said goodbye).
+    pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
+        let mut map = self.map();
+        let removed = map.remove(id);
+        metrics::gauge!("chorus_sessions").set(map.len() as f64);
+        removed
+    }
+
     /// Removes and returns sessions detached for longer than the resume window.
     pub fn take_expired(&self, now_ms: u64) -> Vec<Arc<Session>> {
         let mut map = self.map();

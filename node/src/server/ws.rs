@@ -74,6 +74,11 @@ impl TransportReader for WsReader {
             let (encoding, bytes) = match message {
                 Message::Text(text) => (Encoding::Json, Bytes::from(text)),
                 Message::Binary(bytes) => (Encoding::MsgPack, bytes),
+                // A normal close (1000) is a goodbye: the session ends. Other closes (e.g.
+                // 1001 going away) leave it resumable.
+                Message::Close(Some(frame)) if frame.code == CloseCode::Normal => {
+                    return Some(Ok(Inbound::Goodbye))
+                }
                 // Control frames: tungstenite answers pings itself. After a Close, keep
                 // reading: that flushes tungstenite's close reply and then ends the stream.
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) | Message::Close(_) => {
