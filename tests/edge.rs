@@ -70,6 +70,19 @@ async fn raw_response(
     }
 }
 
+/// Reads until the server closes the connection; returns the close code.
+async fn close_code(conn: &mut Connection, when: &str) -> Option<u16> {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Err(ClientError::Closed { code, .. }) = conn.recv().await {
+                return code;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("connection not closed {when}"))
+}
+
 #[tokio::test]
 async fn mixed_transports_see_the_same_comments_in_the_same_order() {
     let node = TestNode::start(&["--requests-per-sec", "1000", "--requests-burst", "1000"]).await;
@@ -179,15 +192,7 @@ async fn forged_expired_and_missing_tokens_are_refused() {
             .await
             .expect_err("garbage token accepted");
         assert_eq!(error.code, ErrorCode::InvalidToken.as_u16());
-        let closed = tokio::time::timeout(DEADLINE, async {
-            loop {
-                if let Err(ClientError::Closed { code, .. }) = conn.recv().await {
-                    return code;
-                }
-            }
-        })
-        .await
-        .expect("connection not closed after a refused token");
+        let closed = close_code(&mut conn, "after a refused token").await;
         assert_eq!(closed, Some(ErrorCode::InvalidToken.close_code()), "{url}");
     }
 }
@@ -640,15 +645,7 @@ async fn a_message_above_the_transport_cap_closes_the_connection_with_a_reason()
             RawMessage::Binary(huge.into())
         };
         let _ = conn.send_raw(raw).await;
-        let code = tokio::time::timeout(DEADLINE, async {
-            loop {
-                if let Err(ClientError::Closed { code, .. }) = conn.recv().await {
-                    return code;
-                }
-            }
-        })
-        .await
-        .expect("connection not closed");
+        let code = close_code(&mut conn, "after an over-cap message").await;
         if url.starts_with("ws") {
             // The server closes with 1009 while the 2 MiB are still arriving; closing a TCP
             // socket with unread data sends a reset, which may destroy the close frame on
