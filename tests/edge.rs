@@ -680,3 +680,40 @@ async fn a_client_that_closes_normally_leaves_its_rooms_at_once() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn one_user_on_two_devices_gets_every_comment_on_both_and_counts_once() {
+    let node = TestNode::start(&[]).await;
+    let mut host = node.client(&node.ws_url(), "host").await;
+    let room = create_room(&host, "devices").await;
+    join(&host, &room).await;
+    let mut phone = node.client(&node.quic_url(), "dana").await;
+    let mut laptop = node.client(&node.ws_url(), "dana").await;
+    join(&phone, &room).await;
+    join(&laptop, &room).await;
+    expect_event(&mut host, "listener count 2", |e| match e {
+        Event::Listeners(l) if l.count == 2 => Some(()),
+        _ => None,
+    })
+    .await;
+    let info = host
+        .request(chorus_protocol::RoomInfoRequest {
+            room_id: room.clone(),
+        })
+        .await
+        .expect("info");
+    assert_eq!(
+        info.listener_count, 2,
+        "two users, one of them on two devices"
+    );
+    say(&host, &room, "to every device").await;
+    for device in [&mut phone, &mut laptop] {
+        let texts = collect_comments(device, &room, 1).await;
+        assert_eq!(texts[0].1, "to every device");
+    }
+    assert_ne!(
+        phone.session_id(),
+        laptop.session_id(),
+        "each device has its own session"
+    );
+}
