@@ -4,4 +4,5 @@
 //! next, by mutual TLS between nodes). Raft metadata, placement and inter-node links
 //! arrive with the cluster issue; see `ARCHITECTURE.md`.
 
+pub mod metadata;
 pub mod tls;

@@ -1,0 +1,363 @@
+//! The cluster metadata state machine (sans-IO): what Raft replicates.
+//!
+//! Members and their addresses and states, the placement ring's epoch, room ownership
+//! with fencing epochs, and durable room definitions. [`ClusterMetadata::apply`] is a pure
+//! function of the state and one [`MetadataCommand`]: Raft feeds it committed log entries
+//! in order on every node, so every node holds the same state at the same log index.
+//!
+//! This module does not know about Raft, sockets or disks; `raft` wraps it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A node id: assigned by the metadata (monotonic), never reused.
+pub type NodeId = u64;
+
+/// Upper bound on members, so a runaway join loop cannot grow the state without limit.
+pub const MEMBERS_MAX: usize = 1024;
+/// Upper bound on stored room definitions per cluster.
+pub const ROOMS_MAX: usize = 10_000_000;
+
+/// A member's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Added, not yet serving (not on the ring).
+    Joining,
+    /// Serving: on the ring.
+    Up,
+    /// Handing its actors away: off the ring, still reachable.
+    Draining,
+    /// Failed or removed: off the ring.
+    Down,
+}
+
+/// What the cluster knows of a member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Id.
+    pub id: NodeId,
+    /// Human-readable name.
+    pub name: String,
+    /// Inter-node QUIC address (Raft, actor messages, relay).
+    pub cluster_addr: String,
+    /// Client HTTP address (WebSocket, admin).
+    pub http_addr: String,
+    /// Client QUIC address.
+    pub quic_addr: String,
+    /// Lifecycle state.
+    pub state: NodeState,
+}
+
+/// Who owns an actor (room, pool, …) and at which fencing epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ownership {
+    /// The owning node.
+    pub node: NodeId,
+    /// Fencing epoch: strictly increases with every change of owner. A node acts as owner
+    /// only with the epoch it was granted; messages with an older epoch are refused.
+    pub epoch: u64,
+}
+
+/// A change to the metadata, proposed through Raft.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetadataCommand {
+    /// Register a new member (state `Joining`); the metadata assigns its id.
+    AddNode {
+        /// Name.
+        name: String,
+        /// Inter-node address.
+        cluster_addr: String,
+        /// Client HTTP address.
+        http_addr: String,
+        /// Client QUIC address.
+        quic_addr: String,
+    },
+    /// Register the first member with a known id (cluster initialization).
+    Bootstrap {
+        /// The member.
+        node: NodeRecord,
+    },
+    /// Change a member's state; bumps the ring epoch when the set of `Up` members changes.
+    SetNodeState {
+        /// Which member.
+        node: NodeId,
+        /// New state.
+        state: NodeState,
+    },
+    /// Forget a member (its id is never reused).
+    RemoveNode {
+        /// Which member.
+        node: NodeId,
+    },
+    /// Claim ownership of `key` for `node` if the current owner's epoch is `expected_epoch`
+    /// (compare-and-set): the new epoch is `expected_epoch + 1`.
+    ClaimOwnership {
+        /// Actor key (e.g. `room/r-…`).
+        key: String,
+        /// The claimant.
+        node: NodeId,
+        /// The epoch the claimant last saw (0 if none).
+        expected_epoch: u64,
+    },
+    /// Store (or replace) a durable definition: opaque bytes under a key.
+    PutDefinition {
+        /// Key (e.g. `room/r-…`).
+        key: String,
+        /// Encoded definition.
+        value: Vec<u8>,
+    },
+    /// Delete a durable definition.
+    DeleteDefinition {
+        /// Key.
+        key: String,
+    },
+}
+
+/// The result of applying a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetadataResponse {
+    /// Applied; nothing to report.
+    Ok,
+    /// A member was added with this id.
+    NodeAdded(NodeId),
+    /// Ownership granted at this epoch.
+    OwnershipGranted(Ownership),
+    /// The claim lost the race: this is the current owner.
+    OwnershipConflict(Ownership),
+    /// The command was refused (unknown node, bound reached, …).
+    Refused(String),
+}
+
+/// The replicated metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMetadata {
+    /// Members by id.
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// The next id to assign (ids are never reused).
+    pub next_node_id: NodeId,
+    /// Placement ring epoch: bumped whenever the set of `Up` members changes.
+    pub ring_epoch: u64,
+    /// Current owners by actor key.
+    pub owners: BTreeMap<String, Ownership>,
+    /// Durable definitions by key.
+    pub definitions: BTreeMap<String, Vec<u8>>,
+}
+
+impl ClusterMetadata {
+    /// The ids of `Up` members, in order: the input of the placement ring.
+    pub fn up_nodes(&self) -> Vec<NodeId> {
+        self.nodes
+            .values()
+            .filter(|n| n.state == NodeState::Up)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// Applies one committed command.
+    pub fn apply(&mut self, command: MetadataCommand) -> MetadataResponse {
+        let response = match command {
+            MetadataCommand::Bootstrap { node } => {
+                if !self.nodes.is_empty() {
+                    MetadataResponse::Refused("cluster already initialized".into())
+                } else {
+                    self.next_node_id = self.next_node_id.max(node.id + 1);
+                    let up = node.state == NodeState::Up;
+                    self.nodes.insert(node.id, node);
+                    if up {
+                        self.ring_epoch += 1;
+                    }
+                    MetadataResponse::Ok
+                }
+            }
+            MetadataCommand::AddNode {
+                name,
+                cluster_addr,
+                http_addr,
+                quic_addr,
+            } => {
+                if self.nodes.len() >= MEMBERS_MAX {
+                    MetadataResponse::Refused(format!("at most {MEMBERS_MAX} members"))
+                } else if let Some(existing) = self
+                    .nodes
+                    .values()
+                    .find(|n| n.cluster_addr == cluster_addr && n.state != NodeState::Down)
+                {
+                    // A retried join from the same live address gets the same id.
+                    MetadataResponse::NodeAdded(existing.id)
+                } else {
+                    let id = self.next_node_id.max(1);
+                    self.next_node_id = id + 1;
+                    self.nodes.insert(
+                        id,
+                        NodeRecord {
+                            id,
+                            name,
+                            cluster_addr,
+                            http_addr,
+                            quic_addr,
+                            state: NodeState::Joining,
+                        },
+                    );
+                    MetadataResponse::NodeAdded(id)
+                }
+            }
+            MetadataCommand::SetNodeState { node, state } => match self.nodes.get_mut(&node) {
+                None => MetadataResponse::Refused(format!("no node {node}")),
+                Some(record) => {
+                    let was_up = record.state == NodeState::Up;
+                    record.state = state;
+                    if was_up != (state == NodeState::Up) {
+                        self.ring_epoch += 1;
+                    }
+                    MetadataResponse::Ok
+                }
+            },
+            MetadataCommand::RemoveNode { node } => match self.nodes.remove(&node) {
+                None => MetadataResponse::Refused(format!("no node {node}")),
+                Some(record) => {
+                    if record.state == NodeState::Up {
+                        self.ring_epoch += 1;
+                    }
+                    MetadataResponse::Ok
+                }
+            },
+            MetadataCommand::ClaimOwnership {
+                key,
+                node,
+                expected_epoch,
+            } => {
+                let current = self.owners.get(&key).copied();
+                let current_epoch = current.map(|o| o.epoch).unwrap_or(0);
+                match current {
+                    Some(owner) if owner.node == node && owner.epoch == expected_epoch => {
+                        MetadataResponse::OwnershipGranted(owner)
+                    }
+                    _ if current_epoch != expected_epoch => MetadataResponse::OwnershipConflict(
+                        current.unwrap_or(Ownership { node: 0, epoch: 0 }),
+                    ),
+                    _ if !self.nodes.contains_key(&node) => {
+                        MetadataResponse::Refused(format!("no node {node}"))
+                    }
+                    _ => {
+                        let granted = Ownership {
+                            node,
+                            epoch: current_epoch + 1,
+                        };
+                        self.owners.insert(key, granted);
+                        MetadataResponse::OwnershipGranted(granted)
+                    }
+                }
+            }
+            MetadataCommand::PutDefinition { key, value } => {
+                if self.definitions.len() >= ROOMS_MAX && !self.definitions.contains_key(&key) {
+                    MetadataResponse::Refused(format!("at most {ROOMS_MAX} definitions"))
+                } else {
+                    self.definitions.insert(key, value);
+                    MetadataResponse::Ok
+                }
+            }
+            MetadataCommand::DeleteDefinition { key } => {
+                self.definitions.remove(&key);
+                self.owners.remove(&key);
+                MetadataResponse::Ok
+            }
+        };
+        self.check_invariants();
+        response
+    }
+
+    /// Checks the invariants (debug builds).
+    pub fn check_invariants(&self) {
+        #[cfg(debug_assertions)]
+        {
+            for (id, node) in &self.nodes {
+                assert_eq!(*id, node.id);
+                assert!(
+                    node.id < self.next_node_id,
+                    "ids are assigned below next_node_id"
+                );
+            }
+            assert!(self.nodes.len() <= MEMBERS_MAX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn add(meta: &mut ClusterMetadata, name: &str) -> NodeId {
+        match meta.apply(MetadataCommand::AddNode {
+            name: name.into(),
+            cluster_addr: format!("{name}:7072"),
+            http_addr: format!("{name}:7070"),
+            quic_addr: format!("{name}:7071"),
+        }) {
+            MetadataResponse::NodeAdded(id) => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ids_are_never_reused_and_the_ring_epoch_follows_up_members() {
+        let mut meta = ClusterMetadata::default();
+        let a = add(&mut meta, "a");
+        let b = add(&mut meta, "b");
+        assert_eq!(add(&mut meta, "a"), a, "a retried join keeps its id");
+        assert_eq!(meta.ring_epoch, 0);
+        meta.apply(MetadataCommand::SetNodeState {
+            node: a,
+            state: NodeState::Up,
+        });
+        meta.apply(MetadataCommand::SetNodeState {
+            node: b,
+            state: NodeState::Up,
+        });
+        assert_eq!(meta.ring_epoch, 2);
+        assert_eq!(meta.up_nodes(), vec![a, b]);
+        meta.apply(MetadataCommand::SetNodeState {
+            node: b,
+            state: NodeState::Draining,
+        });
+        assert_eq!(meta.ring_epoch, 3);
+        meta.apply(MetadataCommand::RemoveNode { node: b });
+        assert_eq!(
+            meta.ring_epoch, 3,
+            "removing a node that is not up keeps the ring"
+        );
+        let c = add(&mut meta, "b");
+        assert!(c > b, "a removed id is not reused");
+    }
+
+    #[test]
+    fn ownership_is_a_compare_and_set_with_increasing_epochs() {
+        let mut meta = ClusterMetadata::default();
+        let a = add(&mut meta, "a");
+        let b = add(&mut meta, "b");
+        let claim = |node, expected_epoch| MetadataCommand::ClaimOwnership {
+            key: "room/r-1".into(),
+            node,
+            expected_epoch,
+        };
+        assert_eq!(
+            meta.apply(claim(a, 0)),
+            MetadataResponse::OwnershipGranted(Ownership { node: a, epoch: 1 })
+        );
+        // b raced with a stale view: refused, told the current owner
+        assert_eq!(
+            meta.apply(claim(b, 0)),
+            MetadataResponse::OwnershipConflict(Ownership { node: a, epoch: 1 })
+        );
+        assert_eq!(
+            meta.apply(claim(b, 1)),
+            MetadataResponse::OwnershipGranted(Ownership { node: b, epoch: 2 })
+        );
+        // idempotent re-claim by the owner at its epoch
+        assert_eq!(
+            meta.apply(claim(b, 2)),
+            MetadataResponse::OwnershipGranted(Ownership { node: b, epoch: 2 })
+        );
+    }
+}
