@@ -4,5 +4,6 @@
 //! next, by mutual TLS between nodes). Raft metadata, placement and inter-node links
 //! arrive with the cluster issue; see `ARCHITECTURE.md`.
 
+pub mod link;
 pub mod metadata;
 pub mod tls;

@@ -1,0 +1,416 @@
+//! Inter-node links: QUIC with mutual TLS from the cluster CA.
+//!
+//! Each node binds one [`ClusterEndpoint`] on its cluster address. Both sides present a
+//! certificate signed by the cluster CA and verify the other's (a node with a foreign CA
+//! cannot connect, nor be connected to). One connection per peer is kept and reused; each
+//! RPC is one bidirectional stream: the request bytes, then the reply bytes, each bounded.
+//! Datagrams are enabled for voice. QUIC keep-alive and idle timeout are the failure
+//! detector's input: a peer that stops answering is noticed within
+//! [`LinkConfig::idle_timeout_ms`].
+//!
+//! This module moves bytes; what they mean (Raft, routing, relay) is decided above it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::VarInt;
+
+use crate::tls::{crypto_provider, NodeIdentity, TlsError};
+
+/// ALPN of inter-node connections (distinct from the client protocol's `chorus/1`).
+pub const CLUSTER_ALPN: &[u8] = b"chorus-cluster/1";
+/// Largest RPC request or reply, in bytes (Raft snapshots travel as one reply).
+pub const RPC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Concurrent RPC streams a peer may open on one connection.
+pub const RPC_STREAMS_CONCURRENT_MAX: u32 = 1024;
+
+/// Link timing. Every field has its unit last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// A peer silent for this long is considered gone (QUIC idle timeout). Default 3,000.
+    pub idle_timeout_ms: u64,
+    /// Keep-alive interval; well under the idle timeout. Default 500.
+    pub keep_alive_ms: u64,
+    /// Time to establish a connection. Default 2,000.
+    pub connect_timeout_ms: u64,
+    /// Time for one RPC (request sent to reply read). Default 5,000.
+    pub rpc_timeout_ms: u64,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            idle_timeout_ms: 3_000,
+            keep_alive_ms: 500,
+            connect_timeout_ms: 2_000,
+            rpc_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Link errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The endpoint could not be bound.
+    #[error("cannot bind the cluster endpoint on {addr}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The connection could not be established.
+    #[error("cannot connect to {peer}: {reason}")]
+    Connect {
+        /// Peer.
+        peer: SocketAddr,
+        /// Cause.
+        reason: String,
+    },
+    /// The RPC failed on the wire.
+    #[error("rpc to {peer} failed: {reason}")]
+    Rpc {
+        /// Peer.
+        peer: SocketAddr,
+        /// Cause.
+        reason: String,
+    },
+    /// The RPC took longer than allowed.
+    #[error("rpc to {peer} timed out after {timeout_ms} ms")]
+    Timeout {
+        /// Peer.
+        peer: SocketAddr,
+        /// The limit.
+        timeout_ms: u64,
+    },
+}
+
+/// Serves RPCs arriving from peers.
+pub trait RpcHandler: Send + Sync + 'static {
+    /// Answers one request from `peer`.
+    fn handle(&self, peer: SocketAddr, request: Bytes) -> impl Future<Output = Bytes> + Send;
+}
+
+/// One node's inter-node QUIC endpoint.
+#[derive(Clone)]
+pub struct ClusterEndpoint {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    config: LinkConfig,
+    connections: Arc<Mutex<HashMap<SocketAddr, quinn::Connection>>>,
+}
+
+impl std::fmt::Debug for ClusterEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterEndpoint")
+            .field("local", &self.endpoint.local_addr().ok())
+            .finish()
+    }
+}
+
+fn transport(config: &LinkConfig) -> Result<quinn::TransportConfig, LinkError> {
+    let mut transport = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(Duration::from_millis(config.idle_timeout_ms))
+        .map_err(|e| LinkError::Rpc {
+            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            reason: format!("idle timeout out of range: {e}"),
+        })?;
+    transport.max_idle_timeout(Some(idle));
+    transport.keep_alive_interval(Some(Duration::from_millis(config.keep_alive_ms)));
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(RPC_STREAMS_CONCURRENT_MAX));
+    transport.max_concurrent_uni_streams(VarInt::from_u32(RPC_STREAMS_CONCURRENT_MAX));
+    transport.datagram_receive_buffer_size(Some(1024 * 1024));
+    Ok(transport)
+}
+
+impl ClusterEndpoint {
+    /// Binds the endpoint on `addr` with this node's identity (mutual TLS).
+    pub fn bind(
+        addr: SocketAddr,
+        identity: &NodeIdentity,
+        config: LinkConfig,
+    ) -> Result<Self, LinkError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(identity.ca.clone()).map_err(TlsError::from)?;
+        let roots = Arc::new(roots);
+
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            crypto_provider(),
+        )
+        .build()
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let mut server_tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(TlsError::from)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
+            .map_err(TlsError::from)?;
+        server_tls.alpn_protocols = vec![CLUSTER_ALPN.to_vec()];
+
+        let mut client_tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(TlsError::from)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())
+            .map_err(TlsError::from)?;
+        client_tls.alpn_protocols = vec![CLUSTER_ALPN.to_vec()];
+
+        let transport = Arc::new(transport(&config)?);
+        let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport.clone());
+        let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport);
+
+        let mut endpoint = quinn::Endpoint::server(server, addr)
+            .map_err(|source| LinkError::Bind { addr, source })?;
+        endpoint.set_default_client_config(client.clone());
+        Ok(ClusterEndpoint {
+            endpoint,
+            client,
+            config,
+            connections: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// The timing in force.
+    pub fn config(&self) -> &LinkConfig {
+        &self.config
+    }
+
+    /// The live connection to `peer`, connecting if needed.
+    pub async fn connection(&self, peer: SocketAddr) -> Result<quinn::Connection, LinkError> {
+        if let Some(connection) = self.cached(peer) {
+            return Ok(connection);
+        }
+        // The certificate carries the node's IP addresses as SANs; verify against the IP.
+        let server_name = peer.ip().to_string();
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), peer, &server_name)
+            .map_err(|e| LinkError::Connect {
+                peer,
+                reason: e.to_string(),
+            })?;
+        let connection = tokio::time::timeout(
+            Duration::from_millis(self.config.connect_timeout_ms),
+            connecting,
+        )
+        .await
+        .map_err(|_| LinkError::Connect {
+            peer,
+            reason: format!("no handshake within {} ms", self.config.connect_timeout_ms),
+        })?
+        .map_err(|e| LinkError::Connect {
+            peer,
+            reason: e.to_string(),
+        })?;
+        if let Ok(mut map) = self.connections.lock() {
+            map.insert(peer, connection.clone());
+        }
+        Ok(connection)
+    }
+
+    fn cached(&self, peer: SocketAddr) -> Option<quinn::Connection> {
+        let mut map = self.connections.lock().ok()?;
+        match map.get(&peer) {
+            Some(connection) if connection.close_reason().is_none() => Some(connection.clone()),
+            Some(_) => {
+                map.remove(&peer);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Sends `request` to `peer` and returns its reply.
+    pub async fn call(&self, peer: SocketAddr, request: Bytes) -> Result<Bytes, LinkError> {
+        let timeout_ms = self.config.rpc_timeout_ms;
+        tokio::time::timeout(
+            Duration::from_millis(timeout_ms),
+            self.call_inner(peer, request),
+        )
+        .await
+        .map_err(|_| LinkError::Timeout { peer, timeout_ms })?
+    }
+
+    async fn call_inner(&self, peer: SocketAddr, request: Bytes) -> Result<Bytes, LinkError> {
+        let rpc_err = |reason: String| LinkError::Rpc { peer, reason };
+        let connection = self.connection(peer).await?;
+        let (mut send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| rpc_err(e.to_string()))?;
+        send.write_all(&request)
+            .await
+            .map_err(|e| rpc_err(e.to_string()))?;
+        send.finish().map_err(|e| rpc_err(e.to_string()))?;
+        let reply = recv
+            .read_to_end(RPC_MESSAGE_BYTES_MAX)
+            .await
+            .map_err(|e| rpc_err(e.to_string()))?;
+        Ok(Bytes::from(reply))
+    }
+
+    /// Sends a datagram to `peer` (unreliable; for voice). Fails if the peer is not
+    /// connected or the datagram is too large.
+    pub async fn send_datagram(&self, peer: SocketAddr, datagram: Bytes) -> Result<(), LinkError> {
+        let connection = self.connection(peer).await?;
+        connection
+            .send_datagram(datagram)
+            .map_err(|e| LinkError::Rpc {
+                peer,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Serves incoming connections until `shutdown` resolves: each request stream is
+    /// handed to `handler`, concurrently.
+    pub async fn serve<H: RpcHandler>(
+        &self,
+        handler: Arc<H>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            let incoming = tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) => incoming,
+                    None => break,
+                },
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let connection = match incoming.await {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        tracing::debug!(%error, "cluster handshake refused");
+                        return;
+                    }
+                };
+                serve_connection(connection, handler).await;
+            });
+        }
+    }
+
+    /// Closes every connection and the endpoint.
+    pub fn close(&self) {
+        self.endpoint
+            .close(VarInt::from_u32(0), b"node shutting down");
+    }
+}
+
+async fn serve_connection<H: RpcHandler>(connection: quinn::Connection, handler: Arc<H>) {
+    let peer = connection.remote_address();
+    loop {
+        let (mut send, mut recv) = match connection.accept_bi().await {
+            Ok(streams) => streams,
+            Err(_) => return,
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let request = match recv.read_to_end(RPC_MESSAGE_BYTES_MAX).await {
+                Ok(request) => Bytes::from(request),
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "bad rpc request");
+                    return;
+                }
+            };
+            let reply = handler.handle(peer, request).await;
+            if send.write_all(&reply).await.is_ok() {
+                let _ = send.finish();
+                // Wait for the reply to be acknowledged so dropping the stream does not
+                // cut it short.
+                let _ = send.stopped().await;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{ensure_node_identity, CertificateAuthority};
+
+    struct Echo;
+    impl RpcHandler for Echo {
+        async fn handle(&self, _peer: SocketAddr, request: Bytes) -> Bytes {
+            let mut reply = b"echo:".to_vec();
+            reply.extend_from_slice(&request);
+            Bytes::from(reply)
+        }
+    }
+
+    fn identity(ca_dir: &std::path::Path, data: &std::path::Path, name: &str) -> NodeIdentity {
+        ensure_node_identity(ca_dir, data, name, &["127.0.0.1".to_string()]).expect("identity")
+    }
+
+    #[tokio::test]
+    async fn nodes_of_one_ca_talk_and_a_foreign_node_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca");
+        CertificateAuthority::load_or_create(&ca, "test CA").expect("ca");
+        let a = ClusterEndpoint::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            &identity(&ca, &dir.path().join("a"), "a"),
+            LinkConfig::default(),
+        )
+        .expect("bind a");
+        let b = ClusterEndpoint::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            &identity(&ca, &dir.path().join("b"), "b"),
+            LinkConfig::default(),
+        )
+        .expect("bind b");
+        let b_addr = b.local_addr().expect("addr");
+        let server = b.clone();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        let serving = tokio::spawn(async move {
+            server
+                .serve(Arc::new(Echo), stopped.cancelled_owned())
+                .await
+        });
+
+        for i in 0..3 {
+            let reply = a
+                .call(b_addr, Bytes::from(format!("hi {i}")))
+                .await
+                .expect("rpc");
+            assert_eq!(&reply[..], format!("echo:hi {i}").as_bytes());
+        }
+
+        // A node whose certificate comes from another CA cannot call.
+        let foreign_ca = dir.path().join("foreign-ca");
+        let mallory = ClusterEndpoint::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            &identity(&foreign_ca, &dir.path().join("m"), "m"),
+            LinkConfig::default(),
+        )
+        .expect("bind mallory");
+        assert!(mallory
+            .call(b_addr, Bytes::from_static(b"let me in"))
+            .await
+            .is_err());
+
+        stop.cancel();
+        let _ = serving.await;
+    }
+}
