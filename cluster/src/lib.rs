@@ -6,4 +6,5 @@
 
 pub mod link;
 pub mod metadata;
+pub mod ring;
 pub mod tls;
