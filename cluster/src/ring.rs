@@ -292,7 +292,7 @@ mod tests {
 
     #[test]
     fn placement_is_pinned_across_builds_and_platforms() {
-        // Values cross-checked against the reference C xxHash (python-xxhash 3.x/4.x).
+        // Values cross-checked against the reference C xxHash 0.8.4 (via python-xxhash 4.1).
         // If this fails, the hash or its encoding changed: every room in a running
         // cluster would move at the next rolling upgrade. Change it only on purpose.
         let ring = ring(7, &[1, 2, 3]);
