@@ -6,5 +6,6 @@
 
 pub mod link;
 pub mod metadata;
+pub mod raft;
 pub mod ring;
 pub mod tls;
