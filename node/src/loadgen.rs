@@ -8,7 +8,14 @@
 //! and, with `--json FILE`, as JSON.
 //!
 //! Every loop is bounded by a count and a deadline: the ramp by N, sending by the
-//! duration, the drain by `--drain-secs`, shutdown by [`SHUTDOWN_WAIT_SECS`].
+//! duration, the senders' outstanding answers by the request timeout, the drain by
+//! `--drain-secs` from the moment the last sender finished, shutdown by
+//! [`SHUTDOWN_WAIT_SECS`].
+//!
+//! Accounting: a comment counts as sent only once the server acknowledged it, no comment
+//! leaves at or after the end of a sender's run, and the drain starts only once every
+//! sender has finished (its count is final), so the expected deliveries (acknowledged
+//! comments × listeners) cannot grow after the listeners stop counting.
 //!
 //! Open files: every connection is one socket (WebSocket) and the process needs a few
 //! more. At start the soft `RLIMIT_NOFILE` is raised to the hard limit; with the usual hard
@@ -49,6 +56,11 @@ pub const DURATION_SECS_MAX: u64 = 86_400;
 pub const QUIC_CLIENTS_PER_ENDPOINT: usize = 500;
 /// How long stopped tasks get to close their connections.
 pub const SHUTDOWN_WAIT_SECS: u64 = 10;
+/// How long a virtual client's request (join, comment) waits for its answer.
+const REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// Slack beyond the duration and the request timeout for the senders to finish; after it
+/// they are told to stop, and answers still outstanding are not counted.
+const SENDER_FINISH_SLACK_SECS: u64 = 5;
 /// Comments one sender may have waiting for an answer; a tick beyond it is skipped and
 /// counted as an error (the server is not keeping up).
 const SENDER_IN_FLIGHT_MAX: usize = 64;
@@ -170,6 +182,12 @@ struct Stats {
     listeners_settled: AtomicU64,
     senders_joined: AtomicU64,
     senders_settled: AtomicU64,
+    /// Senders done sending and collecting answers (or that never joined): their part of
+    /// `sent` is final.
+    senders_finished: AtomicU64,
+    /// When the last sender finished.
+    last_sender_finished: Mutex<Option<Instant>>,
+    /// Comments the server acknowledged (counted on the ok response).
     sent: AtomicU64,
     deliveries: AtomicU64,
     order_violations: AtomicU64,
@@ -195,6 +213,8 @@ impl Stats {
             listeners_settled: AtomicU64::new(0),
             senders_joined: AtomicU64::new(0),
             senders_settled: AtomicU64::new(0),
+            senders_finished: AtomicU64::new(0),
+            last_sender_finished: Mutex::new(None),
             sent: AtomicU64::new(0),
             deliveries: AtomicU64::new(0),
             order_violations: AtomicU64::new(0),
@@ -259,6 +279,7 @@ impl Plan {
         // Measure the server, not the reconnect logic: a lost connection is an error.
         config.reconnect = ReconnectPolicy::disabled();
         config.connect_timeout_ms = 15_000;
+        config.request_timeout_ms = REQUEST_TIMEOUT_MS;
         config.quic_endpoint = match self.endpoints.len() {
             0 => None,
             n => self.endpoints.get(index % n).cloned(),
@@ -335,8 +356,10 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     .await;
     let ramp_secs = ramp_started.elapsed().as_secs_f64();
 
-    // Senders: connect and join, then start together.
+    // Senders: connect and join, then start together. `finish` (also cancelled by `stop`)
+    // tells senders that overrun their time to stop sending and stop counting.
     let start = CancellationToken::new();
+    let finish = stop.child_token();
     for index in 0..args.senders as usize {
         tracker.spawn(sender(
             index,
@@ -348,6 +371,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
                 duration: Duration::from_secs(args.duration),
             },
             start.clone(),
+            finish.clone(),
             stop.clone(),
         ));
     }
@@ -356,11 +380,37 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     })
     .await;
     start.cancel();
-    tokio::time::sleep(Duration::from_secs(args.duration)).await;
 
-    // Drain: wait for deliveries in flight.
+    // Wait for every sender to finish: sending ends at its own `duration`, then it collects
+    // the answers still outstanding. Only then is the count of acknowledged comments final.
+    let senders = u64::from(args.senders);
+    let all_finished = || stats.senders_finished.load(Ordering::Relaxed) >= senders;
+    let senders_deadline = Instant::now()
+        + Duration::from_secs(args.duration + SENDER_FINISH_SLACK_SECS)
+        + Duration::from_millis(REQUEST_TIMEOUT_MS);
+    wait_until(senders_deadline, all_finished).await;
+    if !all_finished() {
+        eprintln!(
+            "loadgen: some senders overran their time; their outstanding comments are not counted"
+        );
+        finish.cancel();
+        wait_until(
+            Instant::now() + Duration::from_secs(SENDER_FINISH_SLACK_SECS),
+            all_finished,
+        )
+        .await;
+    }
+    let last_send_finished = stats
+        .last_sender_finished
+        .lock()
+        .ok()
+        .and_then(|last| *last)
+        .unwrap_or_else(Instant::now);
+
+    // Drain: wait for every acknowledged comment to reach every listener, at most
+    // `--drain-secs` from the moment the last sender finished.
     let listeners_joined = stats.listeners_joined.load(Ordering::Relaxed);
-    let drain_deadline = Instant::now() + Duration::from_secs(args.drain_secs);
+    let drain_deadline = last_send_finished + Duration::from_secs(args.drain_secs);
     wait_until(drain_deadline, || {
         let expected = stats.sent.load(Ordering::Relaxed) * listeners_joined;
         stats.deliveries.load(Ordering::Relaxed) >= expected
@@ -559,17 +609,35 @@ struct SendSchedule {
     duration: Duration,
 }
 
+/// Marks a sender finished when dropped (on every way out of its sending phase): from then
+/// on it counts nothing more.
+struct SenderFinished(Arc<Stats>);
+
+impl Drop for SenderFinished {
+    fn drop(&mut self) {
+        if let Ok(mut last) = self.0.last_sender_finished.lock() {
+            let now = Instant::now();
+            *last = Some(last.map_or(now, |t| t.max(now)));
+        }
+        self.0.senders_finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One sender. `finish` (a child of `stop`) ends sending and counting early; `stop` ends
+/// the task.
 async fn sender(
     index: usize,
     plan: Arc<Plan>,
     stats: Arc<Stats>,
     schedule: SendSchedule,
     start: CancellationToken,
+    finish: CancellationToken,
     stop: CancellationToken,
 ) {
+    let finished = SenderFinished(stats.clone());
     let user = format!("lg-{}-s{index}", plan.run_id);
     let joined = tokio::select! {
-        _ = stop.cancelled() => None,
+        _ = finish.cancelled() => None,
         client = connect_and_join(&plan, &user, index, &stats, "sender") => client,
     };
     stats.senders_settled.fetch_add(1, Ordering::Relaxed);
@@ -578,7 +646,7 @@ async fn sender(
     // Senders also receive the room's comments: drain them while waiting.
     loop {
         tokio::select! {
-            _ = stop.cancelled() => { client.close().await; return; }
+            _ = finish.cancelled() => { client.close().await; return; }
             _ = start.cancelled() => break,
             event = client.next_event() => if event.is_none() { return },
         }
@@ -596,11 +664,21 @@ async fn sender(
     let requester = client.requester();
     let mut in_flight = tokio::task::JoinSet::new();
     let mut n = 0u64;
+    let run_end = tokio::time::sleep_until(end);
+    tokio::pin!(run_end);
     loop {
+        // Biased: the end of the run wins over a tick that is ready at the same time.
         tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep_until(end) => break,
-            _ = tick.tick() => {
+            biased;
+            _ = finish.cancelled() => break,
+            _ = &mut run_end => break,
+            Some(done) = in_flight.join_next() => record_send(&stats, done),
+            scheduled = tick.tick() => {
+                // No comment at or after the end: neither a tick due at the end itself nor
+                // a late (made-up) tick that fires after it.
+                if !may_send(scheduled, Instant::now(), end) {
+                    break;
+                }
                 if in_flight.len() >= SENDER_IN_FLIGHT_MAX {
                     stats.errors.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut map) = stats.errors_by_kind.lock() {
@@ -616,7 +694,6 @@ async fn sender(
                 let room_id = plan.room_id.clone();
                 in_flight.spawn(async move { requester.request(RoomCommentRequest { room_id, text }).await });
             }
-            Some(done) = in_flight.join_next() => record_send(&stats, done),
             event = client.next_event() => match event {
                 Some(ClientEvent::Disconnected { code, reason }) => {
                     stats.disconnects.fetch_add(1, Ordering::Relaxed);
@@ -630,11 +707,20 @@ async fn sender(
     // Collect the answers still outstanding (each bounded by the request timeout).
     while !in_flight.is_empty() {
         tokio::select! {
-            _ = stop.cancelled() => break,
+            biased;
+            _ = finish.cancelled() => break,
             Some(done) = in_flight.join_next() => record_send(&stats, done),
             event = client.next_event() => if event.is_none() { break },
         }
     }
+    // Answers already in count; the rest are abandoned uncounted (told to finish early, or
+    // the connection closed).
+    while let Some(done) = in_flight.try_join_next() {
+        record_send(&stats, done);
+    }
+    in_flight.abort_all();
+    drop(in_flight);
+    drop(finished);
     // Keep draining until the run stops, so the server never sees a slow consumer.
     loop {
         tokio::select! {
@@ -645,6 +731,13 @@ async fn sender(
     client.close().await;
 }
 
+/// Whether a tick scheduled at `scheduled` and firing at `now` may still send: both must
+/// be before the end of the run.
+fn may_send(scheduled: Instant, now: Instant, end: Instant) -> bool {
+    scheduled < end && now < end
+}
+
+/// Counts an acknowledged comment as sent; a failed one as an error.
 fn record_send(
     stats: &Stats,
     done: Result<Result<chorus_protocol::RoomCommentResponse, ClientError>, tokio::task::JoinError>,
@@ -835,6 +928,39 @@ mod tests {
         assert!(validate(&parse(&["--rate", "NaN"])).is_err());
         assert!(validate(&parse(&["--duration", "0"])).is_err());
         assert!(validate(&parse(&["--connect-rate", "0.5"])).is_err());
+    }
+
+    #[test]
+    fn no_tick_is_sent_at_or_after_the_end() {
+        let start = Instant::now();
+        let end = start + Duration::from_secs(20);
+        let before = end - Duration::from_millis(1);
+        assert!(may_send(start, start, end));
+        assert!(may_send(before, before, end));
+        // A tick due exactly at the end (duration × rate ticks fit exactly) is not sent.
+        assert!(!may_send(end, end, end));
+        // Nor is a made-up tick that was due before the end but fires after it.
+        assert!(!may_send(before, end + Duration::from_millis(5), end));
+        assert!(!may_send(end + Duration::from_millis(500), end, end));
+    }
+
+    #[test]
+    fn a_finished_sender_is_counted_once_with_its_time() {
+        let stats = Arc::new(Stats::new().expect("stats"));
+        drop(SenderFinished(stats.clone()));
+        let first = stats
+            .last_sender_finished
+            .lock()
+            .expect("lock")
+            .expect("set");
+        drop(SenderFinished(stats.clone()));
+        let last = stats
+            .last_sender_finished
+            .lock()
+            .expect("lock")
+            .expect("set");
+        assert_eq!(stats.senders_finished.load(Ordering::Relaxed), 2);
+        assert!(last >= first);
     }
 
     #[test]
