@@ -8,8 +8,9 @@
 //!
 //! - `types`: the openraft type configuration ([`TypeConfig`]) and [`RaftNode`].
 //! - `store`: the sled log and state machine (durability notes there).
-//! - `network`: the [`RaftTransport`] seam and the RPC enums; the QUIC layer implements the
-//!   transport, [`InMemoryTransport`] is the one tests use.
+//! - `network`: the [`RaftTransport`] seam, the RPC enums and [`RaftRpcHandler`]; the QUIC
+//!   layer implements the transport.
+//! - `memory`: [`InMemoryTransport`], the transport tests use.
 //!
 //! This module does not forward writes to the leader (a follower returns
 //! [`RaftError::ForwardToLeader`] and the caller forwards), decide who is a voter (the caller
@@ -20,6 +21,9 @@ mod network;
 mod store;
 mod types;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
@@ -29,6 +33,7 @@ use openraft::async_runtime::watch::WatchReceiver;
 use openraft::errors::{
     ClientWriteError, Fatal, ForwardToLeader, InitializeError, LinearizableReadError,
 };
+use openraft::metrics::WaitError;
 use openraft::{ChangeMembers, Raft, ReadPolicy, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 
@@ -37,9 +42,7 @@ pub use network::{
     RaftRpc, RaftRpcHandler, RaftRpcReply, RaftTransport, TransportError, RAFT_RPC_BYTES_MAX,
 };
 pub use store::{LOG_TREE, META_TREE, STATE_MACHINE_TREE};
-pub use types::{
-    Entry, LogId, RaftNode, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, Vote,
-};
+pub use types::{RaftNode, TypeConfig};
 
 use crate::metadata::{ClusterMetadata, MetadataCommand, MetadataResponse, NodeId};
 use network::NetworkFactory;
@@ -105,6 +108,11 @@ impl RaftConfig {
             // A member that was cut off must not bump the term and depose a healthy leader
             // when it comes back.
             enable_pre_vote: Some(true),
+            // A restarted leader must win an election again rather than resume its term: the
+            // applied state and the committed index are written without a flush, so after a
+            // crash they may be behind what this leader had acknowledged, and a resumed leader
+            // could answer a read from that older state.
+            enable_leader_restore: Some(false),
             ..openraft::Config::default()
         };
         config
@@ -273,6 +281,10 @@ pub struct RaftMetrics {
     pub last_log_index: Option<u64>,
     /// Index of the last entry applied to the local metadata.
     pub applied_index: Option<u64>,
+    /// Index of the last entry covered by the local snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Index of the last entry removed from the local log (covered by the snapshot).
+    pub purged_index: Option<u64>,
     /// Voters of the latest membership (for a joint membership during a change: the union).
     pub voters: BTreeSet<NodeId>,
     /// Learners of the latest membership.
@@ -343,8 +355,12 @@ impl MetadataRaft {
             .await
             .map_err(|_| RaftError::Timeout {
                 operation,
-                timeout_ms: u64::try_from(self.request_timeout.as_millis()).unwrap_or(u64::MAX),
+                timeout_ms: self.request_timeout_ms(),
             })
+    }
+
+    fn request_timeout_ms(&self) -> u64 {
+        u64::try_from(self.request_timeout.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// This member's id.
@@ -357,15 +373,35 @@ impl MetadataRaft {
         RaftRpcHandler::new(self.raft.clone())
     }
 
-    /// Creates a new group with this node as its only voter, reached at `self_node`. Only the
-    /// first node of a cluster does this; the others join through the leader's
-    /// [`add_learner`](Self::add_learner). Fails with [`RaftError::AlreadyInitialized`] if
-    /// this member already has a log or a vote.
+    /// Creates a new group with this node as its only voter, reached at `self_node`, and
+    /// returns once this node leads it with the initial membership committed (so membership
+    /// changes can follow at once). Only the first node of a cluster does this; the others
+    /// join through the leader's [`add_learner`](Self::add_learner). Fails with
+    /// [`RaftError::AlreadyInitialized`] if this member already has a log or a vote.
     pub async fn initialize(&self, self_node: RaftNode) -> Result<(), RaftError> {
         let members = BTreeMap::from([(self.node_id, self_node)]);
         self.bounded("initialize", self.raft.initialize(members))
             .await??;
-        Ok(())
+        let leading = self
+            .raft
+            .wait(Some(self.request_timeout))
+            .metrics(
+                |m| {
+                    m.state == ServerState::Leader
+                        && m.committed_membership_config.log_id().is_some()
+                        && m.committed_membership_config.log_id() == m.membership_config.log_id()
+                },
+                "initialized member leads with its membership committed",
+            )
+            .await;
+        match leading {
+            Ok(_) => Ok(()),
+            Err(WaitError::ShuttingDown) => Err(RaftError::Stopped),
+            Err(WaitError::Timeout(..)) => Err(RaftError::Timeout {
+                operation: "initialize",
+                timeout_ms: self.request_timeout_ms(),
+            }),
+        }
     }
 
     /// Whether this member already belongs to a group (has a log or a vote).
@@ -488,6 +524,8 @@ impl MetadataRaft {
             leader: metrics.current_leader,
             last_log_index: metrics.last_log_index,
             applied_index: metrics.last_applied.as_ref().map(|log_id| log_id.index()),
+            snapshot_index: metrics.snapshot.as_ref().map(|log_id| log_id.index()),
+            purged_index: metrics.purged.as_ref().map(|log_id| log_id.index()),
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
             nodes: membership

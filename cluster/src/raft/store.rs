@@ -18,6 +18,10 @@
 //! cache. What protects an acknowledged metadata write against a lost machine is replication:
 //! a write is acknowledged only once a quorum of voters has it, so one lost disk loses nothing.
 //!
+//! Cost: every applied batch clones and rewrites the whole metadata (one sled value). That
+//! is cheap for thousands of members, rooms and definitions; at millions of definitions they
+//! would want a tree of their own, keyed like the log.
+//!
 //! This module does not know about the network or about `MetadataRaft`; it only implements
 //! openraft's storage traits.
 
@@ -334,6 +338,7 @@ impl StateMachineStore {
             Some(bytes) => decode(&bytes)?,
             None => AppliedState::default(),
         };
+        state.metadata.check_invariants();
         let (published, _) = watch::channel(state.metadata.clone());
         Ok(Self {
             tree,

@@ -2,7 +2,8 @@
 //! member is addressed.
 //!
 //! The aliases name openraft's generic types at our configuration; they appear only inside
-//! [`RaftRpc`](super::RaftRpc) payloads and the stores, never in the wrapper's API.
+//! [`RaftRpc`](super::RaftRpc) payloads and the stores, never in the wrapper's API (so they
+//! are not re-exported).
 
 use std::fmt;
 

@@ -13,6 +13,7 @@ use tempfile::TempDir;
 
 use super::*;
 use crate::metadata::{MetadataCommand, NodeId, NodeState};
+use crate::raft::tests::open_db;
 use crate::raft::types::RaftNode;
 
 /// Each store of the suite gets its own sled database in its own temporary directory (the
@@ -84,7 +85,7 @@ async fn reopening_the_database_restores_vote_log_and_applied_state() {
     let vote = Vote::new_committed(1, 1);
     let expected_metadata;
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_db(dir.path()).await;
         let mut log = LogStore::open(&db).unwrap();
         let mut state_machine = StateMachineStore::open(&db).unwrap();
         log.save_vote(&vote).await.unwrap();
@@ -100,7 +101,7 @@ async fn reopening_the_database_restores_vote_log_and_applied_state() {
         db.flush().unwrap();
     }
 
-    let db = sled::open(dir.path()).unwrap();
+    let db = open_db(dir.path()).await;
     let mut log = LogStore::open(&db).unwrap();
     let mut state_machine = StateMachineStore::open(&db).unwrap();
     assert_eq!(log.read_vote().await.unwrap(), Some(vote));
@@ -137,21 +138,21 @@ async fn a_built_snapshot_survives_a_reopen_and_installs_elsewhere() {
         entry(2, EntryPayload::Normal(add_node("a"))),
     ];
     let built = {
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_db(dir.path()).await;
         let mut state_machine = StateMachineStore::open(&db).unwrap();
         apply(&mut state_machine, entries).await.unwrap();
         let mut builder = state_machine.get_snapshot_builder().await;
         builder.build_snapshot().await.unwrap()
     };
 
-    let db = sled::open(dir.path()).unwrap();
+    let db = open_db(dir.path()).await;
     let mut state_machine = StateMachineStore::open(&db).unwrap();
     let current = state_machine.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta, built.meta);
     assert_eq!(current.snapshot, built.snapshot);
 
     let other_dir = tempfile::tempdir().unwrap();
-    let other_db = sled::open(other_dir.path()).unwrap();
+    let other_db = open_db(other_dir.path()).await;
     let mut other = StateMachineStore::open(&other_db).unwrap();
     other
         .install_snapshot(&current.meta, current.snapshot.clone())
@@ -171,7 +172,7 @@ async fn a_built_snapshot_survives_a_reopen_and_installs_elsewhere() {
 #[tokio::test]
 async fn a_malformed_snapshot_is_refused_without_touching_the_state() {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = open_db(dir.path()).await;
     let mut state_machine = StateMachineStore::open(&db).unwrap();
     let meta = SnapshotMeta {
         last_log_id: Some(log_id::<TypeConfig>(1, 1, 9)),
