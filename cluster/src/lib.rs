@@ -1,8 +1,11 @@
-//! The Chorus cluster layer.
+//! The Chorus cluster layer: what makes several nodes one system.
 //!
-//! Today: [`tls`], the cluster CA and node certificates used by client-facing QUIC (and,
-//! next, by mutual TLS between nodes). Raft metadata, placement and inter-node links
-//! arrive with the cluster issue; see `ARCHITECTURE.md`.
+//! Start with [`metadata`] (the sans-IO state machine Raft replicates: members, ring
+//! epoch, ownership with fencing epochs, durable definitions), then [`raft`] (openraft on
+//! sled behind our own `MetadataRaft`; the transport is a seam), [`ring`] (placement:
+//! rendezvous hashing over the `Up` members), [`link`] (inter-node QUIC with mutual TLS)
+//! and [`tls`] (the cluster CA and node certificates). The node wires them together; see
+//! `ARCHITECTURE.md`.
 
 pub mod link;
 pub mod metadata;
