@@ -11,4 +11,5 @@ pub mod link;
 pub mod metadata;
 pub mod raft;
 pub mod ring;
+pub mod service;
 pub mod tls;

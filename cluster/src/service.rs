@@ -1,0 +1,580 @@
+//! The cluster service: one node's membership in the cluster.
+//!
+//! It owns the node's [`ClusterEndpoint`] (inter-node QUIC) and its [`MetadataRaft`]
+//! member, carries Raft RPCs over QUIC, runs the join protocol, and forwards metadata
+//! writes to the leader. The node's id is assigned by the metadata on first join, kept in
+//! sled, and reused on restart (ids are never reused by another node).
+//!
+//! Join protocol (`chorus serve --join ADDR`, ADDR any member's cluster address):
+//! 1. `Register` (forwarded to the leader): the leader appends `AddNode` and answers the
+//!    new id. The joiner stores the id, starts its Raft member and serves RPCs.
+//! 2. `Activate` (forwarded to the leader): the leader adds it as a learner (waits until it
+//!    caught up), makes it a voter while there are fewer than `voters_max`, and marks it
+//!    `Up` (which bumps the ring epoch).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::link::{ClusterEndpoint, LinkError, RpcHandler};
+use crate::metadata::{
+    ClusterMetadata, MetadataCommand, MetadataResponse, NodeId, NodeRecord, NodeState,
+};
+use crate::raft::{
+    MetadataRaft, RaftConfig, RaftError, RaftMetrics, RaftNode, RaftRpc, RaftRpcHandler,
+    RaftRpcReply, RaftTransport, TransportError,
+};
+use crate::ring::Ring;
+
+/// sled tree holding this node's identity.
+pub const IDENTITY_TREE: &str = "cluster/identity";
+/// Attempts to reach a leader before a forwarded write gives up.
+pub const FORWARD_ATTEMPTS_MAX: u32 = 40;
+/// Pause between forwarding attempts while no leader is known.
+pub const FORWARD_RETRY_MS: u64 = 250;
+
+/// How this node takes part in the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Node name.
+    pub name: String,
+    /// Inter-node address this node listens on and advertises.
+    pub cluster_addr: SocketAddr,
+    /// Client HTTP address (advertised).
+    pub http_addr: SocketAddr,
+    /// Client QUIC address (advertised).
+    pub quic_addr: SocketAddr,
+    /// A member's cluster address to join; `None` starts (or restarts) on its own.
+    pub join: Option<SocketAddr>,
+    /// Voters in the Raft group: 3 (default) or 5; further nodes are learners.
+    pub voters_max: usize,
+    /// Raft timing.
+    pub raft: RaftConfig,
+}
+
+/// Cluster service errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Raft failed.
+    #[error(transparent)]
+    Raft(#[from] RaftError),
+    /// The inter-node link failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// Local storage failed.
+    #[error("cluster identity storage: {0}")]
+    Storage(#[from] sled::Error),
+    /// A peer answered something unexpected or refused.
+    #[error("peer refused: {0}")]
+    Refused(String),
+    /// A message could not be encoded or decoded.
+    #[error("cluster message codec: {0}")]
+    Codec(String),
+    /// No leader could be reached in time.
+    #[error("no leader reachable after {0} attempts")]
+    NoLeader(u32),
+}
+
+/// An inter-node request.
+#[derive(Debug, Serialize, Deserialize)]
+enum PeerRequest {
+    /// A Raft RPC (encoded by the raft module).
+    Raft(Vec<u8>),
+    /// Join step 1: register a new member (leader only).
+    Register {
+        name: String,
+        cluster_addr: String,
+        http_addr: String,
+        quic_addr: String,
+    },
+    /// Join step 2: make a registered member a learner/voter and `Up` (leader only).
+    Activate { node: NodeId, cluster_addr: String },
+    /// A metadata write (leader only).
+    Write(MetadataCommand),
+}
+
+/// An inter-node reply.
+#[derive(Debug, Serialize, Deserialize)]
+enum PeerReply {
+    Raft(Vec<u8>),
+    Registered(NodeId),
+    Activated,
+    Written(MetadataResponse),
+    /// Not the leader: ask this address (if known).
+    NotLeader(Option<String>),
+    Error(String),
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Bytes, ClusterError> {
+    rmp_serde::to_vec_named(value)
+        .map(Bytes::from)
+        .map_err(|e| ClusterError::Codec(e.to_string()))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ClusterError> {
+    rmp_serde::from_slice(bytes).map_err(|e| ClusterError::Codec(e.to_string()))
+}
+
+/// Raft RPCs over the inter-node QUIC endpoint.
+#[derive(Clone, Debug)]
+pub struct QuicRaftTransport {
+    endpoint: ClusterEndpoint,
+}
+
+impl RaftTransport for QuicRaftTransport {
+    async fn send(
+        &self,
+        target: NodeId,
+        addr: &str,
+        rpc: RaftRpc,
+    ) -> Result<RaftRpcReply, TransportError> {
+        let unreachable = |reason: String| TransportError::Unreachable {
+            target,
+            addr: addr.to_string(),
+            reason,
+        };
+        let peer: SocketAddr = addr
+            .parse()
+            .map_err(|e| unreachable(format!("bad address: {e}")))?;
+        let request = encode(&PeerRequest::Raft(rpc.encode()?))
+            .map_err(|e| TransportError::Codec(e.to_string()))?;
+        let reply = self
+            .endpoint
+            .call(peer, request)
+            .await
+            .map_err(|e| match e {
+                LinkError::Connect { reason, .. } => unreachable(reason),
+                other => TransportError::Failed {
+                    target,
+                    reason: other.to_string(),
+                },
+            })?;
+        match decode::<PeerReply>(&reply).map_err(|e| TransportError::Codec(e.to_string()))? {
+            PeerReply::Raft(bytes) => RaftRpcReply::decode(&bytes),
+            other => Err(TransportError::Failed {
+                target,
+                reason: format!("unexpected reply {other:?}"),
+            }),
+        }
+    }
+}
+
+/// A member's view of the cluster, for `chorus admin status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This node's id.
+    #[serde(rename = "self")]
+    pub self_id: NodeId,
+    /// The Raft leader, if known.
+    pub leader: Option<NodeId>,
+    /// Current Raft term.
+    pub term: u64,
+    /// Placement ring epoch.
+    pub ring_epoch: u64,
+    /// Last applied log index.
+    pub applied_index: Option<u64>,
+    /// Voters.
+    pub voters: Vec<NodeId>,
+    /// Learners.
+    pub learners: Vec<NodeId>,
+    /// Members.
+    pub members: Vec<NodeRecord>,
+}
+
+struct Inner {
+    config: ClusterConfig,
+    endpoint: ClusterEndpoint,
+    raft: MetadataRaft,
+    raft_rpc: RaftRpcHandler,
+    node_id: NodeId,
+}
+
+/// One node's membership in the cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct ClusterService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ClusterService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterService")
+            .field("node_id", &self.inner.node_id)
+            .finish()
+    }
+}
+
+struct Handler {
+    service: tokio::sync::OnceCell<ClusterService>,
+    early_raft: RaftRpcHandler,
+}
+
+impl RpcHandler for Handler {
+    async fn handle(&self, _peer: SocketAddr, request: Bytes) -> Bytes {
+        let reply = match decode::<PeerRequest>(&request) {
+            Err(error) => PeerReply::Error(error.to_string()),
+            Ok(PeerRequest::Raft(bytes)) => match self.early_raft.handle_bytes(&bytes).await {
+                Ok(reply) => PeerReply::Raft(reply),
+                Err(error) => PeerReply::Error(error.to_string()),
+            },
+            Ok(other) => match self.service.get() {
+                Some(service) => service.handle_peer(other).await,
+                None => PeerReply::Error("node is starting".into()),
+            },
+        };
+        encode(&reply).unwrap_or_default()
+    }
+}
+
+impl ClusterService {
+    /// Starts (or restarts) this node's membership: binds nothing itself — `endpoint` is
+    /// bound by the caller — serves inter-node RPCs until `shutdown`, and joins or
+    /// initializes as needed.
+    pub async fn start(
+        config: ClusterConfig,
+        db: &sled::Db,
+        endpoint: ClusterEndpoint,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Self, ClusterError> {
+        let identity = db.open_tree(IDENTITY_TREE)?;
+        let stored_id = identity
+            .get("node_id")?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes);
+        let transport = QuicRaftTransport {
+            endpoint: endpoint.clone(),
+        };
+        let node_id = match (stored_id, config.join) {
+            (Some(id), _) => id,
+            (None, None) => 1,
+            (None, Some(seed)) => {
+                let reply = forward(
+                    &endpoint,
+                    seed,
+                    PeerRequest::Register {
+                        name: config.name.clone(),
+                        cluster_addr: config.cluster_addr.to_string(),
+                        http_addr: config.http_addr.to_string(),
+                        quic_addr: config.quic_addr.to_string(),
+                    },
+                )
+                .await?;
+                match reply {
+                    PeerReply::Registered(id) => id,
+                    other => return Err(ClusterError::Refused(format!("{other:?}"))),
+                }
+            }
+        };
+        identity.insert("node_id", &node_id.to_be_bytes())?;
+        identity.flush_async().await?;
+
+        let raft = MetadataRaft::start(node_id, db, transport, &config.raft).await?;
+        let raft_rpc = raft.rpc_handler();
+        let handler = Arc::new(Handler {
+            service: tokio::sync::OnceCell::new(),
+            early_raft: raft_rpc.clone(),
+        });
+        let service = ClusterService {
+            inner: Arc::new(Inner {
+                config: config.clone(),
+                endpoint: endpoint.clone(),
+                raft,
+                raft_rpc,
+                node_id,
+            }),
+        };
+        let _ = handler.service.set(service.clone());
+        let serving = endpoint.clone();
+        tokio::spawn(async move { serving.serve(handler, shutdown.cancelled_owned()).await });
+
+        if stored_id.is_none() {
+            match config.join {
+                None => service.bootstrap().await?,
+                Some(seed) => {
+                    let reply = forward(
+                        &endpoint,
+                        seed,
+                        PeerRequest::Activate {
+                            node: node_id,
+                            cluster_addr: config.cluster_addr.to_string(),
+                        },
+                    )
+                    .await?;
+                    if !matches!(reply, PeerReply::Activated) {
+                        return Err(ClusterError::Refused(format!("{reply:?}")));
+                    }
+                }
+            }
+        }
+        tracing::info!(node_id, "cluster member running");
+        Ok(service)
+    }
+
+    async fn bootstrap(&self) -> Result<(), ClusterError> {
+        let config = &self.inner.config;
+        let raft = &self.inner.raft;
+        if !raft.is_initialized().await? {
+            raft.initialize(RaftNode::new(config.cluster_addr.to_string()))
+                .await?;
+        }
+        let record = NodeRecord {
+            id: self.inner.node_id,
+            name: config.name.clone(),
+            cluster_addr: config.cluster_addr.to_string(),
+            http_addr: config.http_addr.to_string(),
+            quic_addr: config.quic_addr.to_string(),
+            state: NodeState::Up,
+        };
+        self.write(MetadataCommand::Bootstrap { node: record })
+            .await?;
+        Ok(())
+    }
+
+    async fn handle_peer(&self, request: PeerRequest) -> PeerReply {
+        let raft = &self.inner.raft;
+        let result: Result<PeerReply, RaftError> = async {
+            match request {
+                PeerRequest::Raft(_) => Ok(PeerReply::Error("raft handled elsewhere".into())),
+                PeerRequest::Write(command) => raft.write(command).await.map(PeerReply::Written),
+                PeerRequest::Register {
+                    name,
+                    cluster_addr,
+                    http_addr,
+                    quic_addr,
+                } => {
+                    let response = raft
+                        .write(MetadataCommand::AddNode {
+                            name,
+                            cluster_addr,
+                            http_addr,
+                            quic_addr,
+                        })
+                        .await?;
+                    Ok(match response {
+                        MetadataResponse::NodeAdded(id) => PeerReply::Registered(id),
+                        other => PeerReply::Error(format!("{other:?}")),
+                    })
+                }
+                PeerRequest::Activate { node, cluster_addr } => {
+                    raft.add_learner(node, RaftNode::new(cluster_addr)).await?;
+                    let voters = raft.metrics().voters;
+                    if voters.len() < self.inner.config.voters_max && !voters.contains(&node) {
+                        let mut next: BTreeSet<NodeId> = voters.into_iter().collect();
+                        next.insert(node);
+                        raft.change_membership(next).await?;
+                    }
+                    raft.write(MetadataCommand::SetNodeState {
+                        node,
+                        state: NodeState::Up,
+                    })
+                    .await?;
+                    Ok(PeerReply::Activated)
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok(reply) => reply,
+            Err(RaftError::ForwardToLeader { leader_addr, .. }) => {
+                PeerReply::NotLeader(leader_addr)
+            }
+            Err(error) => PeerReply::Error(error.to_string()),
+        }
+    }
+
+    /// Applies a metadata command through the leader (forwarding if this node is not it).
+    pub async fn write(&self, command: MetadataCommand) -> Result<MetadataResponse, ClusterError> {
+        match self.inner.raft.write(command.clone()).await {
+            Ok(response) => Ok(response),
+            Err(RaftError::ForwardToLeader { leader_addr, .. }) => {
+                let start = leader_addr
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(self.inner.config.cluster_addr);
+                match forward(&self.inner.endpoint, start, PeerRequest::Write(command)).await? {
+                    PeerReply::Written(response) => Ok(response),
+                    other => Err(ClusterError::Refused(format!("{other:?}"))),
+                }
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    /// The latest applied metadata on this node (may lag the leader slightly).
+    pub fn metadata(&self) -> Arc<ClusterMetadata> {
+        self.inner.raft.metadata()
+    }
+
+    /// The placement ring of the latest applied metadata.
+    pub fn ring(&self) -> Option<Ring> {
+        Ring::from_metadata(&self.metadata()).ok()
+    }
+
+    /// Raft metrics.
+    pub fn raft_metrics(&self) -> RaftMetrics {
+        self.inner.raft.metrics()
+    }
+
+    /// This node's view, for admin.
+    pub fn status(&self) -> ClusterStatus {
+        let metadata = self.metadata();
+        let metrics = self.inner.raft.metrics();
+        ClusterStatus {
+            self_id: self.inner.node_id,
+            leader: metrics.leader,
+            term: metrics.term,
+            ring_epoch: metadata.ring_epoch,
+            applied_index: metrics.applied_index,
+            voters: metrics.voters.iter().copied().collect(),
+            learners: metrics.learners.iter().copied().collect(),
+            members: metadata.nodes.values().cloned().collect(),
+        }
+    }
+
+    /// The Raft RPC handler (for tests that route RPCs themselves).
+    pub fn raft_rpc(&self) -> &RaftRpcHandler {
+        &self.inner.raft_rpc
+    }
+
+    /// Stops the Raft member and the endpoint.
+    pub async fn shutdown(&self) {
+        if let Err(error) = self.inner.raft.shutdown().await {
+            tracing::warn!(%error, "raft shutdown");
+        }
+        self.inner.endpoint.close();
+    }
+}
+
+/// Sends `request` to `first`, following `NotLeader` redirects and retrying while no
+/// leader is known, at most [`FORWARD_ATTEMPTS_MAX`] times.
+async fn forward(
+    endpoint: &ClusterEndpoint,
+    first: SocketAddr,
+    request: PeerRequest,
+) -> Result<PeerReply, ClusterError> {
+    let bytes = encode(&request)?;
+    let mut target = first;
+    for _ in 0..FORWARD_ATTEMPTS_MAX {
+        let reply = match endpoint.call(target, bytes.clone()).await {
+            Ok(reply) => decode::<PeerReply>(&reply)?,
+            Err(error) => {
+                tracing::debug!(%target, %error, "forward failed; retrying");
+                tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)).await;
+                target = first;
+                continue;
+            }
+        };
+        match reply {
+            PeerReply::NotLeader(Some(addr)) => match addr.parse() {
+                Ok(addr) if addr != target => target = addr,
+                _ => tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)).await,
+            },
+            PeerReply::NotLeader(None) => {
+                tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)).await
+            }
+            other => return Ok(other),
+        }
+    }
+    Err(ClusterError::NoLeader(FORWARD_ATTEMPTS_MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::LinkConfig;
+    use crate::tls::{ensure_node_identity, CertificateAuthority};
+
+    async fn member(
+        dir: &std::path::Path,
+        name: &str,
+        join: Option<SocketAddr>,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> ClusterService {
+        let ca = dir.join("ca");
+        CertificateAuthority::load_or_create(&ca, "test CA").expect("ca");
+        let data = dir.join(name);
+        let identity =
+            ensure_node_identity(&ca, &data, name, &["127.0.0.1".to_string()]).expect("identity");
+        let endpoint = ClusterEndpoint::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            &identity,
+            LinkConfig::default(),
+        )
+        .expect("bind");
+        let cluster_addr = endpoint.local_addr().expect("addr");
+        let db = sled::open(data.join("db")).expect("sled");
+        let config = ClusterConfig {
+            name: name.into(),
+            cluster_addr,
+            http_addr: "127.0.0.1:1".parse().expect("addr"),
+            quic_addr: "127.0.0.1:2".parse().expect("addr"),
+            join,
+            voters_max: 3,
+            raft: RaftConfig::default(),
+        };
+        ClusterService::start(config, &db, endpoint, shutdown.child_token())
+            .await
+            .expect("start member")
+    }
+
+    #[tokio::test]
+    async fn three_members_join_over_quic_and_agree_on_the_ring() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let a = member(dir.path(), "a", None, &shutdown).await;
+        let seed = a.inner.config.cluster_addr;
+        let b = member(dir.path(), "b", Some(seed), &shutdown).await;
+        let c = member(dir.path(), "c", Some(seed), &shutdown).await;
+        let ids = [a.node_id(), b.node_id(), c.node_id()];
+        assert_eq!(
+            ids.iter().collect::<BTreeSet<_>>().len(),
+            3,
+            "distinct ids {ids:?}"
+        );
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let statuses: Vec<ClusterStatus> = [&a, &b, &c].iter().map(|m| m.status()).collect();
+            let agreed = statuses.iter().all(|s| {
+                s.members.len() == 3
+                    && s.members.iter().all(|m| m.state == NodeState::Up)
+                    && s.ring_epoch == statuses[0].ring_epoch
+                    && s.leader.is_some()
+                    && s.leader == statuses[0].leader
+                    && s.voters.len() == 3
+            });
+            if agreed {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "members did not converge: {statuses:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A write through a follower is forwarded to the leader.
+        let follower = [&a, &b, &c]
+            .into_iter()
+            .find(|m| m.status().leader != Some(m.node_id()))
+            .expect("a follower");
+        let response = follower
+            .write(MetadataCommand::PutDefinition {
+                key: "room/r-1".into(),
+                value: b"def".to_vec(),
+            })
+            .await
+            .expect("forwarded write");
+        assert_eq!(response, MetadataResponse::Ok);
+        shutdown.cancel();
+        for m in [&a, &b, &c] {
+            m.shutdown().await;
+        }
+    }
+}
