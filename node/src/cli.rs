@@ -23,13 +23,17 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node (with no flags: a working single-node cluster with development defaults).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a client token (JWT, HS256) for development.
     Token(TokenArgs),
     /// Act as a client: create-room, join, say, react, leave, info, end.
     Client(crate::client::cli::ClientArgs),
     /// Generate load: listeners and senders in one room; prints delivery latency.
     Loadgen(crate::loadgen::LoadgenArgs),
+    /// Operate a cluster through a node's admin API: status, nodes, where KEY.
+    Admin(crate::admin_cli::AdminArgs),
+    /// Cluster certificate authority: `ca init DIR`.
+    Ca(crate::admin_cli::CaArgs),
 }
 
 /// `chorus serve` flags; each overrides the config file, which overrides the defaults.
@@ -50,6 +54,18 @@ pub struct ServeArgs {
     /// QUIC address (ALPN chorus/1). Default 127.0.0.1:7071.
     #[arg(long)]
     pub quic_addr: Option<SocketAddr>,
+    /// Inter-node QUIC address (mutual TLS). Default 127.0.0.1:7072.
+    #[arg(long)]
+    pub cluster_addr: Option<SocketAddr>,
+    /// Join the cluster of the member at this cluster address (first start only).
+    #[arg(long)]
+    pub join: Option<SocketAddr>,
+    /// Raft voters: 3 (default) or 5.
+    #[arg(long)]
+    pub voters: Option<usize>,
+    /// Admin API token. Default: the development admin token (with a warning).
+    #[arg(long, env = "CHORUS_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Token secret. Default: the development secret (with a warning).
     #[arg(long, env = "CHORUS_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
@@ -108,6 +124,8 @@ impl ServeArgs {
         }
         set! {
             data_dir => data_dir,
+            cluster_addr => cluster_addr,
+            voters => voters_max,
             http_addr => http_addr,
             quic_addr => quic_addr,
             node_name => node_name,
@@ -128,6 +146,12 @@ impl ServeArgs {
         }
         if self.secret.is_some() {
             config.secret = self.secret;
+        }
+        if self.join.is_some() {
+            config.join = self.join;
+        }
+        if self.admin_token.is_some() {
+            config.admin_token = self.admin_token;
         }
         if self.log_json {
             config.log_json = true;
@@ -158,7 +182,7 @@ fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("CHORUS_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -203,6 +227,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "node": node.node().config.node_name,
             "http_addr": node.http_addr.to_string(),
             "quic_addr": node.quic_addr.to_string(),
+            "cluster_addr": node.cluster_addr.to_string(),
         })
     );
     wait_for_signal().await;
@@ -241,9 +266,11 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Token(args) => token(args),
             Command::Client(args) => crate::client::cli::run(args).await,
+            Command::Admin(args) => crate::admin_cli::run(args).await,
+            Command::Ca(args) => crate::admin_cli::run_ca(args),
             Command::Loadgen(args) => {
                 init_tracing(false);
                 crate::loadgen::run(args).await

@@ -13,6 +13,9 @@ use serde::Deserialize;
 /// tokens with it.
 pub const DEV_SECRET: &str = "chorus-dev-secret";
 
+/// The admin token used when none is configured. Development only.
+pub const DEV_ADMIN_TOKEN: &str = "chorus-dev-admin";
+
 /// Everything a node needs to start.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,6 +28,16 @@ pub struct NodeConfig {
     pub http_addr: SocketAddr,
     /// QUIC listen address (ALPN `chorus/1`). Default 127.0.0.1:7071.
     pub quic_addr: SocketAddr,
+    /// Inter-node QUIC address (Raft, routing, relay; mutual TLS from the cluster CA).
+    /// Default 127.0.0.1:7072.
+    pub cluster_addr: SocketAddr,
+    /// A member's cluster address to join on first start. Default: none (a new cluster).
+    pub join: Option<SocketAddr>,
+    /// Raft voters: 3 (default) or 5; further nodes are learners.
+    pub voters_max: usize,
+    /// Token for the HTTP admin API (`Authorization: Bearer …`). Default: the development
+    /// admin token, with a warning. Also `CHORUS_ADMIN_TOKEN`.
+    pub admin_token: Option<String>,
     /// Token secret (HS256). Default: [`DEV_SECRET`], with a warning. Also `CHORUS_SECRET`.
     pub secret: Option<String>,
     /// The node's name in logs, certificates and `auth` responses. Default `node-1`.
@@ -102,6 +115,10 @@ impl Default for NodeConfig {
             ca_dir: None,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
             quic_addr: SocketAddr::from(([127, 0, 0, 1], 7071)),
+            cluster_addr: SocketAddr::from(([127, 0, 0, 1], 7072)),
+            join: None,
+            voters_max: 3,
+            admin_token: None,
             secret: None,
             node_name: "node-1".to_string(),
             tls_names: Vec::new(),
@@ -157,6 +174,14 @@ impl NodeConfig {
         }
     }
 
+    /// The effective admin token and whether it is the development default.
+    pub fn effective_admin_token(&self) -> (String, bool) {
+        match &self.admin_token {
+            Some(token) => (token.clone(), false),
+            None => (DEV_ADMIN_TOKEN.to_string(), true),
+        }
+    }
+
     /// The CA directory (the data dir unless set).
     pub fn ca_dir(&self) -> PathBuf {
         self.ca_dir.clone().unwrap_or_else(|| self.data_dir.clone())
@@ -185,6 +210,9 @@ impl NodeConfig {
             if !ok {
                 return Err(ConfigError::Invalid(message.to_string()));
             }
+        }
+        if self.voters_max != 3 && self.voters_max != 5 {
+            return Err(ConfigError::Invalid("voters_max must be 3 or 5".into()));
         }
         if self.node_name.is_empty() {
             return Err(ConfigError::Invalid("node_name must not be empty".into()));

@@ -9,6 +9,7 @@
 //! - [`token`]: JWT (HS256) minting and verification.
 //! - [`cli`]: the command line (`chorus serve | token | client | loadgen`).
 
+pub mod admin_cli;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -46,7 +46,14 @@ impl TestNode {
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
+            .args([
+                "--http-addr",
+                "127.0.0.1:0",
+                "--quic-addr",
+                "127.0.0.1:0",
+                "--cluster-addr",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .env("CHORUS_LOG", "warn")
             .stdout(Stdio::piped())

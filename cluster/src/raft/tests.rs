@@ -17,9 +17,11 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Short timeouts so elections happen in well under a second.
 fn test_config() -> RaftConfig {
     RaftConfig {
-        heartbeat_interval_ms: 50,
-        election_timeout_min_ms: 300,
-        election_timeout_max_ms: 600,
+        // Short enough for quick tests, long enough that a busy 2-core CI machine does not
+        // trigger spurious elections.
+        heartbeat_interval_ms: 100,
+        election_timeout_min_ms: 800,
+        election_timeout_max_ms: 1600,
         ..RaftConfig::default()
     }
 }
@@ -259,7 +261,33 @@ async fn when_the_leader_dies_another_is_elected_and_writes_continue() {
     assert_ne!(new_leader, 1);
     assert!(group.raft(new_leader).metrics().term > term_before);
 
-    let b = add_and_bring_up(group.raft(new_leader), "b").await;
+    // Leadership may move again on a loaded machine: retry on the current leader (AddNode
+    // and SetNodeState are idempotent, so a retried write is safe).
+    let mut attempts = 0;
+    let (b, new_leader) = loop {
+        let leader = group.agreed_leader().await;
+        let attempt = async {
+            let raft = group.raft(leader);
+            let id = match raft.write(add_node("b")).await? {
+                MetadataResponse::NodeAdded(id) => id,
+                other => panic!("AddNode answered {other:?}"),
+            };
+            raft.write(MetadataCommand::SetNodeState {
+                node: id,
+                state: NodeState::Up,
+            })
+            .await?;
+            Ok::<_, RaftError>(id)
+        };
+        match attempt.await {
+            Ok(id) => break (id, leader),
+            Err(error) if attempts < 10 => {
+                attempts += 1;
+                eprintln!("write on node {leader} failed ({error}); retrying");
+            }
+            Err(error) => panic!("writes did not continue after the failover: {error}"),
+        }
+    };
     let read = group.raft(new_leader).linearizable_read().await.unwrap();
     assert_eq!(
         read.nodes.len(),

@@ -4,6 +4,7 @@
 //! Shutdown order: stop accepting, close client connections (`unavailable`, they resume
 //! elsewhere), stop room actors, flush sled, close the QUIC endpoint; each step bounded.
 
+pub mod admin;
 pub mod connection;
 pub mod quic;
 pub mod session;
@@ -72,6 +73,9 @@ pub enum ServeError {
         /// The cause.
         reason: String,
     },
+    /// The node could not join or start its cluster membership.
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// The metrics recorder could not be installed.
     #[error("metrics: {0}")]
     Metrics(String),
@@ -90,6 +94,8 @@ pub struct Node {
     connections: AtomicUsize,
     next_attachment: AtomicU64,
     db: sled::Db,
+    cluster: chorus_cluster::service::ClusterService,
+    admin_token: String,
 }
 
 impl Node {
@@ -146,6 +152,8 @@ pub struct RunningNode {
     pub http_addr: SocketAddr,
     /// The bound QUIC address.
     pub quic_addr: SocketAddr,
+    /// The bound inter-node address.
+    pub cluster_addr: SocketAddr,
 }
 
 static METRICS: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
@@ -234,11 +242,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     })?;
 
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    let quic_ip = config.quic_addr.ip();
-    if !quic_ip.is_unspecified() {
-        names.push(quic_ip.to_string());
+    for ip in [config.quic_addr.ip(), config.cluster_addr.ip()] {
+        if !ip.is_unspecified() {
+            names.push(ip.to_string());
+        }
     }
     names.extend(config.tls_names.iter().cloned());
+    names.sort();
     names.dedup();
     let identity = chorus_cluster::tls::ensure_node_identity(
         &config.ca_dir(),
@@ -269,6 +279,35 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         source,
     })?;
 
+    let (admin_token, is_dev_admin) = config.effective_admin_token();
+    if is_dev_admin {
+        tracing::warn!("no admin token configured: using the development admin token");
+    }
+    let shutdown = CancellationToken::new();
+    let link = chorus_cluster::link::ClusterEndpoint::bind(
+        config.cluster_addr,
+        &identity,
+        chorus_cluster::link::LinkConfig::default(),
+    )
+    .map_err(|e| ServeError::Cluster(e.to_string()))?;
+    let cluster_addr = link.local_addr().unwrap_or(config.cluster_addr);
+    let cluster = chorus_cluster::service::ClusterService::start(
+        chorus_cluster::service::ClusterConfig {
+            name: config.node_name.clone(),
+            cluster_addr,
+            http_addr,
+            quic_addr,
+            join: config.join,
+            voters_max: config.voters_max,
+            raft: chorus_cluster::raft::RaftConfig::default(),
+        },
+        &db,
+        link,
+        shutdown.child_token(),
+    )
+    .await
+    .map_err(|e| ServeError::Cluster(e.to_string()))?;
+
     let limits = &config.limits;
     let session_config = SessionConfig {
         resume_window_ms: limits.resume_window_ms,
@@ -285,7 +324,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         sessions: SessionRegistry::new(session_config, limits.sessions_max),
         frame_limits,
         metrics,
-        shutdown: CancellationToken::new(),
+        shutdown,
+        cluster,
+        admin_token,
         connections: AtomicUsize::new(0),
         next_attachment: AtomicU64::new(1),
         db,
@@ -303,6 +344,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         endpoint,
         http_addr,
         quic_addr,
+        cluster_addr,
     })
 }
 
@@ -331,6 +373,8 @@ impl RunningNode {
         }
         tracing::info!("stopping rooms");
         self.node.rooms.stop_all().await;
+        tracing::info!("stopping raft");
+        self.node.cluster.shutdown().await;
         tracing::info!("flushing storage");
         if let Err(error) = self.node.db.flush_async().await {
             tracing::error!(%error, "storage flush failed");
@@ -461,6 +505,7 @@ fn route(node: Arc<Node>, tracker: TaskTracker, request: Request<Incoming>) -> H
         }
         (&Method::GET, "/ws") => upgrade(node, tracker, request, false),
         (&Method::GET, "/ws/echo") => upgrade(node, tracker, request, true),
+        (_, path) if path.starts_with("/admin/") => admin::route(&node, &request),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -1,0 +1,187 @@
+//! `chorus admin` (the operator's client for the HTTP admin API) and `chorus ca`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+
+/// Largest admin response read, in bytes.
+const ADMIN_RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Time allowed for one admin request, in ms.
+const ADMIN_TIMEOUT_MS: u64 = 10_000;
+
+/// `chorus admin` flags.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The node's HTTP address, e.g. http://127.0.0.1:7070.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    pub url: String,
+    /// Admin token. Default: the development admin token.
+    #[arg(long, env = "CHORUS_ADMIN_TOKEN", hide_env_values = true, default_value = crate::config::DEV_ADMIN_TOKEN)]
+    pub token: String,
+    /// Print the raw JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// Admin subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Members, Raft leader and term, ring epoch as this node sees them.
+    Status,
+    /// The members.
+    Nodes,
+    /// Which node owns KEY (a room id, or a full key like room/r-…).
+    Where {
+        /// The key.
+        key: String,
+    },
+}
+
+/// `chorus ca` subcommands.
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CaCommand,
+}
+
+/// CA commands.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a cluster CA in DIR (ca.pem, ca-key.pem); every node of a cluster uses it
+    /// with `serve --ca DIR`.
+    Init {
+        /// Directory to create it in.
+        dir: PathBuf,
+    },
+}
+
+/// Runs `chorus ca`.
+pub fn run_ca(args: CaArgs) -> anyhow::Result<()> {
+    match args.command {
+        CaCommand::Init { dir } => {
+            anyhow::ensure!(
+                !dir.join(chorus_cluster::tls::CA_CERT_FILE).exists(),
+                "{} already holds a CA; refusing to overwrite it",
+                dir.display()
+            );
+            let ca = chorus_cluster::tls::CertificateAuthority::generate("Chorus cluster CA")?;
+            ca.save(&dir)?;
+            println!(
+                "{}",
+                serde_json::json!({"ca_dir": dir.display().to_string()})
+            );
+            Ok(())
+        }
+    }
+}
+
+/// GETs `path` on the node's admin API; returns the JSON body.
+pub async fn get(
+    url: &str,
+    token: &str,
+    path_and_query: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let uri: hyper::Uri = url.parse().with_context(|| format!("bad --url {url:?}"))?;
+    anyhow::ensure!(
+        uri.scheme_str() == Some("http"),
+        "--url must be http://HOST:PORT"
+    );
+    let authority = uri
+        .authority()
+        .context("--url needs a host and port")?
+        .to_string();
+    let request = async {
+        let stream = tokio::net::TcpStream::connect(&authority)
+            .await
+            .with_context(|| format!("cannot connect to {authority}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(path_and_query)
+            .header(hyper::header::HOST, &authority)
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Empty::<Bytes>::new())?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), ADMIN_RESPONSE_BYTES_MAX)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the response: {e}"))?
+            .to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body)
+            .with_context(|| format!("the node answered {status} with a body that is not JSON"))?;
+        anyhow::ensure!(
+            status.is_success(),
+            "the node answered {status}: {}",
+            value["error"].as_str().unwrap_or("")
+        );
+        Ok::<_, anyhow::Error>(value)
+    };
+    tokio::time::timeout(std::time::Duration::from_millis(ADMIN_TIMEOUT_MS), request)
+        .await
+        .with_context(|| format!("no answer from {authority} within {ADMIN_TIMEOUT_MS} ms"))?
+}
+
+/// Runs `chorus admin`.
+pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let path = match &args.command {
+        AdminCommand::Status => "/admin/status".to_string(),
+        AdminCommand::Nodes => "/admin/nodes".to_string(),
+        AdminCommand::Where { key } => format!("/admin/where?key={key}"),
+    };
+    let body = get(&args.url, &args.token, &path).await?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    match args.command {
+        AdminCommand::Status => {
+            println!(
+                "node {} ({}): leader {}, term {}, ring epoch {}, voters {}, learners {}",
+                body["self"],
+                body["node_name"].as_str().unwrap_or("?"),
+                body["leader"],
+                body["term"],
+                body["ring_epoch"],
+                body["voters"],
+                body["learners"],
+            );
+            print_members(&body["members"]);
+        }
+        AdminCommand::Nodes => print_members(&body),
+        AdminCommand::Where { .. } => println!(
+            "{} → node {} ({}) at ring epoch {}",
+            body["key"].as_str().unwrap_or("?"),
+            body["owner"],
+            body["owner_name"].as_str().unwrap_or("?"),
+            body["ring_epoch"],
+        ),
+    }
+    Ok(())
+}
+
+fn print_members(members: &serde_json::Value) {
+    println!(
+        "{:>4}  {:<12} {:<9} {:<22} {:<22} cluster",
+        "id", "name", "state", "http", "quic"
+    );
+    for m in members.as_array().into_iter().flatten() {
+        println!(
+            "{:>4}  {:<12} {:<9} {:<22} {:<22} {}",
+            m["id"].to_string(),
+            m["name"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?"),
+            m["http_addr"].as_str().unwrap_or("?"),
+            m["quic_addr"].as_str().unwrap_or("?"),
+            m["cluster_addr"].as_str().unwrap_or("?"),
+        );
+    }
+}

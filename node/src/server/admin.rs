@@ -1,0 +1,134 @@
+//! The HTTP admin API (`/admin/…` on the node's HTTP port), guarded by a bearer token.
+//!
+//! - `GET /admin/status`: this node's view of the cluster (self, leader, term, ring epoch,
+//!   voters, learners, members with their states).
+//! - `GET /admin/nodes`: the members.
+//! - `GET /admin/where?key=KEY`: the owner of an actor key on this node's ring (a bare
+//!   room id `r-…` means `room/r-…`).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::{Request, StatusCode};
+
+use super::{text, HttpResponse, Node};
+
+/// The ring key of a room id.
+pub fn room_key(room_id: &str) -> String {
+    format!("room/{room_id}")
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> HttpResponse {
+    let mut response = text(status, Bytes::from(value.to_string()));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Compares without an early exit, so the time taken does not reveal how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized<B>(node: &Node, request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|token| constant_time_eq(token.as_bytes(), node.admin_token.as_bytes()))
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+/// Answers an admin request.
+pub fn route<B>(node: &Arc<Node>, request: &Request<B>) -> HttpResponse {
+    if !authorized(node, request) {
+        return json(
+            StatusCode::UNAUTHORIZED,
+            &serde_json::json!({"error": "missing or wrong admin token (Authorization: Bearer …)"}),
+        );
+    }
+    if request.method() != hyper::Method::GET {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &serde_json::json!({"error": "use GET"}),
+        );
+    }
+    let cluster = &node.cluster;
+    match request.uri().path() {
+        "/admin/status" => {
+            let status = cluster.status();
+            let mut value = serde_json::to_value(&status).unwrap_or_default();
+            value["node_name"] = serde_json::json!(node.config.node_name);
+            value["connections"] = serde_json::json!(node.connection_count());
+            json(StatusCode::OK, &value)
+        }
+        "/admin/nodes" => json(
+            StatusCode::OK,
+            &serde_json::to_value(cluster.status().members).unwrap_or_default(),
+        ),
+        "/admin/where" => {
+            let query = request.uri().query().unwrap_or("");
+            let Some(key) = query_param(query, "key").filter(|k| !k.is_empty()) else {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "missing ?key="}),
+                );
+            };
+            let key = if key.contains('/') {
+                key.to_string()
+            } else {
+                room_key(key)
+            };
+            let metadata = cluster.metadata();
+            let ring = cluster.ring();
+            let owner = ring.as_ref().and_then(|r| r.owner(&key));
+            let owner_record = owner.and_then(|id| metadata.nodes.get(&id));
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "key": key,
+                    "owner": owner,
+                    "owner_name": owner_record.map(|n| n.name.clone()),
+                    "owner_http_addr": owner_record.map(|n| n.http_addr.clone()),
+                    "ring_epoch": metadata.ring_epoch,
+                    "ownership": metadata.owners.get(&key),
+                }),
+            )
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "unknown admin path"}),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_exactly() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn query_parameters_are_found() {
+        assert_eq!(query_param("a=1&key=r-9", "key"), Some("r-9"));
+        assert_eq!(query_param("a=1", "key"), None);
+    }
+}
