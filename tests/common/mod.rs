@@ -15,6 +15,8 @@ use tokio::process::{Child, Command};
 
 /// The development secret nodes use when started without one.
 pub const SECRET: &str = "chorus-dev-secret";
+/// The development admin token nodes use when started without one.
+pub const ADMIN_TOKEN: &str = "chorus-dev-admin";
 
 /// Default deadline for anything a test waits for. Generous: CI machines are busy.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -26,6 +28,8 @@ pub struct TestNode {
     pub http: SocketAddr,
     /// Bound QUIC address.
     pub quic: SocketAddr,
+    /// Bound inter-node address.
+    pub cluster: SocketAddr,
     data_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
 }
@@ -79,12 +83,18 @@ impl TestNode {
             .expect("quic_addr")
             .parse()
             .expect("addr");
+        let cluster = ready["cluster_addr"]
+            .as_str()
+            .expect("cluster_addr")
+            .parse()
+            .expect("addr");
         // Keep draining stdout so the node never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         TestNode {
             child,
             http,
             quic,
+            cluster,
             data_dir: data_dir.to_path_buf(),
             _temp: None,
         }
@@ -127,11 +137,23 @@ impl TestNode {
 
     /// GET a path on the HTTP port; returns the body.
     pub async fn http_get(&self, path: &str) -> String {
+        self.http_get_with(path, "").await
+    }
+
+    /// GET an admin path with the development admin token; returns the JSON body.
+    pub async fn admin(&self, path: &str) -> serde_json::Value {
+        let body = self
+            .http_get_with(path, &format!("Authorization: Bearer {ADMIN_TOKEN}\r\n"))
+            .await;
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("admin {path}: {e}: {body}"))
+    }
+
+    async fn http_get_with(&self, path: &str, headers: &str) -> String {
         let mut stream = tokio::net::TcpStream::connect(self.http)
             .await
             .expect("connect http");
         let request =
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.expect("write");
         let mut response = String::new();
         stream.read_to_string(&mut response).await.expect("read");
