@@ -4,12 +4,40 @@ mod common;
 
 use std::path::Path;
 
-use common::{eventually, TestNode};
+use chorus_node::client::Client;
+use chorus_protocol::{RoomCommentRequest, RoomCreateRequest, RoomRef};
+use common::{collect_comments, eventually, TestNode};
+
+/// Three members (b and c join through a), converged: 3 up, one leader, one ring epoch.
+async fn three_node_cluster(dir: &Path) -> [TestNode; 3] {
+    let a = start_member(dir, "a", None).await;
+    let b = start_member(dir, "b", Some(&a)).await;
+    let c = start_member(dir, "c", Some(&a)).await;
+    let nodes = [a, b, c];
+    eventually("the cluster to converge", || async {
+        let mut statuses = Vec::new();
+        for node in &nodes {
+            statuses.push(node.admin("/admin/status").await);
+        }
+        statuses.iter().all(|s| {
+            s["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["state"] == "up"))
+                && s["ring_epoch"] == statuses[0]["ring_epoch"]
+                && !s["leader"].is_null()
+        })
+    })
+    .await;
+    nodes
+}
+
+const UNTHROTTLED: &[&str] = &["--requests-per-sec", "100000", "--requests-burst", "100000"];
 
 async fn start_member(dir: &Path, name: &str, join: Option<&TestNode>) -> TestNode {
     let ca = dir.join("ca");
     let ca = ca.to_str().expect("utf8 path");
     let mut args = vec!["--ca", ca, "--node-name", name];
+    args.extend_from_slice(UNTHROTTLED);
     let seed;
     if let Some(seed_node) = join {
         seed = seed_node.cluster.to_string();
@@ -104,4 +132,99 @@ async fn three_nodes_form_a_cluster_with_one_leader_and_one_ring_epoch() {
         .await
         .expect("run chorus admin");
     assert!(!refused.status.success());
+}
+
+#[tokio::test]
+async fn clients_on_three_nodes_in_one_room_receive_the_same_comments_in_the_same_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let [a, b, c] = three_node_cluster(dir.path()).await;
+    let mut alice = a.client(&a.ws_url(), "alice").await;
+    let mut bob = b.client(&b.quic_url(), "bob").await;
+    let mut carol = c.client(&c.ws_url(), "carol").await;
+    let room = alice
+        .request(RoomCreateRequest {
+            title: "three nodes".into(),
+            scheduled_start_ms: None,
+        })
+        .await
+        .expect("create")
+        .room_id;
+    for client in [&alice, &bob, &carol] {
+        client
+            .request(RoomRef {
+                room_id: room.clone(),
+            })
+            .await
+            .expect("join");
+    }
+    let mut sent = 0;
+    for round in 0..5 {
+        for (name, client) in [("alice", &alice), ("bob", &bob), ("carol", &carol)] {
+            client
+                .request(RoomCommentRequest {
+                    room_id: room.clone(),
+                    text: format!("{name} {round}"),
+                })
+                .await
+                .expect("comment");
+            sent += 1;
+        }
+    }
+    let seen_a = collect_comments(&mut alice, &room, sent).await;
+    let seen_b = collect_comments(&mut bob, &room, sent).await;
+    let seen_c = collect_comments(&mut carol, &room, sent).await;
+    assert_eq!(seen_a, seen_b, "nodes a and b saw different orders");
+    assert_eq!(seen_a, seen_c, "nodes a and c saw different orders");
+    let ids: Vec<u64> = seen_a.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, (1..=sent as u64).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn rooms_created_through_different_nodes_spread_evenly_and_every_node_agrees_where() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = three_node_cluster(dir.path()).await;
+    let clients: Vec<Client> = {
+        let mut clients = Vec::new();
+        for (i, node) in nodes.iter().enumerate() {
+            clients.push(node.client(&node.ws_url(), &format!("creator-{i}")).await);
+        }
+        clients
+    };
+    const ROOMS: usize = 1000;
+    let mut rooms = Vec::with_capacity(ROOMS);
+    for i in 0..ROOMS {
+        let room = clients[i % 3]
+            .request(RoomCreateRequest {
+                title: format!("room {i}"),
+                scheduled_start_ms: None,
+            })
+            .await
+            .expect("create")
+            .room_id;
+        rooms.push(room);
+    }
+    let mut per_owner = std::collections::BTreeMap::<u64, usize>::new();
+    for room in &rooms {
+        let path = format!("/admin/where?key={room}");
+        let owner = nodes[0].admin(&path).await["owner"]
+            .as_u64()
+            .expect("owner");
+        for node in &nodes[1..] {
+            assert_eq!(
+                node.admin(&path).await["owner"].as_u64(),
+                Some(owner),
+                "{room}"
+            );
+        }
+        *per_owner.entry(owner).or_default() += 1;
+    }
+    let max = *per_owner.values().max().expect("owners") as f64;
+    let min = *per_owner.values().min().expect("owners") as f64;
+    assert_eq!(per_owner.len(), 3, "every node owns rooms: {per_owner:?}");
+    assert!(
+        max / min <= 1.3,
+        "max/min = {:.3}: {per_owner:?}",
+        max / min
+    );
+    eprintln!("rooms per owner: {per_owner:?}, max/min {:.3}", max / min);
 }

@@ -18,7 +18,7 @@ use chorus_protocol::{EncodedBody, RoomCommentResponse, RoomInfo, RoomJoinRespon
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::room::{RoomConfig, RoomCore, RoomDefinition, RoomEffect, RoomError};
-use crate::store::{RoomStore, StoreError};
+use crate::store::{DefinitionStore, StoreError};
 
 /// Where a room delivers notifications for one member (a session on this node).
 pub trait MemberSink: Send + Sync + 'static {
@@ -26,6 +26,11 @@ pub trait MemberSink: Send + Sync + 'static {
     fn deliver(&self, body: &Arc<EncodedBody>);
     /// The room removed this member (it ended).
     fn removed_from_room(&self, room_id: &str);
+    /// Members on another node share one relay: a broadcast is handed to a relay group
+    /// once, however many of its members are in the room (one copy per node).
+    fn relay_group(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A member handle: a stable key (ordering and identity) and the sink to deliver to.
@@ -142,7 +147,7 @@ pub fn unix_now_ms() -> u64 {
 /// The room actor's state.
 pub struct RoomShell {
     core: RoomCore<Member>,
-    store: RoomStore,
+    store: Arc<dyn DefinitionStore>,
     tick_at_ms: Option<u64>,
 }
 
@@ -156,7 +161,7 @@ pub struct RoomArgs {
     /// Limits.
     pub config: RoomConfig,
     /// Where definition changes are written.
-    pub store: RoomStore,
+    pub store: Arc<dyn DefinitionStore>,
 }
 
 impl Actor for RoomActor {
@@ -216,7 +221,7 @@ impl Actor for RoomActor {
                 let result = state.core.handle_comment(now_ms, &member, &text);
                 // Effects (the broadcast) run before the reply so that the author sees its own
                 // comment notification no later than the response.
-                state.execute_effects();
+                state.execute_effects().await;
                 let _ = reply.send(result);
             }
             RoomMsg::React {
@@ -236,7 +241,7 @@ impl Actor for RoomActor {
                 // broadcast must still reach them, so fan out to the members as they were.
                 let members: Vec<Member> = state.core.members().cloned().collect();
                 let result = state.core.handle_end(now_ms, &user);
-                state.execute_effects_to(Some(&members));
+                state.execute_effects_to(Some(&members)).await;
                 let ended = result.is_ok();
                 let _ = reply.send(result);
                 if ended {
@@ -252,20 +257,20 @@ impl Actor for RoomActor {
                 state.core.handle_tick(now_ms);
             }
         }
-        state.execute_effects();
+        state.execute_effects().await;
         state.schedule_tick(&myself, now_ms);
         Ok(())
     }
 }
 
 impl RoomShell {
-    fn execute_effects(&mut self) {
-        self.execute_effects_to(None);
+    async fn execute_effects(&mut self) {
+        self.execute_effects_to(None).await;
     }
 
     /// Executes queued effects; broadcasts go to `recipients` if given, else to the
     /// current members.
-    fn execute_effects_to(&mut self, recipients: Option<&[Member]>) {
+    async fn execute_effects_to(&mut self, recipients: Option<&[Member]>) {
         for effect in self.core.drain_effects() {
             match effect {
                 RoomEffect::Broadcast(event) => {
@@ -278,7 +283,14 @@ impl RoomShell {
                         }
                     };
                     let mut delivered = 0u64;
+                    // Bounded by the number of nodes.
+                    let mut relayed = std::collections::BTreeSet::new();
                     let mut deliver = |member: &Member| {
+                        if let Some(group) = member.sink.relay_group() {
+                            if !relayed.insert(group) {
+                                return;
+                            }
+                        }
                         member.sink.deliver(&body);
                         delivered += 1;
                     };
@@ -291,7 +303,7 @@ impl RoomShell {
                     metrics::counter!("chorus_fanout_deliveries_total").increment(delivered);
                 }
                 RoomEffect::Persist(definition) => {
-                    if let Err(error) = self.store.put(&definition) {
+                    if let Err(error) = self.store.put(&definition).await {
                         tracing::error!(room = %definition.room_id, %error, "cannot persist room");
                     }
                 }
@@ -340,7 +352,7 @@ pub enum DirectoryError {
 
 /// Finds running room actors or starts them from stored definitions.
 pub struct RoomDirectory {
-    store: RoomStore,
+    store: Arc<dyn DefinitionStore>,
     config: RoomConfig,
     // tokio Mutex: held across the (short) actor spawn so that one room never gets two actors.
     rooms: tokio::sync::Mutex<HashMap<String, ActorRef<RoomMsg>>>,
@@ -348,7 +360,7 @@ pub struct RoomDirectory {
 
 impl RoomDirectory {
     /// A directory over `store`.
-    pub fn new(store: RoomStore, config: RoomConfig) -> Self {
+    pub fn new(store: Arc<dyn DefinitionStore>, config: RoomConfig) -> Self {
         RoomDirectory {
             store,
             config,
@@ -368,7 +380,7 @@ impl RoomDirectory {
         {
             return Err(DirectoryError::Exists(definition.room_id));
         }
-        self.store.put(&definition)?;
+        self.store.put(&definition).await?;
         let room_id = definition.room_id.clone();
         let actor = self.spawn(definition).await?;
         let info = ractor::call!(actor, |reply| RoomMsg::Info { reply })

@@ -25,6 +25,35 @@ pub enum StoreError {
     /// Encoding failed (a bug).
     #[error("cannot encode room definition: {0}")]
     Encode(String),
+    /// The replicated store refused or could not reach a quorum.
+    #[error("replicated store: {0}")]
+    Replication(String),
+}
+
+/// Where room definitions live: the node's sled (single node) or the cluster's Raft
+/// metadata. Reads are local; writes may wait for replication.
+pub trait DefinitionStore: Send + Sync + 'static {
+    /// The stored definition of `room_id`, if any.
+    fn get(&self, room_id: &str) -> Result<Option<RoomDefinition>, StoreError>;
+    /// Stores (replaces) a definition; resolves once it is durable.
+    fn put<'a>(
+        &'a self,
+        definition: &'a RoomDefinition,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + 'a>>;
+}
+
+impl DefinitionStore for RoomStore {
+    fn get(&self, room_id: &str) -> Result<Option<RoomDefinition>, StoreError> {
+        RoomStore::get(self, room_id)
+    }
+
+    fn put<'a>(
+        &'a self,
+        definition: &'a RoomDefinition,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + 'a>>
+    {
+        Box::pin(async move { RoomStore::put(self, definition) })
+    }
 }
 
 /// Room definitions stored in sled.

@@ -95,6 +95,8 @@ enum PeerRequest {
     Activate { node: NodeId, cluster_addr: String },
     /// A metadata write (leader only).
     Write(MetadataCommand),
+    /// An application message (room routing, relay), handled by the node's [`AppHandler`].
+    App(Vec<u8>),
 }
 
 /// An inter-node reply.
@@ -104,6 +106,7 @@ enum PeerReply {
     Registered(NodeId),
     Activated,
     Written(MetadataResponse),
+    App(Vec<u8>),
     /// Not the leader: ask this address (if known).
     NotLeader(Option<String>),
     Error(String),
@@ -191,6 +194,7 @@ struct Inner {
     raft: MetadataRaft,
     raft_rpc: RaftRpcHandler,
     node_id: NodeId,
+    app: std::sync::OnceLock<Arc<dyn AppHandler>>,
 }
 
 /// One node's membership in the cluster. Cheap to clone.
@@ -207,6 +211,17 @@ impl std::fmt::Debug for ClusterService {
     }
 }
 
+/// Handles application messages between nodes (what the node layers on the cluster:
+/// room routing, event relay).
+pub trait AppHandler: Send + Sync + 'static {
+    /// Answers one message. The sender is a cluster member (mutual TLS); messages name
+    /// their sender themselves where it matters.
+    fn handle(
+        &self,
+        request: Bytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Bytes> + Send + '_>>;
+}
+
 struct Handler {
     service: tokio::sync::OnceCell<ClusterService>,
     early_raft: RaftRpcHandler,
@@ -216,6 +231,13 @@ impl RpcHandler for Handler {
     async fn handle(&self, _peer: SocketAddr, request: Bytes) -> Bytes {
         let reply = match decode::<PeerRequest>(&request) {
             Err(error) => PeerReply::Error(error.to_string()),
+            Ok(PeerRequest::App(bytes)) => match self.service.get() {
+                Some(service) => match service.inner.app.get() {
+                    Some(app) => PeerReply::App(app.handle(Bytes::from(bytes)).await.to_vec()),
+                    None => PeerReply::Error("node is starting".into()),
+                },
+                None => PeerReply::Error("node is starting".into()),
+            },
             Ok(PeerRequest::Raft(bytes)) => match self.early_raft.handle_bytes(&bytes).await {
                 Ok(reply) => PeerReply::Raft(reply),
                 Err(error) => PeerReply::Error(error.to_string()),
@@ -284,6 +306,7 @@ impl ClusterService {
                 raft,
                 raft_rpc,
                 node_id,
+                app: std::sync::OnceLock::new(),
             }),
         };
         let _ = handler.service.set(service.clone());
@@ -337,7 +360,9 @@ impl ClusterService {
         let raft = &self.inner.raft;
         let result: Result<PeerReply, RaftError> = async {
             match request {
-                PeerRequest::Raft(_) => Ok(PeerReply::Error("raft handled elsewhere".into())),
+                PeerRequest::Raft(_) | PeerRequest::App(_) => {
+                    Ok(PeerReply::Error("handled elsewhere".into()))
+                }
                 PeerRequest::Write(command) => raft.write(command).await.map(PeerReply::Written),
                 PeerRequest::Register {
                     name,
@@ -399,6 +424,33 @@ impl ClusterService {
                 }
             }
             Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Installs the handler for application messages (once; later calls are ignored).
+    pub fn set_app_handler(&self, handler: Arc<dyn AppHandler>) {
+        let _ = self.inner.app.set(handler);
+    }
+
+    /// Sends an application message to member `node` and returns its reply.
+    pub async fn call_app(&self, node: NodeId, request: Bytes) -> Result<Bytes, ClusterError> {
+        let addr = self
+            .metadata()
+            .nodes
+            .get(&node)
+            .map(|n| n.cluster_addr.clone())
+            .ok_or_else(|| ClusterError::Refused(format!("no node {node}")))?;
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|e| ClusterError::Codec(format!("bad address {addr:?}: {e}")))?;
+        let reply = self
+            .inner
+            .endpoint
+            .call(addr, encode(&PeerRequest::App(request.to_vec()))?)
+            .await?;
+        match decode::<PeerReply>(&reply)? {
+            PeerReply::App(bytes) => Ok(Bytes::from(bytes)),
+            other => Err(ClusterError::Refused(format!("{other:?}"))),
         }
     }
 

@@ -302,6 +302,20 @@ impl EncodedBody {
         })
     }
 
+    /// Rebuilds an encoded body from its parts (as relayed between nodes). `None` if the
+    /// kind is not a known notification kind.
+    pub fn from_parts(kind: &str, msgpack: Bytes, json: Bytes) -> Option<Self> {
+        let kind = crate::messages::Event::KINDS
+            .iter()
+            .copied()
+            .find(|k| *k == kind)?;
+        Some(EncodedBody {
+            kind,
+            msgpack,
+            json,
+        })
+    }
+
     /// The notification kind.
     pub fn kind(&self) -> &'static str {
         self.kind

@@ -11,24 +11,22 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chorus_actors::room::{RoomDefinition, RoomError};
-use chorus_actors::room_actor::{unix_now_ms, DirectoryError, RoomMsg};
+use chorus_actors::room::RoomDefinition;
+use chorus_actors::room_actor::unix_now_ms;
 use chorus_actors::session::{ConnectionConfig, ConnectionCore, LivenessAction};
 use chorus_protocol::{
     decode_frame, encode_request, encode_response_error, encode_response_ok, AuthRequest,
     AuthResponse, ClientRequest, Empty, Encoding, ErrorBody, ErrorCode, Frame, PingRequest,
     PingResponse, ProtocolError, ResumeOutcome, RoomCreateResponse, PROTOCOL_VERSION,
 };
-use ractor::{ActorRef, RpcReplyPort};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use super::routing::{room_error, RoomOp, RoomOpReply};
 use super::session::{CloseSignal, OutFrame, Outbound, Session};
 use super::Node;
 use crate::token::TokenError;
 
-/// Time a room has to answer a request before the client gets `unavailable`.
-const ROOM_CALL_TIMEOUT_MS: u64 = 5_000;
 /// Time the writer gets to flush and close after the connection ends.
 const WRITER_DRAIN_TIMEOUT_MS: u64 = 2_000;
 
@@ -470,7 +468,8 @@ impl Connection {
         }
     }
 
-    /// Runs a room request; returns a closure that encodes the ok response.
+    /// Runs a room request (on this node or the room's owner); returns a closure that
+    /// encodes the ok response.
     async fn room_request(
         &self,
         session: &Arc<Session>,
@@ -484,27 +483,36 @@ impl Connection {
                 encode_response_ok(encoding, seq, &body).unwrap_or_default()
             })
         }
+        fn unexpected(reply: RoomOpReply) -> ErrorBody {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("unexpected room reply {reply:?}"),
+            )
+        }
         let node = &self.node;
+        let user = session.user_id.clone();
         match request {
             ClientRequest::RoomCreate(create) => {
                 let definition = RoomDefinition::new(
                     super::session::random_id("r-"),
                     &create.title,
-                    session.user_id.clone(),
+                    user,
                     create.scheduled_start_ms,
                     now_ms,
                     node.rooms.config(),
                 )
                 .map_err(room_error)?;
-                let room = node
-                    .rooms
-                    .create(definition)
-                    .await
-                    .map_err(directory_error)?;
-                Ok(ok(RoomCreateResponse {
-                    room_id: room.room_id.clone(),
-                    room,
-                }))
+                let room_id = definition.room_id.clone();
+                match node
+                    .room_op(session, &room_id, RoomOp::Create(definition))
+                    .await?
+                {
+                    RoomOpReply::Created(room) => Ok(ok(RoomCreateResponse {
+                        room_id: room.room_id.clone(),
+                        room,
+                    })),
+                    other => Err(unexpected(other)),
+                }
             }
             ClientRequest::RoomJoin(join) => {
                 if !session.with_core(|core| core.can_join(&join.room_id)) {
@@ -513,16 +521,12 @@ impl Connection {
                         "this session is in the maximum number of rooms",
                     ));
                 }
-                let actor = self.room(&join.room_id).await?;
-                let member = session.member();
-                let user = session.user_id.clone();
-                let response = ask(&actor, |reply| RoomMsg::Join {
-                    member,
-                    user,
-                    reply,
-                })
-                .await?
-                .map_err(room_error)?;
+                let reply = node
+                    .room_op(session, &join.room_id, RoomOp::Join { user })
+                    .await?;
+                let RoomOpReply::Joined(response) = reply else {
+                    return Err(unexpected(reply));
+                };
                 session
                     .with_core(|core| core.handle_room_joined(&join.room_id))
                     .map_err(|code| ErrorBody::new(code, "too many rooms"))?;
@@ -530,62 +534,39 @@ impl Connection {
             }
             ClientRequest::RoomLeave(leave) => {
                 self.require_member(session, &leave.room_id)?;
-                let actor = self.room(&leave.room_id).await?;
-                let member = session.member();
-                let result = ask(&actor, |reply| RoomMsg::Leave {
-                    member,
-                    reply: Some(reply),
-                })
-                .await?;
+                let result = node.room_op(session, &leave.room_id, RoomOp::Leave).await;
                 session.with_core(|core| core.handle_room_left(&leave.room_id));
-                result.map_err(room_error)?;
+                result?;
                 Ok(ok(Empty {}))
             }
             ClientRequest::RoomStart(start) => {
-                let actor = self.room(&start.room_id).await?;
-                let user = session.user_id.clone();
-                ask(&actor, |reply| RoomMsg::Start { user, reply })
-                    .await?
-                    .map_err(room_error)?;
+                node.room_op(session, &start.room_id, RoomOp::Start { user })
+                    .await?;
                 Ok(ok(Empty {}))
             }
             ClientRequest::RoomEnd(end) => {
-                let actor = self.room(&end.room_id).await?;
-                let user = session.user_id.clone();
-                ask(&actor, |reply| RoomMsg::End { user, reply })
-                    .await?
-                    .map_err(room_error)?;
+                node.room_op(session, &end.room_id, RoomOp::End { user })
+                    .await?;
                 Ok(ok(Empty {}))
             }
             ClientRequest::RoomInfo(info) => {
-                let actor = self.room(&info.room_id).await?;
-                let room = ask(&actor, |reply| RoomMsg::Info { reply }).await?;
-                Ok(ok(room))
+                match node.room_op(session, &info.room_id, RoomOp::Info).await? {
+                    RoomOpReply::Info(room) => Ok(ok(room)),
+                    other => Err(unexpected(other)),
+                }
             }
             ClientRequest::RoomComment(comment) => {
                 self.require_member(session, &comment.room_id)?;
-                let actor = self.room(&comment.room_id).await?;
-                let member = session.member();
-                let response = ask(&actor, |reply| RoomMsg::Comment {
-                    member,
-                    text: comment.text,
-                    reply,
-                })
-                .await?
-                .map_err(room_error)?;
-                Ok(ok(response))
+                let op = RoomOp::Comment { text: comment.text };
+                match node.room_op(session, &comment.room_id, op).await? {
+                    RoomOpReply::Commented(response) => Ok(ok(response)),
+                    other => Err(unexpected(other)),
+                }
             }
             ClientRequest::RoomReact(react) => {
                 self.require_member(session, &react.room_id)?;
-                let actor = self.room(&react.room_id).await?;
-                let member = session.member();
-                ask(&actor, |reply| RoomMsg::React {
-                    member,
-                    emoji: react.emoji,
-                    reply,
-                })
-                .await?
-                .map_err(room_error)?;
+                let op = RoomOp::React { emoji: react.emoji };
+                node.room_op(session, &react.room_id, op).await?;
                 Ok(ok(Empty {}))
             }
             ClientRequest::Auth(_) | ClientRequest::Ping(_) => Err(ErrorBody::new(
@@ -605,45 +586,4 @@ impl Connection {
             ))
         }
     }
-
-    async fn room(&self, room_id: &str) -> Result<ActorRef<RoomMsg>, ErrorBody> {
-        self.node.rooms.get(room_id).await.map_err(directory_error)
-    }
-}
-
-async fn ask<T: Send + 'static>(
-    actor: &ActorRef<RoomMsg>,
-    message: impl FnOnce(RpcReplyPort<T>) -> RoomMsg,
-) -> Result<T, ErrorBody> {
-    match actor
-        .call(message, Some(Duration::from_millis(ROOM_CALL_TIMEOUT_MS)))
-        .await
-    {
-        Ok(ractor::rpc::CallResult::Success(value)) => Ok(value),
-        Ok(ractor::rpc::CallResult::Timeout) => Err(ErrorBody::new(
-            ErrorCode::Unavailable,
-            "the room did not answer in time",
-        )),
-        Ok(ractor::rpc::CallResult::SenderError) | Err(_) => Err(ErrorBody::new(
-            ErrorCode::Unavailable,
-            "the room is not available (it may have ended)",
-        )),
-    }
-}
-
-fn room_error(error: RoomError) -> ErrorBody {
-    ErrorBody::new(error.code(), error.to_string())
-}
-
-fn directory_error(error: DirectoryError) -> ErrorBody {
-    let code = match &error {
-        DirectoryError::NotFound(_) => ErrorCode::RoomNotFound,
-        DirectoryError::Ended(_) => ErrorCode::RoomEnded,
-        DirectoryError::Exists(_) => ErrorCode::Internal,
-        DirectoryError::Store(_) | DirectoryError::Spawn(_) => {
-            tracing::error!(%error, "room directory failure");
-            ErrorCode::Internal
-        }
-    };
-    ErrorBody::new(code, error.to_string())
 }

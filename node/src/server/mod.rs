@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod connection;
 pub mod quic;
+pub mod routing;
 pub mod session;
 pub mod ws;
 
@@ -17,9 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chorus_actors::room_actor::{unix_now_ms, RoomDirectory, RoomMsg};
+use chorus_actors::room_actor::{unix_now_ms, RoomDirectory};
 use chorus_actors::session::SessionConfig;
-use chorus_actors::store::RoomStore;
 use chorus_protocol::{ErrorCode, FrameLimits, ALPN, WS_SUBPROTOCOL};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -96,6 +96,9 @@ pub struct Node {
     db: sled::Db,
     cluster: chorus_cluster::service::ClusterService,
     admin_token: String,
+    mirrors: routing::RoomMirrors,
+    relays: std::sync::Mutex<std::collections::HashMap<u64, Arc<routing::EdgeRelay>>>,
+    this: std::sync::Weak<Node>,
 }
 
 impl Node {
@@ -127,11 +130,11 @@ impl Node {
     async fn leave_all_rooms(&self, session: &Arc<session::Session>) {
         let rooms: Vec<String> = session.with_core(|core| core.rooms().cloned().collect());
         for room_id in rooms {
-            if let Ok(actor) = self.rooms.get(&room_id).await {
-                let _ = actor.cast(RoomMsg::Leave {
-                    member: session.member(),
-                    reply: None,
-                });
+            if let Err(error) = self
+                .room_op(session, &room_id, routing::RoomOp::Leave)
+                .await
+            {
+                tracing::debug!(room = %room_id, %error, "leave on session end failed");
             }
             session.with_core(|core| core.handle_room_left(&room_id));
         }
@@ -140,6 +143,59 @@ impl Node {
     /// Current client connections.
     pub fn connection_count(&self) -> usize {
         self.connections.load(Ordering::Acquire)
+    }
+}
+
+/// Room definitions in the cluster's Raft metadata (key `room/<id>`), so any node can
+/// activate a room after its owner is gone.
+struct RaftDefinitions {
+    cluster: chorus_cluster::service::ClusterService,
+}
+
+impl chorus_actors::store::DefinitionStore for RaftDefinitions {
+    fn get(
+        &self,
+        room_id: &str,
+    ) -> Result<Option<chorus_actors::room::RoomDefinition>, chorus_actors::store::StoreError> {
+        let metadata = self.cluster.metadata();
+        match metadata.definitions.get(&admin::room_key(room_id)) {
+            None => Ok(None),
+            Some(bytes) => rmp_serde::from_slice(bytes).map(Some).map_err(|e| {
+                chorus_actors::store::StoreError::Decode {
+                    room_id: room_id.to_string(),
+                    reason: e.to_string(),
+                }
+            }),
+        }
+    }
+
+    fn put<'a>(
+        &'a self,
+        definition: &'a chorus_actors::room::RoomDefinition,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<(), chorus_actors::store::StoreError>>
+                + Send
+                + 'a,
+        >,
+    > {
+        Box::pin(async move {
+            let value = rmp_serde::to_vec_named(definition)
+                .map_err(|e| chorus_actors::store::StoreError::Encode(e.to_string()))?;
+            let command = chorus_cluster::metadata::MetadataCommand::PutDefinition {
+                key: admin::room_key(&definition.room_id),
+                value,
+            };
+            match self.cluster.write(command).await {
+                Ok(chorus_cluster::metadata::MetadataResponse::Ok) => Ok(()),
+                Ok(other) => Err(chorus_actors::store::StoreError::Replication(format!(
+                    "{other:?}"
+                ))),
+                Err(error) => Err(chorus_actors::store::StoreError::Replication(
+                    error.to_string(),
+                )),
+            }
+        })
     }
 }
 
@@ -236,10 +292,6 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         path: data_dir.clone(),
         reason: e.to_string(),
     })?;
-    let store = RoomStore::open(&db).map_err(|e| ServeError::Storage {
-        path: data_dir.clone(),
-        reason: e.to_string(),
-    })?;
 
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     for ip in [config.quic_addr.ip(), config.cluster_addr.ip()] {
@@ -318,20 +370,31 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         frame_bytes_max: limits.frame_bytes_max,
         ..FrameLimits::default()
     };
-    let node = Arc::new(Node {
+    let node_id = cluster.node_id();
+    let sessions_max = limits.sessions_max;
+    let definitions: Arc<dyn chorus_actors::store::DefinitionStore> = Arc::new(RaftDefinitions {
+        cluster: cluster.clone(),
+    });
+    let node = Arc::new_cyclic(|this| Node {
         keys: TokenKeys::new(secret.as_bytes()),
-        rooms: RoomDirectory::new(store, config.room.clone()),
-        sessions: SessionRegistry::new(session_config, limits.sessions_max),
+        rooms: RoomDirectory::new(definitions, config.room.clone()),
+        sessions: SessionRegistry::new(session_config, sessions_max, node_id),
         frame_limits,
         metrics,
         shutdown,
         cluster,
         admin_token,
+        mirrors: routing::RoomMirrors::default(),
+        relays: std::sync::Mutex::new(std::collections::HashMap::new()),
+        this: this.clone(),
         connections: AtomicUsize::new(0),
         next_attachment: AtomicU64::new(1),
         db,
         config,
     });
+    node.cluster.set_app_handler(Arc::new(routing::NodeApp {
+        node: Arc::downgrade(&node),
+    }));
 
     let tracker = TaskTracker::new();
     tracker.spawn(accept_http(node.clone(), listener, tracker.clone()));

@@ -201,16 +201,20 @@ pub struct SessionRegistry {
     config: SessionConfig,
     sessions_max: usize,
     next_key: AtomicU64,
+    node_id: u64,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
 }
 
 impl SessionRegistry {
     /// An empty registry.
-    pub fn new(config: SessionConfig, sessions_max: usize) -> Self {
+    ///
+    /// Member keys are made unique across the cluster by composing them with `node_id`.
+    pub fn new(config: SessionConfig, sessions_max: usize, node_id: u64) -> Self {
         SessionRegistry {
             config,
             sessions_max,
             next_key: AtomicU64::new(1),
+            node_id,
             sessions: Mutex::new(HashMap::new()),
         }
     }
@@ -236,7 +240,10 @@ impl SessionRegistry {
         let session = Arc::new(Session {
             id: id.clone(),
             user_id: user_id.to_string(),
-            key: self.next_key.fetch_add(1, Ordering::Relaxed),
+            key: super::routing::member_key(
+                self.node_id,
+                self.next_key.fetch_add(1, Ordering::Relaxed),
+            ),
             inner: Mutex::new(SessionInner {
                 core: SessionCore::new(self.config, outbound.attachment),
                 outbound: Some(outbound),

@@ -1,0 +1,534 @@
+//! Any-edge routing: a room request from a client on any node goes to the room's owner
+//! (placement ring), and the owner's fan-out reaches other nodes' members through one relay
+//! per node.
+//!
+//! - Owner side: a remote session is a room member whose sink is a [`RemoteMember`]; all
+//!   remote members on one node share that node's [`EdgeRelay`] (relay group = node id), so
+//!   a broadcast crosses to each node once. The relay is a bounded queue drained in order
+//!   by one task, in batches, over the inter-node link.
+//! - Edge side: [`RoomMirrors`] holds, per remote room, the local sessions that joined it;
+//!   relayed events are delivered to them.
+//!
+//! **Boundary:** relay queues are bounded ([`RELAY_QUEUE_ITEMS_MAX`]); when an edge cannot
+//! keep up its queue overflows and events for it are dropped and counted
+//! (`chorus_relay_dropped_total`); clients there recover by resume/resync.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use bytes::Bytes;
+use chorus_actors::room::RoomDefinition;
+use chorus_actors::room_actor::{Member, MemberSink};
+use chorus_cluster::metadata::NodeId;
+use chorus_protocol::{
+    EncodedBody, Encoding, ErrorBody, ErrorCode, RoomCommentResponse, RoomInfo, RoomJoinResponse,
+    UserId,
+};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use chorus_actors::room::RoomError;
+use chorus_actors::room_actor::{DirectoryError, RoomMsg};
+use ractor::{ActorRef, RpcReplyPort};
+use tokio::sync::mpsc;
+
+use super::session::Session;
+use super::Node;
+
+/// Events queued per destination node before the relay drops.
+pub const RELAY_QUEUE_ITEMS_MAX: usize = 65_536;
+/// Items sent in one relay message.
+pub const RELAY_BATCH_ITEMS_MAX: usize = 512;
+/// Bits of a member key that hold the session number; the node id sits above them, so
+/// keys are unique across the cluster.
+pub const MEMBER_KEY_NODE_SHIFT: u32 = 40;
+
+/// A cluster-wide member key for session `session_key` on node `node`.
+pub fn member_key(node: NodeId, session_key: u64) -> u64 {
+    (node << MEMBER_KEY_NODE_SHIFT) | (session_key & ((1 << MEMBER_KEY_NODE_SHIFT) - 1))
+}
+
+/// The ring key of a room.
+pub fn room_key(room_id: &str) -> String {
+    super::admin::room_key(room_id)
+}
+
+/// A room operation, executed by the room's owner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RoomOp {
+    /// Create the room with this definition.
+    Create(RoomDefinition),
+    /// Join as `user`.
+    Join {
+        /// The user.
+        user: UserId,
+    },
+    /// Leave.
+    Leave,
+    /// Comment.
+    Comment {
+        /// Text.
+        text: String,
+    },
+    /// React.
+    React {
+        /// Emoji.
+        emoji: String,
+    },
+    /// Start (host only).
+    Start {
+        /// Who asks.
+        user: UserId,
+    },
+    /// End (host only).
+    End {
+        /// Who asks.
+        user: UserId,
+    },
+    /// Read the room's info.
+    Info,
+}
+
+/// The result of a [`RoomOp`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RoomOpReply {
+    /// Created.
+    Created(RoomInfo),
+    /// Joined.
+    Joined(RoomJoinResponse),
+    /// Commented.
+    Commented(RoomCommentResponse),
+    /// Info.
+    Info(RoomInfo),
+    /// Done, nothing to report.
+    Done,
+}
+
+/// One item relayed from an owner to an edge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RelayItem {
+    /// A notification for the edge's members of `room_id`.
+    Event {
+        /// Room.
+        room_id: String,
+        /// Notification kind.
+        kind: String,
+        /// MessagePack body.
+        msgpack: Bytes,
+        /// JSON body.
+        json: Bytes,
+    },
+    /// The room removed this member (it ended).
+    Removed {
+        /// Room.
+        room_id: String,
+        /// Member key.
+        member_key: u64,
+    },
+}
+
+/// A message between nodes (inside the cluster's application channel).
+#[derive(Debug, Serialize, Deserialize)]
+pub enum NodeMessage {
+    /// A room operation for the owner, on behalf of a session on node `from`.
+    Room {
+        /// Sending node.
+        from: NodeId,
+        /// Room.
+        room_id: String,
+        /// The session's cluster-wide member key.
+        member_key: u64,
+        /// What to do.
+        op: RoomOp,
+    },
+    /// Events from an owner to the members on this node.
+    Relay {
+        /// Sending node.
+        from: NodeId,
+        /// In order.
+        items: Vec<RelayItem>,
+    },
+}
+
+/// Encodes a value for the inter-node channel.
+pub fn encode<T: Serialize>(value: &T) -> Bytes {
+    rmp_serde::to_vec_named(value)
+        .map(Bytes::from)
+        .unwrap_or_default()
+}
+
+/// Decodes a value from the inter-node channel.
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ErrorBody> {
+    rmp_serde::from_slice(bytes)
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("inter-node message: {e}")))
+}
+
+/// Relays one room's events from this (owner) node to one edge node, in order.
+pub struct EdgeRelay {
+    edge: NodeId,
+    tx: mpsc::Sender<RelayItem>,
+}
+
+impl EdgeRelay {
+    /// Starts the relay task toward `edge`.
+    pub fn start(node: Weak<Node>, edge: NodeId) -> Arc<Self> {
+        let (tx, mut rx) = mpsc::channel::<RelayItem>(RELAY_QUEUE_ITEMS_MAX);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(RELAY_BATCH_ITEMS_MAX);
+            while let Some(item) = rx.recv().await {
+                batch.push(item);
+                while batch.len() < RELAY_BATCH_ITEMS_MAX {
+                    match rx.try_recv() {
+                        Ok(item) => batch.push(item),
+                        Err(_) => break,
+                    }
+                }
+                let Some(node) = node.upgrade() else { return };
+                let message = NodeMessage::Relay {
+                    from: node.cluster.node_id(),
+                    items: std::mem::take(&mut batch),
+                };
+                if let Err(error) = node.cluster.call_app(edge, encode(&message)).await {
+                    metrics::counter!("chorus_relay_dropped_total").increment(1);
+                    tracing::warn!(edge, %error, "relay batch lost");
+                }
+            }
+        });
+        Arc::new(EdgeRelay { edge, tx })
+    }
+
+    fn push(&self, item: RelayItem) {
+        if self.tx.try_send(item).is_err() {
+            metrics::counter!("chorus_relay_dropped_total").increment(1);
+            tracing::warn!(edge = self.edge, "relay queue full: dropping");
+        }
+    }
+}
+
+/// A member of a room on this (owner) node whose session lives on another node.
+pub struct RemoteMember {
+    member_key: u64,
+    relay: Arc<EdgeRelay>,
+}
+
+impl RemoteMember {
+    /// The member handle for `member_key` relayed through `relay`.
+    pub fn member(member_key: u64, relay: Arc<EdgeRelay>) -> Member {
+        Member::new(member_key, Arc::new(RemoteMember { member_key, relay }))
+    }
+}
+
+impl MemberSink for RemoteMember {
+    fn deliver(&self, body: &Arc<EncodedBody>) {
+        // The room id is inside every notification body; the edge needs it to find its
+        // members, so it travels alongside.
+        let room_id = room_of(body).unwrap_or_default();
+        self.relay.push(RelayItem::Event {
+            room_id,
+            kind: body.kind().to_string(),
+            msgpack: body.body_bytes(Encoding::MsgPack).clone(),
+            json: body.body_bytes(Encoding::Json).clone(),
+        });
+    }
+
+    fn removed_from_room(&self, room_id: &str) {
+        self.relay.push(RelayItem::Removed {
+            room_id: room_id.to_string(),
+            member_key: self.member_key,
+        });
+    }
+
+    fn relay_group(&self) -> Option<u64> {
+        Some(self.relay.edge)
+    }
+}
+
+/// Reads `room_id` from an encoded notification body (every room event carries it).
+fn room_of(body: &EncodedBody) -> Option<String> {
+    #[derive(Deserialize)]
+    struct HasRoom {
+        room_id: String,
+    }
+    rmp_serde::from_slice::<HasRoom>(body.body_bytes(Encoding::MsgPack))
+        .ok()
+        .map(|r| r.room_id)
+}
+
+/// Local sessions in rooms owned by other nodes.
+#[derive(Default)]
+pub struct RoomMirrors {
+    rooms: Mutex<HashMap<String, BTreeMap<u64, Arc<Session>>>>,
+}
+
+impl RoomMirrors {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, BTreeMap<u64, Arc<Session>>>> {
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `session` (member key `key`) joined remote room `room_id`.
+    pub fn add(&self, room_id: &str, key: u64, session: Arc<Session>) {
+        self.map()
+            .entry(room_id.to_string())
+            .or_default()
+            .insert(key, session);
+    }
+
+    /// The session with member key `key` left `room_id`.
+    pub fn remove(&self, room_id: &str, key: u64) -> Option<Arc<Session>> {
+        let mut map = self.map();
+        let members = map.get_mut(room_id)?;
+        let removed = members.remove(&key);
+        if members.is_empty() {
+            map.remove(room_id);
+        }
+        removed
+    }
+
+    /// Delivers relayed items to the local members.
+    pub fn apply(&self, items: Vec<RelayItem>) {
+        for item in items {
+            match item {
+                RelayItem::Event {
+                    room_id,
+                    kind,
+                    msgpack,
+                    json,
+                } => {
+                    let Some(body) = EncodedBody::from_parts(&kind, msgpack, json) else {
+                        tracing::warn!(%kind, "relayed event of unknown kind");
+                        continue;
+                    };
+                    let body = Arc::new(body);
+                    let members: Vec<Arc<Session>> = self
+                        .map()
+                        .get(&room_id)
+                        .map(|m| m.values().cloned().collect())
+                        .unwrap_or_default();
+                    for session in members {
+                        session.deliver(&body);
+                    }
+                }
+                RelayItem::Removed {
+                    room_id,
+                    member_key,
+                } => {
+                    if let Some(session) = self.remove(&room_id, member_key) {
+                        session.removed_from_room(&room_id);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Time a room has to answer a request before the client gets `unavailable`.
+const ROOM_CALL_TIMEOUT_MS: u64 = 5_000;
+
+/// Asks a room actor and waits (bounded) for its answer.
+pub(crate) async fn ask<T: Send + 'static>(
+    actor: &ActorRef<RoomMsg>,
+    message: impl FnOnce(RpcReplyPort<T>) -> RoomMsg,
+) -> Result<T, ErrorBody> {
+    match actor
+        .call(message, Some(Duration::from_millis(ROOM_CALL_TIMEOUT_MS)))
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(value)) => Ok(value),
+        Ok(ractor::rpc::CallResult::Timeout) => Err(ErrorBody::new(
+            ErrorCode::Unavailable,
+            "the room did not answer in time",
+        )),
+        Ok(ractor::rpc::CallResult::SenderError) | Err(_) => Err(ErrorBody::new(
+            ErrorCode::Unavailable,
+            "the room is not available (it may have ended)",
+        )),
+    }
+}
+
+/// A room refusal as a wire error.
+pub(crate) fn room_error(error: RoomError) -> ErrorBody {
+    ErrorBody::new(error.code(), error.to_string())
+}
+
+/// A directory failure as a wire error.
+pub(crate) fn directory_error(error: DirectoryError) -> ErrorBody {
+    let code = match &error {
+        DirectoryError::NotFound(_) => ErrorCode::RoomNotFound,
+        DirectoryError::Ended(_) => ErrorCode::RoomEnded,
+        DirectoryError::Exists(_) => ErrorCode::Internal,
+        DirectoryError::Store(_) | DirectoryError::Spawn(_) => {
+            tracing::error!(%error, "room directory failure");
+            ErrorCode::Internal
+        }
+    };
+    ErrorBody::new(code, error.to_string())
+}
+
+impl Node {
+    /// The owner of `room_id` on this node's current ring (this node if there is none).
+    pub(crate) fn owner_of(&self, room_id: &str) -> NodeId {
+        self.cluster
+            .ring()
+            .and_then(|ring| ring.owner(&room_key(room_id)))
+            .unwrap_or_else(|| self.cluster.node_id())
+    }
+
+    /// The relay from this node to `edge` (started on first use).
+    pub(crate) fn relay_to(&self, edge: NodeId) -> Arc<EdgeRelay> {
+        let mut relays = self.relays.lock().unwrap_or_else(|e| e.into_inner());
+        relays
+            .entry(edge)
+            .or_insert_with(|| EdgeRelay::start(self.this.clone(), edge))
+            .clone()
+    }
+
+    /// Runs `op` for `session` on the room's owner: here, or over the inter-node link.
+    pub(crate) async fn room_op(
+        &self,
+        session: &Arc<Session>,
+        room_id: &str,
+        op: RoomOp,
+    ) -> Result<RoomOpReply, ErrorBody> {
+        let owner = self.owner_of(room_id);
+        let member = session.member();
+        if owner == self.cluster.node_id() {
+            return self.local_room_op(room_id, member, op).await;
+        }
+        let key = member.key();
+        let joining = matches!(op, RoomOp::Join { .. });
+        let leaving = matches!(op, RoomOp::Leave);
+        // Mirror first: the owner may broadcast (e.g. a listener count) as soon as the join
+        // is applied, before its answer arrives here.
+        if joining {
+            self.mirrors.add(room_id, key, session.clone());
+        }
+        let message = NodeMessage::Room {
+            from: self.cluster.node_id(),
+            room_id: room_id.to_string(),
+            member_key: key,
+            op,
+        };
+        let result = match self.cluster.call_app(owner, encode(&message)).await {
+            Ok(reply) => decode::<Result<RoomOpReply, ErrorBody>>(&reply).and_then(|r| r),
+            Err(error) => Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!("the room's owner (node {owner}) is unreachable: {error}"),
+            )),
+        };
+        if (joining && result.is_err()) || leaving {
+            self.mirrors.remove(room_id, key);
+        }
+        result
+    }
+
+    /// Runs `op` on a room this node owns.
+    pub(crate) async fn local_room_op(
+        &self,
+        room_id: &str,
+        member: Member,
+        op: RoomOp,
+    ) -> Result<RoomOpReply, ErrorBody> {
+        use chorus_actors::room_actor::RoomMsg;
+        if let RoomOp::Create(definition) = op {
+            let info = self
+                .rooms
+                .create(definition)
+                .await
+                .map_err(directory_error)?;
+            return Ok(RoomOpReply::Created(info));
+        }
+        let actor = self.rooms.get(room_id).await.map_err(directory_error)?;
+        Ok(match op {
+            RoomOp::Create(_) => RoomOpReply::Done,
+            RoomOp::Join { user } => RoomOpReply::Joined(
+                ask(&actor, |reply| RoomMsg::Join {
+                    member,
+                    user,
+                    reply,
+                })
+                .await?
+                .map_err(room_error)?,
+            ),
+            RoomOp::Leave => {
+                ask(&actor, |reply| RoomMsg::Leave {
+                    member,
+                    reply: Some(reply),
+                })
+                .await?
+                .map_err(room_error)?;
+                RoomOpReply::Done
+            }
+            RoomOp::Comment { text } => RoomOpReply::Commented(
+                ask(&actor, |reply| RoomMsg::Comment {
+                    member,
+                    text,
+                    reply,
+                })
+                .await?
+                .map_err(room_error)?,
+            ),
+            RoomOp::React { emoji } => {
+                ask(&actor, |reply| RoomMsg::React {
+                    member,
+                    emoji,
+                    reply,
+                })
+                .await?
+                .map_err(room_error)?;
+                RoomOpReply::Done
+            }
+            RoomOp::Start { user } => {
+                ask(&actor, |reply| RoomMsg::Start { user, reply })
+                    .await?
+                    .map_err(room_error)?;
+                RoomOpReply::Done
+            }
+            RoomOp::End { user } => {
+                ask(&actor, |reply| RoomMsg::End { user, reply })
+                    .await?
+                    .map_err(room_error)?;
+                RoomOpReply::Done
+            }
+            RoomOp::Info => RoomOpReply::Info(ask(&actor, |reply| RoomMsg::Info { reply }).await?),
+        })
+    }
+}
+
+/// The node's handler for messages from other nodes.
+pub struct NodeApp {
+    /// The node (weak: the node owns the cluster service that owns this handler).
+    pub node: Weak<Node>,
+}
+
+impl chorus_cluster::service::AppHandler for NodeApp {
+    fn handle(
+        &self,
+        request: Bytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Bytes> + Send + '_>> {
+        Box::pin(async move {
+            let Some(node) = self.node.upgrade() else {
+                return encode(&Err::<RoomOpReply, _>(ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    "node shutting down",
+                )));
+            };
+            match decode::<NodeMessage>(&request) {
+                Ok(NodeMessage::Relay { items, .. }) => {
+                    node.mirrors.apply(items);
+                    encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
+                }
+                Ok(NodeMessage::Room {
+                    from,
+                    room_id,
+                    member_key,
+                    op,
+                }) => {
+                    let relay = node.relay_to(from);
+                    let member = RemoteMember::member(member_key, relay);
+                    encode(&node.local_room_op(&room_id, member, op).await)
+                }
+                Err(error) => encode(&Err::<RoomOpReply, _>(error)),
+            }
+        })
+    }
+}
