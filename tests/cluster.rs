@@ -228,3 +228,95 @@ async fn rooms_created_through_different_nodes_spread_evenly_and_every_node_agre
     );
     eprintln!("rooms per owner: {per_owner:?}, max/min {:.3}", max / min);
 }
+
+#[tokio::test]
+async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clients_carry_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = three_node_cluster(dir.path()).await;
+    let creator = nodes[0].client(&nodes[0].ws_url(), "host").await;
+    let room = creator
+        .request(RoomCreateRequest {
+            title: "failover".into(),
+            scheduled_start_ms: None,
+        })
+        .await
+        .expect("create")
+        .room_id;
+    let owner = nodes[0].admin(&format!("/admin/where?key={room}")).await["owner"]
+        .as_u64()
+        .expect("owner");
+    let mut owner_node = None;
+    let mut survivors = Vec::new();
+    for node in nodes {
+        if node.admin("/admin/status").await["self"].as_u64() == Some(owner) {
+            owner_node = Some(node);
+        } else {
+            survivors.push(node);
+        }
+    }
+    let owner_node = owner_node.expect("owner is a member");
+    let mut speaker = survivors[0].client(&survivors[0].ws_url(), "speaker").await;
+    let mut listener = survivors[1]
+        .client(&survivors[1].quic_url(), "listener")
+        .await;
+    for client in [&speaker, &listener] {
+        client
+            .request(RoomRef {
+                room_id: room.clone(),
+            })
+            .await
+            .expect("join");
+    }
+    speaker
+        .request(RoomCommentRequest {
+            room_id: room.clone(),
+            text: "before".into(),
+        })
+        .await
+        .expect("comment before");
+    assert_eq!(
+        collect_comments(&mut listener, &room, 1).await[0].1,
+        "before"
+    );
+
+    let killed_at = std::time::Instant::now();
+    owner_node.kill().await;
+    // The room is served again once a comment is accepted (by the new owner).
+    let mut attempts = 0;
+    loop {
+        match speaker
+            .request(RoomCommentRequest {
+                room_id: room.clone(),
+                text: "after".into(),
+            })
+            .await
+        {
+            Ok(_) => break,
+            Err(error) => {
+                attempts += 1;
+                assert!(
+                    killed_at.elapsed() < common::DEADLINE,
+                    "room not served again after the owner was killed: {error}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let served_after = killed_at.elapsed();
+    let after = collect_comments(&mut listener, &room, 1).await;
+    assert_eq!(
+        after[0].1, "after",
+        "the listener on the other surviving node receives it"
+    );
+    eprintln!("room served again {served_after:?} after SIGKILL of its owner ({attempts} refused attempts)");
+    // The definition (host, title) survived.
+    let info = speaker
+        .request(chorus_protocol::RoomInfoRequest {
+            room_id: room.clone(),
+        })
+        .await
+        .expect("info");
+    assert_eq!(info.host, "host");
+    assert_eq!(info.title, "failover");
+    let _ = speaker.try_next_event();
+}

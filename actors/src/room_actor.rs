@@ -415,6 +415,19 @@ impl RoomDirectory {
         self.rooms.lock().await.len()
     }
 
+    /// Stops the running rooms for which `keep` is false (ownership moved away): this node
+    /// stops acting for them.
+    pub async fn stop_unless(&self, keep: impl Fn(&str) -> bool) -> usize {
+        let mut rooms = self.rooms.lock().await;
+        let moved: Vec<String> = rooms.keys().filter(|id| !keep(id)).cloned().collect();
+        for room_id in &moved {
+            if let Some(actor) = rooms.remove(room_id) {
+                actor.stop(Some("ownership moved".into()));
+            }
+        }
+        moved.len()
+    }
+
     /// Stops every room actor (shutdown).
     pub async fn stop_all(&self) {
         let rooms = std::mem::take(&mut *self.rooms.lock().await);

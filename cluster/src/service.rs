@@ -36,6 +36,13 @@ pub const IDENTITY_TREE: &str = "cluster/identity";
 pub const FORWARD_ATTEMPTS_MAX: u32 = 40;
 /// Pause between forwarding attempts while no leader is known.
 pub const FORWARD_RETRY_MS: u64 = 250;
+/// How often the leader probes every member.
+pub const FAILURE_PROBE_INTERVAL_MS: u64 = 500;
+/// How long one probe may take.
+pub const FAILURE_PROBE_TIMEOUT_MS: u64 = 1_000;
+/// Consecutive failed probes after which the leader marks a member `Down` (with the
+/// interval and timeout above: detected within about 3 s).
+pub const FAILURE_PROBES_MISSED_MAX: u32 = 4;
 
 /// How this node takes part in the cluster.
 #[derive(Debug, Clone)]
@@ -97,6 +104,8 @@ enum PeerRequest {
     Write(MetadataCommand),
     /// An application message (room routing, relay), handled by the node's [`AppHandler`].
     App(Vec<u8>),
+    /// Liveness probe from the leader's failure detector.
+    Ping,
 }
 
 /// An inter-node reply.
@@ -107,6 +116,7 @@ enum PeerReply {
     Activated,
     Written(MetadataResponse),
     App(Vec<u8>),
+    Pong,
     /// Not the leader: ask this address (if known).
     NotLeader(Option<String>),
     Error(String),
@@ -231,6 +241,7 @@ impl RpcHandler for Handler {
     async fn handle(&self, _peer: SocketAddr, request: Bytes) -> Bytes {
         let reply = match decode::<PeerRequest>(&request) {
             Err(error) => PeerReply::Error(error.to_string()),
+            Ok(PeerRequest::Ping) => PeerReply::Pong,
             Ok(PeerRequest::App(bytes)) => match self.service.get() {
                 Some(service) => match service.inner.app.get() {
                     Some(app) => PeerReply::App(app.handle(Bytes::from(bytes)).await.to_vec()),
@@ -311,6 +322,7 @@ impl ClusterService {
         };
         let _ = handler.service.set(service.clone());
         let serving = endpoint.clone();
+        let shutdown_detector = shutdown.clone();
         tokio::spawn(async move { serving.serve(handler, shutdown.cancelled_owned()).await });
 
         if stored_id.is_none() {
@@ -332,8 +344,119 @@ impl ClusterService {
                 }
             }
         }
+        tokio::spawn(service.clone().detect_failures(shutdown_detector.clone()));
+        if stored_id.is_some() {
+            tokio::spawn(service.clone().mark_self_up(shutdown_detector));
+        }
         tracing::info!(node_id, "cluster member running");
         Ok(service)
+    }
+
+    /// After a restart: once this node's metadata has caught up, mark itself `Up` again if
+    /// the failure detector had marked it `Down` meanwhile.
+    async fn mark_self_up(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut metadata = self.inner.raft.subscribe();
+        for _ in 0..FORWARD_ATTEMPTS_MAX {
+            let state = metadata
+                .borrow()
+                .nodes
+                .get(&self.inner.node_id)
+                .map(|n| n.state);
+            match state {
+                Some(NodeState::Up) => return,
+                Some(NodeState::Down) | Some(NodeState::Joining) => {
+                    let command = MetadataCommand::SetNodeState {
+                        node: self.inner.node_id,
+                        state: NodeState::Up,
+                    };
+                    match self.write(command).await {
+                        Ok(_) => {
+                            tracing::info!("marked self up after restart");
+                            return;
+                        }
+                        Err(error) => tracing::debug!(%error, "cannot mark self up yet"),
+                    }
+                }
+                // Draining is an operator's decision; not known yet: wait for the log.
+                Some(NodeState::Draining) => return,
+                None => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = metadata.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)) => {}
+            }
+        }
+    }
+
+    /// The leader's failure detector: probes every member and marks one `Down` after
+    /// [`FAILURE_PROBES_MISSED_MAX`] failed probes in a row.
+    async fn detect_failures(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut missed: std::collections::BTreeMap<NodeId, u32> = Default::default();
+        let mut interval = tokio::time::interval(Duration::from_millis(FAILURE_PROBE_INTERVAL_MS));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            if self.inner.raft.leader() != Some(self.inner.node_id) {
+                missed.clear();
+                continue;
+            }
+            let metadata = self.metadata();
+            let probes = metadata
+                .nodes
+                .values()
+                .filter(|n| n.id != self.inner.node_id && n.state != NodeState::Down)
+                .map(|n| {
+                    let endpoint = self.inner.endpoint.clone();
+                    let id = n.id;
+                    let addr = n.cluster_addr.clone();
+                    async move {
+                        let ok = match addr.parse::<SocketAddr>() {
+                            Ok(peer) => {
+                                let probe = async {
+                                    let request = encode(&PeerRequest::Ping).ok()?;
+                                    let reply = endpoint.call(peer, request).await.ok()?;
+                                    matches!(decode::<PeerReply>(&reply), Ok(PeerReply::Pong))
+                                        .then_some(())
+                                };
+                                tokio::time::timeout(
+                                    Duration::from_millis(FAILURE_PROBE_TIMEOUT_MS),
+                                    probe,
+                                )
+                                .await
+                                .ok()
+                                .flatten()
+                                .is_some()
+                            }
+                            Err(_) => false,
+                        };
+                        (id, ok)
+                    }
+                });
+            let results = futures_util::future::join_all(probes).await;
+            for (id, ok) in results {
+                if ok {
+                    missed.remove(&id);
+                    continue;
+                }
+                let count = missed.entry(id).or_default();
+                *count += 1;
+                if *count >= FAILURE_PROBES_MISSED_MAX {
+                    tracing::warn!(node = id, "member stopped answering: marking it down");
+                    let command = MetadataCommand::SetNodeState {
+                        node: id,
+                        state: NodeState::Down,
+                    };
+                    if let Err(error) = self.inner.raft.write(command).await {
+                        tracing::warn!(node = id, %error, "cannot mark member down");
+                    }
+                    missed.remove(&id);
+                }
+            }
+        }
     }
 
     async fn bootstrap(&self) -> Result<(), ClusterError> {
@@ -360,7 +483,7 @@ impl ClusterService {
         let raft = &self.inner.raft;
         let result: Result<PeerReply, RaftError> = async {
             match request {
-                PeerRequest::Raft(_) | PeerRequest::App(_) => {
+                PeerRequest::Raft(_) | PeerRequest::App(_) | PeerRequest::Ping => {
                     Ok(PeerReply::Error("handled elsewhere".into()))
                 }
                 PeerRequest::Write(command) => raft.write(command).await.map(PeerReply::Written),
@@ -462,6 +585,11 @@ impl ClusterService {
     /// The latest applied metadata on this node (may lag the leader slightly).
     pub fn metadata(&self) -> Arc<ClusterMetadata> {
         self.inner.raft.metadata()
+    }
+
+    /// Watches the applied metadata.
+    pub fn subscribe_metadata(&self) -> tokio::sync::watch::Receiver<Arc<ClusterMetadata>> {
+        self.inner.raft.subscribe()
     }
 
     /// The placement ring of the latest applied metadata.

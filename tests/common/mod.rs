@@ -59,7 +59,10 @@ impl TestNode {
                 "127.0.0.1:0",
             ])
             .args(extra)
-            .env("CHORUS_LOG", "warn")
+            .env(
+                "CHORUS_LOG",
+                std::env::var("CHORUS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

@@ -400,6 +400,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     tracker.spawn(accept_http(node.clone(), listener, tracker.clone()));
     tracker.spawn(accept_quic(node.clone(), endpoint.clone(), tracker.clone()));
     tracker.spawn(sweep_sessions(node.clone()));
+    tokio::spawn(routing::follow_ring(Arc::downgrade(&node)));
     tracing::info!(%http_addr, %quic_addr, node = %node.config.node_name, "node serving");
     Ok(RunningNode {
         node,

@@ -39,6 +39,8 @@ use super::Node;
 pub const RELAY_QUEUE_ITEMS_MAX: usize = 65_536;
 /// Items sent in one relay message.
 pub const RELAY_BATCH_ITEMS_MAX: usize = 512;
+/// Times a room request follows ownership to a new node before it gives up.
+pub const ROUTE_RETRIES_MAX: u32 = 3;
 /// Bits of a member key that hold the session number; the node id sits above them, so
 /// keys are unique across the cluster.
 pub const MEMBER_KEY_NODE_SHIFT: u32 = 40;
@@ -383,7 +385,64 @@ impl Node {
     }
 
     /// Runs `op` for `session` on the room's owner: here, or over the inter-node link.
+    ///
+    /// Ownership can move while a request is under way (a node joined, drained or died):
+    /// a remote call is raced against ring changes and retried on the new owner, and a
+    /// member the owner does not know (its room was just re-activated there) re-joins
+    /// once before the request is retried.
     pub(crate) async fn room_op(
+        &self,
+        session: &Arc<Session>,
+        room_id: &str,
+        op: RoomOp,
+    ) -> Result<RoomOpReply, ErrorBody> {
+        let result = self.room_op_once(session, room_id, op.clone()).await;
+        let rejoin = matches!(op, RoomOp::Comment { .. } | RoomOp::React { .. });
+        match result {
+            Err(error)
+                if rejoin
+                    && error.code == ErrorCode::NotInRoom.as_u16()
+                    && session.with_core(|core| core.in_room(room_id)) =>
+            {
+                let user = session.user_id.clone();
+                self.room_op_once(session, room_id, RoomOp::Join { user })
+                    .await?;
+                self.room_op_once(session, room_id, op).await
+            }
+            other => other,
+        }
+    }
+
+    async fn room_op_once(
+        &self,
+        session: &Arc<Session>,
+        room_id: &str,
+        op: RoomOp,
+    ) -> Result<RoomOpReply, ErrorBody> {
+        let mut attempts = 0;
+        loop {
+            let mut metadata = self.cluster.subscribe_metadata();
+            let epoch = metadata.borrow().ring_epoch;
+            let call = self.room_op_at_owner(session, room_id, op.clone());
+            let ring_changed = async {
+                while metadata.changed().await.is_ok() {
+                    if metadata.borrow().ring_epoch != epoch {
+                        return;
+                    }
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                result = call => return result,
+                _ = ring_changed, if attempts < ROUTE_RETRIES_MAX => {
+                    attempts += 1;
+                    tracing::debug!(room = %room_id, attempts, "ring changed during a room request; retrying on the new owner");
+                }
+            }
+        }
+    }
+
+    async fn room_op_at_owner(
         &self,
         session: &Arc<Session>,
         room_id: &str,
@@ -491,6 +550,66 @@ impl Node {
             }
             RoomOp::Info => RoomOpReply::Info(ask(&actor, |reply| RoomMsg::Info { reply }).await?),
         })
+    }
+}
+
+/// Follows the placement ring: when its epoch changes, rooms that moved away are stopped
+/// here and every local session re-joins the rooms whose owner changed (on the new owner),
+/// keeping its connection.
+pub(crate) async fn follow_ring(node: Weak<Node>) {
+    let Some(mut metadata) = node.upgrade().map(|n| n.cluster.subscribe_metadata()) else {
+        return;
+    };
+    let mut ring = node.upgrade().and_then(|n| n.cluster.ring());
+    loop {
+        if metadata.changed().await.is_err() {
+            return;
+        }
+        let Some(node) = node.upgrade() else { return };
+        if node.shutdown.is_cancelled() {
+            return;
+        }
+        let Some(next) = node.cluster.ring() else {
+            continue;
+        };
+        if ring.as_ref().map(|r| r.epoch()) == Some(next.epoch()) {
+            continue;
+        }
+        let previous = ring.replace(next.clone());
+        let self_id = node.cluster.node_id();
+        let stopped = node
+            .rooms
+            .stop_unless(|room_id| next.owner(&room_key(room_id)) == Some(self_id))
+            .await;
+        let mut rejoined = 0;
+        for session in node.sessions.all() {
+            let rooms: Vec<String> = session.with_core(|core| core.rooms().cloned().collect());
+            for room_id in rooms {
+                let key = room_key(&room_id);
+                let before = previous.as_ref().and_then(|r| r.owner(&key));
+                let after = next.owner(&key);
+                if before == after {
+                    continue;
+                }
+                node.mirrors.remove(&room_id, session.member().key());
+                let user = session.user_id.clone();
+                match node
+                    .room_op(&session, &room_id, RoomOp::Join { user })
+                    .await
+                {
+                    Ok(_) => rejoined += 1,
+                    Err(error) => {
+                        tracing::warn!(room = %room_id, %error, "re-join after a ring change failed")
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            epoch = next.epoch(),
+            stopped,
+            rejoined,
+            "followed a ring change"
+        );
     }
 }
 

@@ -280,6 +280,11 @@ impl SessionRegistry {
         taken
     }
 
+    /// Every session (a snapshot).
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.map().values().cloned().collect()
+    }
+
     /// Number of sessions.
     pub fn len(&self) -> usize {
         self.map().len()
