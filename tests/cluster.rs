@@ -320,3 +320,112 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
     assert_eq!(info.title, "failover");
     let _ = speaker.try_next_event();
 }
+
+#[tokio::test]
+async fn draining_a_node_moves_its_rooms_while_clients_keep_their_connections_then_it_is_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = three_node_cluster(dir.path()).await;
+    // Rooms until one is owned by node 3's member (the one we drain), created through node 1.
+    let drained = nodes[2].admin("/admin/status").await["self"]
+        .as_u64()
+        .expect("id");
+    let host = nodes[0].client(&nodes[0].ws_url(), "host").await;
+    let mut room = None;
+    for i in 0..50 {
+        let id = host
+            .request(RoomCreateRequest {
+                title: format!("drain {i}"),
+                scheduled_start_ms: None,
+            })
+            .await
+            .expect("create")
+            .room_id;
+        if nodes[0].admin(&format!("/admin/where?key={id}")).await["owner"].as_u64()
+            == Some(drained)
+        {
+            room = Some(id);
+            break;
+        }
+    }
+    let room = room.expect("some room lands on the drained node");
+    let speaker = nodes[0].client(&nodes[0].ws_url(), "speaker").await;
+    let mut listener = nodes[1].client(&nodes[1].quic_url(), "listener").await;
+    for client in [&speaker, &listener] {
+        client
+            .request(RoomRef {
+                room_id: room.clone(),
+            })
+            .await
+            .expect("join");
+    }
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args([
+            "admin",
+            "--url",
+            &format!("http://{}", nodes[0].http),
+            "drain",
+            &drained.to_string(),
+        ])
+        .output()
+        .await
+        .expect("run chorus admin drain");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let where_path = format!("/admin/where?key={room}");
+    eventually("the room to move off the drained node", || async {
+        let owner = nodes[0].admin(&where_path).await["owner"].as_u64();
+        owner.is_some() && owner != Some(drained)
+    })
+    .await;
+    // Same connections, the room works on its new owner.
+    let mut delivered = false;
+    for _ in 0..50 {
+        if speaker
+            .request(RoomCommentRequest {
+                room_id: room.clone(),
+                text: "after drain".into(),
+            })
+            .await
+            .is_ok()
+        {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(delivered, "comment after the drain was refused");
+    let texts: Vec<String> = collect_comments(&mut listener, &room, 1)
+        .await
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    assert_eq!(texts, ["after drain"]);
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args([
+            "admin",
+            "--url",
+            &format!("http://{}", nodes[1].http),
+            "remove",
+            &drained.to_string(),
+        ])
+        .output()
+        .await
+        .expect("run chorus admin remove");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eventually("the removed node to leave the member list", || async {
+        nodes[0].admin("/admin/status").await["members"]
+            .as_array()
+            .map(Vec::len)
+            == Some(2)
+    })
+    .await;
+}

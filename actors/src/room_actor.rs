@@ -391,6 +391,21 @@ impl RoomDirectory {
 
     /// The running actor of `room_id`, started from its stored definition if needed.
     pub async fn get(&self, room_id: &str) -> Result<ActorRef<RoomMsg>, DirectoryError> {
+        self.get_with(room_id, |_| async {}).await
+    }
+
+    /// Like [`get`](Self::get), but a freshly started actor is first handed to `activate`
+    /// (e.g. to re-admit the room's members after its owner moved) before anyone else can
+    /// reach it: requests for the room wait until `activate` is done.
+    pub async fn get_with<F, Fut>(
+        &self,
+        room_id: &str,
+        activate: F,
+    ) -> Result<ActorRef<RoomMsg>, DirectoryError>
+    where
+        F: FnOnce(ActorRef<RoomMsg>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let mut rooms = self.rooms.lock().await;
         if let Some(actor) = rooms.get(room_id) {
             if actor.get_status() == ractor::ActorStatus::Running {
@@ -406,6 +421,7 @@ impl RoomDirectory {
             return Err(DirectoryError::Ended(room_id.to_string()));
         }
         let actor = self.spawn(definition).await?;
+        activate(actor.clone()).await;
         rooms.insert(room_id.to_string(), actor.clone());
         Ok(actor)
     }

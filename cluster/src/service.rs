@@ -84,6 +84,9 @@ pub enum ClusterError {
     /// No leader could be reached in time.
     #[error("no leader reachable after {0} attempts")]
     NoLeader(u32),
+    /// An operation did not finish in time.
+    #[error("{0} did not finish in time")]
+    Timeout(&'static str),
 }
 
 /// An inter-node request.
@@ -106,6 +109,9 @@ enum PeerRequest {
     App(Vec<u8>),
     /// Liveness probe from the leader's failure detector.
     Ping,
+    /// Remove a member from the Raft group and the metadata (leader only); a learner is
+    /// promoted if voters fall below `voters_max`.
+    Remove { node: NodeId },
 }
 
 /// An inter-node reply.
@@ -364,7 +370,8 @@ impl ClusterService {
                 .map(|n| n.state);
             match state {
                 Some(NodeState::Up) => return,
-                Some(NodeState::Down) | Some(NodeState::Joining) => {
+                // A restarted node serves again; an operator who wants it gone removes it.
+                Some(NodeState::Down) | Some(NodeState::Joining) | Some(NodeState::Draining) => {
                     let command = MetadataCommand::SetNodeState {
                         node: self.inner.node_id,
                         state: NodeState::Up,
@@ -377,8 +384,7 @@ impl ClusterService {
                         Err(error) => tracing::debug!(%error, "cannot mark self up yet"),
                     }
                 }
-                // Draining is an operator's decision; not known yet: wait for the log.
-                Some(NodeState::Draining) => return,
+                // Not known yet: wait for the log.
                 None => {}
             }
             tokio::select! {
@@ -483,6 +489,34 @@ impl ClusterService {
         let raft = &self.inner.raft;
         let result: Result<PeerReply, RaftError> = async {
             match request {
+                PeerRequest::Remove { node } => {
+                    let metrics = raft.metrics();
+                    if metrics.voters.contains(&node) || metrics.learners.contains(&node) {
+                        raft.remove_member(node).await?;
+                    }
+                    let metrics = raft.metrics();
+                    let metadata = raft.metadata();
+                    if metrics.voters.len() < self.inner.config.voters_max {
+                        // Promote an up learner to keep the group at its size.
+                        let learner = metrics.learners.iter().copied().find(|id| {
+                            metadata
+                                .nodes
+                                .get(id)
+                                .is_some_and(|n| n.state == NodeState::Up)
+                        });
+                        if let Some(learner) = learner {
+                            let mut voters = metrics.voters.clone();
+                            voters.insert(learner);
+                            raft.change_membership(voters).await?;
+                        }
+                    }
+                    Ok(
+                        match raft.write(MetadataCommand::RemoveNode { node }).await? {
+                            response @ MetadataResponse::Refused(_) => PeerReply::Written(response),
+                            _ => PeerReply::Activated,
+                        },
+                    )
+                }
                 PeerRequest::Raft(_) | PeerRequest::App(_) | PeerRequest::Ping => {
                     Ok(PeerReply::Error("handled elsewhere".into()))
                 }
@@ -577,6 +611,27 @@ impl ClusterService {
         }
     }
 
+    /// Removes member `node` from the Raft group and the metadata (through the leader).
+    /// Its id is never reused; drain it first so its rooms have moved.
+    pub async fn remove_node(&self, node: NodeId) -> Result<(), ClusterError> {
+        let leader = self
+            .inner
+            .raft
+            .leader()
+            .and_then(|id| {
+                self.metadata()
+                    .nodes
+                    .get(&id)
+                    .map(|n| n.cluster_addr.clone())
+            })
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or(self.inner.config.cluster_addr);
+        match forward(&self.inner.endpoint, leader, PeerRequest::Remove { node }).await? {
+            PeerReply::Activated => Ok(()),
+            other => Err(ClusterError::Refused(format!("{other:?}"))),
+        }
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.inner.node_id
@@ -621,6 +676,39 @@ impl ClusterService {
     /// The Raft RPC handler (for tests that route RPCs themselves).
     pub fn raft_rpc(&self) -> &RaftRpcHandler {
         &self.inner.raft_rpc
+    }
+
+    /// Drains this node before it stops: marks it `Draining` (it leaves the ring, its rooms
+    /// move to the others) and waits, at most `timeout`, until its applied ring excludes it.
+    /// A lone node has nowhere to move rooms to and returns `false` at once; `true` means
+    /// the ring no longer includes this node.
+    pub async fn drain_self(&self, timeout: Duration) -> Result<bool, ClusterError> {
+        let self_id = self.inner.node_id;
+        let others_up = self
+            .metadata()
+            .nodes
+            .values()
+            .any(|n| n.id != self_id && n.state == NodeState::Up);
+        if !others_up {
+            return Ok(false);
+        }
+        let drain = async {
+            self.write(MetadataCommand::SetNodeState {
+                node: self_id,
+                state: NodeState::Draining,
+            })
+            .await?;
+            let mut metadata = self.subscribe_metadata();
+            while metadata.borrow().up_nodes().contains(&self_id) {
+                if metadata.changed().await.is_err() {
+                    break;
+                }
+            }
+            Ok::<_, ClusterError>(true)
+        };
+        tokio::time::timeout(timeout, drain)
+            .await
+            .map_err(|_| ClusterError::Timeout("drain"))?
     }
 
     /// Stops the Raft member and the endpoint.

@@ -42,6 +42,16 @@ pub enum AdminCommand {
         /// The key.
         key: String,
     },
+    /// Drain member NODE: it leaves the ring and its rooms move to the others.
+    Drain {
+        /// Member id.
+        node: u64,
+    },
+    /// Remove member NODE from the cluster (drain it first). Its id is never reused.
+    Remove {
+        /// Member id.
+        node: u64,
+    },
 }
 
 /// `chorus ca` subcommands.
@@ -83,10 +93,11 @@ pub fn run_ca(args: CaArgs) -> anyhow::Result<()> {
     }
 }
 
-/// GETs `path` on the node's admin API; returns the JSON body.
-pub async fn get(
+/// Calls `method path` on the node's admin API; returns the JSON body.
+pub async fn call(
     url: &str,
     token: &str,
+    method: hyper::Method,
     path_and_query: &str,
 ) -> anyhow::Result<serde_json::Value> {
     let uri: hyper::Uri = url.parse().with_context(|| format!("bad --url {url:?}"))?;
@@ -105,7 +116,9 @@ pub async fn get(
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        let request = hyper::Request::get(path_and_query)
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path_and_query)
             .header(hyper::header::HOST, &authority)
             .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
             .body(Empty::<Bytes>::new())?;
@@ -132,12 +145,16 @@ pub async fn get(
 
 /// Runs `chorus admin`.
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
-    let path = match &args.command {
-        AdminCommand::Status => "/admin/status".to_string(),
-        AdminCommand::Nodes => "/admin/nodes".to_string(),
-        AdminCommand::Where { key } => format!("/admin/where?key={key}"),
+    let (method, path) = match &args.command {
+        AdminCommand::Status => (hyper::Method::GET, "/admin/status".to_string()),
+        AdminCommand::Nodes => (hyper::Method::GET, "/admin/nodes".to_string()),
+        AdminCommand::Where { key } => (hyper::Method::GET, format!("/admin/where?key={key}")),
+        AdminCommand::Drain { node } => (hyper::Method::POST, format!("/admin/drain?node={node}")),
+        AdminCommand::Remove { node } => {
+            (hyper::Method::POST, format!("/admin/remove?node={node}"))
+        }
     };
-    let body = get(&args.url, &args.token, &path).await?;
+    let body = call(&args.url, &args.token, method, &path).await?;
     if args.json {
         println!("{body}");
         return Ok(());
@@ -157,6 +174,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             print_members(&body["members"]);
         }
         AdminCommand::Nodes => print_members(&body),
+        AdminCommand::Drain { node } => println!("draining node {node}; watch `status`"),
+        AdminCommand::Remove { node } => println!("removing node {node}; watch `status`"),
         AdminCommand::Where { .. } => println!(
             "{} → node {} ({}) at ring epoch {}",
             body["key"].as_str().unwrap_or("?"),

@@ -52,7 +52,8 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, value)| value)
 }
 
-/// Answers an admin request.
+/// Answers an admin request (drain and remove run in the background and answer at once
+/// with `accepted`; watch `status`).
 pub fn route<B>(node: &Arc<Node>, request: &Request<B>) -> HttpResponse {
     if !authorized(node, request) {
         return json(
@@ -60,13 +61,14 @@ pub fn route<B>(node: &Arc<Node>, request: &Request<B>) -> HttpResponse {
             &serde_json::json!({"error": "missing or wrong admin token (Authorization: Bearer …)"}),
         );
     }
-    if request.method() != hyper::Method::GET {
+    let cluster = &node.cluster;
+    let post = request.method() == hyper::Method::POST;
+    if !post && request.method() != hyper::Method::GET {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
-            &serde_json::json!({"error": "use GET"}),
+            &serde_json::json!({"error": "use GET, or POST for drain and remove"}),
         );
     }
-    let cluster = &node.cluster;
     match request.uri().path() {
         "/admin/status" => {
             let status = cluster.status();
@@ -106,6 +108,44 @@ pub fn route<B>(node: &Arc<Node>, request: &Request<B>) -> HttpResponse {
                     "ring_epoch": metadata.ring_epoch,
                     "ownership": metadata.owners.get(&key),
                 }),
+            )
+        }
+        path @ ("/admin/drain" | "/admin/remove") if post => {
+            let query = request.uri().query().unwrap_or("");
+            let Some(target) = query_param(query, "node").and_then(|n| n.parse::<u64>().ok())
+            else {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "missing or bad ?node=ID"}),
+                );
+            };
+            if !cluster.metadata().nodes.contains_key(&target) {
+                return json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": format!("no member {target}")}),
+                );
+            }
+            let cluster = cluster.clone();
+            let drain = path == "/admin/drain";
+            tokio::spawn(async move {
+                let result = if drain {
+                    cluster
+                        .write(chorus_cluster::metadata::MetadataCommand::SetNodeState {
+                            node: target,
+                            state: chorus_cluster::metadata::NodeState::Draining,
+                        })
+                        .await
+                        .map(|_| ())
+                } else {
+                    cluster.remove_node(target).await
+                };
+                if let Err(error) = result {
+                    tracing::warn!(node = target, drain, %error, "admin operation failed");
+                }
+            });
+            json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({"accepted": if drain { "drain" } else { "remove" }, "node": target}),
             )
         }
         _ => json(

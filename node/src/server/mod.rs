@@ -426,7 +426,21 @@ impl RunningNode {
     /// Stops the node in order, each step bounded.
     pub async fn shutdown(self) {
         let step = Duration::from_millis(SHUTDOWN_STEP_TIMEOUT_MS);
-        tracing::info!("shutting down: closing client connections");
+        tracing::info!("shutting down: draining (rooms move to other nodes)");
+        match self.node.cluster.drain_self(step).await {
+            // Our rooms stop as this node follows the ring; wait for that (bounded).
+            Ok(true) => {
+                let _ = tokio::time::timeout(step, async {
+                    while self.node.rooms.running().await > 0 {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                })
+                .await;
+            }
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "drain did not complete; stopping anyway"),
+        }
+        tracing::info!("closing client connections");
         self.node.shutdown.cancel();
         self.tracker.close();
         if tokio::time::timeout(step, self.tracker.wait())

@@ -39,6 +39,8 @@ use super::Node;
 pub const RELAY_QUEUE_ITEMS_MAX: usize = 65_536;
 /// Items sent in one relay message.
 pub const RELAY_BATCH_ITEMS_MAX: usize = 512;
+/// Time each node has to list its members of a room being activated.
+pub const READMIT_QUERY_TIMEOUT_MS: u64 = 1_000;
 /// Times a room request follows ownership to a new node before it gives up.
 pub const ROUTE_RETRIES_MAX: u32 = 3;
 /// Bits of a member key that hold the session number; the node id sits above them, so
@@ -142,6 +144,12 @@ pub enum NodeMessage {
         member_key: u64,
         /// What to do.
         op: RoomOp,
+    },
+    /// Which sessions on this node are in `room_id` (asked by a room's new owner when it
+    /// activates the room): answered with `Vec<(member_key, user)>`.
+    Members {
+        /// Room.
+        room_id: String,
     },
     /// Events from an owner to the members on this node.
     Relay {
@@ -284,6 +292,14 @@ impl RoomMirrors {
             map.remove(room_id);
         }
         removed
+    }
+
+    /// The members of `room_id` on this node: (member key, user).
+    pub fn members(&self, room_id: &str) -> Vec<(u64, String)> {
+        self.map()
+            .get(room_id)
+            .map(|m| m.iter().map(|(k, s)| (*k, s.user_id.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// Delivers relayed items to the local members.
@@ -480,6 +496,62 @@ impl Node {
         result
     }
 
+    /// A room was just activated here (it moved, or its owner died): before it serves
+    /// anything, ask every node which of its sessions are in the room and re-admit them, so
+    /// no member misses what the room does next. Each node answers within
+    /// [`READMIT_QUERY_TIMEOUT_MS`]; a node that does not is skipped (its sessions re-join
+    /// when they next act).
+    async fn readmit_members(&self, room_id: &str, actor: ActorRef<RoomMsg>) {
+        let self_id = self.cluster.node_id();
+        let metadata = self.cluster.metadata();
+        let nodes: Vec<NodeId> = metadata
+            .nodes
+            .values()
+            .filter(|n| n.state != chorus_cluster::metadata::NodeState::Down)
+            .map(|n| n.id)
+            .collect();
+        let mut readmitted = 0;
+        for node_id in nodes {
+            let members: Vec<(u64, String)> = if node_id == self_id {
+                self.mirrors.members(room_id)
+            } else {
+                let query = NodeMessage::Members {
+                    room_id: room_id.to_string(),
+                };
+                let call = self.cluster.call_app(node_id, encode(&query));
+                match tokio::time::timeout(Duration::from_millis(READMIT_QUERY_TIMEOUT_MS), call)
+                    .await
+                {
+                    Ok(Ok(reply)) => decode(&reply).unwrap_or_default(),
+                    _ => {
+                        tracing::warn!(room = %room_id, node = node_id, "no member list from node");
+                        continue;
+                    }
+                }
+            };
+            for (key, user) in members {
+                let member = if node_id == self_id {
+                    match self.sessions.by_member_key(key) {
+                        Some(session) => session.member(),
+                        None => continue,
+                    }
+                } else {
+                    RemoteMember::member(key, self.relay_to(node_id))
+                };
+                let joined = ask(&actor, |reply| RoomMsg::Join {
+                    member,
+                    user,
+                    reply,
+                })
+                .await;
+                if matches!(joined, Ok(Ok(_))) {
+                    readmitted += 1;
+                }
+            }
+        }
+        tracing::info!(room = %room_id, readmitted, "room activated");
+    }
+
     /// Runs `op` on a room this node owns.
     pub(crate) async fn local_room_op(
         &self,
@@ -496,7 +568,11 @@ impl Node {
                 .map_err(directory_error)?;
             return Ok(RoomOpReply::Created(info));
         }
-        let actor = self.rooms.get(room_id).await.map_err(directory_error)?;
+        let actor = self
+            .rooms
+            .get_with(room_id, |actor| self.readmit_members(room_id, actor))
+            .await
+            .map_err(directory_error)?;
         Ok(match op {
             RoomOp::Create(_) => RoomOpReply::Done,
             RoomOp::Join { user } => RoomOpReply::Joined(
@@ -632,6 +708,7 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                 )));
             };
             match decode::<NodeMessage>(&request) {
+                Ok(NodeMessage::Members { room_id }) => encode(&node.mirrors.members(&room_id)),
                 Ok(NodeMessage::Relay { items, .. }) => {
                     node.mirrors.apply(items);
                     encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))

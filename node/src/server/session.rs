@@ -280,6 +280,11 @@ impl SessionRegistry {
         taken
     }
 
+    /// The session with member key `key`, if it is on this node.
+    pub fn by_member_key(&self, key: u64) -> Option<Arc<Session>> {
+        self.map().values().find(|s| s.key == key).cloned()
+    }
+
     /// Every session (a snapshot).
     pub fn all(&self) -> Vec<Arc<Session>> {
         self.map().values().cloned().collect()
