@@ -8,6 +8,22 @@ use chorus_node::client::Client;
 use chorus_protocol::{RoomCommentRequest, RoomCreateRequest, RoomRef};
 use common::{collect_comments, eventually, TestNode};
 
+/// Runs `chorus admin --url http://NODE ARGS…` and asserts it succeeded; returns stdout.
+async fn chorus_admin(node: &TestNode, args: &[&str]) -> Vec<u8> {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["admin", "--url", &format!("http://{}", node.http)])
+        .args(args)
+        .output()
+        .await
+        .expect("run chorus admin");
+    assert!(
+        output.status.success(),
+        "chorus admin {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
 /// Three members (b and c join through a), converged: 3 up, one leader, one ring epoch.
 async fn three_node_cluster(dir: &Path) -> [TestNode; 3] {
     let a = start_member(dir, "a", None).await;
@@ -99,23 +115,8 @@ async fn three_nodes_form_a_cluster_with_one_leader_and_one_ring_epoch() {
     }
 
     // The admin CLI shows the same thing.
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .args([
-            "admin",
-            "--url",
-            &format!("http://{}", c.http),
-            "--json",
-            "status",
-        ])
-        .output()
-        .await
-        .expect("run chorus admin");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    let stdout = chorus_admin(&c, &["--json", "status"]).await;
+    let status: serde_json::Value = serde_json::from_slice(&stdout).expect("json");
     assert_eq!(status["members"].as_array().map(Vec::len), Some(3));
 
     // A wrong admin token is refused.
@@ -359,22 +360,7 @@ async fn draining_a_node_moves_its_rooms_while_clients_keep_their_connections_th
             .expect("join");
     }
 
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .args([
-            "admin",
-            "--url",
-            &format!("http://{}", nodes[0].http),
-            "drain",
-            &drained.to_string(),
-        ])
-        .output()
-        .await
-        .expect("run chorus admin drain");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    chorus_admin(&nodes[0], &["drain", &drained.to_string()]).await;
     let where_path = format!("/admin/where?key={room}");
     eventually("the room to move off the drained node", || async {
         let owner = nodes[0].admin(&where_path).await["owner"].as_u64();
@@ -405,22 +391,7 @@ async fn draining_a_node_moves_its_rooms_while_clients_keep_their_connections_th
         .collect();
     assert_eq!(texts, ["after drain"]);
 
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .args([
-            "admin",
-            "--url",
-            &format!("http://{}", nodes[1].http),
-            "remove",
-            &drained.to_string(),
-        ])
-        .output()
-        .await
-        .expect("run chorus admin remove");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    chorus_admin(&nodes[1], &["remove", &drained.to_string()]).await;
     eventually("the removed node to leave the member list", || async {
         nodes[0].admin("/admin/status").await["members"]
             .as_array()
