@@ -400,3 +400,139 @@ async fn draining_a_node_moves_its_rooms_while_clients_keep_their_connections_th
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_fourth_node_takes_a_quarter_of_the_rooms_and_clients_in_moved_rooms_lose_no_comment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let [a, b, c] = three_node_cluster(dir.path()).await;
+    let host = a.client(&a.ws_url(), "host").await;
+    const ROOMS: usize = 1000;
+    let mut rooms = Vec::with_capacity(ROOMS);
+    for i in 0..ROOMS {
+        rooms.push(
+            host.request(RoomCreateRequest {
+                title: format!("r{i}"),
+                scheduled_start_ms: None,
+            })
+            .await
+            .expect("create")
+            .room_id,
+        );
+    }
+    let mut before = Vec::with_capacity(ROOMS);
+    for room in &rooms {
+        before.push(a.admin(&format!("/admin/where?key={room}")).await["owner"].as_u64());
+    }
+    // The 4th member will get id 4 (ids are assigned in order and never reused): pick rooms
+    // that will move to it, and put clients on two other nodes in them.
+    let future = chorus_cluster::ring::Ring::new(0, &[1, 2, 3, 4]).expect("ring");
+    let moving: Vec<String> = rooms
+        .iter()
+        .filter(|r| future.owner(&format!("room/{r}")) == Some(4))
+        .take(3)
+        .cloned()
+        .collect();
+    assert_eq!(moving.len(), 3);
+    let speaker = b.client(&b.ws_url(), "speaker").await;
+    let mut listener = c.client(&c.quic_url(), "listener").await;
+    for room in &moving {
+        for client in [&speaker, &listener] {
+            client
+                .request(RoomRef {
+                    room_id: room.clone(),
+                })
+                .await
+                .expect("join");
+        }
+        for i in 0..3 {
+            speaker
+                .request(RoomCommentRequest {
+                    room_id: room.clone(),
+                    text: format!("before {i}"),
+                })
+                .await
+                .expect("comment before");
+        }
+    }
+
+    let d = start_member(dir.path(), "d", Some(&a)).await;
+    eventually("four members up on every node", || async {
+        let mut epochs = std::collections::BTreeSet::new();
+        for node in [&a, &b, &c, &d] {
+            let status = node.admin("/admin/status").await;
+            let up = status["members"]
+                .as_array()
+                .map(|m| m.iter().filter(|m| m["state"] == "up").count());
+            if up != Some(4) {
+                return false;
+            }
+            epochs.insert(status["ring_epoch"].to_string());
+        }
+        epochs.len() == 1
+    })
+    .await;
+    let mut moved = 0;
+    for (room, owner_before) in rooms.iter().zip(&before) {
+        let owner = a.admin(&format!("/admin/where?key={room}")).await["owner"].as_u64();
+        if owner != *owner_before {
+            assert_eq!(owner, Some(4), "{room} moved to an old node");
+            moved += 1;
+        }
+    }
+    let share = moved as f64 / ROOMS as f64;
+    eprintln!(
+        "adding a 4th node moved {moved} of {ROOMS} rooms ({:.1}%)",
+        share * 100.0
+    );
+    assert!(
+        (0.20..=0.30).contains(&share),
+        "moved {share:.3} of the rooms"
+    );
+
+    // Same connections: comments continue in the moved rooms, none is lost.
+    for room in &moving {
+        for i in 0..3 {
+            speaker
+                .request(RoomCommentRequest {
+                    room_id: room.clone(),
+                    text: format!("after {i}"),
+                })
+                .await
+                .expect("comment after the move");
+        }
+    }
+    let mut seen: std::collections::BTreeMap<String, Vec<(u64, String)>> = Default::default();
+    let total = moving.len() * 6;
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    let mut count = 0;
+    while count < total {
+        match tokio::time::timeout_at(deadline, listener.next_event()).await {
+            Ok(Some(chorus_node::client::ClientEvent::Notification {
+                event: chorus_protocol::Event::Comment(c),
+                ..
+            })) => {
+                seen.entry(c.room_id.clone())
+                    .or_default()
+                    .push((c.comment_id, c.text.clone()));
+                count += 1;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("only {count} of {total} comments arrived: {seen:#?}"),
+        }
+    }
+    for room in &moving {
+        let comments = &seen[room];
+        let texts: Vec<&str> = comments.iter().map(|(_, t)| t.as_str()).collect();
+        assert_eq!(
+            texts,
+            ["before 0", "before 1", "before 2", "after 0", "after 1", "after 2"],
+            "{room}"
+        );
+        let ids: Vec<u64> = comments.iter().map(|(id, _)| *id).collect();
+        assert_eq!(
+            ids,
+            [1, 2, 3, 4, 5, 6],
+            "{room}: one total order continues across owners"
+        );
+    }
+}

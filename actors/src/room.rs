@@ -272,6 +272,19 @@ impl CommentLimiter {
     }
 }
 
+/// The part of a room's state that must survive its owner: replicated to another node
+/// after every comment and handed to the next owner. (Membership is rebuilt from the
+/// edges; reaction windows and counters are transient.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomDurable {
+    /// Comments posted so far (the id of the latest).
+    pub comment_count: u64,
+    /// The latest comments, oldest first, ids consecutive.
+    pub recent_comments: Vec<CommentEvent>,
+    /// `at_ms` of the latest comment.
+    pub comment_latest_at_ms: u64,
+}
+
 /// One room's state and rules. See the module docs.
 #[derive(Debug, Clone)]
 pub struct RoomCore<M> {
@@ -319,6 +332,39 @@ impl<M: Clone + Ord> RoomCore<M> {
         };
         core.checked();
         core
+    }
+
+    /// The durable part of the state (see [`RoomDurable`]).
+    pub fn durable(&self) -> RoomDurable {
+        RoomDurable {
+            comment_count: self.comment_count,
+            recent_comments: self.recent_comments.iter().cloned().collect(),
+            comment_latest_at_ms: self.comment_latest_at_ms,
+        }
+    }
+
+    /// Continues from a durable state recovered from a previous owner or a replica. Only a
+    /// state ahead of the current one is taken (a newly activated room is at 0), so
+    /// restoring is idempotent and never goes back.
+    pub fn restore_durable(&mut self, durable: RoomDurable) {
+        if durable.comment_count <= self.comment_count {
+            return;
+        }
+        let keep = self.config.recent_comments_max;
+        let skip = durable.recent_comments.len().saturating_sub(keep);
+        let recent: VecDeque<CommentEvent> =
+            durable.recent_comments.into_iter().skip(skip).collect();
+        // The recent log must end at the count and be consecutive; otherwise keep the count
+        // but drop the log (it is a convenience for joiners, the count is the order).
+        let consistent = recent.back().map(|c| c.comment_id) == Some(durable.comment_count)
+            && recent
+                .iter()
+                .zip(recent.iter().skip(1))
+                .all(|(a, b)| b.comment_id == a.comment_id + 1);
+        self.comment_count = durable.comment_count;
+        self.comment_latest_at_ms = self.comment_latest_at_ms.max(durable.comment_latest_at_ms);
+        self.recent_comments = if consistent { recent } else { VecDeque::new() };
+        self.checked();
     }
 
     /// `member` (a session of `user`) joins. Joining again with the same member is

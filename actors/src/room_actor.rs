@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use chorus_protocol::{EncodedBody, RoomCommentResponse, RoomInfo, RoomJoinResponse, UserId};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::room::{RoomConfig, RoomCore, RoomDefinition, RoomEffect, RoomError};
+use crate::room::{RoomConfig, RoomCore, RoomDefinition, RoomDurable, RoomEffect, RoomError};
 use crate::store::{DefinitionStore, StoreError};
 
 /// Where a room delivers notifications for one member (a session on this node).
@@ -31,6 +31,18 @@ pub trait MemberSink: Send + Sync + 'static {
     fn relay_group(&self) -> Option<u64> {
         None
     }
+}
+
+/// Where a room's durable state goes after each change, before the change is
+/// acknowledged: another node (replication), so the next owner can continue from it.
+pub trait DurableSink: Send + Sync + 'static {
+    /// Keeps `durable` for `room_id` on at least one other node; resolves when it is there
+    /// (or when no other node can take it).
+    fn replicate<'a>(
+        &'a self,
+        room_id: &'a str,
+        durable: RoomDurable,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 }
 
 /// A member handle: a stable key (ordering and identity) and the sink to deliver to.
@@ -130,6 +142,13 @@ pub enum RoomMsg {
         /// Answer.
         reply: RpcReplyPort<RoomInfo>,
     },
+    /// Continue from a durable state recovered from a previous owner or replica.
+    Restore {
+        /// The state.
+        durable: RoomDurable,
+        /// Answer when applied.
+        reply: RpcReplyPort<()>,
+    },
     /// A timer fired: flush windows and counters.
     Tick,
 }
@@ -148,6 +167,7 @@ pub fn unix_now_ms() -> u64 {
 pub struct RoomShell {
     core: RoomCore<Member>,
     store: Arc<dyn DefinitionStore>,
+    replicator: Option<Arc<dyn DurableSink>>,
     tick_at_ms: Option<u64>,
 }
 
@@ -162,6 +182,8 @@ pub struct RoomArgs {
     pub config: RoomConfig,
     /// Where definition changes are written.
     pub store: Arc<dyn DefinitionStore>,
+    /// Where the durable state is replicated after each comment.
+    pub replicator: Option<Arc<dyn DurableSink>>,
 }
 
 impl Actor for RoomActor {
@@ -178,6 +200,7 @@ impl Actor for RoomActor {
         Ok(RoomShell {
             core: RoomCore::new(args.definition, args.config),
             store: args.store,
+            replicator: args.replicator,
             tick_at_ms: None,
         })
     }
@@ -219,6 +242,14 @@ impl Actor for RoomActor {
                 reply,
             } => {
                 let result = state.core.handle_comment(now_ms, &member, &text);
+                // Replicate before anyone sees the comment: an acknowledged (or broadcast)
+                // comment survives the loss of this node.
+                if result.is_ok() {
+                    if let Some(replicator) = &state.replicator {
+                        let room_id = state.core.definition().room_id.clone();
+                        replicator.replicate(&room_id, state.core.durable()).await;
+                    }
+                }
                 // Effects (the broadcast) run before the reply so that the author sees its own
                 // comment notification no later than the response.
                 state.execute_effects().await;
@@ -251,6 +282,10 @@ impl Actor for RoomActor {
             }
             RoomMsg::Info { reply } => {
                 let _ = reply.send(state.core.info());
+            }
+            RoomMsg::Restore { durable, reply } => {
+                state.core.restore_durable(durable);
+                let _ = reply.send(());
             }
             RoomMsg::Tick => {
                 state.tick_at_ms = None;
@@ -353,6 +388,7 @@ pub enum DirectoryError {
 /// Finds running room actors or starts them from stored definitions.
 pub struct RoomDirectory {
     store: Arc<dyn DefinitionStore>,
+    replicator: Option<Arc<dyn DurableSink>>,
     config: RoomConfig,
     // tokio Mutex: held across the (short) actor spawn so that one room never gets two actors.
     rooms: tokio::sync::Mutex<HashMap<String, ActorRef<RoomMsg>>>,
@@ -360,9 +396,14 @@ pub struct RoomDirectory {
 
 impl RoomDirectory {
     /// A directory over `store`.
-    pub fn new(store: Arc<dyn DefinitionStore>, config: RoomConfig) -> Self {
+    pub fn new(
+        store: Arc<dyn DefinitionStore>,
+        replicator: Option<Arc<dyn DurableSink>>,
+        config: RoomConfig,
+    ) -> Self {
         RoomDirectory {
             store,
+            replicator,
             config,
             rooms: tokio::sync::Mutex::new(HashMap::new()),
         }
@@ -460,6 +501,7 @@ impl RoomDirectory {
                 definition,
                 config: self.config.clone(),
                 store: self.store.clone(),
+                replicator: self.replicator.clone(),
             },
         )
         .await

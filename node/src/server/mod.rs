@@ -97,6 +97,7 @@ pub struct Node {
     cluster: chorus_cluster::service::ClusterService,
     admin_token: String,
     mirrors: routing::RoomMirrors,
+    durable: routing::DurableStates,
     relays: std::sync::Mutex<std::collections::HashMap<u64, Arc<routing::EdgeRelay>>>,
     this: std::sync::Weak<Node>,
 }
@@ -377,7 +378,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     });
     let node = Arc::new_cyclic(|this| Node {
         keys: TokenKeys::new(secret.as_bytes()),
-        rooms: RoomDirectory::new(definitions, config.room.clone()),
+        rooms: RoomDirectory::new(
+            definitions,
+            Some(Arc::new(routing::NodeReplicator { node: this.clone() })),
+            config.room.clone(),
+        ),
         sessions: SessionRegistry::new(session_config, sessions_max, node_id),
         frame_limits,
         metrics,
@@ -385,6 +390,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         cluster,
         admin_token,
         mirrors: routing::RoomMirrors::default(),
+        durable: routing::DurableStates::default(),
         relays: std::sync::Mutex::new(std::collections::HashMap::new()),
         this: this.clone(),
         connections: AtomicUsize::new(0),

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use bytes::Bytes;
-use chorus_actors::room::RoomDefinition;
+use chorus_actors::room::{RoomDefinition, RoomDurable};
 use chorus_actors::room_actor::{Member, MemberSink};
 use chorus_cluster::metadata::NodeId;
 use chorus_protocol::{
@@ -39,6 +39,11 @@ use super::Node;
 pub const RELAY_QUEUE_ITEMS_MAX: usize = 65_536;
 /// Items sent in one relay message.
 pub const RELAY_BATCH_ITEMS_MAX: usize = 512;
+/// How long an owner waits for its metadata to catch up before it answers that a room
+/// does not exist.
+pub const DEFINITION_SETTLE_MS: u64 = 2_000;
+/// Time a replica has to take a room's durable state.
+pub const REPLICATE_TIMEOUT_MS: u64 = 1_000;
 /// Time each node has to list its members of a room being activated.
 pub const READMIT_QUERY_TIMEOUT_MS: u64 = 1_000;
 /// Times a room request follows ownership to a new node before it gives up.
@@ -108,6 +113,85 @@ pub enum RoomOpReply {
     Done,
 }
 
+/// What a node knows of a room being activated elsewhere.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RoomRecovery {
+    /// Its sessions in the room: (member key, user).
+    pub members: Vec<(u64, String)>,
+    /// The latest durable state it holds (as owner or replica).
+    pub durable: Option<RoomDurable>,
+}
+
+/// Durable room states this node holds, as an owner or a replica (in memory: they survive
+/// the loss of another node, not of this one; the next owner takes the most advanced copy).
+#[derive(Default)]
+pub struct DurableStates {
+    rooms: Mutex<HashMap<String, RoomDurable>>,
+}
+
+impl DurableStates {
+    /// Keeps `durable` if it is ahead of what is held.
+    pub fn keep(&self, room_id: &str, durable: RoomDurable) {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = rooms.entry(room_id.to_string()).or_default();
+        if durable.comment_count >= entry.comment_count {
+            *entry = durable;
+        }
+    }
+
+    /// The state held for `room_id`.
+    pub fn get(&self, room_id: &str) -> Option<RoomDurable> {
+        self.rooms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(room_id)
+            .cloned()
+    }
+}
+
+/// Replicates a room's durable state to the next node on the ring for its key (the node
+/// that becomes its owner if this one dies), and keeps a copy here.
+pub struct NodeReplicator {
+    /// The node.
+    pub node: Weak<Node>,
+}
+
+impl chorus_actors::room_actor::DurableSink for NodeReplicator {
+    fn replicate<'a>(
+        &'a self,
+        room_id: &'a str,
+        durable: RoomDurable,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let Some(node) = self.node.upgrade() else {
+                return;
+            };
+            node.durable.keep(room_id, durable.clone());
+            let self_id = node.cluster.node_id();
+            let Some(ring) = node.cluster.ring() else {
+                return;
+            };
+            let replica = ring
+                .owners_n(&room_key(room_id), 2)
+                .into_iter()
+                .find(|id| *id != self_id);
+            let Some(replica) = replica else { return };
+            let message = NodeMessage::Replicate {
+                room_id: room_id.to_string(),
+                durable,
+            };
+            let call = node.cluster.call_app(replica, encode(&message));
+            match tokio::time::timeout(Duration::from_millis(REPLICATE_TIMEOUT_MS), call).await {
+                Ok(Ok(_)) => {}
+                _ => {
+                    metrics::counter!("chorus_replication_failures_total").increment(1);
+                    tracing::warn!(room = %room_id, replica, "replication to the next node failed");
+                }
+            }
+        })
+    }
+}
+
 /// One item relayed from an owner to an edge.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RelayItem {
@@ -145,8 +229,16 @@ pub enum NodeMessage {
         /// What to do.
         op: RoomOp,
     },
-    /// Which sessions on this node are in `room_id` (asked by a room's new owner when it
-    /// activates the room): answered with `Vec<(member_key, user)>`.
+    /// Keep the durable state of `room_id` (from its owner; answered with `Ok(Done)`).
+    Replicate {
+        /// Room.
+        room_id: String,
+        /// State.
+        durable: RoomDurable,
+    },
+    /// Which sessions on this node are in `room_id`, and the room's durable state if this
+    /// node has one (asked by a room's new owner when it activates the room): answered
+    /// with a [`RoomRecovery`].
     Members {
         /// Room.
         room_id: String,
@@ -322,6 +414,9 @@ impl RoomMirrors {
                         .get(&room_id)
                         .map(|m| m.values().cloned().collect())
                         .unwrap_or_default();
+                    if members.is_empty() {
+                        tracing::debug!(room = %room_id, "relayed event for a room with no local members");
+                    }
                     for session in members {
                         session.deliver(&body);
                     }
@@ -490,7 +585,8 @@ impl Node {
                 format!("the room's owner (node {owner}) is unreachable: {error}"),
             )),
         };
-        if (joining && result.is_err()) || leaving {
+        let rejoining = joining && session.with_core(|core| core.in_room(room_id));
+        if (joining && result.is_err() && !rejoining) || leaving {
             self.mirrors.remove(room_id, key);
         }
         result
@@ -510,26 +606,47 @@ impl Node {
             .filter(|n| n.state != chorus_cluster::metadata::NodeState::Down)
             .map(|n| n.id)
             .collect();
-        let mut readmitted = 0;
+        let mut recoveries = Vec::with_capacity(nodes.len());
         for node_id in nodes {
-            let members: Vec<(u64, String)> = if node_id == self_id {
-                self.mirrors.members(room_id)
-            } else {
-                let query = NodeMessage::Members {
-                    room_id: room_id.to_string(),
-                };
-                let call = self.cluster.call_app(node_id, encode(&query));
-                match tokio::time::timeout(Duration::from_millis(READMIT_QUERY_TIMEOUT_MS), call)
-                    .await
-                {
-                    Ok(Ok(reply)) => decode(&reply).unwrap_or_default(),
-                    _ => {
-                        tracing::warn!(room = %room_id, node = node_id, "no member list from node");
-                        continue;
-                    }
-                }
+            if node_id == self_id {
+                recoveries.push((
+                    node_id,
+                    RoomRecovery {
+                        members: self.mirrors.members(room_id),
+                        durable: self.durable.get(room_id),
+                    },
+                ));
+                continue;
+            }
+            let query = NodeMessage::Members {
+                room_id: room_id.to_string(),
             };
-            for (key, user) in members {
+            let call = self.cluster.call_app(node_id, encode(&query));
+            match tokio::time::timeout(Duration::from_millis(READMIT_QUERY_TIMEOUT_MS), call).await
+            {
+                Ok(Ok(reply)) => match decode::<RoomRecovery>(&reply) {
+                    Ok(recovery) => recoveries.push((node_id, recovery)),
+                    Err(error) => {
+                        tracing::warn!(room = %room_id, node = node_id, %error.message, "bad recovery answer")
+                    }
+                },
+                _ => {
+                    tracing::warn!(room = %room_id, node = node_id, "no recovery answer from node")
+                }
+            }
+        }
+        // Continue from the most advanced durable state anyone holds.
+        let durable = recoveries
+            .iter()
+            .filter_map(|(_, r)| r.durable.clone())
+            .max_by_key(|d| d.comment_count);
+        let restored = durable.as_ref().map(|d| d.comment_count).unwrap_or(0);
+        if let Some(durable) = durable {
+            let _ = ask(&actor, |reply| RoomMsg::Restore { durable, reply }).await;
+        }
+        let mut readmitted = 0;
+        for (node_id, recovery) in recoveries {
+            for (key, user) in recovery.members {
                 let member = if node_id == self_id {
                     match self.sessions.by_member_key(key) {
                         Some(session) => session.member(),
@@ -549,7 +666,33 @@ impl Node {
                 }
             }
         }
-        tracing::info!(room = %room_id, readmitted, "room activated");
+        tracing::info!(room = %room_id, readmitted, restored, "room activated");
+    }
+
+    /// The running actor of a room this node owns, activated (with its members re-admitted)
+    /// if needed. A node that has just joined may not have applied the room's definition
+    /// yet: "not found" is only believed after the metadata stops changing for a moment
+    /// (at most [`DEFINITION_SETTLE_MS`]).
+    async fn activate(&self, room_id: &str) -> Result<ActorRef<RoomMsg>, ErrorBody> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(DEFINITION_SETTLE_MS);
+        let mut metadata = self.cluster.subscribe_metadata();
+        loop {
+            match self
+                .rooms
+                .get_with(room_id, |actor| self.readmit_members(room_id, actor))
+                .await
+            {
+                Err(DirectoryError::NotFound(_)) if tokio::time::Instant::now() < deadline => {
+                    let changed = tokio::time::timeout_at(deadline, metadata.changed()).await;
+                    if !matches!(changed, Ok(Ok(()))) {
+                        return Err(directory_error(DirectoryError::NotFound(
+                            room_id.to_string(),
+                        )));
+                    }
+                }
+                other => return other.map_err(directory_error),
+            }
+        }
     }
 
     /// Runs `op` on a room this node owns.
@@ -568,11 +711,7 @@ impl Node {
                 .map_err(directory_error)?;
             return Ok(RoomOpReply::Created(info));
         }
-        let actor = self
-            .rooms
-            .get_with(room_id, |actor| self.readmit_members(room_id, actor))
-            .await
-            .map_err(directory_error)?;
+        let actor = self.activate(room_id).await?;
         Ok(match op {
             RoomOp::Create(_) => RoomOpReply::Done,
             RoomOp::Join { user } => RoomOpReply::Joined(
@@ -667,7 +806,15 @@ pub(crate) async fn follow_ring(node: Weak<Node>) {
                 if before == after {
                     continue;
                 }
-                node.mirrors.remove(&room_id, session.member().key());
+                // Keep the mirror in step with where the room now lives, whether or not the
+                // join below succeeds at once: a room activated later re-admits the members
+                // the edges list.
+                let key = session.member().key();
+                if after == Some(self_id) {
+                    node.mirrors.remove(&room_id, key);
+                } else {
+                    node.mirrors.add(&room_id, key, session.clone());
+                }
                 let user = session.user_id.clone();
                 match node
                     .room_op(&session, &room_id, RoomOp::Join { user })
@@ -708,7 +855,14 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                 )));
             };
             match decode::<NodeMessage>(&request) {
-                Ok(NodeMessage::Members { room_id }) => encode(&node.mirrors.members(&room_id)),
+                Ok(NodeMessage::Members { room_id }) => encode(&RoomRecovery {
+                    members: node.mirrors.members(&room_id),
+                    durable: node.durable.get(&room_id),
+                }),
+                Ok(NodeMessage::Replicate { room_id, durable }) => {
+                    node.durable.keep(&room_id, durable);
+                    encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
+                }
                 Ok(NodeMessage::Relay { items, .. }) => {
                     node.mirrors.apply(items);
                     encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
