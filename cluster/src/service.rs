@@ -351,46 +351,53 @@ impl ClusterService {
             }
         }
         tokio::spawn(service.clone().detect_failures(shutdown_detector.clone()));
-        if stored_id.is_some() {
-            tokio::spawn(service.clone().mark_self_up(shutdown_detector));
-        }
+        tokio::spawn(
+            service
+                .clone()
+                .mark_self_up(shutdown_detector, stored_id.is_some()),
+        );
         tracing::info!(node_id, "cluster member running");
         Ok(service)
     }
 
-    /// After a restart: once this node's metadata has caught up, mark itself `Up` again if
-    /// the failure detector had marked it `Down` meanwhile.
-    async fn mark_self_up(self, shutdown: tokio_util::sync::CancellationToken) {
+    /// Keeps this running node `Up`: whenever the applied metadata shows it `Down` (the
+    /// failure detector saw it silent: it was paused, partitioned, or restarted), it asks
+    /// to be `Up` again, at most once per [`FORWARD_RETRY_MS`]. After a restart it also
+    /// leaves `Joining`/`Draining` (a restarted node serves; an operator who wants it gone
+    /// removes it). Runs until shutdown.
+    async fn mark_self_up(self, shutdown: tokio_util::sync::CancellationToken, restarted: bool) {
         let mut metadata = self.inner.raft.subscribe();
-        for _ in 0..FORWARD_ATTEMPTS_MAX {
+        let mut leave_other_states = restarted;
+        loop {
             let state = metadata
                 .borrow()
                 .nodes
                 .get(&self.inner.node_id)
                 .map(|n| n.state);
-            match state {
-                Some(NodeState::Up) => return,
-                // A restarted node serves again; an operator who wants it gone removes it.
-                Some(NodeState::Down) | Some(NodeState::Joining) | Some(NodeState::Draining) => {
-                    let command = MetadataCommand::SetNodeState {
-                        node: self.inner.node_id,
-                        state: NodeState::Up,
-                    };
-                    match self.write(command).await {
-                        Ok(_) => {
-                            tracing::info!("marked self up after restart");
-                            return;
-                        }
-                        Err(error) => tracing::debug!(%error, "cannot mark self up yet"),
-                    }
+            let wanted = match state {
+                Some(NodeState::Down) => true,
+                Some(NodeState::Joining) | Some(NodeState::Draining) => leave_other_states,
+                Some(NodeState::Up) => {
+                    // Seen as up once the log has caught up; from now on only Down is undone.
+                    leave_other_states = false;
+                    false
                 }
-                // Not known yet: wait for the log.
-                None => {}
+                None => false,
+            };
+            if wanted && !shutdown.is_cancelled() {
+                let command = MetadataCommand::SetNodeState {
+                    node: self.inner.node_id,
+                    state: NodeState::Up,
+                };
+                match self.write(command).await {
+                    Ok(_) => tracing::info!(from = ?state, "marked self up"),
+                    Err(error) => tracing::debug!(%error, "cannot mark self up yet"),
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = metadata.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)) => {}
+                changed = metadata.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)), if wanted => {}
             }
         }
     }
@@ -754,12 +761,12 @@ async fn forward(
 }
 
 #[cfg(test)]
-mod tests {
+mod tests_support {
     use super::*;
     use crate::link::LinkConfig;
     use crate::tls::{ensure_node_identity, CertificateAuthority};
 
-    async fn member(
+    pub(super) async fn member(
         dir: &std::path::Path,
         name: &str,
         join: Option<SocketAddr>,
@@ -791,6 +798,12 @@ mod tests {
             .await
             .expect("start member")
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::member;
+    use super::*;
 
     #[tokio::test]
     async fn three_members_join_over_quic_and_agree_on_the_ring() {
@@ -840,6 +853,59 @@ mod tests {
             .await
             .expect("forwarded write");
         assert_eq!(response, MetadataResponse::Ok);
+        shutdown.cancel();
+        for m in [&a, &b, &c] {
+            m.shutdown().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod throughput {
+    use super::tests_support::member;
+    use super::*;
+
+    /// Metadata writes per second through a 3-member group over real QUIC and sled.
+    /// Run: `cargo test -p chorus-cluster --release service::throughput -- --ignored --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a check"]
+    async fn report_metadata_write_throughput() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let a = member(dir.path(), "a", None, &shutdown).await;
+        let seed = a.inner.config.cluster_addr;
+        let b = member(dir.path(), "b", Some(seed), &shutdown).await;
+        let c = member(dir.path(), "c", Some(seed), &shutdown).await;
+        const WRITERS: usize = 16;
+        const WRITES_PER_WRITER: usize = 250;
+        for (label, via) in [("leader", &a), ("follower (forwarded)", &b)] {
+            let started = std::time::Instant::now();
+            let mut tasks = Vec::new();
+            for w in 0..WRITERS {
+                let service = via.clone();
+                let label = label.to_string();
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..WRITES_PER_WRITER {
+                        service
+                            .write(MetadataCommand::PutDefinition {
+                                key: format!("room/{label}-{w}-{i}"),
+                                value: vec![0u8; 200],
+                            })
+                            .await
+                            .expect("write");
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.expect("writer");
+            }
+            let writes = WRITERS * WRITES_PER_WRITER;
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "{writes} metadata writes via the {label}, {WRITERS} concurrent writers: {:.0} writes/s",
+                writes as f64 / secs
+            );
+        }
         shutdown.cancel();
         for m in [&a, &b, &c] {
             m.shutdown().await;

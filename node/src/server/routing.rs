@@ -37,6 +37,13 @@ use super::Node;
 
 /// Events queued per destination node before the relay drops.
 pub const RELAY_QUEUE_ITEMS_MAX: usize = 65_536;
+/// How long a relay keeps retrying one batch for an edge that does not answer (longer
+/// than a paused process or a short partition usually lasts).
+pub const RELAY_RETRY_WINDOW_MS: u64 = 30_000;
+/// First pause between relay retries.
+pub const RELAY_RETRY_BACKOFF_MIN_MS: u64 = 50;
+/// Longest pause between relay retries.
+pub const RELAY_RETRY_BACKOFF_MAX_MS: u64 = 2_000;
 /// Items sent in one relay message.
 pub const RELAY_BATCH_ITEMS_MAX: usize = 512;
 /// How long an owner waits for its metadata to catch up before it answers that a room
@@ -275,6 +282,7 @@ impl EdgeRelay {
     /// Starts the relay task toward `edge`.
     pub fn start(node: Weak<Node>, edge: NodeId) -> Arc<Self> {
         let (tx, mut rx) = mpsc::channel::<RelayItem>(RELAY_QUEUE_ITEMS_MAX);
+        let node_weak = node.clone();
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(RELAY_BATCH_ITEMS_MAX);
             while let Some(item) = rx.recv().await {
@@ -286,13 +294,36 @@ impl EdgeRelay {
                     }
                 }
                 let Some(node) = node.upgrade() else { return };
-                let message = NodeMessage::Relay {
+                let message = encode(&NodeMessage::Relay {
                     from: node.cluster.node_id(),
                     items: std::mem::take(&mut batch),
-                };
-                if let Err(error) = node.cluster.call_app(edge, encode(&message)).await {
-                    metrics::counter!("chorus_relay_dropped_total").increment(1);
-                    tracing::warn!(edge, %error, "relay batch lost");
+                });
+                drop(node);
+                // An edge that is slow or paused gets the batch when it answers again (in
+                // order: nothing after it is sent meanwhile); new events wait in the
+                // bounded queue. Only after RELAY_RETRY_WINDOW_MS is the batch given up.
+                let started = tokio::time::Instant::now();
+                let mut backoff_ms = RELAY_RETRY_BACKOFF_MIN_MS;
+                loop {
+                    let Some(node) = node_weak.upgrade() else {
+                        return;
+                    };
+                    match node.cluster.call_app(edge, message.clone()).await {
+                        Ok(_) => break,
+                        Err(error) => {
+                            if started.elapsed() >= Duration::from_millis(RELAY_RETRY_WINDOW_MS)
+                                || node.shutdown.is_cancelled()
+                            {
+                                metrics::counter!("chorus_relay_dropped_total").increment(1);
+                                tracing::warn!(edge, %error, "relay batch given up");
+                                break;
+                            }
+                            tracing::debug!(edge, %error, backoff_ms, "relay batch failed; retrying");
+                        }
+                    }
+                    drop(node);
+                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                    backoff_ms = (backoff_ms * 2).min(RELAY_RETRY_BACKOFF_MAX_MS);
                 }
             }
         });
