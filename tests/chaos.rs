@@ -9,21 +9,20 @@ use chorus_chaos::{ChaosConfig, ChaosError};
 /// Fixed so a failure names a schedule to replay with `chorus-chaos --seed`.
 const SEED: u64 = 20_240_611;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_comments_survive_kills_and_pauses_in_one_order_and_the_cluster_heals() {
+/// Runs the short configuration with `seed` and `base_ip`; panics listing any violation.
+async fn short_run(seed: u64, base_ip: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = ChaosConfig::new(
         PathBuf::from(env!("CARGO_BIN_EXE_chorus")),
         dir.path().join("chaos"),
-        SEED,
+        seed,
     );
     config.nodes = 3;
     config.kills = 2;
     config.pauses = 1;
     config.duration_secs = 45;
     config.settle_secs = 15;
-    // Its own loopback range: other system tests use 127.0.0.1 and the default 127.0.0.11+.
-    config.base_ip = "127.0.1.11".parse().expect("ip");
+    config.base_ip = base_ip.parse().expect("ip");
     match chorus_chaos::run(config).await {
         Ok(report) => {
             assert_eq!(report.faults.len(), 3, "{:#?}", report.faults);
@@ -36,4 +35,23 @@ async fn acknowledged_comments_survive_kills_and_pauses_in_one_order_and_the_clu
         ),
         Err(error) => panic!("chaos run failed: {error}"),
     }
+}
+
+/// Seed 7 (3 kills, 2 pauses in 40 s with the long-run binary; here the short shape) found
+/// two node bugs: an owner drops a relay batch to a SIGSTOPped edge ("relay batch lost"),
+/// so that edge's members miss acknowledged comments without losing their session; and a
+/// node killed long enough to be marked down, restarted with its data dir, is never `up`
+/// again. Run it with `cargo test --test chaos -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "node bugs found with seed 7: relay batch to a paused edge is lost (no_loss); a killed node marked down stays down after restart (cluster_healthy)"]
+async fn seed_7_relay_to_a_paused_edge_and_restart_after_down_heal() {
+    short_run(7, "127.0.1.31").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_comments_survive_kills_and_pauses_in_one_order_and_the_cluster_heals() {
+    // Its own loopback range: other system tests use 127.0.0.1 and the default 127.0.0.11+.
+    // Its kills (2.8 s, 2.3 s) are shorter than failure detection, so it does not reach
+    // the restart-after-down bug seed 7 shows.
+    short_run(SEED, "127.0.1.11").await;
 }

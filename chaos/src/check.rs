@@ -79,7 +79,10 @@ impl Violations {
 }
 
 /// Runs the client-side checks.
-pub fn check_logs(clients: &[(ClientSpec, &ClientLog)], violations: &mut Violations) -> CheckCounts {
+pub fn check_logs(
+    clients: &[(ClientSpec, &ClientLog)],
+    violations: &mut Violations,
+) -> CheckCounts {
     let mut counts = CheckCounts::default();
 
     // same_order: one text per (room, id), from every source.
@@ -140,7 +143,10 @@ pub fn check_logs(clients: &[(ClientSpec, &ClientLog)], violations: &mut Violati
     let acked: Vec<(&str, u64, &str, tokio::time::Instant)> = clients
         .iter()
         .flat_map(|(_, log)| log.sent.iter())
-        .filter_map(|s| s.acked_id.map(|id| (s.room.as_str(), id, s.text.as_str(), s.sent_at)))
+        .filter_map(|s| {
+            s.acked_id
+                .map(|id| (s.room.as_str(), id, s.text.as_str(), s.sent_at))
+        })
         .collect();
     let mut acked_by_room: HashMap<&str, Vec<(u64, &str, tokio::time::Instant)>> = HashMap::new();
     for (room, id, text, at) in &acked {
@@ -211,7 +217,7 @@ pub fn check_logs(clients: &[(ClientSpec, &ClientLog)], violations: &mut Violati
 
     // Gaps nobody saw and nobody was told about.
     let mut seen_ids: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
-    for ((room, id), _) in &texts {
+    for (room, id) in texts.keys() {
         seen_ids.entry(room).or_default().insert(*id);
     }
     for ids in seen_ids.values() {
@@ -233,7 +239,9 @@ pub fn check_logs(clients: &[(ClientSpec, &ClientLog)], violations: &mut Violati
                 format!(
                     "client {} is not connected at the end: {}",
                     spec.index,
-                    log.gave_up.as_deref().unwrap_or("disconnected, never reconnected")
+                    log.gave_up
+                        .as_deref()
+                        .unwrap_or("disconnected, never reconnected")
                 ),
             );
         }

@@ -491,7 +491,11 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
     {
         violations.push("cluster_healthy", format!("not healthy at the end: {why}"));
     }
-    wait_quiet(&clients, Instant::now() + Duration::from_secs(config.settle_secs)).await;
+    wait_quiet(
+        &clients,
+        Instant::now() + Duration::from_secs(config.settle_secs),
+    )
+    .await;
     stop_all.cancel();
     let mut logs = Vec::with_capacity(clients.len());
     for client in clients {
@@ -738,7 +742,8 @@ async fn run_monitor(
                 {
                     let leaders = state.leaders.entry(term).or_default();
                     if leaders.insert(leader) && leaders.len() == 2 {
-                        let detail = format!("term {term} has two leaders {leaders:?} (seen from {addr})");
+                        let detail =
+                            format!("term {term} has two leaders {leaders:?} (seen from {addr})");
                         state.violations.push(("one_leader", detail));
                     }
                 }

@@ -84,7 +84,10 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
     config.pauses = args.pauses;
     config.settle_secs = args.settle;
     config.base_ip = args.base_ip;
-    eprintln!("chorus-chaos: seed {seed}, work dir {}", config.work_dir.display());
+    eprintln!(
+        "chorus-chaos: seed {seed}, work dir {}",
+        config.work_dir.display()
+    );
     let report_path = config.work_dir.join("report.json");
     let outcome = chorus_chaos::run(config).await;
     let (report, code) = match outcome {

@@ -154,7 +154,8 @@ impl ClientHandle {
 
 /// Locks a log. A poisoned lock means a client task panicked: a harness bug.
 pub fn lock(log: &Mutex<ClientLog>) -> std::sync::MutexGuard<'_, ClientLog> {
-    log.lock().expect("a client task panicked while holding its log")
+    log.lock()
+        .expect("a client task panicked while holding its log")
 }
 
 /// Starts a client task: connect, join, send until `stop_sending`, receive until
