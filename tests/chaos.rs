@@ -9,8 +9,8 @@ use chorus_chaos::{ChaosConfig, ChaosError};
 /// Fixed so a failure names a schedule to replay with `chorus-chaos --seed`.
 const SEED: u64 = 20_240_611;
 
-/// Runs the short configuration with `seed` and `base_ip`; panics listing any violation.
-async fn short_run(seed: u64, base_ip: &str) {
+/// Runs 3 nodes with `seed` on `base_ip`+; panics listing any violation.
+async fn chaos_run(seed: u64, base_ip: &str, duration_secs: u64, kills: usize, pauses: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = ChaosConfig::new(
         PathBuf::from(env!("CARGO_BIN_EXE_chorus")),
@@ -18,14 +18,14 @@ async fn short_run(seed: u64, base_ip: &str) {
         seed,
     );
     config.nodes = 3;
-    config.kills = 2;
-    config.pauses = 1;
-    config.duration_secs = 45;
+    config.kills = kills;
+    config.pauses = pauses;
+    config.duration_secs = duration_secs;
     config.settle_secs = 15;
     config.base_ip = base_ip.parse().expect("ip");
     match chorus_chaos::run(config).await {
         Ok(report) => {
-            assert_eq!(report.faults.len(), 3, "{:#?}", report.faults);
+            assert_eq!(report.faults.len(), kills + pauses, "{:#?}", report.faults);
             assert!(report.counts.comments_acked > 0, "{:#?}", report.counts);
             assert!(report.counts.deliveries_checked > 0, "{:#?}", report.counts);
         }
@@ -37,7 +37,8 @@ async fn short_run(seed: u64, base_ip: &str) {
     }
 }
 
-/// Seed 7 (3 kills, 2 pauses in 40 s with the long-run binary; here the short shape) found
+/// Seed 7 with 3 kills and 2 pauses in 40 s (`chorus-chaos --seed 7 --duration 40 --kills 3
+/// --pauses 2`) found
 /// two node bugs: an owner drops a relay batch to a SIGSTOPped edge ("relay batch lost"),
 /// so that edge's members miss acknowledged comments without losing their session; and a
 /// node killed long enough to be marked down, restarted with its data dir, is never `up`
@@ -45,7 +46,7 @@ async fn short_run(seed: u64, base_ip: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "node bugs found with seed 7: relay batch to a paused edge is lost (no_loss); a killed node marked down stays down after restart (cluster_healthy)"]
 async fn seed_7_relay_to_a_paused_edge_and_restart_after_down_heal() {
-    short_run(7, "127.0.1.31").await;
+    chaos_run(7, "127.0.1.31", 40, 3, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,5 +54,5 @@ async fn acknowledged_comments_survive_kills_and_pauses_in_one_order_and_the_clu
     // Its own loopback range: other system tests use 127.0.0.1 and the default 127.0.0.11+.
     // Its kills (2.8 s, 2.3 s) are shorter than failure detection, so it does not reach
     // the restart-after-down bug seed 7 shows.
-    short_run(SEED, "127.0.1.11").await;
+    chaos_run(SEED, "127.0.1.11", 45, 2, 1).await;
 }
