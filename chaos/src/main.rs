@@ -1,0 +1,131 @@
+//! `chorus-chaos`: one chaos run from the command line; see `chaos/README.md`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use chorus_chaos::{ChaosConfig, ChaosError};
+use clap::Parser;
+
+/// Run Chorus nodes under seeded faults and check the invariants.
+#[derive(Debug, Parser)]
+#[command(name = "chorus-chaos", version)]
+struct Args {
+    /// The chorus binary. Default: `chorus` next to this executable.
+    #[arg(long = "chorus")]
+    chorus: Option<PathBuf>,
+    /// Seed of the fault schedule and the clients' pacing. Default: random (printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Nodes, 3-5.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Rooms.
+    #[arg(long, default_value_t = 6)]
+    rooms: usize,
+    /// Clients (spread over the nodes; even ones on WebSocket, odd ones on QUIC).
+    #[arg(long, default_value_t = 9)]
+    clients: usize,
+    /// Rooms each client joins.
+    #[arg(long, default_value_t = 2)]
+    rooms_per_client: usize,
+    /// Mean time between two comments of one client, in milliseconds.
+    #[arg(long, default_value_t = 400)]
+    comment_interval_ms: u64,
+    /// Length of the fault phase, in seconds.
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// SIGKILLs (each followed by a restart with the same data dir).
+    #[arg(long, default_value_t = 2)]
+    kills: usize,
+    /// SIGSTOP/SIGCONT pauses.
+    #[arg(long, default_value_t = 1)]
+    pauses: usize,
+    /// Longest wait for in-flight comments after the workload stops, in seconds.
+    #[arg(long, default_value_t = 20)]
+    settle: u64,
+    /// Node i listens on this address plus i.
+    #[arg(long, default_value = "127.0.0.11")]
+    base_ip: std::net::Ipv4Addr,
+    /// Work dir (CA, data dirs, node logs, report.json). Default: a new directory under
+    /// the system temp dir, kept after the run.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Also write the JSON report here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn default_chorus() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("current exe")?;
+    let dir = exe.parent().context("exe has a directory")?;
+    Ok(dir.join(format!("chorus{}", std::env::consts::EXE_SUFFIX)))
+}
+
+async fn main_inner() -> anyhow::Result<ExitCode> {
+    let args = Args::parse();
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let chorus = match args.chorus {
+        Some(path) => path,
+        None => default_chorus()?,
+    };
+    let work_dir = match args.work_dir {
+        Some(dir) => dir,
+        None => std::env::temp_dir().join(format!("chorus-chaos-{seed}-{}", std::process::id())),
+    };
+    let mut config = ChaosConfig::new(chorus, work_dir, seed);
+    config.nodes = args.nodes;
+    config.rooms = args.rooms;
+    config.clients = args.clients;
+    config.rooms_per_client = args.rooms_per_client;
+    config.comment_interval_ms = args.comment_interval_ms;
+    config.duration_secs = args.duration;
+    config.kills = args.kills;
+    config.pauses = args.pauses;
+    config.settle_secs = args.settle;
+    config.base_ip = args.base_ip;
+    eprintln!(
+        "chorus-chaos: seed {seed}, work dir {}",
+        config.work_dir.display()
+    );
+    let report_path = config.work_dir.join("report.json");
+    let outcome = chorus_chaos::run(config).await;
+    let (report, code) = match outcome {
+        Ok(report) => (Some(report), ExitCode::SUCCESS),
+        Err(ChaosError::Violations { report, .. }) => (Some(*report), ExitCode::FAILURE),
+        Err(error) => {
+            eprintln!("chorus-chaos: {error} (seed {seed})");
+            (None, ExitCode::from(2))
+        }
+    };
+    if let (Some(report), Some(json)) = (&report, &args.json) {
+        std::fs::write(json, serde_json::to_vec_pretty(report)?)
+            .with_context(|| format!("write {}", json.display()))?;
+    }
+    if let Some(report) = report {
+        println!(
+            "{}",
+            serde_json::json!({
+                "seed": report.seed,
+                "violations": report.violation_count,
+                "faults": report.faults.len(),
+                "comments_acked": report.counts.comments_acked,
+                "deliveries_checked": report.counts.deliveries_checked,
+                "report": report_path,
+                "replay": report.replay,
+            })
+        );
+    }
+    Ok(code)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match main_inner().await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("chorus-chaos: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The short chaos run: three real nodes, two SIGKILLs with restarts and one SIGSTOP pause
+//! under a room workload, then the invariant checks (see `chaos/README.md`). The long run is
+//! `chorus-chaos` with more nodes, faults and time.
+
+use std::path::PathBuf;
+
+use chorus_chaos::{ChaosConfig, ChaosError};
+
+/// Fixed so a failure names a schedule to replay with `chorus-chaos --seed`.
+const SEED: u64 = 20_240_611;
+
+/// Runs 3 nodes with `seed` on `base_ip`+; panics listing any violation.
+async fn chaos_run(seed: u64, base_ip: &str, duration_secs: u64, kills: usize, pauses: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ChaosConfig::new(
+        PathBuf::from(env!("CARGO_BIN_EXE_chorus")),
+        dir.path().join("chaos"),
+        seed,
+    );
+    config.nodes = 3;
+    config.kills = kills;
+    config.pauses = pauses;
+    config.duration_secs = duration_secs;
+    config.settle_secs = 15;
+    config.base_ip = base_ip.parse().expect("ip");
+    match chorus_chaos::run(config).await {
+        Ok(report) => {
+            assert_eq!(report.faults.len(), kills + pauses, "{:#?}", report.faults);
+            assert!(report.counts.comments_acked > 0, "{:#?}", report.counts);
+            assert!(report.counts.deliveries_checked > 0, "{:#?}", report.counts);
+        }
+        Err(ChaosError::Violations { report, .. }) => panic!(
+            "{} invariant violation(s), seed {}:\n{:#?}\nfaults: {:#?}",
+            report.violation_count, report.seed, report.violations, report.faults
+        ),
+        Err(error) => panic!("chaos run failed: {error}"),
+    }
+}
+
+/// Seed 7 with 3 kills and 2 pauses in 40 s (`chorus-chaos --seed 7 --duration 40 --kills 3
+/// --pauses 2`) found
+/// two node bugs: an owner drops a relay batch to a SIGSTOPped edge ("relay batch lost"),
+/// so that edge's members miss acknowledged comments without losing their session; and a
+/// node killed long enough to be marked down, restarted with its data dir, is never `up`
+/// again. Run it with `cargo test --test chaos -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "node bugs found with seed 7: relay batch to a paused edge is lost (no_loss); a killed node marked down stays down after restart (cluster_healthy)"]
+async fn seed_7_relay_to_a_paused_edge_and_restart_after_down_heal() {
+    chaos_run(7, "127.0.1.31", 40, 3, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_comments_survive_kills_and_pauses_in_one_order_and_the_cluster_heals() {
+    // Its own loopback range: other system tests use 127.0.0.1 and the default 127.0.0.11+.
+    // Its kills (2.8 s, 2.3 s) are shorter than failure detection, so it does not reach
+    // the restart-after-down bug seed 7 shows.
+    chaos_run(SEED, "127.0.1.11", 45, 2, 1).await;
+}
