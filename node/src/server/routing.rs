@@ -9,9 +9,10 @@
 //! - Edge side: [`RoomMirrors`] holds, per remote room, the local sessions that joined it;
 //!   relayed events are delivered to them.
 //!
-//! **Boundary:** relay queues are bounded ([`RELAY_QUEUE_ITEMS_MAX`]); when an edge cannot
-//! keep up its queue overflows and events for it are dropped and counted
-//! (`chorus_relay_dropped_total`); clients there recover by resume/resync.
+//! **Boundary:** relay queues are bounded ([`RELAY_QUEUE_ITEMS_MAX`]). A batch an edge does
+//! not take (paused, partitioned) is retried in order for [`RELAY_RETRY_WINDOW_MS`] while
+//! later events wait in the queue; past the window, or when the queue overflows, events
+//! for that edge are dropped and counted (`chorus_relay_dropped_total`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
