@@ -5,8 +5,8 @@ mod common;
 use std::path::Path;
 
 use chorus_node::client::Client;
-use chorus_protocol::{RoomCommentRequest, RoomCreateRequest, RoomRef};
-use common::{collect_comments, eventually, TestNode};
+use chorus_protocol::{RoomCommentRequest, RoomCreateRequest};
+use common::{collect_comments, eventually, join, say, TestNode};
 
 /// Runs `chorus admin --url http://NODE ARGS…` and asserts it succeeded; returns stdout.
 async fn chorus_admin(node: &TestNode, args: &[&str]) -> Vec<u8> {
@@ -151,23 +151,12 @@ async fn clients_on_three_nodes_in_one_room_receive_the_same_comments_in_the_sam
         .expect("create")
         .room_id;
     for client in [&alice, &bob, &carol] {
-        client
-            .request(RoomRef {
-                room_id: room.clone(),
-            })
-            .await
-            .expect("join");
+        join(client, &room).await;
     }
     let mut sent = 0;
     for round in 0..5 {
         for (name, client) in [("alice", &alice), ("bob", &bob), ("carol", &carol)] {
-            client
-                .request(RoomCommentRequest {
-                    room_id: room.clone(),
-                    text: format!("{name} {round}"),
-                })
-                .await
-                .expect("comment");
+            say(client, &room, &format!("{name} {round}")).await;
             sent += 1;
         }
     }
@@ -261,12 +250,7 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
         .client(&survivors[1].quic_url(), "listener")
         .await;
     for client in [&speaker, &listener] {
-        client
-            .request(RoomRef {
-                room_id: room.clone(),
-            })
-            .await
-            .expect("join");
+        join(client, &room).await;
     }
     speaker
         .request(RoomCommentRequest {
@@ -352,12 +336,7 @@ async fn draining_a_node_moves_its_rooms_while_clients_keep_their_connections_th
     let speaker = nodes[0].client(&nodes[0].ws_url(), "speaker").await;
     let mut listener = nodes[1].client(&nodes[1].quic_url(), "listener").await;
     for client in [&speaker, &listener] {
-        client
-            .request(RoomRef {
-                room_id: room.clone(),
-            })
-            .await
-            .expect("join");
+        join(client, &room).await;
     }
 
     chorus_admin(&nodes[0], &["drain", &drained.to_string()]).await;
@@ -437,21 +416,10 @@ async fn a_fourth_node_takes_a_quarter_of_the_rooms_and_clients_in_moved_rooms_l
     let mut listener = c.client(&c.quic_url(), "listener").await;
     for room in &moving {
         for client in [&speaker, &listener] {
-            client
-                .request(RoomRef {
-                    room_id: room.clone(),
-                })
-                .await
-                .expect("join");
+            join(client, room).await;
         }
         for i in 0..3 {
-            speaker
-                .request(RoomCommentRequest {
-                    room_id: room.clone(),
-                    text: format!("before {i}"),
-                })
-                .await
-                .expect("comment before");
+            say(&speaker, room, &format!("before {i}")).await;
         }
     }
 
@@ -492,13 +460,7 @@ async fn a_fourth_node_takes_a_quarter_of_the_rooms_and_clients_in_moved_rooms_l
     // Same connections: comments continue in the moved rooms, none is lost.
     for room in &moving {
         for i in 0..3 {
-            speaker
-                .request(RoomCommentRequest {
-                    room_id: room.clone(),
-                    text: format!("after {i}"),
-                })
-                .await
-                .expect("comment after the move");
+            say(&speaker, room, &format!("after {i}")).await;
         }
     }
     let mut seen: std::collections::BTreeMap<String, Vec<(u64, String)>> = Default::default();

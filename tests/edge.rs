@@ -9,40 +9,11 @@ use chorus_node::client::{Client, ClientError, ClientEvent};
 use chorus_node::client::{Connection, RawMessage};
 use chorus_protocol::{
     AuthRequest, ClientRequest, Encoding, ErrorCode, Event, Frame, PingRequest, ResumeOutcome,
-    ResumeRequest, RoomCommentRequest, RoomCreateRequest, RoomReactRequest, RoomRef,
+    ResumeRequest, RoomCommentRequest, RoomReactRequest, RoomRef,
 };
-use common::{collect_comments, eventually, expect_event, token, TestNode, DEADLINE};
-
-async fn create_room(client: &Client, title: &str) -> String {
-    client
-        .request(RoomCreateRequest {
-            title: title.into(),
-            scheduled_start_ms: None,
-        })
-        .await
-        .expect("create room")
-        .room_id
-}
-
-async fn join(client: &Client, room_id: &str) {
-    client
-        .request(RoomRef {
-            room_id: room_id.into(),
-        })
-        .await
-        .expect("join room");
-}
-
-async fn say(client: &Client, room_id: &str, text: &str) -> u64 {
-    client
-        .request(RoomCommentRequest {
-            room_id: room_id.into(),
-            text: text.into(),
-        })
-        .await
-        .expect("comment")
-        .comment_id
-}
+use common::{
+    collect_comments, create_room, eventually, expect_event, join, say, token, TestNode, DEADLINE,
+};
 
 fn server_code(error: &ClientError) -> Option<u16> {
     match error {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chorus_node::client::{Client, ClientConfig, ClientEvent, ReconnectPolicy};
 use chorus_node::token::{unix_now_secs, TokenKeys};
-use chorus_protocol::Event;
+use chorus_protocol::{Event, RoomCommentRequest, RoomCreateRequest, RoomRef};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -266,4 +266,38 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("timed out: {what}");
+}
+
+/// Creates a room; returns its id.
+pub async fn create_room(client: &Client, title: &str) -> String {
+    client
+        .request(RoomCreateRequest {
+            title: title.into(),
+            scheduled_start_ms: None,
+        })
+        .await
+        .expect("create room")
+        .room_id
+}
+
+/// Joins a room.
+pub async fn join(client: &Client, room_id: &str) {
+    client
+        .request(RoomRef {
+            room_id: room_id.into(),
+        })
+        .await
+        .expect("join room");
+}
+
+/// Comments; returns the comment id.
+pub async fn say(client: &Client, room_id: &str, text: &str) -> u64 {
+    client
+        .request(RoomCommentRequest {
+            room_id: room_id.into(),
+            text: text.into(),
+        })
+        .await
+        .expect("comment")
+        .comment_id
 }
