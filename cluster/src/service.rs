@@ -798,21 +798,30 @@ mod tests_support {
             .await
             .expect("start member")
     }
+
+    /// Three members over real QUIC: `a` starts the cluster, `b` and `c` join through it.
+    pub(super) async fn three_members(
+        dir: &std::path::Path,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> [ClusterService; 3] {
+        let a = member(dir, "a", None, shutdown).await;
+        let seed = a.inner.config.cluster_addr;
+        let b = member(dir, "b", Some(seed), shutdown).await;
+        let c = member(dir, "c", Some(seed), shutdown).await;
+        [a, b, c]
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::tests_support::member;
+    use super::tests_support::three_members;
     use super::*;
 
     #[tokio::test]
     async fn three_members_join_over_quic_and_agree_on_the_ring() {
         let dir = tempfile::tempdir().expect("tempdir");
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let a = member(dir.path(), "a", None, &shutdown).await;
-        let seed = a.inner.config.cluster_addr;
-        let b = member(dir.path(), "b", Some(seed), &shutdown).await;
-        let c = member(dir.path(), "c", Some(seed), &shutdown).await;
+        let [a, b, c] = three_members(dir.path(), &shutdown).await;
         let ids = [a.node_id(), b.node_id(), c.node_id()];
         assert_eq!(
             ids.iter().collect::<BTreeSet<_>>().len(),
@@ -862,7 +871,7 @@ mod tests {
 
 #[cfg(test)]
 mod throughput {
-    use super::tests_support::member;
+    use super::tests_support::three_members;
     use super::*;
 
     /// Metadata writes per second through a 3-member group over real QUIC and sled.
@@ -872,10 +881,7 @@ mod throughput {
     async fn report_metadata_write_throughput() {
         let dir = tempfile::tempdir().expect("tempdir");
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let a = member(dir.path(), "a", None, &shutdown).await;
-        let seed = a.inner.config.cluster_addr;
-        let b = member(dir.path(), "b", Some(seed), &shutdown).await;
-        let c = member(dir.path(), "c", Some(seed), &shutdown).await;
+        let [a, b, c] = three_members(dir.path(), &shutdown).await;
         const WRITERS: usize = 16;
         const WRITES_PER_WRITER: usize = 250;
         for (label, via) in [("leader", &a), ("follower (forwarded)", &b)] {

@@ -341,24 +341,30 @@ impl EdgeRelay {
 
 /// A member of a room on this (owner) node whose session lives on another node.
 pub struct RemoteMember {
+    room_id: String,
     member_key: u64,
     relay: Arc<EdgeRelay>,
 }
 
 impl RemoteMember {
-    /// The member handle for `member_key` relayed through `relay`.
-    pub fn member(member_key: u64, relay: Arc<EdgeRelay>) -> Member {
-        Member::new(member_key, Arc::new(RemoteMember { member_key, relay }))
+    /// The member handle for `member_key` in `room_id`, relayed through `relay`.
+    pub fn member(room_id: &str, member_key: u64, relay: Arc<EdgeRelay>) -> Member {
+        Member::new(
+            member_key,
+            Arc::new(RemoteMember {
+                room_id: room_id.to_string(),
+                member_key,
+                relay,
+            }),
+        )
     }
 }
 
 impl MemberSink for RemoteMember {
     fn deliver(&self, body: &Arc<EncodedBody>) {
-        // The room id is inside every notification body; the edge needs it to find its
-        // members, so it travels alongside.
-        let room_id = room_of(body).unwrap_or_default();
+        // The edge finds its members by room id, so it travels alongside the body.
         self.relay.push(RelayItem::Event {
-            room_id,
+            room_id: self.room_id.clone(),
             kind: body.kind().to_string(),
             msgpack: body.body_bytes(Encoding::MsgPack).clone(),
             json: body.body_bytes(Encoding::Json).clone(),
@@ -375,17 +381,6 @@ impl MemberSink for RemoteMember {
     fn relay_group(&self) -> Option<u64> {
         Some(self.relay.edge)
     }
-}
-
-/// Reads `room_id` from an encoded notification body (every room event carries it).
-fn room_of(body: &EncodedBody) -> Option<String> {
-    #[derive(Deserialize)]
-    struct HasRoom {
-        room_id: String,
-    }
-    rmp_serde::from_slice::<HasRoom>(body.body_bytes(Encoding::MsgPack))
-        .ok()
-        .map(|r| r.room_id)
 }
 
 /// Local sessions in rooms owned by other nodes.
@@ -685,7 +680,7 @@ impl Node {
                         None => continue,
                     }
                 } else {
-                    RemoteMember::member(key, self.relay_to(node_id))
+                    RemoteMember::member(room_id, key, self.relay_to(node_id))
                 };
                 let joined = ask(&actor, |reply| RoomMsg::Join {
                     member,
@@ -906,7 +901,7 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                     op,
                 }) => {
                     let relay = node.relay_to(from);
-                    let member = RemoteMember::member(member_key, relay);
+                    let member = RemoteMember::member(&room_id, member_key, relay);
                     encode(&node.local_room_op(&room_id, member, op).await)
                 }
                 Err(error) => encode(&Err::<RoomOpReply, _>(error)),
