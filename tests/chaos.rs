@@ -43,13 +43,11 @@ async fn chaos_run(seed: u64, base_ip: &str, duration_secs: u64, kills: usize, p
 /// without losing their session; and a node killed long enough to be marked down,
 /// restarted with its data dir, never came back `up`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finds real violations under CI load (duplicate comment ids after failover: replication to the next node is best-effort before the ack, and owners are not fenced by epoch); run with --ignored"]
 async fn a_paused_edge_misses_nothing_and_a_node_marked_down_comes_back_up() {
     chaos_run(7, "127.0.1.31", 40, 3, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finds real violations under CI load (duplicate comment ids after failover: replication to the next node is best-effort before the ack, and owners are not fenced by epoch); run with --ignored"]
 async fn acknowledged_comments_survive_kills_and_pauses_in_one_order_and_the_cluster_heals() {
     // Its own loopback range: other system tests use 127.0.0.1 and the default 127.0.0.11+.
     // Its kills (2.8 s, 2.3 s) are shorter than failure detection, so it does not reach

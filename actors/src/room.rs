@@ -114,6 +114,10 @@ pub enum RoomError {
     /// The room holds [`RoomConfig::members_max`] members already.
     #[error("the room is full")]
     RoomFull,
+    /// The room cannot take the change now (e.g. it could not be replicated); the change
+    /// was not made visible. Retry later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl RoomError {
@@ -125,7 +129,7 @@ impl RoomError {
             RoomError::Forbidden(_) => ErrorCode::Forbidden,
             RoomError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             RoomError::RateLimited => ErrorCode::RateLimited,
-            RoomError::RoomFull => ErrorCode::Unavailable,
+            RoomError::RoomFull | RoomError::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
 }
@@ -633,6 +637,11 @@ impl<M: Clone + Ord> RoomCore<M> {
     /// How many distinct users are in the room.
     pub fn listener_count(&self) -> u64 {
         u64::try_from(self.users.len()).unwrap_or(u64::MAX)
+    }
+
+    /// Comments posted so far: the id of the latest.
+    pub fn comment_count(&self) -> u64 {
+        self.comment_count
     }
 
     /// The latest comments, oldest first (at most `recent_comments_max`).

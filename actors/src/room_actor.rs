@@ -14,7 +14,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chorus_protocol::{EncodedBody, RoomCommentResponse, RoomInfo, RoomJoinResponse, UserId};
+use chorus_protocol::{
+    EncodedBody, Event, RoomCommentResponse, RoomInfo, RoomJoinResponse, UserId,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::room::{RoomConfig, RoomCore, RoomDefinition, RoomDurable, RoomEffect, RoomError};
@@ -36,13 +38,20 @@ pub trait MemberSink: Send + Sync + 'static {
 /// Where a room's durable state goes after each change, before the change is
 /// acknowledged: another node (replication), so the next owner can continue from it.
 pub trait DurableSink: Send + Sync + 'static {
-    /// Keeps `durable` for `room_id` on at least one other node; resolves when it is there
-    /// (or when no other node can take it).
+    /// Keeps `durable` for `room_id`, written by its owner at ownership `epoch`, on at least
+    /// one other node; resolves `Ok` when it is there (or when no other node exists).
+    ///
+    /// # Errors
+    ///
+    /// [`DirectoryError::Replication`] when no other node took it in time, or a node
+    /// refused it because a newer owner exists (the epoch is stale): the change must not
+    /// be acknowledged and the room stops acting (fail-stop).
     fn replicate<'a>(
         &'a self,
         room_id: &'a str,
+        epoch: u64,
         durable: RoomDurable,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DirectoryError>> + Send + 'a>>;
 }
 
 /// A member handle: a stable key (ordering and identity) and the sink to deliver to.
@@ -95,6 +104,10 @@ pub enum RoomMsg {
         member: Member,
         /// User id of the member.
         user: UserId,
+        /// For a member joining again (after a failover or a move): the latest comment id
+        /// it has. The comments after it in the recent log are sent to it, in order,
+        /// before anything else the room does.
+        since: Option<u64>,
         /// Answer.
         reply: RpcReplyPort<Result<RoomJoinResponse, RoomError>>,
     },
@@ -142,12 +155,15 @@ pub enum RoomMsg {
         /// Answer.
         reply: RpcReplyPort<RoomInfo>,
     },
-    /// Continue from a durable state recovered from a previous owner or replica.
+    /// Become the owner at `epoch` (fencing: replication carries it) and continue from a
+    /// durable state recovered from a previous owner or a replica, if any.
     Restore {
-        /// The state.
-        durable: RoomDurable,
-        /// Answer when applied.
-        reply: RpcReplyPort<()>,
+        /// The ownership epoch granted to this activation.
+        epoch: u64,
+        /// The most advanced state found.
+        durable: Option<RoomDurable>,
+        /// Answer when applied: the room's durable state now.
+        reply: RpcReplyPort<RoomDurable>,
     },
     /// A timer fired: flush windows and counters.
     Tick,
@@ -168,6 +184,8 @@ pub struct RoomShell {
     core: RoomCore<Member>,
     store: Arc<dyn DefinitionStore>,
     replicator: Option<Arc<dyn DurableSink>>,
+    /// Ownership epoch of this activation (0 until [`RoomMsg::Restore`]).
+    epoch: u64,
     tick_at_ms: Option<u64>,
 }
 
@@ -201,6 +219,7 @@ impl Actor for RoomActor {
             core: RoomCore::new(args.definition, args.config),
             store: args.store,
             replicator: args.replicator,
+            epoch: 0,
             tick_at_ms: None,
         })
     }
@@ -225,9 +244,13 @@ impl Actor for RoomActor {
             RoomMsg::Join {
                 member,
                 user,
+                since,
                 reply,
             } => {
-                let result = state.core.handle_join(now_ms, member, &user);
+                let result = state.core.handle_join(now_ms, member.clone(), &user);
+                if let (Ok(_), Some(since)) = (&result, since) {
+                    state.catch_up(&member, since);
+                }
                 let _ = reply.send(result);
             }
             RoomMsg::Leave { member, reply } => {
@@ -243,11 +266,23 @@ impl Actor for RoomActor {
             } => {
                 let result = state.core.handle_comment(now_ms, &member, &text);
                 // Replicate before anyone sees the comment: an acknowledged (or broadcast)
-                // comment survives the loss of this node.
+                // comment survives the loss of this node. If it cannot be replicated, the
+                // comment is neither broadcast nor acknowledged and the room stops here
+                // (fail-stop): the next activation continues from the replicated state, so
+                // no comment id ever names two different comments.
                 if result.is_ok() {
                     if let Some(replicator) = &state.replicator {
                         let room_id = state.core.definition().room_id.clone();
-                        replicator.replicate(&room_id, state.core.durable()).await;
+                        let replicated = replicator
+                            .replicate(&room_id, state.epoch, state.core.durable())
+                            .await;
+                        if let Err(error) = replicated {
+                            tracing::warn!(room = %room_id, epoch = state.epoch, %error, "comment not replicated: the room stops here");
+                            metrics::counter!("chorus_room_fail_stops_total").increment(1);
+                            let _ = reply.send(Err(RoomError::Unavailable(error.to_string())));
+                            myself.stop(Some("replication failed".into()));
+                            return Ok(());
+                        }
                     }
                 }
                 // Effects (the broadcast) run before the reply so that the author sees its own
@@ -283,9 +318,16 @@ impl Actor for RoomActor {
             RoomMsg::Info { reply } => {
                 let _ = reply.send(state.core.info());
             }
-            RoomMsg::Restore { durable, reply } => {
-                state.core.restore_durable(durable);
-                let _ = reply.send(());
+            RoomMsg::Restore {
+                epoch,
+                durable,
+                reply,
+            } => {
+                state.epoch = state.epoch.max(epoch);
+                if let Some(durable) = durable {
+                    state.core.restore_durable(durable);
+                }
+                let _ = reply.send(state.core.durable());
             }
             RoomMsg::Tick => {
                 state.tick_at_ms = None;
@@ -299,6 +341,32 @@ impl Actor for RoomActor {
 }
 
 impl RoomShell {
+    /// Sends `member` the comments after `since` from the recent log, in order.
+    fn catch_up(&self, member: &Member, since: u64) {
+        let mut sent = 0u64;
+        let mut complete = since >= self.core.comment_count();
+        for comment in self.core.recent_comments() {
+            if comment.comment_id == since + 1 {
+                complete = true;
+            }
+            if comment.comment_id <= since {
+                continue;
+            }
+            match Event::Comment(comment.clone()).encode_body() {
+                Ok(body) => {
+                    member.sink.deliver(&Arc::new(body));
+                    sent += 1;
+                }
+                Err(error) => tracing::error!(%error, "cannot encode a comment"),
+            }
+        }
+        if !complete {
+            metrics::counter!("chorus_catch_up_incomplete_total").increment(1);
+            tracing::warn!(room = %self.core.definition().room_id, since, "a re-joining member missed more comments than the recent log holds");
+        }
+        metrics::counter!("chorus_catch_up_comments_total").increment(sent);
+    }
+
     async fn execute_effects(&mut self) {
         self.execute_effects_to(None).await;
     }
@@ -383,6 +451,17 @@ pub enum DirectoryError {
     /// The actor could not be started.
     #[error("cannot start room actor: {0}")]
     Spawn(String),
+    /// The room could not be activated here (ownership claim refused, ring moved on).
+    #[error("room {room:?} cannot be activated here: {reason}")]
+    Activation {
+        /// The room.
+        room: String,
+        /// Why.
+        reason: String,
+    },
+    /// A change could not be replicated to another node.
+    #[error("replication failed: {0}")]
+    Replication(String),
 }
 
 /// Finds running room actors or starts them from stored definitions.
@@ -416,6 +495,21 @@ impl RoomDirectory {
 
     /// Stores a new room's definition and starts its actor.
     pub async fn create(&self, definition: RoomDefinition) -> Result<RoomInfo, DirectoryError> {
+        self.create_with(definition, |_| async { Ok(()) }).await
+    }
+
+    /// Like [`create`](Self::create), but the new actor is first handed to `activate`
+    /// (e.g. to claim ownership) before anyone can reach it; if that fails, the actor is
+    /// stopped and the error returned (the definition stays stored).
+    pub async fn create_with<F, Fut>(
+        &self,
+        definition: RoomDefinition,
+        activate: F,
+    ) -> Result<RoomInfo, DirectoryError>
+    where
+        F: FnOnce(ActorRef<RoomMsg>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), DirectoryError>>,
+    {
         let mut rooms = self.rooms.lock().await;
         if rooms.contains_key(&definition.room_id) || self.store.get(&definition.room_id)?.is_some()
         {
@@ -424,6 +518,10 @@ impl RoomDirectory {
         self.store.put(&definition).await?;
         let room_id = definition.room_id.clone();
         let actor = self.spawn(definition).await?;
+        if let Err(error) = activate(actor.clone()).await {
+            actor.stop(Some("activation failed".into()));
+            return Err(error);
+        }
         let info = ractor::call!(actor, |reply| RoomMsg::Info { reply })
             .map_err(|e| DirectoryError::Spawn(e.to_string()))?;
         rooms.insert(room_id, actor);
@@ -432,12 +530,13 @@ impl RoomDirectory {
 
     /// The running actor of `room_id`, started from its stored definition if needed.
     pub async fn get(&self, room_id: &str) -> Result<ActorRef<RoomMsg>, DirectoryError> {
-        self.get_with(room_id, |_| async {}).await
+        self.get_with(room_id, |_| async { Ok(()) }).await
     }
 
     /// Like [`get`](Self::get), but a freshly started actor is first handed to `activate`
-    /// (e.g. to re-admit the room's members after its owner moved) before anyone else can
-    /// reach it: requests for the room wait until `activate` is done.
+    /// (e.g. to claim ownership and re-admit the room's members after its owner moved)
+    /// before anyone else can reach it: requests for the room wait until `activate` is
+    /// done. If it fails, the actor is stopped and the error returned.
     pub async fn get_with<F, Fut>(
         &self,
         room_id: &str,
@@ -445,7 +544,7 @@ impl RoomDirectory {
     ) -> Result<ActorRef<RoomMsg>, DirectoryError>
     where
         F: FnOnce(ActorRef<RoomMsg>) -> Fut,
-        Fut: std::future::Future<Output = ()>,
+        Fut: std::future::Future<Output = Result<(), DirectoryError>>,
     {
         let mut rooms = self.rooms.lock().await;
         if let Some(actor) = rooms.get(room_id) {
@@ -462,7 +561,10 @@ impl RoomDirectory {
             return Err(DirectoryError::Ended(room_id.to_string()));
         }
         let actor = self.spawn(definition).await?;
-        activate(actor.clone()).await;
+        if let Err(error) = activate(actor.clone()).await {
+            actor.stop(Some("activation failed".into()));
+            return Err(error);
+        }
         rooms.insert(room_id.to_string(), actor.clone());
         Ok(actor)
     }

@@ -6,7 +6,7 @@
 //! liveness (server pings). Neither reads the clock nor touches a socket: the node's
 //! connection driver feeds them `now_ms` and executes what they decide.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use chorus_protocol::{ErrorCode, RoomId};
 
@@ -54,7 +54,19 @@ pub struct SessionCore<N> {
     buffer: VecDeque<(u64, N)>,
     attachment: Option<u64>,
     detached_since_ms: Option<u64>,
-    rooms: BTreeSet<RoomId>,
+    /// Rooms joined (or being joined), each with the position of the latest ordered event
+    /// (comment id) delivered from it.
+    rooms: BTreeMap<RoomId, RoomPosition>,
+}
+
+/// Where a session is in one room's total order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct RoomPosition {
+    /// The latest ordered event delivered (0: none).
+    latest: u64,
+    /// Whether the room answered the join (until then the room's recent comments are on
+    /// their way in that answer, so the position means nothing yet).
+    joined: bool,
 }
 
 impl<N: Clone> SessionCore<N> {
@@ -66,7 +78,7 @@ impl<N: Clone> SessionCore<N> {
             buffer: VecDeque::new(),
             attachment: Some(attachment),
             detached_since_ms: None,
-            rooms: BTreeSet::new(),
+            rooms: BTreeMap::new(),
         }
     }
 
@@ -141,21 +153,31 @@ impl<N: Clone> SessionCore<N> {
         }
     }
 
-    /// Records that the session joined `room`; refuses past `rooms_max`.
+    /// Records that the session joins `room` (the room has not answered yet, see
+    /// [`Self::handle_room_join_answered`]); refuses past `rooms_max`.
     pub fn handle_room_joined(&mut self, room: &str) -> Result<(), ErrorCode> {
-        if self.rooms.contains(room) {
+        if self.rooms.contains_key(room) {
             return Ok(());
         }
         if self.rooms.len() >= self.config.rooms_max {
             return Err(ErrorCode::TooManyRooms);
         }
-        self.rooms.insert(room.to_string());
+        self.rooms.insert(room.to_string(), RoomPosition::default());
         Ok(())
+    }
+
+    /// The room answered the join: its comments up to `comment_count` came with the
+    /// answer, so the position is at least that.
+    pub fn handle_room_join_answered(&mut self, room: &str, comment_count: u64) {
+        if let Some(position) = self.rooms.get_mut(room) {
+            position.latest = position.latest.max(comment_count);
+            position.joined = true;
+        }
     }
 
     /// Whether the session may join one more room (checked before asking the room).
     pub fn can_join(&self, room: &str) -> bool {
-        self.rooms.contains(room) || self.rooms.len() < self.config.rooms_max
+        self.rooms.contains_key(room) || self.rooms.len() < self.config.rooms_max
     }
 
     /// Records that the session left (or was removed from) `room`.
@@ -165,12 +187,36 @@ impl<N: Clone> SessionCore<N> {
 
     /// Whether the session is in `room`.
     pub fn in_room(&self, room: &str) -> bool {
-        self.rooms.contains(room)
+        self.rooms.contains_key(room)
     }
 
     /// The rooms the session is in.
     pub fn rooms(&self) -> impl Iterator<Item = &RoomId> {
-        self.rooms.iter()
+        self.rooms.keys()
+    }
+
+    /// An ordered event at `position` of `room` is about to be delivered: false if the
+    /// session already has it (a re-sent catch-up), so it must be dropped. Events of rooms
+    /// the session is not in pass.
+    pub fn handle_position(&mut self, room: &str, position: u64) -> bool {
+        match self.rooms.get_mut(room) {
+            Some(held) if position <= held.latest => false,
+            Some(held) => {
+                held.latest = position;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// The position of the latest ordered event delivered from `room` (`None` if the
+    /// session is not in it, or the room has not answered its join yet): a re-join asks
+    /// the room for what came after it.
+    pub fn room_position(&self, room: &str) -> Option<u64> {
+        self.rooms
+            .get(room)
+            .filter(|held| held.joined)
+            .map(|held| held.latest)
     }
 
     /// Checks the core's invariants (debug builds).
@@ -402,6 +448,24 @@ mod tests {
         assert_eq!(s.handle_room_joined("c"), Err(ErrorCode::TooManyRooms));
         s.handle_room_left("a");
         assert_eq!(s.handle_room_joined("c"), Ok(()));
+    }
+
+    #[test]
+    fn room_positions_drop_repeats_and_bound_catch_up() {
+        let mut s = SessionCore::<()>::new(SessionConfig::default(), 1);
+        assert!(s.handle_position("a", 3), "not in the room: passes");
+        assert_eq!(s.handle_room_joined("a"), Ok(()));
+        assert_eq!(s.room_position("a"), None, "no position before the answer");
+        // an event that overtakes the join's answer is delivered and counted
+        assert!(s.handle_position("a", 8));
+        s.handle_room_join_answered("a", 7);
+        assert_eq!(s.room_position("a"), Some(8));
+        assert!(!s.handle_position("a", 8), "a repeat is dropped");
+        assert!(!s.handle_position("a", 5), "an older one too");
+        assert!(s.handle_position("a", 9));
+        assert_eq!(s.room_position("a"), Some(9));
+        s.handle_room_left("a");
+        assert_eq!(s.room_position("a"), None);
     }
 
     #[test]

@@ -314,6 +314,10 @@ fn plan_faults(config: &ChaosConfig, rng: &mut SmallRng) -> Vec<PlannedFault> {
 pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
     config.validate()?;
     let start = Instant::now();
+    let start_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     say(
         start,
         format_args!("seed {}; replay: {}", config.seed, config.replay_command()),
@@ -512,6 +516,13 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
         .map(|(spec, guard)| ((*spec).clone(), &**guard))
         .collect();
     let counts = check::check_logs(&views, &mut violations);
+    let clients_path = config.work_dir.join("clients.log");
+    if let Err(error) = workload::dump_logs(&clients_path, start, start_unix_ms, &views) {
+        say(
+            start,
+            format_args!("cannot write {}: {error}", clients_path.display()),
+        );
+    }
     let faults: Vec<FaultRecord> = faults
         .into_iter()
         .map(|(mut record, from, until)| {

@@ -69,6 +69,8 @@ pub struct ReceivedComment {
     /// The membership interval (index into `ClientLog::memberships`) it arrived in, for a
     /// live one.
     pub membership: Option<usize>,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 /// A stretch of time in which this client's session was a member of a room: from the
@@ -257,6 +259,7 @@ async fn run_client(
                     text: comment.text,
                     from_join: false,
                     membership,
+                    at: Instant::now(),
                 });
             }
             Some(ClientEvent::Disconnected { .. }) => {
@@ -345,6 +348,7 @@ async fn join_rooms(
                             text: comment.text,
                             from_join: true,
                             membership: None,
+                            at: Instant::now(),
                         });
                     }
                     break;
@@ -399,4 +403,58 @@ async fn send_comments(
             acked_id,
         });
     }
+}
+
+/// Writes every client's log, times in ms since `start` (wall clock `start_unix_ms`), for
+/// reading a failed run next to the node logs.
+pub fn dump_logs(
+    path: &std::path::Path,
+    start: Instant,
+    start_unix_ms: u64,
+    logs: &[(ClientSpec, &ClientLog)],
+) -> std::io::Result<()> {
+    use std::fmt::Write as _;
+    let ms = |t: Instant| t.saturating_duration_since(start).as_millis();
+    let mut out = format!("# run start: unix ms {start_unix_ms}\n");
+    for (spec, log) in logs {
+        let _ = writeln!(out, "client {} urls {:?}", spec.index, spec.urls);
+        for (i, m) in log.memberships.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "  membership {i} room {} from {} to {:?}",
+                m.room,
+                ms(m.start),
+                m.end.map(ms)
+            );
+        }
+        for t in &log.disconnects {
+            let _ = writeln!(out, "  disconnected at {}", ms(*t));
+        }
+        for t in &log.reconnects {
+            let _ = writeln!(out, "  reconnected at {}", ms(*t));
+        }
+        for r in &log.received {
+            let _ = writeln!(
+                out,
+                "  {} got {} #{} {:?}{} membership {:?}",
+                ms(r.at),
+                r.room,
+                r.comment_id,
+                r.text,
+                if r.from_join { " (join)" } else { "" },
+                r.membership
+            );
+        }
+        for c in &log.sent {
+            let _ = writeln!(
+                out,
+                "  {} sent {} {:?} acked {:?}",
+                ms(c.sent_at),
+                c.room,
+                c.text,
+                c.acked_id
+            );
+        }
+    }
+    std::fs::write(path, out)
 }

@@ -91,15 +91,14 @@ pub enum MetadataCommand {
         /// Which member.
         node: NodeId,
     },
-    /// Claim ownership of `key` for `node` if the current owner's epoch is `expected_epoch`
-    /// (compare-and-set): the new epoch is `expected_epoch + 1`.
+    /// Claim ownership of `key` for `node`, which is activating it: granted only if `node`
+    /// owns `key` on the committed ring, at a new epoch one above the previous owner's
+    /// (every activation is a new epoch, so a stale activation is always older).
     ClaimOwnership {
         /// Actor key (e.g. `room/r-…`).
         key: String,
         /// The claimant.
         node: NodeId,
-        /// The epoch the claimant last saw (0 if none).
-        expected_epoch: u64,
     },
     /// Store (or replace) a durable definition: opaque bytes under a key.
     PutDefinition {
@@ -223,31 +222,25 @@ impl ClusterMetadata {
                     MetadataResponse::Ok
                 }
             },
-            MetadataCommand::ClaimOwnership {
-                key,
-                node,
-                expected_epoch,
-            } => {
+            MetadataCommand::ClaimOwnership { key, node } => {
                 let current = self.owners.get(&key).copied();
-                let current_epoch = current.map(|o| o.epoch).unwrap_or(0);
-                match current {
-                    Some(owner) if owner.node == node && owner.epoch == expected_epoch => {
-                        MetadataResponse::OwnershipGranted(owner)
-                    }
-                    _ if current_epoch != expected_epoch => MetadataResponse::OwnershipConflict(
-                        current.unwrap_or(Ownership { node: 0, epoch: 0 }),
-                    ),
-                    _ if !self.nodes.contains_key(&node) => {
-                        MetadataResponse::Refused(format!("no node {node}"))
-                    }
-                    _ => {
-                        let granted = Ownership {
-                            node,
-                            epoch: current_epoch + 1,
-                        };
-                        self.owners.insert(key, granted);
-                        MetadataResponse::OwnershipGranted(granted)
-                    }
+                let ring_owner = crate::ring::Ring::from_metadata(self)
+                    .ok()
+                    .and_then(|ring| ring.owner(&key));
+                if ring_owner != Some(node) {
+                    MetadataResponse::OwnershipConflict(current.unwrap_or(Ownership {
+                        node: ring_owner.unwrap_or(0),
+                        epoch: 0,
+                    }))
+                } else if current.is_none() && self.owners.len() >= ROOMS_MAX {
+                    MetadataResponse::Refused(format!("at most {ROOMS_MAX} owned keys"))
+                } else {
+                    let granted = Ownership {
+                        node,
+                        epoch: current.map(|o| o.epoch).unwrap_or(0) + 1,
+                    };
+                    self.owners.insert(key, granted);
+                    MetadataResponse::OwnershipGranted(granted)
                 }
             }
             MetadataCommand::PutDefinition { key, value } => {
@@ -332,32 +325,63 @@ mod tests {
     }
 
     #[test]
-    fn ownership_is_a_compare_and_set_with_increasing_epochs() {
+    fn ownership_goes_only_to_the_ring_owner_at_ever_higher_epochs() {
         let mut meta = ClusterMetadata::default();
         let a = add(&mut meta, "a");
         let b = add(&mut meta, "b");
-        let claim = |node, expected_epoch| MetadataCommand::ClaimOwnership {
-            key: "room/r-1".into(),
+        for node in [a, b] {
+            meta.apply(MetadataCommand::SetNodeState {
+                node,
+                state: NodeState::Up,
+            });
+        }
+        let key = "room/r-1";
+        let claim = |node| MetadataCommand::ClaimOwnership {
+            key: key.into(),
             node,
-            expected_epoch,
         };
+        let ring = crate::ring::Ring::from_metadata(&meta).expect("ring");
+        let owner = ring.owner(key).expect("owner");
+        let other = if owner == a { b } else { a };
         assert_eq!(
-            meta.apply(claim(a, 0)),
-            MetadataResponse::OwnershipGranted(Ownership { node: a, epoch: 1 })
+            meta.apply(claim(owner)),
+            MetadataResponse::OwnershipGranted(Ownership {
+                node: owner,
+                epoch: 1
+            })
         );
-        // b raced with a stale view: refused, told the current owner
+        // not the ring owner: refused, told the current owner
         assert_eq!(
-            meta.apply(claim(b, 0)),
-            MetadataResponse::OwnershipConflict(Ownership { node: a, epoch: 1 })
+            meta.apply(claim(other)),
+            MetadataResponse::OwnershipConflict(Ownership {
+                node: owner,
+                epoch: 1
+            })
         );
+        // every activation is a new epoch
         assert_eq!(
-            meta.apply(claim(b, 1)),
-            MetadataResponse::OwnershipGranted(Ownership { node: b, epoch: 2 })
+            meta.apply(claim(owner)),
+            MetadataResponse::OwnershipGranted(Ownership {
+                node: owner,
+                epoch: 2
+            })
         );
-        // idempotent re-claim by the owner at its epoch
+        // the owner goes down: the other node takes over above the old epoch, and the
+        // old owner can no longer claim
+        meta.apply(MetadataCommand::SetNodeState {
+            node: owner,
+            state: NodeState::Down,
+        });
         assert_eq!(
-            meta.apply(claim(b, 2)),
-            MetadataResponse::OwnershipGranted(Ownership { node: b, epoch: 2 })
+            meta.apply(claim(other)),
+            MetadataResponse::OwnershipGranted(Ownership {
+                node: other,
+                epoch: 3
+            })
         );
+        assert!(matches!(
+            meta.apply(claim(owner)),
+            MetadataResponse::OwnershipConflict(_)
+        ));
     }
 }

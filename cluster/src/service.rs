@@ -810,6 +810,31 @@ mod tests_support {
         let c = member(dir, "c", Some(seed), shutdown).await;
         [a, b, c]
     }
+
+    /// Waits (at most 20 s) until every member sees all of them up, the same ring epoch,
+    /// the same leader and three voters.
+    pub(super) async fn converged(members: &[&ClusterService]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let statuses: Vec<ClusterStatus> = members.iter().map(|m| m.status()).collect();
+            let agreed = statuses.iter().all(|s| {
+                s.members.len() == members.len()
+                    && s.members.iter().all(|m| m.state == NodeState::Up)
+                    && s.ring_epoch == statuses[0].ring_epoch
+                    && s.leader.is_some()
+                    && s.leader == statuses[0].leader
+                    && s.voters.len() == members.len().min(3)
+            });
+            if agreed {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "members did not converge: {statuses:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -829,26 +854,7 @@ mod tests {
             "distinct ids {ids:?}"
         );
 
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let statuses: Vec<ClusterStatus> = [&a, &b, &c].iter().map(|m| m.status()).collect();
-            let agreed = statuses.iter().all(|s| {
-                s.members.len() == 3
-                    && s.members.iter().all(|m| m.state == NodeState::Up)
-                    && s.ring_epoch == statuses[0].ring_epoch
-                    && s.leader.is_some()
-                    && s.leader == statuses[0].leader
-                    && s.voters.len() == 3
-            });
-            if agreed {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "members did not converge: {statuses:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        super::tests_support::converged(&[&a, &b, &c]).await;
         // A write through a follower is forwarded to the leader.
         let follower = [&a, &b, &c]
             .into_iter()
@@ -882,9 +888,18 @@ mod throughput {
         let dir = tempfile::tempdir().expect("tempdir");
         let shutdown = tokio_util::sync::CancellationToken::new();
         let [a, b, c] = three_members(dir.path(), &shutdown).await;
+        super::tests_support::converged(&[&a, &b, &c]).await;
+        let leader = [&a, &b, &c]
+            .into_iter()
+            .find(|m| m.status().leader == Some(m.node_id()))
+            .expect("a leader");
+        let follower = [&a, &b, &c]
+            .into_iter()
+            .find(|m| m.status().leader != Some(m.node_id()))
+            .expect("a follower");
         const WRITERS: usize = 16;
         const WRITES_PER_WRITER: usize = 250;
-        for (label, via) in [("leader", &a), ("follower (forwarded)", &b)] {
+        for (label, via) in [("leader", leader), ("follower (forwarded)", follower)] {
             let started = std::time::Instant::now();
             let mut tasks = Vec::new();
             for w in 0..WRITERS {

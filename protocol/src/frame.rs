@@ -287,6 +287,8 @@ pub struct EncodedBody {
     kind: &'static str,
     msgpack: Bytes,
     json: Bytes,
+    /// For events in a room's total order (comments): the room and the position.
+    position: Option<(std::sync::Arc<str>, u64)>,
 }
 
 impl EncodedBody {
@@ -299,7 +301,20 @@ impl EncodedBody {
             kind,
             msgpack: msgpack.into(),
             json: json.into(),
+            position: None,
         })
+    }
+
+    /// Marks the body as the event at `position` in `room_id`'s total order (a comment id):
+    /// receivers use it to drop what they already have and to ask for what they missed.
+    pub fn with_position(mut self, room_id: &str, position: u64) -> Self {
+        self.position = Some((room_id.into(), position));
+        self
+    }
+
+    /// The room and position in its total order, for ordered events.
+    pub fn position(&self) -> Option<(&str, u64)> {
+        self.position.as_ref().map(|(room, p)| (&**room, *p))
     }
 
     /// Rebuilds an encoded body from its parts (as relayed between nodes). `None` if the
@@ -313,6 +328,7 @@ impl EncodedBody {
             kind,
             msgpack,
             json,
+            position: None,
         })
     }
 

@@ -388,9 +388,13 @@ macro_rules! event_table {
                 }
             }
 
-            /// Encodes the body once for fan-out.
+            /// Encodes the body once for fan-out (with its position, for ordered events).
             pub fn encode_body(&self) -> Result<EncodedBody, ProtocolError> {
-                match self { $( Event::$variant(b) => EncodedBody::new($kind, b), )* }
+                let body = match self { $( Event::$variant(b) => EncodedBody::new($kind, b), )* }?;
+                Ok(match self.position() {
+                    Some((room_id, position)) => body.with_position(room_id, position),
+                    None => body,
+                })
             }
 
             /// The body as a JSON value (for printing).
@@ -420,6 +424,14 @@ impl Event {
             Event::Reactions(e) => &e.room_id,
             Event::Listeners(e) => &e.room_id,
             Event::RoomEnded(e) => &e.room_id,
+        }
+    }
+
+    /// For events in the room's total order (comments): the room and the position.
+    pub fn position(&self) -> Option<(&str, u64)> {
+        match self {
+            Event::Comment(e) => Some((&e.room_id, e.comment_id)),
+            _ => None,
         }
     }
 }

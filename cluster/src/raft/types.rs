@@ -74,14 +74,9 @@ impl fmt::Display for MetadataCommand {
                 write!(f, "set_node_state(node {node}: {state:?})")
             }
             MetadataCommand::RemoveNode { node } => write!(f, "remove_node({node})"),
-            MetadataCommand::ClaimOwnership {
-                key,
-                node,
-                expected_epoch,
-            } => write!(
-                f,
-                "claim_ownership({key} for node {node}, expected epoch {expected_epoch})"
-            ),
+            MetadataCommand::ClaimOwnership { key, node } => {
+                write!(f, "claim_ownership({key} for node {node})")
+            }
             MetadataCommand::PutDefinition { key, value } => {
                 write!(f, "put_definition({key}, {} bytes)", value.len())
             }

@@ -521,15 +521,39 @@ impl Connection {
                         "this session is in the maximum number of rooms",
                     ));
                 }
-                let reply = node
-                    .room_op(session, &join.room_id, RoomOp::Join { user })
-                    .await?;
-                let RoomOpReply::Joined(response) = reply else {
-                    return Err(unexpected(reply));
-                };
+                // The session counts as in the room from now on, so that the room's events
+                // that overtake the answer are recorded (their positions bound a later
+                // catch-up); undone if the join fails.
+                let was_in_room = session.with_core(|core| core.in_room(&join.room_id));
                 session
                     .with_core(|core| core.handle_room_joined(&join.room_id))
                     .map_err(|code| ErrorBody::new(code, "too many rooms"))?;
+                // Joining again (e.g. after a failover): the room sends what came after
+                // the latest comment this session has, as notifications.
+                let since = if was_in_room {
+                    session.with_core(|core| core.room_position(&join.room_id))
+                } else {
+                    None
+                };
+                let reply = node
+                    .room_op(session, &join.room_id, RoomOp::Join { user, since })
+                    .await;
+                let response = match reply {
+                    Ok(RoomOpReply::Joined(response)) => response,
+                    other => {
+                        if !was_in_room {
+                            session.with_core(|core| core.handle_room_left(&join.room_id));
+                            node.forget_mirror(&join.room_id, session);
+                        }
+                        return Err(match other {
+                            Err(error) => error,
+                            Ok(reply) => unexpected(reply),
+                        });
+                    }
+                };
+                session.with_core(|core| {
+                    core.handle_room_join_answered(&join.room_id, response.room.comment_count)
+                });
                 Ok(ok(response))
             }
             ClientRequest::RoomLeave(leave) => {

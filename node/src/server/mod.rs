@@ -98,6 +98,8 @@ pub struct Node {
     admin_token: String,
     mirrors: routing::RoomMirrors,
     durable: routing::DurableStates,
+    /// Ownership epochs of the rooms this node activated.
+    owned_epochs: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     relays: std::sync::Mutex<std::collections::HashMap<u64, Arc<routing::EdgeRelay>>>,
     this: std::sync::Weak<Node>,
 }
@@ -391,6 +393,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         admin_token,
         mirrors: routing::RoomMirrors::default(),
         durable: routing::DurableStates::default(),
+        owned_epochs: std::sync::Mutex::new(std::collections::HashMap::new()),
         relays: std::sync::Mutex::new(std::collections::HashMap::new()),
         this: this.clone(),
         connections: AtomicUsize::new(0),

@@ -79,6 +79,9 @@ pub enum RoomOp {
     Join {
         /// The user.
         user: UserId,
+        /// For a member joining again: the latest comment id it has; the room sends the
+        /// comments after it (from its recent log) before anything else.
+        since: Option<u64>,
     },
     /// Leave.
     Leave,
@@ -124,78 +127,173 @@ pub enum RoomOpReply {
 /// What a node knows of a room being activated elsewhere.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RoomRecovery {
-    /// Its sessions in the room: (member key, user).
-    pub members: Vec<(u64, String)>,
-    /// The latest durable state it holds (as owner or replica).
-    pub durable: Option<RoomDurable>,
+    /// Its sessions in the room: (member key, user, latest comment id delivered).
+    pub members: Vec<(u64, String, Option<u64>)>,
+    /// The latest durable state it holds (as owner or replica), with the ownership epoch
+    /// it was written at.
+    pub durable: Option<(u64, RoomDurable)>,
 }
 
-/// Durable room states this node holds, as an owner or a replica (in memory: they survive
-/// the loss of another node, not of this one; the next owner takes the most advanced copy).
+/// Why a replica refused a room's durable state.
+pub const STALE_EPOCH_REASON: &str = "stale ownership epoch";
+
+#[derive(Default)]
+struct HeldRoom {
+    /// The highest ownership epoch seen for the room: writes from below it are refused.
+    fence: u64,
+    /// The most advanced state, with the epoch it was written at.
+    state: Option<(u64, RoomDurable)>,
+}
+
+/// Durable room states this node holds, as an owner or a replica, fenced by ownership
+/// epoch (in memory: they survive the loss of another node, not of this one; a room's
+/// next owner takes the most advanced copy, ordered by (epoch, comment count)).
 #[derive(Default)]
 pub struct DurableStates {
-    rooms: Mutex<HashMap<String, RoomDurable>>,
+    rooms: Mutex<HashMap<String, HeldRoom>>,
 }
 
 impl DurableStates {
-    /// Keeps `durable` if it is ahead of what is held.
-    pub fn keep(&self, room_id: &str, durable: RoomDurable) {
-        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = rooms.entry(room_id.to_string()).or_default();
-        if durable.comment_count >= entry.comment_count {
-            *entry = durable;
-        }
+    fn map(&self) -> MutexGuard<'_, HashMap<String, HeldRoom>> {
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The state held for `room_id`.
-    pub fn get(&self, room_id: &str) -> Option<RoomDurable> {
-        self.rooms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(room_id)
-            .cloned()
+    /// Keeps `durable`, written by the owner at `epoch`, if it is ahead of what is held.
+    ///
+    /// # Errors
+    ///
+    /// The highest epoch seen, if `epoch` is below it: a newer owner exists and the writer
+    /// must stop acting for the room.
+    pub fn keep(&self, room_id: &str, epoch: u64, durable: RoomDurable) -> Result<(), u64> {
+        let mut rooms = self.map();
+        let held = rooms.entry(room_id.to_string()).or_default();
+        if epoch < held.fence {
+            return Err(held.fence);
+        }
+        held.fence = epoch;
+        let ahead = match &held.state {
+            None => true,
+            Some((held_epoch, held_state)) => {
+                (epoch, durable.comment_count) >= (*held_epoch, held_state.comment_count)
+            }
+        };
+        if ahead {
+            held.state = Some((epoch, durable));
+        }
+        Ok(())
+    }
+
+    /// Raises the room's fence to `epoch` (a new owner is activating it) and returns the
+    /// state held.
+    pub fn fence(&self, room_id: &str, epoch: u64) -> Option<(u64, RoomDurable)> {
+        let mut rooms = self.map();
+        let held = rooms.entry(room_id.to_string()).or_default();
+        held.fence = held.fence.max(epoch);
+        held.state.clone()
+    }
+
+    /// The highest ownership epoch seen for `room_id` (0 if none).
+    pub fn fence_of(&self, room_id: &str) -> u64 {
+        self.map().get(room_id).map(|h| h.fence).unwrap_or(0)
+    }
+
+    /// The state held for `room_id`, with its epoch.
+    pub fn get(&self, room_id: &str) -> Option<(u64, RoomDurable)> {
+        self.map().get(room_id).and_then(|h| h.state.clone())
     }
 }
 
-/// Replicates a room's durable state to the next node on the ring for its key (the node
-/// that becomes its owner if this one dies), and keeps a copy here.
+/// Other nodes tried, in ring preference order, before a change counts as not replicated.
+pub const REPLICA_CANDIDATES_MAX: usize = 3;
+
+/// Replicates a room's durable state to another node before the change is acknowledged:
+/// the next node on the ring for the room's key (the node that becomes its owner if this
+/// one dies), or if it does not answer, the one after it (a room's next owner gathers the
+/// most advanced copy from every node). A copy is kept here too.
 pub struct NodeReplicator {
     /// The node.
     pub node: Weak<Node>,
+}
+
+impl NodeReplicator {
+    async fn replicate_to_others(
+        node: &Node,
+        room_id: &str,
+        epoch: u64,
+        durable: RoomDurable,
+    ) -> Result<(), DirectoryError> {
+        let stale = |fence: u64| {
+            DirectoryError::Replication(format!(
+                "{STALE_EPOCH_REASON}: room {room_id:?} is owned at epoch {fence}, this node holds epoch {epoch}"
+            ))
+        };
+        let fence = node.durable.fence_of(room_id);
+        if epoch < fence {
+            return Err(stale(fence));
+        }
+        let self_id = node.cluster.node_id();
+        let candidates: Vec<NodeId> = node
+            .cluster
+            .ring()
+            .map(|ring| ring.owners_n(&room_key(room_id), REPLICA_CANDIDATES_MAX + 1))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|id| *id != self_id)
+            .take(REPLICA_CANDIDATES_MAX)
+            .collect();
+        if candidates.is_empty() {
+            // No other node exists: this node's copy is all there can be.
+            return node.durable.keep(room_id, epoch, durable).map_err(stale);
+        }
+        let message = encode(&NodeMessage::Replicate {
+            room_id: room_id.to_string(),
+            epoch,
+            durable: durable.clone(),
+        });
+        let mut failures = Vec::new();
+        for replica in candidates {
+            let call = node.cluster.call_app(replica, message.clone());
+            match tokio::time::timeout(Duration::from_millis(REPLICATE_TIMEOUT_MS), call).await {
+                Ok(Ok(reply)) => match decode::<Result<RoomOpReply, ErrorBody>>(&reply) {
+                    Ok(Ok(_)) => {
+                        return node.durable.keep(room_id, epoch, durable).map_err(stale);
+                    }
+                    Ok(Err(refusal)) if refusal.message.starts_with(STALE_EPOCH_REASON) => {
+                        node.durable.fence(room_id, epoch + 1);
+                        return Err(DirectoryError::Replication(refusal.message));
+                    }
+                    Ok(Err(refusal)) => {
+                        failures.push(format!("node {replica}: {}", refusal.message))
+                    }
+                    Err(error) => failures.push(format!("node {replica}: {}", error.message)),
+                },
+                Ok(Err(error)) => failures.push(format!("node {replica}: {error}")),
+                Err(_) => failures.push(format!(
+                    "node {replica}: no answer in {REPLICATE_TIMEOUT_MS} ms"
+                )),
+            }
+            metrics::counter!("chorus_replication_failures_total").increment(1);
+        }
+        Err(DirectoryError::Replication(format!(
+            "no other node took the room's state ({})",
+            failures.join("; ")
+        )))
+    }
 }
 
 impl chorus_actors::room_actor::DurableSink for NodeReplicator {
     fn replicate<'a>(
         &'a self,
         room_id: &'a str,
+        epoch: u64,
         durable: RoomDurable,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DirectoryError>> + Send + 'a>>
+    {
         Box::pin(async move {
             let Some(node) = self.node.upgrade() else {
-                return;
+                return Err(DirectoryError::Replication("node shutting down".into()));
             };
-            node.durable.keep(room_id, durable.clone());
-            let self_id = node.cluster.node_id();
-            let Some(ring) = node.cluster.ring() else {
-                return;
-            };
-            let replica = ring
-                .owners_n(&room_key(room_id), 2)
-                .into_iter()
-                .find(|id| *id != self_id);
-            let Some(replica) = replica else { return };
-            let message = NodeMessage::Replicate {
-                room_id: room_id.to_string(),
-                durable,
-            };
-            let call = node.cluster.call_app(replica, encode(&message));
-            match tokio::time::timeout(Duration::from_millis(REPLICATE_TIMEOUT_MS), call).await {
-                Ok(Ok(_)) => {}
-                _ => {
-                    metrics::counter!("chorus_replication_failures_total").increment(1);
-                    tracing::warn!(room = %room_id, replica, "replication to the next node failed");
-                }
-            }
+            Self::replicate_to_others(&node, room_id, epoch, durable).await
         })
     }
 }
@@ -213,6 +311,8 @@ pub enum RelayItem {
         msgpack: Bytes,
         /// JSON body.
         json: Bytes,
+        /// Position in the room's total order (comment id), for ordered events.
+        position: Option<u64>,
     },
     /// The room removed this member (it ended).
     Removed {
@@ -237,19 +337,26 @@ pub enum NodeMessage {
         /// What to do.
         op: RoomOp,
     },
-    /// Keep the durable state of `room_id` (from its owner; answered with `Ok(Done)`).
+    /// Keep the durable state of `room_id`, written by its owner at ownership `epoch`
+    /// (answered with `Ok(Done)`, or refused with [`STALE_EPOCH_REASON`] if a newer owner
+    /// exists).
     Replicate {
         /// Room.
         room_id: String,
+        /// The writer's ownership epoch.
+        epoch: u64,
         /// State.
         durable: RoomDurable,
     },
-    /// Which sessions on this node are in `room_id`, and the room's durable state if this
-    /// node has one (asked by a room's new owner when it activates the room): answered
-    /// with a [`RoomRecovery`].
+    /// A new owner activates `room_id` at `epoch`: refuse older owners' writes from now
+    /// on (and stop acting for the room if this node did), and tell which sessions on this
+    /// node are in it and the most advanced durable state held: answered with a
+    /// [`RoomRecovery`].
     Members {
         /// Room.
         room_id: String,
+        /// The new owner's epoch.
+        epoch: u64,
     },
     /// Events from an owner to the members on this node.
     Relay {
@@ -368,6 +475,7 @@ impl MemberSink for RemoteMember {
             kind: body.kind().to_string(),
             msgpack: body.body_bytes(Encoding::MsgPack).clone(),
             json: body.body_bytes(Encoding::Json).clone(),
+            position: body.position().map(|(_, position)| position),
         });
     }
 
@@ -430,11 +538,15 @@ impl RoomMirrors {
                     kind,
                     msgpack,
                     json,
+                    position,
                 } => {
-                    let Some(body) = EncodedBody::from_parts(&kind, msgpack, json) else {
+                    let Some(mut body) = EncodedBody::from_parts(&kind, msgpack, json) else {
                         tracing::warn!(%kind, "relayed event of unknown kind");
                         continue;
                     };
+                    if let Some(position) = position {
+                        body = body.with_position(&room_id, position);
+                    }
                     let body = Arc::new(body);
                     let members: Vec<Arc<Session>> = self
                         .map()
@@ -496,6 +608,10 @@ pub(crate) fn directory_error(error: DirectoryError) -> ErrorBody {
         DirectoryError::NotFound(_) => ErrorCode::RoomNotFound,
         DirectoryError::Ended(_) => ErrorCode::RoomEnded,
         DirectoryError::Exists(_) => ErrorCode::Internal,
+        DirectoryError::Activation { .. } | DirectoryError::Replication(_) => {
+            tracing::warn!(%error, "room not available here");
+            ErrorCode::Unavailable
+        }
         DirectoryError::Store(_) | DirectoryError::Spawn(_) => {
             tracing::error!(%error, "room directory failure");
             ErrorCode::Internal
@@ -543,7 +659,8 @@ impl Node {
                     && session.with_core(|core| core.in_room(room_id)) =>
             {
                 let user = session.user_id.clone();
-                self.room_op_once(session, room_id, RoomOp::Join { user })
+                let since = session.with_core(|core| core.room_position(room_id));
+                self.room_op_once(session, room_id, RoomOp::Join { user, since })
                     .await?;
                 self.room_op_once(session, room_id, op).await
             }
@@ -619,61 +736,129 @@ impl Node {
         result
     }
 
-    /// A room was just activated here (it moved, or its owner died): before it serves
-    /// anything, ask every node which of its sessions are in the room and re-admit them, so
-    /// no member misses what the room does next. Each node answers within
-    /// [`READMIT_QUERY_TIMEOUT_MS`]; a node that does not is skipped (its sessions re-join
-    /// when they next act).
-    async fn readmit_members(&self, room_id: &str, actor: ActorRef<RoomMsg>) {
+    /// The sessions on this node that are in `room_id`: (member key, user).
+    pub(crate) fn local_members(&self, room_id: &str) -> Vec<(u64, String, Option<u64>)> {
+        self.sessions
+            .all()
+            .into_iter()
+            .filter_map(|session| {
+                let since = session.with_core(|core| core.room_position(room_id))?;
+                Some((session.member().key(), session.user_id.clone(), Some(since)))
+            })
+            .collect()
+    }
+
+    /// `session` is no longer in remote room `room_id`: its events stop here.
+    pub(crate) fn forget_mirror(&self, room_id: &str, session: &Arc<Session>) {
+        self.mirrors.remove(room_id, session.member().key());
+    }
+
+    /// A room's actor was just started here (it was created, it moved, its owner died, or
+    /// it stopped after a failed replication). Before it serves anything:
+    ///
+    /// 1. claim ownership through Raft (granted only to the room's owner on the committed
+    ///    ring; each claim is a new, higher epoch);
+    /// 2. tell every node the new epoch (they refuse older owners' writes from then on and
+    ///    stop acting for the room) and gather its members and durable state, all nodes at
+    ///    once, each within [`READMIT_QUERY_TIMEOUT_MS`] (a node that does not answer is
+    ///    skipped: its sessions re-join when they next act);
+    /// 3. continue from the most advanced state, by (epoch, comment count), and replicate
+    ///    it at the new epoch;
+    /// 4. re-admit the members, so none misses what the room does next.
+    async fn activate_room(
+        &self,
+        room_id: &str,
+        actor: ActorRef<RoomMsg>,
+    ) -> Result<(), DirectoryError> {
+        let key = room_key(room_id);
         let self_id = self.cluster.node_id();
+        let activation_error = |reason: String| DirectoryError::Activation {
+            room: room_id.to_string(),
+            reason,
+        };
+        let claim = chorus_cluster::metadata::MetadataCommand::ClaimOwnership {
+            key: key.clone(),
+            node: self_id,
+        };
+        let epoch = match self.cluster.write(claim).await {
+            Ok(chorus_cluster::metadata::MetadataResponse::OwnershipGranted(granted)) => {
+                granted.epoch
+            }
+            Ok(other) => return Err(activation_error(format!("ownership claim: {other:?}"))),
+            Err(error) => return Err(activation_error(format!("ownership claim: {error}"))),
+        };
+        self.owned_epochs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(room_id.to_string(), epoch);
         let metadata = self.cluster.metadata();
-        let nodes: Vec<NodeId> = metadata
+        let others: Vec<NodeId> = metadata
             .nodes
             .values()
-            .filter(|n| n.state != chorus_cluster::metadata::NodeState::Down)
+            .filter(|n| n.id != self_id && n.state != chorus_cluster::metadata::NodeState::Down)
             .map(|n| n.id)
             .collect();
-        let mut recoveries = Vec::with_capacity(nodes.len());
-        for node_id in nodes {
-            if node_id == self_id {
-                recoveries.push((
-                    node_id,
-                    RoomRecovery {
-                        members: self.mirrors.members(room_id),
-                        durable: self.durable.get(room_id),
-                    },
-                ));
-                continue;
-            }
-            let query = NodeMessage::Members {
+        let queries = others.into_iter().map(|node_id| {
+            let query = encode(&NodeMessage::Members {
                 room_id: room_id.to_string(),
-            };
-            let call = self.cluster.call_app(node_id, encode(&query));
-            match tokio::time::timeout(Duration::from_millis(READMIT_QUERY_TIMEOUT_MS), call).await
-            {
-                Ok(Ok(reply)) => match decode::<RoomRecovery>(&reply) {
-                    Ok(recovery) => recoveries.push((node_id, recovery)),
-                    Err(error) => {
-                        tracing::warn!(room = %room_id, node = node_id, %error.message, "bad recovery answer")
+                epoch,
+            });
+            async move {
+                let call = self.cluster.call_app(node_id, query);
+                let answer = tokio::time::timeout(
+                    Duration::from_millis(READMIT_QUERY_TIMEOUT_MS),
+                    call,
+                )
+                .await;
+                match answer {
+                    Ok(Ok(reply)) => match decode::<RoomRecovery>(&reply) {
+                        Ok(recovery) => Some((node_id, recovery)),
+                        Err(error) => {
+                            tracing::warn!(room = %room_id, node = node_id, %error.message, "bad recovery answer");
+                            None
+                        }
+                    },
+                    _ => {
+                        tracing::warn!(room = %room_id, node = node_id, "no recovery answer from node");
+                        None
                     }
-                },
-                _ => {
-                    tracing::warn!(room = %room_id, node = node_id, "no recovery answer from node")
                 }
             }
-        }
-        // Continue from the most advanced durable state anyone holds.
+        });
+        let mut recoveries: Vec<(NodeId, RoomRecovery)> = futures_util::future::join_all(queries)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        recoveries.push((
+            self_id,
+            RoomRecovery {
+                members: self.local_members(room_id),
+                durable: self.durable.fence(room_id, epoch),
+            },
+        ));
         let durable = recoveries
             .iter()
             .filter_map(|(_, r)| r.durable.clone())
-            .max_by_key(|d| d.comment_count);
+            .max_by_key(|(epoch, d)| (*epoch, d.comment_count))
+            .map(|(_, d)| d);
         let restored = durable.as_ref().map(|d| d.comment_count).unwrap_or(0);
-        if let Some(durable) = durable {
-            let _ = ask(&actor, |reply| RoomMsg::Restore { durable, reply }).await;
+        let current = ask(&actor, |reply| RoomMsg::Restore {
+            epoch,
+            durable,
+            reply,
+        })
+        .await
+        .map_err(|e| activation_error(e.message))?;
+        // The state at the new epoch on a second node (best effort: the next comment
+        // replicates it again, and is refused if this fails for good).
+        if let Err(error) = NodeReplicator::replicate_to_others(self, room_id, epoch, current).await
+        {
+            tracing::warn!(room = %room_id, epoch, %error, "replicating an activated room's state failed");
         }
         let mut readmitted = 0;
         for (node_id, recovery) in recoveries {
-            for (key, user) in recovery.members {
+            for (key, user, since) in recovery.members {
                 let member = if node_id == self_id {
                     match self.sessions.by_member_key(key) {
                         Some(session) => session.member(),
@@ -685,6 +870,7 @@ impl Node {
                 let joined = ask(&actor, |reply| RoomMsg::Join {
                     member,
                     user,
+                    since,
                     reply,
                 })
                 .await;
@@ -693,7 +879,37 @@ impl Node {
                 }
             }
         }
-        tracing::info!(room = %room_id, readmitted, restored, "room activated");
+        tracing::info!(room = %room_id, epoch, readmitted, restored, "room activated");
+        Ok(())
+    }
+
+    /// Another node activates `room_id` at `epoch`: refuse older writes from now on, stop
+    /// acting for the room here if this node still did, and report what this node knows.
+    fn recovery_for(&self, room_id: &str, epoch: u64) -> RoomRecovery {
+        let durable = self.durable.fence(room_id, epoch);
+        let owned = self
+            .owned_epochs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(room_id)
+            .copied();
+        if matches!(owned, Some(own) if own < epoch) {
+            // Not awaited: the directory may be busy activating another room that waits
+            // for this node's answer.
+            if let Some(node) = self.this.upgrade() {
+                let room_id = room_id.to_string();
+                tokio::spawn(async move {
+                    let stopped = node.rooms.stop_unless(|id| id != room_id).await;
+                    if stopped > 0 {
+                        tracing::info!(room = %room_id, epoch, "a newer owner took the room: stopped here");
+                    }
+                });
+            }
+        }
+        RoomRecovery {
+            members: self.local_members(room_id),
+            durable,
+        }
     }
 
     /// The running actor of a room this node owns, activated (with its members re-admitted)
@@ -706,7 +922,7 @@ impl Node {
         loop {
             match self
                 .rooms
-                .get_with(room_id, |actor| self.readmit_members(room_id, actor))
+                .get_with(room_id, |actor| self.activate_room(room_id, actor))
                 .await
             {
                 Err(DirectoryError::NotFound(_)) if tokio::time::Instant::now() < deadline => {
@@ -731,9 +947,10 @@ impl Node {
     ) -> Result<RoomOpReply, ErrorBody> {
         use chorus_actors::room_actor::RoomMsg;
         if let RoomOp::Create(definition) = op {
+            let room_id = definition.room_id.clone();
             let info = self
                 .rooms
-                .create(definition)
+                .create_with(definition, |actor| self.activate_room(&room_id, actor))
                 .await
                 .map_err(directory_error)?;
             return Ok(RoomOpReply::Created(info));
@@ -741,10 +958,11 @@ impl Node {
         let actor = self.activate(room_id).await?;
         Ok(match op {
             RoomOp::Create(_) => RoomOpReply::Done,
-            RoomOp::Join { user } => RoomOpReply::Joined(
+            RoomOp::Join { user, since } => RoomOpReply::Joined(
                 ask(&actor, |reply| RoomMsg::Join {
                     member,
                     user,
+                    since,
                     reply,
                 })
                 .await?
@@ -843,8 +1061,9 @@ pub(crate) async fn follow_ring(node: Weak<Node>) {
                     node.mirrors.add(&room_id, key, session.clone());
                 }
                 let user = session.user_id.clone();
+                let since = session.with_core(|core| core.room_position(&room_id));
                 match node
-                    .room_op(&session, &room_id, RoomOp::Join { user })
+                    .room_op(&session, &room_id, RoomOp::Join { user, since })
                     .await
                 {
                     Ok(_) => rejoined += 1,
@@ -882,13 +1101,35 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                 )));
             };
             match decode::<NodeMessage>(&request) {
-                Ok(NodeMessage::Members { room_id }) => encode(&RoomRecovery {
-                    members: node.mirrors.members(&room_id),
-                    durable: node.durable.get(&room_id),
-                }),
-                Ok(NodeMessage::Replicate { room_id, durable }) => {
-                    node.durable.keep(&room_id, durable);
-                    encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
+                Ok(NodeMessage::Members { room_id, epoch }) => {
+                    encode(&node.recovery_for(&room_id, epoch))
+                }
+                Ok(NodeMessage::Replicate {
+                    room_id,
+                    epoch,
+                    durable,
+                }) => {
+                    // Fenced twice: by the epochs this node has seen, and by the committed
+                    // ownership in its metadata.
+                    let committed = node
+                        .cluster
+                        .metadata()
+                        .owners
+                        .get(&room_key(&room_id))
+                        .map(|o| o.epoch)
+                        .unwrap_or(0);
+                    let kept = if epoch < committed {
+                        Err(committed)
+                    } else {
+                        node.durable.keep(&room_id, epoch, durable)
+                    };
+                    match kept {
+                        Ok(()) => encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done)),
+                        Err(fence) => encode(&Err::<RoomOpReply, _>(ErrorBody::new(
+                            ErrorCode::Unavailable,
+                            format!("{STALE_EPOCH_REASON}: {room_id:?} is at epoch {fence}, the write at {epoch}"),
+                        ))),
+                    }
                 }
                 Ok(NodeMessage::Relay { items, .. }) => {
                     node.mirrors.apply(items);

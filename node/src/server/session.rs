@@ -185,6 +185,11 @@ impl Session {
 impl MemberSink for Session {
     fn deliver(&self, body: &Arc<EncodedBody>) {
         let mut inner = self.lock();
+        if let Some((room, position)) = body.position() {
+            if !inner.core.handle_position(room, position) {
+                return;
+            }
+        }
         let seq = inner.core.handle_notification(body.clone());
         if let Some(outbound) = &inner.outbound {
             outbound.push(OutFrame::Notification(seq, body.clone()));
