@@ -249,7 +249,17 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
     let mut listener = survivors[1]
         .client(&survivors[1].quic_url(), "listener")
         .await;
-    for client in [&speaker, &listener] {
+    // A client of the node that dies: it reconnects to a survivor and resumes there.
+    let mut stranded_config = owner_node.config(&owner_node.ws_url(), "stranded");
+    stranded_config.urls.push(survivors[1].quic_url());
+    stranded_config.reconnect = chorus_node::client::ReconnectPolicy {
+        enabled: true,
+        initial_backoff_ms: 100,
+        max_backoff_ms: 500,
+        attempts_max: 100,
+    };
+    let mut stranded = Client::connect(stranded_config).await.expect("stranded");
+    for client in [&speaker, &listener, &stranded] {
         join(client, &room).await;
     }
     speaker
@@ -263,6 +273,11 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
         collect_comments(&mut listener, &room, 1).await[0].1,
         "before"
     );
+    assert_eq!(
+        collect_comments(&mut stranded, &room, 1).await[0].1,
+        "before"
+    );
+    let stranded_seq = stranded.last_seq();
 
     let killed_at = std::time::Instant::now();
     owner_node.kill().await;
@@ -294,6 +309,46 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
         "the listener on the other surviving node receives it"
     );
     eprintln!("room served again {served_after:?} after SIGKILL of its owner ({attempts} refused attempts)");
+    // The stranded client resumed its session on a survivor: the comment it missed comes
+    // next, numbered right after what it had, once.
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    let mut outcome = None;
+    let mut missed = Vec::new();
+    while missed.is_empty() {
+        let event = tokio::time::timeout_at(deadline, stranded.next_event())
+            .await
+            .expect("the stranded client resumes and gets the missed comment in time")
+            .expect("stranded client events");
+        match event {
+            chorus_node::client::ClientEvent::Reconnected { outcome: o } => outcome = Some(o),
+            chorus_node::client::ClientEvent::Notification {
+                seq,
+                event: chorus_protocol::Event::Comment(comment),
+            } => {
+                assert_eq!(seq, stranded_seq + 1, "no gap, no repeat in the session");
+                missed.push(comment);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        outcome,
+        Some(chorus_protocol::ResumeOutcome::Resumed),
+        "resumed on a survivor"
+    );
+    assert_eq!(
+        (missed[0].comment_id, missed[0].text.as_str()),
+        (2, "after")
+    );
+    // It is a member there: it comments and the others get it.
+    stranded
+        .request(RoomCommentRequest {
+            room_id: room.clone(),
+            text: "back".into(),
+        })
+        .await
+        .expect("the resumed session comments");
+    assert_eq!(collect_comments(&mut listener, &room, 1).await[0].1, "back");
     // The definition (host, title) survived.
     let info = speaker
         .request(chorus_protocol::RoomInfoRequest {

@@ -255,6 +255,7 @@ async fn resume_after_a_cut_connection_gives_exactly_the_missed_events() {
                 Some(ResumeRequest {
                     session_id: session_id.clone(),
                     last_seq,
+                    rooms: None,
                 }),
             )
             .await
@@ -300,6 +301,7 @@ async fn resume_after_a_cut_connection_gives_exactly_the_missed_events() {
                 Some(ResumeRequest {
                     session_id: "s-nope".into(),
                     last_seq: 0,
+                    rooms: None,
                 }),
             )
             .await

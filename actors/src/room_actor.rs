@@ -165,6 +165,12 @@ pub enum RoomMsg {
         /// Answer when applied: the room's durable state now.
         reply: RpcReplyPort<RoomDurable>,
     },
+    /// Remove the members whose key `gone` says belongs to a node that is gone (down or
+    /// removed): their sessions re-join when (if) that node comes back.
+    Prune {
+        /// True for the keys of members to remove.
+        gone: Box<dyn Fn(u64) -> bool + Send>,
+    },
     /// A timer fired: flush windows and counters.
     Tick,
 }
@@ -328,6 +334,20 @@ impl Actor for RoomActor {
                     state.core.restore_durable(durable);
                 }
                 let _ = reply.send(state.core.durable());
+            }
+            RoomMsg::Prune { gone } => {
+                let stale: Vec<Member> = state
+                    .core
+                    .members()
+                    .filter(|m| gone(m.key()))
+                    .cloned()
+                    .collect();
+                for member in &stale {
+                    let _ = state.core.handle_leave(now_ms, member);
+                }
+                if !stale.is_empty() {
+                    tracing::info!(room = %state.core.definition().room_id, pruned = stale.len(), "members of gone nodes removed");
+                }
             }
             RoomMsg::Tick => {
                 state.tick_at_ms = None;
@@ -567,6 +587,16 @@ impl RoomDirectory {
         }
         rooms.insert(room_id.to_string(), actor.clone());
         Ok(actor)
+    }
+
+    /// The running room actors (a snapshot).
+    pub async fn running_actors(&self) -> Vec<(String, ActorRef<RoomMsg>)> {
+        self.rooms
+            .lock()
+            .await
+            .iter()
+            .map(|(id, actor)| (id.clone(), actor.clone()))
+            .collect()
     }
 
     /// Number of running room actors.

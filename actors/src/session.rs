@@ -82,6 +82,20 @@ impl<N: Clone> SessionCore<N> {
         }
     }
 
+    /// A session taken over on this node for a client whose node is gone: detached since
+    /// `now_ms`, numbering its notifications on from the client's `last_seq`, so that the
+    /// client resumes it with that `last_seq` and sees no gap.
+    pub fn new_taken_over(config: SessionConfig, now_ms: u64, last_seq: u64) -> Self {
+        SessionCore {
+            config,
+            last_seq,
+            buffer: VecDeque::new(),
+            attachment: None,
+            detached_since_ms: Some(now_ms),
+            rooms: BTreeMap::new(),
+        }
+    }
+
     /// The sequence number of the last notification assigned.
     pub fn last_seq(&self) -> u64 {
         self.last_seq

@@ -882,6 +882,7 @@ mod throughput {
 
     /// Metadata writes per second through a 3-member group over real QUIC and sled.
     /// Run: `cargo test -p chorus-cluster --release service::throughput -- --ignored --nocapture`
+    /// (`CHORUS_WRITERS`, default 16, and `CHORUS_WRITES_PER_WRITER`, default 250).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "a measurement, not a check"]
     async fn report_metadata_write_throughput() {
@@ -897,16 +898,22 @@ mod throughput {
             .into_iter()
             .find(|m| m.status().leader != Some(m.node_id()))
             .expect("a follower");
-        const WRITERS: usize = 16;
-        const WRITES_PER_WRITER: usize = 250;
+        let env = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let writers = env("CHORUS_WRITERS", 16);
+        let writes_per_writer = env("CHORUS_WRITES_PER_WRITER", 250);
         for (label, via) in [("leader", leader), ("follower (forwarded)", follower)] {
             let started = std::time::Instant::now();
             let mut tasks = Vec::new();
-            for w in 0..WRITERS {
+            for w in 0..writers {
                 let service = via.clone();
                 let label = label.to_string();
                 tasks.push(tokio::spawn(async move {
-                    for i in 0..WRITES_PER_WRITER {
+                    for i in 0..writes_per_writer {
                         service
                             .write(MetadataCommand::PutDefinition {
                                 key: format!("room/{label}-{w}-{i}"),
@@ -920,10 +927,10 @@ mod throughput {
             for task in tasks {
                 task.await.expect("writer");
             }
-            let writes = WRITERS * WRITES_PER_WRITER;
+            let writes = writers * writes_per_writer;
             let secs = started.elapsed().as_secs_f64();
             eprintln!(
-                "{writes} metadata writes via the {label}, {WRITERS} concurrent writers: {:.0} writes/s",
+                "{writes} metadata writes via the {label}, {writers} concurrent writers: {:.0} writes/s",
                 writes as f64 / secs
             );
         }

@@ -53,6 +53,11 @@ pub struct ResumeRequest {
     pub session_id: SessionId,
     /// The highest notification sequence number the client has processed (0 if none).
     pub last_seq: u64,
+    /// The rooms the client is in, each with the latest comment id it has. With this, any
+    /// node can resume the session if the node that held it is gone: it re-joins these
+    /// rooms and replays the comments after each id (within the rooms' recent logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<std::collections::BTreeMap<RoomId, u64>>,
 }
 
 /// What happened to a resume request.
@@ -449,6 +454,7 @@ mod tests {
                 token: "t".into(),
                 protocol_version: Some(1),
                 resume: Some(ResumeRequest {
+                    rooms: Some([("r-1".to_string(), 4)].into_iter().collect()),
                     session_id: "s".into(),
                     last_seq: 4,
                 }),

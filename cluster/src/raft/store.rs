@@ -69,6 +69,16 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
     rmp_serde::from_slice(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// Flushes `tree` on the blocking pool. sled's `flush_async` blocks the calling thread
+/// while it writes; with two runtime workers, two flushes at once stalled every task
+/// (including the timers that bound Raft requests).
+async fn flush(tree: &sled::Tree) -> io::Result<()> {
+    let tree = tree.clone();
+    tokio::task::spawn_blocking(move || tree.flush().map(|_| ()).map_err(sled_error))
+        .await
+        .map_err(|e| io::Error::other(format!("flush task: {e}")))?
+}
+
 fn sled_error(e: sled::Error) -> io::Error {
     io::Error::other(e)
 }
@@ -211,7 +221,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.put_meta(VOTE_KEY, vote)?;
         // A vote must be durable before it is acted upon: a node that forgets its vote could
         // vote twice in one term.
-        self.meta.flush_async().await.map_err(sled_error)?;
+        flush(&self.meta).await?;
         Ok(())
     }
 
@@ -252,7 +262,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // out of order without acknowledging anything unflushed.
         let log = self.log.clone();
         tokio::spawn(async move {
-            let flushed = log.flush_async().await.map(|_| ()).map_err(sled_error);
+            let flushed = flush(&log).await;
             callback.io_completed(flushed);
         });
         Ok(())
@@ -321,8 +331,11 @@ fn store_snapshot(tree: &sled::Tree, meta: &SnapshotMeta, data: &[u8]) -> io::Re
     )))
 }
 
-/// The metadata state machine: [`ClusterMetadata`] in memory, persisted to sled after every
-/// applied batch, and published on a watch channel for local (possibly stale) reads.
+/// The metadata state machine: [`ClusterMetadata`] in memory, published on a watch channel
+/// for local (possibly stale) reads. It is durable through the log and snapshots: a
+/// snapshot (built every `snapshot_interval_entries`) is stored in sled before the log it
+/// covers is purged, and a restart loads it and re-applies the committed entries after it
+/// (writing the whole state after every batch made each write cost O(metadata size)).
 #[derive(Debug)]
 pub struct StateMachineStore {
     tree: sled::Tree,
@@ -331,12 +344,37 @@ pub struct StateMachineStore {
 }
 
 impl StateMachineStore {
-    /// Opens (creating if absent) the state-machine tree of `db` and loads the applied state.
+    /// Opens (creating if absent) the state-machine tree of `db` and loads the state of the
+    /// latest snapshot; openraft re-applies the committed log entries after it.
     pub fn open(db: &sled::Db) -> io::Result<Self> {
         let tree = db.open_tree(STATE_MACHINE_TREE).map_err(sled_error)?;
-        let state: AppliedState = match tree.get(APPLIED_KEY).map_err(sled_error)? {
-            Some(bytes) => decode(&bytes)?,
-            None => AppliedState::default(),
+        let from_snapshot = match tree.get(SNAPSHOT_KEY).map_err(sled_error)? {
+            Some(bytes) => {
+                let stored: StoredSnapshot = decode(&bytes)?;
+                Some(AppliedState {
+                    last_applied: stored.meta.last_log_id,
+                    last_membership: stored.meta.last_membership,
+                    metadata: Arc::new(decode(&stored.data)?),
+                })
+            }
+            None => None,
+        };
+        // Data dirs from before snapshots alone held the state may have a full state saved
+        // after every batch: take whichever is further along.
+        let legacy: Option<AppliedState> = match tree.get(APPLIED_KEY).map_err(sled_error)? {
+            Some(bytes) => Some(decode(&bytes)?),
+            None => None,
+        };
+        let state = match (from_snapshot, legacy) {
+            (Some(a), Some(b)) => {
+                if b.last_applied > a.last_applied {
+                    b
+                } else {
+                    a
+                }
+            }
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => AppliedState::default(),
         };
         state.metadata.check_invariants();
         let (published, _) = watch::channel(state.metadata.clone());
@@ -351,13 +389,6 @@ impl StateMachineStore {
     /// learns the batch is applied (so a linearizable read that waited for the apply sees it).
     pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterMetadata>> {
         self.published.subscribe()
-    }
-
-    fn persist(&self) -> io::Result<()> {
-        self.tree
-            .insert(APPLIED_KEY, encode(&self.state)?)
-            .map_err(sled_error)?;
-        Ok(())
     }
 
     fn current_snapshot(&self) -> io::Result<Option<Snapshot>> {
@@ -405,7 +436,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 responders.push((responder, response));
             }
         }
-        self.persist()?;
         self.published.send_replace(self.state.metadata.clone());
         for (responder, response) in responders {
             responder.send(response);
@@ -434,9 +464,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             last_membership: meta.last_membership.clone(),
             metadata: Arc::new(metadata),
         };
-        self.persist()?;
         store_snapshot(&self.tree, meta, &snapshot)?;
-        self.tree.flush_async().await.map_err(sled_error)?;
+        flush(&self.tree).await?;
         self.published.send_replace(self.state.metadata.clone());
         Ok(())
     }
@@ -467,7 +496,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         store_snapshot(&self.tree, &meta, &data)?;
         // Durable before openraft purges the log entries it covers.
-        self.tree.flush_async().await.map_err(sled_error)?;
+        flush(&self.tree).await?;
         Ok(Snapshot {
             meta,
             snapshot: data,

@@ -92,7 +92,11 @@ pub(super) struct Driver {
     cancel: CancellationToken,
     /// Requests sent on the current connection, by sequence number. Bounded by
     /// `config.pending_requests_max`.
-    pending: BTreeMap<u64, (&'static str, Reply)>,
+    pending: BTreeMap<u64, (&'static str, Option<String>, Reply)>,
+    /// The rooms the session is in, each with the latest comment id seen (from join
+    /// answers and comment notifications): sent on resume so that any node can take the
+    /// session over. Bounded by the server's rooms-per-session limit (it answers joins).
+    rooms: BTreeMap<String, u64>,
     next_seq: u64,
     last_seq: u64,
     session_id: String,
@@ -130,6 +134,7 @@ impl Driver {
             events,
             cancel,
             pending: BTreeMap::new(),
+            rooms: BTreeMap::new(),
             // The first `auth` used 1.
             next_seq: 2,
             last_seq,
@@ -273,7 +278,10 @@ impl Driver {
             }
             Frame::Response(response) => {
                 match self.pending.remove(&response.seq) {
-                    Some((_, reply)) => {
+                    Some((kind, room_left, reply)) => {
+                        if let Ok(body) = &response.result {
+                            self.track_rooms(kind, room_left, body);
+                        }
                         let _ = reply.send(response.result.map_err(ClientError::Server));
                     }
                     None => match response.result {
@@ -295,6 +303,18 @@ impl Driver {
                 None
             }
             Frame::Request(request) => self.on_server_request(request).await,
+        }
+    }
+
+    /// Keeps the room list in step with a successful answer to a `kind` request.
+    fn track_rooms(&mut self, kind: &str, room_left: Option<String>, body: &chorus_protocol::Body) {
+        if kind == <chorus_protocol::RoomJoinRequest as chorus_protocol::RequestKind>::KIND {
+            if let Ok(joined) = body.decode::<chorus_protocol::RoomJoinResponse>(kind) {
+                let latest = self.rooms.entry(joined.room.room_id).or_default();
+                *latest = (*latest).max(joined.room.comment_count);
+            }
+        } else if let Some(room) = room_left {
+            self.rooms.remove(&room);
         }
     }
 
@@ -321,10 +341,23 @@ impl Driver {
             .store(notification.seq, Ordering::Release);
         let body = notification.body;
         Some(match Event::decode(&notification.kind, &body) {
-            Ok(event) => ClientEvent::Notification {
-                seq: notification.seq,
-                event,
-            },
+            Ok(event) => {
+                match &event {
+                    Event::Comment(comment) => {
+                        if let Some(latest) = self.rooms.get_mut(&comment.room_id) {
+                            *latest = (*latest).max(comment.comment_id);
+                        }
+                    }
+                    Event::RoomEnded(ended) => {
+                        self.rooms.remove(&ended.room_id);
+                    }
+                    _ => {}
+                }
+                ClientEvent::Notification {
+                    seq: notification.seq,
+                    event,
+                }
+            }
             Err(e) => {
                 if !matches!(e, ProtocolError::UnknownKind(_)) {
                     tracing::warn!(error = %e, "notification body does not match its kind");
@@ -374,7 +407,7 @@ impl Driver {
         }
         if self.pending.len() >= self.config.pending_requests_max {
             // Callers that gave up leave entries behind; drop those first.
-            self.pending.retain(|_, (_, reply)| !reply.is_closed());
+            self.pending.retain(|_, (_, _, reply)| !reply.is_closed());
             if self.pending.len() >= self.config.pending_requests_max {
                 let _ = command.reply.send(Err(ClientError::TooManyPending {
                     limit: self.config.pending_requests_max,
@@ -393,7 +426,8 @@ impl Driver {
         };
         match self.connection.send_frame(&frame).await {
             Ok(()) => {
-                self.pending.insert(seq, (command.kind, command.reply));
+                self.pending
+                    .insert(seq, (command.kind, command.room_left, command.reply));
                 None
             }
             Err(e) => {
@@ -409,7 +443,7 @@ impl Driver {
 
     /// Fails every request in flight on the lost connection.
     fn fail_pending(&mut self, reason: &str) {
-        for (_, (kind, reply)) in std::mem::take(&mut self.pending) {
+        for (_, (kind, _, reply)) in std::mem::take(&mut self.pending) {
             let _ = reply.send(Err(ClientError::ConnectionLost {
                 kind: kind.to_string(),
                 reason: reason.to_string(),
@@ -455,6 +489,7 @@ impl Driver {
             let resume = ResumeRequest {
                 session_id: self.session_id.clone(),
                 last_seq: self.last_seq,
+                rooms: Some(self.rooms.clone()),
             };
             let seq = self.next_seq;
             self.next_seq += 1;
@@ -499,7 +534,8 @@ impl Driver {
         self.connection = connection;
         self.ping_interval_ms = auth.ping_interval_ms;
         if auth.resume != ResumeOutcome::Resumed {
-            // A new session numbers its notifications from scratch.
+            // A new session is in no room and numbers its notifications from scratch.
+            self.rooms.clear();
             self.last_seq = auth.notification_seq;
             self.shared
                 .last_seq

@@ -270,8 +270,22 @@ type Reply = oneshot::Sender<Result<Body, ClientError>>;
 /// A request on its way to the driver.
 struct Command {
     kind: &'static str,
+    /// For `room.leave`: the room (the driver keeps the list of rooms the client is in).
+    room_left: Option<String>,
     encode: EncodeRequest,
     reply: Reply,
+}
+
+/// The room a `room.leave` body names.
+fn room_left<R: RequestKind>(body: &R) -> Option<String> {
+    if R::KIND != chorus_protocol::RoomLeaveRequest::KIND {
+        return None;
+    }
+    serde_json::to_value(body)
+        .ok()?
+        .get("room_id")?
+        .as_str()
+        .map(str::to_string)
 }
 
 /// State the driver updates and the handles read.
@@ -315,6 +329,7 @@ impl Requester {
         let (reply, response) = oneshot::channel();
         let command = Command {
             kind: R::KIND,
+            room_left: room_left(&body),
             encode: Box::new(move |encoding, seq| {
                 chorus_protocol::encode_request(encoding, seq, R::KIND, &body)
             }),

@@ -28,7 +28,7 @@ fn json(status: StatusCode, value: &serde_json::Value) -> HttpResponse {
 }
 
 /// Compares without an early exit, so the time taken does not reveal how much matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -344,7 +344,7 @@ impl Connection {
     async fn dispatch(&mut self, seq: u64, request: ClientRequest) -> Flow {
         let now_ms = unix_now_ms();
         if let ClientRequest::Auth(auth) = request {
-            return self.authenticate(seq, auth, now_ms);
+            return self.authenticate(seq, auth, now_ms).await;
         }
         if let ClientRequest::Ping(_) = request {
             self.respond_ok(seq, &PingResponse { time_ms: now_ms });
@@ -369,7 +369,7 @@ impl Connection {
         Flow::Continue
     }
 
-    fn authenticate(&mut self, seq: u64, auth: AuthRequest, now_ms: u64) -> Flow {
+    async fn authenticate(&mut self, seq: u64, auth: AuthRequest, now_ms: u64) -> Flow {
         if self.session.is_some() {
             self.respond_error(
                 seq,
@@ -425,7 +425,19 @@ impl Connection {
         let mut outcome = ResumeOutcome::New;
         if let Some(resume) = &auth.resume {
             outcome = ResumeOutcome::Resync;
-            if let Some(session) = node.sessions.get(&resume.session_id) {
+            let local = node.sessions.get(&resume.session_id);
+            // Not here: if the client lists its rooms and the id is really its own, take
+            // the session over (its node is gone, or the client moved).
+            let taken_over = match (&local, &resume.rooms) {
+                (None, Some(rooms)) => {
+                    node.take_over_session(&resume.session_id, &user, resume.last_seq, rooms)
+                        .await
+                }
+                _ => None,
+            };
+            // A takeover may have taken a while.
+            let now_ms = unix_now_ms();
+            if let Some(session) = local.or(taken_over) {
                 if session.user_id == user {
                     let resumed =
                         session.resume(now_ms, resume.last_seq, self.outbound.clone(), |last| {
@@ -551,9 +563,14 @@ impl Connection {
                         });
                     }
                 };
-                session.with_core(|core| {
-                    core.handle_room_join_answered(&join.room_id, response.room.comment_count)
-                });
+                // A fresh join got the room's recent comments in the answer; a repeated
+                // one gets what it missed as notifications (perhaps still on their way).
+                let answered = if since.is_some() {
+                    0
+                } else {
+                    response.room.comment_count
+                };
+                session.with_core(|core| core.handle_room_join_answered(&join.room_id, answered));
                 Ok(ok(response))
             }
             ClientRequest::RoomLeave(leave) => {

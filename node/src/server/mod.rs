@@ -385,7 +385,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
             Some(Arc::new(routing::NodeReplicator { node: this.clone() })),
             config.room.clone(),
         ),
-        sessions: SessionRegistry::new(session_config, sessions_max, node_id),
+        sessions: SessionRegistry::new(
+            session_config,
+            sessions_max,
+            node_id,
+            session::SessionIds::new(secret.as_bytes()),
+        ),
         frame_limits,
         metrics,
         shutdown,

@@ -54,6 +54,12 @@ pub const DEFINITION_SETTLE_MS: u64 = 2_000;
 pub const REPLICATE_TIMEOUT_MS: u64 = 1_000;
 /// Time each node has to list its members of a room being activated.
 pub const READMIT_QUERY_TIMEOUT_MS: u64 = 1_000;
+/// How long a session takeover keeps trying to re-join a room whose owner is unavailable
+/// (typically: the node that died, until it is marked down). Below the client library's
+/// connect timeout.
+pub const TAKEOVER_JOIN_WINDOW_MS: u64 = 4_000;
+/// Pause between those tries, unless the metadata changes first.
+pub const TAKEOVER_RETRY_PAUSE_MS: u64 = 200;
 /// Times a room request follows ownership to a new node before it gives up.
 pub const ROUTE_RETRIES_MAX: u32 = 3;
 /// Bits of a member key that hold the session number; the node id sits above them, so
@@ -357,6 +363,12 @@ pub enum NodeMessage {
         room_id: String,
         /// The new owner's epoch.
         epoch: u64,
+    },
+    /// Another node took over session `session_id` (its client resumed there): end it
+    /// here (answered with `Ok(Done)`).
+    EndSession {
+        /// The session.
+        session_id: String,
     },
     /// Events from an owner to the members on this node.
     Relay {
@@ -736,6 +748,109 @@ impl Node {
         result
     }
 
+    /// Takes over session `session_id` of `user` from another node (or from this node's
+    /// previous run): if the id was minted for `user`, a session with that id is created
+    /// here, numbering on from `last_seq`, and re-joins `rooms`, each asking for the
+    /// comments after the id the client has (they are buffered for the resume that
+    /// follows). The home node, if it is up, is told to end its copy. `None` (the client
+    /// must resync) if the id is not the user's, a room cannot be re-joined, or a room's
+    /// recent log no longer reaches back to what the client has.
+    pub(crate) async fn take_over_session(
+        &self,
+        session_id: &str,
+        user: &str,
+        last_seq: u64,
+        rooms: &BTreeMap<String, u64>,
+    ) -> Option<Arc<Session>> {
+        let home = self.sessions.ids().verify(session_id, user)?;
+        if rooms.len() > self.config.limits.rooms_per_session_max {
+            return None;
+        }
+        let self_id = self.cluster.node_id();
+        let home_up = self
+            .cluster
+            .metadata()
+            .nodes
+            .get(&home)
+            .is_some_and(|n| n.state != chorus_cluster::metadata::NodeState::Down);
+        if home != self_id && home_up {
+            let message = encode(&NodeMessage::EndSession {
+                session_id: session_id.to_string(),
+            });
+            let call = self.cluster.call_app(home, message);
+            let _ =
+                tokio::time::timeout(Duration::from_millis(READMIT_QUERY_TIMEOUT_MS), call).await;
+        }
+        let now_ms = chorus_actors::room_actor::unix_now_ms();
+        let session = self
+            .sessions
+            .take_over(session_id, user, now_ms, last_seq)?;
+        let mut complete = true;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(TAKEOVER_JOIN_WINDOW_MS);
+        for (room_id, since) in rooms {
+            let since = *since;
+            let reserved = session.with_core(|core| {
+                core.handle_room_joined(room_id)?;
+                core.handle_room_join_answered(room_id, since);
+                Ok::<(), ErrorCode>(())
+            });
+            if reserved.is_err() {
+                complete = false;
+                break;
+            }
+            let op = RoomOp::Join {
+                user: user.to_string(),
+                since: Some(since),
+            };
+            // The room's owner may be the node that just died: keep trying (its rooms move
+            // once it is marked down) within the takeover window.
+            let mut metadata = self.cluster.subscribe_metadata();
+            let result = loop {
+                let result = self.room_op(&session, room_id, op.clone()).await;
+                match &result {
+                    Err(error)
+                        if error.code == ErrorCode::Unavailable.as_u16()
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        let pause = tokio::time::Instant::now()
+                            + Duration::from_millis(TAKEOVER_RETRY_PAUSE_MS);
+                        let _ =
+                            tokio::time::timeout_at(pause.min(deadline), metadata.changed()).await;
+                    }
+                    _ => break result,
+                }
+            };
+            match result {
+                Ok(RoomOpReply::Joined(joined)) => {
+                    let reaches_back = joined.room.comment_count <= since
+                        || joined
+                            .recent_comments
+                            .first()
+                            .is_some_and(|c| c.comment_id <= since + 1);
+                    if !reaches_back {
+                        tracing::info!(session = %session_id, room = %room_id, since, "takeover: the room's recent log does not reach back far enough");
+                        complete = false;
+                        break;
+                    }
+                }
+                other => {
+                    tracing::info!(session = %session_id, room = %room_id, outcome = ?other.err(), "takeover: cannot re-join");
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        if !complete {
+            self.end_session(&session).await;
+            metrics::counter!("chorus_session_takeovers_total", "outcome" => "refused")
+                .increment(1);
+            return None;
+        }
+        metrics::counter!("chorus_session_takeovers_total", "outcome" => "taken_over").increment(1);
+        tracing::info!(session = %session_id, home, rooms = rooms.len(), "session taken over");
+        Some(session)
+    }
+
     /// The sessions on this node that are in `room_id`: (member key, user).
     pub(crate) fn local_members(&self, room_id: &str) -> Vec<(u64, String, Option<u64>)> {
         self.sessions
@@ -1037,6 +1152,35 @@ pub(crate) async fn follow_ring(node: Weak<Node>) {
         }
         let previous = ring.replace(next.clone());
         let self_id = node.cluster.node_id();
+        // Members on nodes that are gone (down or removed; not draining: those still
+        // serve their clients) leave the rooms this node owns.
+        let metadata = node.cluster.metadata();
+        let gone: std::collections::BTreeSet<NodeId> = previous
+            .as_ref()
+            .map(|p| p.members().to_vec())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|id| {
+                metadata
+                    .nodes
+                    .get(id)
+                    .is_none_or(|n| n.state == chorus_cluster::metadata::NodeState::Down)
+            })
+            .collect();
+        if !gone.is_empty() {
+            for (_, actor) in node.rooms.running_actors().await {
+                let gone = gone.clone();
+                let _ = actor.cast(RoomMsg::Prune {
+                    gone: Box::new(move |key| gone.contains(&(key >> MEMBER_KEY_NODE_SHIFT))),
+                });
+            }
+        }
+        // A node that was down (paused, cut off) and is back: rooms that stayed put may
+        // have dropped its members meanwhile, so its sessions re-join every room.
+        let came_back = previous
+            .as_ref()
+            .is_some_and(|p| !p.contains(self_id) && next.contains(self_id))
+            && metadata.nodes.len() > 1;
         let stopped = node
             .rooms
             .stop_unless(|room_id| next.owner(&room_key(room_id)) == Some(self_id))
@@ -1048,7 +1192,7 @@ pub(crate) async fn follow_ring(node: Weak<Node>) {
                 let key = room_key(&room_id);
                 let before = previous.as_ref().and_then(|r| r.owner(&key));
                 let after = next.owner(&key);
-                if before == after {
+                if before == after && !came_back {
                     continue;
                 }
                 // Keep the mirror in step with where the room now lives, whether or not the
@@ -1130,6 +1274,16 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                             format!("{STALE_EPOCH_REASON}: {room_id:?} is at epoch {fence}, the write at {epoch}"),
                         ))),
                     }
+                }
+                Ok(NodeMessage::EndSession { session_id }) => {
+                    if let Some(session) = node.sessions.get(&session_id) {
+                        session.close_connection(
+                            ErrorCode::ResumeFailed,
+                            "session resumed on another node",
+                        );
+                        node.end_session(&session).await;
+                    }
+                    encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
                 }
                 Ok(NodeMessage::Relay { items, .. }) => {
                     node.mirrors.apply(items);

@@ -154,6 +154,13 @@ impl Session {
         }
     }
 
+    /// Closes the attached connection, if any, with `code` and `reason`.
+    pub fn close_connection(&self, code: ErrorCode, reason: &str) {
+        if let Some(outbound) = self.lock().outbound.take() {
+            outbound.close.close(code, reason);
+        }
+    }
+
     /// Attaches `outbound` after replaying what the client missed since `last_seq`. The
     /// auth response is queued first. A previous connection is closed.
     pub fn resume(
@@ -201,12 +208,60 @@ impl MemberSink for Session {
     }
 }
 
+/// Bytes of the HMAC kept in a session id.
+const SESSION_MAC_BYTES: usize = 12;
+
+/// Mints and checks session ids. An id names its home node and is bound to its user by an
+/// HMAC under the cluster's token secret (`s-<node hex>-<nonce hex>-<mac hex>`), so any
+/// node can tell that a client resuming an unknown session really owns it.
+pub struct SessionIds {
+    key: ring::hmac::Key,
+}
+
+impl SessionIds {
+    /// Ids under `secret` (the token secret every node shares).
+    pub fn new(secret: &[u8]) -> Self {
+        SessionIds {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+        }
+    }
+
+    fn mac(&self, node: u64, nonce: &str, user: &str) -> String {
+        let message = format!("chorus-session\0{node}\0{nonce}\0{user}");
+        let tag = ring::hmac::sign(&self.key, message.as_bytes());
+        tag.as_ref()[..SESSION_MAC_BYTES]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// A new session id for `user` at home node `node`.
+    pub fn mint(&self, node: u64, user: &str) -> String {
+        let nonce = format!("{:016x}", rand::random::<u64>());
+        let mac = self.mac(node, &nonce, user);
+        format!("s-{node:x}-{nonce}-{mac}")
+    }
+
+    /// The home node of `id` if it is a well-formed id minted for `user`.
+    pub fn verify(&self, id: &str, user: &str) -> Option<u64> {
+        let mut parts = id.strip_prefix("s-")?.splitn(3, '-');
+        let node_hex = parts.next()?;
+        let nonce = parts.next()?;
+        let mac = parts.next()?;
+        let node = u64::from_str_radix(node_hex, 16).ok()?;
+        let expected = self.mac(node, nonce, user);
+        // Constant time: the comparison does not reveal how much of a forged mac matched.
+        super::admin::constant_time_eq(expected.as_bytes(), mac.as_bytes()).then_some(node)
+    }
+}
+
 /// All sessions on this node, by id.
 pub struct SessionRegistry {
     config: SessionConfig,
     sessions_max: usize,
     next_key: AtomicU64,
     node_id: u64,
+    ids: SessionIds,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
 }
 
@@ -214,14 +269,55 @@ impl SessionRegistry {
     /// An empty registry.
     ///
     /// Member keys are made unique across the cluster by composing them with `node_id`.
-    pub fn new(config: SessionConfig, sessions_max: usize, node_id: u64) -> Self {
+    /// Session numbers start at a random point, so that a restarted node does not reuse
+    /// the member keys its previous run left in rooms elsewhere.
+    pub fn new(config: SessionConfig, sessions_max: usize, node_id: u64, ids: SessionIds) -> Self {
+        let start =
+            rand::random::<u64>() & ((1 << (super::routing::MEMBER_KEY_NODE_SHIFT - 1)) - 1);
         SessionRegistry {
             config,
             sessions_max,
-            next_key: AtomicU64::new(1),
+            next_key: AtomicU64::new(start.max(1)),
             node_id,
+            ids,
             sessions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The session ids this registry mints and checks.
+    pub fn ids(&self) -> &SessionIds {
+        &self.ids
+    }
+
+    /// Takes over session `id` of `user`, whose home node is gone: a detached session here
+    /// that numbers on from `last_seq` (see [`SessionCore::new_taken_over`]). `None` if the
+    /// node holds `sessions_max` sessions already or has a session with that id.
+    pub fn take_over(
+        &self,
+        id: &str,
+        user_id: &str,
+        now_ms: u64,
+        last_seq: u64,
+    ) -> Option<Arc<Session>> {
+        let mut map = self.map();
+        if map.len() >= self.sessions_max || map.contains_key(id) {
+            return None;
+        }
+        let session = Arc::new(Session {
+            id: id.to_string(),
+            user_id: user_id.to_string(),
+            key: super::routing::member_key(
+                self.node_id,
+                self.next_key.fetch_add(1, Ordering::Relaxed),
+            ),
+            inner: Mutex::new(SessionInner {
+                core: SessionCore::new_taken_over(self.config, now_ms, last_seq),
+                outbound: None,
+            }),
+        });
+        map.insert(id.to_string(), session.clone());
+        metrics::gauge!("chorus_sessions").set(map.len() as f64);
+        Some(session)
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Session>>> {
@@ -240,7 +336,7 @@ impl SessionRegistry {
         if map.len() >= self.sessions_max {
             return None;
         }
-        let id = random_id("s-");
+        let id = self.ids.mint(self.node_id, user_id);
         outbound.push(OutFrame::Encoded(auth_response(&id)));
         let session = Arc::new(Session {
             id: id.clone(),
