@@ -129,7 +129,20 @@ mod tests {
             let db = sled::open(dir.path()).expect("open");
             RoomStore::open(&db).expect("tree").put(&def).expect("put");
         }
-        let db = sled::open(dir.path()).expect("reopen");
+        // sled's background flusher may hold the directory lock a moment after the drop.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let db = loop {
+            match sled::open(dir.path()) {
+                Ok(db) => break db,
+                Err(error) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "cannot reopen sled: {error}"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        };
         let store = RoomStore::open(&db).expect("tree");
         assert_eq!(store.get("r-1").expect("get"), Some(def));
         assert_eq!(store.get("r-2").expect("get"), None);
