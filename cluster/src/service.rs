@@ -36,7 +36,7 @@ pub const IDENTITY_TREE: &str = "cluster/identity";
 pub const FORWARD_ATTEMPTS_MAX: u32 = 40;
 /// Pause between forwarding attempts while no leader is known.
 pub const FORWARD_RETRY_MS: u64 = 250;
-/// How often the leader probes every member.
+/// How often every member probes every other member.
 pub const FAILURE_PROBE_INTERVAL_MS: u64 = 500;
 /// How long one probe may take (under the interval, so a round never waits on a dead peer).
 pub const FAILURE_PROBE_TIMEOUT_MS: u64 = 400;
@@ -402,8 +402,9 @@ impl ClusterService {
         }
     }
 
-    /// The leader's failure detector: probes every member and marks one `Down` after
-    /// [`FAILURE_PROBES_MISSED_MAX`] failed probes in a row.
+    /// The failure detector: probes every member; the leader marks one `Down` after
+    /// [`FAILURE_PROBES_MISSED_MAX`] failed probes in a row (counted by every member, so a
+    /// new leader acts on what it saw as a follower).
     async fn detect_failures(self, shutdown: tokio_util::sync::CancellationToken) {
         let mut missed: std::collections::BTreeMap<NodeId, u32> = Default::default();
         let mut interval = tokio::time::interval(Duration::from_millis(FAILURE_PROBE_INTERVAL_MS));
@@ -413,11 +414,16 @@ impl ClusterService {
                 _ = shutdown.cancelled() => return,
                 _ = interval.tick() => {}
             }
-            if self.inner.raft.leader() != Some(self.inner.node_id) {
-                missed.clear();
-                continue;
-            }
+            // Every member probes every other one, so that a member that becomes leader
+            // (its predecessor died) already knows who stopped answering; only the leader
+            // writes the verdict.
             let metadata = self.metadata();
+            missed.retain(|id, _| {
+                metadata
+                    .nodes
+                    .get(id)
+                    .is_some_and(|n| n.state != NodeState::Down)
+            });
             let probes = metadata
                 .nodes
                 .values()
@@ -456,8 +462,10 @@ impl ClusterService {
                     continue;
                 }
                 let count = missed.entry(id).or_default();
-                *count += 1;
-                if *count >= FAILURE_PROBES_MISSED_MAX {
+                *count = count.saturating_add(1);
+                if *count >= FAILURE_PROBES_MISSED_MAX
+                    && self.inner.raft.leader() == Some(self.inner.node_id)
+                {
                     tracing::warn!(node = id, "member stopped answering: marking it down");
                     let command = MetadataCommand::SetNodeState {
                         node: id,

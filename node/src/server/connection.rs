@@ -425,7 +425,10 @@ impl Connection {
         let mut outcome = ResumeOutcome::New;
         if let Some(resume) = &auth.resume {
             outcome = ResumeOutcome::Resync;
-            let local = node.sessions.get(&resume.session_id);
+            let local = node
+                .sessions
+                .get(&resume.session_id)
+                .or_else(|| node.sessions.taken_over_copy(&resume.session_id));
             // Not here: if the client lists its rooms and the id is really its own, take
             // the session over (its node is gone, or the client moved).
             let taken_over = match (&local, &resume.rooms) {

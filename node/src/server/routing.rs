@@ -749,8 +749,8 @@ impl Node {
     }
 
     /// Takes over session `session_id` of `user` from another node (or from this node's
-    /// previous run): if the id was minted for `user`, a session with that id is created
-    /// here, numbering on from `last_seq`, and re-joins `rooms`, each asking for the
+    /// previous run): if the id was minted for `user`, a session is created here (under a
+    /// new id the client adopts), numbering on from `last_seq`, and re-joins `rooms`, each asking for the
     /// comments after the id the client has (they are buffered for the resume that
     /// follows). The home node, if it is up, is told to end its copy. `None` (the client
     /// must resync) if the id is not the user's, a room cannot be re-joined, or a room's

@@ -263,6 +263,10 @@ pub struct SessionRegistry {
     node_id: u64,
     ids: SessionIds,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
+    /// Sessions taken over here: the id the client resumed with → the new session's id
+    /// (a client that retries the resume gets the same copy). Entries whose session is
+    /// gone are dropped on the next takeover, so this holds at most `sessions_max`.
+    taken_over: Mutex<HashMap<String, String>>,
 }
 
 impl SessionRegistry {
@@ -281,7 +285,19 @@ impl SessionRegistry {
             node_id,
             ids,
             sessions: Mutex::new(HashMap::new()),
+            taken_over: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The session that took over `old_id` here, if it is still alive.
+    pub fn taken_over_copy(&self, old_id: &str) -> Option<Arc<Session>> {
+        let new_id = self
+            .taken_over
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(old_id)
+            .cloned()?;
+        self.get(&new_id)
     }
 
     /// The session ids this registry mints and checks.
@@ -289,22 +305,25 @@ impl SessionRegistry {
         &self.ids
     }
 
-    /// Takes over session `id` of `user`, whose home node is gone: a detached session here
-    /// that numbers on from `last_seq` (see [`SessionCore::new_taken_over`]). `None` if the
-    /// node holds `sessions_max` sessions already or has a session with that id.
+    /// Takes over session `old_id` of `user` (held by another node, or by this node's
+    /// previous run): a new session here, under a new id, detached, that numbers on from
+    /// `last_seq` (see [`SessionCore::new_taken_over`]). A new id, so that a stale copy
+    /// left on the old node can never be resumed by mistake with this numbering. `None` if
+    /// the node holds `sessions_max` sessions already.
     pub fn take_over(
         &self,
-        id: &str,
+        old_id: &str,
         user_id: &str,
         now_ms: u64,
         last_seq: u64,
     ) -> Option<Arc<Session>> {
         let mut map = self.map();
-        if map.len() >= self.sessions_max || map.contains_key(id) {
+        if map.len() >= self.sessions_max {
             return None;
         }
+        let id = self.ids.mint(self.node_id, user_id);
         let session = Arc::new(Session {
-            id: id.to_string(),
+            id: id.clone(),
             user_id: user_id.to_string(),
             key: super::routing::member_key(
                 self.node_id,
@@ -315,8 +334,11 @@ impl SessionRegistry {
                 outbound: None,
             }),
         });
-        map.insert(id.to_string(), session.clone());
+        map.insert(id.clone(), session.clone());
         metrics::gauge!("chorus_sessions").set(map.len() as f64);
+        let mut taken_over = self.taken_over.lock().unwrap_or_else(|e| e.into_inner());
+        taken_over.retain(|_, new_id| map.contains_key(new_id));
+        taken_over.insert(old_id.to_string(), id);
         Some(session)
     }
 
