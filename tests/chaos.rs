@@ -11,6 +11,17 @@ const SEED: u64 = 20_240_611;
 
 /// Runs 3 nodes with `seed` on `base_ip`+; panics listing any violation.
 async fn chaos_run(seed: u64, base_ip: &str, duration_secs: u64, kills: usize, pauses: usize) {
+    chaos_run_with_cuts(seed, base_ip, duration_secs, kills, pauses, 0).await;
+}
+
+async fn chaos_run_with_cuts(
+    seed: u64,
+    base_ip: &str,
+    duration_secs: u64,
+    kills: usize,
+    pauses: usize,
+    cuts: usize,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = ChaosConfig::new(
         PathBuf::from(env!("CARGO_BIN_EXE_chorus")),
@@ -20,12 +31,18 @@ async fn chaos_run(seed: u64, base_ip: &str, duration_secs: u64, kills: usize, p
     config.nodes = 3;
     config.kills = kills;
     config.pauses = pauses;
+    config.cuts = cuts;
     config.duration_secs = duration_secs;
     config.settle_secs = 15;
     config.base_ip = base_ip.parse().expect("ip");
     match chorus_chaos::run(config).await {
         Ok(report) => {
-            assert_eq!(report.faults.len(), kills + pauses, "{:#?}", report.faults);
+            assert_eq!(
+                report.faults.len(),
+                kills + pauses + cuts,
+                "{:#?}",
+                report.faults
+            );
             assert!(report.counts.comments_acked > 0, "{:#?}", report.counts);
             assert!(report.counts.deliveries_checked > 0, "{:#?}", report.counts);
         }
@@ -53,4 +70,20 @@ async fn acknowledged_comments_survive_kills_and_pauses_in_one_order_and_the_clu
     // Its kills (2.8 s, 2.3 s) are shorter than failure detection, so it does not reach
     // the restart-after-down bug seed 7 shows.
     chaos_run(SEED, "127.0.1.11", 45, 2, 1).await;
+}
+
+/// Link cuts (nftables; needs `nft` and root, which `.ci/run` provides and requires with
+/// `CHORUS_CHAOS_REQUIRE_CUTS=1`): a node cut off from the others keeps its clients; its
+/// rooms move, its stale room actors are fenced, and it comes back and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_others_is_fenced_and_catches_up_when_the_links_return() {
+    if !chorus_chaos::netcut::LinkCut::available().await {
+        assert!(
+            std::env::var_os("CHORUS_CHAOS_REQUIRE_CUTS").is_none(),
+            "link cuts are required here but nft cannot change the ruleset"
+        );
+        eprintln!("skipped: nft is not available or not allowed (link cuts need root)");
+        return;
+    }
+    chaos_run_with_cuts(11, "127.0.1.51", 30, 1, 1, 2).await;
 }

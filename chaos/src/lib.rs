@@ -13,6 +13,7 @@
 
 pub mod check;
 pub mod cluster;
+pub mod netcut;
 pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -65,6 +66,11 @@ pub struct ChaosConfig {
     pub kills: usize,
     /// SIGSTOP / SIGCONT pauses. Default 1.
     pub pauses: usize,
+    /// Link cuts: one node's links to every other node dropped (nftables), its clients
+    /// still connected. Default 0 (needs `nft` and root).
+    pub cuts: usize,
+    /// How long a cut lasts, in milliseconds: uniform in this range. Default 2000-5000.
+    pub cut_ms: (u64, u64),
     /// How long a killed node stays down, in milliseconds: uniform in this range.
     /// Default 2000-5000.
     pub down_ms: (u64, u64),
@@ -95,6 +101,8 @@ impl ChaosConfig {
             duration_secs: 60,
             kills: 2,
             pauses: 1,
+            cuts: 0,
+            cut_ms: (2_000, 5_000),
             down_ms: (2_000, 5_000),
             pause_ms: (2_000, 5_000),
             settle_secs: 20,
@@ -107,7 +115,7 @@ impl ChaosConfig {
     /// The `chorus-chaos` command line that repeats this run's schedule.
     pub fn replay_command(&self) -> String {
         format!(
-            "chorus-chaos --chorus {} --seed {} --nodes {} --rooms {} --clients {} --rooms-per-client {} --comment-interval-ms {} --duration {} --kills {} --pauses {} --base-ip {}",
+            "chorus-chaos --chorus {} --seed {} --nodes {} --rooms {} --clients {} --rooms-per-client {} --comment-interval-ms {} --duration {} --kills {} --pauses {} --cuts {} --base-ip {}",
             self.chorus_bin.display(),
             self.seed,
             self.nodes,
@@ -118,6 +126,7 @@ impl ChaosConfig {
             self.duration_secs,
             self.kills,
             self.pauses,
+            self.cuts,
             self.base_ip
         )
     }
@@ -159,6 +168,8 @@ pub enum FaultKind {
     Kill,
     /// SIGSTOP, then SIGCONT.
     Pause,
+    /// The node's links to every other node cut, then restored.
+    Cut,
 }
 
 /// One injected fault, as it happened.
@@ -234,6 +245,9 @@ pub enum ChaosError {
         /// Why.
         reason: String,
     },
+    /// A link cut could not be made or healed.
+    #[error("link cut: {0}")]
+    Fault(String),
     /// A signal could not be sent.
     #[error("cannot signal node {node}: {reason}")]
     Signal {
@@ -284,6 +298,7 @@ struct PlannedFault {
 fn plan_faults(config: &ChaosConfig, rng: &mut SmallRng) -> Vec<PlannedFault> {
     let mut kinds: Vec<FaultKind> = std::iter::repeat_n(FaultKind::Kill, config.kills)
         .chain(std::iter::repeat_n(FaultKind::Pause, config.pauses))
+        .chain(std::iter::repeat_n(FaultKind::Cut, config.cuts))
         .collect();
     kinds.shuffle(rng);
     let count = kinds.len().max(1) as u64;
@@ -295,6 +310,7 @@ fn plan_faults(config: &ChaosConfig, rng: &mut SmallRng) -> Vec<PlannedFault> {
             let (low, high) = match kind {
                 FaultKind::Kill => config.down_ms,
                 FaultKind::Pause => config.pause_ms,
+                FaultKind::Cut => config.cut_ms,
             };
             PlannedFault {
                 kind,
@@ -451,6 +467,19 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
                 tokio::time::sleep(planned.length).await;
                 node.signal_stop(false).await?;
                 say(start, format_args!("SIGCONT {name}"));
+            }
+            FaultKind::Cut => {
+                let ip = node.ip;
+                let others: Vec<std::net::IpAddr> =
+                    nodes.iter().map(|n| n.ip).filter(|a| *a != ip).collect();
+                say(
+                    start,
+                    format_args!("cut {name}'s links (for {:?})", planned.length),
+                );
+                let cut = netcut::LinkCut::isolate(ip, &others).await?;
+                tokio::time::sleep(planned.length).await;
+                cut.heal().await?;
+                say(start, format_args!("links of {name} restored"));
             }
         }
         let health = cluster::wait_healthy(&nodes, Instant::now() + HEALTHY_TIMEOUT).await;

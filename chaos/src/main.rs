@@ -41,6 +41,10 @@ struct Args {
     /// SIGSTOP/SIGCONT pauses.
     #[arg(long, default_value_t = 1)]
     pauses: usize,
+    /// Link cuts: one node's links to all other nodes dropped with nftables (needs `nft`
+    /// and root); its clients stay connected.
+    #[arg(long, default_value_t = 0)]
+    cuts: usize,
     /// Longest wait for in-flight comments after the workload stops, in seconds.
     #[arg(long, default_value_t = 20)]
     settle: u64,
@@ -82,6 +86,7 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
     config.duration_secs = args.duration;
     config.kills = args.kills;
     config.pauses = args.pauses;
+    config.cuts = args.cuts;
     config.settle_secs = args.settle;
     config.base_ip = args.base_ip;
     eprintln!(
