@@ -319,6 +319,10 @@ pub enum RelayItem {
         json: Bytes,
         /// Position in the room's total order (comment id), for ordered events.
         position: Option<u64>,
+        /// The sending owner's ownership epoch for the room: an edge drops events from an
+        /// owner whose epoch is below the committed one (a stale owner).
+        #[serde(default)]
+        epoch: u64,
     },
     /// The room removed this member (it ended).
     Removed {
@@ -396,6 +400,7 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ErrorBody
 pub struct EdgeRelay {
     edge: NodeId,
     tx: mpsc::Sender<RelayItem>,
+    node: Weak<Node>,
 }
 
 impl EdgeRelay {
@@ -403,6 +408,7 @@ impl EdgeRelay {
     pub fn start(node: Weak<Node>, edge: NodeId) -> Arc<Self> {
         let (tx, mut rx) = mpsc::channel::<RelayItem>(RELAY_QUEUE_ITEMS_MAX);
         let node_weak = node.clone();
+        let node_weak_for_epochs = node.clone();
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(RELAY_BATCH_ITEMS_MAX);
             while let Some(item) = rx.recv().await {
@@ -447,7 +453,25 @@ impl EdgeRelay {
                 }
             }
         });
-        Arc::new(EdgeRelay { edge, tx })
+        Arc::new(EdgeRelay {
+            edge,
+            tx,
+            node: node_weak_for_epochs,
+        })
+    }
+
+    /// This node's ownership epoch for `room_id` (0 if it never activated it).
+    fn owned_epoch(&self, room_id: &str) -> u64 {
+        self.node
+            .upgrade()
+            .and_then(|node| {
+                node.owned_epochs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(room_id)
+                    .copied()
+            })
+            .unwrap_or(0)
     }
 
     fn push(&self, item: RelayItem) {
@@ -488,6 +512,7 @@ impl MemberSink for RemoteMember {
             msgpack: body.body_bytes(Encoding::MsgPack).clone(),
             json: body.body_bytes(Encoding::Json).clone(),
             position: body.position().map(|(_, position)| position),
+            epoch: self.relay.owned_epoch(&self.room_id),
         });
     }
 
@@ -542,15 +567,32 @@ impl RoomMirrors {
     }
 
     /// Delivers relayed items to the local members.
-    pub fn apply(&self, items: Vec<RelayItem>) {
+    /// Events from an owner whose epoch is below the committed ownership in `metadata`
+    /// are dropped (counted in `chorus_relay_stale_total`).
+    pub fn apply(
+        &self,
+        items: Vec<RelayItem>,
+        metadata: &chorus_cluster::metadata::ClusterMetadata,
+    ) {
         for item in items {
             match item {
+                RelayItem::Event {
+                    ref room_id, epoch, ..
+                } if metadata
+                    .owners
+                    .get(&room_key(room_id))
+                    .is_some_and(|o| epoch < o.epoch) =>
+                {
+                    metrics::counter!("chorus_relay_stale_total").increment(1);
+                    tracing::debug!(room = %room_id, epoch, "event from a stale owner dropped");
+                }
                 RelayItem::Event {
                     room_id,
                     kind,
                     msgpack,
                     json,
                     position,
+                    epoch: _,
                 } => {
                     let Some(mut body) = EncodedBody::from_parts(&kind, msgpack, json) else {
                         tracing::warn!(%kind, "relayed event of unknown kind");
@@ -1286,7 +1328,7 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                     encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
                 }
                 Ok(NodeMessage::Relay { items, .. }) => {
-                    node.mirrors.apply(items);
+                    node.mirrors.apply(items, &node.cluster.metadata());
                     encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
                 }
                 Ok(NodeMessage::Room {
