@@ -567,8 +567,13 @@ impl RoomMirrors {
     }
 
     /// Delivers relayed items to the local members.
-    /// Events from an owner whose epoch is below the committed ownership in `metadata`
-    /// are dropped (counted in `chorus_relay_stale_total`).
+    /// Unordered events (reactions, listener counts) from an owner whose epoch is below
+    /// the committed ownership in `metadata` are dropped (counted in
+    /// `chorus_relay_stale_total`). Comments are not: one a stale owner broadcast was
+    /// replicated and acknowledged before the newer owner fenced its replica (fencing
+    /// refuses the rest), so it is in the newer owner's state too, and sessions drop the
+    /// copy they already have by its position. Dropping it here lost acknowledged comments
+    /// when it raced the newer owner's catch-up.
     pub fn apply(
         &self,
         items: Vec<RelayItem>,
@@ -577,7 +582,10 @@ impl RoomMirrors {
         for item in items {
             match item {
                 RelayItem::Event {
-                    ref room_id, epoch, ..
+                    ref room_id,
+                    epoch,
+                    position: None,
+                    ..
                 } if metadata
                     .owners
                     .get(&room_key(room_id))
