@@ -586,6 +586,21 @@ async fn rooms_survive_a_restart_and_joiners_get_recent_comments() {
         .await
         .expect("room survives restart");
     assert_eq!(joined.room.title, "durable");
+    // The recent comments and the count survive too: ids go on after a restart.
+    let texts: Vec<_> = joined
+        .recent_comments
+        .iter()
+        .map(|c| (c.comment_id, c.text.as_str()))
+        .collect();
+    assert_eq!(texts, [(1, "first"), (2, "second")]);
+    let next = again
+        .request(chorus_protocol::RoomCommentRequest {
+            room_id: room.clone(),
+            text: "third".into(),
+        })
+        .await
+        .expect("comment after restart");
+    assert_eq!(next.comment_id, 3);
     let error = again
         .request(RoomRef {
             room_id: "r-missing".into(),

@@ -378,6 +378,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let definitions: Arc<dyn chorus_actors::store::DefinitionStore> = Arc::new(RaftDefinitions {
         cluster: cluster.clone(),
     });
+    let durable = routing::DurableStates::open(&db).map_err(|e| ServeError::Storage {
+        path: data_dir.clone(),
+        reason: e.to_string(),
+    })?;
     let node = Arc::new_cyclic(|this| Node {
         keys: TokenKeys::new(secret.as_bytes()),
         rooms: RoomDirectory::new(
@@ -397,7 +401,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         cluster,
         admin_token,
         mirrors: routing::RoomMirrors::default(),
-        durable: routing::DurableStates::default(),
+        durable,
         owned_epochs: std::sync::Mutex::new(std::collections::HashMap::new()),
         relays: std::sync::Mutex::new(std::collections::HashMap::new()),
         this: this.clone(),

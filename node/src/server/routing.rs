@@ -143,7 +143,7 @@ pub struct RoomRecovery {
 /// Why a replica refused a room's durable state.
 pub const STALE_EPOCH_REASON: &str = "stale ownership epoch";
 
-#[derive(Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct HeldRoom {
     /// The highest ownership epoch seen for the room: writes from below it are refused.
     fence: u64,
@@ -151,17 +151,63 @@ struct HeldRoom {
     state: Option<(u64, RoomDurable)>,
 }
 
+/// The sled tree holding [`DurableStates`].
+pub const DURABLE_STATES_TREE: &str = "rooms/durable";
+
 /// Durable room states this node holds, as an owner or a replica, fenced by ownership
-/// epoch (in memory: they survive the loss of another node, not of this one; a room's
-/// next owner takes the most advanced copy, ordered by (epoch, comment count)).
+/// epoch: in memory, and written to sled (not flushed per write: the copy on another node
+/// is what makes an acknowledged comment survive this node's loss; sled's copy brings the
+/// state back when every node restarts, e.g. a single-node deployment). A room's next
+/// owner takes the most advanced copy, ordered by (epoch, comment count).
 #[derive(Default)]
 pub struct DurableStates {
     rooms: Mutex<HashMap<String, HeldRoom>>,
+    tree: Option<sled::Tree>,
 }
 
 impl DurableStates {
+    /// The states saved in `db` (an entry that does not decode is skipped and logged).
+    ///
+    /// # Errors
+    ///
+    /// sled's, opening or reading the tree.
+    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+        let tree = db.open_tree(DURABLE_STATES_TREE)?;
+        let mut rooms = HashMap::new();
+        for entry in tree.iter() {
+            let (key, value) = entry?;
+            let room_id = String::from_utf8_lossy(&key).into_owned();
+            match rmp_serde::from_slice::<HeldRoom>(&value) {
+                Ok(held) => {
+                    rooms.insert(room_id, held);
+                }
+                Err(error) => {
+                    tracing::warn!(room = %room_id, %error, "skipping an undecodable saved room state")
+                }
+            }
+        }
+        Ok(DurableStates {
+            rooms: Mutex::new(rooms),
+            tree: Some(tree),
+        })
+    }
+
     fn map(&self) -> MutexGuard<'_, HashMap<String, HeldRoom>> {
         self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn save(&self, room_id: &str, held: &HeldRoom) {
+        let Some(tree) = &self.tree else { return };
+        let saved = rmp_serde::to_vec_named(held)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                tree.insert(room_id.as_bytes(), bytes)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(error) = saved {
+            tracing::error!(room = %room_id, %error, "cannot save a room's state");
+        }
     }
 
     /// Keeps `durable`, written by the owner at `epoch`, if it is ahead of what is held.
@@ -186,6 +232,8 @@ impl DurableStates {
         if ahead {
             held.state = Some((epoch, durable));
         }
+        // Under the lock, so the saved copy is never older than the one in memory.
+        self.save(room_id, held);
         Ok(())
     }
 
@@ -194,7 +242,10 @@ impl DurableStates {
     pub fn fence(&self, room_id: &str, epoch: u64) -> Option<(u64, RoomDurable)> {
         let mut rooms = self.map();
         let held = rooms.entry(room_id.to_string()).or_default();
-        held.fence = held.fence.max(epoch);
+        if epoch > held.fence {
+            held.fence = epoch;
+            self.save(room_id, held);
+        }
         held.state.clone()
     }
 
