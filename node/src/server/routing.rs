@@ -1277,11 +1277,13 @@ pub(crate) async fn follow_ring(node: Weak<Node>) {
             }
         }
         // A node that was down (paused, cut off) and is back: rooms that stayed put may
-        // have dropped its members meanwhile, so its sessions re-join every room.
-        let came_back = previous
-            .as_ref()
-            .is_some_and(|p| !p.contains(self_id) && next.contains(self_id))
-            && metadata.nodes.len() > 1;
+        // have dropped its members meanwhile, so its sessions re-join every room (asking
+        // for what they missed). The watch channel coalesces changes, so "down, then up"
+        // may arrive as one jump of the epoch: any jump by more than one counts too (a
+        // re-join is idempotent, so an unneeded one costs a round trip).
+        let came_back = previous.as_ref().is_some_and(|p| {
+            (!p.contains(self_id) && next.contains(self_id)) || next.epoch() > p.epoch() + 1
+        }) && metadata.nodes.len() > 1;
         let stopped = node
             .rooms
             .stop_unless(|room_id| next.owner(&room_key(room_id)) == Some(self_id))
