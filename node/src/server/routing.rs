@@ -954,12 +954,21 @@ impl Node {
 
     /// The sessions on this node that are in `room_id`: (member key, user).
     pub(crate) fn local_members(&self, room_id: &str) -> Vec<(u64, String, Option<u64>)> {
+        self.local_sessions(room_id)
+            .into_iter()
+            .map(|(session, since)| (session.member().key(), session.user_id.clone(), Some(since)))
+            .collect()
+    }
+
+    /// The sessions on this node that are in `room_id`, each with the latest comment id
+    /// it has from the room.
+    fn local_sessions(&self, room_id: &str) -> Vec<(Arc<Session>, u64)> {
         self.sessions
             .all()
             .into_iter()
             .filter_map(|session| {
                 let since = session.with_core(|core| core.room_position(room_id))?;
-                Some((session.member().key(), session.user_id.clone(), Some(since)))
+                Some((session, since))
             })
             .collect()
     }
@@ -1046,10 +1055,11 @@ impl Node {
             .into_iter()
             .flatten()
             .collect();
+        let local = self.local_sessions(room_id);
         recoveries.push((
             self_id,
             RoomRecovery {
-                members: self.local_members(room_id),
+                members: Vec::new(),
                 durable: self.durable.fence(room_id, epoch),
             },
         ));
@@ -1072,27 +1082,31 @@ impl Node {
         {
             tracing::warn!(room = %room_id, epoch, %error, "replicating an activated room's state failed");
         }
-        let mut readmitted = 0;
-        for (node_id, recovery) in recoveries {
-            for (key, user, since) in recovery.members {
-                let member = if node_id == self_id {
-                    match self.sessions.by_member_key(key) {
-                        Some(session) => session.member(),
-                        None => continue,
-                    }
-                } else {
-                    RemoteMember::member(room_id, key, self.relay_to(node_id))
-                };
-                let joined = ask(&actor, |reply| RoomMsg::Join {
-                    member,
-                    user,
-                    since,
-                    reply,
+        // This node's sessions as themselves, the others' through their node's relay.
+        let local = local
+            .into_iter()
+            .map(|(session, since)| (session.member(), session.user_id.clone(), Some(since)));
+        let remote = recoveries.into_iter().flat_map(|(node_id, recovery)| {
+            let relay = (node_id != self_id).then(|| self.relay_to(node_id));
+            recovery
+                .members
+                .into_iter()
+                .filter_map(move |(key, user, since)| {
+                    let member = RemoteMember::member(room_id, key, relay.clone()?);
+                    Some((member, user, since))
                 })
-                .await;
-                if matches!(joined, Ok(Ok(_))) {
-                    readmitted += 1;
-                }
+        });
+        let mut readmitted = 0;
+        for (member, user, since) in local.chain(remote) {
+            let joined = ask(&actor, |reply| RoomMsg::Join {
+                member,
+                user,
+                since,
+                reply,
+            })
+            .await;
+            if matches!(joined, Ok(Ok(_))) {
+                readmitted += 1;
             }
         }
         tracing::info!(room = %room_id, epoch, readmitted, restored, "room activated");

@@ -322,20 +322,8 @@ impl SessionRegistry {
             return None;
         }
         let id = self.ids.mint(self.node_id, user_id);
-        let session = Arc::new(Session {
-            id: id.clone(),
-            user_id: user_id.to_string(),
-            key: super::routing::member_key(
-                self.node_id,
-                self.next_key.fetch_add(1, Ordering::Relaxed),
-            ),
-            inner: Mutex::new(SessionInner {
-                core: SessionCore::new_taken_over(self.config, now_ms, last_seq),
-                outbound: None,
-            }),
-        });
-        map.insert(id.clone(), session.clone());
-        metrics::gauge!("chorus_sessions").set(map.len() as f64);
+        let core = SessionCore::new_taken_over(self.config, now_ms, last_seq);
+        let session = self.admit(&mut map, id.clone(), user_id, core, None);
         let mut taken_over = self.taken_over.lock().unwrap_or_else(|e| e.into_inner());
         taken_over.retain(|_, new_id| map.contains_key(new_id));
         taken_over.insert(old_id.to_string(), id);
@@ -360,6 +348,19 @@ impl SessionRegistry {
         }
         let id = self.ids.mint(self.node_id, user_id);
         outbound.push(OutFrame::Encoded(auth_response(&id)));
+        let core = SessionCore::new(self.config, outbound.attachment);
+        Some(self.admit(&mut map, id, user_id, core, Some(outbound)))
+    }
+
+    /// A new session `id` of `user_id` with the next member key, added to `map`.
+    fn admit(
+        &self,
+        map: &mut HashMap<String, Arc<Session>>,
+        id: String,
+        user_id: &str,
+        core: SessionCore<Arc<EncodedBody>>,
+        outbound: Option<Outbound>,
+    ) -> Arc<Session> {
         let session = Arc::new(Session {
             id: id.clone(),
             user_id: user_id.to_string(),
@@ -367,14 +368,11 @@ impl SessionRegistry {
                 self.node_id,
                 self.next_key.fetch_add(1, Ordering::Relaxed),
             ),
-            inner: Mutex::new(SessionInner {
-                core: SessionCore::new(self.config, outbound.attachment),
-                outbound: Some(outbound),
-            }),
+            inner: Mutex::new(SessionInner { core, outbound }),
         });
         map.insert(id, session.clone());
         metrics::gauge!("chorus_sessions").set(map.len() as f64);
-        Some(session)
+        session
     }
 
     /// Looks a session up.
@@ -401,11 +399,6 @@ impl SessionRegistry {
         let taken = expired.iter().filter_map(|id| map.remove(id)).collect();
         metrics::gauge!("chorus_sessions").set(map.len() as f64);
         taken
-    }
-
-    /// The session with member key `key`, if it is on this node.
-    pub fn by_member_key(&self, key: u64) -> Option<Arc<Session>> {
-        self.map().values().find(|s| s.key == key).cloned()
     }
 
     /// Every session (a snapshot).
