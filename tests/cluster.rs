@@ -5,8 +5,8 @@ mod common;
 use std::path::Path;
 
 use chorus_node::client::Client;
-use chorus_protocol::{RoomCommentRequest, RoomCreateRequest};
-use common::{collect_comments, eventually, join, say, TestNode};
+use chorus_protocol::RoomCommentRequest;
+use common::{collect_comments, create_room, eventually, join, say, TestNode};
 
 /// Runs `chorus admin --url http://NODE ARGS…` and asserts it succeeded; returns stdout.
 async fn chorus_admin(node: &TestNode, args: &[&str]) -> Vec<u8> {
@@ -142,14 +142,7 @@ async fn clients_on_three_nodes_in_one_room_receive_the_same_comments_in_the_sam
     let mut alice = a.client(&a.ws_url(), "alice").await;
     let mut bob = b.client(&b.quic_url(), "bob").await;
     let mut carol = c.client(&c.ws_url(), "carol").await;
-    let room = alice
-        .request(RoomCreateRequest {
-            title: "three nodes".into(),
-            scheduled_start_ms: None,
-        })
-        .await
-        .expect("create")
-        .room_id;
+    let room = create_room(&alice, "three nodes").await;
     for client in [&alice, &bob, &carol] {
         join(client, &room).await;
     }
@@ -183,14 +176,7 @@ async fn rooms_created_through_different_nodes_spread_evenly_and_every_node_agre
     const ROOMS: usize = 1000;
     let mut rooms = Vec::with_capacity(ROOMS);
     for i in 0..ROOMS {
-        let room = clients[i % 3]
-            .request(RoomCreateRequest {
-                title: format!("room {i}"),
-                scheduled_start_ms: None,
-            })
-            .await
-            .expect("create")
-            .room_id;
+        let room = create_room(&clients[i % 3], &format!("room {i}")).await;
         rooms.push(room);
     }
     let mut per_owner = std::collections::BTreeMap::<u64, usize>::new();
@@ -224,14 +210,7 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = three_node_cluster(dir.path()).await;
     let creator = nodes[0].client(&nodes[0].ws_url(), "host").await;
-    let room = creator
-        .request(RoomCreateRequest {
-            title: "failover".into(),
-            scheduled_start_ms: None,
-        })
-        .await
-        .expect("create")
-        .room_id;
+    let room = create_room(&creator, "failover").await;
     let owner = nodes[0].admin(&format!("/admin/where?key={room}")).await["owner"]
         .as_u64()
         .expect("owner");
@@ -262,13 +241,7 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
     for client in [&speaker, &listener, &stranded] {
         join(client, &room).await;
     }
-    speaker
-        .request(RoomCommentRequest {
-            room_id: room.clone(),
-            text: "before".into(),
-        })
-        .await
-        .expect("comment before");
+    say(&speaker, &room, "before").await;
     assert_eq!(
         collect_comments(&mut listener, &room, 1).await[0].1,
         "before"
@@ -342,13 +315,7 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
         (2, "after")
     );
     // It is a member there: it comments and the others get it.
-    stranded
-        .request(RoomCommentRequest {
-            room_id: room.clone(),
-            text: "back".into(),
-        })
-        .await
-        .expect("the resumed session comments");
+    say(&stranded, &room, "back").await;
     assert_eq!(collect_comments(&mut listener, &room, 1).await[0].1, "back");
     // The definition (host, title) survived.
     let info = speaker
@@ -373,14 +340,7 @@ async fn draining_a_node_moves_its_rooms_while_clients_keep_their_connections_th
     let host = nodes[0].client(&nodes[0].ws_url(), "host").await;
     let mut room = None;
     for i in 0..50 {
-        let id = host
-            .request(RoomCreateRequest {
-                title: format!("drain {i}"),
-                scheduled_start_ms: None,
-            })
-            .await
-            .expect("create")
-            .room_id;
+        let id = create_room(&host, &format!("drain {i}")).await;
         if nodes[0].admin(&format!("/admin/where?key={id}")).await["owner"].as_u64()
             == Some(drained)
         {
@@ -444,15 +404,7 @@ async fn a_fourth_node_takes_a_quarter_of_the_rooms_and_clients_in_moved_rooms_l
     const ROOMS: usize = 1000;
     let mut rooms = Vec::with_capacity(ROOMS);
     for i in 0..ROOMS {
-        rooms.push(
-            host.request(RoomCreateRequest {
-                title: format!("r{i}"),
-                scheduled_start_ms: None,
-            })
-            .await
-            .expect("create")
-            .room_id,
-        );
+        rooms.push(create_room(&host, &format!("r{i}")).await);
     }
     let mut before = Vec::with_capacity(ROOMS);
     for room in &rooms {

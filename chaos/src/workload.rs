@@ -427,11 +427,13 @@ pub fn dump_logs(
                 m.end.map(ms)
             );
         }
-        for t in &log.disconnects {
-            let _ = writeln!(out, "  disconnected at {}", ms(*t));
-        }
-        for t in &log.reconnects {
-            let _ = writeln!(out, "  reconnected at {}", ms(*t));
+        for (what, times) in [
+            ("disconnected", &log.disconnects),
+            ("reconnected", &log.reconnects),
+        ] {
+            for t in times {
+                let _ = writeln!(out, "  {what} at {}", ms(*t));
+            }
         }
         for r in &log.received {
             let _ = writeln!(

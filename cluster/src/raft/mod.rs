@@ -542,11 +542,11 @@ impl MetadataRaft {
             .shutdown()
             .await
             .map_err(|e| RaftError::Fatal(format!("raft task failed: {e}")))?;
-        self.bounded("flush", self.db.flush_async())
+        self.bounded("flush", store::flush(&self.db))
             .await?
-            .map_err(|e| RaftError::Storage {
+            .map_err(|source| RaftError::Storage {
                 context: "flush on shutdown",
-                source: std::io::Error::other(e),
+                source,
             })?;
         Ok(())
     }

@@ -72,7 +72,7 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
 /// Flushes `tree` on the blocking pool. sled's `flush_async` blocks the calling thread
 /// while it writes; with two runtime workers, two flushes at once stalled every task
 /// (including the timers that bound Raft requests).
-async fn flush(tree: &sled::Tree) -> io::Result<()> {
+pub(crate) async fn flush(tree: &sled::Tree) -> io::Result<()> {
     let tree = tree.clone();
     tokio::task::spawn_blocking(move || tree.flush().map(|_| ()).map_err(sled_error))
         .await

@@ -172,7 +172,8 @@ impl Group {
     }
 }
 
-fn add_node(name: &str) -> MetadataCommand {
+/// A command adding a member named `name` (addresses derived from the name).
+pub(crate) fn add_node(name: &str) -> MetadataCommand {
     MetadataCommand::AddNode {
         name: name.into(),
         cluster_addr: format!("{name}:7072"),

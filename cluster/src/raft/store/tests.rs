@@ -13,7 +13,7 @@ use tempfile::TempDir;
 
 use super::*;
 use crate::metadata::{MetadataCommand, NodeId, NodeState};
-use crate::raft::tests::open_db;
+use crate::raft::tests::{add_node, open_db};
 use crate::raft::types::RaftNode;
 
 /// Each store of the suite gets its own sled database in its own temporary directory (the
@@ -43,15 +43,6 @@ fn entry(index: u64, payload: EntryPayload<MetadataCommand, NodeId, RaftNode>) -
     Entry {
         log_id: log_id::<TypeConfig>(1, 1, index),
         payload,
-    }
-}
-
-fn add_node(name: &str) -> MetadataCommand {
-    MetadataCommand::AddNode {
-        name: name.into(),
-        cluster_addr: format!("{name}:7072"),
-        http_addr: format!("{name}:7070"),
-        quic_addr: format!("{name}:7071"),
     }
 }
 
