@@ -506,3 +506,112 @@ async fn a_fourth_node_takes_a_quarter_of_the_rooms_and_clients_in_moved_rooms_l
         );
     }
 }
+
+/// Reads raw frames until a comment arrives; returns (notification seq, comment id, text).
+async fn next_raw_comment(conn: &mut chorus_node::client::Connection) -> (u64, u64, String) {
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, conn.recv())
+            .await
+            .expect("a comment in time")
+            .expect("connection alive");
+        if let chorus_protocol::Frame::Notification(n) = frame {
+            if let Ok(chorus_protocol::Event::Comment(c)) =
+                chorus_protocol::Event::decode(&n.kind, &n.body)
+            {
+                return (n.seq, c.comment_id, c.text);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn nodes_keep_actor_sessions_and_a_session_resumed_elsewhere_ends_at_its_live_home() {
+    use chorus_node::client::Connection;
+    use chorus_protocol::{ErrorCode, ResumeOutcome, ResumeRequest, RoomRef};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = three_node_cluster(dir.path()).await;
+    // ractor_cluster runs over the inter-node QUIC links: every node has an actor session
+    // with each of the other two.
+    eventually(
+        "every node to have actor sessions with the other two",
+        || async {
+            for node in &nodes {
+                let peers = node.admin("/admin/status").await["mesh_peers"].clone();
+                if peers.as_array().map(Vec::len) != Some(2) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+
+    let speaker = nodes[0].client(&nodes[0].ws_url(), "speaker").await;
+    let room = create_room(&speaker, "travel").await;
+    join(&speaker, &room).await;
+    // The traveller's home is node 1; it joins the room over a raw connection.
+    let home = &nodes[1];
+    let config = home.config(&home.ws_url(), "traveller");
+    let mut at_home = Connection::connect(&home.ws_url(), &config)
+        .await
+        .expect("connect");
+    let auth = at_home
+        .authenticate(1, &common::token("traveller"), None)
+        .await
+        .expect("auth");
+    at_home
+        .send_request(
+            2,
+            &RoomRef {
+                room_id: room.clone(),
+            },
+        )
+        .await
+        .expect("join");
+    common::raw_response(&mut at_home, 2).await.expect("joined");
+    say(&speaker, &room, "one").await;
+    let (seq, comment_id, text) = next_raw_comment(&mut at_home).await;
+    assert_eq!(text, "one");
+
+    // Its network changes: the old connection still looks open to node 1, and the client
+    // resumes on node 2, naming the room and the last comment it has.
+    let away = &nodes[2];
+    let mut resumed =
+        Connection::connect(&away.ws_url(), &away.config(&away.ws_url(), "traveller"))
+            .await
+            .expect("connect elsewhere");
+    let auth2 = resumed
+        .authenticate(
+            1,
+            &common::token("traveller"),
+            Some(ResumeRequest {
+                session_id: auth.session_id.clone(),
+                last_seq: seq,
+                rooms: Some([(room.clone(), comment_id)].into_iter().collect()),
+            }),
+        )
+        .await
+        .expect("resume elsewhere");
+    assert_eq!(auth2.resume, ResumeOutcome::Resumed);
+
+    // Node 2 told node 1 over the actor mesh; node 1 ended the session there and closed
+    // the old connection.
+    let closed = common::close_code(&mut at_home, "after the session moved").await;
+    assert_eq!(closed, Some(ErrorCode::ResumeFailed.close_code()));
+    assert_eq!(
+        away.metric("chorus_mesh_calls_total{outcome=\"ok\"}").await,
+        Some(1.0),
+        "the end-session notice went over the actor mesh"
+    );
+    assert_eq!(
+        home.metric("chorus_mesh_requests_total").await,
+        Some(1.0),
+        "node 1's control actor answered it"
+    );
+    // The session carries on at node 2.
+    say(&speaker, &room, "two").await;
+    let (_, _, text) = next_raw_comment(&mut resumed).await;
+    assert_eq!(text, "two");
+}

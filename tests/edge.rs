@@ -12,7 +12,8 @@ use chorus_protocol::{
     ResumeRequest, RoomCommentRequest, RoomReactRequest, RoomRef,
 };
 use common::{
-    collect_comments, create_room, eventually, expect_event, join, say, token, TestNode, DEADLINE,
+    close_code, collect_comments, create_room, eventually, expect_event, join, raw_response, say,
+    token, TestNode, DEADLINE,
 };
 
 fn server_code(error: &ClientError) -> Option<u16> {
@@ -20,38 +21,6 @@ fn server_code(error: &ClientError) -> Option<u16> {
         ClientError::Server(body) | ClientError::Auth(body) => Some(body.code),
         _ => None,
     }
-}
-
-/// Reads raw frames until a response with `seq` arrives; returns its result.
-async fn raw_response(
-    conn: &mut Connection,
-    seq: u64,
-) -> Result<chorus_protocol::Body, chorus_protocol::ErrorBody> {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let frame = tokio::time::timeout_at(deadline, conn.recv())
-            .await
-            .unwrap_or_else(|_| panic!("no response to seq {seq}"))
-            .expect("connection alive");
-        if let Frame::Response(response) = frame {
-            if response.seq == seq {
-                return response.result;
-            }
-        }
-    }
-}
-
-/// Reads until the server closes the connection; returns the close code.
-async fn close_code(conn: &mut Connection, when: &str) -> Option<u16> {
-    tokio::time::timeout(DEADLINE, async {
-        loop {
-            if let Err(ClientError::Closed { code, .. }) = conn.recv().await {
-                return code;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("connection not closed {when}"))
 }
 
 #[tokio::test]

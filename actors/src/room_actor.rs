@@ -175,6 +175,9 @@ pub enum RoomMsg {
     Tick,
 }
 
+// Local only: ractor's `cluster` feature asks every message type to say so.
+impl ractor::Message for RoomMsg {}
+
 // The cluster feature of ractor is off for now; the blanket impl covers RoomMsg.
 
 /// Milliseconds since the Unix epoch from the system clock (shell only; cores get `now_ms`).

@@ -4,7 +4,9 @@
 //! certificate signed by the cluster CA and verify the other's (a node with a foreign CA
 //! cannot connect, nor be connected to). One connection per peer is kept and reused; each
 //! RPC is one bidirectional stream: the request bytes, then the reply bytes, each bounded.
-//! Datagrams are enabled for voice. QUIC keep-alive and idle timeout are the failure
+//! A stream whose first byte is [`ACTOR_STREAM_TAG`] is not an RPC but a long-lived
+//! byte stream handed whole to [`RpcHandler::actor_stream`] (the actor mesh runs
+//! ractor_cluster over it). Datagrams are enabled for voice. QUIC keep-alive and idle timeout are the failure
 //! detector's input: a peer that stops answering is noticed within
 //! [`LinkConfig::idle_timeout_ms`].
 //!
@@ -25,6 +27,9 @@ use crate::tls::{crypto_provider, NodeIdentity, TlsError};
 pub const CLUSTER_ALPN: &[u8] = b"chorus-cluster/1";
 /// Largest RPC request or reply, in bytes (Raft snapshots travel as one reply).
 pub const RPC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// First byte of a stream that carries the actor mesh rather than one RPC. `0xc1` is the
+/// one byte MessagePack never uses, so no RPC request can begin with it.
+pub const ACTOR_STREAM_TAG: u8 = 0xc1;
 /// Concurrent RPC streams a peer may open on one connection.
 pub const RPC_STREAMS_CONCURRENT_MAX: u32 = 1024;
 
@@ -96,6 +101,12 @@ pub enum LinkError {
 pub trait RpcHandler: Send + Sync + 'static {
     /// Answers one request from `peer`.
     fn handle(&self, peer: SocketAddr, request: Bytes) -> impl Future<Output = Bytes> + Send;
+
+    /// Takes a stream `peer` opened with [`ClusterEndpoint::open_actor_stream`] (its tag
+    /// already read). The default refuses it by dropping both halves.
+    fn actor_stream(&self, peer: SocketAddr, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let _ = (peer, send, recv);
+    }
 }
 
 /// One node's inter-node QUIC endpoint.
@@ -268,6 +279,30 @@ impl ClusterEndpoint {
         Ok(Bytes::from(reply))
     }
 
+    /// Opens a long-lived bidirectional stream to `peer` for the actor mesh: its first
+    /// byte, [`ACTOR_STREAM_TAG`], tells the peer it is not an RPC.
+    pub async fn open_actor_stream(
+        &self,
+        peer: SocketAddr,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), LinkError> {
+        let rpc_err = |reason: String| LinkError::Rpc { peer, reason };
+        let connection = self.connection(peer).await?;
+        let (mut send, recv) = tokio::time::timeout(
+            Duration::from_millis(self.config.connect_timeout_ms),
+            connection.open_bi(),
+        )
+        .await
+        .map_err(|_| LinkError::Timeout {
+            peer,
+            timeout_ms: self.config.connect_timeout_ms,
+        })?
+        .map_err(|e| rpc_err(e.to_string()))?;
+        send.write_all(&[ACTOR_STREAM_TAG])
+            .await
+            .map_err(|e| rpc_err(e.to_string()))?;
+        Ok((send, recv))
+    }
+
     /// Sends a datagram to `peer` (unreliable; for voice). Fails if the peer is not
     /// connected or the datagram is too large.
     pub async fn send_datagram(&self, peer: SocketAddr, datagram: Bytes) -> Result<(), LinkError> {
@@ -326,8 +361,22 @@ async fn serve_connection<H: RpcHandler>(connection: quinn::Connection, handler:
         };
         let handler = handler.clone();
         tokio::spawn(async move {
-            let request = match recv.read_to_end(RPC_MESSAGE_BYTES_MAX).await {
-                Ok(request) => Bytes::from(request),
+            let mut first = [0u8; 1];
+            if let Err(error) = recv.read_exact(&mut first).await {
+                tracing::debug!(%peer, %error, "empty rpc stream");
+                return;
+            }
+            if first[0] == ACTOR_STREAM_TAG {
+                handler.actor_stream(peer, send, recv);
+                return;
+            }
+            let request = match recv.read_to_end(RPC_MESSAGE_BYTES_MAX - 1).await {
+                Ok(rest) => {
+                    let mut request = Vec::with_capacity(rest.len() + 1);
+                    request.push(first[0]);
+                    request.extend_from_slice(&rest);
+                    Bytes::from(request)
+                }
                 Err(error) => {
                     tracing::debug!(%peer, %error, "bad rpc request");
                     return;

@@ -211,7 +211,12 @@ struct Inner {
     raft_rpc: RaftRpcHandler,
     node_id: NodeId,
     app: std::sync::OnceLock<Arc<dyn AppHandler>>,
+    actor_streams: std::sync::OnceLock<ActorStreamAcceptor>,
 }
+
+/// Takes the actor-mesh streams peers open (see [`crate::mesh`]).
+pub type ActorStreamAcceptor =
+    Arc<dyn Fn(SocketAddr, quinn::SendStream, quinn::RecvStream) + Send + Sync>;
 
 /// One node's membership in the cluster. Cheap to clone.
 #[derive(Clone)]
@@ -265,6 +270,17 @@ impl RpcHandler for Handler {
             },
         };
         encode(&reply).unwrap_or_default()
+    }
+
+    fn actor_stream(&self, peer: SocketAddr, send: quinn::SendStream, recv: quinn::RecvStream) {
+        match self
+            .service
+            .get()
+            .and_then(|service| service.inner.actor_streams.get())
+        {
+            Some(accept) => accept(peer, send, recv),
+            None => tracing::debug!(%peer, "actor stream refused: no actor mesh on this node"),
+        }
     }
 }
 
@@ -324,6 +340,7 @@ impl ClusterService {
                 raft_rpc,
                 node_id,
                 app: std::sync::OnceLock::new(),
+                actor_streams: std::sync::OnceLock::new(),
             }),
         };
         let _ = handler.service.set(service.clone());
@@ -602,6 +619,16 @@ impl ClusterService {
     /// Installs the handler for application messages (once; later calls are ignored).
     pub fn set_app_handler(&self, handler: Arc<dyn AppHandler>) {
         let _ = self.inner.app.set(handler);
+    }
+
+    /// Installs the taker of actor-mesh streams (once; later calls are ignored).
+    pub fn set_actor_stream_acceptor(&self, accept: ActorStreamAcceptor) {
+        let _ = self.inner.actor_streams.set(accept);
+    }
+
+    /// The inter-node endpoint.
+    pub fn endpoint(&self) -> &ClusterEndpoint {
+        &self.inner.endpoint
     }
 
     /// Sends an application message to member `node` and returns its reply.

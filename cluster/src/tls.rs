@@ -108,6 +108,20 @@ impl CertificateAuthority {
         })
     }
 
+    /// A secret derived from the CA's private key and `purpose` (hex SHA-256): equal on
+    /// every node holding this CA, unguessable without its key.
+    pub fn derive_secret(&self, purpose: &[u8]) -> String {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(purpose);
+        context.update(self.key_pem.as_bytes());
+        context
+            .finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// Loads `ca.pem` and `ca-key.pem` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, TlsError> {
         let cert_path = dir.join(CA_CERT_FILE);
@@ -196,6 +210,9 @@ pub struct NodeIdentity {
     pub key: PrivateKeyDer<'static>,
     /// The CA certificate.
     pub ca: CertificateDer<'static>,
+    /// A secret every node of the cluster derives alike from the CA's private key (never
+    /// from anything public): the cookie of the actor mesh's handshake.
+    pub cluster_secret: String,
 }
 
 impl std::fmt::Debug for NodeIdentity {
@@ -235,6 +252,7 @@ pub fn ensure_node_identity(
         cert_chain,
         key,
         ca: ca_cert,
+        cluster_secret: ca.derive_secret(b"chorus actor mesh cookie/1"),
     })
 }
 

@@ -162,7 +162,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     match args.command {
         AdminCommand::Status => {
             println!(
-                "node {} ({}): leader {}, term {}, ring epoch {}, voters {}, learners {}",
+                "node {} ({}): leader {}, term {}, ring epoch {}, voters {}, learners {}, actor mesh peers {}",
                 body["self"],
                 body["node_name"].as_str().unwrap_or("?"),
                 body["leader"],
@@ -170,6 +170,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 body["ring_epoch"],
                 body["voters"],
                 body["learners"],
+                body["mesh_peers"],
             );
             print_members(&body["members"]);
         }

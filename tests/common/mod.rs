@@ -301,3 +301,35 @@ pub async fn say(client: &Client, room_id: &str, text: &str) -> u64 {
         .expect("comment")
         .comment_id
 }
+
+/// Reads raw frames until a response with `seq` arrives; returns its result.
+pub async fn raw_response(
+    conn: &mut chorus_node::client::Connection,
+    seq: u64,
+) -> Result<chorus_protocol::Body, chorus_protocol::ErrorBody> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, conn.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no response to seq {seq}"))
+            .expect("connection alive");
+        if let chorus_protocol::Frame::Response(response) = frame {
+            if response.seq == seq {
+                return response.result;
+            }
+        }
+    }
+}
+
+/// Reads until the server closes the connection; returns the close code.
+pub async fn close_code(conn: &mut chorus_node::client::Connection, when: &str) -> Option<u16> {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Err(chorus_node::client::ClientError::Closed { code, .. }) = conn.recv().await {
+                return code;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("connection not closed {when}"))
+}

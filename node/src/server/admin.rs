@@ -1,7 +1,8 @@
 //! The HTTP admin API (`/admin/…` on the node's HTTP port), guarded by a bearer token.
 //!
 //! - `GET /admin/status`: this node's view of the cluster (self, leader, term, ring epoch,
-//!   voters, learners, members with their states).
+//!   voters, learners, members with their states, `mesh_peers`: the members this node has
+//!   an actor session with).
 //! - `GET /admin/nodes`: the members.
 //! - `GET /admin/where?key=KEY`: the owner of an actor key on this node's ring (a bare
 //!   room id `r-…` means `room/r-…`).
@@ -75,6 +76,7 @@ pub fn route<B>(node: &Arc<Node>, request: &Request<B>) -> HttpResponse {
             let mut value = serde_json::to_value(&status).unwrap_or_default();
             value["node_name"] = serde_json::json!(node.config.node_name);
             value["connections"] = serde_json::json!(node.connection_count());
+            value["mesh_peers"] = serde_json::json!(node.mesh.peers());
             json(StatusCode::OK, &value)
         }
         "/admin/nodes" => json(

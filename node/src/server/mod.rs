@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod connection;
+pub mod control;
 pub mod quic;
 pub mod routing;
 pub mod session;
@@ -95,6 +96,7 @@ pub struct Node {
     next_attachment: AtomicU64,
     db: sled::Db,
     cluster: chorus_cluster::service::ClusterService,
+    mesh: chorus_cluster::mesh::ActorMesh,
     admin_token: String,
     mirrors: routing::RoomMirrors,
     durable: routing::DurableStates,
@@ -207,6 +209,7 @@ pub struct RunningNode {
     node: Arc<Node>,
     tracker: TaskTracker,
     endpoint: quinn::Endpoint,
+    control: ractor::ActorRef<control::ControlMsg>,
     /// The bound HTTP address.
     pub http_addr: SocketAddr,
     /// The bound QUIC address.
@@ -362,6 +365,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     )
     .await
     .map_err(|e| ServeError::Cluster(e.to_string()))?;
+    let mesh = chorus_cluster::mesh::ActorMesh::start(
+        &cluster,
+        identity.cluster_secret.clone(),
+        shutdown.child_token(),
+    )
+    .await
+    .map_err(|e| ServeError::Cluster(e.to_string()))?;
 
     let limits = &config.limits;
     let session_config = SessionConfig {
@@ -399,6 +409,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         metrics,
         shutdown,
         cluster,
+        mesh,
         admin_token,
         mirrors: routing::RoomMirrors::default(),
         durable,
@@ -414,6 +425,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         node: Arc::downgrade(&node),
     }));
 
+    let (control, _) = ractor::Actor::spawn(None, control::NodeControl, Arc::downgrade(&node))
+        .await
+        .map_err(|e| ServeError::Cluster(format!("control actor: {e}")))?;
+
     let tracker = TaskTracker::new();
     tracker.spawn(accept_http(node.clone(), listener, tracker.clone()));
     tracker.spawn(accept_quic(node.clone(), endpoint.clone(), tracker.clone()));
@@ -424,6 +439,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         node,
         tracker,
         endpoint,
+        control,
         http_addr,
         quic_addr,
         cluster_addr,
@@ -469,6 +485,7 @@ impl RunningNode {
         }
         tracing::info!("stopping rooms");
         self.node.rooms.stop_all().await;
+        self.control.stop(None);
         tracing::info!("stopping raft");
         self.node.cluster.shutdown().await;
         tracing::info!("flushing storage");

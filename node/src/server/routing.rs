@@ -875,12 +875,15 @@ impl Node {
             .get(&home)
             .is_some_and(|n| n.state != chorus_cluster::metadata::NodeState::Down);
         if home != self_id && home_up {
-            let message = encode(&NodeMessage::EndSession {
-                session_id: session_id.to_string(),
-            });
-            let call = self.cluster.call_app(home, message);
-            let _ =
-                tokio::time::timeout(Duration::from_millis(READMIT_QUERY_TIMEOUT_MS), call).await;
+            // The home still holds the session: tell it over the actor mesh, or, when the
+            // mesh has no session to it yet (it just started), with an RPC.
+            let timeout = Duration::from_millis(READMIT_QUERY_TIMEOUT_MS);
+            if !super::control::end_session_on(home, session_id, timeout).await {
+                let message = encode(&NodeMessage::EndSession {
+                    session_id: session_id.to_string(),
+                });
+                let _ = tokio::time::timeout(timeout, self.cluster.call_app(home, message)).await;
+            }
         }
         let now_ms = chorus_actors::room_actor::unix_now_ms();
         let session = self
