@@ -615,3 +615,86 @@ async fn nodes_keep_actor_sessions_and_a_session_resumed_elsewhere_ends_at_its_l
     let (_, _, text) = next_raw_comment(&mut resumed).await;
     assert_eq!(text, "two");
 }
+
+#[tokio::test]
+async fn a_member_restarted_at_a_new_address_records_it_and_serves_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let [a, b, c] = three_node_cluster(dir.path()).await;
+    let c_id = c.admin("/admin/status").await["self"]
+        .as_u64()
+        .expect("self id");
+    let old_addr = c.cluster;
+    c.kill().await;
+    // The same data dir at another IP, as a rescheduled pod: it binds every interface
+    // and advertises 127.0.0.3. Nobody tells the others: it finds the leader and records
+    // its new addresses itself.
+    let ca = dir.path().join("ca");
+    let mut args = vec![
+        "--ca",
+        ca.to_str().expect("utf8 path"),
+        "--node-name",
+        "c",
+        "--cluster-addr",
+        "0.0.0.0:0",
+        "--advertise-ip",
+        "127.0.0.3",
+    ];
+    args.extend_from_slice(UNTHROTTLED);
+    let c = TestNode::start_in(&dir.path().join("c"), &args).await;
+    let new_addr = std::net::SocketAddr::from(([127, 0, 0, 3], c.cluster.port()));
+    assert_ne!(new_addr, old_addr);
+    let nodes = [&a, &b, &c];
+    eventually("every node to record c's new address with c up", || async {
+        for node in nodes {
+            let status = node.admin("/admin/status").await;
+            let Some(members) = status["members"].as_array() else {
+                return false;
+            };
+            let moved = members.iter().any(|m| {
+                m["id"].as_u64() == Some(c_id)
+                    && m["state"] == "up"
+                    && m["cluster_addr"].as_str() == Some(new_addr.to_string().as_str())
+            });
+            if !moved || members.iter().any(|m| m["state"] != "up") {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+
+    // A room owned by c (found by creating rooms through a) is served: comments from a
+    // client on b reach listeners on a and on c.
+    let creator = a.client(&a.ws_url(), "host").await;
+    let mut room = None;
+    for i in 0..60 {
+        let id = create_room(&creator, &format!("moved {i}")).await;
+        if a.admin(&format!("/admin/where?key={id}")).await["owner"].as_u64() == Some(c_id) {
+            room = Some(id);
+            break;
+        }
+    }
+    let room = room.expect("one of 60 rooms is placed on c");
+    let speaker = b.client(&b.ws_url(), "speaker").await;
+    let mut on_a = a.client(&a.quic_url(), "on-a").await;
+    let mut on_c = c.client(&c.ws_url(), "on-c").await;
+    for client in [&speaker, &on_a, &on_c] {
+        join(client, &room).await;
+    }
+    say(&speaker, &room, "hello from b").await;
+    assert_eq!(
+        collect_comments(&mut on_a, &room, 1).await[0].1,
+        "hello from b"
+    );
+    assert_eq!(
+        collect_comments(&mut on_c, &room, 1).await[0].1,
+        "hello from b"
+    );
+    // c follows the Raft log again: it has applied what the leader has.
+    eventually("c to catch up with the log", || async {
+        let leader_applied = a.admin("/admin/status").await["applied_index"].as_u64();
+        let c_applied = c.admin("/admin/status").await["applied_index"].as_u64();
+        leader_applied.is_some() && c_applied >= leader_applied
+    })
+    .await;
+}

@@ -86,6 +86,17 @@ pub enum MetadataCommand {
         /// New state.
         state: NodeState,
     },
+    /// A member restarted at other addresses (its pod got a new IP): record them.
+    SetAddresses {
+        /// Which member.
+        node: NodeId,
+        /// Inter-node address.
+        cluster_addr: String,
+        /// Client HTTP address.
+        http_addr: String,
+        /// Client QUIC address.
+        quic_addr: String,
+    },
     /// Forget a member (its id is never reused).
     RemoveNode {
         /// Which member.
@@ -210,6 +221,20 @@ impl ClusterMetadata {
                     if was_up != (state == NodeState::Up) {
                         self.ring_epoch += 1;
                     }
+                    MetadataResponse::Ok
+                }
+            },
+            MetadataCommand::SetAddresses {
+                node,
+                cluster_addr,
+                http_addr,
+                quic_addr,
+            } => match self.nodes.get_mut(&node) {
+                None => MetadataResponse::Refused(format!("no node {node}")),
+                Some(record) => {
+                    record.cluster_addr = cluster_addr;
+                    record.http_addr = http_addr;
+                    record.quic_addr = quic_addr;
                     MetadataResponse::Ok
                 }
             },

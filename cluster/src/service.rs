@@ -36,6 +36,8 @@ pub const IDENTITY_TREE: &str = "cluster/identity";
 pub const FORWARD_ATTEMPTS_MAX: u32 = 40;
 /// Pause between forwarding attempts while no leader is known.
 pub const FORWARD_RETRY_MS: u64 = 250;
+/// Leader redirects followed by one attempt to record a node's new addresses.
+const FORWARD_HOPS_MAX: u32 = 3;
 /// How often every member probes every other member.
 pub const FAILURE_PROBE_INTERVAL_MS: u64 = 500;
 /// How long one probe may take (under the interval, so a round never waits on a dead peer).
@@ -92,8 +94,9 @@ pub enum ClusterError {
 /// An inter-node request.
 #[derive(Debug, Serialize, Deserialize)]
 enum PeerRequest {
-    /// A Raft RPC (encoded by the raft module).
-    Raft(Vec<u8>),
+    /// A Raft RPC (encoded by the raft module) for member `target`: a node refuses RPCs
+    /// meant for another id (an address can move from one member to another).
+    Raft { target: NodeId, rpc: Vec<u8> },
     /// Join step 1: register a new member (leader only).
     Register {
         name: String,
@@ -112,6 +115,14 @@ enum PeerRequest {
     /// Remove a member from the Raft group and the metadata (leader only); a learner is
     /// promoted if voters fall below `voters_max`.
     Remove { node: NodeId },
+    /// A member restarted at other addresses: record them in the metadata and the Raft
+    /// membership (leader only).
+    UpdateAddresses {
+        node: NodeId,
+        cluster_addr: String,
+        http_addr: String,
+        quic_addr: String,
+    },
 }
 
 /// An inter-node reply.
@@ -142,6 +153,25 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ClusterError>
 #[derive(Clone, Debug)]
 pub struct QuicRaftTransport {
     endpoint: ClusterEndpoint,
+    /// The applied metadata, once Raft runs: a member's address there wins over the one
+    /// openraft holds for it (openraft keeps a replication stream's address until the
+    /// stream is rebuilt, but a member that restarted elsewhere must be reached at once).
+    metadata: Arc<std::sync::OnceLock<tokio::sync::watch::Receiver<Arc<ClusterMetadata>>>>,
+}
+
+impl QuicRaftTransport {
+    fn address_of(&self, target: NodeId, membership_addr: &str) -> String {
+        self.metadata
+            .get()
+            .and_then(|metadata| {
+                metadata
+                    .borrow()
+                    .nodes
+                    .get(&target)
+                    .map(|n| n.cluster_addr.clone())
+            })
+            .unwrap_or_else(|| membership_addr.to_string())
+    }
 }
 
 impl RaftTransport for QuicRaftTransport {
@@ -151,16 +181,20 @@ impl RaftTransport for QuicRaftTransport {
         addr: &str,
         rpc: RaftRpc,
     ) -> Result<RaftRpcReply, TransportError> {
+        let addr = self.address_of(target, addr);
         let unreachable = |reason: String| TransportError::Unreachable {
             target,
-            addr: addr.to_string(),
+            addr: addr.clone(),
             reason,
         };
         let peer: SocketAddr = addr
             .parse()
             .map_err(|e| unreachable(format!("bad address: {e}")))?;
-        let request = encode(&PeerRequest::Raft(rpc.encode()?))
-            .map_err(|e| TransportError::Codec(e.to_string()))?;
+        let request = encode(&PeerRequest::Raft {
+            target,
+            rpc: rpc.encode()?,
+        })
+        .map_err(|e| TransportError::Codec(e.to_string()))?;
         let reply = self
             .endpoint
             .call(peer, request)
@@ -246,6 +280,7 @@ pub trait AppHandler: Send + Sync + 'static {
 struct Handler {
     service: tokio::sync::OnceCell<ClusterService>,
     early_raft: RaftRpcHandler,
+    node_id: NodeId,
 }
 
 impl RpcHandler for Handler {
@@ -260,7 +295,10 @@ impl RpcHandler for Handler {
                 },
                 None => PeerReply::Error("node is starting".into()),
             },
-            Ok(PeerRequest::Raft(bytes)) => match self.early_raft.handle_bytes(&bytes).await {
+            Ok(PeerRequest::Raft { target, .. }) if target != self.node_id => PeerReply::Error(
+                format!("raft rpc for node {target} reached node {}", self.node_id),
+            ),
+            Ok(PeerRequest::Raft { rpc, .. }) => match self.early_raft.handle_bytes(&rpc).await {
                 Ok(reply) => PeerReply::Raft(reply),
                 Err(error) => PeerReply::Error(error.to_string()),
             },
@@ -301,7 +339,9 @@ impl ClusterService {
             .map(u64::from_be_bytes);
         let transport = QuicRaftTransport {
             endpoint: endpoint.clone(),
+            metadata: Arc::default(),
         };
+        let transport_metadata = transport.metadata.clone();
         let node_id = match (stored_id, config.join) {
             (Some(id), _) => id,
             (None, None) => 1,
@@ -327,10 +367,12 @@ impl ClusterService {
         identity.flush_async().await?;
 
         let raft = MetadataRaft::start(node_id, db, transport, &config.raft).await?;
+        let _ = transport_metadata.set(raft.subscribe());
         let raft_rpc = raft.rpc_handler();
         let handler = Arc::new(Handler {
             service: tokio::sync::OnceCell::new(),
             early_raft: raft_rpc.clone(),
+            node_id,
         });
         let service = ClusterService {
             inner: Arc::new(Inner {
@@ -401,7 +443,21 @@ impl ClusterService {
                 }
                 None => false,
             };
-            if wanted && !shutdown.is_cancelled() {
+            let moved = metadata
+                .borrow()
+                .nodes
+                .get(&self.inner.node_id)
+                .is_some_and(|record| !self.is_at_own_addresses(record));
+            if moved && !shutdown.is_cancelled() {
+                match self.update_own_addresses().await {
+                    Ok(()) => tracing::info!(
+                        cluster_addr = %self.inner.config.cluster_addr,
+                        "recorded this node's new addresses"
+                    ),
+                    Err(error) => tracing::debug!(%error, "cannot record new addresses yet"),
+                }
+            }
+            if wanted && !moved && !shutdown.is_cancelled() {
                 let command = MetadataCommand::SetNodeState {
                     node: self.inner.node_id,
                     state: NodeState::Up,
@@ -414,9 +470,65 @@ impl ClusterService {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 changed = metadata.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)), if wanted => {}
+                _ = tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)), if wanted || moved => {}
             }
         }
+    }
+
+    fn is_at_own_addresses(&self, record: &NodeRecord) -> bool {
+        let config = &self.inner.config;
+        record.cluster_addr == config.cluster_addr.to_string()
+            && record.http_addr == config.http_addr.to_string()
+            && record.quic_addr == config.quic_addr.to_string()
+    }
+
+    /// Asks the leader to record this node's current addresses (it restarted elsewhere).
+    /// The leader cannot reach this node at its old address, so this node finds it: the
+    /// leader it knows of, else every other member and the join seed, each asked once
+    /// (a follower answers with the leader's address).
+    async fn update_own_addresses(&self) -> Result<(), ClusterError> {
+        let config = &self.inner.config;
+        let request = encode(&PeerRequest::UpdateAddresses {
+            node: self.inner.node_id,
+            cluster_addr: config.cluster_addr.to_string(),
+            http_addr: config.http_addr.to_string(),
+            quic_addr: config.quic_addr.to_string(),
+        })?;
+        let metadata = self.metadata();
+        let leader = self
+            .inner
+            .raft
+            .leader()
+            .filter(|id| *id != self.inner.node_id);
+        let mut targets: Vec<SocketAddr> = leader
+            .into_iter()
+            .chain(metadata.nodes.keys().copied())
+            .filter(|id| *id != self.inner.node_id)
+            .filter_map(|id| metadata.nodes.get(&id)?.cluster_addr.parse().ok())
+            .chain(config.join)
+            .collect();
+        let mut last_error = ClusterError::NoLeader(0);
+        let mut hops = 0;
+        while let Some(target) = (!targets.is_empty()).then(|| targets.remove(0)) {
+            let reply = match self.inner.endpoint.call(target, request.clone()).await {
+                Ok(reply) => decode::<PeerReply>(&reply)?,
+                Err(error) => {
+                    last_error = error.into();
+                    continue;
+                }
+            };
+            match reply {
+                PeerReply::Activated => return Ok(()),
+                PeerReply::NotLeader(Some(leader)) if hops < FORWARD_HOPS_MAX => {
+                    hops += 1;
+                    if let Ok(leader) = leader.parse() {
+                        targets.insert(0, leader);
+                    }
+                }
+                other => last_error = ClusterError::Refused(format!("{other:?}")),
+            }
+        }
+        Err(last_error)
     }
 
     /// The failure detector: probes every member; the leader marks one `Down` after
@@ -549,7 +661,31 @@ impl ClusterService {
                         },
                     )
                 }
-                PeerRequest::Raft(_) | PeerRequest::App(_) | PeerRequest::Ping => {
+                PeerRequest::UpdateAddresses {
+                    node,
+                    cluster_addr,
+                    http_addr,
+                    quic_addr,
+                } => {
+                    let response = raft
+                        .write(MetadataCommand::SetAddresses {
+                            node,
+                            cluster_addr: cluster_addr.clone(),
+                            http_addr,
+                            quic_addr,
+                        })
+                        .await?;
+                    if let MetadataResponse::Refused(_) = response {
+                        return Ok(PeerReply::Written(response));
+                    }
+                    let metrics = raft.metrics();
+                    if metrics.voters.contains(&node) || metrics.learners.contains(&node) {
+                        raft.set_member_address(node, RaftNode::new(cluster_addr))
+                            .await?;
+                    }
+                    Ok(PeerReply::Activated)
+                }
+                PeerRequest::Raft { .. } | PeerRequest::App(_) | PeerRequest::Ping => {
                     Ok(PeerReply::Error("handled elsewhere".into()))
                 }
                 PeerRequest::Write(command) => raft.write(command).await.map(PeerReply::Written),

@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// Inter-node QUIC address (mutual TLS). Default 127.0.0.1:7072.
     #[arg(long)]
     pub cluster_addr: Option<SocketAddr>,
+    /// The IP other nodes and clients reach this node at (e.g. the pod IP when binding
+    /// 0.0.0.0). Default: the bind addresses' IPs.
+    #[arg(long)]
+    pub advertise_ip: Option<std::net::IpAddr>,
     /// Join the cluster of the member at this cluster address (first start only).
     #[arg(long)]
     pub join: Option<SocketAddr>,
@@ -149,6 +153,9 @@ impl ServeArgs {
         }
         if self.join.is_some() {
             config.join = self.join;
+        }
+        if self.advertise_ip.is_some() {
+            config.advertise_ip = self.advertise_ip;
         }
         if self.admin_token.is_some() {
             config.admin_token = self.admin_token;

@@ -31,6 +31,11 @@ pub struct NodeConfig {
     /// Inter-node QUIC address (Raft, routing, relay; mutual TLS from the cluster CA).
     /// Default 127.0.0.1:7072.
     pub cluster_addr: SocketAddr,
+    /// The IP other nodes and clients reach this node at, recorded in the cluster metadata
+    /// with the bound ports (e.g. the pod IP when binding `0.0.0.0`). Default: the bind
+    /// addresses' own IPs; required when the cluster address binds an unspecified IP. A
+    /// node restarted at another IP records its new addresses itself.
+    pub advertise_ip: Option<std::net::IpAddr>,
     /// A member's cluster address to join on first start. Default: none (a new cluster).
     pub join: Option<SocketAddr>,
     /// Raft voters: 3 (default) or 5; further nodes are learners.
@@ -122,6 +127,7 @@ impl Default for NodeConfig {
             secret: None,
             node_name: "node-1".to_string(),
             tls_names: Vec::new(),
+            advertise_ip: None,
             limits: LimitsConfig::default(),
             room: chorus_actors::room::RoomConfig::default(),
             log_json: false,
@@ -187,6 +193,15 @@ impl NodeConfig {
         self.ca_dir.clone().unwrap_or_else(|| self.data_dir.clone())
     }
 
+    /// The address recorded for a bound address: [`Self::advertise_ip`] with the bound
+    /// port, or the bound address itself.
+    pub fn advertised(&self, bound: std::net::SocketAddr) -> std::net::SocketAddr {
+        match self.advertise_ip {
+            Some(ip) => std::net::SocketAddr::new(ip, bound.port()),
+            None => bound,
+        }
+    }
+
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
@@ -213,6 +228,17 @@ impl NodeConfig {
         }
         if self.voters_max != 3 && self.voters_max != 5 {
             return Err(ConfigError::Invalid("voters_max must be 3 or 5".into()));
+        }
+        if self.cluster_addr.ip().is_unspecified() && self.advertise_ip.is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "cluster_addr {} binds every interface: set advertise_ip (--advertise-ip) to the IP other nodes reach this one at",
+                self.cluster_addr
+            )));
+        }
+        if self.advertise_ip.is_some_and(|ip| ip.is_unspecified()) {
+            return Err(ConfigError::Invalid(
+                "advertise_ip must be a reachable address, not 0.0.0.0 or ::".into(),
+            ));
         }
         if self.node_name.is_empty() {
             return Err(ConfigError::Invalid("node_name must not be empty".into()));
@@ -241,5 +267,23 @@ mod tests {
         assert_eq!(config.limits.requests_per_sec, 20);
         std::fs::write(&path, "no_such_field = 1\n").expect("write");
         assert!(NodeConfig::from_file(&path).is_err());
+    }
+
+    #[test]
+    fn a_cluster_address_on_every_interface_needs_an_advertised_ip() {
+        let mut config = NodeConfig {
+            cluster_addr: "0.0.0.0:7072".parse().expect("addr"),
+            ..NodeConfig::default()
+        };
+        let error = config.validate().expect_err("no advertised IP");
+        assert!(error.to_string().contains("advertise_ip"), "{error}");
+        config.advertise_ip = Some("10.1.2.3".parse().expect("ip"));
+        config.validate().expect("advertised");
+        assert_eq!(
+            config.advertised(config.cluster_addr).to_string(),
+            "10.1.2.3:7072"
+        );
+        config.advertise_ip = Some("0.0.0.0".parse().expect("ip"));
+        assert!(config.validate().is_err());
     }
 }

@@ -28,7 +28,7 @@ pub struct TestNode {
     pub http: SocketAddr,
     /// Bound QUIC address.
     pub quic: SocketAddr,
-    /// Bound inter-node address.
+    /// Inter-node address (as bound; see `advertised`).
     pub cluster: SocketAddr,
     data_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
@@ -50,14 +50,17 @@ impl TestNode {
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args([
-                "--http-addr",
-                "127.0.0.1:0",
-                "--quic-addr",
-                "127.0.0.1:0",
-                "--cluster-addr",
-                "127.0.0.1:0",
-            ])
+            .args(
+                [
+                    ("--http-addr", "127.0.0.1:0"),
+                    ("--quic-addr", "127.0.0.1:0"),
+                    ("--cluster-addr", "127.0.0.1:0"),
+                ]
+                .into_iter()
+                // `extra` may bind an address itself.
+                .filter(|(flag, _)| !extra.contains(flag))
+                .flat_map(|(flag, addr)| [flag, addr]),
+            )
             .args(extra)
             .env(
                 "CHORUS_LOG",

@@ -431,6 +431,18 @@ impl MetadataRaft {
         Ok(())
     }
 
+    /// Records that member `id` is now reached at `node` (it restarted at another address;
+    /// same id, same log). Leader only; returns once the change is committed.
+    pub async fn set_member_address(&self, id: NodeId, node: RaftNode) -> Result<(), RaftError> {
+        let change = ChangeMembers::SetNodes(std::collections::BTreeMap::from([(id, node)]));
+        self.bounded(
+            "set_member_address",
+            self.raft.change_membership(change, true),
+        )
+        .await??;
+        Ok(())
+    }
+
     /// Removes member `id` from the group entirely (as a voter or a learner). Leader only.
     /// Removing the leader itself makes it step down once the change commits.
     pub async fn remove_member(&self, id: NodeId) -> Result<(), RaftError> {

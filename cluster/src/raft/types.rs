@@ -73,6 +73,9 @@ impl fmt::Display for MetadataCommand {
             MetadataCommand::SetNodeState { node, state } => {
                 write!(f, "set_node_state(node {node}: {state:?})")
             }
+            MetadataCommand::SetAddresses {
+                node, cluster_addr, ..
+            } => write!(f, "set_addresses(node {node} at {cluster_addr})"),
             MetadataCommand::RemoveNode { node } => write!(f, "remove_node({node})"),
             MetadataCommand::ClaimOwnership { key, node } => {
                 write!(f, "claim_ownership({key} for node {node})")

@@ -300,7 +300,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     })?;
 
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    for ip in [config.quic_addr.ip(), config.cluster_addr.ip()] {
+    for ip in [config.quic_addr.ip(), config.cluster_addr.ip()]
+        .into_iter()
+        .chain(config.advertise_ip)
+    {
         if !ip.is_unspecified() {
             names.push(ip.to_string());
         }
@@ -352,9 +355,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let cluster = chorus_cluster::service::ClusterService::start(
         chorus_cluster::service::ClusterConfig {
             name: config.node_name.clone(),
-            cluster_addr,
-            http_addr,
-            quic_addr,
+            cluster_addr: config.advertised(cluster_addr),
+            http_addr: config.advertised(http_addr),
+            quic_addr: config.advertised(quic_addr),
             join: config.join,
             voters_max: config.voters_max,
             raft: chorus_cluster::raft::RaftConfig::default(),
