@@ -51,10 +51,18 @@ async fn chaos_run_with_cuts(
             assert!(report.counts.comments_acked > 0, "{:#?}", report.counts);
             assert!(report.counts.deliveries_checked > 0, "{:#?}", report.counts);
         }
-        Err(ChaosError::Violations { report, .. }) => panic!(
-            "{} invariant violation(s), seed {}:\n{:#?}\nfaults: {:#?}",
-            report.violation_count, report.seed, report.violations, report.faults
-        ),
+        Err(ChaosError::Violations { report, .. }) => {
+            // Keep the node logs, clients.log and report.json for the post-mortem.
+            let kept = dir.keep();
+            panic!(
+                "{} invariant violation(s), seed {} (work dir kept: {}):\n{:#?}\nfaults: {:#?}",
+                report.violation_count,
+                report.seed,
+                kept.display(),
+                report.violations,
+                report.faults
+            )
+        }
         Err(error) => panic!("chaos run failed: {error}"),
     }
 }

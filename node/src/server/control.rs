@@ -100,14 +100,25 @@ async fn answer(node: &Arc<Node>, request: ControlRequest) -> ControlReply {
     }
 }
 
-/// Asks node `home` to end `session_id`, over the actor mesh; `false` when the mesh has
-/// no session to `home` (yet) or it did not answer within `timeout`.
-pub async fn end_session_on(home: NodeId, session_id: &str, timeout: Duration) -> bool {
+/// What became of an end-session notice sent over the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The home answered.
+    Answered,
+    /// The mesh has a session to the home, but it did not answer in time (it is paused
+    /// or dying; the notice may still arrive).
+    NoAnswer,
+    /// The mesh has no session to the home (yet): the caller may use another path.
+    NoSession,
+}
+
+/// Asks node `home` to end `session_id`, over the actor mesh, waiting at most `timeout`.
+pub async fn end_session_on(home: NodeId, session_id: &str, timeout: Duration) -> Delivery {
     let Some(target) = MeshTarget::<ControlRequest, ControlReply>::find(CONTROL_SERVICE, home)
         .filter(MeshTarget::is_remote)
     else {
         metrics::counter!("chorus_mesh_calls_total", "outcome" => "no_session").increment(1);
-        return false;
+        return Delivery::NoSession;
     };
     let request = ControlRequest::EndSession {
         session_id: session_id.to_string(),
@@ -115,12 +126,12 @@ pub async fn end_session_on(home: NodeId, session_id: &str, timeout: Duration) -
     match target.call(request, timeout).await {
         Ok(_) => {
             metrics::counter!("chorus_mesh_calls_total", "outcome" => "ok").increment(1);
-            true
+            Delivery::Answered
         }
         Err(error) => {
             tracing::debug!(home, %error, "end-session over the mesh failed");
             metrics::counter!("chorus_mesh_calls_total", "outcome" => "failed").increment(1);
-            false
+            Delivery::NoAnswer
         }
     }
 }

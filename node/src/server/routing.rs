@@ -878,7 +878,8 @@ impl Node {
             // The home still holds the session: tell it over the actor mesh, or, when the
             // mesh has no session to it yet (it just started), with an RPC.
             let timeout = Duration::from_millis(READMIT_QUERY_TIMEOUT_MS);
-            if !super::control::end_session_on(home, session_id, timeout).await {
+            let delivery = super::control::end_session_on(home, session_id, timeout).await;
+            if delivery == super::control::Delivery::NoSession {
                 let message = encode(&NodeMessage::EndSession {
                     session_id: session_id.to_string(),
                 });
