@@ -10,19 +10,21 @@
 //!
 //! This module does not know sessions, sockets, actors, Raft or the clock. Members are
 //! opaque handles `M` (the shell's session handle; `u64` in tests) that belong to a user:
-//! one user may be present through several members (devices, SPEC P7). Roles beyond host
-//! and listener, the stage, moderation and polls (R2-R5, R8) are not here yet.
+//! one user may be present through several members (devices, SPEC P7). The stage (R2-R5:
+//! roles, hands, invitations, mutes, kicks and blocks) is [`RoomStage`], durable with the
+//! comments; polls (R8) are not here yet.
 //!
 //! Costs: a join or leave is O(log members) and never broadcasts by itself; the listener
 //! count is pushed from [`RoomCore::handle_tick`] at most once per
 //! [`RoomConfig::listener_count_interval_ms`] (R9). Reactions are counted per window and
 //! pushed once per window (R7).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use chorus_protocol::{
     CommentEvent, ErrorCode, Event, ListenersEvent, ReactionsEvent, Role, RoomCommentResponse,
-    RoomEndedEvent, RoomId, RoomInfo, RoomJoinResponse, RoomState, UserId,
+    RoomEndedEvent, RoomId, RoomInfo, RoomJoinResponse, RoomState, StageAction, StageEvent,
+    StageInfo, UserId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +74,17 @@ pub struct RoomConfig {
     /// bucket is dropped only after `comment_burst / comment_rate_per_sec` seconds of
     /// inactivity (then it was full anyway). Default 100,000.
     pub comment_rate_users_max: usize,
+    /// Moderators besides the host. Default 50.
+    pub moderators_max: usize,
+    /// Speakers on stage besides the host and moderators; accepting an invitation beyond
+    /// it is refused. Default 50.
+    pub speakers_max: usize,
+    /// Raised hands waiting; raising one beyond it is refused. Default 1,000.
+    pub hands_max: usize,
+    /// Open invitations to speak. Default 100.
+    pub invited_max: usize,
+    /// Users blocked from the room. Default 10,000.
+    pub blocked_max: usize,
 }
 
 impl Default for RoomConfig {
@@ -88,6 +101,11 @@ impl Default for RoomConfig {
             comment_burst: 10,
             members_max: 1_000_000,
             comment_rate_users_max: 100_000,
+            moderators_max: 50,
+            speakers_max: 50,
+            hands_max: 1_000,
+            invited_max: 100,
+            blocked_max: 10_000,
         }
     }
 }
@@ -217,9 +235,12 @@ pub enum RoomEffect<M> {
     Broadcast(Event),
     /// Store (and replicate) this definition, replacing the previous one.
     Persist(RoomDefinition),
-    /// These members were removed by the room (it ended): tell their sessions they are no
-    /// longer in it.
+    /// These members were removed by the room (it ended, or their user was kicked or
+    /// blocked): tell their sessions they are no longer in it.
     MembersRemoved(Vec<M>),
+    /// Send this notification to these members only (the host and moderators, and the
+    /// user concerned): hands and invitations.
+    Notify(Vec<M>, Event),
 }
 
 /// Reactions counted since the window opened.
@@ -276,11 +297,84 @@ impl CommentLimiter {
     }
 }
 
+/// The stage: roles, mutes, blocks, raised hands and open invitations. Durable: it is part
+/// of [`RoomDurable`], replicated before a change is acknowledged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomStage {
+    /// Moderators besides the host (at most `moderators_max`).
+    pub moderators: BTreeSet<UserId>,
+    /// Speakers besides the host and moderators (at most `speakers_max`).
+    pub speakers: BTreeSet<UserId>,
+    /// Muted users on stage.
+    pub muted: BTreeSet<UserId>,
+    /// Blocked users (at most `blocked_max`), for the room's life.
+    pub blocked: BTreeSet<UserId>,
+    /// Raised hands, oldest first (at most `hands_max`).
+    pub hands: Vec<UserId>,
+    /// Listeners invited to speak (at most `invited_max`).
+    pub invited: BTreeSet<UserId>,
+}
+
+/// A change to the stage, asked by a user (see the protocol's `room.set_role`,
+/// `room.hand`, `room.invite`, `room.invite_answer`, `room.mute`, `room.kick`,
+/// `room.block`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StageCommand {
+    /// Give `user` the role `role`.
+    SetRole {
+        /// Whose role.
+        user: UserId,
+        /// The new role.
+        role: Role,
+    },
+    /// Raise or lower the caller's hand.
+    Hand {
+        /// Raised or lowered.
+        raised: bool,
+    },
+    /// Invite listener `user` to speak.
+    Invite {
+        /// Who.
+        user: UserId,
+    },
+    /// Answer the caller's invitation.
+    InviteAnswer {
+        /// Accept or decline.
+        accept: bool,
+    },
+    /// Mute or unmute `user` (the caller's own microphone when `None`).
+    Mute {
+        /// Whose.
+        user: Option<UserId>,
+        /// Muted or not.
+        muted: bool,
+    },
+    /// Remove `user` from the room now.
+    Kick {
+        /// Who.
+        user: UserId,
+    },
+    /// Block or unblock `user`.
+    Block {
+        /// Who.
+        user: UserId,
+        /// Blocked or not.
+        blocked: bool,
+    },
+}
+
 /// The part of a room's state that must survive its owner: replicated to another node
-/// after every comment and handed to the next owner. (Membership is rebuilt from the
-/// edges; reaction windows and counters are transient.)
+/// before a comment or stage change is acknowledged, and handed to the next owner.
+/// (Membership is rebuilt from the edges; reaction windows and counters are transient.)
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomDurable {
+    /// Changes so far (comments and stage changes): of two copies at one ownership epoch,
+    /// the one with the higher revision is the more advanced.
+    #[serde(default)]
+    pub revision: u64,
+    /// Roles, mutes, blocks, hands, invitations.
+    #[serde(default)]
+    pub stage: RoomStage,
     /// Comments posted so far (the id of the latest).
     pub comment_count: u64,
     /// The latest comments, oldest first, ids consecutive.
@@ -296,8 +390,12 @@ pub struct RoomCore<M> {
     config: RoomConfig,
     /// Member → its user. At most `members_max` entries.
     members: BTreeMap<M, UserId>,
-    /// User → how many members it has (≥ 1); `users.len()` is the listener count.
-    users: BTreeMap<UserId, usize>,
+    /// User → its members (≥ 1); `users.len()` is the listener count.
+    users: BTreeMap<UserId, BTreeSet<M>>,
+    /// Roles, mutes, blocks, hands, invitations (durable).
+    stage: RoomStage,
+    /// Durable changes so far (see [`RoomDurable::revision`]).
+    revision: u64,
     /// Comments posted so far; also the id of the latest comment.
     comment_count: u64,
     /// The latest `recent_comments_max` comments, ids consecutive, oldest first.
@@ -324,6 +422,8 @@ impl<M: Clone + Ord> RoomCore<M> {
             config,
             members: BTreeMap::new(),
             users: BTreeMap::new(),
+            stage: RoomStage::default(),
+            revision: 0,
             comment_count: 0,
             recent_comments: VecDeque::new(),
             comment_latest_at_ms: 0,
@@ -341,6 +441,8 @@ impl<M: Clone + Ord> RoomCore<M> {
     /// The durable part of the state (see [`RoomDurable`]).
     pub fn durable(&self) -> RoomDurable {
         RoomDurable {
+            revision: self.revision,
+            stage: self.stage.clone(),
             comment_count: self.comment_count,
             recent_comments: self.recent_comments.iter().cloned().collect(),
             comment_latest_at_ms: self.comment_latest_at_ms,
@@ -350,9 +452,21 @@ impl<M: Clone + Ord> RoomCore<M> {
     /// Continues from a durable state recovered from a previous owner or a replica. Only a
     /// state ahead of the current one is taken (a newly activated room is at 0), so
     /// restoring is idempotent and never goes back.
-    pub fn restore_durable(&mut self, durable: RoomDurable) {
-        if durable.comment_count <= self.comment_count {
+    pub fn restore_durable(&mut self, now_ms: u64, durable: RoomDurable) {
+        if (durable.revision, durable.comment_count) <= (self.revision, self.comment_count) {
             return;
+        }
+        self.revision = durable.revision;
+        self.stage = durable.stage;
+        // Members present now who are blocked in the restored state leave.
+        let blocked: Vec<UserId> = self
+            .users
+            .keys()
+            .filter(|u| self.stage.blocked.contains(*u))
+            .cloned()
+            .collect();
+        for user in blocked {
+            self.remove_user(now_ms, &user);
         }
         let keep = self.config.recent_comments_max;
         let skip = durable.recent_comments.len().saturating_sub(keep);
@@ -383,6 +497,11 @@ impl<M: Clone + Ord> RoomCore<M> {
         user: &str,
     ) -> Result<RoomJoinResponse, RoomError> {
         self.refuse_if_ended()?;
+        if self.stage.blocked.contains(user) {
+            return Err(RoomError::Forbidden(
+                "you are blocked from this room".into(),
+            ));
+        }
         match self.members.get(&member) {
             Some(existing) if existing == user => {}
             Some(_) => {
@@ -394,20 +513,19 @@ impl<M: Clone + Ord> RoomCore<M> {
                 if self.members.len() >= self.config.members_max {
                     return Err(RoomError::RoomFull);
                 }
-                self.members.insert(member, user.to_string());
-                *self.users.entry(user.to_string()).or_insert(0) += 1;
+                self.members.insert(member.clone(), user.to_string());
+                self.users
+                    .entry(user.to_string())
+                    .or_default()
+                    .insert(member);
                 self.note_listener_change(now_ms);
             }
         }
-        let role = if user == self.definition.host {
-            Role::Host
-        } else {
-            Role::Listener
-        };
         let response = RoomJoinResponse {
             room: self.info(),
-            role,
+            role: self.role_of(user),
             recent_comments: self.recent_comments.iter().cloned().collect(),
+            stage: self.stage_info(user),
         };
         self.checked();
         Ok(response)
@@ -417,10 +535,12 @@ impl<M: Clone + Ord> RoomCore<M> {
     pub fn handle_leave(&mut self, now_ms: u64, member: &M) -> Result<(), RoomError> {
         self.refuse_if_ended()?;
         let user = self.members.remove(member).ok_or(RoomError::NotInRoom)?;
-        if let Some(count) = self.users.get_mut(&user) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(members) = self.users.get_mut(&user) {
+            members.remove(member);
+            if members.is_empty() {
                 self.users.remove(&user);
+                // A user who is gone leaves the stage (roles other than speaker stay).
+                self.leave_stage(&user);
             }
         }
         self.note_listener_change(now_ms);
@@ -454,6 +574,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             return Err(RoomError::RateLimited);
         }
         self.comment_count += 1;
+        self.revision += 1;
         self.comment_latest_at_ms = self.comment_latest_at_ms.max(now_ms);
         let comment = CommentEvent {
             room_id: self.definition.room_id.clone(),
@@ -659,6 +780,380 @@ impl<M: Clone + Ord> RoomCore<M> {
         &self.config
     }
 
+    /// The role `user` holds in this room.
+    pub fn role_of(&self, user: &str) -> Role {
+        if user == self.definition.host {
+            Role::Host
+        } else if self.stage.moderators.contains(user) {
+            Role::Moderator
+        } else if self.stage.speakers.contains(user) {
+            Role::Speaker
+        } else {
+            Role::Listener
+        }
+    }
+
+    /// The stage as `viewer` may see it: hands and invitations only for the host and
+    /// moderators.
+    pub fn stage_info(&self, viewer: &str) -> StageInfo {
+        let moderating = self.role_of(viewer) <= Role::Moderator;
+        StageInfo {
+            room_id: self.definition.room_id.clone(),
+            host: self.definition.host.clone(),
+            moderators: self.stage.moderators.iter().cloned().collect(),
+            speakers: self.stage.speakers.iter().cloned().collect(),
+            muted: self.stage.muted.iter().cloned().collect(),
+            hands: if moderating {
+                self.stage.hands.clone()
+            } else {
+                Vec::new()
+            },
+            invited: if moderating {
+                self.stage.invited.iter().cloned().collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// The stage (roles, mutes, blocks, hands, invitations).
+    pub fn stage(&self) -> &RoomStage {
+        &self.stage
+    }
+
+    /// Durable changes so far (see [`RoomDurable::revision`]).
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// `by` (who must be in the room) changes the stage. Every change is durable (the
+    /// revision moves on) and announced: role changes, mutes, kicks and blocks to the whole
+    /// room; hands and invitations to the host, the moderators and the user concerned.
+    /// What `by`'s role does not allow is refused with [`RoomError::Forbidden`]; a change
+    /// that does not apply (lowering a hand not raised, answering no invitation) with
+    /// [`RoomError::InvalidArgument`]; a no-op (muting the muted) succeeds quietly.
+    pub fn handle_stage(
+        &mut self,
+        now_ms: u64,
+        by: &str,
+        command: StageCommand,
+    ) -> Result<(), RoomError> {
+        self.refuse_if_ended()?;
+        if !self.users.contains_key(by) {
+            return Err(RoomError::NotInRoom);
+        }
+        let by_role = self.role_of(by);
+        let moderating = by_role <= Role::Moderator;
+        let changed = match command {
+            StageCommand::SetRole { user, role } => self.set_role(by, by_role, &user, role)?,
+            StageCommand::Hand { raised } => {
+                if self.role_of(by) != Role::Listener {
+                    return Err(RoomError::InvalidArgument(
+                        "you are on stage already: only listeners raise hands".into(),
+                    ));
+                }
+                let present = self.stage.hands.iter().any(|u| u == by);
+                match (raised, present) {
+                    (true, false) => {
+                        if self.stage.hands.len() >= self.config.hands_max {
+                            return Err(RoomError::Unavailable(format!(
+                                "the hand queue is full ({} hands)",
+                                self.config.hands_max
+                            )));
+                        }
+                        self.stage.hands.push(by.to_string());
+                        self.notify_moderators(by, StageAction::HandRaised, by, None);
+                        true
+                    }
+                    (false, true) => {
+                        self.stage.hands.retain(|u| u != by);
+                        self.notify_moderators(by, StageAction::HandLowered, by, None);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            StageCommand::Invite { user } => {
+                self.refuse_unless(moderating, "only the host and moderators invite speakers")?;
+                if !self.users.contains_key(&user) {
+                    return Err(RoomError::InvalidArgument(format!(
+                        "{user:?} is not in the room"
+                    )));
+                }
+                if self.role_of(&user) != Role::Listener {
+                    return Err(RoomError::InvalidArgument(format!(
+                        "{user:?} is on stage already"
+                    )));
+                }
+                if self.stage.invited.contains(&user) {
+                    false
+                } else {
+                    if self.stage.invited.len() >= self.config.invited_max {
+                        return Err(RoomError::Unavailable(format!(
+                            "too many open invitations ({})",
+                            self.config.invited_max
+                        )));
+                    }
+                    self.stage.invited.insert(user.clone());
+                    self.notify_moderators(&user, StageAction::Invited, by, None);
+                    true
+                }
+            }
+            StageCommand::InviteAnswer { accept } => {
+                if !self.stage.invited.contains(by) {
+                    return Err(RoomError::InvalidArgument(
+                        "you have no invitation to speak".into(),
+                    ));
+                }
+                if accept {
+                    if self.stage.speakers.len() >= self.config.speakers_max {
+                        return Err(RoomError::Unavailable(format!(
+                            "the stage is full ({} speakers)",
+                            self.config.speakers_max
+                        )));
+                    }
+                    self.stage.invited.remove(by);
+                    self.stage.hands.retain(|u| u != by);
+                    self.stage.speakers.insert(by.to_string());
+                    self.broadcast_stage(StageAction::RoleChanged, by, by, Some(Role::Speaker));
+                } else {
+                    self.stage.invited.remove(by);
+                    self.notify_moderators(by, StageAction::InviteDeclined, by, None);
+                }
+                true
+            }
+            StageCommand::Mute { user, muted } => {
+                let target = user.unwrap_or_else(|| by.to_string());
+                let target_role = self.role_of(&target);
+                if target_role == Role::Listener {
+                    return Err(RoomError::InvalidArgument(format!(
+                        "{target:?} is not on stage"
+                    )));
+                }
+                if target != by {
+                    self.refuse_unless(moderating, "only the host and moderators mute others")?;
+                    self.refuse_unless(muted, "moderators may not unmute others: ask them")?;
+                    self.refuse_unless(
+                        target_role != Role::Host,
+                        "nobody mutes the host but the host",
+                    )?;
+                }
+                let changed = if muted {
+                    self.stage.muted.insert(target.clone())
+                } else {
+                    self.stage.muted.remove(&target)
+                };
+                if changed {
+                    let action = if muted {
+                        StageAction::Muted
+                    } else {
+                        StageAction::Unmuted
+                    };
+                    self.broadcast_stage(action, &target, by, None);
+                }
+                changed
+            }
+            StageCommand::Kick { user } => {
+                self.refuse_unless(moderating, "only the host and moderators kick")?;
+                self.refuse_unless_above(by_role, &user, "kick")?;
+                if !self.users.contains_key(&user) {
+                    return Err(RoomError::InvalidArgument(format!(
+                        "{user:?} is not in the room"
+                    )));
+                }
+                self.broadcast_stage(StageAction::Kicked, &user, by, None);
+                self.stage.moderators.remove(&user);
+                self.remove_user(now_ms, &user);
+                true
+            }
+            StageCommand::Block { user, blocked } => {
+                self.refuse_unless(moderating, "only the host and moderators block")?;
+                self.refuse_unless_above(by_role, &user, "block")?;
+                if blocked {
+                    if self.stage.blocked.contains(&user) {
+                        false
+                    } else {
+                        if self.stage.blocked.len() >= self.config.blocked_max {
+                            return Err(RoomError::Unavailable(format!(
+                                "the block list is full ({} users)",
+                                self.config.blocked_max
+                            )));
+                        }
+                        self.stage.blocked.insert(user.clone());
+                        self.broadcast_stage(StageAction::Blocked, &user, by, None);
+                        self.stage.moderators.remove(&user);
+                        self.remove_user(now_ms, &user);
+                        true
+                    }
+                } else if self.stage.blocked.remove(&user) {
+                    self.broadcast_stage(StageAction::Unblocked, &user, by, None);
+                    true
+                } else {
+                    false
+                }
+            }
+        };
+        if changed {
+            self.revision += 1;
+        }
+        self.checked();
+        Ok(())
+    }
+
+    fn set_role(
+        &mut self,
+        by: &str,
+        by_role: Role,
+        user: &str,
+        role: Role,
+    ) -> Result<bool, RoomError> {
+        let current = self.role_of(user);
+        if current == Role::Host || role == Role::Host {
+            return Err(RoomError::Forbidden(
+                "a room has one host, for its life".into(),
+            ));
+        }
+        if current == role {
+            return Ok(false);
+        }
+        match (current, role) {
+            // Making and unmaking moderators is the host's.
+            (_, Role::Moderator) | (Role::Moderator, _) => {
+                self.refuse_unless(
+                    by_role == Role::Host,
+                    "only the host makes and unmakes moderators",
+                )?;
+                if role == Role::Moderator
+                    && self.stage.moderators.len() >= self.config.moderators_max
+                {
+                    return Err(RoomError::Unavailable(format!(
+                        "the room has {} moderators already",
+                        self.config.moderators_max
+                    )));
+                }
+            }
+            // Nobody is put on stage: they are invited and accept.
+            (Role::Listener, Role::Speaker) => {
+                return Err(RoomError::InvalidArgument(
+                    "listeners come on stage by invitation: use room.invite, then they accept"
+                        .into(),
+                ))
+            }
+            // Moving a speaker to the audience: moderators, or the speaker leaving.
+            (Role::Speaker, Role::Listener) => {
+                self.refuse_unless(
+                    by_role <= Role::Moderator || by == user,
+                    "only moderators move speakers to the audience",
+                )?;
+            }
+            _ => {}
+        }
+        self.stage.moderators.remove(user);
+        self.stage.speakers.remove(user);
+        self.stage.hands.retain(|u| u != user);
+        self.stage.invited.remove(user);
+        match role {
+            Role::Moderator => {
+                self.stage.moderators.insert(user.to_string());
+            }
+            Role::Speaker => {
+                self.stage.speakers.insert(user.to_string());
+            }
+            Role::Listener | Role::Host => {
+                self.stage.muted.remove(user);
+            }
+        }
+        self.broadcast_stage(StageAction::RoleChanged, user, by, Some(role));
+        Ok(true)
+    }
+
+    fn refuse_unless(&self, allowed: bool, why: &str) -> Result<(), RoomError> {
+        if allowed {
+            Ok(())
+        } else {
+            Err(RoomError::Forbidden(why.to_string()))
+        }
+    }
+
+    /// Moderators act on listeners and speakers; the host on anyone but itself.
+    fn refuse_unless_above(
+        &self,
+        by_role: Role,
+        user: &str,
+        action: &str,
+    ) -> Result<(), RoomError> {
+        let target = self.role_of(user);
+        if target == Role::Host || (target == Role::Moderator && by_role != Role::Host) {
+            Err(RoomError::Forbidden(format!(
+                "a {} may not {action} a {}",
+                role_name(by_role),
+                role_name(target)
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Removes every member of `user` (kicked or blocked): one
+    /// [`RoomEffect::MembersRemoved`]; the user leaves the stage.
+    fn remove_user(&mut self, now_ms: u64, user: &str) {
+        let Some(members) = self.users.remove(user) else {
+            return;
+        };
+        for member in &members {
+            self.members.remove(member);
+        }
+        self.leave_stage(user);
+        self.note_listener_change(now_ms);
+        self.effects
+            .push(RoomEffect::MembersRemoved(members.into_iter().collect()));
+    }
+
+    /// A user gone from the room leaves the stage: speaker role, mute, hand, invitation.
+    fn leave_stage(&mut self, user: &str) {
+        let mut changed = self.stage.speakers.remove(user);
+        changed |= self.stage.muted.remove(user);
+        changed |= self.stage.invited.remove(user);
+        let hands = self.stage.hands.len();
+        self.stage.hands.retain(|u| u != user);
+        changed |= hands != self.stage.hands.len();
+        if changed {
+            self.revision += 1;
+        }
+    }
+
+    fn stage_event(&self, action: StageAction, user: &str, by: &str, role: Option<Role>) -> Event {
+        Event::Stage(StageEvent {
+            room_id: self.definition.room_id.clone(),
+            action,
+            user_id: user.to_string(),
+            by: by.to_string(),
+            role,
+        })
+    }
+
+    fn broadcast_stage(&mut self, action: StageAction, user: &str, by: &str, role: Option<Role>) {
+        let event = self.stage_event(action, user, by, role);
+        self.effects.push(RoomEffect::Broadcast(event));
+    }
+
+    /// Sends a stage event to the host, the moderators and `user`, on all their members.
+    /// O(moderators · log members).
+    fn notify_moderators(&mut self, user: &str, action: StageAction, by: &str, role: Option<Role>) {
+        let event = self.stage_event(action, user, by, role);
+        let recipients: Vec<M> = std::iter::once(self.definition.host.as_str())
+            .chain(self.stage.moderators.iter().map(String::as_str))
+            .chain(std::iter::once(user))
+            .collect::<BTreeSet<&str>>()
+            .into_iter()
+            .filter_map(|u| self.users.get(u))
+            .flat_map(|members| members.iter().cloned())
+            .collect();
+        if !recipients.is_empty() {
+            self.effects.push(RoomEffect::Notify(recipients, event));
+        }
+    }
+
     /// Panics if the state is inconsistent (a bug in this module or in the shell). Run after
     /// every transition in debug builds. Costs O(recent comments), plus O(members) for
     /// rooms up to [`INVARIANTS_MEMBERS_SCAN_MAX`] members.
@@ -697,12 +1192,15 @@ impl<M: Clone + Ord> RoomCore<M> {
                 self.users.len(),
                 "user set differs from members"
             );
-            for (user, count) in &self.users {
+            for (user, members) in &self.users {
                 assert_eq!(
                     recount.get(user.as_str()),
-                    Some(count),
+                    Some(&members.len()),
                     "member count of user {user:?} differs from members"
                 );
+                for member in members {
+                    assert_eq!(self.members.get(member), Some(user), "member index");
+                }
             }
         }
         // Comments: the recent buffer holds the latest ids, consecutive, oldest first.
@@ -792,6 +1290,15 @@ impl<M: Clone + Ord> RoomCore<M> {
 /// `chars_max + 1` of them.
 fn exceeds_chars(text: &str, chars_max: usize) -> bool {
     text.chars().nth(chars_max).is_some()
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Host => "host",
+        Role::Moderator => "moderator",
+        Role::Speaker => "speaker",
+        Role::Listener => "listener",
+    }
 }
 
 #[cfg(test)]
@@ -1368,5 +1875,213 @@ mod tests {
         room.handle_leave(T0 + 8, &8).expect("leave");
         assert_eq!(room.info().listener_count, 0);
         assert_eq!(room.handle_leave(T0 + 9, &8), Err(RoomError::NotInRoom));
+    }
+
+    fn stage_actions(effects: &[RoomEffect<u64>]) -> Vec<(StageAction, String)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                RoomEffect::Broadcast(Event::Stage(s)) | RoomEffect::Notify(_, Event::Stage(s)) => {
+                    Some((s.action, s.user_id.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn code(result: Result<(), RoomError>) -> ErrorCode {
+        result.expect_err("refused").code()
+    }
+
+    #[test]
+    fn the_stage_follows_the_roles_rules() {
+        let mut room = room();
+        for (member, user) in [(1, HOST), (2, "mod"), (3, "ann"), (4, "bob"), (5, "bob")] {
+            room.handle_join(T0, member, user).expect("join");
+        }
+        room.drain_effects();
+        let stage =
+            |room: &mut RoomCore<u64>, by: &str, command| room.handle_stage(T0, by, command);
+        // R2: only the host makes moderators; nobody changes the host.
+        let make_mod = StageCommand::SetRole {
+            user: "mod".into(),
+            role: Role::Moderator,
+        };
+        assert_eq!(
+            code(stage(&mut room, "ann", make_mod.clone())),
+            ErrorCode::Forbidden
+        );
+        stage(&mut room, HOST, make_mod).expect("host makes a moderator");
+        assert_eq!(room.role_of("mod"), Role::Moderator);
+        let demote_host = StageCommand::SetRole {
+            user: HOST.into(),
+            role: Role::Listener,
+        };
+        assert_eq!(
+            code(stage(&mut room, "mod", demote_host)),
+            ErrorCode::Forbidden
+        );
+        // R3: hands in order, seen by moderators; invitation, then acceptance.
+        stage(&mut room, "bob", StageCommand::Hand { raised: true }).expect("hand");
+        stage(&mut room, "ann", StageCommand::Hand { raised: true }).expect("hand");
+        assert_eq!(room.stage_info("mod").hands, vec!["bob", "ann"]);
+        assert!(
+            room.stage_info("ann").hands.is_empty(),
+            "listeners do not see hands"
+        );
+        let effects = room.drain_effects();
+        let notified: Vec<&Vec<u64>> = effects
+            .iter()
+            .filter_map(|e| match e {
+                RoomEffect::Notify(members, _) => Some(members),
+                _ => None,
+            })
+            .collect();
+        let mut first = notified[0].clone();
+        first.sort_unstable();
+        assert_eq!(
+            first,
+            vec![1, 2, 4, 5],
+            "host, moderator and bob's two devices"
+        );
+        let to_stage = StageCommand::SetRole {
+            user: "bob".into(),
+            role: Role::Speaker,
+        };
+        assert_eq!(
+            code(stage(&mut room, "mod", to_stage)),
+            ErrorCode::InvalidArgument
+        );
+        let invite = StageCommand::Invite { user: "bob".into() };
+        assert_eq!(
+            code(stage(&mut room, "ann", invite.clone())),
+            ErrorCode::Forbidden
+        );
+        stage(&mut room, "mod", invite).expect("invite");
+        let accept = StageCommand::InviteAnswer { accept: true };
+        assert_eq!(
+            code(stage(&mut room, "ann", accept.clone())),
+            ErrorCode::InvalidArgument
+        );
+        stage(&mut room, "bob", accept).expect("accept");
+        assert_eq!(room.role_of("bob"), Role::Speaker);
+        assert_eq!(
+            room.stage_info("mod").hands,
+            vec!["ann"],
+            "bob's hand is down"
+        );
+        // R4: self mute and force-mute; no force-unmute.
+        let mute_bob = |muted| StageCommand::Mute {
+            user: Some("bob".into()),
+            muted,
+        };
+        assert_eq!(
+            code(stage(&mut room, "ann", mute_bob(true))),
+            ErrorCode::Forbidden
+        );
+        stage(&mut room, "mod", mute_bob(true)).expect("force-mute");
+        assert_eq!(
+            code(stage(&mut room, "mod", mute_bob(false))),
+            ErrorCode::Forbidden
+        );
+        stage(
+            &mut room,
+            "bob",
+            StageCommand::Mute {
+                user: None,
+                muted: false,
+            },
+        )
+        .expect("self");
+        assert!(room.stage().muted.is_empty());
+        let listener_mute = StageCommand::Mute {
+            user: None,
+            muted: true,
+        };
+        assert_eq!(
+            code(stage(&mut room, "ann", listener_mute)),
+            ErrorCode::InvalidArgument
+        );
+        // Moderators move speakers to the audience.
+        let to_audience = StageCommand::SetRole {
+            user: "bob".into(),
+            role: Role::Listener,
+        };
+        stage(&mut room, "mod", to_audience).expect("move to audience");
+        assert_eq!(room.role_of("bob"), Role::Listener);
+        // R5: a moderator may not kick the host or another moderator; kick removes every
+        // device, block keeps the user out.
+        let kick = |user: &str| StageCommand::Kick { user: user.into() };
+        assert_eq!(
+            code(stage(&mut room, "mod", kick(HOST))),
+            ErrorCode::Forbidden
+        );
+        assert_eq!(
+            code(stage(&mut room, "ann", kick("bob"))),
+            ErrorCode::Forbidden
+        );
+        room.drain_effects();
+        stage(&mut room, "mod", kick("bob")).expect("kick");
+        let effects = room.drain_effects();
+        assert_eq!(
+            stage_actions(&effects),
+            vec![(StageAction::Kicked, "bob".into())]
+        );
+        assert!(effects
+            .iter()
+            .any(|e| matches!(e, RoomEffect::MembersRemoved(m) if m == &vec![4, 5])));
+        room.handle_join(T0, 4, "bob")
+            .expect("a kicked user may come back");
+        let block = StageCommand::Block {
+            user: "bob".into(),
+            blocked: true,
+        };
+        stage(&mut room, "mod", block).expect("block");
+        assert_eq!(
+            room.handle_join(T0, 6, "bob").expect_err("blocked").code(),
+            ErrorCode::Forbidden
+        );
+        // Everything above is durable and survives a new owner.
+        let durable = room.durable();
+        assert!(durable.revision > 0);
+        let mut next = room_with(RoomConfig::default());
+        next.handle_join(T0, 7, "bob").expect("before the restore");
+        next.restore_durable(T0, durable);
+        assert_eq!(next.role_of("mod"), Role::Moderator);
+        assert!(next.stage().blocked.contains("bob"));
+        assert_eq!(
+            next.listener_count(),
+            0,
+            "the blocked member is removed on restore"
+        );
+        assert_eq!(next.stage_info(HOST).hands, vec!["ann"]);
+    }
+
+    #[test]
+    fn stage_bounds_hold() {
+        let config = RoomConfig {
+            hands_max: 1,
+            speakers_max: 1,
+            ..RoomConfig::default()
+        };
+        let mut room = room_with(config);
+        for (member, user) in [(1, HOST), (2, "a"), (3, "b")] {
+            room.handle_join(T0, member, user).expect("join");
+        }
+        room.handle_stage(T0, "a", StageCommand::Hand { raised: true })
+            .expect("first hand");
+        let full = room.handle_stage(T0, "b", StageCommand::Hand { raised: true });
+        assert_eq!(full.expect_err("queue full").code(), ErrorCode::Unavailable);
+        for user in ["a", "b"] {
+            room.handle_stage(T0, HOST, StageCommand::Invite { user: user.into() })
+                .expect("invite");
+        }
+        room.handle_stage(T0, "a", StageCommand::InviteAnswer { accept: true })
+            .expect("first speaker");
+        let full = room.handle_stage(T0, "b", StageCommand::InviteAnswer { accept: true });
+        assert_eq!(full.expect_err("stage full").code(), ErrorCode::Unavailable);
+        // Leaving the room leaves the stage.
+        room.handle_leave(T0, &2).expect("leave");
+        assert!(room.stage().speakers.is_empty());
     }
 }

@@ -15,11 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chorus_protocol::{
-    EncodedBody, Event, RoomCommentResponse, RoomInfo, RoomJoinResponse, UserId,
+    EncodedBody, Event, RoomCommentResponse, RoomInfo, RoomJoinResponse, StageInfo, UserId,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::room::{RoomConfig, RoomCore, RoomDefinition, RoomDurable, RoomEffect, RoomError};
+use crate::room::{
+    RoomConfig, RoomCore, RoomDefinition, RoomDurable, RoomEffect, RoomError, StageCommand,
+};
 use crate::store::{DefinitionStore, StoreError};
 
 /// Where a room delivers notifications for one member (a session on this node).
@@ -150,6 +152,22 @@ pub enum RoomMsg {
         /// Answer.
         reply: RpcReplyPort<Result<(), RoomError>>,
     },
+    /// Change the stage (roles, hands, invitations, mutes, kicks, blocks).
+    Stage {
+        /// Who asks.
+        user: UserId,
+        /// What.
+        command: StageCommand,
+        /// Answer, once the change is replicated.
+        reply: RpcReplyPort<Result<(), RoomError>>,
+    },
+    /// Read the stage as `user` may see it.
+    StageInfo {
+        /// Who asks.
+        user: UserId,
+        /// Answer.
+        reply: RpcReplyPort<StageInfo>,
+    },
     /// Read the room's info.
     Info {
         /// Answer.
@@ -178,8 +196,6 @@ pub enum RoomMsg {
 // Local only: ractor's `cluster` feature asks every message type to say so.
 impl ractor::Message for RoomMsg {}
 
-// The cluster feature of ractor is off for now; the blanket impl covers RoomMsg.
-
 /// Milliseconds since the Unix epoch from the system clock (shell only; cores get `now_ms`).
 pub fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -195,6 +211,8 @@ pub struct RoomShell {
     replicator: Option<Arc<dyn DurableSink>>,
     /// Ownership epoch of this activation (0 until [`RoomMsg::Restore`]).
     epoch: u64,
+    /// The revision last replicated.
+    replicated_revision: u64,
     tick_at_ms: Option<u64>,
 }
 
@@ -229,6 +247,7 @@ impl Actor for RoomActor {
             store: args.store,
             replicator: args.replicator,
             epoch: 0,
+            replicated_revision: 0,
             tick_at_ms: None,
         })
     }
@@ -280,24 +299,45 @@ impl Actor for RoomActor {
                 // (fail-stop): the next activation continues from the replicated state, so
                 // no comment id ever names two different comments.
                 if result.is_ok() {
-                    if let Some(replicator) = &state.replicator {
-                        let room_id = state.core.definition().room_id.clone();
-                        let replicated = replicator
-                            .replicate(&room_id, state.epoch, state.core.durable())
-                            .await;
-                        if let Err(error) = replicated {
-                            tracing::warn!(room = %room_id, epoch = state.epoch, %error, "comment not replicated: the room stops here");
-                            metrics::counter!("chorus_room_fail_stops_total").increment(1);
-                            let _ = reply.send(Err(RoomError::Unavailable(error.to_string())));
-                            myself.stop(Some("replication failed".into()));
-                            return Ok(());
-                        }
+                    if let Err(error) = state.replicate().await {
+                        let _ = reply.send(Err(error));
+                        myself.stop(Some("replication failed".into()));
+                        return Ok(());
                     }
                 }
                 // Effects (the broadcast) run before the reply so that the author sees its own
                 // comment notification no later than the response.
                 state.execute_effects().await;
                 let _ = reply.send(result);
+            }
+            RoomMsg::Stage {
+                user,
+                command,
+                reply,
+            } => {
+                // A kick or block removes members before its effects run; its announcement
+                // still reaches them (as `room.ended` does).
+                let removes = matches!(
+                    command,
+                    StageCommand::Kick { .. } | StageCommand::Block { blocked: true, .. }
+                );
+                let before: Option<Vec<Member>> =
+                    removes.then(|| state.core.members().cloned().collect());
+                let revision = state.core.revision();
+                let result = state.core.handle_stage(now_ms, &user, command);
+                // Like a comment: replicated before it is visible or acknowledged.
+                if result.is_ok() && state.core.revision() != revision {
+                    if let Err(error) = state.replicate().await {
+                        let _ = reply.send(Err(error));
+                        myself.stop(Some("replication failed".into()));
+                        return Ok(());
+                    }
+                }
+                state.execute_effects_to(before.as_deref()).await;
+                let _ = reply.send(result);
+            }
+            RoomMsg::StageInfo { user, reply } => {
+                let _ = reply.send(state.core.stage_info(&user));
             }
             RoomMsg::React {
                 member,
@@ -334,8 +374,10 @@ impl Actor for RoomActor {
             } => {
                 state.epoch = state.epoch.max(epoch);
                 if let Some(durable) = durable {
-                    state.core.restore_durable(durable);
+                    state.core.restore_durable(now_ms, durable);
                 }
+                // The activation replicates what it restored itself.
+                state.replicated_revision = state.core.revision();
                 let _ = reply.send(state.core.durable());
             }
             RoomMsg::Prune { gone } => {
@@ -358,12 +400,40 @@ impl Actor for RoomActor {
             }
         }
         state.execute_effects().await;
+        // Stage changes nobody waits for (a speaker who left the room leaves the stage):
+        // replicated too, best effort; the next acknowledged change carries them anyway.
+        if state.core.revision() != state.replicated_revision {
+            let _ = state.replicate().await;
+        }
         state.schedule_tick(&myself, now_ms);
         Ok(())
     }
 }
 
 impl RoomShell {
+    /// Replicates the durable state (see [`DurableSink`]); on failure the room must stop
+    /// (fail-stop) and the caller's change is refused.
+    async fn replicate(&mut self) -> Result<(), RoomError> {
+        let Some(replicator) = &self.replicator else {
+            return Ok(());
+        };
+        let room_id = self.core.definition().room_id.clone();
+        match replicator
+            .replicate(&room_id, self.epoch, self.core.durable())
+            .await
+        {
+            Ok(()) => {
+                self.replicated_revision = self.core.revision();
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(room = %room_id, epoch = self.epoch, %error, "room state not replicated");
+                metrics::counter!("chorus_room_fail_stops_total").increment(1);
+                Err(RoomError::Unavailable(error.to_string()))
+            }
+        }
+    }
+
     /// Sends `member` the comments after `since` from the recent log, in order.
     fn catch_up(&self, member: &Member, since: u64) {
         let mut sent = 0u64;
@@ -433,6 +503,15 @@ impl RoomShell {
                         tracing::error!(room = %definition.room_id, %error, "cannot persist room");
                     }
                 }
+                RoomEffect::Notify(members, event) => match event.encode_body() {
+                    Ok(body) => {
+                        let body = Arc::new(body);
+                        for member in &members {
+                            member.sink.deliver(&body);
+                        }
+                    }
+                    Err(error) => tracing::error!(%error, "cannot encode room event"),
+                },
                 RoomEffect::MembersRemoved(members) => {
                     let room_id = self.core.definition().room_id.clone();
                     for member in members {

@@ -194,6 +194,9 @@ pub struct RoomJoinResponse {
     pub role: Role,
     /// The last comments (oldest first), so a joiner sees the conversation.
     pub recent_comments: Vec<CommentEvent>,
+    /// The stage: host, moderators and speakers in full.
+    #[serde(default)]
+    pub stage: StageInfo,
 }
 
 /// `room.leave` body.
@@ -224,6 +227,13 @@ pub struct RoomInfoRequest {
     pub room_id: RoomId,
 }
 
+/// `room.stage` body: read the stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomStageRequest {
+    /// The room.
+    pub room_id: RoomId,
+}
+
 /// `room.comment`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomCommentRequest {
@@ -247,6 +257,144 @@ pub struct RoomReactRequest {
     pub room_id: RoomId,
     /// One emoji (1-16 bytes of UTF-8).
     pub emoji: String,
+}
+
+/// `room.set_role`: the host makes or unmakes moderators; moderators move a speaker to
+/// the audience (`listener`); a speaker leaves the stage by setting its own role to
+/// `listener`. Nobody becomes a speaker this way: moderators invite (`room.invite`) and
+/// the listener accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomSetRoleRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// Whose role changes.
+    pub user_id: UserId,
+    /// The new role (`moderator`, `speaker` for a moderator stepping down, or `listener`).
+    pub role: Role,
+}
+
+/// `room.hand`: a listener raises or lowers its hand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomHandRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// Raised (`true`) or lowered.
+    pub raised: bool,
+}
+
+/// `room.invite`: a moderator invites a listener to speak.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInviteRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// The listener invited.
+    pub user_id: UserId,
+}
+
+/// `room.invite_answer`: the invited listener accepts (comes on stage) or declines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInviteAnswerRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// Accept (`true`) or decline.
+    pub accept: bool,
+}
+
+/// `room.mute`: a speaker mutes or unmutes itself (no `user_id`, or its own); a moderator
+/// force-mutes another speaker (`muted: true` only: moderators may ask, not unmute).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomMuteRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// Whose microphone; absent means the caller's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<UserId>,
+    /// Muted (`true`) or not.
+    pub muted: bool,
+}
+
+/// `room.kick`: a moderator removes a user from the room now; it may join again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomKickRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// Who.
+    pub user_id: UserId,
+}
+
+/// `room.block`: a moderator blocks a user (removed now, may not join again for the room's
+/// life) or lifts the block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomBlockRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// Who.
+    pub user_id: UserId,
+    /// Blocked (`true`) or not.
+    pub blocked: bool,
+}
+
+/// The stage of a room: its roles in full (response to `room.stage`, and part of the
+/// `room.join` response).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageInfo {
+    /// The room.
+    pub room_id: RoomId,
+    /// The host.
+    pub host: UserId,
+    /// Moderators (besides the host).
+    pub moderators: Vec<UserId>,
+    /// Speakers (besides the host and moderators, who are on stage too).
+    pub speakers: Vec<UserId>,
+    /// Muted users on stage.
+    pub muted: Vec<UserId>,
+    /// Raised hands, in order; only shown to the host and moderators (empty otherwise).
+    pub hands: Vec<UserId>,
+    /// Listeners invited to speak who have not answered; shown to the host and moderators.
+    pub invited: Vec<UserId>,
+}
+
+/// What changed on a room's stage (`room.stage` notification).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageAction {
+    /// `user_id` has a new role (`role`).
+    RoleChanged,
+    /// `user_id` raised its hand (to the host and moderators).
+    HandRaised,
+    /// `user_id` lowered its hand, or it was lowered (to the host and moderators).
+    HandLowered,
+    /// `user_id` was invited to speak (to it, the host and moderators).
+    Invited,
+    /// `user_id` declined (to the host and moderators).
+    InviteDeclined,
+    /// `user_id` is muted.
+    Muted,
+    /// `user_id` unmuted itself.
+    Unmuted,
+    /// `user_id` was removed from the room.
+    Kicked,
+    /// `user_id` is blocked from the room.
+    Blocked,
+    /// `user_id` may join again.
+    Unblocked,
+}
+
+/// `room.stage` notification: one change on the stage or one moderation action. Every
+/// moderation action is sent to the whole room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageEvent {
+    /// The room.
+    pub room_id: RoomId,
+    /// What happened.
+    pub action: StageAction,
+    /// To whom.
+    pub user_id: UserId,
+    /// Who did it.
+    pub by: UserId,
+    /// The new role, for `role_changed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
 }
 
 /// `room.comment` notification: one comment, in the room's total order.
@@ -347,6 +495,22 @@ request_table! {
     RoomComment = "room.comment": RoomCommentRequest => RoomCommentResponse,
     /// `room.react`
     RoomReact = "room.react": RoomReactRequest => Empty,
+    /// `room.set_role`
+    RoomSetRole = "room.set_role": RoomSetRoleRequest => Empty,
+    /// `room.hand`
+    RoomHand = "room.hand": RoomHandRequest => Empty,
+    /// `room.invite`
+    RoomInvite = "room.invite": RoomInviteRequest => Empty,
+    /// `room.invite_answer`
+    RoomInviteAnswer = "room.invite_answer": RoomInviteAnswerRequest => Empty,
+    /// `room.mute`
+    RoomMute = "room.mute": RoomMuteRequest => Empty,
+    /// `room.kick`
+    RoomKick = "room.kick": RoomKickRequest => Empty,
+    /// `room.block`
+    RoomBlock = "room.block": RoomBlockRequest => Empty,
+    /// `room.stage`
+    RoomStage = "room.stage": RoomStageRequest => StageInfo,
 }
 
 macro_rules! request_kinds {
@@ -366,6 +530,14 @@ request_kinds! {
     RoomInfoRequest = "room.info" => RoomInfo,
     RoomCommentRequest = "room.comment" => RoomCommentResponse,
     RoomReactRequest = "room.react" => Empty,
+    RoomSetRoleRequest = "room.set_role" => Empty,
+    RoomHandRequest = "room.hand" => Empty,
+    RoomInviteRequest = "room.invite" => Empty,
+    RoomInviteAnswerRequest = "room.invite_answer" => Empty,
+    RoomMuteRequest = "room.mute" => Empty,
+    RoomKickRequest = "room.kick" => Empty,
+    RoomBlockRequest = "room.block" => Empty,
+    RoomStageRequest = "room.stage" => StageInfo,
 }
 
 macro_rules! event_table {
@@ -419,6 +591,8 @@ event_table! {
     Listeners = "room.listeners": ListenersEvent,
     /// The room ended.
     RoomEnded = "room.ended": RoomEndedEvent,
+    /// A stage change or moderation action.
+    Stage = "room.stage": StageEvent,
 }
 
 impl Event {
@@ -429,6 +603,7 @@ impl Event {
             Event::Reactions(e) => &e.room_id,
             Event::Listeners(e) => &e.room_id,
             Event::RoomEnded(e) => &e.room_id,
+            Event::Stage(e) => &e.room_id,
         }
     }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chorus_actors::room::RoomDefinition;
+use chorus_actors::room::{RoomDefinition, StageCommand};
 use chorus_actors::room_actor::unix_now_ms;
 use chorus_actors::session::{ConnectionConfig, ConnectionCore, LivenessAction};
 use chorus_protocol::{
@@ -613,11 +613,87 @@ impl Connection {
                 node.room_op(session, &react.room_id, op).await?;
                 Ok(ok(Empty {}))
             }
+            ClientRequest::RoomSetRole(r) => {
+                let command = StageCommand::SetRole {
+                    user: r.user_id,
+                    role: r.role,
+                };
+                self.stage(node, session, &r.room_id, user, command)
+                    .await
+                    .map(|()| ok(Empty {}))
+            }
+            ClientRequest::RoomHand(r) => {
+                let command = StageCommand::Hand { raised: r.raised };
+                self.stage(node, session, &r.room_id, user, command)
+                    .await
+                    .map(|()| ok(Empty {}))
+            }
+            ClientRequest::RoomInvite(r) => {
+                let command = StageCommand::Invite { user: r.user_id };
+                self.stage(node, session, &r.room_id, user, command)
+                    .await
+                    .map(|()| ok(Empty {}))
+            }
+            ClientRequest::RoomInviteAnswer(r) => {
+                let command = StageCommand::InviteAnswer { accept: r.accept };
+                self.stage(node, session, &r.room_id, user, command)
+                    .await
+                    .map(|()| ok(Empty {}))
+            }
+            ClientRequest::RoomMute(r) => {
+                let command = StageCommand::Mute {
+                    user: r.user_id,
+                    muted: r.muted,
+                };
+                self.stage(node, session, &r.room_id, user, command)
+                    .await
+                    .map(|()| ok(Empty {}))
+            }
+            ClientRequest::RoomKick(r) => {
+                let command = StageCommand::Kick { user: r.user_id };
+                self.stage(node, session, &r.room_id, user, command)
+                    .await
+                    .map(|()| ok(Empty {}))
+            }
+            ClientRequest::RoomBlock(r) => {
+                let command = StageCommand::Block {
+                    user: r.user_id,
+                    blocked: r.blocked,
+                };
+                self.stage(node, session, &r.room_id, user, command)
+                    .await
+                    .map(|()| ok(Empty {}))
+            }
+            ClientRequest::RoomStage(r) => {
+                self.require_member(session, &r.room_id)?;
+                match node
+                    .room_op(session, &r.room_id, RoomOp::StageInfo { user })
+                    .await?
+                {
+                    RoomOpReply::Stage(stage) => Ok(ok(stage)),
+                    other => Err(unexpected(other)),
+                }
+            }
             ClientRequest::Auth(_) | ClientRequest::Ping(_) => Err(ErrorBody::new(
                 ErrorCode::Internal,
                 "auth and ping are handled before dispatch",
             )),
         }
+    }
+
+    /// A stage change by a member of the room.
+    async fn stage(
+        &self,
+        node: &Node,
+        session: &Arc<Session>,
+        room_id: &str,
+        user: String,
+        command: StageCommand,
+    ) -> Result<(), ErrorBody> {
+        self.require_member(session, room_id)?;
+        node.room_op(session, room_id, RoomOp::Stage { user, command })
+            .await?;
+        Ok(())
     }
 
     fn require_member(&self, session: &Session, room_id: &str) -> Result<(), ErrorBody> {

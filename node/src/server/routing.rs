@@ -111,6 +111,18 @@ pub enum RoomOp {
         /// Who asks.
         user: UserId,
     },
+    /// Change the stage.
+    Stage {
+        /// Who asks.
+        user: UserId,
+        /// What.
+        command: chorus_actors::room::StageCommand,
+    },
+    /// Read the stage as `user` may see it.
+    StageInfo {
+        /// Who asks.
+        user: UserId,
+    },
     /// Read the room's info.
     Info,
 }
@@ -126,6 +138,8 @@ pub enum RoomOpReply {
     Commented(RoomCommentResponse),
     /// Info.
     Info(RoomInfo),
+    /// The stage.
+    Stage(chorus_protocol::StageInfo),
     /// Done, nothing to report.
     Done,
 }
@@ -226,7 +240,8 @@ impl DurableStates {
         let ahead = match &held.state {
             None => true,
             Some((held_epoch, held_state)) => {
-                (epoch, durable.comment_count) >= (*held_epoch, held_state.comment_count)
+                (epoch, durable.revision, durable.comment_count)
+                    >= (*held_epoch, held_state.revision, held_state.comment_count)
             }
         };
         if ahead {
@@ -1070,7 +1085,7 @@ impl Node {
         let durable = recoveries
             .iter()
             .filter_map(|(_, r)| r.durable.clone())
-            .max_by_key(|(epoch, d)| (*epoch, d.comment_count))
+            .max_by_key(|(epoch, d)| (*epoch, d.revision, d.comment_count))
             .map(|(_, d)| d);
         let restored = durable.as_ref().map(|d| d.comment_count).unwrap_or(0);
         let current = ask(&actor, |reply| RoomMsg::Restore {
@@ -1241,6 +1256,19 @@ impl Node {
                     .await?
                     .map_err(room_error)?;
                 RoomOpReply::Done
+            }
+            RoomOp::Stage { user, command } => {
+                ask(&actor, |reply| RoomMsg::Stage {
+                    user,
+                    command,
+                    reply,
+                })
+                .await?
+                .map_err(room_error)?;
+                RoomOpReply::Done
+            }
+            RoomOp::StageInfo { user } => {
+                RoomOpReply::Stage(ask(&actor, |reply| RoomMsg::StageInfo { user, reply }).await?)
             }
             RoomOp::Info => RoomOpReply::Info(ask(&actor, |reply| RoomMsg::Info { reply }).await?),
         })
