@@ -238,9 +238,41 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
         attempts_max: 100,
     };
     let mut stranded = Client::connect(stranded_config).await.expect("stranded");
-    for client in [&speaker, &listener, &stranded] {
+    for client in [&creator, &speaker, &listener, &stranded] {
         join(client, &room).await;
     }
+    // Roles and a block, to survive the owner: the listener becomes a moderator, the
+    // speaker comes on stage (invited, accepts), a troll is blocked.
+    creator
+        .request(chorus_protocol::RoomSetRoleRequest {
+            room_id: room.clone(),
+            user_id: "listener".into(),
+            role: chorus_protocol::Role::Moderator,
+        })
+        .await
+        .expect("make a moderator");
+    creator
+        .request(chorus_protocol::RoomInviteRequest {
+            room_id: room.clone(),
+            user_id: "speaker".into(),
+        })
+        .await
+        .expect("invite");
+    speaker
+        .request(chorus_protocol::RoomInviteAnswerRequest {
+            room_id: room.clone(),
+            accept: true,
+        })
+        .await
+        .expect("accept");
+    creator
+        .request(chorus_protocol::RoomBlockRequest {
+            room_id: room.clone(),
+            user_id: "troll".into(),
+            blocked: true,
+        })
+        .await
+        .expect("block");
     say(&speaker, &room, "before").await;
     assert_eq!(
         collect_comments(&mut listener, &room, 1).await[0].1,
@@ -326,6 +358,26 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
         .expect("info");
     assert_eq!(info.host, "host");
     assert_eq!(info.title, "failover");
+    // Roles and blocks survived: the new owner continued from the replicated stage.
+    let stage = speaker
+        .request(chorus_protocol::RoomStageRequest {
+            room_id: room.clone(),
+        })
+        .await
+        .expect("stage");
+    assert_eq!(stage.moderators, vec!["listener".to_string()]);
+    assert_eq!(stage.speakers, vec!["speaker".to_string()]);
+    let troll = survivors[0].client(&survivors[0].ws_url(), "troll").await;
+    let refused = troll
+        .request(chorus_protocol::RoomRef {
+            room_id: room.clone(),
+        })
+        .await;
+    assert!(
+        matches!(&refused, Err(chorus_node::client::ClientError::Server(body))
+            if body.code == chorus_protocol::ErrorCode::Forbidden as u16),
+        "the block survived: {refused:?}"
+    );
     let _ = speaker.try_next_event();
 }
 

@@ -26,8 +26,15 @@ use crate::store::{DefinitionStore, StoreError};
 
 /// Where a room delivers notifications for one member (a session on this node).
 pub trait MemberSink: Send + Sync + 'static {
-    /// Delivers an encoded notification. Must not block: queue or drop.
+    /// Delivers an encoded notification. Must not block: queue or drop. For a member on
+    /// another node this is a broadcast's one copy for that node (see
+    /// [`Self::relay_group`]): every member there gets it.
     fn deliver(&self, body: &Arc<EncodedBody>);
+    /// Delivers an encoded notification to this member only (a catch-up, a notice to
+    /// moderators). Same as [`Self::deliver`] for a local member.
+    fn deliver_one(&self, body: &Arc<EncodedBody>) {
+        self.deliver(body);
+    }
     /// The room removed this member (it ended).
     fn removed_from_room(&self, room_id: &str);
     /// Members on another node share one relay: a broadcast is handed to a relay group
@@ -447,7 +454,7 @@ impl RoomShell {
             }
             match Event::Comment(comment.clone()).encode_body() {
                 Ok(body) => {
-                    member.sink.deliver(&Arc::new(body));
+                    member.sink.deliver_one(&Arc::new(body));
                     sent += 1;
                 }
                 Err(error) => tracing::error!(%error, "cannot encode a comment"),
@@ -507,7 +514,7 @@ impl RoomShell {
                     Ok(body) => {
                         let body = Arc::new(body);
                         for member in &members {
-                            member.sink.deliver(&body);
+                            member.sink.deliver_one(&body);
                         }
                     }
                     Err(error) => tracing::error!(%error, "cannot encode room event"),

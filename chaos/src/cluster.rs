@@ -139,7 +139,8 @@ impl NodeProcess {
         let mut child = command
             .env(
                 "CHORUS_LOG",
-                std::env::var("CHORUS_CHAOS_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("CHORUS_CHAOS_LOG")
+                    .unwrap_or_else(|_| "warn,chorus_node=info,chorus_cluster=info".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -389,6 +389,10 @@ pub enum RelayItem {
         /// owner whose epoch is below the committed one (a stale owner).
         #[serde(default)]
         epoch: u64,
+        /// For one member only (a catch-up, a notice to moderators): its member key.
+        /// `None`: every member of the room on the edge.
+        #[serde(default)]
+        member_key: Option<u64>,
     },
     /// The room removed this member (it ended).
     Removed {
@@ -569,8 +573,8 @@ impl RemoteMember {
     }
 }
 
-impl MemberSink for RemoteMember {
-    fn deliver(&self, body: &Arc<EncodedBody>) {
+impl RemoteMember {
+    fn relay_event(&self, body: &Arc<EncodedBody>, member_key: Option<u64>) {
         // The edge finds its members by room id, so it travels alongside the body.
         self.relay.push(RelayItem::Event {
             room_id: self.room_id.clone(),
@@ -579,7 +583,18 @@ impl MemberSink for RemoteMember {
             json: body.body_bytes(Encoding::Json).clone(),
             position: body.position().map(|(_, position)| position),
             epoch: self.relay.owned_epoch(&self.room_id),
+            member_key,
         });
+    }
+}
+
+impl MemberSink for RemoteMember {
+    fn deliver(&self, body: &Arc<EncodedBody>) {
+        self.relay_event(body, None);
+    }
+
+    fn deliver_one(&self, body: &Arc<EncodedBody>) {
+        self.relay_event(body, Some(self.member_key));
     }
 
     fn removed_from_room(&self, room_id: &str) {
@@ -667,6 +682,7 @@ impl RoomMirrors {
                     json,
                     position,
                     epoch: _,
+                    member_key,
                 } => {
                     let Some(mut body) = EncodedBody::from_parts(&kind, msgpack, json) else {
                         tracing::warn!(%kind, "relayed event of unknown kind");
@@ -679,7 +695,10 @@ impl RoomMirrors {
                     let members: Vec<Arc<Session>> = self
                         .map()
                         .get(&room_id)
-                        .map(|m| m.values().cloned().collect())
+                        .map(|m| match member_key {
+                            Some(key) => m.get(&key).cloned().into_iter().collect(),
+                            None => m.values().cloned().collect(),
+                        })
                         .unwrap_or_default();
                     if members.is_empty() {
                         tracing::debug!(room = %room_id, "relayed event for a room with no local members");

@@ -1,0 +1,226 @@
+//! System tests of the live-audio room features (SPEC R1-R10) through the client library,
+//! over real sockets to real `chorus serve` processes, refusals included.
+
+mod common;
+
+use chorus_node::client::{Client, ClientError};
+use chorus_protocol::{
+    ErrorCode, Event, Role, RoomBlockRequest, RoomCommentRequest, RoomHandRequest,
+    RoomInviteAnswerRequest, RoomInviteRequest, RoomKickRequest, RoomMuteRequest, RoomRef,
+    RoomSetRoleRequest, RoomStageRequest, StageAction, StageEvent,
+};
+use common::{create_room, expect_event, join, TestNode};
+
+const UNTHROTTLED: &[&str] = &["--requests-per-sec", "100000", "--requests-burst", "100000"];
+
+/// The error code of a refused request.
+fn refusal<T: std::fmt::Debug>(result: Result<T, ClientError>) -> ErrorCode {
+    match result {
+        Err(ClientError::Server(body)) => {
+            ErrorCode::from_u16(body.code).unwrap_or_else(|| panic!("unknown code {}", body.code))
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// Waits for the `room.stage` notification with `action` about `user`.
+async fn stage_event(client: &mut Client, action: StageAction, user: &str) -> StageEvent {
+    expect_event(
+        client,
+        &format!("{action:?} of {user}"),
+        |event| match event {
+            Event::Stage(e) if e.action == action && e.user_id == user => Some(e.clone()),
+            _ => None,
+        },
+    )
+    .await
+}
+
+fn set_role(room: &str, user: &str, role: Role) -> RoomSetRoleRequest {
+    RoomSetRoleRequest {
+        room_id: room.into(),
+        user_id: user.into(),
+        role,
+    }
+}
+
+fn mute(room: &str, user: Option<&str>, muted: bool) -> RoomMuteRequest {
+    RoomMuteRequest {
+        room_id: room.into(),
+        user_id: user.map(str::to_string),
+        muted,
+    }
+}
+
+fn block(room: &str, user: &str, blocked: bool) -> RoomBlockRequest {
+    RoomBlockRequest {
+        room_id: room.into(),
+        user_id: user.into(),
+        blocked,
+    }
+}
+
+async fn stage_of(client: &Client, room: &str) -> chorus_protocol::StageInfo {
+    client
+        .request(RoomStageRequest {
+            room_id: room.into(),
+        })
+        .await
+        .expect("stage")
+}
+
+/// R2 roles, R3 stage, R4 mute, R5 kick and block: each allowed action works and is
+/// announced; each action a role may not take is refused with a clear code.
+#[tokio::test]
+async fn roles_stage_mutes_kicks_and_blocks_follow_the_rules() {
+    let node = TestNode::start(UNTHROTTLED).await;
+    let mut host = node.client(&node.ws_url(), "host").await;
+    let mut moderator = node.client(&node.quic_url(), "mod").await;
+    let mut ann = node.client(&node.ws_url(), "ann").await;
+    let mut bob = node.client(&node.quic_url(), "bob").await;
+    let room = create_room(&host, "stage").await;
+    for client in [&host, &moderator, &ann, &bob] {
+        join(client, &room).await;
+    }
+
+    // R2: the host makes a moderator; nobody else may; the host's role never changes.
+    let code = refusal(ann.request(set_role(&room, "mod", Role::Moderator)).await);
+    assert_eq!(code, ErrorCode::Forbidden, "a listener makes no moderators");
+    host.request(set_role(&room, "mod", Role::Moderator))
+        .await
+        .expect("the host makes a moderator");
+    let made = stage_event(&mut ann, StageAction::RoleChanged, "mod").await;
+    assert_eq!(
+        (made.role, made.by.as_str()),
+        (Some(Role::Moderator), "host")
+    );
+    let code = refusal(
+        moderator
+            .request(set_role(&room, "host", Role::Listener))
+            .await,
+    );
+    assert_eq!(code, ErrorCode::Forbidden, "nobody changes the host");
+    let code = refusal(
+        moderator
+            .request(set_role(&room, "ann", Role::Moderator))
+            .await,
+    );
+    assert_eq!(code, ErrorCode::Forbidden, "moderators make no moderators");
+
+    // R3: hands in order, seen by moderators only; invitation, acceptance.
+    for client in [&bob, &ann] {
+        client
+            .request(RoomHandRequest {
+                room_id: room.clone(),
+                raised: true,
+            })
+            .await
+            .expect("raise hand");
+    }
+    stage_event(&mut moderator, StageAction::HandRaised, "bob").await;
+    assert_eq!(stage_of(&moderator, &room).await.hands, vec!["bob", "ann"]);
+    assert!(
+        stage_of(&ann, &room).await.hands.is_empty(),
+        "listeners do not see the hand queue"
+    );
+    let code = refusal(
+        moderator
+            .request(set_role(&room, "bob", Role::Speaker))
+            .await,
+    );
+    assert_eq!(
+        code,
+        ErrorCode::InvalidArgument,
+        "nobody is put on stage without accepting"
+    );
+    let invite = RoomInviteRequest {
+        room_id: room.clone(),
+        user_id: "bob".into(),
+    };
+    let code = refusal(ann.request(invite.clone()).await);
+    assert_eq!(code, ErrorCode::Forbidden, "listeners invite nobody");
+    moderator.request(invite).await.expect("invite");
+    stage_event(&mut bob, StageAction::Invited, "bob").await;
+    let accept = RoomInviteAnswerRequest {
+        room_id: room.clone(),
+        accept: true,
+    };
+    let code = refusal(ann.request(accept.clone()).await);
+    assert_eq!(code, ErrorCode::InvalidArgument, "ann has no invitation");
+    bob.request(accept).await.expect("accept");
+    let on_stage = stage_event(&mut ann, StageAction::RoleChanged, "bob").await;
+    assert_eq!(on_stage.role, Some(Role::Speaker));
+    let stage = stage_of(&moderator, &room).await;
+    assert_eq!(
+        (stage.speakers.clone(), stage.hands.clone()),
+        (vec!["bob".to_string()], vec!["ann".to_string()])
+    );
+
+    // R4: moderators force-mute, never unmute; speakers unmute themselves.
+    let code = refusal(ann.request(mute(&room, Some("bob"), true)).await);
+    assert_eq!(code, ErrorCode::Forbidden, "listeners mute nobody");
+    moderator
+        .request(mute(&room, Some("bob"), true))
+        .await
+        .expect("force-mute");
+    stage_event(&mut ann, StageAction::Muted, "bob").await;
+    let code = refusal(moderator.request(mute(&room, Some("bob"), false)).await);
+    assert_eq!(code, ErrorCode::Forbidden, "moderators may ask, not unmute");
+    bob.request(mute(&room, None, false))
+        .await
+        .expect("self unmute");
+    stage_event(&mut ann, StageAction::Unmuted, "bob").await;
+    let code = refusal(ann.request(mute(&room, None, true)).await);
+    assert_eq!(
+        code,
+        ErrorCode::InvalidArgument,
+        "a listener has no microphone"
+    );
+    // A moderator moves the speaker back to the audience.
+    moderator
+        .request(set_role(&room, "bob", Role::Listener))
+        .await
+        .expect("move to audience");
+    let moved = stage_event(&mut ann, StageAction::RoleChanged, "bob").await;
+    assert_eq!(moved.role, Some(Role::Listener));
+
+    // R5: kick (may rejoin) and block (may not), visible to the room.
+    let kick = |user: &str| RoomKickRequest {
+        room_id: room.clone(),
+        user_id: user.into(),
+    };
+    let code = refusal(moderator.request(kick("host")).await);
+    assert_eq!(code, ErrorCode::Forbidden, "nobody kicks the host");
+    let code = refusal(ann.request(kick("bob")).await);
+    assert_eq!(code, ErrorCode::Forbidden, "listeners kick nobody");
+    moderator.request(kick("bob")).await.expect("kick");
+    stage_event(&mut ann, StageAction::Kicked, "bob").await;
+    stage_event(&mut bob, StageAction::Kicked, "bob").await;
+    let code = refusal(
+        bob.request(RoomCommentRequest {
+            room_id: room.clone(),
+            text: "still here?".into(),
+        })
+        .await,
+    );
+    assert_eq!(code, ErrorCode::NotInRoom, "a kicked member is out");
+    join(&bob, &room).await;
+    moderator
+        .request(block(&room, "bob", true))
+        .await
+        .expect("block");
+    stage_event(&mut ann, StageAction::Blocked, "bob").await;
+    let code = refusal(
+        bob.request(RoomRef {
+            room_id: room.clone(),
+        })
+        .await,
+    );
+    assert_eq!(code, ErrorCode::Forbidden, "a blocked user may not rejoin");
+    moderator
+        .request(block(&room, "bob", false))
+        .await
+        .expect("unblock");
+    stage_event(&mut host, StageAction::Unblocked, "bob").await;
+    join(&bob, &room).await;
+}
