@@ -67,6 +67,26 @@ struct RoomPosition {
     /// Whether the room answered the join (until then the room's recent comments are on
     /// their way in that answer, so the position means nothing yet).
     joined: bool,
+    /// A gap was seen and a repair (a re-join asking for what came after `latest`) is
+    /// under way: further gaps do not ask again.
+    repairing: bool,
+}
+
+/// What to do with an ordered event (see [`SessionCore::handle_position`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PositionCheck {
+    /// Deliver it: the next one (or the session is not in the room, or its join has not
+    /// been answered yet).
+    Deliver,
+    /// Drop it: the session has it already (a re-sent catch-up).
+    Repeat,
+    /// Drop it: events before it are missing (it overtook them on another path, or they
+    /// were lost). `repair`: ask the room for what came after the latest delivered (the
+    /// first gap since the last repair); the catch-up brings this one again, in order.
+    Gap {
+        /// Start a repair now.
+        repair: bool,
+    },
 }
 
 impl<N: Clone> SessionCore<N> {
@@ -209,17 +229,37 @@ impl<N: Clone> SessionCore<N> {
         self.rooms.keys()
     }
 
-    /// An ordered event at `position` of `room` is about to be delivered: false if the
-    /// session already has it (a re-sent catch-up), so it must be dropped. Events of rooms
-    /// the session is not in pass.
-    pub fn handle_position(&mut self, room: &str, position: u64) -> bool {
+    /// An ordered event at `position` of `room` is about to be delivered: delivered only
+    /// in order, each once. Events of rooms the session is not in pass; so do events
+    /// before the room answered the join (the answer sets the position).
+    pub fn handle_position(&mut self, room: &str, position: u64) -> PositionCheck {
         match self.rooms.get_mut(room) {
-            Some(held) if position <= held.latest => false,
+            Some(held) if position <= held.latest => PositionCheck::Repeat,
+            Some(held) if held.joined && position > held.latest + 1 => {
+                let repair = !held.repairing;
+                held.repairing = true;
+                PositionCheck::Gap { repair }
+            }
             Some(held) => {
                 held.latest = position;
-                true
+                PositionCheck::Deliver
             }
-            None => true,
+            None => PositionCheck::Deliver,
+        }
+    }
+
+    /// The repair of `room` finished (or was given up): the next gap starts another.
+    pub fn handle_repair_done(&mut self, room: &str) {
+        if let Some(held) = self.rooms.get_mut(room) {
+            held.repairing = false;
+        }
+    }
+
+    /// The room's recent log starts after what the session has: it cannot get the
+    /// comments before `first_available`; go on from there (they are lost to it).
+    pub fn handle_positions_skipped(&mut self, room: &str, first_available: u64) {
+        if let Some(held) = self.rooms.get_mut(room) {
+            held.latest = held.latest.max(first_available.saturating_sub(1));
         }
     }
 
@@ -465,19 +505,42 @@ mod tests {
     }
 
     #[test]
-    fn room_positions_drop_repeats_and_bound_catch_up() {
+    fn room_positions_drop_repeats_and_gaps_and_bound_catch_up() {
+        use PositionCheck::{Deliver, Gap, Repeat};
         let mut s = SessionCore::<()>::new(SessionConfig::default(), 1);
-        assert!(s.handle_position("a", 3), "not in the room: passes");
+        assert_eq!(
+            s.handle_position("a", 3),
+            Deliver,
+            "not in the room: passes"
+        );
         assert_eq!(s.handle_room_joined("a"), Ok(()));
         assert_eq!(s.room_position("a"), None, "no position before the answer");
         // an event that overtakes the join's answer is delivered and counted
-        assert!(s.handle_position("a", 8));
+        assert_eq!(s.handle_position("a", 8), Deliver);
         s.handle_room_join_answered("a", 7);
         assert_eq!(s.room_position("a"), Some(8));
-        assert!(!s.handle_position("a", 8), "a repeat is dropped");
-        assert!(!s.handle_position("a", 5), "an older one too");
-        assert!(s.handle_position("a", 9));
+        assert_eq!(s.handle_position("a", 8), Repeat, "a repeat is dropped");
+        assert_eq!(s.handle_position("a", 5), Repeat, "an older one too");
+        assert_eq!(s.handle_position("a", 9), Deliver);
         assert_eq!(s.room_position("a"), Some(9));
+        // 10 is missing: 11 and 12 are held back, one repair is asked for.
+        assert_eq!(s.handle_position("a", 11), Gap { repair: true });
+        assert_eq!(s.handle_position("a", 12), Gap { repair: false });
+        assert_eq!(
+            s.room_position("a"),
+            Some(9),
+            "a gap does not move the position"
+        );
+        // the catch-up brings them in order
+        for position in 10..=12 {
+            assert_eq!(s.handle_position("a", position), Deliver);
+        }
+        s.handle_repair_done("a");
+        assert_eq!(s.handle_position("a", 14), Gap { repair: true });
+        // the room's log no longer reaches back: go on from what it has
+        s.handle_positions_skipped("a", 14);
+        s.handle_repair_done("a");
+        assert_eq!(s.handle_position("a", 14), Deliver);
         s.handle_room_left("a");
         assert_eq!(s.room_position("a"), None);
     }

@@ -1394,6 +1394,68 @@ pub(crate) async fn follow_ring(node: Weak<Node>) {
     }
 }
 
+/// Re-joins, asking for what they missed, the rooms in which a session saw a gap in the
+/// order (an event that overtook one it lacks, e.g. a live comment from a new owner
+/// arriving before the catch-up of the comments a failover kept from it). The session
+/// dropped the early event; the catch-up brings everything after its latest, in order. If
+/// the room's recent log no longer reaches back, the session goes on from what the log
+/// has (counted in `chorus_catch_up_skipped_total`). Runs until the node stops.
+pub(crate) async fn repair_gaps(
+    node: Weak<Node>,
+    mut repairs: tokio::sync::mpsc::Receiver<(String, String)>,
+) {
+    while let Some((session_id, room_id)) = repairs.recv().await {
+        let Some(node) = node.upgrade() else { return };
+        let Some(session) = node.sessions.get(&session_id) else {
+            continue;
+        };
+        tokio::spawn(async move {
+            for _ in 0..REPAIR_ATTEMPTS_MAX {
+                let Some(since) = session.with_core(|core| core.room_position(&room_id)) else {
+                    break;
+                };
+                let op = RoomOp::Join {
+                    user: session.user_id.clone(),
+                    since: Some(since),
+                };
+                match node.room_op(&session, &room_id, op).await {
+                    Ok(RoomOpReply::Joined(joined)) => {
+                        let first = joined.recent_comments.first().map(|c| c.comment_id);
+                        match first {
+                            Some(first)
+                                if first > since + 1 && joined.room.comment_count > since =>
+                            {
+                                // The log starts after what the session has: take what
+                                // it has, from its start.
+                                metrics::counter!("chorus_catch_up_skipped_total")
+                                    .increment(first - since - 1);
+                                session.with_core(|core| {
+                                    core.handle_positions_skipped(&room_id, first)
+                                });
+                            }
+                            _ => {
+                                metrics::counter!("chorus_order_repairs_total").increment(1);
+                                break;
+                            }
+                        }
+                    }
+                    Ok(_) => break,
+                    Err(error) => {
+                        tracing::debug!(room = %room_id, session = %session.id, %error, "gap repair failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(REPAIR_RETRY_MS)).await;
+                    }
+                }
+            }
+            session.with_core(|core| core.handle_repair_done(&room_id));
+        });
+    }
+}
+
+/// Re-joins one gap repair tries before it gives up (the next gap starts another).
+const REPAIR_ATTEMPTS_MAX: u32 = 5;
+/// Pause between two tries of a gap repair.
+const REPAIR_RETRY_MS: u64 = 200;
+
 /// The node's handler for messages from other nodes.
 pub struct NodeApp {
     /// The node (weak: the node owns the cluster service that owns this handler).

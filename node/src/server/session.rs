@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use chorus_actors::room_actor::{Member, MemberSink};
-use chorus_actors::session::{ResumeRefusal, SessionConfig, SessionCore};
+use chorus_actors::session::{PositionCheck, ResumeRefusal, SessionConfig, SessionCore};
 use chorus_protocol::{EncodedBody, ErrorCode};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -126,6 +126,8 @@ pub struct Session {
     pub user_id: String,
     key: u64,
     inner: Mutex<SessionInner>,
+    /// Where gaps in a room's order are reported (see [`SessionRegistry::take_repairs`]).
+    repairs: tokio::sync::mpsc::Sender<(String, String)>,
 }
 
 impl Session {
@@ -193,8 +195,22 @@ impl MemberSink for Session {
     fn deliver(&self, body: &Arc<EncodedBody>) {
         let mut inner = self.lock();
         if let Some((room, position)) = body.position() {
-            if !inner.core.handle_position(room, position) {
-                return;
+            match inner.core.handle_position(room, position) {
+                PositionCheck::Deliver => {}
+                PositionCheck::Repeat => return,
+                PositionCheck::Gap { repair } => {
+                    metrics::counter!("chorus_order_gaps_total").increment(1);
+                    if repair
+                        && self
+                            .repairs
+                            .try_send((self.id.clone(), room.to_string()))
+                            .is_err()
+                    {
+                        // The repair queue is full: the next gap asks again.
+                        inner.core.handle_repair_done(room);
+                    }
+                    return;
+                }
             }
         }
         let seq = inner.core.handle_notification(body.clone());
@@ -267,7 +283,13 @@ pub struct SessionRegistry {
     /// (a client that retries the resume gets the same copy). Entries whose session is
     /// gone are dropped on the next takeover, so this holds at most `sessions_max`.
     taken_over: Mutex<HashMap<String, String>>,
+    repairs: tokio::sync::mpsc::Sender<(String, String)>,
+    repairs_rx: Mutex<Option<tokio::sync::mpsc::Receiver<(String, String)>>>,
 }
+
+/// Repairs (a session's gap in a room's order) waiting for the node at once; beyond it a
+/// gap is reported again by the next event.
+pub const REPAIRS_PENDING_MAX: usize = 4096;
 
 impl SessionRegistry {
     /// An empty registry.
@@ -278,6 +300,7 @@ impl SessionRegistry {
     pub fn new(config: SessionConfig, sessions_max: usize, node_id: u64, ids: SessionIds) -> Self {
         let start =
             rand::random::<u64>() & ((1 << (super::routing::MEMBER_KEY_NODE_SHIFT - 1)) - 1);
+        let (repairs, repairs_rx) = tokio::sync::mpsc::channel(REPAIRS_PENDING_MAX);
         SessionRegistry {
             config,
             sessions_max,
@@ -286,7 +309,20 @@ impl SessionRegistry {
             ids,
             sessions: Mutex::new(HashMap::new()),
             taken_over: Mutex::new(HashMap::new()),
+            repairs,
+            repairs_rx: Mutex::new(Some(repairs_rx)),
         }
+    }
+
+    /// The gaps sessions report: (session id, room). A session that sees a room's event
+    /// arrive ahead of one it lacks drops it and reports the room once; the node re-joins
+    /// it asking for what came after the latest delivered (then calls
+    /// `handle_repair_done`). Taken once.
+    pub fn take_repairs(&self) -> Option<tokio::sync::mpsc::Receiver<(String, String)>> {
+        self.repairs_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// The session that took over `old_id` here, if it is still alive.
@@ -369,6 +405,7 @@ impl SessionRegistry {
                 self.next_key.fetch_add(1, Ordering::Relaxed),
             ),
             inner: Mutex::new(SessionInner { core, outbound }),
+            repairs: self.repairs.clone(),
         });
         map.insert(id, session.clone());
         metrics::gauge!("chorus_sessions").set(map.len() as f64);
