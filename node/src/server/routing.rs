@@ -1435,6 +1435,7 @@ pub(crate) async fn repair_gaps(
                             }
                             _ => {
                                 metrics::counter!("chorus_order_repairs_total").increment(1);
+                                tracing::info!(room = %room_id, session = %session.id, since, "repaired a gap in the room's order");
                                 break;
                             }
                         }
