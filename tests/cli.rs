@@ -93,3 +93,82 @@ async fn two_cli_users_on_different_transports_talk_in_a_room() {
     assert!(!missing.status.success());
     assert!(!missing.stderr.is_empty(), "a clear message on stderr");
 }
+
+/// Runs a one-shot `chorus client` command; returns its stdout lines as JSON, or panics
+/// with its stderr if `ok` and it failed (or it succeeded and `ok` is false).
+async fn run(node: &TestNode, user: &str, args: &[&str], ok: bool) -> Vec<serde_json::Value> {
+    let output = client(node, &node.ws_url(), user)
+        .args(args)
+        .output()
+        .await
+        .expect("run chorus client");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.success(), ok, "{args:?}: {stderr}");
+    if !ok {
+        assert!(!stderr.trim().is_empty(), "a refusal says why on stderr");
+    }
+    String::from_utf8(output.stdout)
+        .expect("utf8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_stage_is_run_from_the_cli() {
+    let node = TestNode::start(&[]).await;
+    let created = run(&node, "alice", &["create-room", "CLI stage"], true).await;
+    let room = created[0]["room_id"].as_str().expect("room_id").to_string();
+    // bob stays in the room with one session; his one-shot commands are other sessions of
+    // the same user, so his hand keeps its place when they end.
+    let mut bob = client(&node, &node.quic_url(), "bob")
+        .args(["join", &room, "--for", "30"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn join");
+    let mut bob_lines = BufReader::new(bob.stdout.take().expect("stdout")).lines();
+    tokio::time::timeout(DEADLINE, bob_lines.next_line())
+        .await
+        .expect("join response")
+        .expect("read");
+
+    run(&node, "bob", &["raise-hand", &room], true).await;
+    let stage = run(&node, "alice", &["stage", &room], true).await;
+    let stage = stage.last().expect("stage line");
+    assert_eq!(stage["hands"], serde_json::json!(["bob"]), "{stage}");
+    run(&node, "carol", &["invite", &room, "bob"], false).await;
+    run(&node, "alice", &["invite", &room, "bob"], true).await;
+    run(&node, "bob", &["accept", &room], true).await;
+    run(&node, "alice", &["mute", &room, "--user", "bob"], true).await;
+    let stage = run(&node, "carol", &["stage", &room], true).await;
+    let stage = stage.last().expect("stage line");
+    assert_eq!(stage["speakers"], serde_json::json!(["bob"]), "{stage}");
+    assert_eq!(stage["muted"], serde_json::json!(["bob"]), "{stage}");
+    run(&node, "carol", &["kick", &room, "bob"], false).await;
+    run(
+        &node,
+        "alice",
+        &["set-role", &room, "carol", "moderator"],
+        true,
+    )
+    .await;
+    run(&node, "carol", &["block", &room, "bob"], true).await;
+
+    // bob's listening session printed the block, then the room refuses him.
+    tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(line)) = bob_lines.next_line().await {
+            let event: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
+            if event["kind"] == "room.stage" && event["body"]["action"] == "blocked" {
+                return;
+            }
+        }
+        panic!("bob's output ended without the block");
+    })
+    .await
+    .expect("bob did not print the block");
+    run(&node, "bob", &["say", &room, "let me in"], false).await;
+    run(&node, "alice", &["unblock", &room, "bob"], true).await;
+    run(&node, "bob", &["say", &room, "thanks"], true).await;
+    let _ = bob.kill().await;
+}

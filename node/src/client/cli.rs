@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chorus_protocol::{
-    Encoding, Event, ResumeOutcome, RoomCommentRequest, RoomCreateRequest, RoomEndRequest,
-    RoomInfoRequest, RoomLeaveRequest, RoomReactRequest, RoomRef,
+    Encoding, Event, RequestKind, ResumeOutcome, Role, RoomBlockRequest, RoomCommentRequest,
+    RoomCreateRequest, RoomEndRequest, RoomHandRequest, RoomInfoRequest, RoomInviteAnswerRequest,
+    RoomInviteRequest, RoomKickRequest, RoomLeaveRequest, RoomMuteRequest, RoomReactRequest,
+    RoomRef, RoomSetRoleRequest, RoomStageRequest,
 };
 use serde::Serialize;
 
@@ -104,6 +106,97 @@ pub enum ClientCommand {
         /// Room id.
         room: String,
     },
+    /// Show the stage: host, moderators, speakers, mutes (and, for moderators, hands and
+    /// invitations).
+    Stage {
+        /// Room id.
+        room: String,
+    },
+    /// Give a user a role: `moderator` (host only), `listener` (move a speaker to the
+    /// audience, or leave the stage yourself), `speaker` (a moderator stepping down).
+    SetRole {
+        /// Room id.
+        room: String,
+        /// The user.
+        user: String,
+        /// `moderator`, `speaker` or `listener`.
+        #[arg(value_parser = parse_role)]
+        role: Role,
+    },
+    /// Raise your hand (listeners). Keep another session of yours in the room (`join`):
+    /// a user whose last session leaves loses its place in the queue.
+    RaiseHand {
+        /// Room id.
+        room: String,
+    },
+    /// Lower your hand.
+    LowerHand {
+        /// Room id.
+        room: String,
+    },
+    /// Invite a listener to speak (host, moderators).
+    Invite {
+        /// Room id.
+        room: String,
+        /// The listener.
+        user: String,
+    },
+    /// Accept your invitation to speak.
+    Accept {
+        /// Room id.
+        room: String,
+    },
+    /// Decline your invitation to speak.
+    Decline {
+        /// Room id.
+        room: String,
+    },
+    /// Mute your microphone, or (moderators) another speaker's with `--user`.
+    Mute {
+        /// Room id.
+        room: String,
+        /// Whose (default: yours).
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Unmute your microphone.
+    Unmute {
+        /// Room id.
+        room: String,
+    },
+    /// Remove a user from the room now; it may join again (host, moderators).
+    Kick {
+        /// Room id.
+        room: String,
+        /// The user.
+        user: String,
+    },
+    /// Block a user from the room for its life (host, moderators).
+    Block {
+        /// Room id.
+        room: String,
+        /// The user.
+        user: String,
+    },
+    /// Lift a block.
+    Unblock {
+        /// Room id.
+        room: String,
+        /// The user.
+        user: String,
+    },
+}
+
+fn parse_role(value: &str) -> Result<Role, String> {
+    match value {
+        "moderator" => Ok(Role::Moderator),
+        "speaker" => Ok(Role::Speaker),
+        "listener" => Ok(Role::Listener),
+        "host" => Err("a room has one host, for its life".into()),
+        other => Err(format!(
+            "unknown role {other:?}: moderator, speaker or listener"
+        )),
+    }
 }
 
 /// Runs `chorus client`.
@@ -145,6 +238,13 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
 }
 
 async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<()> {
+    // The "yes" side of the commands that come in pairs.
+    let yes = !matches!(
+        command,
+        ClientCommand::LowerHand { .. }
+            | ClientCommand::Decline { .. }
+            | ClientCommand::Unblock { .. }
+    );
     match command {
         ClientCommand::CreateRoom {
             title,
@@ -199,15 +299,90 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
             print_json(&response);
         }
         ClientCommand::End { room } => {
-            join_once(client, &room).await?;
-            let response = client
-                .request(RoomEndRequest { room_id: room })
-                .await
-                .context("room.end failed")?;
-            print_json(&response);
-            print_buffered(client);
+            let room_id = room.clone();
+            act(client, &room, RoomEndRequest { room_id }).await?;
+        }
+        ClientCommand::Stage { room } => {
+            let room_id = room.clone();
+            act(client, &room, RoomStageRequest { room_id }).await?;
+        }
+        ClientCommand::SetRole { room, user, role } => {
+            let request = RoomSetRoleRequest {
+                room_id: room.clone(),
+                user_id: user,
+                role,
+            };
+            act(client, &room, request).await?;
+        }
+        ClientCommand::RaiseHand { room } | ClientCommand::LowerHand { room } => {
+            let request = RoomHandRequest {
+                room_id: room.clone(),
+                raised: yes,
+            };
+            act(client, &room, request).await?;
+        }
+        ClientCommand::Invite { room, user } => {
+            let request = RoomInviteRequest {
+                room_id: room.clone(),
+                user_id: user,
+            };
+            act(client, &room, request).await?;
+        }
+        ClientCommand::Accept { room } | ClientCommand::Decline { room } => {
+            let request = RoomInviteAnswerRequest {
+                room_id: room.clone(),
+                accept: yes,
+            };
+            act(client, &room, request).await?;
+        }
+        ClientCommand::Mute { room, user } => {
+            let request = RoomMuteRequest {
+                room_id: room.clone(),
+                user_id: user,
+                muted: true,
+            };
+            act(client, &room, request).await?;
+        }
+        ClientCommand::Unmute { room } => {
+            let request = RoomMuteRequest {
+                room_id: room.clone(),
+                user_id: None,
+                muted: false,
+            };
+            act(client, &room, request).await?;
+        }
+        ClientCommand::Kick { room, user } => {
+            let request = RoomKickRequest {
+                room_id: room.clone(),
+                user_id: user,
+            };
+            act(client, &room, request).await?;
+        }
+        ClientCommand::Block { room, user } | ClientCommand::Unblock { room, user } => {
+            let request = RoomBlockRequest {
+                room_id: room.clone(),
+                user_id: user,
+                blocked: yes,
+            };
+            act(client, &room, request).await?;
         }
     }
+    Ok(())
+}
+
+/// Joins `room` (a new session), sends `request`, prints the answer and what arrived.
+async fn act<R>(client: &mut Client, room: &str, request: R) -> anyhow::Result<()>
+where
+    R: RequestKind + Send + 'static,
+    R::Response: Serialize,
+{
+    join_once(client, room).await?;
+    let response = client
+        .request(request)
+        .await
+        .with_context(|| format!("{} failed", R::KIND))?;
+    print_json(&response);
+    print_buffered(client);
     Ok(())
 }
 
