@@ -677,7 +677,29 @@ mod tests {
 
     #[test]
     fn kinds_tables_agree() {
-        assert_eq!(ClientRequest::KINDS.len(), 10);
+        // Every request type's kind is in the dispatch table, once.
+        let kinds = [
+            AuthRequest::KIND,
+            PingRequest::KIND,
+            RoomCreateRequest::KIND,
+            RoomRef::KIND,
+            RoomLeaveRequest::KIND,
+            RoomStartRequest::KIND,
+            RoomEndRequest::KIND,
+            RoomInfoRequest::KIND,
+            RoomCommentRequest::KIND,
+            RoomReactRequest::KIND,
+            RoomSetRoleRequest::KIND,
+            RoomHandRequest::KIND,
+            RoomInviteRequest::KIND,
+            RoomInviteAnswerRequest::KIND,
+            RoomMuteRequest::KIND,
+            RoomKickRequest::KIND,
+            RoomBlockRequest::KIND,
+            RoomStageRequest::KIND,
+        ];
+        assert_eq!(ClientRequest::KINDS, kinds.as_slice());
         assert!(Event::KINDS.contains(&"room.comment"));
+        assert!(Event::KINDS.contains(&"room.stage"));
     }
 }
