@@ -224,3 +224,144 @@ async fn roles_stage_mutes_kicks_and_blocks_follow_the_rules() {
     stage_event(&mut host, StageAction::Unblocked, "bob").await;
     join(&bob, &room).await;
 }
+
+/// R9: in a small room the listener pushes name who came and went; the user list is read
+/// in pages, with roles.
+#[tokio::test]
+async fn a_small_room_names_who_comes_and_goes_and_lists_its_users_in_pages() {
+    let node = TestNode::start(UNTHROTTLED).await;
+    let mut host = node.client(&node.ws_url(), "host").await;
+    let room = create_room(&host, "presence").await;
+    join(&host, &room).await;
+    let mut others = Vec::new();
+    for user in ["u1", "u2", "u3", "u4"] {
+        let client = node.client(&node.quic_url(), user).await;
+        join(&client, &room).await;
+        others.push(client);
+    }
+    // The pushes name everyone who came, the host included (perhaps over several pushes).
+    let mut named = std::collections::BTreeSet::new();
+    while named.len() < 5 {
+        let joined = expect_event(&mut host, "names of newcomers", |event| match event {
+            Event::Listeners(l) => Some(l.joined.clone()),
+            _ => None,
+        })
+        .await;
+        named.extend(joined);
+    }
+    assert_eq!(
+        named.into_iter().collect::<Vec<_>>(),
+        vec!["host", "u1", "u2", "u3", "u4"]
+    );
+    // Pages of two, in user id order, with roles.
+    let page = |after: Option<String>| chorus_protocol::RoomMembersRequest {
+        room_id: room.clone(),
+        after,
+        limit: Some(2),
+    };
+    let first = host.request(page(None)).await.expect("page 1");
+    assert_eq!(first.count, 5);
+    assert_eq!(
+        first
+            .users
+            .iter()
+            .map(|m| (m.user_id.as_str(), m.role))
+            .collect::<Vec<_>>(),
+        vec![("host", Role::Host), ("u1", Role::Listener)]
+    );
+    let second = host
+        .request(page(first.next.clone()))
+        .await
+        .expect("page 2");
+    let third = host
+        .request(page(second.next.clone()))
+        .await
+        .expect("page 3");
+    assert_eq!(third.users.len(), 1);
+    assert_eq!(third.users[0].user_id, "u4");
+    assert_eq!(third.next, None, "the last page");
+    // One leaves: named in a push.
+    let mut u2 = others.remove(1);
+    u2.close().await;
+    let left = expect_event(&mut host, "the leaver's name", |event| match event {
+        Event::Listeners(l) if !l.left.is_empty() => Some(l.left.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(left, vec!["u2"]);
+}
+
+/// R9: 5,000 listeners joining a room (through `chorus loadgen`, another process) cost a
+/// member already in the room O(1) presence frames: the count, at most once a second,
+/// without names above 100 users. Counted, not timed.
+#[tokio::test]
+async fn five_thousand_joins_cost_a_member_a_bounded_number_of_presence_frames() {
+    const LISTENERS: u32 = 5_000;
+    let node =
+        TestNode::start(&["--requests-per-sec", "100000", "--requests-burst", "100000"]).await;
+    let mut observer = node.client(&node.ws_url(), "observer").await;
+    let room = create_room(&observer, "big room").await;
+    join(&observer, &room).await;
+    let started = std::time::Instant::now();
+    let loadgen = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["loadgen", "--url", &node.ws_url(), "--ca"])
+        .arg(node.ca_path())
+        .args([
+            "--listeners",
+            &LISTENERS.to_string(),
+            // loadgen needs a sender; its comment or two are not presence frames.
+            "--senders",
+            "1",
+            "--rate",
+            "1",
+            "--room",
+            &room,
+            "--connect-rate",
+            "1000",
+            "--duration",
+            "1",
+            "--drain-secs",
+            "0",
+        ])
+        .env("CHORUS_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn chorus loadgen");
+    // Count the presence frames the observer gets while the listeners come (and go).
+    let mut frames = 0u64;
+    let mut peak = 0u64;
+    let mut named = 0usize;
+    let mut loadgen = Box::pin(loadgen.wait_with_output());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(180);
+    let status = loop {
+        tokio::select! {
+            done = &mut loadgen => break done.expect("loadgen ran"),
+            event = observer.next_event() => match event {
+                Some(chorus_node::client::ClientEvent::Notification { event, .. }) => {
+                    if let Event::Listeners(l) = event {
+                        frames += 1;
+                        peak = peak.max(l.count);
+                        named += l.joined.len() + l.left.len();
+                    }
+                }
+                Some(_) => {}
+                None => panic!("the observer's client ended"),
+            },
+            _ = tokio::time::sleep_until(deadline) => panic!("loadgen did not finish in time"),
+        }
+    };
+    assert!(status.status.success(), "loadgen failed");
+    let elapsed_secs = started.elapsed().as_secs() + 1;
+    eprintln!(
+        "{LISTENERS} listeners came and went in {elapsed_secs} s: the observer got {frames} presence frames (peak count {peak}, {named} names)"
+    );
+    assert!(
+        peak > u64::from(LISTENERS) / 2,
+        "the listeners were in the room: peak {peak}"
+    );
+    assert!(
+        frames <= elapsed_secs + 2,
+        "{frames} frames for {LISTENERS} joins in {elapsed_secs} s: not O(1) per join"
+    );
+    assert!(named <= 200, "names only while the room was small: {named}");
+}

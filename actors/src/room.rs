@@ -1,5 +1,5 @@
 //! The room core: lifecycle, membership, comments, reactions and listener counts of one
-//! live audio room (SPEC R1, R6, R7, R9), sans-IO.
+//! live audio room (SPEC R1-R7, R9), sans-IO.
 //!
 //! [`RoomCore`] is a plain struct. Each `handle_*` method takes the caller's clock
 //! (`now_ms`), validates, changes state, answers with a result and queues
@@ -22,9 +22,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use chorus_protocol::{
-    CommentEvent, ErrorCode, Event, ListenersEvent, ReactionsEvent, Role, RoomCommentResponse,
-    RoomEndedEvent, RoomId, RoomInfo, RoomJoinResponse, RoomState, StageAction, StageEvent,
-    StageInfo, UserId,
+    CommentEvent, ErrorCode, Event, ListenersEvent, MemberInfo, ReactionsEvent, Role,
+    RoomCommentResponse, RoomEndedEvent, RoomId, RoomInfo, RoomJoinResponse, RoomMembersResponse,
+    RoomState, StageAction, StageEvent, StageInfo, UserId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -85,6 +85,12 @@ pub struct RoomConfig {
     pub invited_max: usize,
     /// Users blocked from the room. Default 10,000.
     pub blocked_max: usize,
+    /// Rooms of at most this many users name who came and went in their `room.listeners`
+    /// pushes; bigger rooms push the count alone, so a join costs every member O(1) (R9).
+    /// Default 100.
+    pub presence_users_max: usize,
+    /// Most users in one `room.members` page. Default 100.
+    pub members_page_max: usize,
 }
 
 impl Default for RoomConfig {
@@ -106,6 +112,8 @@ impl Default for RoomConfig {
             hands_max: 1_000,
             invited_max: 100,
             blocked_max: 10_000,
+            presence_users_max: 100,
+            members_page_max: 100,
         }
     }
 }
@@ -297,6 +305,27 @@ impl CommentLimiter {
     }
 }
 
+/// Who came and went since the last `room.listeners` push.
+#[derive(Debug, Clone, Default)]
+struct Presence {
+    joined: Vec<UserId>,
+    left: Vec<UserId>,
+    /// The room was too big (or the lists too long) since the last push: no names.
+    overflow: bool,
+}
+
+impl Presence {
+    fn is_empty(&self) -> bool {
+        self.joined.is_empty() && self.left.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.joined.clear();
+        self.left.clear();
+        self.overflow = false;
+    }
+}
+
 /// The stage: roles, mutes, blocks, raised hands and open invitations. Durable: it is part
 /// of [`RoomDurable`], replicated before a change is acknowledged.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -408,8 +437,12 @@ pub struct RoomCore<M> {
     listeners_pushed_count: u64,
     /// When it was pushed.
     listeners_pushed_at_ms: Option<u64>,
-    /// When the count first differed from the pushed one; `None` when they agree.
+    /// When the count first differed from the pushed one (or someone came or went);
+    /// `None` when nothing is to push.
     listeners_changed_at_ms: Option<u64>,
+    /// Who came and went since the last push (small rooms only; see
+    /// `presence_users_max`), at most `presence_users_max` names in all.
+    presence: Presence,
     /// Bounded by the shell draining after every call (see [`EFFECTS_PENDING_MAX`]).
     effects: Vec<RoomEffect<M>>,
 }
@@ -432,6 +465,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             listeners_pushed_count: 0,
             listeners_pushed_at_ms: None,
             listeners_changed_at_ms: None,
+            presence: Presence::default(),
             effects: Vec::new(),
         };
         core.checked();
@@ -514,10 +548,12 @@ impl<M: Clone + Ord> RoomCore<M> {
                     return Err(RoomError::RoomFull);
                 }
                 self.members.insert(member.clone(), user.to_string());
-                self.users
-                    .entry(user.to_string())
-                    .or_default()
-                    .insert(member);
+                let members = self.users.entry(user.to_string()).or_default();
+                let first = members.is_empty();
+                members.insert(member);
+                if first {
+                    self.note_presence(user, true);
+                }
                 self.note_listener_change(now_ms);
             }
         }
@@ -541,6 +577,7 @@ impl<M: Clone + Ord> RoomCore<M> {
                 self.users.remove(&user);
                 // A user who is gone leaves the stage (roles other than speaker stay).
                 self.leave_stage(&user);
+                self.note_presence(&user, false);
             }
         }
         self.note_listener_change(now_ms);
@@ -678,6 +715,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             })));
         let removed: Vec<M> = std::mem::take(&mut self.members).into_keys().collect();
         self.users.clear();
+        self.presence.clear();
         self.comment_limiter.clear();
         self.listeners_changed_at_ms = None;
         self.effects.push(RoomEffect::MembersRemoved(removed));
@@ -693,11 +731,19 @@ impl<M: Clone + Ord> RoomCore<M> {
         self.close_reaction_window_if_due(now_ms);
         if self.listeners_changed_at_ms.is_some() && now_ms >= self.listeners_push_allowed_at_ms() {
             let count = self.listener_count();
-            if count != self.listeners_pushed_count {
+            if count != self.listeners_pushed_count || !self.presence.is_empty() {
+                let presence = std::mem::take(&mut self.presence);
+                let (joined, left) = if presence.overflow {
+                    (Vec::new(), Vec::new())
+                } else {
+                    (presence.joined, presence.left)
+                };
                 self.effects
                     .push(RoomEffect::Broadcast(Event::Listeners(ListenersEvent {
                         room_id: self.definition.room_id.clone(),
                         count,
+                        joined,
+                        left,
                     })));
                 self.listeners_pushed_count = count;
                 self.listeners_pushed_at_ms = Some(now_ms);
@@ -1104,6 +1150,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             self.members.remove(member);
         }
         self.leave_stage(user);
+        self.note_presence(user, false);
         self.note_listener_change(now_ms);
         self.effects
             .push(RoomEffect::MembersRemoved(members.into_iter().collect()));
@@ -1172,6 +1219,11 @@ impl<M: Clone + Ord> RoomCore<M> {
             assert!(self.reactions.is_none(), "an ended room has no open window");
             assert!(self.listeners_changed_at_ms.is_none());
         }
+        // Presence names are bounded.
+        assert!(
+            self.presence.joined.len() + self.presence.left.len() <= config.presence_users_max,
+            "presence lists over bound"
+        );
         // Membership.
         assert!(
             self.members.len() <= config.members_max,
@@ -1249,9 +1301,69 @@ impl<M: Clone + Ord> RoomCore<M> {
         }
     }
 
+    /// Notes that `user` came (its first member) or went (its last): named in the next
+    /// `room.listeners` push while the room is small, else only counted. A come-and-go
+    /// within one interval cancels out. O(presence_users_max) at worst, in small rooms.
+    fn note_presence(&mut self, user: &str, joined: bool) {
+        let max = self.config.presence_users_max;
+        if self.presence.overflow || self.users.len() > max {
+            self.presence.joined.clear();
+            self.presence.left.clear();
+            self.presence.overflow = true;
+            return;
+        }
+        let (list, other) = if joined {
+            (&mut self.presence.joined, &mut self.presence.left)
+        } else {
+            (&mut self.presence.left, &mut self.presence.joined)
+        };
+        match other.iter().position(|u| u == user) {
+            Some(at) => {
+                other.remove(at);
+            }
+            None => list.push(user.to_string()),
+        }
+        if self.presence.joined.len() + self.presence.left.len() > max {
+            self.presence.joined.clear();
+            self.presence.left.clear();
+            self.presence.overflow = true;
+        }
+    }
+
+    /// One page of the room's users in user id order, after `after`, at most `limit`
+    /// (1 to `members_page_max`). O(limit · log users).
+    pub fn members_page(&self, after: Option<&str>, limit: usize) -> RoomMembersResponse {
+        use std::ops::Bound;
+        let limit = limit.clamp(1, self.config.members_page_max.max(1));
+        let start = match after {
+            Some(after) => Bound::Excluded(after),
+            None => Bound::Unbounded,
+        };
+        let mut page: Vec<MemberInfo> = self
+            .users
+            .range::<str, _>((start, Bound::Unbounded))
+            .take(limit + 1)
+            .map(|(user, _)| MemberInfo {
+                user_id: user.clone(),
+                role: self.role_of(user),
+            })
+            .collect();
+        let next = if page.len() > limit {
+            page.truncate(limit);
+            page.last().map(|m| m.user_id.clone())
+        } else {
+            None
+        };
+        RoomMembersResponse {
+            users: page,
+            next,
+            count: self.listener_count(),
+        }
+    }
+
     /// O(1): remembers whether the listener count now differs from the pushed one.
     fn note_listener_change(&mut self, now_ms: u64) {
-        if self.listener_count() == self.listeners_pushed_count {
+        if self.listener_count() == self.listeners_pushed_count && self.presence.is_empty() {
             self.listeners_changed_at_ms = None;
         } else if self.listeners_changed_at_ms.is_none() {
             self.listeners_changed_at_ms = Some(now_ms);
@@ -1609,11 +1721,12 @@ mod tests {
         room.handle_tick(T0 + 1_000);
         assert_eq!(listener_pushes(&room.drain_effects()), vec![2]);
 
-        // Leave and come back: the count is what was pushed, so nothing is due.
+        // Leave and come back: the count is what was pushed and the user's going and
+        // coming cancel out, so nothing is due.
         room.handle_leave(T0 + 1_100, &2).expect("leave");
         room.handle_leave(T0 + 1_100, &3).expect("leave");
         assert!(room.next_deadline_ms().is_some());
-        room.handle_join(T0 + 1_200, 4, "b").expect("join");
+        room.handle_join(T0 + 1_200, 4, "a").expect("join");
         assert_eq!(room.next_deadline_ms(), None);
         room.handle_tick(T0 + 5_000);
         assert!(
@@ -2083,5 +2196,45 @@ mod tests {
         // Leaving the room leaves the stage.
         room.handle_leave(T0, &2).expect("leave");
         assert!(room.stage().speakers.is_empty());
+    }
+
+    #[test]
+    fn presence_names_only_small_rooms_and_pages_list_everyone() {
+        let mut room = room_with(RoomConfig {
+            presence_users_max: 2,
+            members_page_max: 2,
+            ..RoomConfig::default()
+        });
+        let pushed = |room: &mut RoomCore<u64>| -> Vec<ListenersEvent> {
+            room.drain_effects()
+                .into_iter()
+                .filter_map(|e| match e {
+                    RoomEffect::Broadcast(Event::Listeners(l)) => Some(l),
+                    _ => None,
+                })
+                .collect()
+        };
+        room.handle_join(T0, 1, "a").expect("join");
+        room.handle_join(T0, 2, "b").expect("join");
+        room.handle_tick(T0);
+        let first = pushed(&mut room);
+        assert_eq!(
+            (first[0].count, first[0].joined.clone()),
+            (2, vec!["a".into(), "b".into()])
+        );
+        // Above the bound: the count alone.
+        room.handle_join(T0 + 1_000, 3, "c").expect("join");
+        room.handle_tick(T0 + 1_000);
+        let second = pushed(&mut room);
+        assert_eq!(second[0].count, 3);
+        assert!(second[0].joined.is_empty() && second[0].left.is_empty());
+        // Pages: capped at members_page_max, in user order, to the end.
+        let page = room.members_page(None, 10);
+        assert_eq!(page.users.len(), 2);
+        assert_eq!(page.next.as_deref(), Some("b"));
+        let rest = room.members_page(page.next.as_deref(), 10);
+        assert_eq!(rest.users.len(), 1);
+        assert_eq!(rest.users[0].user_id, "c");
+        assert_eq!((rest.next, rest.count), (None, 3));
     }
 }

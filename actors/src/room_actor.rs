@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chorus_protocol::{
-    EncodedBody, Event, RoomCommentResponse, RoomInfo, RoomJoinResponse, StageInfo, UserId,
+    EncodedBody, Event, RoomCommentResponse, RoomInfo, RoomJoinResponse, RoomMembersResponse,
+    StageInfo, UserId,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -174,6 +175,15 @@ pub enum RoomMsg {
         user: UserId,
         /// Answer.
         reply: RpcReplyPort<StageInfo>,
+    },
+    /// Read one page of the room's users.
+    Members {
+        /// Start after this user id.
+        after: Option<UserId>,
+        /// Users per page.
+        limit: usize,
+        /// Answer.
+        reply: RpcReplyPort<RoomMembersResponse>,
     },
     /// Read the room's info.
     Info {
@@ -342,6 +352,13 @@ impl Actor for RoomActor {
                 }
                 state.execute_effects_to(before.as_deref()).await;
                 let _ = reply.send(result);
+            }
+            RoomMsg::Members {
+                after,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(state.core.members_page(after.as_deref(), limit));
             }
             RoomMsg::StageInfo { user, reply } => {
                 let _ = reply.send(state.core.stage_info(&user));

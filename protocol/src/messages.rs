@@ -227,6 +227,41 @@ pub struct RoomInfoRequest {
     pub room_id: RoomId,
 }
 
+/// `room.members`: one page of the room's users, in user id order (R9: the listener list
+/// is fetched in pages, never pushed whole).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomMembersRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// Start after this user id (the previous page's `next`); absent: from the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<UserId>,
+    /// Users per page, 1-100 (default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// A user in a room, with its role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// The user.
+    pub user_id: UserId,
+    /// Its role.
+    pub role: Role,
+}
+
+/// Response to `room.members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomMembersResponse {
+    /// This page, in user id order.
+    pub users: Vec<MemberInfo>,
+    /// Where the next page starts (`after`), if there is one.
+    #[serde(default)]
+    pub next: Option<UserId>,
+    /// Users in the room now.
+    pub count: u64,
+}
+
 /// `room.stage` body: read the stage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomStageRequest {
@@ -430,6 +465,13 @@ pub struct ListenersEvent {
     pub room_id: RoomId,
     /// Distinct users in the room.
     pub count: u64,
+    /// Users who came since the previous push: only in rooms of at most
+    /// `presence_users_max` users (default 100); bigger rooms push the count alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub joined: Vec<UserId>,
+    /// Users who left since the previous push (as `joined`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left: Vec<UserId>,
 }
 
 /// `room.ended` notification.
@@ -511,6 +553,8 @@ request_table! {
     RoomBlock = "room.block": RoomBlockRequest => Empty,
     /// `room.stage`
     RoomStage = "room.stage": RoomStageRequest => StageInfo,
+    /// `room.members`
+    RoomMembers = "room.members": RoomMembersRequest => RoomMembersResponse,
 }
 
 macro_rules! request_kinds {
@@ -538,6 +582,7 @@ request_kinds! {
     RoomKickRequest = "room.kick" => Empty,
     RoomBlockRequest = "room.block" => Empty,
     RoomStageRequest = "room.stage" => StageInfo,
+    RoomMembersRequest = "room.members" => RoomMembersResponse,
 }
 
 macro_rules! event_table {
@@ -697,6 +742,7 @@ mod tests {
             RoomKickRequest::KIND,
             RoomBlockRequest::KIND,
             RoomStageRequest::KIND,
+            RoomMembersRequest::KIND,
         ];
         assert_eq!(ClientRequest::KINDS, kinds.as_slice());
         assert!(Event::KINDS.contains(&"room.comment"));

@@ -12,8 +12,8 @@ use anyhow::Context as _;
 use chorus_protocol::{
     Encoding, Event, RequestKind, ResumeOutcome, Role, RoomBlockRequest, RoomCommentRequest,
     RoomCreateRequest, RoomEndRequest, RoomHandRequest, RoomInfoRequest, RoomInviteAnswerRequest,
-    RoomInviteRequest, RoomKickRequest, RoomLeaveRequest, RoomMuteRequest, RoomReactRequest,
-    RoomRef, RoomSetRoleRequest, RoomStageRequest,
+    RoomInviteRequest, RoomKickRequest, RoomLeaveRequest, RoomMembersRequest, RoomMuteRequest,
+    RoomReactRequest, RoomRef, RoomSetRoleRequest, RoomStageRequest,
 };
 use serde::Serialize;
 
@@ -185,6 +185,17 @@ pub enum ClientCommand {
         /// The user.
         user: String,
     },
+    /// List the room's users, one page (in user id order).
+    Members {
+        /// Room id.
+        room: String,
+        /// Start after this user id (the previous page's `next`).
+        #[arg(long)]
+        after: Option<String>,
+        /// Users per page, 1-100.
+        #[arg(long)]
+        limit: Option<u32>,
+    },
 }
 
 fn parse_role(value: &str) -> Result<Role, String> {
@@ -348,6 +359,14 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 room_id: room.clone(),
                 user_id: None,
                 muted: false,
+            };
+            act(client, &room, request).await?;
+        }
+        ClientCommand::Members { room, after, limit } => {
+            let request = RoomMembersRequest {
+                room_id: room.clone(),
+                after,
+                limit,
             };
             act(client, &room, request).await?;
         }

@@ -23,6 +23,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::routing::{room_error, RoomOp, RoomOpReply};
+
+/// Users in a `room.members` page when the request names no limit.
+const MEMBERS_PAGE_DEFAULT: usize = 50;
 use super::session::{CloseSignal, OutFrame, Outbound, Session};
 use super::Node;
 use crate::token::TokenError;
@@ -663,6 +666,17 @@ impl Connection {
                 self.stage(node, session, &r.room_id, user, command)
                     .await
                     .map(|()| ok(Empty {}))
+            }
+            ClientRequest::RoomMembers(r) => {
+                self.require_member(session, &r.room_id)?;
+                let op = RoomOp::Members {
+                    after: r.after,
+                    limit: r.limit.map_or(MEMBERS_PAGE_DEFAULT, |l| l as usize),
+                };
+                match node.room_op(session, &r.room_id, op).await? {
+                    RoomOpReply::Members(page) => Ok(ok(page)),
+                    other => Err(unexpected(other)),
+                }
             }
             ClientRequest::RoomStage(r) => {
                 self.require_member(session, &r.room_id)?;

@@ -123,6 +123,13 @@ pub enum RoomOp {
         /// Who asks.
         user: UserId,
     },
+    /// Read one page of the room's users.
+    Members {
+        /// Start after this user id.
+        after: Option<UserId>,
+        /// Users per page.
+        limit: usize,
+    },
     /// Read the room's info.
     Info,
 }
@@ -140,6 +147,8 @@ pub enum RoomOpReply {
     Info(RoomInfo),
     /// The stage.
     Stage(chorus_protocol::StageInfo),
+    /// A page of users.
+    Members(chorus_protocol::RoomMembersResponse),
     /// Done, nothing to report.
     Done,
 }
@@ -1286,6 +1295,14 @@ impl Node {
                 .map_err(room_error)?;
                 RoomOpReply::Done
             }
+            RoomOp::Members { after, limit } => RoomOpReply::Members(
+                ask(&actor, |reply| RoomMsg::Members {
+                    after,
+                    limit,
+                    reply,
+                })
+                .await?,
+            ),
             RoomOp::StageInfo { user } => {
                 RoomOpReply::Stage(ask(&actor, |reply| RoomMsg::StageInfo { user, reply }).await?)
             }
