@@ -750,3 +750,54 @@ async fn a_member_restarted_at_a_new_address_records_it_and_serves_again() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_raised_hand_reaches_moderators_on_other_nodes_and_no_listener() {
+    use chorus_protocol::{Event, RoomHandRequest, RoomSetRoleRequest, StageAction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = three_node_cluster(dir.path()).await;
+    let host = nodes[0].client(&nodes[0].ws_url(), "host").await;
+    let room = create_room(&host, "hands").await;
+    // A moderator and a listener on one node, the hand-raiser on another.
+    let mut moderator = nodes[1].client(&nodes[1].ws_url(), "mod").await;
+    let mut neighbour = nodes[1].client(&nodes[1].quic_url(), "neighbour").await;
+    let raiser = nodes[2].client(&nodes[2].ws_url(), "raiser").await;
+    for client in [&host, &moderator, &neighbour, &raiser] {
+        join(client, &room).await;
+    }
+    host.request(RoomSetRoleRequest {
+        room_id: room.clone(),
+        user_id: "mod".into(),
+        role: chorus_protocol::Role::Moderator,
+    })
+    .await
+    .expect("make a moderator");
+    raiser
+        .request(RoomHandRequest {
+            room_id: room.clone(),
+            raised: true,
+        })
+        .await
+        .expect("raise hand");
+    common::expect_event(&mut moderator, "the raised hand", |event| match event {
+        Event::Stage(s) if s.action == StageAction::HandRaised && s.user_id == "raiser" => Some(()),
+        _ => None,
+    })
+    .await;
+    // The listener next to the moderator saw the role change but never the hand: a
+    // comment after the hand arrives, with no hand before it.
+    say(&host, &room, "after the hand").await;
+    loop {
+        let event = common::expect_event(&mut neighbour, "the comment", |event| match event {
+            Event::Stage(s) => Some(Some(s.action)),
+            Event::Comment(_) => Some(None),
+            _ => None,
+        })
+        .await;
+        match event {
+            Some(StageAction::HandRaised) => panic!("a listener got a raised hand"),
+            Some(_) => continue,
+            None => break,
+        }
+    }
+}
