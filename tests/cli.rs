@@ -140,7 +140,7 @@ async fn the_stage_is_run_from_the_cli() {
     run(&node, "carol", &["invite", &room, "bob"], false).await;
     run(&node, "alice", &["invite", &room, "bob"], true).await;
     run(&node, "bob", &["accept", &room], true).await;
-    run(&node, "alice", &["mute", &room, "--user", "bob"], true).await;
+    run(&node, "alice", &["mute", &room, "--speaker", "bob"], true).await;
     let stage = run(&node, "carol", &["stage", &room], true).await;
     let stage = stage.last().expect("stage line");
     assert_eq!(stage["speakers"], serde_json::json!(["bob"]), "{stage}");

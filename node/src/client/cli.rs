@@ -151,13 +151,13 @@ pub enum ClientCommand {
         /// Room id.
         room: String,
     },
-    /// Mute your microphone, or (moderators) another speaker's with `--user`.
+    /// Mute your microphone, or (moderators) another speaker's with `--speaker`.
     Mute {
         /// Room id.
         room: String,
         /// Whose (default: yours).
         #[arg(long)]
-        user: Option<String>,
+        speaker: Option<String>,
     },
     /// Unmute your microphone.
     Unmute {
@@ -346,10 +346,10 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
             };
             act(client, &room, request).await?;
         }
-        ClientCommand::Mute { room, user } => {
+        ClientCommand::Mute { room, speaker } => {
             let request = RoomMuteRequest {
                 room_id: room.clone(),
-                user_id: user,
+                user_id: speaker,
                 muted: true,
             };
             act(client, &room, request).await?;
