@@ -365,3 +365,79 @@ async fn five_thousand_joins_cost_a_member_a_bounded_number_of_presence_frames()
     );
     assert!(named <= 200, "names only while the room was small: {named}");
 }
+
+/// R1: a scheduled room takes interest from users who are not in it; when the host starts
+/// it, the interested users get `room.live` (members get it as a room event too); a live
+/// room takes no interest.
+#[tokio::test]
+async fn interested_users_hear_when_a_scheduled_room_goes_live() {
+    use chorus_protocol::{RoomCreateRequest, RoomInterestRequest, RoomStartRequest};
+    let node = TestNode::start(UNTHROTTLED).await;
+    let host = node.client(&node.ws_url(), "host").await;
+    let in_an_hour = chorus_actors::room_actor::unix_now_ms() + 3_600_000;
+    let created = host
+        .request(RoomCreateRequest {
+            title: "Tomorrow's show".into(),
+            scheduled_start_ms: Some(in_an_hour),
+        })
+        .await
+        .expect("create a scheduled room");
+    let room = created.room_id;
+    assert_eq!(created.room.state, chorus_protocol::RoomState::Scheduled);
+    let mut fan = node.client(&node.quic_url(), "fan").await;
+    let mut undecided = node.client(&node.ws_url(), "undecided").await;
+    let interest = |interested| RoomInterestRequest {
+        room_id: room.clone(),
+        interested,
+    };
+    let answer = fan.request(interest(true)).await.expect("interest");
+    assert_eq!(answer.interested_count, 1);
+    assert_eq!(
+        undecided
+            .request(interest(true))
+            .await
+            .expect("interest")
+            .interested_count,
+        2
+    );
+    assert_eq!(
+        undecided
+            .request(interest(false))
+            .await
+            .expect("no longer")
+            .interested_count,
+        1
+    );
+    host.request(RoomStartRequest {
+        room_id: room.clone(),
+    })
+    .await
+    .expect("start");
+    let live = expect_event(&mut fan, "room.live", |event| match event {
+        Event::Live(live) => Some(live.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (live.room_id.as_str(), live.host.as_str()),
+        (room.as_str(), "host")
+    );
+    assert_eq!(live.title, "Tomorrow's show");
+    // The undecided user hears nothing: a comment in a room it then joins comes first.
+    join(&undecided, &room).await;
+    join(&host, &room).await;
+    common::say(&host, &room, "welcome").await;
+    let first = expect_event(&mut undecided, "the first event", |event| match event {
+        Event::Live(_) => Some("live"),
+        Event::Comment(_) => Some("comment"),
+        _ => None,
+    })
+    .await;
+    assert_eq!(first, "comment");
+    let code = refusal(fan.request(interest(true)).await);
+    assert_eq!(
+        code,
+        ErrorCode::InvalidArgument,
+        "a live room is joined, not awaited"
+    );
+}

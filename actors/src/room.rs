@@ -1,5 +1,6 @@
 //! The room core: lifecycle, membership, comments, reactions and listener counts of one
-//! live audio room (SPEC R1-R7, R9), sans-IO.
+//! live audio room (SPEC R1-R7, R9: lifecycle with interest and go-live, roles and the
+//! stage, comments, reactions, presence), sans-IO.
 //!
 //! [`RoomCore`] is a plain struct. Each `handle_*` method takes the caller's clock
 //! (`now_ms`), validates, changes state, answers with a result and queues
@@ -23,8 +24,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use chorus_protocol::{
     CommentEvent, ErrorCode, Event, ListenersEvent, MemberInfo, ReactionsEvent, Role,
-    RoomCommentResponse, RoomEndedEvent, RoomId, RoomInfo, RoomJoinResponse, RoomMembersResponse,
-    RoomState, StageAction, StageEvent, StageInfo, UserId,
+    RoomCommentResponse, RoomEndedEvent, RoomId, RoomInfo, RoomJoinResponse, RoomLiveEvent,
+    RoomMembersResponse, RoomState, StageAction, StageEvent, StageInfo, UserId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -91,6 +92,9 @@ pub struct RoomConfig {
     pub presence_users_max: usize,
     /// Most users in one `room.members` page. Default 100.
     pub members_page_max: usize,
+    /// Users interested in a scheduled room (R1); marking interest beyond it is refused.
+    /// Default 10,000.
+    pub interested_max: usize,
 }
 
 impl Default for RoomConfig {
@@ -114,6 +118,7 @@ impl Default for RoomConfig {
             blocked_max: 10_000,
             presence_users_max: 100,
             members_page_max: 100,
+            interested_max: 10_000,
         }
     }
 }
@@ -249,6 +254,9 @@ pub enum RoomEffect<M> {
     /// Send this notification to these members only (the host and moderators, and the
     /// user concerned): hands and invitations.
     Notify(Vec<M>, Event),
+    /// Send this notification to these users on every node, members or not (the users
+    /// interested in a scheduled room that went live).
+    NotifyUsers(Vec<UserId>, Event),
 }
 
 /// Reactions counted since the window opened.
@@ -404,6 +412,9 @@ pub struct RoomDurable {
     /// Roles, mutes, blocks, hands, invitations.
     #[serde(default)]
     pub stage: RoomStage,
+    /// Users interested in the room while it is scheduled (R1).
+    #[serde(default)]
+    pub interested: BTreeSet<UserId>,
     /// Comments posted so far (the id of the latest).
     pub comment_count: u64,
     /// The latest comments, oldest first, ids consecutive.
@@ -423,6 +434,8 @@ pub struct RoomCore<M> {
     users: BTreeMap<UserId, BTreeSet<M>>,
     /// Roles, mutes, blocks, hands, invitations (durable).
     stage: RoomStage,
+    /// Users interested while the room is scheduled (durable), at most `interested_max`.
+    interested: BTreeSet<UserId>,
     /// Durable changes so far (see [`RoomDurable::revision`]).
     revision: u64,
     /// Comments posted so far; also the id of the latest comment.
@@ -456,6 +469,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             members: BTreeMap::new(),
             users: BTreeMap::new(),
             stage: RoomStage::default(),
+            interested: BTreeSet::new(),
             revision: 0,
             comment_count: 0,
             recent_comments: VecDeque::new(),
@@ -477,6 +491,7 @@ impl<M: Clone + Ord> RoomCore<M> {
         RoomDurable {
             revision: self.revision,
             stage: self.stage.clone(),
+            interested: self.interested.clone(),
             comment_count: self.comment_count,
             recent_comments: self.recent_comments.iter().cloned().collect(),
             comment_latest_at_ms: self.comment_latest_at_ms,
@@ -492,6 +507,7 @@ impl<M: Clone + Ord> RoomCore<M> {
         }
         self.revision = durable.revision;
         self.stage = durable.stage;
+        self.interested = durable.interested;
         // Members present now who are blocked in the restored state leave.
         let blocked: Vec<UserId> = self
             .users
@@ -692,9 +708,59 @@ impl<M: Clone + Ord> RoomCore<M> {
             self.definition.state = RoomState::Live;
             self.effects
                 .push(RoomEffect::Persist(self.definition.clone()));
+            let live = Event::Live(RoomLiveEvent {
+                room_id: self.definition.room_id.clone(),
+                title: self.definition.title.clone(),
+                host: self.definition.host.clone(),
+            });
+            self.effects.push(RoomEffect::Broadcast(live.clone()));
+            // Interested users who are in the room have it already.
+            let interested: Vec<UserId> = std::mem::take(&mut self.interested)
+                .into_iter()
+                .filter(|u| !self.users.contains_key(u))
+                .collect();
+            self.revision += 1;
+            if !interested.is_empty() {
+                self.effects.push(RoomEffect::NotifyUsers(interested, live));
+            }
         }
         self.checked();
         Ok(())
+    }
+
+    /// `user` (in the room or not) marks or unmarks interest in the scheduled room; the
+    /// answer is how many are interested. Only a scheduled room takes interest (a live one
+    /// is joined). A change moves the revision (durable).
+    pub fn handle_interest(&mut self, user: &str, interested: bool) -> Result<u64, RoomError> {
+        self.refuse_if_ended()?;
+        if self.definition.state != RoomState::Scheduled {
+            return Err(RoomError::InvalidArgument(
+                "the room is live already: join it".into(),
+            ));
+        }
+        if self.stage.blocked.contains(user) {
+            return Err(RoomError::Forbidden(
+                "you are blocked from this room".into(),
+            ));
+        }
+        let changed = if interested {
+            if !self.interested.contains(user)
+                && self.interested.len() >= self.config.interested_max
+            {
+                return Err(RoomError::Unavailable(format!(
+                    "the room has {} interested users already",
+                    self.config.interested_max
+                )));
+            }
+            self.interested.insert(user.to_string())
+        } else {
+            self.interested.remove(user)
+        };
+        if changed {
+            self.revision += 1;
+        }
+        self.checked();
+        Ok(u64::try_from(self.interested.len()).unwrap_or(u64::MAX))
     }
 
     /// The host ends the room. In order: pending reactions are broadcast, the ended
@@ -1219,6 +1285,14 @@ impl<M: Clone + Ord> RoomCore<M> {
             assert!(self.reactions.is_none(), "an ended room has no open window");
             assert!(self.listeners_changed_at_ms.is_none());
         }
+        assert!(
+            self.interested.len() <= config.interested_max,
+            "interested over bound"
+        );
+        assert!(
+            self.interested.is_empty() || self.definition.state == RoomState::Scheduled,
+            "only a scheduled room holds interest"
+        );
         // Presence names are bounded.
         assert!(
             self.presence.joined.len() + self.presence.left.len() <= config.presence_users_max,
@@ -2236,5 +2310,48 @@ mod tests {
         assert_eq!(rest.users.len(), 1);
         assert_eq!(rest.users[0].user_id, "c");
         assert_eq!((rest.next, rest.count), (None, 3));
+    }
+
+    #[test]
+    fn interest_is_bounded_and_turns_into_a_notice_to_users_not_in_the_room() {
+        let config = RoomConfig {
+            interested_max: 2,
+            ..RoomConfig::default()
+        };
+        let definition = RoomDefinition::new(
+            "r-s".into(),
+            "later",
+            HOST.into(),
+            Some(T0 + 60_000),
+            T0,
+            &config,
+        )
+        .expect("scheduled");
+        let mut room: RoomCore<u64> = RoomCore::new(definition, config);
+        assert_eq!(room.handle_interest("a", true), Ok(1));
+        assert_eq!(room.handle_interest("a", true), Ok(1), "idempotent");
+        assert_eq!(room.handle_interest("b", true), Ok(2));
+        let full = room.handle_interest("c", true).expect_err("bound");
+        assert_eq!(full.code(), ErrorCode::Unavailable);
+        room.handle_join(T0, 1, "b").expect("b waits in the room");
+        room.handle_join(T0, 2, HOST).expect("host");
+        room.drain_effects();
+        room.handle_start(T0 + 60_000, HOST).expect("start");
+        let effects = room.drain_effects();
+        let noticed: Vec<&Vec<UserId>> = effects
+            .iter()
+            .filter_map(|e| match e {
+                RoomEffect::NotifyUsers(users, Event::Live(_)) => Some(users),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            noticed,
+            vec![&vec!["a".to_string()]],
+            "b is in the room: the broadcast"
+        );
+        assert_eq!(broadcasts(&effects).len(), 1);
+        let late = room.handle_interest("c", true).expect_err("live");
+        assert_eq!(late.code(), ErrorCode::InvalidArgument);
     }
 }

@@ -45,9 +45,16 @@ pub trait MemberSink: Send + Sync + 'static {
     }
 }
 
-/// Where a room's durable state goes after each change, before the change is
-/// acknowledged: another node (replication), so the next owner can continue from it.
+/// What a room needs from the cluster beyond its own node: its durable state goes to
+/// another node after each change, before the change is acknowledged (replication, so the
+/// next owner can continue from it); and notices go to users wherever their sessions are.
 pub trait DurableSink: Send + Sync + 'static {
+    /// Sends `body` to every session of `users` on every node (members of the room or
+    /// not), without waiting. The default delivers nowhere (a room without a cluster).
+    fn notify_users(&self, users: Vec<UserId>, body: Arc<EncodedBody>) {
+        let _ = (users, body);
+    }
+
     /// Keeps `durable` for `room_id`, written by its owner at ownership `epoch`, on at least
     /// one other node; resolves `Ok` when it is there (or when no other node exists).
     ///
@@ -175,6 +182,15 @@ pub enum RoomMsg {
         user: UserId,
         /// Answer.
         reply: RpcReplyPort<StageInfo>,
+    },
+    /// Mark or unmark interest in the scheduled room.
+    Interest {
+        /// Who.
+        user: UserId,
+        /// Interested or not.
+        interested: bool,
+        /// Answer (interested users), once the change is replicated.
+        reply: RpcReplyPort<Result<u64, RoomError>>,
     },
     /// Read one page of the room's users.
     Members {
@@ -351,6 +367,22 @@ impl Actor for RoomActor {
                     }
                 }
                 state.execute_effects_to(before.as_deref()).await;
+                let _ = reply.send(result);
+            }
+            RoomMsg::Interest {
+                user,
+                interested,
+                reply,
+            } => {
+                let revision = state.core.revision();
+                let result = state.core.handle_interest(&user, interested);
+                if result.is_ok() && state.core.revision() != revision {
+                    if let Err(error) = state.replicate().await {
+                        let _ = reply.send(Err(error));
+                        myself.stop(Some("replication failed".into()));
+                        return Ok(());
+                    }
+                }
                 let _ = reply.send(result);
             }
             RoomMsg::Members {
@@ -532,6 +564,14 @@ impl RoomShell {
                         let body = Arc::new(body);
                         for member in &members {
                             member.sink.deliver_one(&body);
+                        }
+                    }
+                    Err(error) => tracing::error!(%error, "cannot encode room event"),
+                },
+                RoomEffect::NotifyUsers(users, event) => match event.encode_body() {
+                    Ok(body) => {
+                        if let Some(sink) = &self.replicator {
+                            sink.notify_users(users, Arc::new(body));
                         }
                     }
                     Err(error) => tracing::error!(%error, "cannot encode room event"),

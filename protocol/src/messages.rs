@@ -262,6 +262,35 @@ pub struct RoomMembersResponse {
     pub count: u64,
 }
 
+/// `room.interest`: mark (or unmark) interest in a scheduled room; no need to be in it.
+/// Interested users get `room.live` when the host starts the room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInterestRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// Interested (`true`) or not.
+    pub interested: bool,
+}
+
+/// Response to `room.interest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInterestResponse {
+    /// Users interested now.
+    pub interested_count: u64,
+}
+
+/// `room.live` notification: a scheduled room went live. Sent to its members and to
+/// every user who marked interest, on each of their sessions, wherever they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomLiveEvent {
+    /// The room.
+    pub room_id: RoomId,
+    /// Its title.
+    pub title: String,
+    /// Its host.
+    pub host: UserId,
+}
+
 /// `room.stage` body: read the stage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomStageRequest {
@@ -555,6 +584,8 @@ request_table! {
     RoomStage = "room.stage": RoomStageRequest => StageInfo,
     /// `room.members`
     RoomMembers = "room.members": RoomMembersRequest => RoomMembersResponse,
+    /// `room.interest`
+    RoomInterest = "room.interest": RoomInterestRequest => RoomInterestResponse,
 }
 
 macro_rules! request_kinds {
@@ -583,6 +614,7 @@ request_kinds! {
     RoomBlockRequest = "room.block" => Empty,
     RoomStageRequest = "room.stage" => StageInfo,
     RoomMembersRequest = "room.members" => RoomMembersResponse,
+    RoomInterestRequest = "room.interest" => RoomInterestResponse,
 }
 
 macro_rules! event_table {
@@ -638,6 +670,8 @@ event_table! {
     RoomEnded = "room.ended": RoomEndedEvent,
     /// A stage change or moderation action.
     Stage = "room.stage": StageEvent,
+    /// A scheduled room went live.
+    Live = "room.live": RoomLiveEvent,
 }
 
 impl Event {
@@ -649,6 +683,7 @@ impl Event {
             Event::Listeners(e) => &e.room_id,
             Event::RoomEnded(e) => &e.room_id,
             Event::Stage(e) => &e.room_id,
+            Event::Live(e) => &e.room_id,
         }
     }
 
@@ -743,6 +778,7 @@ mod tests {
             RoomBlockRequest::KIND,
             RoomStageRequest::KIND,
             RoomMembersRequest::KIND,
+            RoomInterestRequest::KIND,
         ];
         assert_eq!(ClientRequest::KINDS, kinds.as_slice());
         assert!(Event::KINDS.contains(&"room.comment"));

@@ -11,9 +11,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chorus_protocol::{
     Encoding, Event, RequestKind, ResumeOutcome, Role, RoomBlockRequest, RoomCommentRequest,
-    RoomCreateRequest, RoomEndRequest, RoomHandRequest, RoomInfoRequest, RoomInviteAnswerRequest,
-    RoomInviteRequest, RoomKickRequest, RoomLeaveRequest, RoomMembersRequest, RoomMuteRequest,
-    RoomReactRequest, RoomRef, RoomSetRoleRequest, RoomStageRequest,
+    RoomCreateRequest, RoomEndRequest, RoomHandRequest, RoomInfoRequest, RoomInterestRequest,
+    RoomInviteAnswerRequest, RoomInviteRequest, RoomKickRequest, RoomLeaveRequest,
+    RoomMembersRequest, RoomMuteRequest, RoomReactRequest, RoomRef, RoomSetRoleRequest,
+    RoomStageRequest,
 };
 use serde::Serialize;
 
@@ -184,6 +185,15 @@ pub enum ClientCommand {
         room: String,
         /// The user.
         user: String,
+    },
+    /// Mark interest in a scheduled room (you get `room.live` when it starts), or lift it
+    /// with `--off`. You need not be in the room.
+    Interest {
+        /// Room id.
+        room: String,
+        /// No longer interested.
+        #[arg(long)]
+        off: bool,
     },
     /// List the room's users, one page (in user id order).
     Members {
@@ -361,6 +371,16 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 muted: false,
             };
             act(client, &room, request).await?;
+        }
+        ClientCommand::Interest { room, off } => {
+            let response = client
+                .request(RoomInterestRequest {
+                    room_id: room,
+                    interested: !off,
+                })
+                .await
+                .context("room.interest failed")?;
+            print_json(&response);
         }
         ClientCommand::Members { room, after, limit } => {
             let request = RoomMembersRequest {

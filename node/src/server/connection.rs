@@ -667,6 +667,20 @@ impl Connection {
                     .await
                     .map(|()| ok(Empty {}))
             }
+            ClientRequest::RoomInterest(r) => {
+                let op = RoomOp::Interest {
+                    user,
+                    interested: r.interested,
+                };
+                match node.room_op(session, &r.room_id, op).await? {
+                    RoomOpReply::Interested(count) => {
+                        Ok(ok(chorus_protocol::RoomInterestResponse {
+                            interested_count: count,
+                        }))
+                    }
+                    other => Err(unexpected(other)),
+                }
+            }
             ClientRequest::RoomMembers(r) => {
                 self.require_member(session, &r.room_id)?;
                 let op = RoomOp::Members {

@@ -125,6 +125,17 @@ impl Node {
         self.connections.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Delivers `body` to every session here of one of `users`. O(sessions here).
+    fn deliver_to_users(&self, users: &[String], body: &Arc<chorus_protocol::EncodedBody>) {
+        use chorus_actors::room_actor::MemberSink as _;
+        let users: std::collections::HashSet<&str> = users.iter().map(String::as_str).collect();
+        for session in self.sessions.all() {
+            if users.contains(session.user_id.as_str()) {
+                session.deliver(body);
+            }
+        }
+    }
+
     /// Ends a session now: it leaves its rooms and can no longer be resumed.
     async fn end_session(&self, session: &Arc<session::Session>) {
         self.sessions.remove(&session.id);

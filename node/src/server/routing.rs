@@ -130,6 +130,13 @@ pub enum RoomOp {
         /// Users per page.
         limit: usize,
     },
+    /// Mark or unmark interest in the scheduled room.
+    Interest {
+        /// Who.
+        user: UserId,
+        /// Interested or not.
+        interested: bool,
+    },
     /// Read the room's info.
     Info,
 }
@@ -149,6 +156,8 @@ pub enum RoomOpReply {
     Stage(chorus_protocol::StageInfo),
     /// A page of users.
     Members(chorus_protocol::RoomMembersResponse),
+    /// Interested users now.
+    Interested(u64),
     /// Done, nothing to report.
     Done,
 }
@@ -162,6 +171,9 @@ pub struct RoomRecovery {
     /// it was written at.
     pub durable: Option<(u64, RoomDurable)>,
 }
+
+/// Users named in one inter-node user notice; longer lists go in several.
+pub const USER_NOTICE_USERS_MAX: usize = 1_000;
 
 /// Why a replica refused a room's durable state.
 pub const STALE_EPOCH_REASON: &str = "stale ownership epoch";
@@ -363,6 +375,39 @@ impl NodeReplicator {
 }
 
 impl chorus_actors::room_actor::DurableSink for NodeReplicator {
+    fn notify_users(&self, users: Vec<UserId>, body: Arc<EncodedBody>) {
+        let Some(node) = self.node.upgrade() else {
+            return;
+        };
+        node.deliver_to_users(&users, &body);
+        let self_id = node.cluster.node_id();
+        let others: Vec<NodeId> = node
+            .cluster
+            .metadata()
+            .nodes
+            .values()
+            .filter(|n| n.id != self_id && n.state != chorus_cluster::metadata::NodeState::Down)
+            .map(|n| n.id)
+            .collect();
+        for chunk in users.chunks(USER_NOTICE_USERS_MAX) {
+            let message = encode(&NodeMessage::NotifyUsers {
+                users: chunk.to_vec(),
+                kind: body.kind().to_string(),
+                msgpack: body.body_bytes(Encoding::MsgPack).clone(),
+                json: body.body_bytes(Encoding::Json).clone(),
+            });
+            for &peer in &others {
+                let node = node.clone();
+                let message = message.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = node.cluster.call_app(peer, message).await {
+                        tracing::debug!(peer, %error, "user notice not delivered");
+                    }
+                });
+            }
+        }
+    }
+
     fn replicate<'a>(
         &'a self,
         room_id: &'a str,
@@ -452,6 +497,17 @@ pub enum NodeMessage {
     EndSession {
         /// The session.
         session_id: String,
+    },
+    /// A notice for these users' sessions on this node (members of the room or not).
+    NotifyUsers {
+        /// The users (at most [`USER_NOTICE_USERS_MAX`]).
+        users: Vec<UserId>,
+        /// Notification kind.
+        kind: String,
+        /// MessagePack body.
+        msgpack: Bytes,
+        /// JSON body.
+        json: Bytes,
     },
     /// Events from an owner to the members on this node.
     Relay {
@@ -1295,6 +1351,15 @@ impl Node {
                 .map_err(room_error)?;
                 RoomOpReply::Done
             }
+            RoomOp::Interest { user, interested } => RoomOpReply::Interested(
+                ask(&actor, |reply| RoomMsg::Interest {
+                    user,
+                    interested,
+                    reply,
+                })
+                .await?
+                .map_err(room_error)?,
+            ),
             RoomOp::Members { after, limit } => RoomOpReply::Members(
                 ask(&actor, |reply| RoomMsg::Members {
                     after,
@@ -1530,6 +1595,18 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                             "session resumed on another node",
                         );
                         node.end_session(&session).await;
+                    }
+                    encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
+                }
+                Ok(NodeMessage::NotifyUsers {
+                    users,
+                    kind,
+                    msgpack,
+                    json,
+                }) => {
+                    if let Some(body) = EncodedBody::from_parts(&kind, msgpack, json) {
+                        let users = &users[..users.len().min(USER_NOTICE_USERS_MAX)];
+                        node.deliver_to_users(users, &Arc::new(body));
                     }
                     encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
                 }
