@@ -441,3 +441,73 @@ async fn interested_users_hear_when_a_scheduled_room_goes_live() {
         "a live room is joined, not awaited"
     );
 }
+
+/// R10: a room's totals are readable live, and when it ends its summary is exported (the
+/// default sink: one JSON line under the data dir).
+#[tokio::test]
+async fn a_room_keeps_totals_live_and_exports_its_summary_when_it_ends() {
+    use chorus_protocol::{RoomEndRequest, RoomReactRequest, RoomSummaryRequest};
+    let node = TestNode::start(UNTHROTTLED).await;
+    let mut host = node.client(&node.ws_url(), "host").await;
+    let room = create_room(&host, "totals").await;
+    let ann = node.client(&node.quic_url(), "ann").await;
+    let bob = node.client(&node.ws_url(), "bob").await;
+    for client in [&host, &ann, &bob] {
+        join(client, &room).await;
+    }
+    for (client, text) in [(&ann, "one"), (&bob, "two"), (&ann, "three")] {
+        common::say(client, &room, text).await;
+    }
+    for (client, emoji) in [(&ann, "👏"), (&bob, "👏"), (&bob, "🔥")] {
+        client
+            .request(RoomReactRequest {
+                room_id: room.clone(),
+                emoji: emoji.into(),
+            })
+            .await
+            .expect("react");
+    }
+    // The window closes (room.reactions), then the totals hold it.
+    expect_event(&mut host, "the reactions", |event| match event {
+        Event::Reactions(_) => Some(()),
+        _ => None,
+    })
+    .await;
+    bob.request(chorus_protocol::RoomLeaveRequest {
+        room_id: room.clone(),
+    })
+    .await
+    .expect("leave");
+    let summary = host
+        .request(RoomSummaryRequest {
+            room_id: room.clone(),
+        })
+        .await
+        .expect("summary");
+    assert_eq!(summary.comments, 3);
+    assert_eq!(summary.reactions.get("👏"), Some(&2));
+    assert_eq!(summary.reactions.get("🔥"), Some(&1));
+    assert_eq!((summary.peak_listeners, summary.unique_listeners), (3, 3));
+    assert_eq!(summary.listeners, 2, "bob left");
+    assert!(summary.started_at_ms.is_some());
+    host.request(RoomEndRequest {
+        room_id: room.clone(),
+    })
+    .await
+    .expect("end");
+    let path = node
+        .data_dir()
+        .join("analytics")
+        .join(format!("{room}.jsonl"));
+    common::eventually("the summary to be exported", || async {
+        std::fs::read_to_string(&path).is_ok_and(|s| s.ends_with('\n'))
+    })
+    .await;
+    let line = std::fs::read_to_string(&path).expect("export");
+    let exported: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    assert_eq!(exported["kind"], "room.summary");
+    assert_eq!(exported["summary"]["state"], "ended");
+    assert_eq!(exported["summary"]["comments"], 3);
+    assert_eq!(exported["summary"]["reactions"]["👏"], 2);
+    assert!(exported["summary"]["ended_at_ms"].as_u64().is_some());
+}

@@ -4,10 +4,11 @@
 //! now_ms, …)` methods that return results and queue effects; they never read the clock,
 //! touch sockets or disks. Start with [`room`] (the room core), then [`room_actor`] (its
 //! ractor shell and the directory of rooms), [`session`] (resume and per-connection rules)
-//! and [`store`] (durable definitions in sled).
+//! [`totals`] (R10's running totals) and [`store`] (durable definitions in sled).
 
 pub mod rate;
 pub mod room;
 pub mod room_actor;
 pub mod session;
 pub mod store;
+pub mod totals;

@@ -25,11 +25,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use chorus_protocol::{
     CommentEvent, ErrorCode, Event, ListenersEvent, MemberInfo, ReactionsEvent, Role,
     RoomCommentResponse, RoomEndedEvent, RoomId, RoomInfo, RoomJoinResponse, RoomLiveEvent,
-    RoomMembersResponse, RoomState, StageAction, StageEvent, StageInfo, UserId,
+    RoomMembersResponse, RoomState, RoomSummary, StageAction, StageEvent, StageInfo, UserId,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::rate::TokenBucket;
+use crate::totals::RoomTotals;
 
 /// Effects queued and not yet drained. The shell drains after every call, so a handful is
 /// normal; more means the shell forgot to drain ([`RoomCore::check_invariants`] asserts it).
@@ -185,6 +186,9 @@ pub struct RoomDefinition {
     /// When the room ended, ms since the epoch; set exactly when `state` is `Ended`.
     #[serde(default)]
     pub ended_at_ms: Option<u64>,
+    /// When it went live, ms since the epoch (at creation for a room created live).
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
 }
 
 impl RoomDefinition {
@@ -232,6 +236,7 @@ impl RoomDefinition {
             created_at_ms: now_ms,
             state,
             ended_at_ms: None,
+            started_at_ms: (state == RoomState::Live).then_some(now_ms),
         })
     }
 }
@@ -257,6 +262,8 @@ pub enum RoomEffect<M> {
     /// Send this notification to these users on every node, members or not (the users
     /// interested in a scheduled room that went live).
     NotifyUsers(Vec<UserId>, Event),
+    /// The room ended: export its summary (the analytics sink).
+    Export(RoomSummary),
 }
 
 /// Reactions counted since the window opened.
@@ -415,6 +422,9 @@ pub struct RoomDurable {
     /// Users interested in the room while it is scheduled (R1).
     #[serde(default)]
     pub interested: BTreeSet<UserId>,
+    /// Running totals (R10).
+    #[serde(default)]
+    pub totals: RoomTotals,
     /// Comments posted so far (the id of the latest).
     pub comment_count: u64,
     /// The latest comments, oldest first, ids consecutive.
@@ -436,6 +446,8 @@ pub struct RoomCore<M> {
     stage: RoomStage,
     /// Users interested while the room is scheduled (durable), at most `interested_max`.
     interested: BTreeSet<UserId>,
+    /// Running totals (durable, riding along with replicated changes).
+    totals: RoomTotals,
     /// Durable changes so far (see [`RoomDurable::revision`]).
     revision: u64,
     /// Comments posted so far; also the id of the latest comment.
@@ -470,6 +482,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             users: BTreeMap::new(),
             stage: RoomStage::default(),
             interested: BTreeSet::new(),
+            totals: RoomTotals::default(),
             revision: 0,
             comment_count: 0,
             recent_comments: VecDeque::new(),
@@ -492,6 +505,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             revision: self.revision,
             stage: self.stage.clone(),
             interested: self.interested.clone(),
+            totals: self.totals.clone(),
             comment_count: self.comment_count,
             recent_comments: self.recent_comments.iter().cloned().collect(),
             comment_latest_at_ms: self.comment_latest_at_ms,
@@ -502,6 +516,7 @@ impl<M: Clone + Ord> RoomCore<M> {
     /// state ahead of the current one is taken (a newly activated room is at 0), so
     /// restoring is idempotent and never goes back.
     pub fn restore_durable(&mut self, now_ms: u64, durable: RoomDurable) {
+        self.totals.merge(&durable.totals);
         if (durable.revision, durable.comment_count) <= (self.revision, self.comment_count) {
             return;
         }
@@ -569,6 +584,9 @@ impl<M: Clone + Ord> RoomCore<M> {
                 members.insert(member);
                 if first {
                     self.note_presence(user, true);
+                    self.totals.note_user(user);
+                    let listeners = self.listener_count();
+                    self.totals.note_listeners(listeners);
                 }
                 self.note_listener_change(now_ms);
             }
@@ -700,12 +718,11 @@ impl<M: Clone + Ord> RoomCore<M> {
     /// The host starts a scheduled room: it goes live and the definition is persisted.
     /// Starting a live room is a no-op.
     pub fn handle_start(&mut self, now_ms: u64, user: &str) -> Result<(), RoomError> {
-        // The definition has no start time yet; every handler takes the clock regardless.
-        let _ = now_ms;
         self.refuse_if_ended()?;
         self.refuse_unless_host(user, "start")?;
         if self.definition.state == RoomState::Scheduled {
             self.definition.state = RoomState::Live;
+            self.definition.started_at_ms = Some(now_ms);
             self.effects
                 .push(RoomEffect::Persist(self.definition.clone()));
             let live = Event::Live(RoomLiveEvent {
@@ -779,6 +796,7 @@ impl<M: Clone + Ord> RoomCore<M> {
                 room_id: self.definition.room_id.clone(),
                 by: user.to_string(),
             })));
+        self.effects.push(RoomEffect::Export(self.summary(now_ms)));
         let removed: Vec<M> = std::mem::take(&mut self.members).into_keys().collect();
         self.users.clear();
         self.presence.clear();
@@ -925,6 +943,28 @@ impl<M: Clone + Ord> RoomCore<M> {
             } else {
                 Vec::new()
             },
+        }
+    }
+
+    /// The room's totals (R10), as of `now_ms`.
+    pub fn summary(&self, now_ms: u64) -> RoomSummary {
+        let definition = &self.definition;
+        let until = definition.ended_at_ms.unwrap_or(now_ms);
+        RoomSummary {
+            room_id: definition.room_id.clone(),
+            title: definition.title.clone(),
+            host: definition.host.clone(),
+            state: definition.state,
+            started_at_ms: definition.started_at_ms,
+            ended_at_ms: definition.ended_at_ms,
+            duration_ms: definition
+                .started_at_ms
+                .map_or(0, |start| until.saturating_sub(start)),
+            comments: self.comment_count,
+            reactions: self.totals.reactions.clone(),
+            peak_listeners: self.totals.peak_listeners,
+            unique_listeners: self.totals.unique_listeners(),
+            listeners: self.listener_count(),
         }
     }
 
@@ -1462,6 +1502,7 @@ impl<M: Clone + Ord> RoomCore<M> {
 
     fn close_reaction_window(&mut self) {
         if let Some(window) = self.reactions.take() {
+            self.totals.add_reactions(&window.counts);
             self.effects
                 .push(RoomEffect::Broadcast(Event::Reactions(ReactionsEvent {
                     room_id: self.definition.room_id.clone(),
@@ -1858,7 +1899,7 @@ mod tests {
 
         room.handle_end(T0 + 100, HOST).expect("host ends");
         let effects = room.drain_effects();
-        assert_eq!(effects.len(), 4, "{effects:?}");
+        assert_eq!(effects.len(), 5, "{effects:?}");
         assert!(
             matches!(&effects[0], RoomEffect::Broadcast(Event::Reactions(r)) if r.counts["🎉"] == 1),
             "pending reactions are flushed first"
@@ -1875,7 +1916,14 @@ mod tests {
                 by: HOST.into(),
             }))
         );
-        assert_eq!(effects[3], RoomEffect::MembersRemoved(vec![1, 2, 3]));
+        let RoomEffect::Export(summary) = &effects[3] else {
+            panic!("expected the summary's export, got {:?}", effects[3]);
+        };
+        assert_eq!(
+            (summary.state, summary.ended_at_ms, summary.listeners),
+            (RoomState::Ended, Some(T0 + 100), 3)
+        );
+        assert_eq!(effects[4], RoomEffect::MembersRemoved(vec![1, 2, 3]));
         assert_eq!(room.member_count(), 0);
         assert_eq!(room.info().state, RoomState::Ended);
         assert_eq!(room.info().listener_count, 0);
@@ -1925,7 +1973,8 @@ mod tests {
         room.handle_start(T0 + 10, HOST).expect("host starts");
         let effects = room.drain_effects();
         assert!(
-            matches!(&effects[..], [RoomEffect::Persist(d)] if d.state == RoomState::Live),
+            matches!(&effects[..], [RoomEffect::Persist(d), RoomEffect::Broadcast(Event::Live(_))]
+                if d.state == RoomState::Live && d.started_at_ms == Some(T0 + 10)),
             "{effects:?}"
         );
         room.handle_start(T0 + 20, HOST)

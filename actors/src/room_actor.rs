@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use chorus_protocol::{
     EncodedBody, Event, RoomCommentResponse, RoomInfo, RoomJoinResponse, RoomMembersResponse,
-    StageInfo, UserId,
+    RoomSummary, StageInfo, UserId,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -69,6 +69,13 @@ pub trait DurableSink: Send + Sync + 'static {
         epoch: u64,
         durable: RoomDurable,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DirectoryError>> + Send + 'a>>;
+}
+
+/// Where a room's summary goes when the room ends (SPEC R10). Pluggable: the node's
+/// default writes one JSON line per room under its data dir.
+pub trait AnalyticsSink: Send + Sync + 'static {
+    /// Takes the summary of a room that ended. Must not block: hand the work off.
+    fn export(&self, summary: RoomSummary);
 }
 
 /// A member handle: a stable key (ordering and identity) and the sink to deliver to.
@@ -192,6 +199,11 @@ pub enum RoomMsg {
         /// Answer (interested users), once the change is replicated.
         reply: RpcReplyPort<Result<u64, RoomError>>,
     },
+    /// Read the room's totals.
+    Summary {
+        /// Answer.
+        reply: RpcReplyPort<RoomSummary>,
+    },
     /// Read one page of the room's users.
     Members {
         /// Start after this user id.
@@ -211,8 +223,8 @@ pub enum RoomMsg {
     Restore {
         /// The ownership epoch granted to this activation.
         epoch: u64,
-        /// The most advanced state found.
-        durable: Option<RoomDurable>,
+        /// The most advanced state found (boxed: it is by far the largest message).
+        durable: Option<Box<RoomDurable>>,
         /// Answer when applied: the room's durable state now.
         reply: RpcReplyPort<RoomDurable>,
     },
@@ -242,6 +254,7 @@ pub struct RoomShell {
     core: RoomCore<Member>,
     store: Arc<dyn DefinitionStore>,
     replicator: Option<Arc<dyn DurableSink>>,
+    analytics: Option<Arc<dyn AnalyticsSink>>,
     /// Ownership epoch of this activation (0 until [`RoomMsg::Restore`]).
     epoch: u64,
     /// The revision last replicated.
@@ -262,6 +275,8 @@ pub struct RoomArgs {
     pub store: Arc<dyn DefinitionStore>,
     /// Where the durable state is replicated after each comment.
     pub replicator: Option<Arc<dyn DurableSink>>,
+    /// Where the summary goes when the room ends.
+    pub analytics: Option<Arc<dyn AnalyticsSink>>,
 }
 
 impl Actor for RoomActor {
@@ -279,6 +294,7 @@ impl Actor for RoomActor {
             core: RoomCore::new(args.definition, args.config),
             store: args.store,
             replicator: args.replicator,
+            analytics: args.analytics,
             epoch: 0,
             replicated_revision: 0,
             tick_at_ms: None,
@@ -385,6 +401,9 @@ impl Actor for RoomActor {
                 }
                 let _ = reply.send(result);
             }
+            RoomMsg::Summary { reply } => {
+                let _ = reply.send(state.core.summary(now_ms));
+            }
             RoomMsg::Members {
                 after,
                 limit,
@@ -430,7 +449,7 @@ impl Actor for RoomActor {
             } => {
                 state.epoch = state.epoch.max(epoch);
                 if let Some(durable) = durable {
-                    state.core.restore_durable(now_ms, durable);
+                    state.core.restore_durable(now_ms, *durable);
                 }
                 // The activation replicates what it restored itself.
                 state.replicated_revision = state.core.revision();
@@ -576,6 +595,11 @@ impl RoomShell {
                     }
                     Err(error) => tracing::error!(%error, "cannot encode room event"),
                 },
+                RoomEffect::Export(summary) => {
+                    if let Some(analytics) = &self.analytics {
+                        analytics.export(summary);
+                    }
+                }
                 RoomEffect::MembersRemoved(members) => {
                     let room_id = self.core.definition().room_id.clone();
                     for member in members {
@@ -634,6 +658,7 @@ pub enum DirectoryError {
 pub struct RoomDirectory {
     store: Arc<dyn DefinitionStore>,
     replicator: Option<Arc<dyn DurableSink>>,
+    analytics: std::sync::OnceLock<Arc<dyn AnalyticsSink>>,
     config: RoomConfig,
     // tokio Mutex: held across the (short) actor spawn so that one room never gets two actors.
     rooms: tokio::sync::Mutex<HashMap<String, ActorRef<RoomMsg>>>,
@@ -649,9 +674,15 @@ impl RoomDirectory {
         RoomDirectory {
             store,
             replicator,
+            analytics: std::sync::OnceLock::new(),
             config,
             rooms: tokio::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Installs where ended rooms' summaries go (once; later calls are ignored).
+    pub fn set_analytics(&self, analytics: Arc<dyn AnalyticsSink>) {
+        let _ = self.analytics.set(analytics);
     }
 
     /// The room limits in force.
@@ -780,6 +811,7 @@ impl RoomDirectory {
                 config: self.config.clone(),
                 store: self.store.clone(),
                 replicator: self.replicator.clone(),
+                analytics: self.analytics.get().cloned(),
             },
         )
         .await

@@ -291,6 +291,44 @@ pub struct RoomLiveEvent {
     pub host: UserId,
 }
 
+/// `room.summary` body: read the room's totals (R10).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomSummaryRequest {
+    /// The room.
+    pub room_id: RoomId,
+}
+
+/// A room's totals, readable live (`room.summary`) and exported when the room ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomSummary {
+    /// The room.
+    pub room_id: RoomId,
+    /// Title.
+    pub title: String,
+    /// Host.
+    pub host: UserId,
+    /// Lifecycle state.
+    pub state: RoomState,
+    /// When it went live, ms since the epoch (absent while scheduled).
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    /// When it ended, ms since the epoch.
+    #[serde(default)]
+    pub ended_at_ms: Option<u64>,
+    /// Live time so far (or in all, once ended), ms.
+    pub duration_ms: u64,
+    /// Comments posted.
+    pub comments: u64,
+    /// Reactions per emoji (at most 256 kinds; the rest under `"other"`).
+    pub reactions: std::collections::BTreeMap<String, u64>,
+    /// Most listeners at once.
+    pub peak_listeners: u64,
+    /// Distinct users ever in the room (estimated within a few percent).
+    pub unique_listeners: u64,
+    /// Listeners now.
+    pub listeners: u64,
+}
+
 /// `room.stage` body: read the stage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomStageRequest {
@@ -586,6 +624,8 @@ request_table! {
     RoomMembers = "room.members": RoomMembersRequest => RoomMembersResponse,
     /// `room.interest`
     RoomInterest = "room.interest": RoomInterestRequest => RoomInterestResponse,
+    /// `room.summary`
+    RoomSummary = "room.summary": RoomSummaryRequest => RoomSummary,
 }
 
 macro_rules! request_kinds {
@@ -615,6 +655,7 @@ request_kinds! {
     RoomStageRequest = "room.stage" => StageInfo,
     RoomMembersRequest = "room.members" => RoomMembersResponse,
     RoomInterestRequest = "room.interest" => RoomInterestResponse,
+    RoomSummaryRequest = "room.summary" => RoomSummary,
 }
 
 macro_rules! event_table {
@@ -779,6 +820,7 @@ mod tests {
             RoomStageRequest::KIND,
             RoomMembersRequest::KIND,
             RoomInterestRequest::KIND,
+            RoomSummaryRequest::KIND,
         ];
         assert_eq!(ClientRequest::KINDS, kinds.as_slice());
         assert!(Event::KINDS.contains(&"room.comment"));

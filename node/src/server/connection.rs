@@ -667,6 +667,12 @@ impl Connection {
                     .await
                     .map(|()| ok(Empty {}))
             }
+            ClientRequest::RoomSummary(r) => {
+                match node.room_op(session, &r.room_id, RoomOp::Summary).await? {
+                    RoomOpReply::Summary(summary) => Ok(ok(summary)),
+                    other => Err(unexpected(other)),
+                }
+            }
             ClientRequest::RoomInterest(r) => {
                 let op = RoomOp::Interest {
                     user,

@@ -5,6 +5,7 @@
 //! elsewhere), stop room actors, flush sled, close the QUIC endpoint; each step bounded.
 
 pub mod admin;
+pub mod analytics;
 pub mod connection;
 pub mod control;
 pub mod quic;
@@ -435,6 +436,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         db,
         config,
     });
+    node.rooms.set_analytics(Arc::new(analytics::FileAnalytics {
+        dir: data_dir.join("analytics"),
+    }));
     node.cluster.set_app_handler(Arc::new(routing::NodeApp {
         node: Arc::downgrade(&node),
     }));

@@ -137,6 +137,8 @@ pub enum RoomOp {
         /// Interested or not.
         interested: bool,
     },
+    /// Read the room's totals.
+    Summary,
     /// Read the room's info.
     Info,
 }
@@ -158,6 +160,8 @@ pub enum RoomOpReply {
     Members(chorus_protocol::RoomMembersResponse),
     /// Interested users now.
     Interested(u64),
+    /// The room's totals.
+    Summary(chorus_protocol::RoomSummary),
     /// Done, nothing to report.
     Done,
 }
@@ -1174,7 +1178,7 @@ impl Node {
         let restored = durable.as_ref().map(|d| d.comment_count).unwrap_or(0);
         let current = ask(&actor, |reply| RoomMsg::Restore {
             epoch,
-            durable,
+            durable: durable.map(Box::new),
             reply,
         })
         .await
@@ -1350,6 +1354,9 @@ impl Node {
                 .await?
                 .map_err(room_error)?;
                 RoomOpReply::Done
+            }
+            RoomOp::Summary => {
+                RoomOpReply::Summary(ask(&actor, |reply| RoomMsg::Summary { reply }).await?)
             }
             RoomOp::Interest { user, interested } => RoomOpReply::Interested(
                 ask(&actor, |reply| RoomMsg::Interest {
