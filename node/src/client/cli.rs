@@ -14,7 +14,7 @@ use chorus_protocol::{
     RoomCreateRequest, RoomEndRequest, RoomHandRequest, RoomInfoRequest, RoomInterestRequest,
     RoomInviteAnswerRequest, RoomInviteRequest, RoomKickRequest, RoomLeaveRequest,
     RoomMembersRequest, RoomMuteRequest, RoomReactRequest, RoomRef, RoomSetRoleRequest,
-    RoomStageRequest,
+    RoomStageRequest, RoomSummaryRequest,
 };
 use serde::Serialize;
 
@@ -195,6 +195,11 @@ pub enum ClientCommand {
         #[arg(long)]
         off: bool,
     },
+    /// Show the room's totals (comments, reactions, peak and unique listeners, duration).
+    Summary {
+        /// Room id.
+        room: String,
+    },
     /// List the room's users, one page (in user id order).
     Members {
         /// Room id.
@@ -371,6 +376,13 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 muted: false,
             };
             act(client, &room, request).await?;
+        }
+        ClientCommand::Summary { room } => {
+            let response = client
+                .request(RoomSummaryRequest { room_id: room })
+                .await
+                .context("room.summary failed")?;
+            print_json(&response);
         }
         ClientCommand::Interest { room, off } => {
             let response = client
