@@ -511,3 +511,68 @@ async fn a_room_keeps_totals_live_and_exports_its_summary_when_it_ends() {
     assert_eq!(exported["summary"]["reactions"]["👏"], 2);
     assert!(exported["summary"]["ended_at_ms"].as_u64().is_some());
 }
+
+/// R1: the host (or a moderator) invites users to a scheduled room; each gets
+/// `room.invitation` without being in the room; others may not invite.
+#[tokio::test]
+async fn the_host_invites_users_to_a_scheduled_room() {
+    use chorus_protocol::{RoomCreateRequest, RoomInviteUsersRequest, RoomState};
+    let node = TestNode::start(UNTHROTTLED).await;
+    let host = node.client(&node.ws_url(), "host").await;
+    let starts_at = chorus_actors::room_actor::unix_now_ms() + 3_600_000;
+    let room = host
+        .request(RoomCreateRequest {
+            title: "Friday panel".into(),
+            scheduled_start_ms: Some(starts_at),
+        })
+        .await
+        .expect("create")
+        .room_id;
+    let mut guest = node.client(&node.quic_url(), "guest").await;
+    let stranger = node.client(&node.ws_url(), "stranger").await;
+    let invite = |users: Vec<String>| RoomInviteUsersRequest {
+        room_id: room.clone(),
+        user_ids: users,
+    };
+    host.request(invite(vec!["guest".into(), "guest".into()]))
+        .await
+        .expect("invite");
+    let invitation = expect_event(&mut guest, "room.invitation", |event| match event {
+        Event::Invitation(i) => Some(i.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (
+            invitation.by.as_str(),
+            invitation.state,
+            invitation.scheduled_start_ms
+        ),
+        ("host", RoomState::Scheduled, Some(starts_at))
+    );
+    assert_eq!(invitation.title, "Friday panel");
+    let code = refusal(stranger.request(invite(vec!["guest".into()])).await);
+    assert_eq!(
+        code,
+        ErrorCode::Forbidden,
+        "only the host and moderators invite"
+    );
+    let too_many = (0..101).map(|i| format!("u{i}")).collect();
+    let code = refusal(host.request(invite(too_many)).await);
+    assert_eq!(code, ErrorCode::InvalidArgument);
+    // The guest was invited once, though named twice: what comes next is a comment.
+    join(&guest, &room).await;
+    join(&host, &room).await;
+    common::say(&host, &room, "see you friday").await;
+    let next = expect_event(
+        &mut guest,
+        "the next invitation or comment",
+        |event| match event {
+            Event::Invitation(_) => Some("invitation"),
+            Event::Comment(_) => Some("comment"),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(next, "comment", "one invitation per user");
+}

@@ -24,13 +24,19 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use chorus_protocol::{
     CommentEvent, ErrorCode, Event, ListenersEvent, MemberInfo, ReactionsEvent, Role,
-    RoomCommentResponse, RoomEndedEvent, RoomId, RoomInfo, RoomJoinResponse, RoomLiveEvent,
-    RoomMembersResponse, RoomState, RoomSummary, StageAction, StageEvent, StageInfo, UserId,
+    RoomCommentResponse, RoomEndedEvent, RoomId, RoomInfo, RoomInvitationEvent, RoomJoinResponse,
+    RoomLiveEvent, RoomMembersResponse, RoomState, RoomSummary, StageAction, StageEvent, StageInfo,
+    UserId,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::rate::TokenBucket;
 use crate::totals::RoomTotals;
+
+/// Users one `room.invite_users` may name.
+pub const INVITE_USERS_MAX: usize = 100;
+/// Longest user id an invitation may name, in bytes.
+pub const USER_ID_BYTES_MAX: usize = 256;
 
 /// Effects queued and not yet drained. The shell drains after every call, so a handful is
 /// normal; more means the shell forgot to drain ([`RoomCore::check_invariants`] asserts it).
@@ -742,6 +748,41 @@ impl<M: Clone + Ord> RoomCore<M> {
             }
         }
         self.checked();
+        Ok(())
+    }
+
+    /// `by` (the host or a moderator, in the room or not) invites `users` (1 to
+    /// [`INVITE_USERS_MAX`], deduplicated, the blocked left out) to the room: each gets a
+    /// `room.invitation` on its sessions, wherever they are. Not durable: a notice.
+    pub fn handle_invite_users(&mut self, by: &str, users: Vec<UserId>) -> Result<(), RoomError> {
+        self.refuse_if_ended()?;
+        self.refuse_unless(
+            self.role_of(by) <= Role::Moderator,
+            "only the host and moderators invite users to the room",
+        )?;
+        if users.is_empty() || users.len() > INVITE_USERS_MAX {
+            return Err(RoomError::InvalidArgument(format!(
+                "invite 1 to {INVITE_USERS_MAX} users at once"
+            )));
+        }
+        let users: Vec<UserId> = users
+            .into_iter()
+            .filter(|u| !u.is_empty() && u.len() <= USER_ID_BYTES_MAX)
+            .filter(|u| !self.stage.blocked.contains(u))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let invitation = Event::Invitation(RoomInvitationEvent {
+            room_id: self.definition.room_id.clone(),
+            title: self.definition.title.clone(),
+            by: by.to_string(),
+            state: self.definition.state,
+            scheduled_start_ms: self.definition.scheduled_start_ms,
+        });
+        if !users.is_empty() {
+            self.effects
+                .push(RoomEffect::NotifyUsers(users, invitation));
+        }
         Ok(())
     }
 

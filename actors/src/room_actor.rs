@@ -199,6 +199,15 @@ pub enum RoomMsg {
         /// Answer (interested users), once the change is replicated.
         reply: RpcReplyPort<Result<u64, RoomError>>,
     },
+    /// Invite users to the room (host, moderators).
+    InviteUsers {
+        /// Who invites.
+        user: UserId,
+        /// Whom.
+        users: Vec<UserId>,
+        /// Answer.
+        reply: RpcReplyPort<Result<(), RoomError>>,
+    },
     /// Read the room's totals.
     Summary {
         /// Answer.
@@ -399,6 +408,11 @@ impl Actor for RoomActor {
                         return Ok(());
                     }
                 }
+                let _ = reply.send(result);
+            }
+            RoomMsg::InviteUsers { user, users, reply } => {
+                let result = state.core.handle_invite_users(&user, users);
+                state.execute_effects().await;
                 let _ = reply.send(result);
             }
             RoomMsg::Summary { reply } => {

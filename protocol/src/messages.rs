@@ -262,6 +262,32 @@ pub struct RoomMembersResponse {
     pub count: u64,
 }
 
+/// `room.invite_users`: the host or a moderator invites users to the room (scheduled or
+/// live); each gets `room.invitation` on its sessions, wherever they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInviteUsersRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// The users, 1-100.
+    pub user_ids: Vec<UserId>,
+}
+
+/// `room.invitation` notification: someone invites this user to a room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInvitationEvent {
+    /// The room.
+    pub room_id: RoomId,
+    /// Its title.
+    pub title: String,
+    /// Who invites.
+    pub by: UserId,
+    /// The room's state (a scheduled room: mark interest to hear when it starts).
+    pub state: RoomState,
+    /// Scheduled start, ms since the epoch, if scheduled.
+    #[serde(default)]
+    pub scheduled_start_ms: Option<u64>,
+}
+
 /// `room.interest`: mark (or unmark) interest in a scheduled room; no need to be in it.
 /// Interested users get `room.live` when the host starts the room.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -626,6 +652,8 @@ request_table! {
     RoomInterest = "room.interest": RoomInterestRequest => RoomInterestResponse,
     /// `room.summary`
     RoomSummary = "room.summary": RoomSummaryRequest => RoomSummary,
+    /// `room.invite_users`
+    RoomInviteUsers = "room.invite_users": RoomInviteUsersRequest => Empty,
 }
 
 macro_rules! request_kinds {
@@ -656,6 +684,7 @@ request_kinds! {
     RoomMembersRequest = "room.members" => RoomMembersResponse,
     RoomInterestRequest = "room.interest" => RoomInterestResponse,
     RoomSummaryRequest = "room.summary" => RoomSummary,
+    RoomInviteUsersRequest = "room.invite_users" => Empty,
 }
 
 macro_rules! event_table {
@@ -713,6 +742,8 @@ event_table! {
     Stage = "room.stage": StageEvent,
     /// A scheduled room went live.
     Live = "room.live": RoomLiveEvent,
+    /// An invitation to a room.
+    Invitation = "room.invitation": RoomInvitationEvent,
 }
 
 impl Event {
@@ -725,6 +756,7 @@ impl Event {
             Event::RoomEnded(e) => &e.room_id,
             Event::Stage(e) => &e.room_id,
             Event::Live(e) => &e.room_id,
+            Event::Invitation(e) => &e.room_id,
         }
     }
 
@@ -821,6 +853,7 @@ mod tests {
             RoomMembersRequest::KIND,
             RoomInterestRequest::KIND,
             RoomSummaryRequest::KIND,
+            RoomInviteUsersRequest::KIND,
         ];
         assert_eq!(ClientRequest::KINDS, kinds.as_slice());
         assert!(Event::KINDS.contains(&"room.comment"));

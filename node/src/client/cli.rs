@@ -12,9 +12,9 @@ use anyhow::Context as _;
 use chorus_protocol::{
     Encoding, Event, RequestKind, ResumeOutcome, Role, RoomBlockRequest, RoomCommentRequest,
     RoomCreateRequest, RoomEndRequest, RoomHandRequest, RoomInfoRequest, RoomInterestRequest,
-    RoomInviteAnswerRequest, RoomInviteRequest, RoomKickRequest, RoomLeaveRequest,
-    RoomMembersRequest, RoomMuteRequest, RoomReactRequest, RoomRef, RoomSetRoleRequest,
-    RoomStageRequest, RoomSummaryRequest,
+    RoomInviteAnswerRequest, RoomInviteRequest, RoomInviteUsersRequest, RoomKickRequest,
+    RoomLeaveRequest, RoomMembersRequest, RoomMuteRequest, RoomReactRequest, RoomRef,
+    RoomSetRoleRequest, RoomStageRequest, RoomSummaryRequest,
 };
 use serde::Serialize;
 
@@ -194,6 +194,14 @@ pub enum ClientCommand {
         /// No longer interested.
         #[arg(long)]
         off: bool,
+    },
+    /// Invite users to the room (host, moderators); each gets `room.invitation`.
+    InviteUsers {
+        /// Room id.
+        room: String,
+        /// The users (1-100).
+        #[arg(required = true)]
+        users: Vec<String>,
     },
     /// Show the room's totals (comments, reactions, peak and unique listeners, duration).
     Summary {
@@ -376,6 +384,16 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 muted: false,
             };
             act(client, &room, request).await?;
+        }
+        ClientCommand::InviteUsers { room, users } => {
+            let response = client
+                .request(RoomInviteUsersRequest {
+                    room_id: room,
+                    user_ids: users,
+                })
+                .await
+                .context("room.invite_users failed")?;
+            print_json(&response);
         }
         ClientCommand::Summary { room } => {
             let response = client

@@ -667,6 +667,23 @@ impl Connection {
                     .await
                     .map(|()| ok(Empty {}))
             }
+            ClientRequest::RoomInviteUsers(r) => {
+                if r.user_ids.len() > chorus_actors::room::INVITE_USERS_MAX {
+                    return Err(ErrorBody::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "invite 1 to {} users at once",
+                            chorus_actors::room::INVITE_USERS_MAX
+                        ),
+                    ));
+                }
+                let op = RoomOp::InviteUsers {
+                    user,
+                    users: r.user_ids,
+                };
+                node.room_op(session, &r.room_id, op).await?;
+                Ok(ok(Empty {}))
+            }
             ClientRequest::RoomSummary(r) => {
                 match node.room_op(session, &r.room_id, RoomOp::Summary).await? {
                     RoomOpReply::Summary(summary) => Ok(ok(summary)),

@@ -139,6 +139,13 @@ pub enum RoomOp {
     },
     /// Read the room's totals.
     Summary,
+    /// Invite users to the room.
+    InviteUsers {
+        /// Who invites.
+        user: UserId,
+        /// Whom.
+        users: Vec<UserId>,
+    },
     /// Read the room's info.
     Info,
 }
@@ -1353,6 +1360,12 @@ impl Node {
                 })
                 .await?
                 .map_err(room_error)?;
+                RoomOpReply::Done
+            }
+            RoomOp::InviteUsers { user, users } => {
+                ask(&actor, |reply| RoomMsg::InviteUsers { user, users, reply })
+                    .await?
+                    .map_err(room_error)?;
                 RoomOpReply::Done
             }
             RoomOp::Summary => {
