@@ -576,3 +576,56 @@ async fn the_host_invites_users_to_a_scheduled_room() {
     .await;
     assert_eq!(next, "comment", "one invitation per user");
 }
+
+/// R1: the room's life over sockets: only the host starts and ends it; members hear it
+/// go live and end; an ended room takes no one.
+#[tokio::test]
+async fn only_the_host_starts_and_ends_a_room_and_an_ended_room_takes_no_one() {
+    use chorus_protocol::{RoomCreateRequest, RoomEndRequest, RoomStartRequest};
+    let node = TestNode::start(UNTHROTTLED).await;
+    let host = node.client(&node.ws_url(), "host").await;
+    let room = host
+        .request(RoomCreateRequest {
+            title: "soon".into(),
+            scheduled_start_ms: Some(chorus_actors::room_actor::unix_now_ms() + 60_000),
+        })
+        .await
+        .expect("create")
+        .room_id;
+    let mut member = node.client(&node.quic_url(), "member").await;
+    join(&member, &room).await;
+    let start = RoomStartRequest {
+        room_id: room.clone(),
+    };
+    let end = RoomEndRequest {
+        room_id: room.clone(),
+    };
+    assert_eq!(
+        refusal(member.request(start.clone()).await),
+        ErrorCode::Forbidden
+    );
+    host.request(start).await.expect("the host starts it");
+    expect_event(&mut member, "room.live", |event| match event {
+        Event::Live(_) => Some(()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        refusal(member.request(end.clone()).await),
+        ErrorCode::Forbidden
+    );
+    host.request(end).await.expect("the host ends it");
+    expect_event(&mut member, "room.ended", |event| match event {
+        Event::RoomEnded(e) if e.by == "host" => Some(()),
+        _ => None,
+    })
+    .await;
+    let late = node.client(&node.ws_url(), "late").await;
+    let code = refusal(
+        late.request(RoomRef {
+            room_id: room.clone(),
+        })
+        .await,
+    );
+    assert_eq!(code, ErrorCode::RoomEnded);
+}
