@@ -629,3 +629,41 @@ async fn only_the_host_starts_and_ends_a_room_and_an_ended_room_takes_no_one() {
     );
     assert_eq!(code, ErrorCode::RoomEnded);
 }
+
+/// R10: an ended room's data expires after `ended_retention_ms` (72 h by default; 1 s
+/// here): it answers `room_ended` until then, `room_not_found` after.
+#[tokio::test]
+async fn an_ended_room_expires_after_its_retention() {
+    use chorus_protocol::{RoomEndRequest, RoomInfoRequest};
+    let config_dir = tempfile::tempdir().expect("tempdir");
+    let config = config_dir.path().join("chorus.toml");
+    std::fs::write(&config, "[room]\nended_retention_ms = 1000\n").expect("write config");
+    let mut args = vec!["--config", config.to_str().expect("utf8 path")];
+    args.extend_from_slice(UNTHROTTLED);
+    let node = TestNode::start(&args).await;
+    let host = node.client(&node.ws_url(), "host").await;
+    let room = create_room(&host, "short-lived").await;
+    join(&host, &room).await;
+    common::say(&host, &room, "bye").await;
+    host.request(RoomEndRequest {
+        room_id: room.clone(),
+    })
+    .await
+    .expect("end");
+    let info = || RoomInfoRequest {
+        room_id: room.clone(),
+    };
+    assert_eq!(refusal(host.request(info()).await), ErrorCode::RoomEnded);
+    common::eventually("the ended room to expire", || async {
+        matches!(
+            host.request(info()).await,
+            Err(ClientError::Server(body)) if body.code == ErrorCode::RoomNotFound.as_u16()
+        )
+    })
+    .await;
+    assert_eq!(
+        node.metric("chorus_rooms_expired_total").await,
+        Some(1.0),
+        "expired once"
+    );
+}

@@ -102,6 +102,9 @@ pub struct RoomConfig {
     /// Users interested in a scheduled room (R1); marking interest beyond it is refused.
     /// Default 10,000.
     pub interested_max: usize,
+    /// How long an ended room's data is kept (its definition, for `room_ended` answers,
+    /// and its replicated state), in milliseconds. Default 259,200,000 (72 h, R10).
+    pub ended_retention_ms: u64,
 }
 
 impl Default for RoomConfig {
@@ -126,6 +129,7 @@ impl Default for RoomConfig {
             presence_users_max: 100,
             members_page_max: 100,
             interested_max: 10_000,
+            ended_retention_ms: 72 * 3_600_000,
         }
     }
 }

@@ -452,6 +452,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     tracker.spawn(accept_quic(node.clone(), endpoint.clone(), tracker.clone()));
     tracker.spawn(sweep_sessions(node.clone()));
     tokio::spawn(routing::follow_ring(Arc::downgrade(&node)));
+    tokio::spawn(routing::expire_rooms(Arc::downgrade(&node)));
     if let Some(repairs) = node.sessions.take_repairs() {
         tokio::spawn(routing::repair_gaps(Arc::downgrade(&node), repairs));
     }

@@ -256,6 +256,24 @@ impl DurableStates {
         }
     }
 
+    /// Forgets the states of `rooms` (expired), in memory and in sled; returns how many
+    /// were held.
+    pub fn forget(&self, rooms: &[String]) -> usize {
+        let mut map = self.map();
+        let mut forgotten = 0;
+        for room_id in rooms {
+            if map.remove(room_id).is_some() {
+                forgotten += 1;
+                if let Some(tree) = &self.tree {
+                    if let Err(error) = tree.remove(room_id.as_bytes()) {
+                        tracing::error!(room = %room_id, %error, "cannot forget a room's state");
+                    }
+                }
+            }
+        }
+        forgotten
+    }
+
     /// Keeps `durable`, written by the owner at `epoch`, if it is ahead of what is held.
     ///
     /// # Errors
@@ -1553,6 +1571,73 @@ pub(crate) async fn repair_gaps(
         });
     }
 }
+
+/// Removes what is left of rooms that ended longer ago than `ended_retention_ms` (R10:
+/// 72 h by default). Every node forgets its replicated states of such rooms; the Raft
+/// leader then deletes their definitions (and ownership), a little later so that every
+/// node has swept first, after which the rooms answer `room_not_found`. At most
+/// [`EXPIRE_DELETES_PER_SWEEP`] definitions go per sweep. Runs until the node stops.
+pub(crate) async fn expire_rooms(node: Weak<Node>) {
+    let Some(retention_ms) = node.upgrade().map(|n| n.config.room.ended_retention_ms) else {
+        return;
+    };
+    let every_ms = (retention_ms / 4).clamp(EXPIRE_SWEEP_MIN_MS, EXPIRE_SWEEP_MAX_MS);
+    let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if node.shutdown.is_cancelled() {
+            return;
+        }
+        let now_ms = chorus_actors::room_actor::unix_now_ms();
+        let metadata = node.cluster.metadata();
+        let mut expired = Vec::new();
+        let mut deletable = Vec::new();
+        for (key, bytes) in &metadata.definitions {
+            let Some(room_id) = key.strip_prefix("room/") else {
+                continue;
+            };
+            let Ok(definition) = rmp_serde::from_slice::<RoomDefinition>(bytes) else {
+                continue;
+            };
+            let Some(ended_at_ms) = definition.ended_at_ms else {
+                continue;
+            };
+            let expires_at = ended_at_ms.saturating_add(retention_ms);
+            if now_ms >= expires_at {
+                expired.push(room_id.to_string());
+                if now_ms >= expires_at.saturating_add(2 * every_ms) {
+                    deletable.push(key.clone());
+                }
+            }
+        }
+        let forgotten = node.durable.forget(&expired);
+        if forgotten > 0 {
+            tracing::info!(forgotten, "forgot the states of expired rooms");
+        }
+        if node.cluster.status().leader == Some(node.cluster.node_id()) {
+            for key in deletable.into_iter().take(EXPIRE_DELETES_PER_SWEEP) {
+                let command = chorus_cluster::metadata::MetadataCommand::DeleteDefinition {
+                    key: key.clone(),
+                };
+                match node.cluster.write(command).await {
+                    Ok(_) => {
+                        metrics::counter!("chorus_rooms_expired_total").increment(1);
+                        tracing::info!(%key, "expired an ended room");
+                    }
+                    Err(error) => tracing::warn!(%key, %error, "cannot expire an ended room"),
+                }
+            }
+        }
+    }
+}
+
+/// Shortest and longest pause between two sweeps for expired rooms.
+const EXPIRE_SWEEP_MIN_MS: u64 = 100;
+const EXPIRE_SWEEP_MAX_MS: u64 = 60_000;
+/// Definitions of expired rooms deleted per sweep (the rest wait for the next).
+const EXPIRE_DELETES_PER_SWEEP: usize = 100;
 
 /// Re-joins one gap repair tries before it gives up (the next gap starts another).
 const REPAIR_ATTEMPTS_MAX: u32 = 5;
