@@ -804,18 +804,12 @@ async fn a_raised_hand_reaches_moderators_on_other_nodes_and_no_listener() {
 
 #[tokio::test]
 async fn users_interested_through_any_node_hear_the_room_go_live() {
-    use chorus_protocol::{Event, RoomCreateRequest, RoomInterestRequest, RoomStartRequest};
+    use chorus_protocol::{Event, RoomInterestRequest, RoomStartRequest};
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = three_node_cluster(dir.path()).await;
     let host = nodes[0].client(&nodes[0].ws_url(), "host").await;
-    let room = host
-        .request(RoomCreateRequest {
-            title: "later".into(),
-            scheduled_start_ms: Some(chorus_actors::room_actor::unix_now_ms() + 3_600_000),
-        })
-        .await
-        .expect("create")
-        .room_id;
+    let in_an_hour = chorus_actors::room_actor::unix_now_ms() + 3_600_000;
+    let room = common::create_scheduled_room(&host, "later", in_an_hour).await;
     let mut fans = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         let fan = node.client(&node.quic_url(), &format!("fan{i}")).await;

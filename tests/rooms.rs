@@ -516,18 +516,11 @@ async fn a_room_keeps_totals_live_and_exports_its_summary_when_it_ends() {
 /// `room.invitation` without being in the room; others may not invite.
 #[tokio::test]
 async fn the_host_invites_users_to_a_scheduled_room() {
-    use chorus_protocol::{RoomCreateRequest, RoomInviteUsersRequest, RoomState};
+    use chorus_protocol::{RoomInviteUsersRequest, RoomState};
     let node = TestNode::start(UNTHROTTLED).await;
     let host = node.client(&node.ws_url(), "host").await;
     let starts_at = chorus_actors::room_actor::unix_now_ms() + 3_600_000;
-    let room = host
-        .request(RoomCreateRequest {
-            title: "Friday panel".into(),
-            scheduled_start_ms: Some(starts_at),
-        })
-        .await
-        .expect("create")
-        .room_id;
+    let room = common::create_scheduled_room(&host, "Friday panel", starts_at).await;
     let mut guest = node.client(&node.quic_url(), "guest").await;
     let stranger = node.client(&node.ws_url(), "stranger").await;
     let invite = |users: Vec<String>| RoomInviteUsersRequest {
@@ -581,17 +574,15 @@ async fn the_host_invites_users_to_a_scheduled_room() {
 /// go live and end; an ended room takes no one.
 #[tokio::test]
 async fn only_the_host_starts_and_ends_a_room_and_an_ended_room_takes_no_one() {
-    use chorus_protocol::{RoomCreateRequest, RoomEndRequest, RoomStartRequest};
+    use chorus_protocol::{RoomEndRequest, RoomStartRequest};
     let node = TestNode::start(UNTHROTTLED).await;
     let host = node.client(&node.ws_url(), "host").await;
-    let room = host
-        .request(RoomCreateRequest {
-            title: "soon".into(),
-            scheduled_start_ms: Some(chorus_actors::room_actor::unix_now_ms() + 60_000),
-        })
-        .await
-        .expect("create")
-        .room_id;
+    let room = common::create_scheduled_room(
+        &host,
+        "soon",
+        chorus_actors::room_actor::unix_now_ms() + 60_000,
+    )
+    .await;
     let mut member = node.client(&node.quic_url(), "member").await;
     join(&member, &room).await;
     let start = RoomStartRequest {

@@ -349,6 +349,13 @@ impl Presence {
         self.left.clear();
         self.overflow = false;
     }
+
+    /// Too many to name since the last push: the next one carries the count alone.
+    fn overflow(&mut self) {
+        self.joined.clear();
+        self.left.clear();
+        self.overflow = true;
+    }
 }
 
 /// The stage: roles, mutes, blocks, raised hands and open invitations. Durable: it is part
@@ -1451,13 +1458,10 @@ impl<M: Clone + Ord> RoomCore<M> {
     }
 
     fn refuse_unless_host(&self, user: &str, action: &str) -> Result<(), RoomError> {
-        if user == self.definition.host {
-            Ok(())
-        } else {
-            Err(RoomError::Forbidden(format!(
-                "only the host may {action} the room"
-            )))
-        }
+        self.refuse_unless(
+            user == self.definition.host,
+            &format!("only the host may {action} the room"),
+        )
     }
 
     /// Notes that `user` came (its first member) or went (its last): named in the next
@@ -1466,9 +1470,7 @@ impl<M: Clone + Ord> RoomCore<M> {
     fn note_presence(&mut self, user: &str, joined: bool) {
         let max = self.config.presence_users_max;
         if self.presence.overflow || self.users.len() > max {
-            self.presence.joined.clear();
-            self.presence.left.clear();
-            self.presence.overflow = true;
+            self.presence.overflow();
             return;
         }
         let (list, other) = if joined {
@@ -1483,9 +1485,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             None => list.push(user.to_string()),
         }
         if self.presence.joined.len() + self.presence.left.len() > max {
-            self.presence.joined.clear();
-            self.presence.left.clear();
-            self.presence.overflow = true;
+            self.presence.overflow();
         }
     }
 

@@ -356,12 +356,8 @@ impl Actor for RoomActor {
                 // comment is neither broadcast nor acknowledged and the room stops here
                 // (fail-stop): the next activation continues from the replicated state, so
                 // no comment id ever names two different comments.
-                if result.is_ok() {
-                    if let Err(error) = state.replicate().await {
-                        let _ = reply.send(Err(error));
-                        myself.stop(Some("replication failed".into()));
-                        return Ok(());
-                    }
+                if let Err(error) = state.replicate_change(result.is_ok()).await {
+                    return fail_stop(&myself, reply, error);
                 }
                 // Effects (the broadcast) run before the reply so that the author sees its own
                 // comment notification no later than the response.
@@ -384,12 +380,9 @@ impl Actor for RoomActor {
                 let revision = state.core.revision();
                 let result = state.core.handle_stage(now_ms, &user, command);
                 // Like a comment: replicated before it is visible or acknowledged.
-                if result.is_ok() && state.core.revision() != revision {
-                    if let Err(error) = state.replicate().await {
-                        let _ = reply.send(Err(error));
-                        myself.stop(Some("replication failed".into()));
-                        return Ok(());
-                    }
+                let changed = result.is_ok() && state.core.revision() != revision;
+                if let Err(error) = state.replicate_change(changed).await {
+                    return fail_stop(&myself, reply, error);
                 }
                 state.execute_effects_to(before.as_deref()).await;
                 let _ = reply.send(result);
@@ -401,12 +394,9 @@ impl Actor for RoomActor {
             } => {
                 let revision = state.core.revision();
                 let result = state.core.handle_interest(&user, interested);
-                if result.is_ok() && state.core.revision() != revision {
-                    if let Err(error) = state.replicate().await {
-                        let _ = reply.send(Err(error));
-                        myself.stop(Some("replication failed".into()));
-                        return Ok(());
-                    }
+                let changed = result.is_ok() && state.core.revision() != revision;
+                if let Err(error) = state.replicate_change(changed).await {
+                    return fail_stop(&myself, reply, error);
                 }
                 let _ = reply.send(result);
             }
@@ -499,7 +489,29 @@ impl Actor for RoomActor {
     }
 }
 
+/// A change could not be replicated: its caller gets `error` and the room stops here
+/// (fail-stop); the next activation continues from the replicated state.
+fn fail_stop<T>(
+    myself: &ActorRef<RoomMsg>,
+    reply: RpcReplyPort<Result<T, RoomError>>,
+    error: RoomError,
+) -> Result<(), ActorProcessingErr> {
+    let _ = reply.send(Err(error));
+    myself.stop(Some("replication failed".into()));
+    Ok(())
+}
+
 impl RoomShell {
+    /// Replicates a change the caller is about to make visible or acknowledge, if it made
+    /// one (`changed`).
+    async fn replicate_change(&mut self, changed: bool) -> Result<(), RoomError> {
+        if changed {
+            self.replicate().await
+        } else {
+            Ok(())
+        }
+    }
+
     /// Replicates the durable state (see [`DurableSink`]); on failure the room must stop
     /// (fail-stop) and the caller's change is refused.
     async fn replicate(&mut self) -> Result<(), RoomError> {

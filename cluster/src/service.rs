@@ -500,7 +500,7 @@ impl ClusterService {
             .raft
             .leader()
             .filter(|id| *id != self.inner.node_id);
-        let mut targets: Vec<SocketAddr> = leader
+        let mut targets: std::collections::VecDeque<SocketAddr> = leader
             .into_iter()
             .chain(metadata.nodes.keys().copied())
             .filter(|id| *id != self.inner.node_id)
@@ -509,7 +509,7 @@ impl ClusterService {
             .collect();
         let mut last_error = ClusterError::NoLeader(0);
         let mut hops = 0;
-        while let Some(target) = (!targets.is_empty()).then(|| targets.remove(0)) {
+        while let Some(target) = targets.pop_front() {
             let reply = match self.inner.endpoint.call(target, request.clone()).await {
                 Ok(reply) => decode::<PeerReply>(&reply)?,
                 Err(error) => {
@@ -522,7 +522,7 @@ impl ClusterService {
                 PeerReply::NotLeader(Some(leader)) if hops < FORWARD_HOPS_MAX => {
                     hops += 1;
                     if let Ok(leader) = leader.parse() {
-                        targets.insert(0, leader);
+                        targets.push_front(leader);
                     }
                 }
                 other => last_error = ClusterError::Refused(format!("{other:?}")),

@@ -283,6 +283,18 @@ pub async fn create_room(client: &Client, title: &str) -> String {
         .room_id
 }
 
+/// Creates a room scheduled to start at `starts_at_ms`; returns its id.
+pub async fn create_scheduled_room(client: &Client, title: &str, starts_at_ms: u64) -> String {
+    client
+        .request(RoomCreateRequest {
+            title: title.into(),
+            scheduled_start_ms: Some(starts_at_ms),
+        })
+        .await
+        .expect("create a scheduled room")
+        .room_id
+}
+
 /// Joins a room.
 pub async fn join(client: &Client, room_id: &str) {
     client

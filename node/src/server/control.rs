@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use chorus_cluster::mesh::{mesh_group, MeshMsg, MeshTarget};
 use chorus_cluster::metadata::NodeId;
-use chorus_protocol::ErrorCode;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::{Deserialize, Serialize};
 
@@ -87,15 +86,8 @@ async fn answer(node: &Arc<Node>, request: ControlRequest) -> ControlReply {
     metrics::counter!("chorus_mesh_requests_total", "kind" => "end_session").increment(1);
     match request {
         ControlRequest::EndSession { session_id } => {
-            let session = node.sessions.get(&session_id);
-            if let Some(session) = &session {
-                session
-                    .close_connection(ErrorCode::ResumeFailed, "session resumed on another node");
-                node.end_session(session).await;
-            }
-            ControlReply::SessionEnded {
-                found: session.is_some(),
-            }
+            let found = node.end_session_resumed_elsewhere(&session_id).await;
+            ControlReply::SessionEnded { found }
         }
     }
 }

@@ -126,6 +126,18 @@ impl Node {
         self.connections.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Ends session `session_id` here, if this node holds it, because its client resumed
+    /// it on another node: its connection is closed with `resume_failed`. Whether it was
+    /// held. (Asked over the actor mesh, or by RPC while the mesh has no session.)
+    async fn end_session_resumed_elsewhere(&self, session_id: &str) -> bool {
+        let Some(session) = self.sessions.get(session_id) else {
+            return false;
+        };
+        session.close_connection(ErrorCode::ResumeFailed, "session resumed on another node");
+        self.end_session(&session).await;
+        true
+    }
+
     /// Delivers `body` to every session here of one of `users`. O(sessions here).
     fn deliver_to_users(&self, users: &[String], body: &Arc<chorus_protocol::EncodedBody>) {
         use chorus_actors::room_actor::MemberSink as _;

@@ -204,7 +204,7 @@ pub const DURABLE_STATES_TREE: &str = "rooms/durable";
 /// epoch: in memory, and written to sled (not flushed per write: the copy on another node
 /// is what makes an acknowledged comment survive this node's loss; sled's copy brings the
 /// state back when every node restarts, e.g. a single-node deployment). A room's next
-/// owner takes the most advanced copy, ordered by (epoch, comment count).
+/// owner takes the most advanced copy, ordered by (epoch, revision, comment count).
 #[derive(Default)]
 pub struct DurableStates {
     rooms: Mutex<HashMap<String, HeldRoom>>,
@@ -1119,8 +1119,8 @@ impl Node {
     ///    stop acting for the room) and gather its members and durable state, all nodes at
     ///    once, each within [`READMIT_QUERY_TIMEOUT_MS`] (a node that does not answer is
     ///    skipped: its sessions re-join when they next act);
-    /// 3. continue from the most advanced state, by (epoch, comment count), and replicate
-    ///    it at the new epoch;
+    /// 3. continue from the most advanced state, by (epoch, revision, comment count), and
+    ///    replicate it at the new epoch;
     /// 4. re-admit the members, so none misses what the room does next.
     async fn activate_room(
         &self,
@@ -1616,7 +1616,7 @@ pub(crate) async fn expire_rooms(node: Weak<Node>) {
         if forgotten > 0 {
             tracing::info!(forgotten, "forgot the states of expired rooms");
         }
-        if node.cluster.status().leader == Some(node.cluster.node_id()) {
+        if node.cluster.raft_metrics().leader == Some(node.cluster.node_id()) {
             for key in deletable.into_iter().take(EXPIRE_DELETES_PER_SWEEP) {
                 let command = chorus_cluster::metadata::MetadataCommand::DeleteDefinition {
                     key: key.clone(),
@@ -1694,13 +1694,7 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                     }
                 }
                 Ok(NodeMessage::EndSession { session_id }) => {
-                    if let Some(session) = node.sessions.get(&session_id) {
-                        session.close_connection(
-                            ErrorCode::ResumeFailed,
-                            "session resumed on another node",
-                        );
-                        node.end_session(&session).await;
-                    }
+                    node.end_session_resumed_elsewhere(&session_id).await;
                     encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
                 }
                 Ok(NodeMessage::NotifyUsers {
