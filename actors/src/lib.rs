@@ -12,3 +12,4 @@ pub mod room_actor;
 pub mod session;
 pub mod store;
 pub mod totals;
+pub mod voice;

@@ -22,16 +22,18 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use chorus_protocol::audio::AudioHeader;
 use chorus_protocol::{
     CommentEvent, ErrorCode, Event, ListenersEvent, MemberInfo, ReactionsEvent, Role,
     RoomCommentResponse, RoomEndedEvent, RoomId, RoomInfo, RoomInvitationEvent, RoomJoinResponse,
-    RoomLiveEvent, RoomMembersResponse, RoomState, RoomSummary, StageAction, StageEvent, StageInfo,
-    UserId,
+    RoomLiveEvent, RoomMembersResponse, RoomState, RoomSummary, SpeakingEvent, StageAction,
+    StageEvent, StageInfo, UserId,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::rate::TokenBucket;
 use crate::totals::RoomTotals;
+use crate::voice::{AudioDrop, VoiceConfig, VoiceState};
 
 /// Users one `room.invite_users` may name.
 pub const INVITE_USERS_MAX: usize = 100;
@@ -105,6 +107,8 @@ pub struct RoomConfig {
     /// How long an ended room's data is kept (its definition, for `room_ended` answers,
     /// and its replicated state), in milliseconds. Default 259,200,000 (72 h, R10).
     pub ended_retention_ms: u64,
+    /// Voice relay: active-speaker announcements and per-speaker order (R11).
+    pub voice: VoiceConfig,
 }
 
 impl Default for RoomConfig {
@@ -130,6 +134,7 @@ impl Default for RoomConfig {
             members_page_max: 100,
             interested_max: 10_000,
             ended_retention_ms: 72 * 3_600_000,
+            voice: VoiceConfig::default(),
         }
     }
 }
@@ -485,6 +490,11 @@ pub struct RoomCore<M> {
     /// Who came and went since the last push (small rooms only; see
     /// `presence_users_max`), at most `presence_users_max` names in all.
     presence: Presence,
+    /// Voice order and active speakers (not durable).
+    voice: VoiceState,
+    /// Bumped whenever a member joins or leaves, so the shell can cache what it derives
+    /// from the member set (the voice fan-out targets).
+    members_version: u64,
     /// Bounded by the shell draining after every call (see [`EFFECTS_PENDING_MAX`]).
     effects: Vec<RoomEffect<M>>,
 }
@@ -510,6 +520,8 @@ impl<M: Clone + Ord> RoomCore<M> {
             listeners_pushed_at_ms: None,
             listeners_changed_at_ms: None,
             presence: Presence::default(),
+            voice: VoiceState::default(),
+            members_version: 0,
             effects: Vec::new(),
         };
         core.checked();
@@ -596,6 +608,7 @@ impl<M: Clone + Ord> RoomCore<M> {
                     return Err(RoomError::RoomFull);
                 }
                 self.members.insert(member.clone(), user.to_string());
+                self.members_version += 1;
                 let members = self.users.entry(user.to_string()).or_default();
                 let first = members.is_empty();
                 members.insert(member);
@@ -622,6 +635,7 @@ impl<M: Clone + Ord> RoomCore<M> {
     pub fn handle_leave(&mut self, now_ms: u64, member: &M) -> Result<(), RoomError> {
         self.refuse_if_ended()?;
         let user = self.members.remove(member).ok_or(RoomError::NotInRoom)?;
+        self.members_version += 1;
         if let Some(members) = self.users.get_mut(&user) {
             members.remove(member);
             if members.is_empty() {
@@ -850,6 +864,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             })));
         self.effects.push(RoomEffect::Export(self.summary(now_ms)));
         let removed: Vec<M> = std::mem::take(&mut self.members).into_keys().collect();
+        self.members_version += 1;
         self.users.clear();
         self.presence.clear();
         self.comment_limiter.clear();
@@ -865,6 +880,7 @@ impl<M: Clone + Ord> RoomCore<M> {
     /// [`Self::next_deadline_ms`]; calling it early or late is harmless.
     pub fn handle_tick(&mut self, now_ms: u64) {
         self.close_reaction_window_if_due(now_ms);
+        self.evaluate_speakers(now_ms);
         if self.listeners_changed_at_ms.is_some() && now_ms >= self.listeners_push_allowed_at_ms() {
             let count = self.listener_count();
             if count != self.listeners_pushed_count || !self.presence.is_empty() {
@@ -896,10 +912,72 @@ impl<M: Clone + Ord> RoomCore<M> {
         let listeners = self
             .listeners_changed_at_ms
             .map(|changed_at_ms| changed_at_ms.max(self.listeners_push_allowed_at_ms()));
-        match (reactions, listeners) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let voice = self.voice.next_deadline_ms(&self.config.voice);
+        [reactions, listeners, voice].into_iter().flatten().min()
+    }
+
+    /// A voice packet from `member` (R11): `Ok` if the room relays it to every member.
+    /// Only a member whose user is on stage (host, moderator, speaker) and not muted, in
+    /// a live room, is relayed, and each speaker's packets only in sequence order.
+    ///
+    /// # Errors
+    ///
+    /// Why the packet is dropped (no one is told: audio is not acknowledged).
+    pub fn handle_audio(
+        &mut self,
+        now_ms: u64,
+        member: &M,
+        header: &AudioHeader,
+    ) -> Result<(), AudioDrop> {
+        if self.definition.state != RoomState::Live {
+            return Err(AudioDrop::NotLive);
         }
+        let user = self.members.get(member).ok_or(AudioDrop::NotInRoom)?;
+        if self.role_of(user) == Role::Listener {
+            return Err(AudioDrop::NotOnStage);
+        }
+        if self.stage.muted.contains(user) {
+            return Err(AudioDrop::Muted);
+        }
+        // Everyone who may be on stage at once.
+        let tracks_max = 1 + self.config.moderators_max + self.config.speakers_max;
+        let user = user.clone();
+        self.voice
+            .accept(&self.config.voice, now_ms, &user, header, tracks_max)
+    }
+
+    /// Announces the active speakers if they changed and the interval allows.
+    fn evaluate_speakers(&mut self, now_ms: u64) {
+        if self
+            .voice
+            .next_deadline_ms(&self.config.voice)
+            .is_none_or(|at| at > now_ms)
+        {
+            return;
+        }
+        let config = self.config.voice;
+        let stage = &self.stage;
+        let host = &self.definition.host;
+        let users = &self.users;
+        let may_speak = |user: &str| {
+            users.contains_key(user)
+                && !stage.muted.contains(user)
+                && (user == host
+                    || stage.moderators.contains(user)
+                    || stage.speakers.contains(user))
+        };
+        if let Some(speakers) = self.voice.evaluate(&config, now_ms, may_speak) {
+            self.effects
+                .push(RoomEffect::Broadcast(Event::Speaking(SpeakingEvent {
+                    room_id: self.definition.room_id.clone(),
+                    speakers,
+                })));
+        }
+    }
+
+    /// Changes whenever a member joins or leaves (for caches of the member set).
+    pub fn members_version(&self) -> u64 {
+        self.members_version
     }
 
     /// Takes the queued effects, oldest first. The shell executes them in this order.
@@ -1307,6 +1385,7 @@ impl<M: Clone + Ord> RoomCore<M> {
         for member in &members {
             self.members.remove(member);
         }
+        self.members_version += 1;
         self.leave_stage(user);
         self.note_presence(user, false);
         self.note_listener_change(now_ms);
@@ -2447,5 +2526,70 @@ mod tests {
         assert_eq!(broadcasts(&effects).len(), 1);
         let late = room.handle_interest("c", true).expect_err("live");
         assert_eq!(late.code(), ErrorCode::InvalidArgument);
+    }
+
+    #[test]
+    fn only_unmuted_members_on_stage_are_relayed_in_order_and_speakers_are_announced() {
+        let mut room = room();
+        room.handle_join(T0, 1, HOST).expect("host joins");
+        room.handle_join(T0, 2, "bob").expect("bob joins");
+        let packet = |seq, level| AudioHeader {
+            seq,
+            timestamp_ms: seq * 20,
+            level,
+        };
+        assert_eq!(room.handle_audio(T0, &1, &packet(1, 20)), Ok(()));
+        assert_eq!(
+            room.handle_audio(T0, &1, &packet(1, 20)),
+            Err(AudioDrop::OutOfOrder)
+        );
+        assert_eq!(
+            room.handle_audio(T0, &2, &packet(1, 20)),
+            Err(AudioDrop::NotOnStage)
+        );
+        assert_eq!(
+            room.handle_audio(T0, &3, &packet(1, 20)),
+            Err(AudioDrop::NotInRoom)
+        );
+        room.handle_stage(
+            T0,
+            HOST,
+            StageCommand::Mute {
+                user: None,
+                muted: true,
+            },
+        )
+        .expect("host mutes itself");
+        assert_eq!(
+            room.handle_audio(T0, &1, &packet(2, 20)),
+            Err(AudioDrop::Muted)
+        );
+        room.handle_stage(
+            T0,
+            HOST,
+            StageCommand::Mute {
+                user: None,
+                muted: false,
+            },
+        )
+        .expect("host unmutes");
+        assert_eq!(room.handle_audio(T0, &1, &packet(3, 20)), Ok(()));
+        room.drain_effects();
+        tick_if_due(&mut room, T0 + 10);
+        let effects = room.drain_effects();
+        let speaking: Vec<&SpeakingEvent> = broadcasts(&effects)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Speaking(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(speaking.len(), 1, "{effects:?}");
+        assert_eq!(speaking[0].speakers[0].user_id, HOST);
+        room.handle_end(T0 + 20, HOST).expect("end");
+        assert_eq!(
+            room.handle_audio(T0 + 30, &1, &packet(4, 20)),
+            Err(AudioDrop::NotLive)
+        );
     }
 }

@@ -14,6 +14,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use chorus_protocol::audio::{AudioFrame, AudioHeader};
 use chorus_protocol::{
     EncodedBody, Event, RoomCommentResponse, RoomInfo, RoomJoinResponse, RoomMembersResponse,
     RoomSummary, StageInfo, UserId,
@@ -43,6 +45,20 @@ pub trait MemberSink: Send + Sync + 'static {
     fn relay_group(&self) -> Option<u64> {
         None
     }
+    /// Delivers an encoded voice frame (R11), unreliably: a member that cannot take it now
+    /// loses it (its oldest queued frame first). For a member on another node it is the
+    /// node's one copy, as for [`Self::deliver`]. The default drops it.
+    fn deliver_audio(&self, frame: &Bytes) {
+        let _ = frame;
+    }
+}
+
+/// A sink that delivers nowhere: the handle of [`Member::lookup`].
+struct Nowhere;
+
+impl MemberSink for Nowhere {
+    fn deliver(&self, _body: &Arc<EncodedBody>) {}
+    fn removed_from_room(&self, _room_id: &str) {}
 }
 
 /// What a room needs from the cluster beyond its own node: its durable state goes to
@@ -94,6 +110,15 @@ impl Member {
     /// The identity key.
     pub fn key(&self) -> u64 {
         self.key
+    }
+
+    /// A handle that only names `key`, to find the member with that key in a room (members
+    /// compare by key); it delivers nowhere.
+    pub fn lookup(key: u64) -> Self {
+        Member {
+            key,
+            sink: Arc::new(Nowhere),
+        }
     }
 }
 
@@ -243,6 +268,16 @@ pub enum RoomMsg {
         /// True for the keys of members to remove.
         gone: Box<dyn Fn(u64) -> bool + Send>,
     },
+    /// A voice packet from member `member_key` (R11): relayed to every member if its user
+    /// may speak now, else dropped. No answer.
+    Audio {
+        /// The sending member.
+        member_key: u64,
+        /// Sequence, time, level.
+        header: AudioHeader,
+        /// The Opus packet.
+        payload: Bytes,
+    },
     /// A timer fired: flush windows and counters.
     Tick,
 }
@@ -269,6 +304,9 @@ pub struct RoomShell {
     /// The revision last replicated.
     replicated_revision: u64,
     tick_at_ms: Option<u64>,
+    /// Where a voice frame goes: the local members and one member per other node, for
+    /// the member set of the given version (rebuilt when it changes).
+    audio_targets: Option<(u64, Vec<Member>)>,
 }
 
 /// The room actor.
@@ -307,6 +345,7 @@ impl Actor for RoomActor {
             epoch: 0,
             replicated_revision: 0,
             tick_at_ms: None,
+            audio_targets: None,
         })
     }
 
@@ -473,6 +512,11 @@ impl Actor for RoomActor {
                     tracing::info!(room = %state.core.definition().room_id, pruned = stale.len(), "members of gone nodes removed");
                 }
             }
+            RoomMsg::Audio {
+                member_key,
+                header,
+                payload,
+            } => state.relay_audio(now_ms, member_key, header, payload),
             RoomMsg::Tick => {
                 state.tick_at_ms = None;
                 state.core.handle_tick(now_ms);
@@ -633,6 +677,52 @@ impl RoomShell {
                     }
                 }
             }
+        }
+    }
+
+    /// Relays a voice packet if the core lets it through: encoded once, handed to each
+    /// local member and to one member per other node.
+    fn relay_audio(&mut self, now_ms: u64, member_key: u64, header: AudioHeader, payload: Bytes) {
+        let member = Member::lookup(member_key);
+        if let Err(drop) = self.core.handle_audio(now_ms, &member, &header) {
+            metrics::counter!("chorus_audio_dropped_total", "reason" => drop.label()).increment(1);
+            return;
+        }
+        let Some(speaker) = self.core.member_user(&member) else {
+            return;
+        };
+        let frame = AudioFrame {
+            room_id: self.core.definition().room_id.clone(),
+            speaker: speaker.to_string(),
+            header,
+            payload,
+        };
+        let bytes = match chorus_protocol::audio::encode_frame(&frame) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::debug!(%error, "voice frame not relayed");
+                metrics::counter!("chorus_audio_dropped_total", "reason" => "too_large")
+                    .increment(1);
+                return;
+            }
+        };
+        let version = self.core.members_version();
+        if self.audio_targets.as_ref().map(|(v, _)| *v) != Some(version) {
+            let mut groups = std::collections::BTreeSet::new();
+            let targets = self
+                .core
+                .members()
+                .filter(|m| m.sink.relay_group().is_none_or(|g| groups.insert(g)))
+                .cloned()
+                .collect();
+            self.audio_targets = Some((version, targets));
+        }
+        if let Some((_, targets)) = &self.audio_targets {
+            for target in targets {
+                target.sink.deliver_audio(&bytes);
+            }
+            metrics::counter!("chorus_audio_relayed_total").increment(1);
+            metrics::counter!("chorus_audio_deliveries_total").increment(targets.len() as u64);
         }
     }
 

@@ -213,6 +213,9 @@ pub enum ProtocolError {
     /// Encoding failed (a bug: every type we send is encodable).
     #[error("cannot encode frame: {0}")]
     Encode(String),
+    /// An audio message (voice frame) is malformed or out of bounds.
+    #[error("bad audio frame: {0}")]
+    BadAudio(String),
 }
 
 impl ProtocolError {
@@ -225,6 +228,7 @@ impl ProtocolError {
             ProtocolError::UnknownKind(_) => ErrorCode::UnknownKind,
             ProtocolError::InvalidBody { .. } => ErrorCode::InvalidBody,
             ProtocolError::Encode(_) => ErrorCode::Internal,
+            ProtocolError::BadAudio(_) => ErrorCode::MalformedFrame,
         }
     }
 

@@ -6,6 +6,7 @@
 //! codes. This crate does no I/O: transports (WebSocket, QUIC) live in `chorus-node`.
 //! `docs/protocol.md` is the human-readable specification of the same contract.
 
+pub mod audio;
 pub mod error;
 pub mod frame;
 pub mod limits;

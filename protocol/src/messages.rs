@@ -567,6 +567,25 @@ pub struct ListenersEvent {
     pub left: Vec<UserId>,
 }
 
+/// One speaker in a `room.speaking` notification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveSpeaker {
+    /// The speaking user.
+    pub user_id: UserId,
+    /// Level of its latest speech packet, 0 (loudest) to 127 (silence), -dBov.
+    pub level: u8,
+}
+
+/// `room.speaking` notification: who is speaking now, loudest first; pushed when the list
+/// changes, at most a few times a second.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpeakingEvent {
+    /// The room.
+    pub room_id: RoomId,
+    /// Active speakers, loudest first (empty: no one speaks).
+    pub speakers: Vec<ActiveSpeaker>,
+}
+
 /// `room.ended` notification.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomEndedEvent {
@@ -744,6 +763,8 @@ event_table! {
     Live = "room.live": RoomLiveEvent,
     /// An invitation to a room.
     Invitation = "room.invitation": RoomInvitationEvent,
+    /// The active speakers changed.
+    Speaking = "room.speaking": SpeakingEvent,
 }
 
 impl Event {
@@ -757,6 +778,7 @@ impl Event {
             Event::Stage(e) => &e.room_id,
             Event::Live(e) => &e.room_id,
             Event::Invitation(e) => &e.room_id,
+            Event::Speaking(e) => &e.room_id,
         }
     }
 
