@@ -2,11 +2,12 @@
 
 mod common;
 
-use std::path::Path;
-
 use chorus_node::client::Client;
 use chorus_protocol::RoomCommentRequest;
-use common::{collect_comments, create_room, eventually, join, say, TestNode};
+use common::{
+    collect_comments, create_room, eventually, join, say, start_member, three_node_cluster,
+    TestNode, UNTHROTTLED,
+};
 
 /// Runs `chorus admin --url http://NODE ARGS…` and asserts it succeeded; returns stdout.
 async fn chorus_admin(node: &TestNode, args: &[&str]) -> Vec<u8> {
@@ -22,44 +23,6 @@ async fn chorus_admin(node: &TestNode, args: &[&str]) -> Vec<u8> {
         String::from_utf8_lossy(&output.stderr)
     );
     output.stdout
-}
-
-/// Three members (b and c join through a), converged: 3 up, one leader, one ring epoch.
-async fn three_node_cluster(dir: &Path) -> [TestNode; 3] {
-    let a = start_member(dir, "a", None).await;
-    let b = start_member(dir, "b", Some(&a)).await;
-    let c = start_member(dir, "c", Some(&a)).await;
-    let nodes = [a, b, c];
-    eventually("the cluster to converge", || async {
-        let mut statuses = Vec::new();
-        for node in &nodes {
-            statuses.push(node.admin("/admin/status").await);
-        }
-        statuses.iter().all(|s| {
-            s["members"]
-                .as_array()
-                .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["state"] == "up"))
-                && s["ring_epoch"] == statuses[0]["ring_epoch"]
-                && !s["leader"].is_null()
-        })
-    })
-    .await;
-    nodes
-}
-
-const UNTHROTTLED: &[&str] = &["--requests-per-sec", "100000", "--requests-burst", "100000"];
-
-async fn start_member(dir: &Path, name: &str, join: Option<&TestNode>) -> TestNode {
-    let ca = dir.join("ca");
-    let ca = ca.to_str().expect("utf8 path");
-    let mut args = vec!["--ca", ca, "--node-name", name];
-    args.extend_from_slice(UNTHROTTLED);
-    let seed;
-    if let Some(seed_node) = join {
-        seed = seed_node.cluster.to_string();
-        args.extend(["--join", seed.as_str()]);
-    }
-    TestNode::start_in(&dir.join(name), &args).await
 }
 
 #[tokio::test]

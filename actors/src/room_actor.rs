@@ -882,6 +882,12 @@ impl RoomDirectory {
         Ok(actor)
     }
 
+    /// The actor of `room_id` if it runs here (no activation: for traffic that must not
+    /// start a room, such as voice).
+    pub async fn find_running(&self, room_id: &str) -> Option<ActorRef<RoomMsg>> {
+        self.rooms.lock().await.get(room_id).cloned()
+    }
+
     /// The running room actors (a snapshot).
     pub async fn running_actors(&self) -> Vec<(String, ActorRef<RoomMsg>)> {
         self.rooms

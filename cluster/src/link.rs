@@ -107,6 +107,13 @@ pub trait RpcHandler: Send + Sync + 'static {
     fn actor_stream(&self, peer: SocketAddr, send: quinn::SendStream, recv: quinn::RecvStream) {
         let _ = (peer, send, recv);
     }
+
+    /// Takes one datagram from `peer` (voice). Datagrams of one connection are handed over
+    /// one at a time, in arrival order. The default drops it.
+    fn datagram(&self, peer: SocketAddr, datagram: Bytes) -> impl Future<Output = ()> + Send {
+        let _ = (peer, datagram);
+        async {}
+    }
 }
 
 /// One node's inter-node QUIC endpoint.
@@ -303,10 +310,25 @@ impl ClusterEndpoint {
         Ok((send, recv))
     }
 
-    /// Sends a datagram to `peer` (unreliable; for voice). Fails if the peer is not
-    /// connected or the datagram is too large.
-    pub async fn send_datagram(&self, peer: SocketAddr, datagram: Bytes) -> Result<(), LinkError> {
-        let connection = self.connection(peer).await?;
+    /// Sends a datagram to `peer` (unreliable; for voice) without waiting: on the cached
+    /// connection if there is one; otherwise this datagram is dropped and a connection is
+    /// opened in the background for the next ones.
+    ///
+    /// # Errors
+    ///
+    /// [`LinkError::Connect`] when there is no connection yet, [`LinkError::Rpc`] when the
+    /// datagram is too large or the peer does not take datagrams.
+    pub fn try_send_datagram(&self, peer: SocketAddr, datagram: Bytes) -> Result<(), LinkError> {
+        let Some(connection) = self.cached(peer) else {
+            let endpoint = self.clone();
+            tokio::spawn(async move {
+                let _ = endpoint.connection(peer).await;
+            });
+            return Err(LinkError::Connect {
+                peer,
+                reason: "not connected yet".into(),
+            });
+        };
         connection
             .send_datagram(datagram)
             .map_err(|e| LinkError::Rpc {
@@ -354,6 +376,13 @@ impl ClusterEndpoint {
 
 async fn serve_connection<H: RpcHandler>(connection: quinn::Connection, handler: Arc<H>) {
     let peer = connection.remote_address();
+    let datagrams = connection.clone();
+    let datagram_handler = handler.clone();
+    tokio::spawn(async move {
+        while let Ok(datagram) = datagrams.read_datagram().await {
+            datagram_handler.datagram(peer, datagram).await;
+        }
+    });
     loop {
         let (mut send, mut recv) = match connection.accept_bi().await {
             Ok(streams) => streams,

@@ -275,6 +275,16 @@ pub trait AppHandler: Send + Sync + 'static {
         &self,
         request: Bytes,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Bytes> + Send + '_>>;
+
+    /// Takes one datagram from a member (voice), in arrival order per sending node. The
+    /// default drops it.
+    fn datagram(
+        &self,
+        datagram: Bytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        let _ = datagram;
+        Box::pin(async {})
+    }
 }
 
 struct Handler {
@@ -308,6 +318,12 @@ impl RpcHandler for Handler {
             },
         };
         encode(&reply).unwrap_or_default()
+    }
+
+    async fn datagram(&self, _peer: SocketAddr, datagram: Bytes) {
+        if let Some(app) = self.service.get().and_then(|s| s.inner.app.get()) {
+            app.datagram(datagram).await;
+        }
     }
 
     fn actor_stream(&self, peer: SocketAddr, send: quinn::SendStream, recv: quinn::RecvStream) {
@@ -787,6 +803,25 @@ impl ClusterService {
             PeerReply::App(bytes) => Ok(Bytes::from(bytes)),
             other => Err(ClusterError::Refused(format!("{other:?}"))),
         }
+    }
+
+    /// Sends a datagram to member `node` without waiting (voice; see
+    /// [`ClusterEndpoint::try_send_datagram`]).
+    ///
+    /// # Errors
+    ///
+    /// The node is unknown, not connected yet, or the datagram cannot be sent.
+    pub fn send_app_datagram(&self, node: NodeId, datagram: Bytes) -> Result<(), ClusterError> {
+        let addr = self
+            .metadata()
+            .nodes
+            .get(&node)
+            .map(|n| n.cluster_addr.clone())
+            .ok_or_else(|| ClusterError::Refused(format!("no node {node}")))?;
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|e| ClusterError::Codec(format!("bad address {addr:?}: {e}")))?;
+        Ok(self.inner.endpoint.try_send_datagram(addr, datagram)?)
     }
 
     /// Removes member `node` from the Raft group and the metadata (through the leader).

@@ -91,6 +91,14 @@ pub struct LimitsConfig {
     /// Sessions (attached or resumable) per node. Default 100,000; beyond it new sessions
     /// are refused with `unavailable`.
     pub sessions_max: usize,
+    /// Voice frames queued per connection for sending. Default 64; when full the oldest
+    /// frame is dropped (a slow listener loses audio, it never slows the room).
+    pub audio_queue_frames_max: usize,
+    /// Sustained voice frames a connection may send per second. Default 200 (four rooms'
+    /// worth of 20 ms frames); frames beyond it are dropped.
+    pub audio_frames_per_sec: u32,
+    /// Voice frame burst per connection. Default 100.
+    pub audio_frames_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -109,6 +117,9 @@ impl Default for LimitsConfig {
             resume_window_ms: 60_000,
             resume_buffer_frames_max: 1024,
             sessions_max: 100_000,
+            audio_queue_frames_max: 64,
+            audio_frames_per_sec: 200,
+            audio_frames_burst: 100,
         }
     }
 }

@@ -348,3 +348,43 @@ pub async fn close_code(conn: &mut chorus_node::client::Connection, when: &str) 
     .await
     .unwrap_or_else(|_| panic!("connection not closed {when}"))
 }
+
+/// Three members (b and c join through a), converged: 3 up, one leader, one ring epoch.
+pub async fn three_node_cluster(dir: &Path) -> [TestNode; 3] {
+    let a = start_member(dir, "a", None).await;
+    let b = start_member(dir, "b", Some(&a)).await;
+    let c = start_member(dir, "c", Some(&a)).await;
+    let nodes = [a, b, c];
+    eventually("the cluster to converge", || async {
+        let mut statuses = Vec::new();
+        for node in &nodes {
+            statuses.push(node.admin("/admin/status").await);
+        }
+        statuses.iter().all(|s| {
+            s["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["state"] == "up"))
+                && s["ring_epoch"] == statuses[0]["ring_epoch"]
+                && !s["leader"].is_null()
+        })
+    })
+    .await;
+    nodes
+}
+
+/// Node arguments that lift the per-connection request limits.
+pub const UNTHROTTLED: &[&str] = &["--requests-per-sec", "100000", "--requests-burst", "100000"];
+
+/// Starts member `name` under `dir` with the shared CA, joining through `join`.
+pub async fn start_member(dir: &Path, name: &str, join: Option<&TestNode>) -> TestNode {
+    let ca = dir.join("ca");
+    let ca = ca.to_str().expect("utf8 path");
+    let mut args = vec!["--ca", ca, "--node-name", name];
+    args.extend_from_slice(UNTHROTTLED);
+    let seed;
+    if let Some(seed_node) = join {
+        seed = seed_node.cluster.to_string();
+        args.extend(["--join", seed.as_str()]);
+    }
+    TestNode::start_in(&dir.join(name), &args).await
+}

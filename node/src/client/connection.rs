@@ -415,7 +415,18 @@ fn split_length_prefixed(buffer: &mut BytesMut) -> Result<Option<Bytes>, Protoco
 /// What one read from the wire produced.
 enum Wire {
     Frame(Result<Frame, ProtocolError>),
+    Audio(Bytes),
     Closed(Option<u16>, String),
+}
+
+/// What [`Connection::recv_any`] received.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Received {
+    /// A protocol frame.
+    Frame(Frame),
+    /// A voice frame (a QUIC datagram or a binary WebSocket message starting with `0xc1`),
+    /// still encoded: see [`chorus_protocol::audio::decode_frame`].
+    Audio(Bytes),
 }
 
 /// One open transport connection. See the module documentation.
@@ -570,8 +581,19 @@ impl Connection {
     ///
     /// Cancel safe: if the future is dropped before it completes, no frame is lost.
     pub async fn recv(&mut self) -> Result<Frame, ClientError> {
+        loop {
+            if let Received::Frame(frame) = self.recv_any().await? {
+                return Ok(frame);
+            }
+        }
+    }
+
+    /// As [`Connection::recv`], but voice frames are returned too, in arrival order.
+    ///
+    /// Cancel safe.
+    pub async fn recv_any(&mut self) -> Result<Received, ClientError> {
         if let Some(frame) = self.backlog.pop_front() {
-            return Ok(frame);
+            return Ok(Received::Frame(frame));
         }
         if let Some((code, reason)) = &self.closed {
             return Err(ClientError::Closed {
@@ -580,12 +602,29 @@ impl Connection {
             });
         }
         match self.recv_wire().await {
-            Wire::Frame(result) => result.map_err(ClientError::Protocol),
+            Wire::Frame(result) => result.map(Received::Frame).map_err(ClientError::Protocol),
+            Wire::Audio(bytes) => Ok(Received::Audio(bytes)),
             Wire::Closed(code, reason) => {
                 self.closed = Some((code, reason.clone()));
                 Err(ClientError::Closed { code, reason })
             }
         }
+    }
+
+    /// Sends one voice frame (encoded with [`chorus_protocol::audio::encode_uplink`]): a
+    /// QUIC datagram, or a binary WebSocket message. Unreliable on QUIC: a datagram the
+    /// path cannot carry now is dropped and reported as an error, the connection stays.
+    pub async fn send_audio(&mut self, frame: Bytes) -> Result<(), ClientError> {
+        if let Transport::Quic(q) = &self.transport {
+            if self.closed.is_none() {
+                return q.connection.send_datagram(frame).map_err(|e| {
+                    ClientError::Protocol(ProtocolError::BadAudio(format!(
+                        "datagram not sent: {e}"
+                    )))
+                });
+            }
+        }
+        self.send_raw(RawMessage::Binary(frame)).await
     }
 
     async fn recv_wire(&mut self) -> Wire {
@@ -597,6 +636,11 @@ impl Connection {
                         return Wire::Closed(None, "connection ended without a close frame".into())
                     }
                     Some(Err(e)) => return Wire::Closed(None, e.to_string()),
+                    Some(Ok(Message::Binary(bytes)))
+                        if chorus_protocol::audio::is_audio(&bytes) =>
+                    {
+                        return Wire::Audio(bytes)
+                    }
                     Some(Ok(Message::Binary(bytes))) => {
                         return Wire::Frame(decode_frame(Encoding::MsgPack, &bytes, &limits))
                     }
@@ -631,7 +675,15 @@ impl Connection {
                         return Wire::Closed(None, reason);
                     }
                 }
-                match q.recv.read_chunk(QUIC_READ_CHUNK_BYTES, true).await {
+                // Voice comes as datagrams beside the stream; both reads are cancel safe.
+                let chunk = tokio::select! {
+                    chunk = q.recv.read_chunk(QUIC_READ_CHUNK_BYTES, true) => chunk,
+                    datagram = q.connection.read_datagram() => match datagram {
+                        Ok(datagram) => return Wire::Audio(datagram),
+                        Err(_) => q.recv.read_chunk(QUIC_READ_CHUNK_BYTES, true).await,
+                    },
+                };
+                match chunk {
                     Ok(Some(chunk)) => q.buffer.extend_from_slice(&chunk.bytes),
                     Ok(None) => {
                         // A server finishes the stream before closing the connection (so
@@ -700,6 +752,8 @@ impl Connection {
         loop {
             let frame = match self.recv_wire().await {
                 Wire::Frame(result) => result?,
+                // Voice arriving while a request waits is late by the time it is read.
+                Wire::Audio(_) => continue,
                 Wire::Closed(code, reason) => {
                     self.closed = Some((code, reason.clone()));
                     return Err(ClientError::Closed { code, reason });

@@ -11,6 +11,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use chorus_protocol::audio::AudioFrame;
 use chorus_protocol::{
     AuthResponse, ErrorBody, ErrorCode, Event, Frame, NotificationFrame, PingResponse,
     ProtocolError, RequestFrame, ResumeOutcome, ResumeRequest,
@@ -24,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::is_final_auth_error;
 use super::{
     backoff_delay_ms, body_to_json, is_final_close_code, ClientConfig, ClientError, ClientEvent,
-    Command, Connection, Connector, Reply, Shared,
+    Command, Connection, Connector, Received, Reply, Shared,
 };
 
 /// Normal WebSocket close code, also used as the QUIC application code for a normal close.
@@ -102,6 +104,18 @@ pub(super) struct Driver {
     session_id: String,
     ping_interval_ms: u64,
     rng: SmallRng,
+    /// Voice frames to send (encoded uplink frames), from [`super::Client::send_audio`].
+    audio_out: Option<mpsc::Receiver<Bytes>>,
+    /// Where received voice frames go (bounded; a full queue drops the newest).
+    audio_in: Option<mpsc::Sender<AudioFrame>>,
+}
+
+/// The next voice frame to send; pending forever without a queue.
+async fn recv_audio(out: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
+    match out {
+        Some(out) => out.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Driver {
@@ -141,7 +155,20 @@ impl Driver {
             session_id,
             ping_interval_ms: 0,
             rng: SmallRng::from_os_rng(),
+            audio_out: None,
+            audio_in: None,
         }
+    }
+
+    /// Voice frames to send come from `out`; received ones go to `into`.
+    pub(super) fn with_audio(
+        mut self,
+        out: mpsc::Receiver<Bytes>,
+        into: mpsc::Sender<AudioFrame>,
+    ) -> Self {
+        self.audio_out = Some(out);
+        self.audio_in = Some(into);
+        self
     }
 
     /// Runs until the client is closed or gives up.
@@ -210,14 +237,15 @@ impl Driver {
             // Unbiased: a busy stream of notifications must not starve requests.
             tokio::select! {
                 _ = self.cancel.cancelled() => return End::Cancelled,
-                received = self.connection.recv() => {
+                received = self.connection.recv_any() => {
                     last_frame_at = Instant::now();
                     match received {
-                        Ok(frame) => {
+                        Ok(Received::Frame(frame)) => {
                             if let Some(end) = self.on_frame(frame).await {
                                 return end;
                             }
                         }
+                        Ok(Received::Audio(bytes)) => self.on_audio(&bytes),
                         Err(ClientError::Protocol(e)) => {
                             tracing::warn!(error = %e, "undecodable frame from the server");
                             if self.connection.close_status().is_some() {
@@ -237,6 +265,13 @@ impl Driver {
                     // Every handle is gone: nobody can observe anything any more.
                     None => return End::Cancelled,
                 },
+                Some(frame) = recv_audio(&mut self.audio_out) => {
+                    match self.connection.send_audio(frame).await {
+                        Ok(()) => {}
+                        Err(ClientError::Closed { code, reason }) => return End::Lost { code, reason },
+                        Err(error) => tracing::debug!(%error, "voice frame not sent"),
+                    }
+                }
                 _ = &mut silence, if silence_limit.is_some() => {
                     let limit = silence_limit.unwrap_or_default();
                     let deadline = last_frame_at + limit;
@@ -251,6 +286,20 @@ impl Driver {
                     };
                 }
             }
+        }
+    }
+
+    /// A voice frame from the server: decoded and handed to the application (dropped if
+    /// its queue is full or it is malformed).
+    fn on_audio(&mut self, bytes: &Bytes) {
+        let Some(audio_in) = &self.audio_in else {
+            return;
+        };
+        match chorus_protocol::audio::decode_frame(bytes) {
+            Ok(frame) => {
+                let _ = audio_in.try_send(frame);
+            }
+            Err(error) => tracing::debug!(%error, "undecodable voice frame from the server"),
         }
     }
 

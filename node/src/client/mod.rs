@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+pub use chorus_protocol::audio::{AudioFrame, AudioHeader};
 use chorus_protocol::{
     Body, Encoding, ErrorBody, Event, ProtocolError, RequestKind, ResumeOutcome, SessionId, UserId,
 };
@@ -44,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use backoff::{backoff_cap_ms, backoff_delay_ms};
 pub use connection::{
-    client_endpoint, quic_client_config, Connection, Connector, RawMessage, ServerUrl,
+    client_endpoint, quic_client_config, Connection, Connector, RawMessage, Received, ServerUrl,
     TransportKind, BACKLOG_FRAMES_MAX, QUIC_PORT_DEFAULT, TRANSPORT_MESSAGE_BYTES_MAX,
 };
 pub use error::{is_final_close_code, ClientError};
@@ -52,6 +53,10 @@ pub use error::{is_final_close_code, ClientError};
 /// Requests waiting for the driver to pick them up. Callers beyond this wait (bounded by
 /// their request timeout).
 const COMMANDS_QUEUE_MAX: usize = 64;
+/// Voice frames waiting to be sent; more are dropped (late audio is useless).
+const AUDIO_OUT_QUEUE_MAX: usize = 64;
+/// Received voice frames waiting for the application; more are dropped.
+const AUDIO_IN_QUEUE_MAX: usize = 256;
 
 /// How long [`Client::close`] waits for the driver to finish the close handshake.
 const CLOSE_WAIT_MS: u64 = 2000;
@@ -369,6 +374,8 @@ pub struct Client {
     auth: chorus_protocol::AuthResponse,
     cancel: CancellationToken,
     driver: Option<tokio::task::JoinHandle<()>>,
+    audio_out: mpsc::Sender<Bytes>,
+    audio_in: Option<mpsc::Receiver<AudioFrame>>,
 }
 
 impl Client {
@@ -400,6 +407,8 @@ impl Client {
         url_index: usize,
     ) -> Client {
         let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_QUEUE_MAX);
+        let (audio_out_tx, audio_out_rx) = mpsc::channel(AUDIO_OUT_QUEUE_MAX);
+        let (audio_in_tx, audio_in_rx) = mpsc::channel(AUDIO_IN_QUEUE_MAX);
         let (events_tx, events_rx) = mpsc::channel(config.events_queue_max.max(1));
         let shared = Arc::new(Shared {
             session_id: Mutex::new(auth.session_id.clone()),
@@ -417,7 +426,8 @@ impl Client {
             events_tx,
             cancel.clone(),
         )
-        .with_ping_interval(auth.ping_interval_ms);
+        .with_ping_interval(auth.ping_interval_ms)
+        .with_audio(audio_out_rx, audio_in_tx);
         let handle = tokio::spawn(driver.run());
         Client {
             requester: Requester {
@@ -430,7 +440,35 @@ impl Client {
             auth,
             cancel,
             driver: Some(handle),
+            audio_out: audio_out_tx,
+            audio_in: Some(audio_in_rx),
         }
+    }
+
+    /// Sends one voice frame (R11) for `room_id`, which the session must have joined with
+    /// the user on stage and not muted, else the server drops it. Never waits: `Ok(false)`
+    /// means the send queue was full and the frame was dropped. Frames are not resent
+    /// after a reconnect.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Protocol`] for a frame that cannot be encoded (empty or oversized
+    /// packet, level above 127, room id over 255 bytes).
+    pub fn send_audio(
+        &self,
+        room_id: &str,
+        header: AudioHeader,
+        payload: &[u8],
+    ) -> Result<bool, ClientError> {
+        let frame = chorus_protocol::audio::encode_uplink(room_id, header, payload)?;
+        Ok(self.audio_out.try_send(frame).is_ok())
+    }
+
+    /// The stream of voice frames received, in arrival order (bounded: when the
+    /// application does not keep up, new frames are dropped). Returns it once; `None`
+    /// after.
+    pub fn take_audio(&mut self) -> Option<mpsc::Receiver<AudioFrame>> {
+        self.audio_in.take()
     }
 
     /// Sends a request and waits for its response; see [`Requester::request`].

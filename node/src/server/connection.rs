@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chorus_actors::rate::TokenBucket;
 use chorus_actors::room::{RoomDefinition, StageCommand};
 use chorus_actors::room_actor::unix_now_ms;
 use chorus_actors::session::{ConnectionConfig, ConnectionCore, LivenessAction};
@@ -26,7 +27,7 @@ use super::routing::{room_error, RoomOp, RoomOpReply};
 
 /// Users in a `room.members` page when the request names no limit.
 const MEMBERS_PAGE_DEFAULT: usize = 50;
-use super::session::{CloseSignal, OutFrame, Outbound, Session};
+use super::session::{AudioQueue, CloseSignal, OutFrame, Outbound, Session};
 use super::Node;
 use crate::token::TokenError;
 
@@ -45,6 +46,9 @@ pub enum Inbound {
     /// The client closed on purpose (WebSocket close 1000, QUIC stream finished or close
     /// code 0): its session ends now instead of waiting out the resume window.
     Goodbye,
+    /// A voice frame (a QUIC datagram, or a binary WebSocket message starting with the
+    /// audio marker `0xc1`).
+    Audio(Bytes),
 }
 
 /// The receiving half of a transport.
@@ -63,6 +67,9 @@ pub trait TransportWriter: Send + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
     /// Flushes buffered frames.
     fn flush(&mut self) -> impl Future<Output = Result<(), String>> + Send;
+    /// Sends one voice frame (unreliable: a QUIC datagram, or a binary WebSocket message
+    /// that is fed like a frame). An `Err` ends the connection.
+    fn send_audio(&mut self, frame: Bytes) -> impl Future<Output = Result<(), String>> + Send;
     /// Closes the transport: `None` is a normal close, else (close code, reason).
     fn close(self, reason: Option<(u16, String)>) -> impl Future<Output = ()> + Send;
 }
@@ -98,9 +105,21 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
 ) {
     let limits = &node.config.limits;
     let close = Arc::new(CloseSignal::default());
-    let (outbound, rx) = Outbound::new(attachment, limits.outgoing_queue_frames_max, close.clone());
+    let audio = Arc::new(AudioQueue::new(limits.audio_queue_frames_max));
+    let (outbound, rx) = Outbound::new(
+        attachment,
+        limits.outgoing_queue_frames_max,
+        close.clone(),
+        audio.clone(),
+    );
     let encoding = Arc::new(OnceLock::new());
-    let writer_task = tokio::spawn(write_loop(writer, rx, close.clone(), encoding.clone()));
+    let writer_task = tokio::spawn(write_loop(
+        writer,
+        rx,
+        audio,
+        close.clone(),
+        encoding.clone(),
+    ));
     metrics::gauge!("chorus_connections", "transport" => transport).increment(1.0);
 
     let connection_config = ConnectionConfig {
@@ -117,6 +136,12 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
         session: None,
         outbound,
         encoding,
+        audio_bucket: TokenBucket::new(
+            limits.audio_frames_burst,
+            limits.audio_frames_per_sec,
+            unix_now_ms(),
+        ),
+        audio_refused_at_ms: None,
     };
 
     loop {
@@ -169,6 +194,10 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
                     let error = ProtocolError::FrameTooLarge { size_bytes, limit_bytes: node.config.limits.frame_bytes_max };
                     conn.respond_error(0, error.to_body());
                 }
+                Some(Ok(Inbound::Audio(bytes))) => {
+                    metrics::counter!("chorus_audio_in_total", "transport" => transport).increment(1);
+                    conn.handle_audio(bytes).await;
+                }
                 Some(Ok(Inbound::Frame(encoding, bytes))) => {
                     let _ = conn.encoding.set(encoding);
                     metrics::counter!("chorus_frames_in_total", "transport" => transport).increment(1);
@@ -208,6 +237,7 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
 async fn write_loop<W: TransportWriter>(
     mut writer: W,
     mut rx: mpsc::Receiver<OutFrame>,
+    audio: Arc<AudioQueue>,
     close: Arc<CloseSignal>,
     encoding: Arc<OnceLock<Encoding>>,
 ) {
@@ -218,6 +248,25 @@ async fn write_loop<W: TransportWriter>(
                 let reason = close.reason().map(|(code, reason)| (code.close_code(), reason));
                 writer.close(reason).await;
                 return;
+            }
+            // Voice first: it is late soon, and its queue is bounded by dropping.
+            _ = audio.ready() => {
+                for frame in audio.take_all() {
+                    if let Err(error) = writer.send_audio(frame).await {
+                        tracing::debug!(%error, "audio write failed");
+                        close.close(ErrorCode::Unavailable, "write failed");
+                        return;
+                    }
+                    metrics::counter!("chorus_audio_out_total").increment(1);
+                }
+                if rx.is_empty() {
+                    if let Err(error) = writer.flush().await {
+                        tracing::debug!(%error, "flush failed");
+                        close.close(ErrorCode::Unavailable, "write failed");
+                        return;
+                    }
+                }
+                continue;
             }
             frame = rx.recv() => frame,
         };
@@ -264,9 +313,97 @@ struct Connection {
     session: Option<Arc<Session>>,
     outbound: Outbound,
     encoding: Arc<OnceLock<Encoding>>,
+    /// Voice frames this connection may send (`audio_frames_per_sec`).
+    audio_bucket: TokenBucket,
+    /// When a voice frame was last refused with an error response (at most one a second).
+    audio_refused_at_ms: Option<u64>,
 }
 
+/// Least time between two error responses about refused voice frames.
+const AUDIO_REFUSAL_INTERVAL_MS: u64 = 1_000;
+
 impl Connection {
+    /// A voice frame from the client: checked (well formed, within the rate, for a room
+    /// the session is in) and passed to the room's owner, which relays it if the user may
+    /// speak. A refused frame is dropped; the client hears why at most once a second (an
+    /// error response with seq 0), since audio is never answered one by one.
+    async fn handle_audio(&mut self, bytes: Bytes) {
+        let now_ms = unix_now_ms();
+        let Some(session) = self.session.clone() else {
+            self.refuse_audio(
+                now_ms,
+                ErrorBody::new(
+                    ErrorCode::Unauthenticated,
+                    "authenticate before sending audio",
+                ),
+            );
+            return;
+        };
+        if !self.audio_bucket.try_take(now_ms) {
+            metrics::counter!("chorus_audio_dropped_total", "reason" => "rate_limited")
+                .increment(1);
+            self.refuse_audio(
+                now_ms,
+                ErrorBody::new(
+                    ErrorCode::RateLimited,
+                    "too many audio frames on this connection",
+                ),
+            );
+            return;
+        }
+        let uplink = match chorus_protocol::audio::decode_uplink(&bytes) {
+            Ok(uplink) => uplink,
+            Err(error) => {
+                metrics::counter!("chorus_audio_dropped_total", "reason" => "malformed")
+                    .increment(1);
+                self.refuse_audio(now_ms, error.to_body());
+                return;
+            }
+        };
+        let downlink_bytes =
+            4 + uplink.room_id.len() + session.user_id.len() + 9 + uplink.payload.len();
+        if downlink_bytes > chorus_protocol::audio::AUDIO_FRAME_BYTES_MAX {
+            metrics::counter!("chorus_audio_dropped_total", "reason" => "too_large").increment(1);
+            self.refuse_audio(
+                now_ms,
+                ErrorBody::new(
+                    ErrorCode::FrameTooLarge,
+                    format!(
+                        "the relayed audio frame would be {downlink_bytes} bytes, above {}",
+                        chorus_protocol::audio::AUDIO_FRAME_BYTES_MAX
+                    ),
+                ),
+            );
+            return;
+        }
+        if !session.with_core(|core| core.in_room(&uplink.room_id)) {
+            metrics::counter!("chorus_audio_dropped_total", "reason" => "not_in_room").increment(1);
+            self.refuse_audio(
+                now_ms,
+                ErrorBody::new(
+                    ErrorCode::NotInRoom,
+                    format!(
+                        "audio for room {:?}, which this session has not joined",
+                        uplink.room_id
+                    ),
+                ),
+            );
+            return;
+        }
+        self.node.route_audio(&session, uplink, &bytes).await;
+    }
+
+    fn refuse_audio(&mut self, now_ms: u64, error: ErrorBody) {
+        if self
+            .audio_refused_at_ms
+            .is_some_and(|at| now_ms < at + AUDIO_REFUSAL_INTERVAL_MS)
+        {
+            return;
+        }
+        self.audio_refused_at_ms = Some(now_ms);
+        self.respond_error(0, error);
+    }
+
     fn encoding(&self) -> Encoding {
         *self.encoding.get().unwrap_or(&Encoding::MsgPack)
     }

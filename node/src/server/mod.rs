@@ -11,6 +11,7 @@ pub mod control;
 pub mod quic;
 pub mod routing;
 pub mod session;
+pub mod voice;
 pub mod ws;
 
 use std::convert::Infallible;

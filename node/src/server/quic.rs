@@ -1,5 +1,5 @@
 //! QUIC transport (quinn): one bidirectional stream per connection carrying 4-byte
-//! big-endian length-prefixed MessagePack frames. Datagrams are enabled for voice.
+//! big-endian length-prefixed MessagePack frames. Voice frames travel as datagrams.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,7 +92,16 @@ pub fn split(
 
 impl TransportReader for QuicReader {
     async fn next(&mut self) -> Option<Result<Inbound, String>> {
-        let Some(next) = self.frames.next().await else {
+        // Voice frames come as datagrams beside the stream. Both reads are cancel safe.
+        let next = tokio::select! {
+            next = self.frames.next() => next,
+            datagram = self.connection.read_datagram() => match datagram {
+                Ok(datagram) => return Some(Ok(Inbound::Audio(datagram))),
+                // The connection is gone: the stream read reports how.
+                Err(_) => self.frames.next().await,
+            },
+        };
+        let Some(next) = next else {
             return if self.closed_by_client_normally() {
                 Some(Ok(Inbound::Goodbye))
             } else {
@@ -123,6 +132,17 @@ impl TransportWriter for QuicWriter {
         SinkExt::<Bytes>::flush(&mut self.frames)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    async fn send_audio(&mut self, frame: Bytes) -> Result<(), String> {
+        // Unreliable: quinn keeps a bounded datagram buffer that drops the oldest. A
+        // datagram the path cannot carry (or a peer that refuses datagrams) loses this
+        // frame only.
+        if let Err(error) = self.connection.send_datagram(frame) {
+            metrics::counter!("chorus_audio_dropped_total", "reason" => "datagram").increment(1);
+            tracing::debug!(%error, "voice datagram not sent");
+        }
+        Ok(())
     }
 
     async fn close(mut self, reason: Option<(u16, String)>) {

@@ -638,6 +638,11 @@ impl EdgeRelay {
             .unwrap_or(0)
     }
 
+    /// The node this relay sends to.
+    pub fn edge(&self) -> NodeId {
+        self.edge
+    }
+
     fn push(&self, item: RelayItem) {
         if self.tx.try_send(item).is_err() {
             metrics::counter!("chorus_relay_dropped_total").increment(1);
@@ -701,6 +706,12 @@ impl MemberSink for RemoteMember {
     fn relay_group(&self) -> Option<u64> {
         Some(self.relay.edge)
     }
+
+    fn deliver_audio(&self, frame: &Bytes) {
+        if let Some(node) = self.relay.node.upgrade() {
+            self.relay.send_audio(&node, frame);
+        }
+    }
 }
 
 /// Local sessions in rooms owned by other nodes.
@@ -731,6 +742,14 @@ impl RoomMirrors {
             map.remove(room_id);
         }
         removed
+    }
+
+    /// The sessions of this node in `room_id`.
+    pub fn sessions(&self, room_id: &str) -> Vec<Arc<Session>> {
+        self.map()
+            .get(room_id)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The members of `room_id` on this node: (member key, user).
@@ -1651,6 +1670,17 @@ pub struct NodeApp {
 }
 
 impl chorus_cluster::service::AppHandler for NodeApp {
+    fn datagram(
+        &self,
+        datagram: Bytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if let Some(node) = self.node.upgrade() {
+                node.audio_datagram(datagram).await;
+            }
+        })
+    }
+
     fn handle(
         &self,
         request: Bytes,

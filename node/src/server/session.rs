@@ -7,7 +7,7 @@
 //! happen under one lock, so a resume sees a consistent cut: everything up to `last_seq`
 //! is replayed, everything after goes to the new queue.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -63,6 +63,54 @@ impl CloseSignal {
     }
 }
 
+/// One connection's voice frames waiting to be sent: bounded, and when full the oldest
+/// frame makes room for the newest (late audio is worth less than current audio).
+#[derive(Debug)]
+pub struct AudioQueue {
+    frames: Mutex<VecDeque<Bytes>>,
+    capacity: usize,
+    ready: tokio::sync::Notify,
+}
+
+impl AudioQueue {
+    /// A queue of at most `capacity` frames (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        AudioQueue {
+            frames: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            ready: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Bytes>> {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `frame`, dropping the oldest if the queue is full; wakes the writer.
+    pub fn push(&self, frame: Bytes) {
+        {
+            let mut frames = self.lock();
+            if frames.len() >= self.capacity {
+                frames.pop_front();
+                metrics::counter!("chorus_audio_dropped_total", "reason" => "listener_queue")
+                    .increment(1);
+            }
+            frames.push_back(frame);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Takes every queued frame, oldest first.
+    pub fn take_all(&self) -> VecDeque<Bytes> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Resolves when frames may be waiting (after a push since the last call).
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+}
+
 /// The sending side of one connection's bounded outgoing queue.
 #[derive(Debug, Clone)]
 pub struct Outbound {
@@ -70,14 +118,17 @@ pub struct Outbound {
     pub attachment: u64,
     tx: mpsc::Sender<OutFrame>,
     close: Arc<CloseSignal>,
+    audio: Arc<AudioQueue>,
 }
 
 impl Outbound {
-    /// A queue of `capacity` frames; returns the receiving end for the writer.
+    /// A queue of `capacity` frames, beside the connection's voice queue `audio`; returns
+    /// the receiving end for the writer.
     pub fn new(
         attachment: u64,
         capacity: usize,
         close: Arc<CloseSignal>,
+        audio: Arc<AudioQueue>,
     ) -> (Self, mpsc::Receiver<OutFrame>) {
         let (tx, rx) = mpsc::channel(capacity);
         (
@@ -85,9 +136,15 @@ impl Outbound {
                 attachment,
                 tx,
                 close,
+                audio,
             },
             rx,
         )
+    }
+
+    /// Queues a voice frame (never blocks; drops the oldest when full).
+    pub fn push_audio(&self, frame: Bytes) {
+        self.audio.push(frame);
     }
 
     /// Queues a frame without waiting. A full queue means the client does not keep up: the
@@ -221,6 +278,13 @@ impl MemberSink for Session {
 
     fn removed_from_room(&self, room_id: &str) {
         self.lock().core.handle_room_left(room_id);
+    }
+
+    fn deliver_audio(&self, frame: &Bytes) {
+        // Voice is not numbered or buffered for resume: only an attached connection gets it.
+        if let Some(outbound) = &self.lock().outbound {
+            outbound.push_audio(frame.clone());
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! WebSocket transport (tokio-tungstenite over a hyper upgrade).
 //!
-//! Text messages carry JSON frames, binary messages MessagePack frames. Messages above
+//! Text messages carry JSON frames, binary messages MessagePack frames, or voice frames
+//! when their first byte is the audio marker `0xc1`. Messages above
 //! the frame limit but within the transport cap are discarded and answered with
 //! `frame_too_large`; above the cap tungstenite fails the read and the connection closes
 //! with 1009.
@@ -73,6 +74,9 @@ impl TransportReader for WsReader {
             };
             let (encoding, bytes) = match message {
                 Message::Text(text) => (Encoding::Json, Bytes::from(text)),
+                Message::Binary(bytes) if chorus_protocol::audio::is_audio(&bytes) => {
+                    return Some(Ok(Inbound::Audio(bytes)))
+                }
                 Message::Binary(bytes) => (Encoding::MsgPack, bytes),
                 // A normal close (1000) is a goodbye: the session ends. Other closes (e.g.
                 // 1001 going away) leave it resumable.
@@ -106,6 +110,14 @@ impl TransportWriter for WsWriter {
 
     async fn flush(&mut self) -> Result<(), String> {
         self.sink.flush().await.map_err(|e| e.to_string())
+    }
+
+    async fn send_audio(&mut self, frame: Bytes) -> Result<(), String> {
+        // Binary even on a JSON connection: the audio marker tells it from a frame.
+        self.sink
+            .feed(Message::Binary(frame))
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn close(mut self, reason: Option<(u16, String)>) {
