@@ -6,6 +6,7 @@ mod common;
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use chorus_node::client::ogg_opus::OpusFile;
 use chorus_node::client::{AudioFrame, AudioHeader, Client};
 use chorus_protocol::{Event, RoomMuteRequest};
 use common::{create_room, eventually, join, three_node_cluster, TestNode, DEADLINE};
@@ -190,4 +191,134 @@ async fn a_speaker_is_heard_on_every_node_in_order_and_listeners_and_the_muted_a
         },
     )
     .await;
+}
+
+/// Runs a tool that must be installed (`.ci/run` installs espeak-ng and opus-tools).
+async fn tool(program: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let output = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {program} (install espeak-ng and opus-tools): {e}"));
+    assert!(
+        output.status.success(),
+        "{program} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn chorus_client(node: &TestNode, url: &str, user: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus"));
+    command
+        .args(["client", "--url", url, "--user", user, "--ca"])
+        .arg(node.ca_path())
+        .env("CHORUS_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+#[tokio::test]
+async fn an_ogg_opus_file_spoken_on_one_node_is_recorded_packet_for_packet_on_two_others() {
+    use std::ffi::OsStr;
+    use tokio::io::AsyncBufReadExt;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wav = dir.path().join("speech.wav");
+    let spoken = dir.path().join("speech.opus");
+    tool(
+        "espeak-ng",
+        &[
+            OsStr::new("-w"),
+            wav.as_os_str(),
+            OsStr::new("Welcome to the room. Every packet arrives in order."),
+        ],
+    )
+    .await;
+    tool(
+        "opusenc",
+        &[OsStr::new("--quiet"), wav.as_os_str(), spoken.as_os_str()],
+    )
+    .await;
+    let sent = OpusFile::read(&spoken).expect("read the spoken file");
+    assert!(sent.packets.len() > 50, "{} packets", sent.packets.len());
+
+    let nodes = three_node_cluster(&dir.path().join("cluster")).await;
+    let [a, b, c] = &nodes;
+    let alice = a.client(&a.quic_url(), "alice").await;
+    let room = create_room(&alice, "Spoken word").await;
+
+    // Listeners on the other two nodes, one per transport, recording.
+    let mut listeners = Vec::new();
+    for (node, url, user) in [(b, b.ws_url(), "bob"), (c, c.quic_url(), "carol")] {
+        let out = dir.path().join(format!("{user}.opus"));
+        let mut child = chorus_client(node, &url, user)
+            .args(["listen", &room, "--for", "60", "--record"])
+            .arg(&out)
+            .spawn()
+            .expect("spawn listen");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        // The first line is the join response: the listener is in the room.
+        let first = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("listen joined in time")
+            .expect("read")
+            .expect("a line");
+        assert!(first.contains("\"role\":\"listener\""), "{first}");
+        listeners.push((child, lines, out));
+    }
+
+    let speak = chorus_client(a, &a.quic_url(), "alice")
+        .args(["speak", &room])
+        .arg(&spoken)
+        .output();
+    let speak = tokio::time::timeout(Duration::from_secs(120), speak)
+        .await
+        .expect("speak finished")
+        .expect("run speak");
+    let stdout = String::from_utf8_lossy(&speak.stdout);
+    assert!(speak.status.success(), "speak failed: {stdout}");
+    assert!(
+        stdout.contains(&format!("\"sent\":{}", sent.packets.len())),
+        "{stdout}"
+    );
+
+    // Ending the room ends the listeners.
+    alice
+        .request(chorus_protocol::RoomEndRequest {
+            room_id: room.clone(),
+        })
+        .await
+        .expect("end");
+    for (mut child, mut lines, out) in listeners {
+        let mut summary = String::new();
+        tokio::time::timeout(DEADLINE, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("\"recorded\"") {
+                    summary = line;
+                }
+            }
+        })
+        .await
+        .expect("listener output ended");
+        let status = tokio::time::timeout(DEADLINE, child.wait())
+            .await
+            .expect("listener exited")
+            .expect("wait");
+        assert!(status.success(), "listen failed; last summary {summary}");
+        assert!(summary.contains("\"speaker\":\"alice\""), "{summary}");
+        let recorded = OpusFile::read(&out).expect("read the recording");
+        assert_eq!(recorded.packets.len(), sent.packets.len(), "{summary}");
+        assert!(
+            recorded.packets == sent.packets,
+            "the recorded packets equal the sent ones, in order"
+        );
+        assert_eq!(recorded.channels, sent.channels);
+        // An independent reader accepts the file.
+        let info = tool("opusinfo", &[out.as_os_str()]).await;
+        let report = String::from_utf8_lossy(&info.stdout);
+        assert!(!report.to_lowercase().contains("warning"), "{report}");
+    }
 }

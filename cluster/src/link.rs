@@ -310,6 +310,18 @@ impl ClusterEndpoint {
         Ok((send, recv))
     }
 
+    /// Opens a connection to `peer` in the background unless one is open (so that the
+    /// first datagrams to it are not lost).
+    pub fn ensure_connected(&self, peer: SocketAddr) {
+        if self.cached(peer).is_some() {
+            return;
+        }
+        let endpoint = self.clone();
+        tokio::spawn(async move {
+            let _ = endpoint.connection(peer).await;
+        });
+    }
+
     /// Sends a datagram to `peer` (unreliable; for voice) without waiting: on the cached
     /// connection if there is one; otherwise this datagram is dropped and a connection is
     /// opened in the background for the next ones.
@@ -320,10 +332,7 @@ impl ClusterEndpoint {
     /// datagram is too large or the peer does not take datagrams.
     pub fn try_send_datagram(&self, peer: SocketAddr, datagram: Bytes) -> Result<(), LinkError> {
         let Some(connection) = self.cached(peer) else {
-            let endpoint = self.clone();
-            tokio::spawn(async move {
-                let _ = endpoint.connection(peer).await;
-            });
+            self.ensure_connected(peer);
             return Err(LinkError::Connect {
                 peer,
                 reason: "not connected yet".into(),

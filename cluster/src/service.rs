@@ -785,15 +785,7 @@ impl ClusterService {
 
     /// Sends an application message to member `node` and returns its reply.
     pub async fn call_app(&self, node: NodeId, request: Bytes) -> Result<Bytes, ClusterError> {
-        let addr = self
-            .metadata()
-            .nodes
-            .get(&node)
-            .map(|n| n.cluster_addr.clone())
-            .ok_or_else(|| ClusterError::Refused(format!("no node {node}")))?;
-        let addr: SocketAddr = addr
-            .parse()
-            .map_err(|e| ClusterError::Codec(format!("bad address {addr:?}: {e}")))?;
+        let addr = self.cluster_addr(node)?;
         let reply = self
             .inner
             .endpoint
@@ -812,16 +804,27 @@ impl ClusterService {
     ///
     /// The node is unknown, not connected yet, or the datagram cannot be sent.
     pub fn send_app_datagram(&self, node: NodeId, datagram: Bytes) -> Result<(), ClusterError> {
+        let addr = self.cluster_addr(node)?;
+        Ok(self.inner.endpoint.try_send_datagram(addr, datagram)?)
+    }
+
+    /// Opens a connection to member `node` in the background unless one is open, so that
+    /// datagrams to it (voice) are not lost while it opens.
+    pub fn ensure_connected(&self, node: NodeId) {
+        if let Ok(addr) = self.cluster_addr(node) {
+            self.inner.endpoint.ensure_connected(addr);
+        }
+    }
+
+    fn cluster_addr(&self, node: NodeId) -> Result<SocketAddr, ClusterError> {
         let addr = self
             .metadata()
             .nodes
             .get(&node)
             .map(|n| n.cluster_addr.clone())
             .ok_or_else(|| ClusterError::Refused(format!("no node {node}")))?;
-        let addr: SocketAddr = addr
-            .parse()
-            .map_err(|e| ClusterError::Codec(format!("bad address {addr:?}: {e}")))?;
-        Ok(self.inner.endpoint.try_send_datagram(addr, datagram)?)
+        addr.parse()
+            .map_err(|e| ClusterError::Codec(format!("bad address {addr:?}: {e}")))
     }
 
     /// Removes member `node` from the Raft group and the metadata (through the leader).

@@ -18,7 +18,8 @@ use chorus_protocol::{
 };
 use serde::Serialize;
 
-use super::{Client, ClientConfig, ClientError, ClientEvent};
+use super::ogg_opus::{packet_samples, OpusFile, OpusRecorder, OPUS_RATE_HZ};
+use super::{AudioFrame, AudioHeader, Client, ClientConfig, ClientError, ClientEvent};
 use crate::config::DEV_SECRET;
 use crate::token::{unix_now_secs, TokenKeys};
 
@@ -208,6 +209,32 @@ pub enum ClientCommand {
         /// Room id.
         room: String,
     },
+    /// Speak an Ogg Opus file into a room: joins (you must be on stage: the host, a
+    /// moderator or a speaker, and unmuted), sends its packets as voice frames in real time,
+    /// prints `{"sent":…}`, then leaves.
+    Speak {
+        /// Room id.
+        room: String,
+        /// The Ogg Opus file (e.g. made with `opusenc`).
+        file: PathBuf,
+    },
+    /// Join a room and listen: prints events as `join` does and, with `--record`, writes
+    /// one speaker's received packets (the first heard, or `--speaker`) to an Ogg Opus
+    /// file; prints `{"recorded":…}` at the end. Stops after `--for`, on Ctrl-C, at the end
+    /// of standard input (without `--for`), or when the room ends.
+    Listen {
+        /// Room id.
+        room: String,
+        /// Write the packets to this Ogg Opus file.
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// Record this speaker (default: the first one heard).
+        #[arg(long)]
+        speaker: Option<String>,
+        /// Seconds to listen.
+        #[arg(long = "for")]
+        for_secs: Option<f64>,
+    },
     /// List the room's users, one page (in user id order).
     Members {
         /// Room id.
@@ -293,7 +320,16 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 .context("room.create failed")?;
             print_json(&response);
         }
-        ClientCommand::Join { room, for_secs } => join(client, room, for_secs).await?,
+        ClientCommand::Join { room, for_secs } => {
+            stay(client, room, for_secs, None).await?;
+        }
+        ClientCommand::Speak { room, file } => speak(client, &room, &file).await?,
+        ClientCommand::Listen {
+            room,
+            record,
+            speaker,
+            for_secs,
+        } => listen(client, room, record, speaker, for_secs).await?,
         ClientCommand::Say { room, text } => {
             join_once(client, &room).await?;
             let response = client
@@ -466,16 +502,33 @@ async fn join_once(client: &mut Client, room: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `join`: stay in the room, printing events, until the time is up, Ctrl-C, end of
-/// standard input (only without `--for`), or the client closes.
-async fn join(client: &mut Client, room: String, for_secs: Option<f64>) -> anyhow::Result<()> {
-    let stay = match for_secs {
-        Some(secs) if secs.is_finite() && secs >= 0.0 => {
-            Some(Duration::from_secs_f64(secs.min(JOIN_FOR_SECS_MAX as f64)))
-        }
+/// Parses `--for`.
+fn stay_for(for_secs: Option<f64>) -> anyhow::Result<Option<Duration>> {
+    match for_secs {
+        Some(secs) if secs.is_finite() && secs >= 0.0 => Ok(Some(Duration::from_secs_f64(
+            secs.min(JOIN_FOR_SECS_MAX as f64),
+        ))),
         Some(secs) => anyhow::bail!("--for must be a non-negative number of seconds, not {secs}"),
-        None => None,
-    };
+        None => Ok(None),
+    }
+}
+
+/// What `stay` does with voice frames: the stream and what to do with each.
+type AudioSink<'a> = (
+    tokio::sync::mpsc::Receiver<AudioFrame>,
+    &'a mut (dyn FnMut(AudioFrame) -> anyhow::Result<()> + Send),
+);
+
+/// `join` and `listen`: stay in the room, printing events (and handing voice frames to
+/// `audio`), until the time is up, Ctrl-C, end of standard input (only without `--for`),
+/// the room ends, or the client closes; then leave.
+async fn stay(
+    client: &mut Client,
+    room: String,
+    for_secs: Option<f64>,
+    mut audio: Option<AudioSink<'_>>,
+) -> anyhow::Result<()> {
+    let stay = stay_for(for_secs)?;
     join_once(client, &room).await?;
     let deadline =
         tokio::time::Instant::now() + stay.unwrap_or(Duration::from_secs(JOIN_FOR_SECS_MAX));
@@ -496,6 +549,16 @@ async fn join(client: &mut Client, room: String, for_secs: Option<f64>) -> anyho
                     None => std::future::pending::<()>().await,
                 }
             } => break,
+            Some(frame) = async {
+                match audio.as_mut() {
+                    Some((rx, _)) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((_, handle)) = audio.as_mut() {
+                    handle(frame)?;
+                }
+            }
             event = client.next_event() => {
                 let Some(event) = event else { break };
                 print_event(&event);
@@ -527,6 +590,134 @@ async fn join(client: &mut Client, room: String, for_secs: Option<f64>) -> anyho
         .context("room.leave failed")?;
     print_json(&response);
     Ok(())
+}
+
+/// Time left after the last packet for frames in flight to be relayed before leaving.
+const SPEAK_DRAIN_MS: u64 = 500;
+/// Packets this small carry no sound (Opus DTX/silence): sent with the silent level.
+const SILENT_PACKET_BYTES_MAX: usize = 3;
+/// Level sent for other packets, -dBov: the CLI does not decode audio to measure it.
+const SPEECH_LEVEL: u8 = 30;
+
+/// `speak`: joins, sends the file's packets in real time, leaves.
+async fn speak(client: &mut Client, room: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    let file = OpusFile::read(path)?;
+    let joined = client
+        .request(RoomRef {
+            room_id: room.to_string(),
+        })
+        .await
+        .with_context(|| format!("room.join {room} failed"))?;
+    print_json(&joined);
+    if joined.role == Role::Listener {
+        anyhow::bail!(
+            "you are a listener in {room}: only the host, moderators and speakers are heard \
+             (raise your hand and accept an invitation to speak)"
+        );
+    }
+    if joined.stage.muted.iter().any(|u| u == client.user_id()) {
+        anyhow::bail!("you are muted in {room}: unmute first (`chorus client unmute`)");
+    }
+    let started = tokio::time::Instant::now();
+    let mut at_samples = 0u64;
+    let (mut sent, mut dropped) = (0u64, 0u64);
+    for (seq, packet) in file.packets.iter().enumerate() {
+        let due = started + Duration::from_micros(at_samples * 1_000_000 / u64::from(OPUS_RATE_HZ));
+        tokio::time::sleep_until(due).await;
+        let header = AudioHeader {
+            seq: seq as u32,
+            timestamp_ms: (at_samples * 1_000 / u64::from(OPUS_RATE_HZ)) as u32,
+            level: if packet.len() <= SILENT_PACKET_BYTES_MAX {
+                chorus_protocol::audio::AUDIO_LEVEL_SILENT
+            } else {
+                SPEECH_LEVEL
+            },
+        };
+        if client.send_audio(room, header, packet)? {
+            sent += 1;
+        } else {
+            dropped += 1;
+        }
+        at_samples += u64::from(packet_samples(packet).unwrap_or(960));
+        print_buffered(client);
+    }
+    tokio::time::sleep(Duration::from_millis(SPEAK_DRAIN_MS)).await;
+    print_buffered(client);
+    print_json(&serde_json::json!({
+        "sent": sent,
+        "dropped": dropped,
+        "duration_ms": at_samples * 1_000 / u64::from(OPUS_RATE_HZ),
+    }));
+    let response = client
+        .request(RoomLeaveRequest {
+            room_id: room.to_string(),
+        })
+        .await
+        .context("room.leave failed")?;
+    print_json(&response);
+    Ok(())
+}
+
+/// `listen`: stays in the room, recording one speaker's packets in order.
+async fn listen(
+    client: &mut Client,
+    room: String,
+    record: Option<PathBuf>,
+    speaker: Option<String>,
+    for_secs: Option<f64>,
+) -> anyhow::Result<()> {
+    let frames = client
+        .take_audio()
+        .context("the client's audio stream was taken already")?;
+    let mut recorder = match &record {
+        Some(path) => Some(
+            OpusRecorder::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let mut chosen = speaker;
+    let (mut heard, mut late, mut others) = (0u64, 0u64, 0u64);
+    let mut last_seq: Option<u32> = None;
+    let mut on_frame = |frame: AudioFrame| -> anyhow::Result<()> {
+        if frame.room_id != room {
+            return Ok(());
+        }
+        let speaker = chosen.get_or_insert_with(|| frame.speaker.clone());
+        if frame.speaker != *speaker {
+            others += 1;
+            return Ok(());
+        }
+        // Per-speaker order: a frame that does not come after the last one is late.
+        if last_seq.is_some_and(|last| !chorus_protocol::audio::seq_after(frame.header.seq, last)) {
+            late += 1;
+            return Ok(());
+        }
+        last_seq = Some(frame.header.seq);
+        heard += 1;
+        if let Some(recorder) = recorder.as_mut() {
+            recorder.write(&frame.payload)?;
+        }
+        Ok(())
+    };
+    let result = stay(
+        client,
+        room.clone(),
+        for_secs,
+        Some((frames, &mut on_frame)),
+    )
+    .await;
+    if let Some(recorder) = recorder {
+        recorder.finish()?;
+    }
+    print_json(&serde_json::json!({
+        "recorded": heard,
+        "speaker": chosen,
+        "late": late,
+        "other_speakers_frames": others,
+        "file": record,
+    }));
+    result
 }
 
 /// Resolves when standard input reaches its end. A plain thread, not tokio's stdin: a

@@ -26,6 +26,7 @@ pub mod cli;
 pub mod connection;
 mod driver;
 mod error;
+pub mod ogg_opus;
 
 #[cfg(test)]
 mod tests;

@@ -891,6 +891,8 @@ impl Node {
 
     /// The relay from this node to `edge` (started on first use).
     pub(crate) fn relay_to(&self, edge: NodeId) -> Arc<EdgeRelay> {
+        // Voice goes to the edge as datagrams, which need an open connection.
+        self.cluster.ensure_connected(edge);
         let mut relays = self.relays.lock().unwrap_or_else(|e| e.into_inner());
         relays
             .entry(edge)
