@@ -30,6 +30,8 @@ pub const RPC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// First byte of a stream that carries the actor mesh rather than one RPC. `0xc1` is the
 /// one byte MessagePack never uses, so no RPC request can begin with it.
 pub const ACTOR_STREAM_TAG: u8 = 0xc1;
+/// Kernel buffer asked for on the endpoint's UDP socket, each way.
+pub const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 /// Concurrent RPC streams a peer may open on one connection.
 pub const RPC_STREAMS_CONCURRENT_MAX: u32 = 1024;
 
@@ -144,7 +146,10 @@ fn transport(config: &LinkConfig) -> Result<quinn::TransportConfig, LinkError> {
     transport.keep_alive_interval(Some(Duration::from_millis(config.keep_alive_ms)));
     transport.max_concurrent_bidi_streams(VarInt::from_u32(RPC_STREAMS_CONCURRENT_MAX));
     transport.max_concurrent_uni_streams(VarInt::from_u32(RPC_STREAMS_CONCURRENT_MAX));
+    // Voice between nodes: the oldest datagrams are dropped beyond these, so relayed
+    // audio stays current when a link falls behind.
     transport.datagram_receive_buffer_size(Some(1024 * 1024));
+    transport.datagram_send_buffer_size(256 * 1024);
     Ok(transport)
 }
 
@@ -191,8 +196,21 @@ impl ClusterEndpoint {
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
 
-        let mut endpoint = quinn::Endpoint::server(server, addr)
-            .map_err(|source| LinkError::Bind { addr, source })?;
+        let socket =
+            std::net::UdpSocket::bind(addr).map_err(|source| LinkError::Bind { addr, source })?;
+        // Voice fans out through this one socket: ask for large kernel buffers (best
+        // effort; the kernel caps them).
+        if let Ok(state) = quinn::udp::UdpSocketState::new((&socket).into()) {
+            let _ = state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
+            let _ = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
+        }
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| LinkError::Bind { addr, source })?;
         endpoint.set_default_client_config(client.clone());
         Ok(ClusterEndpoint {
             endpoint,

@@ -30,12 +30,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chorus_protocol::{Encoding, Event, RoomCommentRequest, RoomCreateRequest, RoomRef};
+use chorus_protocol::{
+    Encoding, Event, RoomCommentRequest, RoomCreateRequest, RoomReactRequest, RoomRef,
+};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+mod stage;
 
 use crate::client::{
     client_endpoint, Client, ClientConfig, ClientError, ClientEvent, ReconnectPolicy, ServerUrl,
@@ -70,13 +74,18 @@ const HISTOGRAM_SHARDS: usize = 16;
 const LATENCY_US_MAX: u64 = 60_000_000;
 /// Prefix of every load-generator comment: `lg RUN SENDER N SENT_US`.
 const COMMENT_PREFIX: &str = "lg";
+/// The emoji reactors send.
+const REACTION_EMOJI: &str = "👏";
+/// Most speakers one run may put on stage (the room's default stage size).
+pub const SPEAKERS_MAX: u32 = 50;
 
 /// Options of `chorus loadgen`.
 #[derive(Debug, clap::Args)]
 pub struct LoadgenArgs {
-    /// Server URL: `ws://HOST:PORT/ws` or `quic://HOST:PORT`.
-    #[arg(long, default_value = "ws://127.0.0.1:7070/ws")]
-    pub url: String,
+    /// Server URL: `ws://HOST:PORT/ws` or `quic://HOST:PORT`. Repeat it to spread the
+    /// clients over several nodes (client `i` uses URL `i mod n`).
+    #[arg(long = "url", default_value = "ws://127.0.0.1:7070/ws")]
+    pub urls: Vec<String>,
     /// CA certificate (PEM) trusted for QUIC.
     #[arg(long, default_value = "./chorus-data/ca.pem")]
     pub ca: PathBuf,
@@ -86,9 +95,27 @@ pub struct LoadgenArgs {
     /// Listening clients (each its own user and connection).
     #[arg(long, default_value_t = 100)]
     pub listeners: u32,
-    /// Commenting clients. The server limits each user to 5 comments/s (burst 10).
+    /// Commenting clients (0 for none). The server limits each user to 5 comments/s
+    /// (burst 10).
     #[arg(long, default_value_t = 1)]
     pub senders: u32,
+    /// Reacting clients (R7): each sends `--reaction-rate` reactions per second. The server
+    /// limits requests per connection (`--requests-per-sec` on the nodes, default 20).
+    #[arg(long, default_value_t = 0)]
+    pub reactors: u32,
+    /// Reactions per second per reacting client.
+    #[arg(long, default_value_t = 10.0)]
+    pub reaction_rate: f64,
+    /// Speaking clients (R11): the room's host invites each to the stage; each sends one
+    /// voice frame every `--frame-ms`, carrying its send time, for `--duration` seconds.
+    #[arg(long, default_value_t = 0)]
+    pub speakers: u32,
+    /// Milliseconds of audio per voice frame (10-60): 20 is 50 frames/s.
+    #[arg(long, default_value_t = 20)]
+    pub frame_ms: u64,
+    /// Bytes of each voice frame's Opus packet (9-1000).
+    #[arg(long, default_value_t = 100)]
+    pub frame_bytes: usize,
     /// Comments per second per sender.
     #[arg(long, default_value_t = 2.0)]
     pub rate: f64,
@@ -131,11 +158,53 @@ pub struct LatencyReport {
     pub mean_ms: f64,
 }
 
+/// Reactions (with `--reactors`): what was sent and what the listeners got.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReactionsReport {
+    /// Reacting clients that connected and joined.
+    pub reactors_connected: u64,
+    /// Reactions the server acknowledged.
+    pub reactions_sent: u64,
+    /// Acknowledged reactions per second over the run.
+    pub reactions_per_sec: f64,
+    /// `room.reactions` notifications the listeners received, in all.
+    pub notifications: u64,
+    /// Of those, per listener per second: bounded by the window (200 ms: at most 5/s),
+    /// whatever the reaction rate.
+    pub notifications_per_listener_per_sec: f64,
+    /// Reactions counted in the notifications, summed over the listeners.
+    pub reactions_counted: u64,
+    /// reactions_sent × listeners_connected.
+    pub reactions_expected: u64,
+}
+
+/// Voice (with `--speakers`): frames sent and delivered, and the time they took.
+#[derive(Debug, Clone, Serialize)]
+pub struct VoiceReport {
+    /// Speaking clients on stage.
+    pub speakers_connected: u64,
+    /// Frames per second per speaker.
+    pub frames_per_sec_per_speaker: f64,
+    /// Frames the speakers sent.
+    pub frames_sent: u64,
+    /// Frames the listeners received.
+    pub frames_received: u64,
+    /// frames_sent × listeners_connected.
+    pub frames_expected: u64,
+    /// frames_received / frames_expected.
+    pub delivery_ratio: f64,
+    /// Frames a listener received with a sequence number not after the speaker's
+    /// previous one.
+    pub order_violations: u64,
+    /// Time from the speaker's send to the listener's receipt (the relay's added latency).
+    pub latency: LatencyReport,
+}
+
 /// The final report (also the `--json` file).
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadgenReport {
-    /// Server URL.
-    pub url: String,
+    /// Server URLs (clients spread over them).
+    pub urls: Vec<String>,
     /// `websocket` or `quic`.
     pub transport: String,
     /// Room used.
@@ -174,6 +243,12 @@ pub struct LoadgenReport {
     pub errors: u64,
     /// Errors by stage and kind.
     pub errors_by_kind: BTreeMap<String, u64>,
+    /// Notifications of any kind per listener per second, while sending.
+    pub notifications_per_listener_per_sec: f64,
+    /// With `--reactors`.
+    pub reactions: Option<ReactionsReport>,
+    /// With `--speakers`.
+    pub voice: Option<VoiceReport>,
 }
 
 /// Counters shared by every task.
@@ -189,6 +264,20 @@ struct Stats {
     last_sender_finished: Mutex<Option<Instant>>,
     /// Comments the server acknowledged (counted on the ok response).
     sent: AtomicU64,
+    /// Reactions the server acknowledged.
+    reactions_sent: AtomicU64,
+    reactors_joined: AtomicU64,
+    reaction_notifications: AtomicU64,
+    reactions_counted: AtomicU64,
+    /// Notifications of any kind the listeners received.
+    notifications: AtomicU64,
+    speakers_joined: AtomicU64,
+    audio_sent: AtomicU64,
+    audio_received: AtomicU64,
+    audio_order_violations: AtomicU64,
+    audio_latency_us: Vec<Mutex<Histogram<u64>>>,
+    /// When sending started and ended (for rates).
+    sending_started: Mutex<Option<Instant>>,
     deliveries: AtomicU64,
     order_violations: AtomicU64,
     disconnects: AtomicU64,
@@ -202,13 +291,29 @@ struct Stats {
 
 impl Stats {
     fn new() -> anyhow::Result<Self> {
-        let mut latency_us = Vec::with_capacity(HISTOGRAM_SHARDS);
-        for _ in 0..HISTOGRAM_SHARDS {
-            latency_us.push(Mutex::new(
-                Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).context("histogram bounds")?,
-            ));
-        }
+        let shards = || -> anyhow::Result<Vec<Mutex<Histogram<u64>>>> {
+            (0..HISTOGRAM_SHARDS)
+                .map(|_| {
+                    Ok(Mutex::new(
+                        Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)
+                            .context("histogram bounds")?,
+                    ))
+                })
+                .collect()
+        };
+        let latency_us = shards()?;
         Ok(Stats {
+            reactions_sent: AtomicU64::new(0),
+            reactors_joined: AtomicU64::new(0),
+            reaction_notifications: AtomicU64::new(0),
+            reactions_counted: AtomicU64::new(0),
+            notifications: AtomicU64::new(0),
+            speakers_joined: AtomicU64::new(0),
+            audio_sent: AtomicU64::new(0),
+            audio_received: AtomicU64::new(0),
+            audio_order_violations: AtomicU64::new(0),
+            audio_latency_us: shards()?,
+            sending_started: Mutex::new(None),
             listeners_joined: AtomicU64::new(0),
             listeners_settled: AtomicU64::new(0),
             senders_joined: AtomicU64::new(0),
@@ -237,27 +342,48 @@ impl Stats {
     }
 
     fn record_latency(&self, shard: usize, latency_us: u64) {
-        if let Some(histogram) = self.latency_us.get(shard % HISTOGRAM_SHARDS) {
-            if let Ok(mut h) = histogram.lock() {
-                h.saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
-            }
-        }
+        record_into(&self.latency_us, shard, latency_us);
     }
 
     fn merged_latency(&self) -> anyhow::Result<Histogram<u64>> {
-        let mut merged = Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)?;
-        for shard in &self.latency_us {
-            if let Ok(h) = shard.lock() {
-                merged.add(&*h).context("merge histograms")?;
-            }
+        merge(&self.latency_us)
+    }
+}
+
+fn record_into(shards: &[Mutex<Histogram<u64>>], shard: usize, latency_us: u64) {
+    if let Some(histogram) = shards.get(shard % HISTOGRAM_SHARDS) {
+        if let Ok(mut h) = histogram.lock() {
+            h.saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
         }
-        Ok(merged)
+    }
+}
+
+fn merge(shards: &[Mutex<Histogram<u64>>]) -> anyhow::Result<Histogram<u64>> {
+    let mut merged = Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)?;
+    for shard in shards {
+        if let Ok(h) = shard.lock() {
+            merged.add(&*h).context("merge histograms")?;
+        }
+    }
+    Ok(merged)
+}
+
+fn latency_report(histogram: &Histogram<u64>) -> LatencyReport {
+    let ms = |us: u64| us as f64 / 1000.0;
+    LatencyReport {
+        samples: histogram.len(),
+        p50_ms: ms(histogram.value_at_quantile(0.5)),
+        p90_ms: ms(histogram.value_at_quantile(0.9)),
+        p99_ms: ms(histogram.value_at_quantile(0.99)),
+        p999_ms: ms(histogram.value_at_quantile(0.999)),
+        max_ms: ms(histogram.max()),
+        mean_ms: histogram.mean() / 1000.0,
     }
 }
 
 /// Everything a virtual client task needs.
 struct Plan {
-    url: String,
+    urls: Vec<String>,
     ca: PathBuf,
     encoding: Encoding,
     keys: TokenKeys,
@@ -273,7 +399,8 @@ impl Plan {
             .keys
             .mint(user, &[], unix_now_secs(), self.token_ttl_secs)
             .context("mint token")?;
-        let mut config = ClientConfig::new(self.url.clone(), token);
+        let url = self.urls[index % self.urls.len().max(1)].clone();
+        let mut config = ClientConfig::new(url, token);
         config.ca_path = Some(self.ca.clone());
         config.encoding = self.encoding;
         // Measure the server, not the reconnect logic: a lost connection is an error.
@@ -291,13 +418,22 @@ impl Plan {
 /// Runs `chorus loadgen`.
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     validate(&args)?;
-    raise_open_files_limit(u64::from(args.listeners) + u64::from(args.senders) + 64);
-    let transport = ServerUrl::parse(&args.url)?.transport();
-    let endpoints = quic_endpoints(&args, transport).await?;
+    raise_open_files_limit(
+        u64::from(args.listeners)
+            + u64::from(args.senders)
+            + u64::from(args.reactors)
+            + u64::from(args.speakers)
+            + 64,
+    );
+    let mut transports = Vec::new();
+    for url in &args.urls {
+        transports.push(ServerUrl::parse(url)?.transport());
+    }
+    let endpoints = quic_endpoints(&args).await?;
     let keys = TokenKeys::new(args.secret.as_bytes());
     let ramp_estimate_secs = f64::from(args.listeners) / args.connect_rate;
     let mut plan = Plan {
-        url: args.url.clone(),
+        urls: args.urls.clone(),
         ca: args.ca.clone(),
         encoding: if args.json_text {
             Encoding::Json
@@ -310,17 +446,33 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         room_id: String::new(),
         endpoints,
     };
+    // The host stays in the room for the run: it invites the speakers to the stage.
+    let mut host = None;
     plan.room_id = match &args.room {
         Some(room) => room.clone(),
-        None => create_room(&plan).await?,
+        None => {
+            let (room, client) = create_room(&plan).await?;
+            host = Some(client);
+            room
+        }
     };
     let plan = Arc::new(plan);
     let stats = Arc::new(Stats::new()?);
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     eprintln!(
-        "loadgen: {} listeners, {} senders × {}/s for {} s on {} (room {}, run {})",
-        args.listeners, args.senders, args.rate, args.duration, args.url, plan.room_id, plan.run_id
+        "loadgen: {} listeners, {} senders × {}/s, {} reactors × {}/s, {} speakers × {} ms frames, for {} s on {} (room {}, run {})",
+        args.listeners,
+        args.senders,
+        args.rate,
+        args.reactors,
+        args.reaction_rate,
+        args.speakers,
+        args.frame_ms,
+        args.duration,
+        args.urls.join(" "),
+        plan.room_id,
+        plan.run_id
     );
 
     let progress = tokio::spawn(progress(
@@ -356,34 +508,81 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     .await;
     let ramp_secs = ramp_started.elapsed().as_secs_f64();
 
-    // Senders: connect and join, then start together. `finish` (also cancelled by `stop`)
-    // tells senders that overrun their time to stop sending and stop counting.
+    // Speakers: each joins and is invited to the stage by the host.
+    let mut speakers = Vec::new();
+    if args.speakers > 0 {
+        let host = host
+            .as_ref()
+            .context("--speakers needs a room this run creates (no --room)")?;
+        for index in 0..args.speakers as usize {
+            match stage::put_on_stage(&plan, host, index, &stats).await {
+                Some(client) => speakers.push(client),
+                None => eprintln!("loadgen: speaker {index} did not get on stage"),
+            }
+        }
+    }
+
+    // Senders, reactors and speakers: connect and join, then start together. `finish`
+    // (also cancelled by `stop`) tells those that overrun their time to stop sending and
+    // stop counting.
     let start = CancellationToken::new();
     let finish = stop.child_token();
-    for index in 0..args.senders as usize {
-        tracker.spawn(sender(
-            index,
+    let duration = Duration::from_secs(args.duration);
+    let kinds = [
+        (SendKind::Comment, args.senders, args.rate),
+        (SendKind::Reaction, args.reactors, args.reaction_rate),
+    ];
+    for (kind, count, rate_per_sec) in kinds {
+        for index in 0..count as usize {
+            tracker.spawn(sender(
+                index,
+                plan.clone(),
+                stats.clone(),
+                SendSchedule {
+                    kind,
+                    rate_per_sec,
+                    senders: count,
+                    duration,
+                },
+                start.clone(),
+                finish.clone(),
+                stop.clone(),
+            ));
+        }
+    }
+    let speakers_started = speakers.len() as u64;
+    for client in speakers {
+        tracker.spawn(stage::speaker(
+            client,
             plan.clone(),
             stats.clone(),
-            SendSchedule {
-                rate_per_sec: args.rate,
-                senders: args.senders,
-                duration: Duration::from_secs(args.duration),
+            stage::Voice {
+                frame_ms: args.frame_ms,
+                frame_bytes: args.frame_bytes,
+                duration,
             },
             start.clone(),
             finish.clone(),
             stop.clone(),
         ));
     }
+    // Speakers that did not get on stage will never finish: count them now.
+    for _ in speakers_started..u64::from(args.speakers) {
+        drop(SenderFinished(stats.clone()));
+    }
+    let sending_clients = u64::from(args.senders) + u64::from(args.reactors);
     wait_until(Instant::now() + Duration::from_secs(30), || {
-        stats.senders_settled.load(Ordering::Relaxed) >= u64::from(args.senders)
+        stats.senders_settled.load(Ordering::Relaxed) >= sending_clients
     })
     .await;
+    if let Ok(mut started) = stats.sending_started.lock() {
+        *started = Some(Instant::now());
+    }
     start.cancel();
 
     // Wait for every sender to finish: sending ends at its own `duration`, then it collects
     // the answers still outstanding. Only then is the count of acknowledged comments final.
-    let senders = u64::from(args.senders);
+    let senders = sending_clients + u64::from(args.speakers);
     let all_finished = || stats.senders_finished.load(Ordering::Relaxed) >= senders;
     let senders_deadline = Instant::now()
         + Duration::from_secs(args.duration + SENDER_FINISH_SLACK_SECS)
@@ -412,10 +611,23 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let listeners_joined = stats.listeners_joined.load(Ordering::Relaxed);
     let drain_deadline = last_send_finished + Duration::from_secs(args.drain_secs);
     wait_until(drain_deadline, || {
-        let expected = stats.sent.load(Ordering::Relaxed) * listeners_joined;
-        stats.deliveries.load(Ordering::Relaxed) >= expected
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        load(&stats.deliveries) >= load(&stats.sent) * listeners_joined
+            && load(&stats.reactions_counted) >= load(&stats.reactions_sent) * listeners_joined
+            && load(&stats.audio_received) >= load(&stats.audio_sent) * listeners_joined
     })
     .await;
+    let sending_secs = stats
+        .sending_started
+        .lock()
+        .ok()
+        .and_then(|started| *started)
+        .map(|started| {
+            last_send_finished
+                .saturating_duration_since(started)
+                .as_secs_f64()
+        })
+        .unwrap_or(0.0);
 
     stop.cancel();
     tracker.close();
@@ -426,8 +638,19 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         eprintln!("loadgen: some clients did not close within {SHUTDOWN_WAIT_SECS} s");
     }
     let _ = progress.await;
+    if let Some(host) = host {
+        host.close().await;
+    }
 
-    let report = report(&args, &plan, transport, &stats, listeners_joined, ramp_secs)?;
+    let report = report(
+        &args,
+        &plan,
+        &transports,
+        &stats,
+        listeners_joined,
+        ramp_secs,
+        sending_secs,
+    )?;
     print_report(&report);
     if let Some(path) = &args.json {
         let json = serde_json::to_vec_pretty(&report)?;
@@ -445,13 +668,38 @@ fn validate(args: &LoadgenArgs) -> anyhow::Result<()> {
         args.listeners <= LISTENERS_MAX,
         "--listeners must be at most {LISTENERS_MAX}"
     );
+    anyhow::ensure!(!args.urls.is_empty(), "give at least one --url");
     anyhow::ensure!(
-        (1..=SENDERS_MAX).contains(&args.senders),
-        "--senders must be 1-{SENDERS_MAX}"
+        args.senders <= SENDERS_MAX && args.reactors <= SENDERS_MAX,
+        "--senders and --reactors must be at most {SENDERS_MAX}"
     );
     anyhow::ensure!(
-        args.rate > 0.0 && args.rate <= RATE_PER_SEC_MAX,
-        "--rate must be in (0, {RATE_PER_SEC_MAX}]"
+        args.speakers <= SPEAKERS_MAX,
+        "--speakers must be at most {SPEAKERS_MAX}"
+    );
+    anyhow::ensure!(
+        args.senders + args.reactors + args.speakers > 0,
+        "give --senders, --reactors or --speakers"
+    );
+    for (name, rate) in [
+        ("--rate", args.rate),
+        ("--reaction-rate", args.reaction_rate),
+    ] {
+        anyhow::ensure!(
+            rate > 0.0 && rate <= RATE_PER_SEC_MAX,
+            "{name} must be in (0, {RATE_PER_SEC_MAX}]"
+        );
+    }
+    anyhow::ensure!(
+        (10..=60).contains(&args.frame_ms),
+        "--frame-ms must be 10-60 (Opus frame sizes)"
+    );
+    anyhow::ensure!(
+        (stage::FRAME_HEADER_BYTES..=chorus_protocol::audio::AUDIO_PAYLOAD_BYTES_MAX)
+            .contains(&args.frame_bytes),
+        "--frame-bytes must be {}-{}",
+        stage::FRAME_HEADER_BYTES,
+        chorus_protocol::audio::AUDIO_PAYLOAD_BYTES_MAX
     );
     anyhow::ensure!(
         (1..=DURATION_SECS_MAX).contains(&args.duration),
@@ -476,27 +724,51 @@ fn raise_open_files_limit(needed: u64) {
     }
 }
 
-/// Shared QUIC endpoints, one per [`QUIC_CLIENTS_PER_ENDPOINT`] clients.
-async fn quic_endpoints(
-    args: &LoadgenArgs,
-    transport: TransportKind,
-) -> anyhow::Result<Vec<quinn::Endpoint>> {
-    let ServerUrl::Quic { host, port, .. } = ServerUrl::parse(&args.url)? else {
+/// Shared QUIC endpoints, one per [`QUIC_CLIENTS_PER_ENDPOINT`] clients (an endpoint
+/// connects to any server of the address family of the first QUIC URL).
+async fn quic_endpoints(args: &LoadgenArgs) -> anyhow::Result<Vec<quinn::Endpoint>> {
+    let mut quic = None;
+    for url in &args.urls {
+        if let ServerUrl::Quic { host, port, .. } = ServerUrl::parse(url)? {
+            quic = Some((host, port));
+            break;
+        }
+    }
+    let Some((host, port)) = quic else {
         return Ok(Vec::new());
     };
-    debug_assert_eq!(transport, TransportKind::Quic);
     let addr = tokio::net::lookup_host((host.as_str(), port))
         .await?
         .next()
         .with_context(|| format!("{host} resolves to no address"))?;
-    let clients = args.listeners as usize + args.senders as usize + 1;
+    let clients = args.listeners as usize
+        + args.senders as usize
+        + args.reactors as usize
+        + args.speakers as usize
+        + 1;
     let count = clients.div_ceil(QUIC_CLIENTS_PER_ENDPOINT).max(1);
     (0..count)
         .map(|_| client_endpoint(addr).context("cannot bind a UDP socket"))
         .collect()
 }
 
-async fn create_room(plan: &Plan) -> anyhow::Result<String> {
+/// The room's host, in the room for the run: a task drains its events; requests go
+/// through `requester`.
+struct Host {
+    requester: crate::client::Requester,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Host {
+    async fn close(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(SHUTDOWN_WAIT_SECS), self.task).await;
+    }
+}
+
+/// Creates the room and joins its host, which stays for the run.
+async fn create_room(plan: &Plan) -> anyhow::Result<(String, Host)> {
     let mut host = Client::connect(plan.config(&format!("lg-host-{}", plan.run_id), 0)?)
         .await
         .context("cannot connect to create the room")?;
@@ -507,8 +779,32 @@ async fn create_room(plan: &Plan) -> anyhow::Result<String> {
         })
         .await
         .context("room.create failed")?;
-    host.close().await;
-    Ok(created.room_id)
+    host.request(RoomRef {
+        room_id: created.room_id.clone(),
+    })
+    .await
+    .context("the host cannot join the room")?;
+    let requester = host.requester();
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    // The host's own notifications are not measured: drain them.
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stopped.cancelled() => break,
+                event = host.next_event() => if event.is_none() { break },
+            }
+        }
+        host.close().await;
+    });
+    Ok((
+        created.room_id,
+        Host {
+            requester,
+            stop,
+            task,
+        },
+    ))
 }
 
 async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) {
@@ -564,13 +860,27 @@ async fn listener(index: usize, plan: Arc<Plan>, stats: Arc<Stats>, stop: Cancel
     stats.listeners_settled.fetch_add(1, Ordering::Relaxed);
     let Some(mut client) = joined else { return };
     stats.listeners_joined.fetch_add(1, Ordering::Relaxed);
+    let mut audio = client.take_audio();
+    let mut voice = stage::Heard::default();
     let prefix = format!("{COMMENT_PREFIX} {} ", plan.run_id);
     let mut last_comment_id = 0u64;
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => break,
+            Some(frame) = async {
+                match audio.as_mut() {
+                    Some(audio) => audio.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                voice.frame(index, &frame, &stats);
+                continue;
+            }
             event = client.next_event() => event,
         };
+        if let Some(ClientEvent::Notification { .. }) = &event {
+            stats.notifications.fetch_add(1, Ordering::Relaxed);
+        }
         match event {
             Some(ClientEvent::Notification {
                 event: Event::Comment(comment),
@@ -590,6 +900,21 @@ async fn listener(index: usize, plan: Arc<Plan>, stats: Arc<Stats>, stop: Cancel
                 stats.deliveries.fetch_add(1, Ordering::Relaxed);
                 stats.last_delivery_us.fetch_max(now_us, Ordering::Relaxed);
             }
+            Some(ClientEvent::Notification {
+                event: Event::Reactions(reactions),
+                ..
+            }) => {
+                stats.reaction_notifications.fetch_add(1, Ordering::Relaxed);
+                let counted: u64 = reactions
+                    .counts
+                    .iter()
+                    .filter(|(emoji, _)| emoji.as_str() == REACTION_EMOJI)
+                    .map(|(_, count)| *count)
+                    .sum();
+                stats
+                    .reactions_counted
+                    .fetch_add(counted, Ordering::Relaxed);
+            }
             Some(ClientEvent::Disconnected { code, reason }) => {
                 stats.disconnects.fetch_add(1, Ordering::Relaxed);
                 stats.error("listener", &ClientError::Closed { code, reason });
@@ -601,9 +926,29 @@ async fn listener(index: usize, plan: Arc<Plan>, stats: Arc<Stats>, stop: Cancel
     client.close().await;
 }
 
+/// What a sending client sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendKind {
+    /// Comments carrying their send time (`--senders`).
+    Comment,
+    /// Reactions (`--reactors`).
+    Reaction,
+}
+
+impl SendKind {
+    /// The user id letter and the error stage name.
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            SendKind::Comment => ("s", "sender comment"),
+            SendKind::Reaction => ("r", "reactor reaction"),
+        }
+    }
+}
+
 /// When and how fast a sender sends.
 #[derive(Debug, Clone, Copy)]
 struct SendSchedule {
+    kind: SendKind,
     rate_per_sec: f64,
     senders: u32,
     duration: Duration,
@@ -635,14 +980,18 @@ async fn sender(
     stop: CancellationToken,
 ) {
     let finished = SenderFinished(stats.clone());
-    let user = format!("lg-{}-s{index}", plan.run_id);
+    let (letter, stage) = schedule.kind.names();
+    let user = format!("lg-{}-{letter}{index}", plan.run_id);
     let joined = tokio::select! {
         _ = finish.cancelled() => None,
         client = connect_and_join(&plan, &user, index, &stats, "sender") => client,
     };
     stats.senders_settled.fetch_add(1, Ordering::Relaxed);
     let Some(mut client) = joined else { return };
-    stats.senders_joined.fetch_add(1, Ordering::Relaxed);
+    match schedule.kind {
+        SendKind::Comment => stats.senders_joined.fetch_add(1, Ordering::Relaxed),
+        SendKind::Reaction => stats.reactors_joined.fetch_add(1, Ordering::Relaxed),
+    };
     // Senders also receive the room's comments: drain them while waiting.
     loop {
         tokio::select! {
@@ -672,7 +1021,7 @@ async fn sender(
             biased;
             _ = finish.cancelled() => break,
             _ = &mut run_end => break,
-            Some(done) = in_flight.join_next() => record_send(&stats, done),
+            Some(done) = in_flight.join_next() => record_send(&stats, schedule.kind, done),
             scheduled = tick.tick() => {
                 // No comment at or after the end: neither a tick due at the end itself nor
                 // a late (made-up) tick that fires after it.
@@ -682,17 +1031,29 @@ async fn sender(
                 if in_flight.len() >= SENDER_IN_FLIGHT_MAX {
                     stats.errors.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut map) = stats.errors_by_kind.lock() {
-                        *map.entry("sender comment: too_many_in_flight".into()).or_insert(0) += 1;
+                        *map.entry(format!("{stage}: too_many_in_flight")).or_insert(0) += 1;
                     }
                     continue;
                 }
-                let sent_us = unix_now_us();
-                let text = format!("{COMMENT_PREFIX} {} {index} {n} {sent_us}", plan.run_id);
-                n += 1;
-                let _ = stats.first_send_us.compare_exchange(0, sent_us, Ordering::Relaxed, Ordering::Relaxed);
                 let requester = requester.clone();
                 let room_id = plan.room_id.clone();
-                in_flight.spawn(async move { requester.request(RoomCommentRequest { room_id, text }).await });
+                match schedule.kind {
+                    SendKind::Comment => {
+                        let sent_us = unix_now_us();
+                        let text = format!("{COMMENT_PREFIX} {} {index} {n} {sent_us}", plan.run_id);
+                        let _ = stats.first_send_us.compare_exchange(0, sent_us, Ordering::Relaxed, Ordering::Relaxed);
+                        in_flight.spawn(async move {
+                            requester.request(RoomCommentRequest { room_id, text }).await.map(|_| ())
+                        });
+                    }
+                    SendKind::Reaction => {
+                        let emoji = REACTION_EMOJI.to_string();
+                        in_flight.spawn(async move {
+                            requester.request(RoomReactRequest { room_id, emoji }).await.map(|_| ())
+                        });
+                    }
+                }
+                n += 1;
             }
             event = client.next_event() => match event {
                 Some(ClientEvent::Disconnected { code, reason }) => {
@@ -709,14 +1070,14 @@ async fn sender(
         tokio::select! {
             biased;
             _ = finish.cancelled() => break,
-            Some(done) = in_flight.join_next() => record_send(&stats, done),
+            Some(done) = in_flight.join_next() => record_send(&stats, schedule.kind, done),
             event = client.next_event() => if event.is_none() { break },
         }
     }
     // Answers already in count; the rest are abandoned uncounted (told to finish early, or
     // the connection closed).
     while let Some(done) = in_flight.try_join_next() {
-        record_send(&stats, done);
+        record_send(&stats, schedule.kind, done);
     }
     in_flight.abort_all();
     drop(in_flight);
@@ -737,16 +1098,21 @@ fn may_send(scheduled: Instant, now: Instant, end: Instant) -> bool {
     scheduled < end && now < end
 }
 
-/// Counts an acknowledged comment as sent; a failed one as an error.
+/// Counts an acknowledged comment or reaction as sent; a failed one as an error.
 fn record_send(
     stats: &Stats,
-    done: Result<Result<chorus_protocol::RoomCommentResponse, ClientError>, tokio::task::JoinError>,
+    kind: SendKind,
+    done: Result<Result<(), ClientError>, tokio::task::JoinError>,
 ) {
     match done {
-        Ok(Ok(_)) => {
-            stats.sent.fetch_add(1, Ordering::Relaxed);
+        Ok(Ok(())) => {
+            let counter = match kind {
+                SendKind::Comment => &stats.sent,
+                SendKind::Reaction => &stats.reactions_sent,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(Err(e)) => stats.error("sender comment", &e),
+        Ok(Err(e)) => stats.error(kind.names().1, &e),
         Err(e) => {
             tracing::warn!(error = %e, "comment task failed");
             stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -787,74 +1153,119 @@ async fn progress(stats: Arc<Stats>, listeners: u32, senders: u32, stop: Cancell
 fn report(
     args: &LoadgenArgs,
     plan: &Plan,
-    transport: TransportKind,
+    transports: &[TransportKind],
     stats: &Stats,
     listeners_joined: u64,
     ramp_secs: f64,
+    sending_secs: f64,
 ) -> anyhow::Result<LoadgenReport> {
-    let histogram = stats.merged_latency()?;
-    let ms = |us: u64| us as f64 / 1000.0;
-    let sent = stats.sent.load(Ordering::Relaxed);
-    let deliveries = stats.deliveries.load(Ordering::Relaxed);
+    let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    let ratio = |got: u64, expected: u64| {
+        if expected > 0 {
+            got as f64 / expected as f64
+        } else {
+            0.0
+        }
+    };
+    let per_listener_per_sec = |count: u64| {
+        if listeners_joined > 0 && sending_secs > 0.0 {
+            count as f64 / listeners_joined as f64 / sending_secs
+        } else {
+            0.0
+        }
+    };
+    let sent = load(&stats.sent);
+    let deliveries = load(&stats.deliveries);
     let expected = sent * listeners_joined;
-    let first = stats.first_send_us.load(Ordering::Relaxed);
-    let last = stats.last_delivery_us.load(Ordering::Relaxed);
+    let first = load(&stats.first_send_us);
+    let last = load(&stats.last_delivery_us);
     let window_secs = if last > first && first > 0 {
         (last - first) as f64 / 1e6
     } else {
         0.0
     };
+    let label = |t: &TransportKind| match t {
+        TransportKind::WebSocket => "websocket",
+        TransportKind::Quic => "quic",
+    };
+    let transport = match transports.split_first() {
+        Some((first, rest)) if rest.iter().all(|t| t == first) => label(first).to_string(),
+        _ => "mixed".to_string(),
+    };
+    let reactions = (args.reactors > 0).then(|| {
+        let reactions_sent = load(&stats.reactions_sent);
+        let notifications = load(&stats.reaction_notifications);
+        ReactionsReport {
+            reactors_connected: load(&stats.reactors_joined),
+            reactions_sent,
+            reactions_per_sec: if sending_secs > 0.0 {
+                reactions_sent as f64 / sending_secs
+            } else {
+                0.0
+            },
+            notifications,
+            notifications_per_listener_per_sec: per_listener_per_sec(notifications),
+            reactions_counted: load(&stats.reactions_counted),
+            reactions_expected: reactions_sent * listeners_joined,
+        }
+    });
+    let voice = if args.speakers > 0 {
+        let frames_sent = load(&stats.audio_sent);
+        let frames_received = load(&stats.audio_received);
+        Some(VoiceReport {
+            speakers_connected: load(&stats.speakers_joined),
+            frames_per_sec_per_speaker: 1000.0 / args.frame_ms as f64,
+            frames_sent,
+            frames_received,
+            frames_expected: frames_sent * listeners_joined,
+            delivery_ratio: ratio(frames_received, frames_sent * listeners_joined),
+            order_violations: load(&stats.audio_order_violations),
+            latency: latency_report(&merge(&stats.audio_latency_us)?),
+        })
+    } else {
+        None
+    };
     Ok(LoadgenReport {
-        url: args.url.clone(),
-        transport: match transport {
-            TransportKind::WebSocket => "websocket".into(),
-            TransportKind::Quic => "quic".into(),
-        },
+        urls: args.urls.clone(),
+        transport,
         room_id: plan.room_id.clone(),
         listeners_target: args.listeners,
         listeners_connected: listeners_joined,
         senders_target: args.senders,
-        senders_connected: stats.senders_joined.load(Ordering::Relaxed),
+        senders_connected: load(&stats.senders_joined),
         rate_per_sender: args.rate,
         duration_secs: args.duration,
         ramp_secs,
         comments_sent: sent,
         deliveries,
         expected_deliveries: expected,
-        delivery_ratio: if expected > 0 {
-            deliveries as f64 / expected as f64
-        } else {
-            0.0
-        },
+        delivery_ratio: ratio(deliveries, expected),
         deliveries_per_sec: if window_secs > 0.0 {
             deliveries as f64 / window_secs
         } else {
             0.0
         },
-        latency: LatencyReport {
-            samples: histogram.len(),
-            p50_ms: ms(histogram.value_at_quantile(0.5)),
-            p90_ms: ms(histogram.value_at_quantile(0.9)),
-            p99_ms: ms(histogram.value_at_quantile(0.99)),
-            p999_ms: ms(histogram.value_at_quantile(0.999)),
-            max_ms: ms(histogram.max()),
-            mean_ms: histogram.mean() / 1000.0,
-        },
-        order_violations: stats.order_violations.load(Ordering::Relaxed),
-        disconnects: stats.disconnects.load(Ordering::Relaxed),
-        errors: stats.errors.load(Ordering::Relaxed),
+        latency: latency_report(&stats.merged_latency()?),
+        order_violations: load(&stats.order_violations),
+        disconnects: load(&stats.disconnects),
+        errors: load(&stats.errors),
         errors_by_kind: stats
             .errors_by_kind
             .lock()
             .map(|m| m.clone())
             .unwrap_or_default(),
+        notifications_per_listener_per_sec: per_listener_per_sec(load(&stats.notifications)),
+        reactions,
+        voice,
     })
 }
 
 fn print_report(r: &LoadgenReport) {
     println!(
         "loadgen report ({} {}, room {})",
-        r.transport, r.url, r.room_id
+        r.transport,
+        r.urls.join(" "),
+        r.room_id
     );
     println!(
         "  listeners connected   {}/{} (ramp {:.1} s)",
@@ -882,6 +1293,43 @@ fn print_report(r: &LoadgenReport) {
         r.latency.mean_ms
     );
     println!("  order violations      {}", r.order_violations);
+    println!(
+        "  notifications/listener/s {:.2}",
+        r.notifications_per_listener_per_sec
+    );
+    if let Some(x) = &r.reactions {
+        println!(
+            "  reactions             {} sent by {} reactors ({:.0}/s); {} room.reactions notifications ({:.2} per listener per s); counted {} of {} expected",
+            x.reactions_sent,
+            x.reactors_connected,
+            x.reactions_per_sec,
+            x.notifications,
+            x.notifications_per_listener_per_sec,
+            x.reactions_counted,
+            x.reactions_expected
+        );
+    }
+    if let Some(v) = &r.voice {
+        println!(
+            "  voice                 {} speakers × {:.0} frames/s: {} sent, {} of {} expected received ({:.2}%), {} out of order",
+            v.speakers_connected,
+            v.frames_per_sec_per_speaker,
+            v.frames_sent,
+            v.frames_received,
+            v.frames_expected,
+            v.delivery_ratio * 100.0,
+            v.order_violations
+        );
+        println!(
+            "  voice latency ms      p50 {:.2} · p90 {:.2} · p99 {:.2} · p999 {:.2} · max {:.2} · mean {:.2}",
+            v.latency.p50_ms,
+            v.latency.p90_ms,
+            v.latency.p99_ms,
+            v.latency.p999_ms,
+            v.latency.max_ms,
+            v.latency.mean_ms
+        );
+    }
     println!("  disconnects           {}", r.disconnects);
     println!("  errors                {}", r.errors);
     for (kind, count) in &r.errors_by_kind {

@@ -156,6 +156,10 @@ fn split_host_port(authority: &str) -> Option<(String, Option<u16>)> {
     }
 }
 
+/// Bytes of voice datagrams a QUIC connection buffers each way before dropping the oldest
+/// (about a second of four speakers' frames).
+pub const VOICE_DATAGRAM_BUFFER_BYTES: usize = 64 * 1024;
+
 /// A raw message for [`Connection::send_raw`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RawMessage {
@@ -325,7 +329,32 @@ pub fn client_endpoint(remote: SocketAddr) -> std::io::Result<quinn::Endpoint> {
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    quinn::Endpoint::client(bind)
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        udp_socket(bind)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// Socket buffer asked for on QUIC sockets, each way (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`).
+pub const UDP_SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// A UDP socket for a QUIC endpoint, bound to `bind`, with large kernel buffers: one
+/// socket carries every connection of its endpoint, and a fan-out of voice datagrams
+/// arrives in bursts that overflow the default buffer (about 200 KiB).
+pub fn udp_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    // Best effort: a smaller buffer still works.
+    if let Err(error) = state.set_recv_buffer_size((&socket).into(), UDP_SOCKET_BUFFER_BYTES) {
+        tracing::debug!(%error, "cannot enlarge the UDP receive buffer");
+    }
+    if let Err(error) = state.set_send_buffer_size((&socket).into(), UDP_SOCKET_BUFFER_BYTES) {
+        tracing::debug!(%error, "cannot enlarge the UDP send buffer");
+    }
+    Ok(socket)
 }
 
 /// Builds the QUIC client configuration: TLS 1.3 with the ring provider, trusting only the
@@ -370,6 +399,9 @@ pub fn quic_client_config(
     ));
     // Four keep-alives per idle period: a lost packet or two does not kill the connection.
     transport.keep_alive_interval(Some(idle / 4));
+    // Voice: bounded buffers that drop the oldest datagrams, so audio stays current.
+    transport.datagram_receive_buffer_size(Some(VOICE_DATAGRAM_BUFFER_BYTES));
+    transport.datagram_send_buffer_size(VOICE_DATAGRAM_BUFFER_BYTES);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

@@ -46,8 +46,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use backoff::{backoff_cap_ms, backoff_delay_ms};
 pub use connection::{
-    client_endpoint, quic_client_config, Connection, Connector, RawMessage, Received, ServerUrl,
-    TransportKind, BACKLOG_FRAMES_MAX, QUIC_PORT_DEFAULT, TRANSPORT_MESSAGE_BYTES_MAX,
+    client_endpoint, quic_client_config, udp_socket, Connection, Connector, RawMessage, Received,
+    ServerUrl, TransportKind, BACKLOG_FRAMES_MAX, QUIC_PORT_DEFAULT, TRANSPORT_MESSAGE_BYTES_MAX,
 };
 pub use error::{is_final_close_code, ClientError};
 

@@ -70,6 +70,11 @@ pub trait TransportWriter: Send + 'static {
     /// Sends one voice frame (unreliable: a QUIC datagram, or a binary WebSocket message
     /// that is fed like a frame). An `Err` ends the connection.
     fn send_audio(&mut self, frame: Bytes) -> impl Future<Output = Result<(), String>> + Send;
+    /// The QUIC connection to send voice datagrams on directly, bypassing the writer
+    /// (`None`: voice goes through [`Self::send_audio`]).
+    fn datagrams(&self) -> Option<quinn::Connection> {
+        None
+    }
     /// Closes the transport: `None` is a normal close, else (close code, reason).
     fn close(self, reason: Option<(u16, String)>) -> impl Future<Output = ()> + Send;
 }
@@ -105,7 +110,10 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
 ) {
     let limits = &node.config.limits;
     let close = Arc::new(CloseSignal::default());
-    let audio = Arc::new(AudioQueue::new(limits.audio_queue_frames_max));
+    let audio = Arc::new(AudioQueue::new(
+        limits.audio_queue_frames_max,
+        writer.datagrams(),
+    ));
     let (outbound, rx) = Outbound::new(
         attachment,
         limits.outgoing_queue_frames_max,

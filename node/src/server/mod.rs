@@ -344,12 +344,19 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     )?;
     let tls = chorus_cluster::tls::server_config(&identity, ALPN)?;
     let quic_config = quic::server_config(tls).map_err(|e| ServeError::Quic(e.to_string()))?;
-    let endpoint = quinn::Endpoint::server(quic_config, config.quic_addr).map_err(|source| {
-        ServeError::Bind {
+    let endpoint = crate::client::udp_socket(config.quic_addr)
+        .and_then(|socket| {
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                Some(quic_config),
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+        })
+        .map_err(|source| ServeError::Bind {
             addr: config.quic_addr,
             source,
-        }
-    })?;
+        })?;
     let quic_addr = endpoint.local_addr().map_err(|source| ServeError::Bind {
         addr: config.quic_addr,
         source,

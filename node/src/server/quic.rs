@@ -20,6 +20,8 @@ pub const KEEP_ALIVE_MS: u64 = 10_000;
 /// The QUIC application close code with which a client ends its session (like WebSocket's
 /// 1000 normal closure).
 pub const GOODBYE_CLOSE_CODE: u16 = 1000;
+/// Bytes of voice datagrams buffered per client connection, each way (about 100 frames).
+pub const VOICE_DATAGRAM_BUFFER_BYTES: usize = 16 * 1024;
 /// Time to wait for the peer to acknowledge the last frames before closing.
 const CLOSE_LINGER_MS: u64 = 1_000;
 
@@ -31,7 +33,11 @@ pub fn transport_config() -> quinn::TransportConfig {
     // One control stream per client; a second is refused by flow control.
     transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
     transport.max_concurrent_uni_streams(VarInt::from_u32(0));
-    transport.datagram_receive_buffer_size(Some(64 * 1024));
+    // Voice datagrams: bounded each way, the oldest dropped first, so a listener that
+    // falls behind loses old audio instead of hearing it late. Together with the
+    // connection's voice queue this bounds the added latency.
+    transport.datagram_receive_buffer_size(Some(VOICE_DATAGRAM_BUFFER_BYTES));
+    transport.datagram_send_buffer_size(VOICE_DATAGRAM_BUFFER_BYTES);
     transport
 }
 
@@ -132,6 +138,10 @@ impl TransportWriter for QuicWriter {
         SinkExt::<Bytes>::flush(&mut self.frames)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    fn datagrams(&self) -> Option<quinn::Connection> {
+        Some(self.connection.clone())
     }
 
     async fn send_audio(&mut self, frame: Bytes) -> Result<(), String> {

@@ -65,20 +65,27 @@ impl CloseSignal {
 
 /// One connection's voice frames waiting to be sent: bounded, and when full the oldest
 /// frame makes room for the newest (late audio is worth less than current audio).
+///
+/// On QUIC the frames go straight to the connection as datagrams: quinn's datagram send
+/// buffer is the bounded queue (it drops the oldest too), and no writer task is woken per
+/// frame.
 #[derive(Debug)]
 pub struct AudioQueue {
     frames: Mutex<VecDeque<Bytes>>,
     capacity: usize,
     ready: tokio::sync::Notify,
+    datagrams: Option<quinn::Connection>,
 }
 
 impl AudioQueue {
-    /// A queue of at most `capacity` frames (at least 1).
-    pub fn new(capacity: usize) -> Self {
+    /// A queue of at most `capacity` frames (at least 1), or, with `datagrams`, a direct
+    /// path to that QUIC connection.
+    pub fn new(capacity: usize, datagrams: Option<quinn::Connection>) -> Self {
         AudioQueue {
             frames: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
             ready: tokio::sync::Notify::new(),
+            datagrams,
         }
     }
 
@@ -86,8 +93,20 @@ impl AudioQueue {
         self.frames.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `frame`, dropping the oldest if the queue is full; wakes the writer.
+    /// Queues `frame`, dropping the oldest if the queue is full; wakes the writer. On
+    /// QUIC, sends it as a datagram instead.
     pub fn push(&self, frame: Bytes) {
+        if let Some(connection) = &self.datagrams {
+            match connection.send_datagram(frame) {
+                Ok(()) => metrics::counter!("chorus_audio_out_total").increment(1),
+                Err(error) => {
+                    metrics::counter!("chorus_audio_dropped_total", "reason" => "datagram")
+                        .increment(1);
+                    tracing::debug!(%error, "voice datagram not sent");
+                }
+            }
+            return;
+        }
         {
             let mut frames = self.lock();
             if frames.len() >= self.capacity {
