@@ -236,6 +236,30 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
         })
         .await
         .expect("block");
+    // A poll with acknowledged votes (one changed), to survive the owner too.
+    let poll = creator
+        .request(chorus_protocol::RoomPollCreateRequest {
+            room_id: room.clone(),
+            question: "Keep going?".into(),
+            options: vec!["yes".into(), "no".into()],
+        })
+        .await
+        .expect("poll");
+    for (client, option) in [(&listener, 0), (&speaker, 1), (&stranded, 1), (&speaker, 0)] {
+        client
+            .request(chorus_protocol::RoomVoteRequest {
+                room_id: room.clone(),
+                poll_id: poll.poll_id,
+                option,
+            })
+            .await
+            .expect("vote");
+    }
+    let deltas = owner_node
+        .metric("chorus_vote_deltas_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(deltas >= 1.0, "votes were replicated as deltas");
     say(&speaker, &room, "before").await;
     assert_eq!(
         collect_comments(&mut listener, &room, 1).await[0].1,
@@ -330,6 +354,18 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
         .expect("stage");
     assert_eq!(stage.moderators, vec!["listener".to_string()]);
     assert_eq!(stage.speakers, vec!["speaker".to_string()]);
+    // Every acknowledged vote survived (the new owner continued from the replicated
+    // polls and vote deltas).
+    let late = survivors[1].client(&survivors[1].ws_url(), "late").await;
+    let joined = late
+        .request(chorus_protocol::RoomRef {
+            room_id: room.clone(),
+        })
+        .await
+        .expect("late join");
+    assert_eq!(joined.polls.len(), 1, "{:?}", joined.polls);
+    assert_eq!(joined.polls[0].tallies, vec![2, 1], "{:?}", joined.polls[0]);
+    assert_eq!(joined.polls[0].voters, 3);
     let troll = survivors[0].client(&survivors[0].ws_url(), "troll").await;
     let refused = troll
         .request(chorus_protocol::RoomRef {

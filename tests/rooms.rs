@@ -5,9 +5,10 @@ mod common;
 
 use chorus_node::client::{Client, ClientError};
 use chorus_protocol::{
-    ErrorCode, Event, Role, RoomBlockRequest, RoomCommentRequest, RoomHandRequest,
-    RoomInviteAnswerRequest, RoomInviteRequest, RoomKickRequest, RoomMuteRequest, RoomRef,
-    RoomSetRoleRequest, RoomStageRequest, StageAction, StageEvent,
+    ErrorCode, Event, PollInfo, PollState, Role, RoomBlockRequest, RoomCommentRequest,
+    RoomHandRequest, RoomInviteAnswerRequest, RoomInviteRequest, RoomKickRequest, RoomMuteRequest,
+    RoomPollCloseRequest, RoomPollCreateRequest, RoomRef, RoomSetRoleRequest, RoomStageRequest,
+    RoomVoteRequest, StageAction, StageEvent,
 };
 use common::{create_room, expect_event, join, TestNode};
 
@@ -657,4 +658,155 @@ async fn an_ended_room_expires_after_its_retention() {
         Some(1.0),
         "expired once"
     );
+}
+
+/// Waits for a `room.poll` notification that `accept` takes.
+async fn poll_event(
+    client: &mut Client,
+    what: &str,
+    accept: impl Fn(&PollInfo) -> bool,
+) -> PollInfo {
+    expect_event(client, what, |event| match event {
+        Event::Poll(poll) if accept(poll) => Some(poll.clone()),
+        _ => None,
+    })
+    .await
+}
+
+/// R8: moderators create and close polls, members vote once (and may change their vote
+/// while the poll is open), tallies are pushed at a bounded rate, the final result is
+/// pushed; every refusal has its code.
+#[tokio::test]
+async fn polls_take_one_vote_per_user_push_tallies_at_a_bounded_rate_and_close_with_a_result() {
+    let node = TestNode::start(UNTHROTTLED).await;
+    let host = node.client(&node.ws_url(), "host").await;
+    let room = create_room(&host, "Poll night").await;
+    join(&host, &room).await;
+    let mut ann = node.client(&node.quic_url(), "ann").await;
+    join(&ann, &room).await;
+    let bob = node.client(&node.ws_url(), "bob").await;
+    join(&bob, &room).await;
+
+    let create = |options: &[&str]| RoomPollCreateRequest {
+        room_id: room.clone(),
+        question: "Tea or coffee?".into(),
+        options: options.iter().map(|s| s.to_string()).collect(),
+    };
+    assert_eq!(
+        refusal(ann.request(create(&["tea", "coffee"])).await),
+        ErrorCode::Forbidden,
+        "a listener may not create a poll"
+    );
+    assert_eq!(
+        refusal(host.request(create(&["tea"])).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        refusal(host.request(create(&["x"; 11])).await),
+        ErrorCode::InvalidArgument
+    );
+    let poll = host
+        .request(create(&["tea", "coffee"]))
+        .await
+        .expect("create");
+    assert_eq!(poll.state, PollState::Open);
+    let opened = poll_event(&mut ann, "the poll opening", |p| p.poll_id == poll.poll_id).await;
+    assert_eq!(opened.tallies, vec![0, 0]);
+
+    let vote = |option: u32| RoomVoteRequest {
+        room_id: room.clone(),
+        poll_id: poll.poll_id,
+        option,
+    };
+    ann.request(vote(0)).await.expect("ann votes tea");
+    bob.request(vote(0)).await.expect("bob votes tea");
+    bob.request(vote(1)).await.expect("bob changes to coffee");
+    bob.request(vote(1))
+        .await
+        .expect("the same vote again is fine");
+    assert_eq!(
+        refusal(bob.request(vote(2)).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        refusal(
+            bob.request(RoomVoteRequest {
+                room_id: room.clone(),
+                poll_id: 99,
+                option: 0,
+            })
+            .await
+        ),
+        ErrorCode::InvalidArgument
+    );
+    let outsider = node.client(&node.ws_url(), "outsider").await;
+    assert_eq!(
+        refusal(outsider.request(vote(0)).await),
+        ErrorCode::NotInRoom
+    );
+
+    // Many votes, few pushes: 40 voters in a burst cost each member a bounded number of
+    // tally notifications (one per second at most, plus the first).
+    let mut voters = Vec::new();
+    for i in 0..40 {
+        let voter = node.client(&node.ws_url(), &format!("voter{i}")).await;
+        join(&voter, &room).await;
+        voters.push(voter);
+    }
+    let started = std::time::Instant::now();
+    for (i, voter) in voters.iter().enumerate() {
+        voter.request(vote((i % 2) as u32)).await.expect("vote");
+    }
+    let mut pushes = 0u32;
+    let seen = expect_event(&mut ann, "tallies with every vote", |event| match event {
+        Event::Poll(p) => {
+            pushes += 1;
+            (p.voters == 42).then(|| p.clone())
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        seen.tallies,
+        vec![21, 21],
+        "tea: ann + 20; coffee: bob + 20"
+    );
+    let elapsed_secs = started.elapsed().as_secs_f64();
+    assert!(
+        f64::from(pushes) <= elapsed_secs + 2.0,
+        "{pushes} tally pushes in {elapsed_secs:.1} s for 40 votes"
+    );
+
+    // Only moderators close; the final result reaches everyone.
+    let close = RoomPollCloseRequest {
+        room_id: room.clone(),
+        poll_id: poll.poll_id,
+    };
+    assert_eq!(
+        refusal(bob.request(close.clone()).await),
+        ErrorCode::Forbidden
+    );
+    let result = host.request(close).await.expect("close");
+    assert_eq!(result.state, PollState::Closed);
+    assert_eq!(result.tallies, vec![21, 21]);
+    let closed = poll_event(&mut ann, "the final result", |p| {
+        p.state == PollState::Closed
+    })
+    .await;
+    assert_eq!(closed.tallies, vec![21, 21]);
+    assert_eq!(
+        refusal(ann.request(vote(1)).await),
+        ErrorCode::InvalidArgument
+    );
+
+    // A joiner sees the polls in its join answer.
+    let late = node.client(&node.ws_url(), "late").await;
+    let joined = late
+        .request(RoomRef {
+            room_id: room.clone(),
+        })
+        .await
+        .expect("join");
+    assert_eq!(joined.polls.len(), 1);
+    assert_eq!(joined.polls[0].tallies, vec![21, 21]);
 }

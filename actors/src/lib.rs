@@ -6,6 +6,7 @@
 //! ractor shell and the directory of rooms), [`session`] (resume and per-connection rules)
 //! [`totals`] (R10's running totals) and [`store`] (durable definitions in sled).
 
+pub mod polls;
 pub mod rate;
 pub mod room;
 pub mod room_actor;

@@ -24,13 +24,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use chorus_protocol::audio::AudioHeader;
 use chorus_protocol::{
-    CommentEvent, ErrorCode, Event, ListenersEvent, MemberInfo, ReactionsEvent, Role,
+    CommentEvent, ErrorCode, Event, ListenersEvent, MemberInfo, PollInfo, ReactionsEvent, Role,
     RoomCommentResponse, RoomEndedEvent, RoomId, RoomInfo, RoomInvitationEvent, RoomJoinResponse,
     RoomLiveEvent, RoomMembersResponse, RoomState, RoomSummary, SpeakingEvent, StageAction,
     StageEvent, StageInfo, UserId,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::polls::{PollConfig, PollRefusal, Polls, VoteRecord};
 use crate::rate::TokenBucket;
 use crate::totals::RoomTotals;
 use crate::voice::{AudioDrop, VoiceConfig, VoiceState};
@@ -109,6 +110,8 @@ pub struct RoomConfig {
     pub ended_retention_ms: u64,
     /// Voice relay: active-speaker announcements and per-speaker order (R11).
     pub voice: VoiceConfig,
+    /// Polls: counts, text bounds, tally rate (R8).
+    pub polls: PollConfig,
 }
 
 impl Default for RoomConfig {
@@ -135,6 +138,7 @@ impl Default for RoomConfig {
             interested_max: 10_000,
             ended_retention_ms: 72 * 3_600_000,
             voice: VoiceConfig::default(),
+            polls: PollConfig::default(),
         }
     }
 }
@@ -453,7 +457,14 @@ pub struct RoomDurable {
     pub recent_comments: Vec<CommentEvent>,
     /// `at_ms` of the latest comment.
     pub comment_latest_at_ms: u64,
+    /// Polls with every vote (R8).
+    #[serde(default)]
+    pub polls: Polls,
 }
+
+/// Votes waiting to be replicated as a delta, at most; beyond it the next replication
+/// sends the whole state instead.
+pub const VOTE_DELTA_MAX: usize = 10_000;
 
 /// One room's state and rules. See the module docs.
 #[derive(Debug, Clone)]
@@ -492,6 +503,17 @@ pub struct RoomCore<M> {
     presence: Presence,
     /// Voice order and active speakers (not durable).
     voice: VoiceState,
+    /// Polls (durable).
+    polls: Polls,
+    /// Votes since the last replication, in order, for a delta (at most
+    /// [`VOTE_DELTA_MAX`]; `None` once it overflowed: replicate the whole state).
+    vote_delta: Option<Vec<VoteRecord>>,
+    /// The revision the vote delta starts from.
+    vote_delta_base: u64,
+    /// Polls whose tallies changed since their last push, with that push's time.
+    polls_dirty: BTreeMap<u64, Option<u64>>,
+    /// When each poll's tallies were last pushed.
+    polls_pushed_at_ms: BTreeMap<u64, u64>,
     /// Bumped whenever a member joins or leaves, so the shell can cache what it derives
     /// from the member set (the voice fan-out targets).
     members_version: u64,
@@ -521,6 +543,11 @@ impl<M: Clone + Ord> RoomCore<M> {
             listeners_changed_at_ms: None,
             presence: Presence::default(),
             voice: VoiceState::default(),
+            polls: Polls::default(),
+            vote_delta: Some(Vec::new()),
+            vote_delta_base: 0,
+            polls_dirty: BTreeMap::new(),
+            polls_pushed_at_ms: BTreeMap::new(),
             members_version: 0,
             effects: Vec::new(),
         };
@@ -538,6 +565,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             comment_count: self.comment_count,
             recent_comments: self.recent_comments.iter().cloned().collect(),
             comment_latest_at_ms: self.comment_latest_at_ms,
+            polls: self.polls.clone(),
         }
     }
 
@@ -552,6 +580,9 @@ impl<M: Clone + Ord> RoomCore<M> {
         self.revision = durable.revision;
         self.stage = durable.stage;
         self.interested = durable.interested;
+        self.polls = durable.polls;
+        self.vote_delta = Some(Vec::new());
+        self.vote_delta_base = self.revision;
         // Members present now who are blocked in the restored state leave.
         let blocked: Vec<UserId> = self
             .users
@@ -626,6 +657,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             role: self.role_of(user),
             recent_comments: self.recent_comments.iter().cloned().collect(),
             stage: self.stage_info(user),
+            polls: self.polls.infos(&self.definition.room_id),
         };
         self.checked();
         Ok(response)
@@ -862,6 +894,9 @@ impl<M: Clone + Ord> RoomCore<M> {
                 room_id: self.definition.room_id.clone(),
                 by: user.to_string(),
             })));
+        for poll_id in self.polls.close_all(now_ms) {
+            self.push_poll(now_ms, poll_id);
+        }
         self.effects.push(RoomEffect::Export(self.summary(now_ms)));
         let removed: Vec<M> = std::mem::take(&mut self.members).into_keys().collect();
         self.members_version += 1;
@@ -881,6 +916,7 @@ impl<M: Clone + Ord> RoomCore<M> {
     pub fn handle_tick(&mut self, now_ms: u64) {
         self.close_reaction_window_if_due(now_ms);
         self.evaluate_speakers(now_ms);
+        self.push_due_tallies(now_ms);
         if self.listeners_changed_at_ms.is_some() && now_ms >= self.listeners_push_allowed_at_ms() {
             let count = self.listener_count();
             if count != self.listeners_pushed_count || !self.presence.is_empty() {
@@ -913,7 +949,179 @@ impl<M: Clone + Ord> RoomCore<M> {
             .listeners_changed_at_ms
             .map(|changed_at_ms| changed_at_ms.max(self.listeners_push_allowed_at_ms()));
         let voice = self.voice.next_deadline_ms(&self.config.voice);
-        [reactions, listeners, voice].into_iter().flatten().min()
+        let polls = self
+            .polls_dirty
+            .values()
+            .map(|pushed| pushed.map_or(0, |at| at + self.config.polls.tally_interval_ms))
+            .min();
+        [reactions, listeners, voice, polls]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// A moderator opens a poll (R8): pushed to every member at once.
+    ///
+    /// # Errors
+    ///
+    /// [`RoomError::Forbidden`] for anyone but the host and moderators,
+    /// [`RoomError::InvalidArgument`] for a bad question or options or too many polls,
+    /// [`RoomError::NotInRoom`], [`RoomError::RoomEnded`].
+    pub fn handle_poll_create(
+        &mut self,
+        now_ms: u64,
+        by: &str,
+        question: &str,
+        options: &[String],
+    ) -> Result<PollInfo, RoomError> {
+        self.refuse_if_ended()?;
+        if !self.users.contains_key(by) {
+            return Err(RoomError::NotInRoom);
+        }
+        self.refuse_unless(
+            self.role_of(by) <= Role::Moderator,
+            "only the host and moderators create polls",
+        )?;
+        let poll_id = self
+            .polls
+            .create(&self.config.polls, now_ms, by, question, options)
+            .map_err(poll_error)?
+            .poll_id;
+        self.revision += 1;
+        let info = self.push_poll(now_ms, poll_id);
+        self.checked();
+        info.ok_or(RoomError::Unavailable("the poll vanished".into()))
+    }
+
+    /// A member votes (again, to change its vote); tallies are pushed at most once per
+    /// `tally_interval_ms`. `Ok(true)` if the vote changed anything: it must be replicated
+    /// ([`Self::take_vote_delta`]) before it is acknowledged.
+    ///
+    /// # Errors
+    ///
+    /// [`RoomError::NotInRoom`], [`RoomError::RoomEnded`], [`RoomError::InvalidArgument`]
+    /// (no such poll, closed, bad option).
+    pub fn handle_vote(
+        &mut self,
+        now_ms: u64,
+        member: &M,
+        poll_id: u64,
+        option: u32,
+    ) -> Result<bool, RoomError> {
+        self.refuse_if_ended()?;
+        let user = self
+            .members
+            .get(member)
+            .ok_or(RoomError::NotInRoom)?
+            .clone();
+        if !self
+            .polls
+            .vote(&user, poll_id, option)
+            .map_err(poll_error)?
+        {
+            return Ok(false);
+        }
+        self.revision += 1;
+        if let Some(delta) = &mut self.vote_delta {
+            if delta.len() < VOTE_DELTA_MAX {
+                delta.push(VoteRecord {
+                    poll_id,
+                    user,
+                    option: option as u8,
+                });
+            } else {
+                self.vote_delta = None;
+            }
+        }
+        self.polls_dirty
+            .entry(poll_id)
+            .or_insert(self.polls_pushed_at_ms.get(&poll_id).copied());
+        self.push_due_tallies(now_ms);
+        self.checked();
+        Ok(true)
+    }
+
+    /// A moderator closes a poll: the final tallies are pushed at once.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::handle_poll_create`], and [`RoomError::InvalidArgument`] for no such
+    /// poll. Closing a closed poll answers its result again.
+    pub fn handle_poll_close(
+        &mut self,
+        now_ms: u64,
+        by: &str,
+        poll_id: u64,
+    ) -> Result<PollInfo, RoomError> {
+        self.refuse_if_ended()?;
+        if !self.users.contains_key(by) {
+            return Err(RoomError::NotInRoom);
+        }
+        self.refuse_unless(
+            self.role_of(by) <= Role::Moderator,
+            "only the host and moderators close polls",
+        )?;
+        let closed = self.polls.close(now_ms, poll_id).map_err(poll_error)?;
+        let info = if closed {
+            self.revision += 1;
+            self.push_poll(now_ms, poll_id)
+        } else {
+            self.polls
+                .polls
+                .get(&poll_id)
+                .map(|p| p.info(&self.definition.room_id))
+        };
+        self.checked();
+        info.ok_or(RoomError::Unavailable("the poll vanished".into()))
+    }
+
+    /// The votes to replicate since the last call, as a delta from revision `.0` to the
+    /// current revision; `None` when the delta overflowed (replicate the whole state).
+    /// Starts a new delta either way.
+    pub fn take_vote_delta(&mut self) -> Option<(u64, Vec<VoteRecord>)> {
+        let base = std::mem::replace(&mut self.vote_delta_base, self.revision);
+        self.vote_delta
+            .replace(Vec::new())
+            .map(|delta| (base, delta))
+    }
+
+    /// The whole state was replicated: the pending vote delta is in it.
+    pub fn vote_delta_replicated(&mut self) {
+        self.vote_delta = Some(Vec::new());
+        self.vote_delta_base = self.revision;
+    }
+
+    /// The room's polls.
+    pub fn polls(&self) -> &Polls {
+        &self.polls
+    }
+
+    /// Broadcasts a poll now; returns it.
+    fn push_poll(&mut self, now_ms: u64, poll_id: u64) -> Option<PollInfo> {
+        let info = self
+            .polls
+            .polls
+            .get(&poll_id)?
+            .info(&self.definition.room_id);
+        self.polls_dirty.remove(&poll_id);
+        self.polls_pushed_at_ms.insert(poll_id, now_ms);
+        self.effects
+            .push(RoomEffect::Broadcast(Event::Poll(info.clone())));
+        Some(info)
+    }
+
+    /// Pushes the tallies of changed polls whose interval has passed.
+    fn push_due_tallies(&mut self, now_ms: u64) {
+        let interval = self.config.polls.tally_interval_ms;
+        let due: Vec<u64> = self
+            .polls_dirty
+            .iter()
+            .filter(|(_, pushed)| pushed.is_none_or(|at| now_ms >= at + interval))
+            .map(|(id, _)| *id)
+            .collect();
+        for poll_id in due {
+            self.push_poll(now_ms, poll_id);
+        }
     }
 
     /// A voice packet from `member` (R11): `Ok` if the room relays it to every member.
@@ -1649,6 +1857,15 @@ fn role_name(role: Role) -> &'static str {
         Role::Moderator => "moderator",
         Role::Speaker => "speaker",
         Role::Listener => "listener",
+    }
+}
+
+/// A poll refusal as a room error.
+fn poll_error(refusal: PollRefusal) -> RoomError {
+    match refusal {
+        PollRefusal::Invalid(why) | PollRefusal::Full(why) => RoomError::InvalidArgument(why),
+        PollRefusal::NoSuchPoll(id) => RoomError::InvalidArgument(format!("no poll {id}")),
+        PollRefusal::Closed(id) => RoomError::InvalidArgument(format!("poll {id} is closed")),
     }
 }
 

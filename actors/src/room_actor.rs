@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chorus_protocol::audio::{AudioFrame, AudioHeader};
 use chorus_protocol::{
-    EncodedBody, Event, RoomCommentResponse, RoomInfo, RoomJoinResponse, RoomMembersResponse,
-    RoomSummary, StageInfo, UserId,
+    EncodedBody, Event, PollInfo, RoomCommentResponse, RoomInfo, RoomJoinResponse,
+    RoomMembersResponse, RoomSummary, StageInfo, UserId,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::polls::VoteRecord;
 use crate::room::{
     RoomConfig, RoomCore, RoomDefinition, RoomDurable, RoomEffect, RoomError, StageCommand,
 };
@@ -85,6 +86,22 @@ pub trait DurableSink: Send + Sync + 'static {
         epoch: u64,
         durable: RoomDurable,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DirectoryError>> + Send + 'a>>;
+
+    /// Keeps `votes` for `room_id` on the node that holds its state at `base_revision`,
+    /// which then is at `revision`. An `Err` of any kind makes the room replicate its whole
+    /// state instead ([`Self::replicate`]); the default always does.
+    fn replicate_votes<'a>(
+        &'a self,
+        room_id: &'a str,
+        epoch: u64,
+        base_revision: u64,
+        revision: u64,
+        votes: Vec<VoteRecord>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DirectoryError>> + Send + 'a>>
+    {
+        let _ = (room_id, epoch, base_revision, revision, votes);
+        Box::pin(async { Err(DirectoryError::Replication("no vote deltas".into())) })
+    }
 }
 
 /// Where a room's summary goes when the room ends (SPEC R10). Pluggable: the node's
@@ -278,6 +295,39 @@ pub enum RoomMsg {
         /// The Opus packet.
         payload: Bytes,
     },
+    /// Open a poll (R8).
+    PollCreate {
+        /// Who asks.
+        user: UserId,
+        /// The question.
+        question: String,
+        /// The answers.
+        options: Vec<String>,
+        /// Answer.
+        reply: RpcReplyPort<Result<PollInfo, RoomError>>,
+    },
+    /// Vote in a poll; answered once the vote is replicated.
+    Vote {
+        /// Who.
+        member: Member,
+        /// The poll.
+        poll_id: u64,
+        /// The option.
+        option: u32,
+        /// Answer.
+        reply: RpcReplyPort<Result<(), RoomError>>,
+    },
+    /// Close a poll.
+    PollClose {
+        /// Who asks.
+        user: UserId,
+        /// The poll.
+        poll_id: u64,
+        /// Answer.
+        reply: RpcReplyPort<Result<PollInfo, RoomError>>,
+    },
+    /// Replicate the votes waiting, then acknowledge them (group commit).
+    FlushVotes,
     /// A timer fired: flush windows and counters.
     Tick,
 }
@@ -307,6 +357,11 @@ pub struct RoomShell {
     /// Where a voice frame goes: the local members and one member per other node, for
     /// the member set of the given version (rebuilt when it changes).
     audio_targets: Option<(u64, Vec<Member>)>,
+    /// Votes applied but not yet replicated: answered at the next flush (or full
+    /// replication). Bounded by the mailbox between two flushes.
+    pending_votes: Vec<RpcReplyPort<Result<(), RoomError>>>,
+    /// Whether a [`RoomMsg::FlushVotes`] is on its way.
+    vote_flush_scheduled: bool,
 }
 
 /// The room actor.
@@ -346,6 +401,8 @@ impl Actor for RoomActor {
             replicated_revision: 0,
             tick_at_ms: None,
             audio_targets: None,
+            pending_votes: Vec::new(),
+            vote_flush_scheduled: false,
         })
     }
 
@@ -517,6 +574,66 @@ impl Actor for RoomActor {
                 header,
                 payload,
             } => state.relay_audio(now_ms, member_key, header, payload),
+            RoomMsg::PollCreate {
+                user,
+                question,
+                options,
+                reply,
+            } => {
+                let result = state
+                    .core
+                    .handle_poll_create(now_ms, &user, &question, &options);
+                if let Err(error) = state.replicate_change(result.is_ok()).await {
+                    return fail_stop(&myself, reply, error);
+                }
+                state.execute_effects().await;
+                let _ = reply.send(result);
+            }
+            RoomMsg::PollClose {
+                user,
+                poll_id,
+                reply,
+            } => {
+                let revision = state.core.revision();
+                let result = state.core.handle_poll_close(now_ms, &user, poll_id);
+                let changed = result.is_ok() && state.core.revision() != revision;
+                if let Err(error) = state.replicate_change(changed).await {
+                    return fail_stop(&myself, reply, error);
+                }
+                state.execute_effects().await;
+                let _ = reply.send(result);
+            }
+            RoomMsg::Vote {
+                member,
+                poll_id,
+                option,
+                reply,
+            } => match state.core.handle_vote(now_ms, &member, poll_id, option) {
+                Ok(true) => {
+                    state.pending_votes.push(reply);
+                    if !state.vote_flush_scheduled {
+                        state.vote_flush_scheduled = true;
+                        let delay = Duration::from_millis(state.core.config().polls.vote_commit_ms);
+                        myself.send_after(delay, || RoomMsg::FlushVotes);
+                    }
+                }
+                Ok(false) => {
+                    let _ = reply.send(Ok(()));
+                }
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                }
+            },
+            RoomMsg::FlushVotes => {
+                state.vote_flush_scheduled = false;
+                if let Err(error) = state.flush_votes().await {
+                    for reply in state.pending_votes.drain(..) {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    myself.stop(Some("replication failed".into()));
+                    return Ok(());
+                }
+            }
             RoomMsg::Tick => {
                 state.tick_at_ms = None;
                 state.core.handle_tick(now_ms);
@@ -525,7 +642,8 @@ impl Actor for RoomActor {
         state.execute_effects().await;
         // Stage changes nobody waits for (a speaker who left the room leaves the stage):
         // replicated too, best effort; the next acknowledged change carries them anyway.
-        if state.core.revision() != state.replicated_revision {
+        // Votes wait for their flush instead.
+        if state.core.revision() != state.replicated_revision && !state.vote_flush_scheduled {
             let _ = state.replicate().await;
         }
         state.schedule_tick(&myself, now_ms);
@@ -569,12 +687,55 @@ impl RoomShell {
         {
             Ok(()) => {
                 self.replicated_revision = self.core.revision();
+                // The whole state holds every vote so far: they are safe now.
+                self.core.vote_delta_replicated();
+                for reply in self.pending_votes.drain(..) {
+                    let _ = reply.send(Ok(()));
+                }
                 Ok(())
             }
             Err(error) => {
                 tracing::warn!(room = %room_id, epoch = self.epoch, %error, "room state not replicated");
                 metrics::counter!("chorus_room_fail_stops_total").increment(1);
                 Err(RoomError::Unavailable(error.to_string()))
+            }
+        }
+    }
+
+    /// Replicates the votes since the last replication as a delta (or, if the delta
+    /// cannot be applied or overflowed, the whole state), then answers their voters.
+    async fn flush_votes(&mut self) -> Result<(), RoomError> {
+        let Some((base, votes)) = self.core.take_vote_delta() else {
+            return self.replicate().await;
+        };
+        if votes.is_empty() && self.pending_votes.is_empty() {
+            return Ok(());
+        }
+        let Some(replicator) = &self.replicator else {
+            for reply in self.pending_votes.drain(..) {
+                let _ = reply.send(Ok(()));
+            }
+            return Ok(());
+        };
+        let room_id = self.core.definition().room_id.clone();
+        let revision = self.core.revision();
+        let count = votes.len();
+        match replicator
+            .replicate_votes(&room_id, self.epoch, base, revision, votes)
+            .await
+        {
+            Ok(()) => {
+                metrics::counter!("chorus_vote_deltas_total").increment(1);
+                metrics::counter!("chorus_votes_replicated_total").increment(count as u64);
+                self.replicated_revision = revision;
+                for reply in self.pending_votes.drain(..) {
+                    let _ = reply.send(Ok(()));
+                }
+                Ok(())
+            }
+            Err(error) => {
+                tracing::debug!(room = %room_id, %error, "vote delta not taken; replicating the whole state");
+                self.replicate().await
             }
         }
     }

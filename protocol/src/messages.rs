@@ -197,6 +197,9 @@ pub struct RoomJoinResponse {
     /// The stage: host, moderators and speakers in full.
     #[serde(default)]
     pub stage: StageInfo,
+    /// The room's polls, open and closed, oldest first, with current tallies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub polls: Vec<PollInfo>,
 }
 
 /// `room.leave` body.
@@ -353,6 +356,74 @@ pub struct RoomSummary {
     pub unique_listeners: u64,
     /// Listeners now.
     pub listeners: u64,
+}
+
+/// `room.poll_create` body: a moderator asks the room a question (R8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomPollCreateRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// The question, 1-200 characters.
+    pub question: String,
+    /// The answers, 2-10, each 1-80 characters, distinct.
+    pub options: Vec<String>,
+}
+
+/// `room.vote` body: a member votes (again, to change its vote, while the poll is open).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomVoteRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// The poll.
+    pub poll_id: u64,
+    /// Index of the chosen option, from 0.
+    pub option: u32,
+}
+
+/// `room.poll_close` body: a moderator closes a poll; the final result is pushed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomPollCloseRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// The poll.
+    pub poll_id: u64,
+}
+
+/// A poll's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PollState {
+    /// Taking votes.
+    Open,
+    /// Closed by a moderator (or the room ended): the tallies are final.
+    Closed,
+}
+
+/// A poll and its tallies (`room.poll` notification, `room.poll_create` and
+/// `room.poll_close` answers, `room.join` answers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollInfo {
+    /// The room.
+    pub room_id: RoomId,
+    /// Numbered from 1 in the room.
+    pub poll_id: u64,
+    /// The question.
+    pub question: String,
+    /// The answers.
+    pub options: Vec<String>,
+    /// Votes per option, in option order.
+    pub tallies: Vec<u64>,
+    /// Users who voted.
+    pub voters: u64,
+    /// Open or closed.
+    pub state: PollState,
+    /// Who created it.
+    pub by: UserId,
+    /// When, ms since the epoch.
+    pub created_at_ms: u64,
+    /// When it closed, ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_at_ms: Option<u64>,
 }
 
 /// `room.stage` body: read the stage.
@@ -673,6 +744,12 @@ request_table! {
     RoomSummary = "room.summary": RoomSummaryRequest => RoomSummary,
     /// `room.invite_users`
     RoomInviteUsers = "room.invite_users": RoomInviteUsersRequest => Empty,
+    /// `room.poll_create`
+    RoomPollCreate = "room.poll_create": RoomPollCreateRequest => PollInfo,
+    /// `room.vote`
+    RoomVote = "room.vote": RoomVoteRequest => Empty,
+    /// `room.poll_close`
+    RoomPollClose = "room.poll_close": RoomPollCloseRequest => PollInfo,
 }
 
 macro_rules! request_kinds {
@@ -704,6 +781,9 @@ request_kinds! {
     RoomInterestRequest = "room.interest" => RoomInterestResponse,
     RoomSummaryRequest = "room.summary" => RoomSummary,
     RoomInviteUsersRequest = "room.invite_users" => Empty,
+    RoomPollCreateRequest = "room.poll_create" => PollInfo,
+    RoomVoteRequest = "room.vote" => Empty,
+    RoomPollCloseRequest = "room.poll_close" => PollInfo,
 }
 
 macro_rules! event_table {
@@ -765,6 +845,8 @@ event_table! {
     Invitation = "room.invitation": RoomInvitationEvent,
     /// The active speakers changed.
     Speaking = "room.speaking": SpeakingEvent,
+    /// A poll opened, its tallies changed, or it closed.
+    Poll = "room.poll": PollInfo,
 }
 
 impl Event {
@@ -779,6 +861,7 @@ impl Event {
             Event::Live(e) => &e.room_id,
             Event::Invitation(e) => &e.room_id,
             Event::Speaking(e) => &e.room_id,
+            Event::Poll(e) => &e.room_id,
         }
     }
 
@@ -876,6 +959,9 @@ mod tests {
             RoomInterestRequest::KIND,
             RoomSummaryRequest::KIND,
             RoomInviteUsersRequest::KIND,
+            RoomPollCreateRequest::KIND,
+            RoomVoteRequest::KIND,
+            RoomPollCloseRequest::KIND,
         ];
         assert_eq!(ClientRequest::KINDS, kinds.as_slice());
         assert!(Event::KINDS.contains(&"room.comment"));

@@ -13,8 +13,9 @@ use chorus_protocol::{
     Encoding, Event, RequestKind, ResumeOutcome, Role, RoomBlockRequest, RoomCommentRequest,
     RoomCreateRequest, RoomEndRequest, RoomHandRequest, RoomInfoRequest, RoomInterestRequest,
     RoomInviteAnswerRequest, RoomInviteRequest, RoomInviteUsersRequest, RoomKickRequest,
-    RoomLeaveRequest, RoomMembersRequest, RoomMuteRequest, RoomReactRequest, RoomRef,
-    RoomSetRoleRequest, RoomStageRequest, RoomSummaryRequest,
+    RoomLeaveRequest, RoomMembersRequest, RoomMuteRequest, RoomPollCloseRequest,
+    RoomPollCreateRequest, RoomReactRequest, RoomRef, RoomSetRoleRequest, RoomStageRequest,
+    RoomSummaryRequest, RoomVoteRequest,
 };
 use serde::Serialize;
 
@@ -235,6 +236,32 @@ pub enum ClientCommand {
         #[arg(long = "for")]
         for_secs: Option<f64>,
     },
+    /// Open a poll (host, moderators): prints the poll with its id.
+    PollCreate {
+        /// Room id.
+        room: String,
+        /// The question (1-200 characters).
+        question: String,
+        /// The answers (2-10).
+        #[arg(required = true, num_args = 2..=10)]
+        options: Vec<String>,
+    },
+    /// Vote in a poll (again, to change your vote while it is open).
+    Vote {
+        /// Room id.
+        room: String,
+        /// The poll id.
+        poll: u64,
+        /// The option's index, from 0.
+        option: u32,
+    },
+    /// Close a poll (host, moderators): prints the final result.
+    PollClose {
+        /// Room id.
+        room: String,
+        /// The poll id.
+        poll: u64,
+    },
     /// List the room's users, one page (in user id order).
     Members {
         /// Room id.
@@ -447,6 +474,33 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 .await
                 .context("room.interest failed")?;
             print_json(&response);
+        }
+        ClientCommand::PollCreate {
+            room,
+            question,
+            options,
+        } => {
+            let request = RoomPollCreateRequest {
+                room_id: room.clone(),
+                question,
+                options,
+            };
+            act(client, &room, request).await?;
+        }
+        ClientCommand::Vote { room, poll, option } => {
+            let request = RoomVoteRequest {
+                room_id: room.clone(),
+                poll_id: poll,
+                option,
+            };
+            act(client, &room, request).await?;
+        }
+        ClientCommand::PollClose { room, poll } => {
+            let request = RoomPollCloseRequest {
+                room_id: room.clone(),
+                poll_id: poll,
+            };
+            act(client, &room, request).await?;
         }
         ClientCommand::Members { room, after, limit } => {
             let request = RoomMembersRequest {

@@ -829,6 +829,35 @@ impl Connection {
                 node.room_op(session, &r.room_id, op).await?;
                 Ok(ok(Empty {}))
             }
+            ClientRequest::RoomPollCreate(r) => {
+                let op = RoomOp::PollCreate {
+                    user,
+                    question: r.question,
+                    options: r.options,
+                };
+                match node.room_op(session, &r.room_id, op).await? {
+                    RoomOpReply::Poll(poll) => Ok(ok(poll)),
+                    other => Err(unexpected(other)),
+                }
+            }
+            ClientRequest::RoomVote(r) => {
+                let op = RoomOp::Vote {
+                    poll_id: r.poll_id,
+                    option: r.option,
+                };
+                node.room_op(session, &r.room_id, op).await?;
+                Ok(ok(Empty {}))
+            }
+            ClientRequest::RoomPollClose(r) => {
+                let op = RoomOp::PollClose {
+                    user,
+                    poll_id: r.poll_id,
+                };
+                match node.room_op(session, &r.room_id, op).await? {
+                    RoomOpReply::Poll(poll) => Ok(ok(poll)),
+                    other => Err(unexpected(other)),
+                }
+            }
             ClientRequest::RoomSummary(r) => {
                 match node.room_op(session, &r.room_id, RoomOp::Summary).await? {
                     RoomOpReply::Summary(summary) => Ok(ok(summary)),

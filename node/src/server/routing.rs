@@ -148,6 +148,29 @@ pub enum RoomOp {
     },
     /// Read the room's info.
     Info,
+    /// Open a poll.
+    PollCreate {
+        /// Who asks.
+        user: UserId,
+        /// The question.
+        question: String,
+        /// The answers.
+        options: Vec<String>,
+    },
+    /// Vote (as the member).
+    Vote {
+        /// The poll.
+        poll_id: u64,
+        /// The option.
+        option: u32,
+    },
+    /// Close a poll.
+    PollClose {
+        /// Who asks.
+        user: UserId,
+        /// The poll.
+        poll_id: u64,
+    },
 }
 
 /// The result of a [`RoomOp`].
@@ -169,6 +192,8 @@ pub enum RoomOpReply {
     Interested(u64),
     /// The room's totals.
     Summary(chorus_protocol::RoomSummary),
+    /// A poll.
+    Poll(chorus_protocol::PollInfo),
     /// Done, nothing to report.
     Done,
 }
@@ -302,6 +327,40 @@ impl DurableStates {
         Ok(())
     }
 
+    /// Applies replicated votes to the state held for `room_id`, if it is the one they
+    /// follow: written at `epoch`, at `base_revision`.
+    ///
+    /// # Errors
+    ///
+    /// [`VotesRefused::Stale`] with the fence if a newer owner exists; [`VotesRefused::
+    /// OutOfStep`] if the held state is not the one the votes follow (the owner then sends
+    /// its whole state).
+    pub fn apply_votes(
+        &self,
+        room_id: &str,
+        epoch: u64,
+        base_revision: u64,
+        revision: u64,
+        votes: &[chorus_actors::polls::VoteRecord],
+    ) -> Result<(), VotesRefused> {
+        let mut rooms = self.map();
+        let held = rooms.entry(room_id.to_string()).or_default();
+        if epoch < held.fence {
+            return Err(VotesRefused::Stale(held.fence));
+        }
+        match &mut held.state {
+            Some((held_epoch, state))
+                if *held_epoch == epoch && state.revision == base_revision =>
+            {
+                state.polls.apply(votes);
+                state.revision = revision;
+            }
+            _ => return Err(VotesRefused::OutOfStep),
+        }
+        self.save(room_id, held);
+        Ok(())
+    }
+
     /// Raises the room's fence to `epoch` (a new owner is activating it) and returns the
     /// state held.
     pub fn fence(&self, room_id: &str, epoch: u64) -> Option<(u64, RoomDurable)> {
@@ -323,6 +382,15 @@ impl DurableStates {
     pub fn get(&self, room_id: &str) -> Option<(u64, RoomDurable)> {
         self.map().get(room_id).and_then(|h| h.state.clone())
     }
+}
+
+/// Why replicated votes were not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VotesRefused {
+    /// A newer owner exists (its epoch).
+    Stale(u64),
+    /// The held state is not the one the votes follow.
+    OutOfStep,
 }
 
 /// Other nodes tried, in ring preference order, before a change counts as not replicated.
@@ -403,6 +471,70 @@ impl NodeReplicator {
     }
 }
 
+impl NodeReplicator {
+    /// Sends a vote delta to the first replica candidate that answers (the one that took
+    /// the last whole state, unless it failed since). Any refusal (out of step, a newer
+    /// owner) or silence is an `Err`: the room then replicates its whole state, which
+    /// handles every case as for any change.
+    async fn replicate_votes_to_others(
+        node: &Node,
+        room_id: &str,
+        epoch: u64,
+        base_revision: u64,
+        revision: u64,
+        votes: Vec<chorus_actors::polls::VoteRecord>,
+    ) -> Result<(), DirectoryError> {
+        let self_id = node.cluster.node_id();
+        let candidates: Vec<NodeId> = node
+            .cluster
+            .ring()
+            .map(|ring| ring.owners_n(&room_key(room_id), REPLICA_CANDIDATES_MAX + 1))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|id| *id != self_id)
+            .take(REPLICA_CANDIDATES_MAX)
+            .collect();
+        let refused = |why: String| DirectoryError::Replication(why);
+        let apply_here = || {
+            node.durable
+                .apply_votes(room_id, epoch, base_revision, revision, &votes)
+                .map_err(|e| refused(format!("own copy: {e:?}")))
+        };
+        if candidates.is_empty() {
+            return apply_here();
+        }
+        let message = encode(&NodeMessage::ReplicateVotes {
+            room_id: room_id.to_string(),
+            epoch,
+            base_revision,
+            revision,
+            votes: votes.clone(),
+        });
+        for replica in candidates {
+            let call = node.cluster.call_app(replica, message.clone());
+            match tokio::time::timeout(Duration::from_millis(REPLICATE_TIMEOUT_MS), call).await {
+                Ok(Ok(reply)) => {
+                    return match decode::<Result<RoomOpReply, ErrorBody>>(&reply) {
+                        // The local copy follows; if it cannot, the next whole state
+                        // brings it up to date.
+                        Ok(Ok(_)) => {
+                            let _ = apply_here();
+                            Ok(())
+                        }
+                        Ok(Err(refusal)) => Err(refused(refusal.message)),
+                        Err(error) => Err(refused(error.message)),
+                    };
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(replica, %error, "vote delta: replica unreachable");
+                }
+                Err(_) => tracing::debug!(replica, "vote delta: replica silent"),
+            }
+        }
+        Err(refused("no replica answered".into()))
+    }
+}
+
 impl chorus_actors::room_actor::DurableSink for NodeReplicator {
     fn notify_users(&self, users: Vec<UserId>, body: Arc<EncodedBody>) {
         let Some(node) = self.node.upgrade() else {
@@ -449,6 +581,24 @@ impl chorus_actors::room_actor::DurableSink for NodeReplicator {
                 return Err(DirectoryError::Replication("node shutting down".into()));
             };
             Self::replicate_to_others(&node, room_id, epoch, durable).await
+        })
+    }
+
+    fn replicate_votes<'a>(
+        &'a self,
+        room_id: &'a str,
+        epoch: u64,
+        base_revision: u64,
+        revision: u64,
+        votes: Vec<chorus_actors::polls::VoteRecord>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DirectoryError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let Some(node) = self.node.upgrade() else {
+                return Err(DirectoryError::Replication("node shutting down".into()));
+            };
+            Self::replicate_votes_to_others(&node, room_id, epoch, base_revision, revision, votes)
+                .await
         })
     }
 }
@@ -510,6 +660,21 @@ pub enum NodeMessage {
         epoch: u64,
         /// State.
         durable: RoomDurable,
+    },
+    /// Apply these votes to the state of `room_id` held at `base_revision` (written by its
+    /// owner at `epoch`), which then is at `revision` (answered with `Ok(Done)`; refused if
+    /// the held state is not at `base_revision`, or with [`STALE_EPOCH_REASON`]).
+    ReplicateVotes {
+        /// Room.
+        room_id: String,
+        /// The writer's ownership epoch.
+        epoch: u64,
+        /// The revision the votes apply to.
+        base_revision: u64,
+        /// The revision after them.
+        revision: u64,
+        /// In order.
+        votes: Vec<chorus_actors::polls::VoteRecord>,
     },
     /// A new owner activates `room_id` at `epoch`: refuse older owners' writes from now
     /// on (and stop acting for the room if this node did), and tell which sessions on this
@@ -913,7 +1078,10 @@ impl Node {
         op: RoomOp,
     ) -> Result<RoomOpReply, ErrorBody> {
         let result = self.room_op_once(session, room_id, op.clone()).await;
-        let rejoin = matches!(op, RoomOp::Comment { .. } | RoomOp::React { .. });
+        let rejoin = matches!(
+            op,
+            RoomOp::Comment { .. } | RoomOp::React { .. } | RoomOp::Vote { .. }
+        );
         match result {
             Err(error)
                 if rejoin
@@ -1431,6 +1599,40 @@ impl Node {
                 RoomOpReply::Stage(ask(&actor, |reply| RoomMsg::StageInfo { user, reply }).await?)
             }
             RoomOp::Info => RoomOpReply::Info(ask(&actor, |reply| RoomMsg::Info { reply }).await?),
+            RoomOp::PollCreate {
+                user,
+                question,
+                options,
+            } => RoomOpReply::Poll(
+                ask(&actor, |reply| RoomMsg::PollCreate {
+                    user,
+                    question,
+                    options,
+                    reply,
+                })
+                .await?
+                .map_err(room_error)?,
+            ),
+            RoomOp::Vote { poll_id, option } => {
+                ask(&actor, |reply| RoomMsg::Vote {
+                    member,
+                    poll_id,
+                    option,
+                    reply,
+                })
+                .await?
+                .map_err(room_error)?;
+                RoomOpReply::Done
+            }
+            RoomOp::PollClose { user, poll_id } => RoomOpReply::Poll(
+                ask(&actor, |reply| RoomMsg::PollClose {
+                    user,
+                    poll_id,
+                    reply,
+                })
+                .await?
+                .map_err(room_error)?,
+            ),
         })
     }
 }
@@ -1722,6 +1924,38 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                         Err(fence) => encode(&Err::<RoomOpReply, _>(ErrorBody::new(
                             ErrorCode::Unavailable,
                             format!("{STALE_EPOCH_REASON}: {room_id:?} is at epoch {fence}, the write at {epoch}"),
+                        ))),
+                    }
+                }
+                Ok(NodeMessage::ReplicateVotes {
+                    room_id,
+                    epoch,
+                    base_revision,
+                    revision,
+                    votes,
+                }) => {
+                    let committed = node
+                        .cluster
+                        .metadata()
+                        .owners
+                        .get(&room_key(&room_id))
+                        .map(|o| o.epoch)
+                        .unwrap_or(0);
+                    let applied = if epoch < committed {
+                        Err(VotesRefused::Stale(committed))
+                    } else {
+                        node.durable
+                            .apply_votes(&room_id, epoch, base_revision, revision, &votes)
+                    };
+                    match applied {
+                        Ok(()) => encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done)),
+                        Err(VotesRefused::Stale(fence)) => encode(&Err::<RoomOpReply, _>(ErrorBody::new(
+                            ErrorCode::Unavailable,
+                            format!("{STALE_EPOCH_REASON}: {room_id:?} is at epoch {fence}, the votes at {epoch}"),
+                        ))),
+                        Err(VotesRefused::OutOfStep) => encode(&Err::<RoomOpReply, _>(ErrorBody::new(
+                            ErrorCode::Unavailable,
+                            format!("votes for {room_id:?} follow revision {base_revision}, which this node does not hold"),
                         ))),
                     }
                 }
