@@ -402,9 +402,14 @@ async fn draining_a_node_moves_its_rooms_while_clients_keep_their_connections_th
     let room = room.expect("some room lands on the drained node");
     let speaker = nodes[0].client(&nodes[0].ws_url(), "speaker").await;
     let mut listener = nodes[1].client(&nodes[1].quic_url(), "listener").await;
-    for client in [&speaker, &listener] {
+    for client in [&host, &speaker, &listener] {
         join(client, &room).await;
     }
+    say(&speaker, &room, "before drain").await;
+    assert_eq!(
+        collect_comments(&mut listener, &room, 1).await[0].1,
+        "before drain"
+    );
 
     chorus_admin(&nodes[0], &["drain", &drained.to_string()]).await;
     let where_path = format!("/admin/where?key={room}");
@@ -436,6 +441,44 @@ async fn draining_a_node_moves_its_rooms_while_clients_keep_their_connections_th
         .map(|(_, t)| t)
         .collect();
     assert_eq!(texts, ["after drain"]);
+
+    // The room ends: its event log, logged by two owners, is exported whole, in order.
+    host.request(chorus_protocol::RoomEndRequest {
+        room_id: room.clone(),
+    })
+    .await
+    .expect("end");
+    let files: Vec<std::path::PathBuf> = nodes
+        .iter()
+        .map(|n| n.data_dir().join("analytics").join(format!("{room}.jsonl")))
+        .collect();
+    let mut export = String::new();
+    eventually("the event log and summary to be exported", || {
+        export = files
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .find(|text| text.contains("\"room.summary\""))
+            .unwrap_or_default();
+        let done = !export.is_empty();
+        async move { done }
+    })
+    .await;
+    let lines: Vec<serde_json::Value> = export
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let comments: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["event"] == "room.comment")
+        .map(|l| l["body"]["text"].as_str().expect("text"))
+        .collect();
+    assert_eq!(comments, ["before drain", "after drain"]);
+    let epochs: std::collections::BTreeSet<u64> =
+        lines.iter().filter_map(|l| l["epoch"].as_u64()).collect();
+    assert!(epochs.len() >= 2, "logged by both owners: {epochs:?}");
+    let summary = lines.last().expect("summary line");
+    assert_eq!(summary["kind"], "room.summary");
+    assert_eq!(summary["missing_parts"], serde_json::json!([]));
 
     chorus_admin(&nodes[1], &["remove", &drained.to_string()]).await;
     eventually("the removed node to leave the member list", || async {

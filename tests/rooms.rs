@@ -443,10 +443,10 @@ async fn interested_users_hear_when_a_scheduled_room_goes_live() {
     );
 }
 
-/// R10: a room's totals are readable live, and when it ends its summary is exported (the
-/// default sink: one JSON line under the data dir).
+/// R10: a room's totals are readable live, and when it ends its event log and summary are
+/// exported (the default sink: JSON lines under the data dir).
 #[tokio::test]
-async fn a_room_keeps_totals_live_and_exports_its_summary_when_it_ends() {
+async fn a_room_keeps_totals_live_and_exports_its_event_log_and_summary_when_it_ends() {
     use chorus_protocol::{RoomEndRequest, RoomReactRequest, RoomSummaryRequest};
     let node = TestNode::start(UNTHROTTLED).await;
     let mut host = node.client(&node.ws_url(), "host").await;
@@ -501,11 +501,32 @@ async fn a_room_keeps_totals_live_and_exports_its_summary_when_it_ends() {
         .join("analytics")
         .join(format!("{room}.jsonl"));
     common::eventually("the summary to be exported", || async {
-        std::fs::read_to_string(&path).is_ok_and(|s| s.ends_with('\n'))
+        std::fs::read_to_string(&path).is_ok_and(|s| s.contains("\"room.summary\""))
     })
     .await;
-    let line = std::fs::read_to_string(&path).expect("export");
-    let exported: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    let text = std::fs::read_to_string(&path).expect("export");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    // The full event log first, in order: every comment, the reactions, the end.
+    let (exported, events) = lines.split_last().expect("lines");
+    assert!(events.iter().all(|e| e["kind"] == "room.event"));
+    let comments: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "room.comment")
+        .map(|e| e["body"]["text"].as_str().expect("text"))
+        .collect();
+    assert_eq!(comments, ["one", "two", "three"]);
+    assert!(events.iter().any(|e| e["event"] == "room.reactions"));
+    assert_eq!(events.last().expect("events")["event"], "room.ended");
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    assert_eq!(exported["events"], events.len());
+    assert_eq!(exported["missing_parts"], serde_json::json!([]));
     assert_eq!(exported["kind"], "room.summary");
     assert_eq!(exported["summary"]["state"], "ended");
     assert_eq!(exported["summary"]["comments"], 3);

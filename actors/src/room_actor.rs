@@ -104,11 +104,39 @@ pub trait DurableSink: Send + Sync + 'static {
     }
 }
 
-/// Where a room's summary goes when the room ends (SPEC R10). Pluggable: the node's
-/// default writes one JSON line per room under its data dir.
+/// Where a room's summary and event log go when the room ends (SPEC R10). Pluggable: the
+/// node's default writes one JSON-lines file per room under its data dir.
 pub trait AnalyticsSink: Send + Sync + 'static {
-    /// Takes the summary of a room that ended. Must not block: hand the work off.
-    fn export(&self, summary: RoomSummary);
+    /// Takes the summary and the whole event log of a room that ended, the log in order
+    /// (by ownership epoch, then sequence). `missing` names the parts of the log that
+    /// could not be gathered (a node that logged some of it was unreachable). Must not
+    /// block: hand the work off.
+    fn export(&self, summary: RoomSummary, events: Vec<LoggedEvent>, missing: Vec<String>);
+}
+
+/// One entry of a room's event log: a notification the room broadcast.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LoggedEvent {
+    /// The owner's ownership epoch when it was logged.
+    pub epoch: u64,
+    /// Its place in that owner's log, from 0.
+    pub seq: u64,
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+    /// Notification kind.
+    pub kind: String,
+    /// The body as JSON.
+    pub json: Bytes,
+}
+
+/// A room's event log while it lives (R10): the owner appends what it broadcasts; when
+/// the room ends, `finish` gathers the log (from every node that owned the room) and hands
+/// it, with the summary, to the analytics sink.
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends an entry for `room_id` (its `seq` is assigned here). Must not block long.
+    fn append(&self, room_id: &str, epoch: u64, at_ms: u64, kind: &str, json: Bytes);
+    /// The room ended: export its summary and log. Must not block: hand the work off.
+    fn finish(&self, summary: RoomSummary);
 }
 
 /// A member handle: a stable key (ordering and identity) and the sink to deliver to.
@@ -349,6 +377,7 @@ pub struct RoomShell {
     store: Arc<dyn DefinitionStore>,
     replicator: Option<Arc<dyn DurableSink>>,
     analytics: Option<Arc<dyn AnalyticsSink>>,
+    event_log: Option<Arc<dyn EventLog>>,
     /// Ownership epoch of this activation (0 until [`RoomMsg::Restore`]).
     epoch: u64,
     /// The revision last replicated.
@@ -377,8 +406,10 @@ pub struct RoomArgs {
     pub store: Arc<dyn DefinitionStore>,
     /// Where the durable state is replicated after each comment.
     pub replicator: Option<Arc<dyn DurableSink>>,
-    /// Where the summary goes when the room ends.
+    /// Where the summary goes when the room ends (without an event log).
     pub analytics: Option<Arc<dyn AnalyticsSink>>,
+    /// Where broadcasts are logged, and the log exported at the end.
+    pub event_log: Option<Arc<dyn EventLog>>,
 }
 
 impl Actor for RoomActor {
@@ -397,6 +428,7 @@ impl Actor for RoomActor {
             store: args.store,
             replicator: args.replicator,
             analytics: args.analytics,
+            event_log: args.event_log,
             epoch: 0,
             replicated_revision: 0,
             tick_at_ms: None,
@@ -784,6 +816,17 @@ impl RoomShell {
                             continue;
                         }
                     };
+                    if let (Some(log), false) =
+                        (&self.event_log, matches!(event, Event::Speaking(_)))
+                    {
+                        log.append(
+                            &self.core.definition().room_id,
+                            self.epoch,
+                            unix_now_ms(),
+                            body.kind(),
+                            body.body_bytes(chorus_protocol::Encoding::Json).clone(),
+                        );
+                    }
                     let mut delivered = 0u64;
                     // Bounded by the number of nodes.
                     let mut relayed = std::collections::BTreeSet::new();
@@ -826,11 +869,11 @@ impl RoomShell {
                     }
                     Err(error) => tracing::error!(%error, "cannot encode room event"),
                 },
-                RoomEffect::Export(summary) => {
-                    if let Some(analytics) = &self.analytics {
-                        analytics.export(summary);
-                    }
-                }
+                RoomEffect::Export(summary) => match (&self.event_log, &self.analytics) {
+                    (Some(log), _) => log.finish(summary),
+                    (None, Some(analytics)) => analytics.export(summary, Vec::new(), Vec::new()),
+                    (None, None) => {}
+                },
                 RoomEffect::MembersRemoved(members) => {
                     let room_id = self.core.definition().room_id.clone();
                     for member in members {
@@ -936,6 +979,7 @@ pub struct RoomDirectory {
     store: Arc<dyn DefinitionStore>,
     replicator: Option<Arc<dyn DurableSink>>,
     analytics: std::sync::OnceLock<Arc<dyn AnalyticsSink>>,
+    event_log: std::sync::OnceLock<Arc<dyn EventLog>>,
     config: RoomConfig,
     // tokio Mutex: held across the (short) actor spawn so that one room never gets two actors.
     rooms: tokio::sync::Mutex<HashMap<String, ActorRef<RoomMsg>>>,
@@ -952,6 +996,7 @@ impl RoomDirectory {
             store,
             replicator,
             analytics: std::sync::OnceLock::new(),
+            event_log: std::sync::OnceLock::new(),
             config,
             rooms: tokio::sync::Mutex::new(HashMap::new()),
         }
@@ -960,6 +1005,11 @@ impl RoomDirectory {
     /// Installs where ended rooms' summaries go (once; later calls are ignored).
     pub fn set_analytics(&self, analytics: Arc<dyn AnalyticsSink>) {
         let _ = self.analytics.set(analytics);
+    }
+
+    /// Installs the event log rooms append their broadcasts to (once).
+    pub fn set_event_log(&self, log: Arc<dyn EventLog>) {
+        let _ = self.event_log.set(log);
     }
 
     /// The room limits in force.
@@ -1095,6 +1145,7 @@ impl RoomDirectory {
                 store: self.store.clone(),
                 replicator: self.replicator.clone(),
                 analytics: self.analytics.get().cloned(),
+                event_log: self.event_log.get().cloned(),
             },
         )
         .await

@@ -1,11 +1,12 @@
-//! The default analytics sink (SPEC R10): when a room ends, its summary is appended as
-//! one JSON line to `<data dir>/analytics/<room id>.jsonl`. Other sinks implement
-//! `chorus_actors::room_actor::AnalyticsSink`.
+//! The default analytics sink (SPEC R10): when a room ends, its event log and summary are
+//! written to `<data dir>/analytics/<room id>.jsonl`, one JSON line per event
+//! (`{"kind":"room.event",…}`) and the summary last (`{"kind":"room.summary",…}`). Other
+//! sinks implement `chorus_actors::room_actor::AnalyticsSink`.
 
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use chorus_actors::room_actor::AnalyticsSink;
+use chorus_actors::room_actor::{AnalyticsSink, LoggedEvent};
 use chorus_protocol::RoomSummary;
 
 /// Writes ended rooms' summaries as JSON lines, one file per room.
@@ -29,17 +30,38 @@ impl FileAnalytics {
 }
 
 impl AnalyticsSink for FileAnalytics {
-    fn export(&self, summary: RoomSummary) {
+    fn export(&self, summary: RoomSummary, events: Vec<LoggedEvent>, missing: Vec<String>) {
         let path = self.path_of(&summary.room_id);
         let dir = self.dir.clone();
-        let line = serde_json::json!({"kind": "room.summary", "summary": summary}).to_string();
         tokio::task::spawn_blocking(move || {
+            let count = events.len();
             let written = std::fs::create_dir_all(&dir).and_then(|()| {
-                let mut file = std::fs::OpenOptions::new()
+                let file = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(&path)?;
-                writeln!(file, "{line}")?;
+                let mut out = std::io::BufWriter::new(file);
+                for event in events {
+                    let body: serde_json::Value =
+                        serde_json::from_slice(&event.json).unwrap_or(serde_json::Value::Null);
+                    let line = serde_json::json!({
+                        "kind": "room.event",
+                        "epoch": event.epoch,
+                        "seq": event.seq,
+                        "at_ms": event.at_ms,
+                        "event": event.kind,
+                        "body": body,
+                    });
+                    writeln!(out, "{line}")?;
+                }
+                let line = serde_json::json!({
+                    "kind": "room.summary",
+                    "summary": summary,
+                    "events": count,
+                    "missing_parts": missing,
+                });
+                writeln!(out, "{line}")?;
+                let file = out.into_inner().map_err(|e| e.into_error())?;
                 file.sync_data()
             });
             match written {

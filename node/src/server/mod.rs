@@ -8,6 +8,7 @@ pub mod admin;
 pub mod analytics;
 pub mod connection;
 pub mod control;
+pub mod event_log;
 pub mod quic;
 pub mod routing;
 pub mod session;
@@ -102,6 +103,8 @@ pub struct Node {
     admin_token: String,
     mirrors: routing::RoomMirrors,
     durable: routing::DurableStates,
+    /// Rooms' event logs (set once at start).
+    event_log: std::sync::OnceLock<Arc<event_log::NodeEventLog>>,
     /// Ownership epochs of the rooms this node activated.
     owned_epochs: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     relays: std::sync::Mutex<std::collections::HashMap<u64, Arc<routing::EdgeRelay>>>,
@@ -121,6 +124,11 @@ impl Node {
                 (n < max).then_some(n + 1)
             })
             .is_ok()
+    }
+
+    /// The rooms' event logs.
+    fn event_log(&self) -> Option<&Arc<event_log::NodeEventLog>> {
+        self.event_log.get()
     }
 
     fn connection_closed(&self) {
@@ -448,6 +456,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         admin_token,
         mirrors: routing::RoomMirrors::default(),
         durable,
+        event_log: std::sync::OnceLock::new(),
         owned_epochs: std::sync::Mutex::new(std::collections::HashMap::new()),
         relays: std::sync::Mutex::new(std::collections::HashMap::new()),
         this: this.clone(),
@@ -456,9 +465,21 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         db,
         config,
     });
-    node.rooms.set_analytics(Arc::new(analytics::FileAnalytics {
-        dir: data_dir.join("analytics"),
-    }));
+    let analytics: Arc<dyn chorus_actors::room_actor::AnalyticsSink> =
+        Arc::new(analytics::FileAnalytics {
+            dir: data_dir.join("analytics"),
+        });
+    node.rooms.set_analytics(analytics.clone());
+    let log =
+        event_log::NodeEventLog::open(&node.db, Arc::downgrade(&node), analytics).map_err(|e| {
+            ServeError::Storage {
+                path: data_dir.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+    let log = Arc::new(log);
+    let _ = node.event_log.set(log.clone());
+    node.rooms.set_event_log(log);
     node.cluster.set_app_handler(Arc::new(routing::NodeApp {
         node: Arc::downgrade(&node),
     }));

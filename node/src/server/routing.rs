@@ -686,6 +686,12 @@ pub enum NodeMessage {
         /// The new owner's epoch.
         epoch: u64,
     },
+    /// The room ended: hand over (and remove) this node's part of its event log, in
+    /// order (answered with a `Vec<LoggedEvent>`).
+    LogTake {
+        /// Room.
+        room_id: String,
+    },
     /// Another node took over session `session_id` (its client resumed there): end it
     /// here (answered with `Ok(Done)`).
     EndSession {
@@ -1836,6 +1842,9 @@ pub(crate) async fn expire_rooms(node: Weak<Node>) {
             }
         }
         let forgotten = node.durable.forget(&expired);
+        if let Some(log) = node.event_log() {
+            log.forget(&expired);
+        }
         if forgotten > 0 {
             tracing::info!(forgotten, "forgot the states of expired rooms");
         }
@@ -1959,6 +1968,12 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                         ))),
                     }
                 }
+                Ok(NodeMessage::LogTake { room_id }) => encode(
+                    &node
+                        .event_log()
+                        .map(|log| log.take(&room_id))
+                        .unwrap_or_default(),
+                ),
                 Ok(NodeMessage::EndSession { session_id }) => {
                     node.end_session_resumed_elsewhere(&session_id).await;
                     encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))

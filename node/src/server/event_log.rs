@@ -1,0 +1,191 @@
+//! Rooms' event logs (SPEC R10): while it owns a room, a node appends every notification
+//! the room broadcasts (except `room.speaking`) to a sled tree, keyed by room, ownership
+//! epoch and sequence. When the room ends, its owner gathers the log: its own part and,
+//! from every other live node, the part that node logged while it owned the room (a room
+//! that moved has several); merged in (epoch, sequence) order and handed with the summary
+//! to the analytics sink. The parts are removed as they are gathered. A part on a node
+//! that cannot be reached is named in the export as missing; the expiry sweep removes
+//! parts left behind.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chorus_actors::room_actor::{AnalyticsSink, EventLog, LoggedEvent};
+use chorus_protocol::RoomSummary;
+
+use super::routing::{decode, encode, NodeMessage};
+use super::Node;
+
+/// The sled tree of the logs.
+pub const EVENT_LOG_TREE: &str = "rooms/log";
+/// Entries one node logs for one room (per activation of its node process); beyond it the
+/// entries are dropped and counted (`chorus_event_log_dropped_total`).
+pub const EVENT_LOG_ENTRIES_MAX: u64 = 200_000;
+/// Time one node has to hand over its part of a log.
+const GATHER_TIMEOUT_MS: u64 = 10_000;
+/// Byte that separates the room id from the epoch in a key (never in UTF-8).
+const KEY_SEPARATOR: u8 = 0xff;
+
+fn prefix(room_id: &str) -> Vec<u8> {
+    let mut key = room_id.as_bytes().to_vec();
+    key.push(KEY_SEPARATOR);
+    key
+}
+
+fn key(room_id: &str, epoch: u64, seq: u64) -> Vec<u8> {
+    let mut key = prefix(room_id);
+    key.extend_from_slice(&epoch.to_be_bytes());
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// The node's event logs.
+pub struct NodeEventLog {
+    node: Weak<Node>,
+    tree: sled::Tree,
+    /// Next sequence number per (room, epoch): the logs of rooms this node owns now.
+    next_seq: Mutex<HashMap<(String, u64), u64>>,
+    sink: Arc<dyn AnalyticsSink>,
+}
+
+impl NodeEventLog {
+    /// The logs in `db`, exported through `sink`.
+    ///
+    /// # Errors
+    ///
+    /// sled's, opening the tree.
+    pub fn open(
+        db: &sled::Db,
+        node: Weak<Node>,
+        sink: Arc<dyn AnalyticsSink>,
+    ) -> Result<Self, sled::Error> {
+        Ok(NodeEventLog {
+            node,
+            tree: db.open_tree(EVENT_LOG_TREE)?,
+            next_seq: Mutex::new(HashMap::new()),
+            sink,
+        })
+    }
+
+    /// Removes and returns this node's part of `room_id`'s log, in order.
+    pub fn take(&self, room_id: &str) -> Vec<LoggedEvent> {
+        let mut events = Vec::new();
+        for entry in self.tree.scan_prefix(prefix(room_id)) {
+            let Ok((key, value)) = entry else { continue };
+            match rmp_serde::from_slice::<LoggedEvent>(&value) {
+                Ok(event) => events.push(event),
+                Err(error) => tracing::warn!(room = %room_id, %error, "undecodable log entry"),
+            }
+            let _ = self.tree.remove(key);
+        }
+        self.next_seq
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(room, _), _| room != room_id);
+        events
+    }
+
+    /// Forgets the parts of `rooms` (expired).
+    pub fn forget(&self, rooms: &[String]) {
+        for room_id in rooms {
+            let _ = self.take(room_id);
+        }
+    }
+
+    /// The next sequence number for (`room_id`, `epoch`): after the last one stored (a
+    /// restarted node continues its part).
+    fn next(&self, room_id: &str, epoch: u64) -> u64 {
+        let mut next = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = next.entry((room_id.to_string(), epoch)).or_insert_with(|| {
+            let mut from = prefix(room_id);
+            from.extend_from_slice(&epoch.to_be_bytes());
+            self.tree
+                .scan_prefix(from)
+                .keys()
+                .next_back()
+                .and_then(Result::ok)
+                .and_then(|k| k.get(k.len() - 8..).map(|b| b.to_vec()))
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(|b| u64::from_be_bytes(b) + 1)
+                .unwrap_or(0)
+        });
+        let this = *seq;
+        *seq += 1;
+        this
+    }
+
+    async fn gather(node: &Node, room_id: &str) -> (Vec<LoggedEvent>, Vec<String>) {
+        let mut events = node
+            .event_log()
+            .map(|log| log.take(room_id))
+            .unwrap_or_default();
+        let mut missing = Vec::new();
+        let self_id = node.cluster.node_id();
+        let others: Vec<u64> = node
+            .cluster
+            .metadata()
+            .nodes
+            .keys()
+            .copied()
+            .filter(|id| *id != self_id)
+            .collect();
+        let message = encode(&NodeMessage::LogTake {
+            room_id: room_id.to_string(),
+        });
+        for peer in others {
+            let call = node.cluster.call_app(peer, message.clone());
+            match tokio::time::timeout(Duration::from_millis(GATHER_TIMEOUT_MS), call).await {
+                Ok(Ok(reply)) => match decode::<Vec<LoggedEvent>>(&reply) {
+                    Ok(part) => events.extend(part),
+                    Err(error) => missing.push(format!("node {peer}: {}", error.message)),
+                },
+                Ok(Err(error)) => missing.push(format!("node {peer}: {error}")),
+                Err(_) => missing.push(format!("node {peer}: no answer in {GATHER_TIMEOUT_MS} ms")),
+            }
+        }
+        events.sort_by_key(|e| (e.epoch, e.seq));
+        (events, missing)
+    }
+}
+
+impl EventLog for NodeEventLog {
+    fn append(&self, room_id: &str, epoch: u64, at_ms: u64, kind: &str, json: Bytes) {
+        let seq = self.next(room_id, epoch);
+        if seq >= EVENT_LOG_ENTRIES_MAX {
+            metrics::counter!("chorus_event_log_dropped_total").increment(1);
+            return;
+        }
+        let event = LoggedEvent {
+            epoch,
+            seq,
+            at_ms,
+            kind: kind.to_string(),
+            json,
+        };
+        let stored = rmp_serde::to_vec_named(&event)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                self.tree
+                    .insert(key(room_id, epoch, seq), bytes)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(error) = stored {
+            tracing::error!(room = %room_id, %error, "cannot log a room event");
+        }
+    }
+
+    fn finish(&self, summary: RoomSummary) {
+        let node = self.node.clone();
+        let sink = self.sink.clone();
+        tokio::spawn(async move {
+            let Some(node) = node.upgrade() else { return };
+            let (events, missing) = Self::gather(&node, &summary.room_id).await;
+            if !missing.is_empty() {
+                tracing::warn!(room = %summary.room_id, ?missing, "parts of the event log could not be gathered");
+            }
+            sink.export(summary, events, missing);
+        });
+    }
+}
