@@ -739,20 +739,46 @@ impl<M: Clone + Ord> RoomCore<M> {
         if !self.members.contains_key(member) {
             return Err(RoomError::NotInRoom);
         }
-        if emoji.is_empty() {
-            return Err(RoomError::InvalidArgument("empty emoji".into()));
+        check_emoji(&self.config, emoji)?;
+        if self.add_reactions(now_ms, emoji, 1) {
+            Ok(())
+        } else {
+            Err(RoomError::RateLimited)
         }
-        if emoji.len() > self.config.emoji_bytes_max {
-            return Err(RoomError::InvalidArgument(format!(
-                "emoji longer than {} bytes",
-                self.config.emoji_bytes_max
-            )));
+    }
+
+    /// Reactions counted by an edge node over a short batch (its members were checked
+    /// there; see [`check_emoji`]): added to the current window. Emojis beyond the
+    /// window's `reaction_emojis_max` kinds, and invalid ones, are dropped; returns how
+    /// many reactions were.
+    ///
+    /// # Errors
+    ///
+    /// [`RoomError::RoomEnded`].
+    pub fn handle_react_batch(
+        &mut self,
+        now_ms: u64,
+        counts: &BTreeMap<String, u64>,
+    ) -> Result<u64, RoomError> {
+        self.refuse_if_ended()?;
+        let mut dropped = 0u64;
+        for (emoji, count) in counts {
+            if *count == 0 {
+                continue;
+            }
+            if check_emoji(&self.config, emoji).is_err()
+                || !self.add_reactions(now_ms, emoji, *count)
+            {
+                dropped = dropped.saturating_add(*count);
+            }
         }
-        if emoji.chars().any(char::is_control) {
-            return Err(RoomError::InvalidArgument(
-                "emoji contains control characters".into(),
-            ));
-        }
+        self.checked();
+        Ok(dropped)
+    }
+
+    /// Adds `count` reactions with `emoji` to the window (opening it if needed); false if
+    /// the window has as many kinds as it may and this is a new one.
+    fn add_reactions(&mut self, now_ms: u64, emoji: &str, count: u64) -> bool {
         // A window that is already due is closed first, even if the shell's tick is late,
         // so windows never run longer than configured.
         self.close_reaction_window_if_due(now_ms);
@@ -762,20 +788,20 @@ impl<M: Clone + Ord> RoomCore<M> {
             .as_ref()
             .is_some_and(|w| w.counts.contains_key(emoji));
         if !known && counted >= self.config.reaction_emojis_max {
-            return Err(RoomError::RateLimited);
+            return false;
         }
         let window_ms = self.config.reaction_window_ms;
         let window = self.reactions.get_or_insert_with(|| ReactionWindow {
             closes_at_ms: now_ms.saturating_add(window_ms),
             counts: BTreeMap::new(),
         });
-        if let Some(count) = window.counts.get_mut(emoji) {
-            *count = count.saturating_add(1);
+        if let Some(total) = window.counts.get_mut(emoji) {
+            *total = total.saturating_add(count);
         } else {
-            window.counts.insert(emoji.to_string(), 1);
+            window.counts.insert(emoji.to_string(), count);
         }
         self.checked();
-        Ok(())
+        true
     }
 
     /// The host starts a scheduled room: it goes live and the definition is persisted.
@@ -1843,6 +1869,29 @@ impl<M: Clone + Ord> RoomCore<M> {
                 })));
         }
     }
+}
+
+/// Checks a reaction's emoji: 1 to `emoji_bytes_max` bytes, no control characters.
+///
+/// # Errors
+///
+/// [`RoomError::InvalidArgument`] saying which rule it breaks.
+pub fn check_emoji(config: &RoomConfig, emoji: &str) -> Result<(), RoomError> {
+    if emoji.is_empty() {
+        return Err(RoomError::InvalidArgument("empty emoji".into()));
+    }
+    if emoji.len() > config.emoji_bytes_max {
+        return Err(RoomError::InvalidArgument(format!(
+            "emoji longer than {} bytes",
+            config.emoji_bytes_max
+        )));
+    }
+    if emoji.chars().any(char::is_control) {
+        return Err(RoomError::InvalidArgument(
+            "emoji contains control characters".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `text` has more than `chars_max` characters, looking at no more than

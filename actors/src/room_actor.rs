@@ -221,15 +221,6 @@ pub enum RoomMsg {
         /// Answer.
         reply: RpcReplyPort<Result<RoomCommentResponse, RoomError>>,
     },
-    /// React.
-    React {
-        /// Who.
-        member: Member,
-        /// The emoji.
-        emoji: String,
-        /// Answer.
-        reply: RpcReplyPort<Result<(), RoomError>>,
-    },
     /// Start a scheduled room (host only).
     Start {
         /// Who asks.
@@ -322,6 +313,12 @@ pub enum RoomMsg {
         header: AudioHeader,
         /// The Opus packet.
         payload: Bytes,
+    },
+    /// Reactions an edge node counted for this room over a short batch (R7). No answer:
+    /// the edge acknowledged them.
+    ReactBatch {
+        /// Count per emoji.
+        counts: std::collections::BTreeMap<String, u64>,
     },
     /// Open a poll (R8).
     PollCreate {
@@ -546,14 +543,6 @@ impl Actor for RoomActor {
             RoomMsg::StageInfo { user, reply } => {
                 let _ = reply.send(state.core.stage_info(&user));
             }
-            RoomMsg::React {
-                member,
-                emoji,
-                reply,
-            } => {
-                let result = state.core.handle_react(now_ms, &member, &emoji);
-                let _ = reply.send(result);
-            }
             RoomMsg::Start { user, reply } => {
                 let result = state.core.handle_start(now_ms, &user);
                 let _ = reply.send(result);
@@ -606,6 +595,13 @@ impl Actor for RoomActor {
                 header,
                 payload,
             } => state.relay_audio(now_ms, member_key, header, payload),
+            RoomMsg::ReactBatch { counts } => {
+                if let Ok(dropped) = state.core.handle_react_batch(now_ms, &counts) {
+                    if dropped > 0 {
+                        metrics::counter!("chorus_reactions_dropped_total").increment(dropped);
+                    }
+                }
+            }
             RoomMsg::PollCreate {
                 user,
                 question,

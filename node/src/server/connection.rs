@@ -756,9 +756,17 @@ impl Connection {
                 }
             }
             ClientRequest::RoomReact(react) => {
+                // Counted here and sent to the owner in batches (R7).
                 self.require_member(session, &react.room_id)?;
-                let op = RoomOp::React { emoji: react.emoji };
-                node.room_op(session, &react.room_id, op).await?;
+                chorus_actors::room::check_emoji(&node.config.room, &react.emoji)
+                    .map_err(room_error)?;
+                if !node.reactions.add(&react.room_id, &react.emoji) {
+                    return Err(ErrorBody::new(
+                        ErrorCode::RateLimited,
+                        "too many different reactions in this moment; retry",
+                    ));
+                }
+                metrics::counter!("chorus_reactions_total").increment(1);
                 Ok(ok(Empty {}))
             }
             ClientRequest::RoomSetRole(r) => {

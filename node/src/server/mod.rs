@@ -10,6 +10,7 @@ pub mod connection;
 pub mod control;
 pub mod event_log;
 pub mod quic;
+pub mod reactions;
 pub mod routing;
 pub mod session;
 pub mod voice;
@@ -103,6 +104,8 @@ pub struct Node {
     admin_token: String,
     mirrors: routing::RoomMirrors,
     durable: routing::DurableStates,
+    /// Reactions counted here, waiting for their batch to the owners.
+    reactions: reactions::ReactionBatcher,
     /// Rooms' event logs (set once at start).
     event_log: std::sync::OnceLock<Arc<event_log::NodeEventLog>>,
     /// Ownership epochs of the rooms this node activated.
@@ -457,6 +460,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         mirrors: routing::RoomMirrors::default(),
         durable,
         event_log: std::sync::OnceLock::new(),
+        reactions: reactions::ReactionBatcher::default(),
         owned_epochs: std::sync::Mutex::new(std::collections::HashMap::new()),
         relays: std::sync::Mutex::new(std::collections::HashMap::new()),
         this: this.clone(),
@@ -494,6 +498,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     tracker.spawn(sweep_sessions(node.clone()));
     tokio::spawn(routing::follow_ring(Arc::downgrade(&node)));
     tokio::spawn(routing::expire_rooms(Arc::downgrade(&node)));
+    tokio::spawn(reactions::send_batches(Arc::downgrade(&node)));
     if let Some(repairs) = node.sessions.take_repairs() {
         tokio::spawn(routing::repair_gaps(Arc::downgrade(&node), repairs));
     }

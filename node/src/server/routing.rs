@@ -96,11 +96,6 @@ pub enum RoomOp {
         /// Text.
         text: String,
     },
-    /// React.
-    React {
-        /// Emoji.
-        emoji: String,
-    },
     /// Start (host only).
     Start {
         /// Who asks.
@@ -686,6 +681,14 @@ pub enum NodeMessage {
         /// The new owner's epoch.
         epoch: u64,
     },
+    /// Reactions an edge counted for `room_id`, which this node owns (answered with
+    /// `Ok(Done)`).
+    ReactBatch {
+        /// Room.
+        room_id: String,
+        /// Count per emoji.
+        counts: std::collections::BTreeMap<String, u64>,
+    },
     /// The room ended: hand over (and remove) this node's part of its event log, in
     /// order (answered with a `Vec<LoggedEvent>`).
     LogTake {
@@ -1084,10 +1087,7 @@ impl Node {
         op: RoomOp,
     ) -> Result<RoomOpReply, ErrorBody> {
         let result = self.room_op_once(session, room_id, op.clone()).await;
-        let rejoin = matches!(
-            op,
-            RoomOp::Comment { .. } | RoomOp::React { .. } | RoomOp::Vote { .. }
-        );
+        let rejoin = matches!(op, RoomOp::Comment { .. } | RoomOp::Vote { .. });
         match result {
             Err(error)
                 if rejoin
@@ -1473,7 +1473,7 @@ impl Node {
     /// if needed. A node that has just joined may not have applied the room's definition
     /// yet: "not found" is only believed after the metadata stops changing for a moment
     /// (at most [`DEFINITION_SETTLE_MS`]).
-    async fn activate(&self, room_id: &str) -> Result<ActorRef<RoomMsg>, ErrorBody> {
+    pub(crate) async fn activate(&self, room_id: &str) -> Result<ActorRef<RoomMsg>, ErrorBody> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(DEFINITION_SETTLE_MS);
         let mut metadata = self.cluster.subscribe_metadata();
         loop {
@@ -1543,16 +1543,6 @@ impl Node {
                 .await?
                 .map_err(room_error)?,
             ),
-            RoomOp::React { emoji } => {
-                ask(&actor, |reply| RoomMsg::React {
-                    member,
-                    emoji,
-                    reply,
-                })
-                .await?
-                .map_err(room_error)?;
-                RoomOpReply::Done
-            }
             RoomOp::Start { user } => {
                 ask(&actor, |reply| RoomMsg::Start { user, reply })
                     .await?
@@ -1967,6 +1957,10 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                             format!("votes for {room_id:?} follow revision {base_revision}, which this node does not hold"),
                         ))),
                     }
+                }
+                Ok(NodeMessage::ReactBatch { room_id, counts }) => {
+                    node.react_batch_here(&room_id, counts).await;
+                    encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
                 }
                 Ok(NodeMessage::LogTake { room_id }) => encode(
                     &node
