@@ -831,3 +831,89 @@ async fn polls_take_one_vote_per_user_push_tallies_at_a_bounded_rate_and_close_w
     assert_eq!(joined.polls.len(), 1);
     assert_eq!(joined.polls[0].tallies, vec![21, 21]);
 }
+
+/// R6 comments and R7 reactions over sockets: what breaks a rule is refused with its code
+/// and changes nothing; a joiner gets the last comments; reactions reach every member
+/// aggregated.
+#[tokio::test]
+async fn comments_and_reactions_refuse_what_breaks_the_rules() {
+    use chorus_protocol::RoomReactRequest;
+    // The default comment limits: 500 characters, 5 per second with a burst of 10.
+    let node = TestNode::start(UNTHROTTLED).await;
+    let host = node.client(&node.ws_url(), "host").await;
+    let room = create_room(&host, "rules").await;
+    join(&host, &room).await;
+    let mut ann = node.client(&node.quic_url(), "ann").await;
+    join(&ann, &room).await;
+    let outsider = node.client(&node.ws_url(), "outsider").await;
+
+    let comment = |text: String| RoomCommentRequest {
+        room_id: room.clone(),
+        text,
+    };
+    assert_eq!(
+        refusal(outsider.request(comment("hi".into())).await),
+        ErrorCode::NotInRoom
+    );
+    assert_eq!(
+        refusal(host.request(comment("   ".into())).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        refusal(host.request(comment("x".repeat(501))).await),
+        ErrorCode::InvalidArgument
+    );
+    // A burst beyond the per-user rate is refused.
+    let mut accepted = 0;
+    let mut limited = 0;
+    for i in 0..30 {
+        match host.request(comment(format!("burst {i}"))).await {
+            Ok(_) => accepted += 1,
+            Err(error) => {
+                assert_eq!(refusal::<()>(Err(error)), ErrorCode::RateLimited);
+                limited += 1;
+            }
+        }
+    }
+    assert!(
+        limited > 0 && accepted >= 10,
+        "{accepted} accepted, {limited} limited"
+    );
+    // Only what was accepted was delivered, in order.
+    let got = common::collect_comments(&mut ann, &room, accepted).await;
+    let ids: Vec<u64> = got.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, (1..=accepted as u64).collect::<Vec<_>>());
+
+    let react = |emoji: &str| RoomReactRequest {
+        room_id: room.clone(),
+        emoji: emoji.into(),
+    };
+    assert_eq!(
+        refusal(outsider.request(react("👏")).await),
+        ErrorCode::NotInRoom
+    );
+    assert_eq!(
+        refusal(ann.request(react("")).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        refusal(ann.request(react(&"👏".repeat(5))).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        refusal(ann.request(react("a\u{7}")).await),
+        ErrorCode::InvalidArgument
+    );
+    for _ in 0..5 {
+        ann.request(react("🔥")).await.expect("react");
+    }
+    let mut total = 0;
+    while total < 5 {
+        total += expect_event(&mut ann, "the reactions", |event| match event {
+            Event::Reactions(r) => Some(r.counts.get("🔥").copied().unwrap_or(0)),
+            _ => None,
+        })
+        .await;
+    }
+    assert_eq!(total, 5, "every accepted reaction counted once");
+}
