@@ -266,8 +266,8 @@ pub enum ClientCommand {
     Members {
         /// Room id.
         room: String,
-        /// Start after this user id (the previous page's `next`).
-        #[arg(long)]
+        /// Start after this user id: the previous page's `next` (also `--page`).
+        #[arg(long, alias = "page")]
         after: Option<String>,
         /// Users per page, 1-100.
         #[arg(long)]
