@@ -1000,14 +1000,7 @@ impl<M: Clone + Ord> RoomCore<M> {
         question: &str,
         options: &[String],
     ) -> Result<PollInfo, RoomError> {
-        self.refuse_if_ended()?;
-        if !self.users.contains_key(by) {
-            return Err(RoomError::NotInRoom);
-        }
-        self.refuse_unless(
-            self.role_of(by) <= Role::Moderator,
-            "only the host and moderators create polls",
-        )?;
+        self.refuse_unless_moderating(by, "create polls")?;
         let poll_id = self
             .polls
             .create(&self.config.polls, now_ms, by, question, options)
@@ -1079,14 +1072,7 @@ impl<M: Clone + Ord> RoomCore<M> {
         by: &str,
         poll_id: u64,
     ) -> Result<PollInfo, RoomError> {
-        self.refuse_if_ended()?;
-        if !self.users.contains_key(by) {
-            return Err(RoomError::NotInRoom);
-        }
-        self.refuse_unless(
-            self.role_of(by) <= Role::Moderator,
-            "only the host and moderators close polls",
-        )?;
+        self.refuse_unless_moderating(by, "close polls")?;
         let closed = self.polls.close(now_ms, poll_id).map_err(poll_error)?;
         let info = if closed {
             self.revision += 1;
@@ -1581,6 +1567,19 @@ impl<M: Clone + Ord> RoomCore<M> {
         }
         self.broadcast_stage(StageAction::RoleChanged, user, by, Some(role));
         Ok(true)
+    }
+
+    /// Refuses unless the room is live or scheduled, `by` is in it, and is the host or a
+    /// moderator (who alone may `action`).
+    fn refuse_unless_moderating(&self, by: &str, action: &str) -> Result<(), RoomError> {
+        self.refuse_if_ended()?;
+        if !self.users.contains_key(by) {
+            return Err(RoomError::NotInRoom);
+        }
+        self.refuse_unless(
+            self.role_of(by) <= Role::Moderator,
+            &format!("only the host and moderators {action}"),
+        )
     }
 
     fn refuse_unless(&self, allowed: bool, why: &str) -> Result<(), RoomError> {

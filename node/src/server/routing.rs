@@ -400,6 +400,30 @@ pub struct NodeReplicator {
     pub node: Weak<Node>,
 }
 
+/// The nodes a room's state is replicated to, in order of preference: the ring's next
+/// owners of the room's key after this node (at most [`REPLICA_CANDIDATES_MAX`]).
+fn replica_candidates(node: &Node, room_id: &str) -> Vec<NodeId> {
+    let self_id = node.cluster.node_id();
+    node.cluster
+        .ring()
+        .map(|ring| ring.owners_n(&room_key(room_id), REPLICA_CANDIDATES_MAX + 1))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|id| *id != self_id)
+        .take(REPLICA_CANDIDATES_MAX)
+        .collect()
+}
+
+/// The ownership epoch of `room_id` committed in this node's metadata (0 if none).
+fn committed_epoch(node: &Node, room_id: &str) -> u64 {
+    node.cluster
+        .metadata()
+        .owners
+        .get(&room_key(room_id))
+        .map(|o| o.epoch)
+        .unwrap_or(0)
+}
+
 impl NodeReplicator {
     async fn replicate_to_others(
         node: &Node,
@@ -416,16 +440,7 @@ impl NodeReplicator {
         if epoch < fence {
             return Err(stale(fence));
         }
-        let self_id = node.cluster.node_id();
-        let candidates: Vec<NodeId> = node
-            .cluster
-            .ring()
-            .map(|ring| ring.owners_n(&room_key(room_id), REPLICA_CANDIDATES_MAX + 1))
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|id| *id != self_id)
-            .take(REPLICA_CANDIDATES_MAX)
-            .collect();
+        let candidates = replica_candidates(node, room_id);
         if candidates.is_empty() {
             // No other node exists: this node's copy is all there can be.
             return node.durable.keep(room_id, epoch, durable).map_err(stale);
@@ -479,16 +494,7 @@ impl NodeReplicator {
         revision: u64,
         votes: Vec<chorus_actors::polls::VoteRecord>,
     ) -> Result<(), DirectoryError> {
-        let self_id = node.cluster.node_id();
-        let candidates: Vec<NodeId> = node
-            .cluster
-            .ring()
-            .map(|ring| ring.owners_n(&room_key(room_id), REPLICA_CANDIDATES_MAX + 1))
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|id| *id != self_id)
-            .take(REPLICA_CANDIDATES_MAX)
-            .collect();
+        let candidates = replica_candidates(node, room_id);
         let refused = |why: String| DirectoryError::Replication(why);
         let apply_here = || {
             node.durable
@@ -1906,13 +1912,7 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                 }) => {
                     // Fenced twice: by the epochs this node has seen, and by the committed
                     // ownership in its metadata.
-                    let committed = node
-                        .cluster
-                        .metadata()
-                        .owners
-                        .get(&room_key(&room_id))
-                        .map(|o| o.epoch)
-                        .unwrap_or(0);
+                    let committed = committed_epoch(&node, &room_id);
                     let kept = if epoch < committed {
                         Err(committed)
                     } else {
@@ -1933,13 +1933,7 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                     revision,
                     votes,
                 }) => {
-                    let committed = node
-                        .cluster
-                        .metadata()
-                        .owners
-                        .get(&room_key(&room_id))
-                        .map(|o| o.epoch)
-                        .unwrap_or(0);
+                    let committed = committed_epoch(&node, &room_id);
                     let applied = if epoch < committed {
                         Err(VotesRefused::Stale(committed))
                     } else {
