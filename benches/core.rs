@@ -1,5 +1,6 @@
 //! In-process benchmarks of the hot paths: frame decoding, notification framing for
-//! fan-out, and the room core ordering a comment for a large room.
+//! fan-out, the room core ordering a comment for a large room, and the red-packet pool
+//! core serving grabs (every timed grab granted).
 //!
 //! Run: `cargo bench --bench core`.
 
@@ -88,5 +89,52 @@ fn room_comment(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decoding, framing, room_comment);
+/// The red-packet pool core serving grabs (SPEC Q7): one granted grab each for distinct
+/// users, and the split of a rain of a million packets.
+fn rain_grab(c: &mut Criterion) {
+    use chorus_actors::rain::{split, RainDefinition, RainPool};
+    let definition = RainDefinition {
+        rain_id: "rain-bench".into(),
+        room_id: "r-bench".into(),
+        creator: "boss".into(),
+        total_cents: 100_000_000,
+        count: 1_000_000,
+        start_ms: 0,
+        duration_ms: u64::MAX / 2,
+        cap_per_user: 3,
+        seed: 7,
+    };
+    let mut group = c.benchmark_group("rain");
+    group.throughput(Throughput::Elements(1));
+    let users: Vec<String> = (0..1_000_000).map(|i| format!("user-{i}")).collect();
+    // Every timed grab is granted: a fresh pool (untimed) for each million grabs.
+    group.bench_function("grab", |b| {
+        b.iter_custom(|iters| {
+            let mut elapsed = std::time::Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let n = left.min(users.len() as u64);
+                let mut rain = definition.clone();
+                rain.count = n as u32;
+                rain.total_cents = n * 100;
+                let mut pool = RainPool::create(rain, u32::MAX, 0).expect("rain");
+                let started = std::time::Instant::now();
+                for user in &users[..n as usize] {
+                    black_box(pool.grab(1, user, "req-1"));
+                }
+                elapsed += started.elapsed();
+                left -= n;
+            }
+            elapsed
+        })
+    });
+    group.throughput(Throughput::Elements(u64::from(definition.count)));
+    group.sample_size(10);
+    group.bench_function("split_1m_packets", |b| {
+        b.iter(|| black_box(split(definition.total_cents, definition.count, 7).expect("split")))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decoding, framing, room_comment, rain_grab);
 criterion_main!(benches);
