@@ -170,5 +170,34 @@ async fn the_stage_is_run_from_the_cli() {
     run(&node, "bob", &["say", &room, "let me in"], false).await;
     run(&node, "alice", &["unblock", &room, "bob"], true).await;
     run(&node, "bob", &["say", &room, "thanks"], true).await;
+
+    // Polls (R8): only moderators create and close; members vote.
+    run(
+        &node,
+        "bob",
+        &["poll-create", &room, "Again?", "yes", "no"],
+        false,
+    )
+    .await;
+    let created = run(
+        &node,
+        "alice",
+        &["poll-create", &room, "Again?", "yes", "no"],
+        true,
+    )
+    .await;
+    let poll = created
+        .iter()
+        .find_map(|l| l["poll_id"].as_u64().filter(|_| l["question"] == "Again?"))
+        .expect("the poll")
+        .to_string();
+    run(&node, "bob", &["vote", &room, &poll, "0"], true).await;
+    run(&node, "carol", &["vote", &room, &poll, "7"], false).await;
+    let closed = run(&node, "alice", &["poll-close", &room, &poll], true).await;
+    let result = closed
+        .iter()
+        .find(|l| l["state"] == "closed" && l["poll_id"].is_u64())
+        .expect("the final result");
+    assert_eq!(result["tallies"], serde_json::json!([1, 0]), "{result}");
     let _ = bob.kill().await;
 }
