@@ -7,6 +7,7 @@
 //! [`totals`] (R10's running totals) and [`store`] (durable definitions in sled).
 
 pub mod polls;
+pub mod quiz;
 pub mod rain;
 pub mod rate;
 pub mod room;

@@ -11,6 +11,7 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod messages;
+pub mod sealed;
 
 pub use error::{ErrorBody, ErrorCode, ProtocolError};
 pub use frame::{
