@@ -6,6 +6,7 @@
 //! ractor shell and the directory of rooms), [`session`] (resume and per-connection rules)
 //! [`totals`] (R10's running totals) and [`store`] (durable definitions in sled).
 
+pub mod bullets;
 pub mod polls;
 pub mod quiz;
 pub mod rain;
