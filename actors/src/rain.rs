@@ -211,10 +211,41 @@ pub struct RainState {
     pub refunded_cents: Option<u64>,
 }
 
+/// Grants that do not follow the held state (a replica behind or ahead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("grants from {from} do not follow the {held} held")]
+pub struct GrantsOutOfStep {
+    /// The index of the first grant sent.
+    pub from: usize,
+    /// Grants held.
+    pub held: usize,
+}
+
+impl RainState {
+    /// Applies grants replicated from the owner: `grants` are the owner's grants from
+    /// index `from` on. Grants already held are skipped (a repeated delivery); a gap
+    /// refuses the whole batch (the owner then sends its whole state).
+    ///
+    /// # Errors
+    ///
+    /// [`GrantsOutOfStep`] when `from` is beyond the grants held.
+    pub fn apply_grants(&mut self, from: usize, grants: &[Grant]) -> Result<(), GrantsOutOfStep> {
+        let held = self.grants.len();
+        if from > held {
+            return Err(GrantsOutOfStep { from, held });
+        }
+        let skip = held - from;
+        self.grants.extend(grants.iter().skip(skip).cloned());
+        Ok(())
+    }
+}
+
 /// Serves one rain's grabs. See the module docs.
 #[derive(Debug, Clone)]
 pub struct RainPool {
     state: RainState,
+    /// Grants not yet replicated start at this index.
+    replicated: usize,
     /// (user, request id) → grant index.
     by_request: HashMap<(String, String), usize>,
     /// Packets per user.
@@ -257,6 +288,7 @@ impl RainPool {
         }
         let rate = grabs_per_sec.max(1);
         RainPool {
+            replicated: state.grants.len(),
             state,
             by_request,
             per_user,
@@ -336,6 +368,14 @@ impl RainPool {
     /// The durable state.
     pub fn state(&self) -> &RainState {
         &self.state
+    }
+
+    /// The grants made since the last call, with the index of the first: what must reach
+    /// another node before those grabs are answered.
+    pub fn take_grant_delta(&mut self) -> (usize, Vec<Grant>) {
+        let from = self.replicated;
+        self.replicated = self.state.grants.len();
+        (from, self.state.grants[from..].to_vec())
     }
 
     /// Cents granted so far.
@@ -581,6 +621,33 @@ mod tests {
             pool.grab(2_100, "new", "x")
         );
         assert_eq!(restored.state(), pool.state());
+    }
+
+    #[test]
+    fn a_replica_follows_the_owner_by_grant_deltas() {
+        let mut owner = RainPool::create(rain(10_000, 100, 3), 1_000, 0).expect("rain");
+        let mut replica = owner.state().clone();
+        for round in 0..5 {
+            for i in 0..7 {
+                owner.grab(2_000, &format!("u{round}-{i}"), "x");
+            }
+            let (from, grants) = owner.take_grant_delta();
+            replica.apply_grants(from, &grants).expect("in step");
+            // A repeated delivery changes nothing.
+            replica.apply_grants(from, &grants).expect("repeat");
+        }
+        assert_eq!(&replica, owner.state());
+        assert_eq!(
+            replica.apply_grants(replica.grants.len() + 1, &[]),
+            Err(GrantsOutOfStep { from: 36, held: 35 })
+        );
+        // The replica, restored as the next owner, continues exactly.
+        let mut next = RainPool::restore(replica, 1_000, 3_000);
+        assert_eq!(
+            next.grab(3_000, "u0-0", "x"),
+            owner.grab(3_000, "u0-0", "x")
+        );
+        assert!(audit(next.state(), &[]).ok);
     }
 
     #[test]
