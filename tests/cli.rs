@@ -201,3 +201,114 @@ async fn the_stage_is_run_from_the_cli() {
     assert_eq!(result["tallies"], serde_json::json!([1, 0]), "{result}");
     let _ = bob.kill().await;
 }
+
+/// Runs `chorus admin --url http://NODE ARGS…`; returns (success, stdout, stderr).
+async fn admin(node: &TestNode, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["admin", "--url", &format!("http://{}", node.http)])
+        .args(args)
+        .output()
+        .await
+        .expect("run chorus admin");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Q7: an operator creates a red-packet rain in a room; its definition (with the seed of
+/// its split) is committed, and its split sums to the total; bad rains are refused.
+#[tokio::test]
+async fn an_operator_creates_a_rain_whose_split_sums_to_the_total() {
+    let node = TestNode::start(&[]).await;
+    let created = run(&node, "alice", &["create-room", "Rain room"], true).await;
+    let room = created[0]["room_id"].as_str().expect("room_id").to_string();
+    let (ok, stdout, stderr) = admin(
+        &node,
+        &[
+            "rain",
+            "create",
+            "--room",
+            &room,
+            "--total",
+            "10000",
+            "--count",
+            "250",
+            "--start-in",
+            "5",
+            "--duration",
+            "30",
+        ],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let rain: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
+    let rain_id = rain["rain_id"].as_str().expect("rain_id").to_string();
+    assert_eq!(rain["creator"], "alice", "the room's host pays");
+    assert_eq!(rain["cap"], 3);
+    assert_eq!(
+        rain["end_ms"].as_u64().expect("end") - rain["start_ms"].as_u64().expect("start"),
+        30_000
+    );
+    let (ok, stdout, stderr) = admin(&node, &["rain", "status", &rain_id]).await;
+    assert!(ok, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
+    assert_eq!(status["total"], 10_000);
+    assert_eq!(status["count"], 250);
+    assert_eq!(status["split_sum"], 10_000, "the split is exact");
+    assert!(status["smallest"].as_u64().expect("smallest") >= 1);
+
+    for bad in [
+        vec![
+            "--room",
+            room.as_str(),
+            "--total",
+            "10",
+            "--count",
+            "11",
+            "--duration",
+            "5",
+        ],
+        vec![
+            "--room",
+            "r-nope",
+            "--total",
+            "100",
+            "--count",
+            "5",
+            "--duration",
+            "5",
+        ],
+        vec![
+            "--room",
+            room.as_str(),
+            "--total",
+            "100",
+            "--count",
+            "5",
+            "--duration",
+            "-1",
+        ],
+        vec![
+            "--room",
+            room.as_str(),
+            "--total",
+            "100",
+            "--count",
+            "5",
+            "--cap",
+            "0",
+            "--duration",
+            "5",
+        ],
+    ] {
+        let mut args = vec!["rain", "create"];
+        args.extend(bad.iter().copied());
+        let (ok, _, stderr) = admin(&node, &args).await;
+        assert!(!ok, "{bad:?} was accepted");
+        assert!(!stderr.trim().is_empty(), "a refusal says why");
+    }
+    let (ok, _, _) = admin(&node, &["rain", "status", "rain-unknown"]).await;
+    assert!(!ok);
+}

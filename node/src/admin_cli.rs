@@ -52,6 +52,53 @@ pub enum AdminCommand {
         /// Member id.
         node: u64,
     },
+    /// Red-packet rains (SPEC Q7).
+    Rain {
+        /// What to do.
+        #[command(subcommand)]
+        command: RainCommand,
+    },
+}
+
+/// `chorus admin rain` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RainCommand {
+    /// Create a rain in a room; prints `{"rain_id": …}`. The amounts are split now
+    /// (random, each at least 1 cent, summing to the total) from a seed stored with it.
+    Create {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// Cents in all.
+        #[arg(long)]
+        total: u64,
+        /// Packets.
+        #[arg(long)]
+        count: u64,
+        /// Packets one user may get.
+        #[arg(long, default_value_t = 3)]
+        cap: u64,
+        /// Seconds until it opens.
+        #[arg(long, default_value_t = 0.0)]
+        start_in: f64,
+        /// Seconds it stays open.
+        #[arg(long)]
+        duration: f64,
+    },
+    /// A rain's definition and split totals.
+    Status {
+        /// The rain id.
+        rain: String,
+    },
+}
+
+/// Seconds as whole milliseconds; refuses negative, infinite or NaN values.
+fn secs_to_ms(what: &str, secs: f64) -> anyhow::Result<u64> {
+    anyhow::ensure!(
+        secs.is_finite() && (0.0..=86_400.0 * 365.0).contains(&secs),
+        "{what} must be a number of seconds between 0 and a year, not {secs}"
+    );
+    Ok((secs * 1000.0).round() as u64)
 }
 
 /// `chorus ca` subcommands.
@@ -153,6 +200,41 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Remove { node } => {
             (hyper::Method::POST, format!("/admin/remove?node={node}"))
         }
+        AdminCommand::Rain {
+            command:
+                RainCommand::Create {
+                    room,
+                    total,
+                    count,
+                    cap,
+                    start_in,
+                    duration,
+                },
+        } => {
+            anyhow::ensure!(
+                room.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "--room must be a room id (letters, digits, - and _)"
+            );
+            let start_in_ms = secs_to_ms("--start-in", *start_in)?;
+            let duration_ms = secs_to_ms("--duration", *duration)?;
+            (
+                hyper::Method::POST,
+                format!(
+                    "/admin/rain?room={room}&total={total}&count={count}&cap={cap}&start_in_ms={start_in_ms}&duration_ms={duration_ms}"
+                ),
+            )
+        }
+        AdminCommand::Rain {
+            command: RainCommand::Status { rain },
+        } => {
+            anyhow::ensure!(
+                rain.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "the rain id has letters, digits, - and _ only"
+            );
+            (hyper::Method::GET, format!("/admin/rain?id={rain}"))
+        }
     };
     let body = call(&args.url, &args.token, method, &path).await?;
     if args.json {
@@ -177,6 +259,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Nodes => print_members(&body),
         AdminCommand::Drain { node } => println!("draining node {node}; watch `status`"),
         AdminCommand::Remove { node } => println!("removing node {node}; watch `status`"),
+        // A rain is data for scripts: JSON either way.
+        AdminCommand::Rain { .. } => println!("{body}"),
         AdminCommand::Where { .. } => println!(
             "{} → node {} ({}) at ring epoch {}",
             body["key"].as_str().unwrap_or("?"),

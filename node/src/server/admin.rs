@@ -6,6 +6,10 @@
 //! - `GET /admin/nodes`: the members.
 //! - `GET /admin/where?key=KEY`: the owner of an actor key on this node's ring (a bare
 //!   room id `r-…` means `room/r-…`).
+//! - `POST /admin/rain?room=R&total=CENTS&count=N&duration_ms=MS[&cap=3][&start_in_ms=MS]`:
+//!   create a red-packet rain (SPEC Q7): its definition, with the seed of its split, is
+//!   committed in Raft; answers `{rain_id, …}`.
+//! - `GET /admin/rain?id=ID`: a rain's definition and split totals.
 
 use std::sync::Arc;
 
@@ -51,6 +55,140 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .filter_map(|pair| pair.split_once('='))
         .find(|(key, _)| *key == name)
         .map(|(_, value)| value)
+}
+
+/// The ring and definition key of a rain id.
+pub fn rain_key(rain_id: &str) -> String {
+    format!("rain/{rain_id}")
+}
+
+fn bad_request(why: impl Into<String>) -> HttpResponse {
+    json(
+        StatusCode::BAD_REQUEST,
+        &serde_json::json!({"error": why.into()}),
+    )
+}
+
+/// Answers an admin request, the ones that wait for Raft included (rains); the rest as
+/// [`route`].
+pub async fn route_async<B>(node: &Arc<Node>, request: &Request<B>) -> HttpResponse {
+    if request.uri().path() != "/admin/rain" || !authorized(node, request) {
+        return route(node, request);
+    }
+    let query = request.uri().query().unwrap_or("");
+    if request.method() == hyper::Method::POST {
+        create_rain(node, query).await
+    } else {
+        rain_status(node, query)
+    }
+}
+
+async fn create_rain(node: &Arc<Node>, query: &str) -> HttpResponse {
+    let number = |name: &str| query_param(query, name).map(str::parse::<u64>);
+    let (Some(room), Some(Ok(total)), Some(Ok(count)), Some(Ok(duration_ms))) = (
+        query_param(query, "room").filter(|r| !r.is_empty()),
+        number("total"),
+        number("count"),
+        number("duration_ms"),
+    ) else {
+        return bad_request("give room, total (cents), count and duration_ms as numbers");
+    };
+    let cap = match number("cap") {
+        None => 3,
+        Some(Ok(cap)) => cap,
+        Some(Err(_)) => return bad_request("cap must be a number"),
+    };
+    let start_in_ms = match number("start_in_ms") {
+        None => 0,
+        Some(Ok(ms)) => ms,
+        Some(Err(_)) => return bad_request("start_in_ms must be a number"),
+    };
+    let metadata = node.cluster.metadata();
+    let Some(room_definition) = metadata
+        .definitions
+        .get(&room_key(room))
+        .and_then(|bytes| rmp_serde::from_slice::<chorus_actors::room::RoomDefinition>(bytes).ok())
+    else {
+        return json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": format!("no room {room:?}")}),
+        );
+    };
+    if room_definition.state == chorus_protocol::RoomState::Ended {
+        return bad_request(format!("room {room:?} has ended"));
+    }
+    let definition = chorus_actors::rain::RainDefinition {
+        rain_id: super::session::random_id("rain-"),
+        room_id: room.to_string(),
+        creator: room_definition.host.clone(),
+        total_cents: total,
+        count: u32::try_from(count).unwrap_or(u32::MAX),
+        start_ms: chorus_actors::room_actor::unix_now_ms().saturating_add(start_in_ms),
+        duration_ms,
+        cap_per_user: u32::try_from(cap).unwrap_or(u32::MAX),
+        seed: rand::random(),
+    };
+    if let Err(error) = definition.validate() {
+        return bad_request(error.to_string());
+    }
+    let value = match rmp_serde::to_vec_named(&definition) {
+        Ok(value) => value,
+        Err(error) => return bad_request(error.to_string()),
+    };
+    let command = chorus_cluster::metadata::MetadataCommand::PutDefinition {
+        key: rain_key(&definition.rain_id),
+        value,
+    };
+    match node.cluster.write(command).await {
+        Ok(chorus_cluster::metadata::MetadataResponse::Ok) => {
+            json(StatusCode::OK, &rain_json(&definition))
+        }
+        Ok(other) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": format!("not committed: {other:?}")}),
+        ),
+        Err(error) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": format!("not committed: {error}")}),
+        ),
+    }
+}
+
+fn rain_json(definition: &chorus_actors::rain::RainDefinition) -> serde_json::Value {
+    let split =
+        chorus_actors::rain::split(definition.total_cents, definition.count, definition.seed)
+            .unwrap_or_default();
+    serde_json::json!({
+        "rain_id": definition.rain_id,
+        "room_id": definition.room_id,
+        "creator": definition.creator,
+        "total": definition.total_cents,
+        "count": definition.count,
+        "cap": definition.cap_per_user,
+        "start_ms": definition.start_ms,
+        "end_ms": definition.end_ms(),
+        "split_sum": split.iter().sum::<u64>(),
+        "smallest": split.iter().min(),
+        "largest": split.iter().max(),
+    })
+}
+
+fn rain_status(node: &Arc<Node>, query: &str) -> HttpResponse {
+    let Some(rain_id) = query_param(query, "id").filter(|id| !id.is_empty()) else {
+        return bad_request("missing ?id=");
+    };
+    let metadata = node.cluster.metadata();
+    match metadata
+        .definitions
+        .get(&rain_key(rain_id))
+        .and_then(|bytes| rmp_serde::from_slice::<chorus_actors::rain::RainDefinition>(bytes).ok())
+    {
+        Some(definition) => json(StatusCode::OK, &rain_json(&definition)),
+        None => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": format!("no rain {rain_id:?}")}),
+        ),
+    }
 }
 
 /// Answers an admin request (drain and remove run in the background and answer at once

@@ -647,7 +647,7 @@ async fn accept_http(node: Arc<Node>, listener: TcpListener, tracker: TaskTracke
             let service = hyper::service::service_fn(move |request| {
                 let node = node.clone();
                 let tracker = conn_tracker.clone();
-                async move { Ok::<_, Infallible>(route(node, tracker, request)) }
+                async move { Ok::<_, Infallible>(route(node, tracker, request).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -667,7 +667,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> HttpResponse {
     response
 }
 
-fn route(node: Arc<Node>, tracker: TaskTracker, request: Request<Incoming>) -> HttpResponse {
+async fn route(node: Arc<Node>, tracker: TaskTracker, request: Request<Incoming>) -> HttpResponse {
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => {
             if node.shutdown.is_cancelled() {
@@ -686,7 +686,7 @@ fn route(node: Arc<Node>, tracker: TaskTracker, request: Request<Incoming>) -> H
         }
         (&Method::GET, "/ws") => upgrade(node, tracker, request, false),
         (&Method::GET, "/ws/echo") => upgrade(node, tracker, request, true),
-        (_, path) if path.starts_with("/admin/") => admin::route(&node, &request),
+        (_, path) if path.starts_with("/admin/") => admin::route_async(&node, &request).await,
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
