@@ -1082,7 +1082,12 @@ async fn sender(
     in_flight.abort_all();
     drop(in_flight);
     drop(finished);
-    // Keep draining until the run stops, so the server never sees a slow consumer.
+    drain_then_close(client, &stop).await;
+}
+
+/// Reads (and drops) the client's events until the run stops, so the server never sees
+/// a slow consumer; then closes it.
+async fn drain_then_close(mut client: Client, stop: &CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,

@@ -145,13 +145,7 @@ pub(super) async fn speaker(
         }
     }
     drop(finished);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            event = client.next_event() => if event.is_none() { break },
-        }
-    }
-    client.close().await;
+    super::drain_then_close(client, &stop).await;
 }
 
 /// What one listener heard: the last sequence number per speaker (bounded by the
