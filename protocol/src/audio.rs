@@ -153,6 +153,13 @@ pub fn encode_uplink(
     Ok(out.freeze())
 }
 
+/// The size of the downlink frame for a packet of `payload_bytes` from `speaker` in
+/// `room_id` (at most [`AUDIO_FRAME_BYTES_MAX`] may be relayed).
+pub fn downlink_frame_bytes(room_id: &str, speaker: &str, payload_bytes: usize) -> usize {
+    // Marker, kind, two id lengths; sequence, timestamp, level.
+    4 + room_id.len() + speaker.len() + 9 + payload_bytes
+}
+
 /// Encodes a relayed packet with its speaker (kind [`AudioKind::Downlink`]).
 ///
 /// # Errors
@@ -163,7 +170,7 @@ pub fn encode_frame(frame: &AudioFrame) -> Result<Bytes, ProtocolError> {
     let speaker_len = check_id("speaker", &frame.speaker)?;
     check_payload(&frame.payload)?;
     check_level(frame.header.level)?;
-    let size = 4 + frame.room_id.len() + frame.speaker.len() + 9 + frame.payload.len();
+    let size = downlink_frame_bytes(&frame.room_id, &frame.speaker, frame.payload.len());
     if size > AUDIO_FRAME_BYTES_MAX {
         return Err(bad(format!(
             "audio frame of {size} bytes exceeds {AUDIO_FRAME_BYTES_MAX}"

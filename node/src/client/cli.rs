@@ -545,7 +545,11 @@ where
     Ok(())
 }
 
-async fn join_once(client: &mut Client, room: &str) -> anyhow::Result<()> {
+/// Joins `room` and prints the answer; returns it.
+async fn join_once(
+    client: &mut Client,
+    room: &str,
+) -> anyhow::Result<chorus_protocol::RoomJoinResponse> {
     let response = client
         .request(RoomRef {
             room_id: room.to_string(),
@@ -553,7 +557,7 @@ async fn join_once(client: &mut Client, room: &str) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("room.join {room} failed"))?;
     print_json(&response);
-    Ok(())
+    Ok(response)
 }
 
 /// Parses `--for`.
@@ -656,13 +660,7 @@ const SPEECH_LEVEL: u8 = 30;
 /// `speak`: joins, sends the file's packets in real time, leaves.
 async fn speak(client: &mut Client, room: &str, path: &std::path::Path) -> anyhow::Result<()> {
     let file = OpusFile::read(path)?;
-    let joined = client
-        .request(RoomRef {
-            room_id: room.to_string(),
-        })
-        .await
-        .with_context(|| format!("room.join {room} failed"))?;
-    print_json(&joined);
+    let joined = join_once(client, room).await?;
     if joined.role == Role::Listener {
         anyhow::bail!(
             "you are a listener in {room}: only the host, moderators and speakers are heard \

@@ -368,8 +368,11 @@ impl Connection {
                 return;
             }
         };
-        let downlink_bytes =
-            4 + uplink.room_id.len() + session.user_id.len() + 9 + uplink.payload.len();
+        let downlink_bytes = chorus_protocol::audio::downlink_frame_bytes(
+            &uplink.room_id,
+            &session.user_id,
+            uplink.payload.len(),
+        );
         if downlink_bytes > chorus_protocol::audio::AUDIO_FRAME_BYTES_MAX {
             metrics::counter!("chorus_audio_dropped_total", "reason" => "too_large").increment(1);
             self.refuse_audio(

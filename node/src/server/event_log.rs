@@ -122,15 +122,15 @@ impl NodeEventLog {
             .map(|log| log.take(room_id))
             .unwrap_or_default();
         let mut missing = Vec::new();
+        // A member marked down cannot answer: its part is missing without a wait.
+        let live = node.live_peers();
         let self_id = node.cluster.node_id();
-        let others: Vec<u64> = node
-            .cluster
-            .metadata()
-            .nodes
-            .keys()
-            .copied()
-            .filter(|id| *id != self_id)
-            .collect();
+        for peer in node.cluster.metadata().nodes.keys() {
+            if *peer != self_id && !live.contains(peer) {
+                missing.push(format!("node {peer}: down"));
+            }
+        }
+        let others = live;
         let message = encode(&NodeMessage::LogTake {
             room_id: room_id.to_string(),
         });

@@ -145,13 +145,7 @@ impl TransportWriter for QuicWriter {
     }
 
     async fn send_audio(&mut self, frame: Bytes) -> Result<(), String> {
-        // Unreliable: quinn keeps a bounded datagram buffer that drops the oldest. A
-        // datagram the path cannot carry (or a peer that refuses datagrams) loses this
-        // frame only.
-        if let Err(error) = self.connection.send_datagram(frame) {
-            metrics::counter!("chorus_audio_dropped_total", "reason" => "datagram").increment(1);
-            tracing::debug!(%error, "voice datagram not sent");
-        }
+        send_voice_datagram(&self.connection, frame);
         Ok(())
     }
 
@@ -164,6 +158,20 @@ impl TransportWriter for QuicWriter {
         let (code, reason) = reason.unwrap_or((0, String::new()));
         self.connection
             .close(VarInt::from_u32(code as u32), reason.as_bytes());
+    }
+}
+
+/// Sends a voice frame as a datagram; whether it was queued. Unreliable: quinn keeps a
+/// bounded datagram buffer that drops the oldest; a datagram the path cannot carry (or a
+/// peer that refuses datagrams) loses this frame only, counted as dropped.
+pub fn send_voice_datagram(connection: &quinn::Connection, frame: Bytes) -> bool {
+    match connection.send_datagram(frame) {
+        Ok(()) => true,
+        Err(error) => {
+            metrics::counter!("chorus_audio_dropped_total", "reason" => "datagram").increment(1);
+            tracing::debug!(%error, "voice datagram not sent");
+            false
+        }
     }
 }
 

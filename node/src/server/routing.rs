@@ -542,15 +542,7 @@ impl chorus_actors::room_actor::DurableSink for NodeReplicator {
             return;
         };
         node.deliver_to_users(&users, &body);
-        let self_id = node.cluster.node_id();
-        let others: Vec<NodeId> = node
-            .cluster
-            .metadata()
-            .nodes
-            .values()
-            .filter(|n| n.id != self_id && n.state != chorus_cluster::metadata::NodeState::Down)
-            .map(|n| n.id)
-            .collect();
+        let others = node.live_peers();
         for chunk in users.chunks(USER_NOTICE_USERS_MAX) {
             let message = encode(&NodeMessage::NotifyUsers {
                 users: chunk.to_vec(),
@@ -1061,6 +1053,19 @@ pub(crate) fn directory_error(error: DirectoryError) -> ErrorBody {
 }
 
 impl Node {
+    /// The other members not marked `Down`: the nodes a room asks (recovery, notices, log
+    /// parts).
+    pub(crate) fn live_peers(&self) -> Vec<NodeId> {
+        let self_id = self.cluster.node_id();
+        self.cluster
+            .metadata()
+            .nodes
+            .values()
+            .filter(|n| n.id != self_id && n.state != chorus_cluster::metadata::NodeState::Down)
+            .map(|n| n.id)
+            .collect()
+    }
+
     /// The owner of `room_id` on this node's current ring (this node if there is none).
     pub(crate) fn owner_of(&self, room_id: &str) -> NodeId {
         self.cluster
@@ -1349,13 +1354,7 @@ impl Node {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(room_id.to_string(), epoch);
-        let metadata = self.cluster.metadata();
-        let others: Vec<NodeId> = metadata
-            .nodes
-            .values()
-            .filter(|n| n.id != self_id && n.state != chorus_cluster::metadata::NodeState::Down)
-            .map(|n| n.id)
-            .collect();
+        let others = self.live_peers();
         let queries = others.into_iter().map(|node_id| {
             let query = encode(&NodeMessage::Members {
                 room_id: room_id.to_string(),

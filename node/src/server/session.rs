@@ -97,13 +97,8 @@ impl AudioQueue {
     /// QUIC, sends it as a datagram instead.
     pub fn push(&self, frame: Bytes) {
         if let Some(connection) = &self.datagrams {
-            match connection.send_datagram(frame) {
-                Ok(()) => metrics::counter!("chorus_audio_out_total").increment(1),
-                Err(error) => {
-                    metrics::counter!("chorus_audio_dropped_total", "reason" => "datagram")
-                        .increment(1);
-                    tracing::debug!(%error, "voice datagram not sent");
-                }
+            if super::quic::send_voice_datagram(connection, frame) {
+                metrics::counter!("chorus_audio_out_total").increment(1);
             }
             return;
         }
