@@ -354,17 +354,6 @@ impl RainPool {
         unclaimed
     }
 
-    /// The throttle factor pushed to clients at the start: the share of taps a client
-    /// should send, so that `online` clients tapping bring about `count` grabs per
-    /// second's worth of packets (1.0 when there are fewer clients than packets).
-    pub fn throttle_factor(&self, online: u64) -> f64 {
-        let packets = f64::from(self.state.definition.count);
-        if online == 0 {
-            return 1.0;
-        }
-        (packets / online as f64).clamp(0.01, 1.0)
-    }
-
     /// The durable state.
     pub fn state(&self) -> &RainState {
         &self.state
@@ -376,11 +365,6 @@ impl RainPool {
         let from = self.replicated;
         self.replicated = self.state.grants.len();
         (from, self.state.grants[from..].to_vec())
-    }
-
-    /// Cents granted so far.
-    pub fn granted_cents(&self) -> u64 {
-        self.state.grants.iter().map(|g| g.amount).sum()
     }
 }
 

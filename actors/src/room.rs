@@ -510,8 +510,8 @@ pub struct RoomCore<M> {
     vote_delta: Option<Vec<VoteRecord>>,
     /// The revision the vote delta starts from.
     vote_delta_base: u64,
-    /// Polls whose tallies changed since their last push, with that push's time.
-    polls_dirty: BTreeMap<u64, Option<u64>>,
+    /// Polls whose tallies changed since their last push.
+    polls_dirty: BTreeSet<u64>,
     /// When each poll's tallies were last pushed.
     polls_pushed_at_ms: BTreeMap<u64, u64>,
     /// Bumped whenever a member joins or leaves, so the shell can cache what it derives
@@ -546,7 +546,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             polls: Polls::default(),
             vote_delta: Some(Vec::new()),
             vote_delta_base: 0,
-            polls_dirty: BTreeMap::new(),
+            polls_dirty: BTreeSet::new(),
             polls_pushed_at_ms: BTreeMap::new(),
             members_version: 0,
             effects: Vec::new(),
@@ -977,8 +977,8 @@ impl<M: Clone + Ord> RoomCore<M> {
         let voice = self.voice.next_deadline_ms(&self.config.voice);
         let polls = self
             .polls_dirty
-            .values()
-            .map(|pushed| pushed.map_or(0, |at| at + self.config.polls.tally_interval_ms))
+            .iter()
+            .map(|id| self.tally_push_allowed_at_ms(*id))
             .min();
         [reactions, listeners, voice, polls]
             .into_iter()
@@ -1052,9 +1052,7 @@ impl<M: Clone + Ord> RoomCore<M> {
                 self.vote_delta = None;
             }
         }
-        self.polls_dirty
-            .entry(poll_id)
-            .or_insert(self.polls_pushed_at_ms.get(&poll_id).copied());
+        self.polls_dirty.insert(poll_id);
         self.push_due_tallies(now_ms);
         self.checked();
         Ok(true)
@@ -1103,11 +1101,6 @@ impl<M: Clone + Ord> RoomCore<M> {
         self.vote_delta_base = self.revision;
     }
 
-    /// The room's polls.
-    pub fn polls(&self) -> &Polls {
-        &self.polls
-    }
-
     /// Broadcasts a poll now; returns it.
     fn push_poll(&mut self, now_ms: u64, poll_id: u64) -> Option<PollInfo> {
         let info = self
@@ -1122,14 +1115,21 @@ impl<M: Clone + Ord> RoomCore<M> {
         Some(info)
     }
 
+    /// When a poll's tallies may be pushed again: `tally_interval_ms` after the last push
+    /// (at once if never pushed).
+    fn tally_push_allowed_at_ms(&self, poll_id: u64) -> u64 {
+        self.polls_pushed_at_ms
+            .get(&poll_id)
+            .map_or(0, |at| at + self.config.polls.tally_interval_ms)
+    }
+
     /// Pushes the tallies of changed polls whose interval has passed.
     fn push_due_tallies(&mut self, now_ms: u64) {
-        let interval = self.config.polls.tally_interval_ms;
         let due: Vec<u64> = self
             .polls_dirty
             .iter()
-            .filter(|(_, pushed)| pushed.is_none_or(|at| now_ms >= at + interval))
-            .map(|(id, _)| *id)
+            .copied()
+            .filter(|id| now_ms >= self.tally_push_allowed_at_ms(*id))
             .collect();
         for poll_id in due {
             self.push_poll(now_ms, poll_id);

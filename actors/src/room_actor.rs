@@ -160,9 +160,11 @@ impl Member {
     /// A handle that only names `key`, to find the member with that key in a room (members
     /// compare by key); it delivers nowhere.
     pub fn lookup(key: u64) -> Self {
+        // One shared sink: a lookup per voice frame allocates nothing.
+        static NOWHERE: std::sync::OnceLock<Arc<dyn MemberSink>> = std::sync::OnceLock::new();
         Member {
             key,
-            sink: Arc::new(Nowhere),
+            sink: NOWHERE.get_or_init(|| Arc::new(Nowhere)).clone(),
         }
     }
 }
