@@ -322,6 +322,12 @@ pub enum RoomMsg {
         /// Count per emoji.
         counts: std::collections::BTreeMap<String, u64>,
     },
+    /// A notice for every member from a service of the room (a quiz question, a rain
+    /// starting, bullet comments): delivered as is, logged in the event log. No answer.
+    Announce {
+        /// The encoded notification.
+        body: Arc<EncodedBody>,
+    },
     /// Open a poll (R8).
     PollCreate {
         /// Who asks.
@@ -604,6 +610,7 @@ impl Actor for RoomActor {
                     }
                 }
             }
+            RoomMsg::Announce { body } => state.fan_out(&body, true, None),
             RoomMsg::PollCreate {
                 user,
                 question,
@@ -806,7 +813,6 @@ impl RoomShell {
         for effect in self.core.drain_effects() {
             match effect {
                 RoomEffect::Broadcast(event) => {
-                    let started = Instant::now();
                     let body = match event.encode_body() {
                         Ok(body) => Arc::new(body),
                         Err(error) => {
@@ -814,36 +820,7 @@ impl RoomShell {
                             continue;
                         }
                     };
-                    if let (Some(log), false) =
-                        (&self.event_log, matches!(event, Event::Speaking(_)))
-                    {
-                        log.append(
-                            &self.core.definition().room_id,
-                            self.epoch,
-                            unix_now_ms(),
-                            body.kind(),
-                            body.body_bytes(chorus_protocol::Encoding::Json).clone(),
-                        );
-                    }
-                    let mut delivered = 0u64;
-                    // Bounded by the number of nodes.
-                    let mut relayed = std::collections::BTreeSet::new();
-                    let mut deliver = |member: &Member| {
-                        if let Some(group) = member.sink.relay_group() {
-                            if !relayed.insert(group) {
-                                return;
-                            }
-                        }
-                        member.sink.deliver(&body);
-                        delivered += 1;
-                    };
-                    match recipients {
-                        Some(members) => members.iter().for_each(&mut deliver),
-                        None => self.core.members().for_each(&mut deliver),
-                    }
-                    metrics::histogram!("chorus_fanout_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    metrics::counter!("chorus_fanout_deliveries_total").increment(delivered);
+                    self.fan_out(&body, !matches!(event, Event::Speaking(_)), recipients);
                 }
                 RoomEffect::Persist(definition) => {
                     if let Err(error) = self.store.put(&definition).await {
@@ -880,6 +857,40 @@ impl RoomShell {
                 }
             }
         }
+    }
+
+    /// Delivers `body` to `recipients` (else the current members): once to each local
+    /// member and once to each other node with members. `logged` events go to the room's
+    /// event log first.
+    fn fan_out(&self, body: &Arc<EncodedBody>, logged: bool, recipients: Option<&[Member]>) {
+        let started = Instant::now();
+        if let (Some(log), true) = (&self.event_log, logged) {
+            log.append(
+                &self.core.definition().room_id,
+                self.epoch,
+                unix_now_ms(),
+                body.kind(),
+                body.body_bytes(chorus_protocol::Encoding::Json).clone(),
+            );
+        }
+        let mut delivered = 0u64;
+        // Bounded by the number of nodes.
+        let mut relayed = std::collections::BTreeSet::new();
+        let mut deliver = |member: &Member| {
+            if let Some(group) = member.sink.relay_group() {
+                if !relayed.insert(group) {
+                    return;
+                }
+            }
+            member.sink.deliver(body);
+            delivered += 1;
+        };
+        match recipients {
+            Some(members) => members.iter().for_each(&mut deliver),
+            None => self.core.members().for_each(&mut deliver),
+        }
+        metrics::histogram!("chorus_fanout_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("chorus_fanout_deliveries_total").increment(delivered);
     }
 
     /// Relays a voice packet if the core lets it through: encoded once, handed to each
