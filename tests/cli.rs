@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::{TestNode, DEADLINE};
+use common::{admin_cli, TestNode, DEADLINE};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -203,20 +203,6 @@ async fn the_stage_is_run_from_the_cli() {
 }
 
 /// Runs `chorus admin --url http://NODE ARGS…`; returns (success, stdout, stderr).
-async fn admin(node: &TestNode, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .args(["admin", "--url", &format!("http://{}", node.http)])
-        .args(args)
-        .output()
-        .await
-        .expect("run chorus admin");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 /// Q7: an operator creates a red-packet rain in a room; its definition (with the seed of
 /// its split) is committed, and its split sums to the total; bad rains are refused.
 #[tokio::test]
@@ -224,7 +210,7 @@ async fn an_operator_creates_a_rain_whose_split_sums_to_the_total() {
     let node = TestNode::start(&[]).await;
     let created = run(&node, "alice", &["create-room", "Rain room"], true).await;
     let room = created[0]["room_id"].as_str().expect("room_id").to_string();
-    let (ok, stdout, stderr) = admin(
+    let (ok, stdout, stderr) = admin_cli(
         &node,
         &[
             "rain",
@@ -251,7 +237,7 @@ async fn an_operator_creates_a_rain_whose_split_sums_to_the_total() {
         rain["end_ms"].as_u64().expect("end") - rain["start_ms"].as_u64().expect("start"),
         30_000
     );
-    let (ok, stdout, stderr) = admin(&node, &["rain", "status", &rain_id]).await;
+    let (ok, stdout, stderr) = admin_cli(&node, &["rain", "status", &rain_id]).await;
     assert!(ok, "{stderr}");
     let status: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
     assert_eq!(status["total"], 10_000);
@@ -305,10 +291,10 @@ async fn an_operator_creates_a_rain_whose_split_sums_to_the_total() {
     ] {
         let mut args = vec!["rain", "create"];
         args.extend(bad.iter().copied());
-        let (ok, _, stderr) = admin(&node, &args).await;
+        let (ok, _, stderr) = admin_cli(&node, &args).await;
         assert!(!ok, "{bad:?} was accepted");
         assert!(!stderr.trim().is_empty(), "a refusal says why");
     }
-    let (ok, _, _) = admin(&node, &["rain", "status", "rain-unknown"]).await;
+    let (ok, _, _) = admin_cli(&node, &["rain", "status", "rain-unknown"]).await;
     assert!(!ok);
 }

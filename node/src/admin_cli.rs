@@ -85,11 +85,116 @@ pub enum RainCommand {
         #[arg(long)]
         duration: f64,
     },
-    /// A rain's definition and split totals.
+    /// A rain's definition, split totals, and what was granted and refunded.
     Status {
         /// The rain id.
         rain: String,
     },
+    /// Audit a rain from durable state (SPEC Q8): each packet granted at most once and as
+    /// split, no user above the cap, granted + refunded (+ unclaimed before the end) = the
+    /// total to the cent, and every grant in `--client-log` is in the ledger. Exits 1 when
+    /// anything fails.
+    Audit {
+        /// The rain id.
+        rain: String,
+        /// JSON lines as `chorus client grab` prints them (`user`, `result`, `amount`):
+        /// every `granted` line must be in the ledger.
+        #[arg(long)]
+        client_log: Vec<std::path::PathBuf>,
+    },
+    /// A rain's ledger: one JSON line per grant (user, amount, time), then the refund.
+    Ledger {
+        /// The rain id.
+        rain: String,
+    },
+}
+
+fn check_rain_id(rain: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !rain.is_empty()
+            && rain
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "the rain id has letters, digits, - and _ only"
+    );
+    Ok(())
+}
+
+/// The grants clients saw (user, cents) in `chorus client grab` output files.
+fn read_client_log(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut seen = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the client log {}", path.display()))?;
+        for (number, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let value: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not a JSON line", path.display(), number + 1))?;
+            if value["result"] != "granted" {
+                continue;
+            }
+            let (Some(user), Some(amount)) = (value["user"].as_str(), value["amount"].as_u64())
+            else {
+                anyhow::bail!(
+                    "{}:{}: a granted line needs `user` and `amount`",
+                    path.display(),
+                    number + 1
+                );
+            };
+            seen.push((user.to_string(), amount));
+        }
+    }
+    Ok(seen)
+}
+
+/// `chorus admin rain audit` and `ledger`: read the most advanced copy and work on it
+/// here.
+async fn rain_local(
+    args: &AdminArgs,
+    rain: &str,
+    audit_logs: Option<&[std::path::PathBuf]>,
+) -> anyhow::Result<()> {
+    check_rain_id(rain)?;
+    let client_log = audit_logs.map(read_client_log).transpose()?;
+    let body = call(
+        &args.url,
+        &args.token,
+        hyper::Method::GET,
+        &format!("/admin/rain/state?id={rain}"),
+    )
+    .await?;
+    let state: chorus_actors::rain::RainState = serde_json::from_value(body["state"].clone())
+        .context("the node's answer is not a rain state")?;
+    let Some(client_log) = client_log else {
+        for line in crate::server::rain::ledger_lines(&state) {
+            println!("{line}");
+        }
+        return Ok(());
+    };
+    let report = chorus_actors::rain::audit(&state, &client_log);
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "rain {rain}: {} — total {} cents, granted {} in {} packets, refunded {}, unclaimed {}; {} client grants checked",
+            if report.ok { "ok" } else { "VIOLATED" },
+            report.total,
+            report.granted,
+            report.grants,
+            report.refunded,
+            report.unclaimed,
+            client_log.len(),
+        );
+        for violation in &report.violations {
+            println!("  violation: {violation}");
+        }
+    }
+    if !report.ok {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// Seconds as whole milliseconds; refuses negative, infinite or NaN values.
@@ -192,6 +297,15 @@ pub async fn call(
 
 /// Runs `chorus admin`.
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    match &args.command {
+        AdminCommand::Rain {
+            command: RainCommand::Audit { rain, client_log },
+        } => return rain_local(&args, rain, Some(client_log)).await,
+        AdminCommand::Rain {
+            command: RainCommand::Ledger { rain },
+        } => return rain_local(&args, rain, None).await,
+        _ => {}
+    }
     let (method, path) = match &args.command {
         AdminCommand::Status => (hyper::Method::GET, "/admin/status".to_string()),
         AdminCommand::Nodes => (hyper::Method::GET, "/admin/nodes".to_string()),
@@ -228,13 +342,12 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Rain {
             command: RainCommand::Status { rain },
         } => {
-            anyhow::ensure!(
-                rain.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
-                "the rain id has letters, digits, - and _ only"
-            );
+            check_rain_id(rain)?;
             (hyper::Method::GET, format!("/admin/rain?id={rain}"))
         }
+        AdminCommand::Rain {
+            command: RainCommand::Audit { .. } | RainCommand::Ledger { .. },
+        } => unreachable!("handled above"),
     };
     let body = call(&args.url, &args.token, method, &path).await?;
     if args.json {

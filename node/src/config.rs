@@ -54,8 +54,28 @@ pub struct NodeConfig {
     pub limits: LimitsConfig,
     /// Room limits (comment length and rate, reaction window, listener-count interval, …).
     pub room: chorus_actors::room::RoomConfig,
+    /// Red-packet rains.
+    pub rain: RainConfig,
     /// Emit logs as JSON lines.
     pub log_json: bool,
+}
+
+/// Red-packet rain settings (`[rain]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RainConfig {
+    /// Grabs per second one rain's pool serves (its token bucket; the rest are answered
+    /// `throttled`), also what the throttle factor pushed at the start aims at. Default
+    /// 20,000.
+    pub grabs_per_sec: u32,
+}
+
+impl Default for RainConfig {
+    fn default() -> Self {
+        RainConfig {
+            grabs_per_sec: 20_000,
+        }
+    }
 }
 
 /// Protocol and resource limits. Every bound has a unit in its name.
@@ -141,6 +161,7 @@ impl Default for NodeConfig {
             advertise_ip: None,
             limits: LimitsConfig::default(),
             room: chorus_actors::room::RoomConfig::default(),
+            rain: RainConfig::default(),
             log_json: false,
         }
     }

@@ -389,6 +389,87 @@ pub struct RoomPollCloseRequest {
     pub poll_id: u64,
 }
 
+/// `rain.grab` body: one tap on a red-packet rain (SPEC Q7). `request_id` is the client's
+/// id for this tap (at most 64 bytes): a retry with the same id gets the same answer, and
+/// is never paid twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RainGrabRequest {
+    /// The rain.
+    pub rain_id: String,
+    /// The client's id for this tap.
+    pub request_id: String,
+}
+
+/// What a grab got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrabResult {
+    /// A packet: `amount` cents (the same packet again for a repeated request id).
+    Granted,
+    /// Every packet is taken.
+    NoneLeft,
+    /// The user has as many packets as a user may get.
+    CapReached,
+    /// Too many grabs at once: tap again later.
+    Throttled,
+    /// The rain has not started.
+    NotStarted,
+    /// The rain is over.
+    Ended,
+}
+
+/// `rain.grab` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RainGrabResponse {
+    /// The rain.
+    pub rain_id: String,
+    /// The outcome.
+    pub result: GrabResult,
+    /// Cents, when granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<u64>,
+    /// The packet's index, when granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packet: Option<u32>,
+    /// The share of taps a client should send (0 < throttle ≤ 1), as in `rain.start`.
+    pub throttle: f64,
+}
+
+/// `rain.start` notification: a rain begins in the room. Clients send only a `throttle`
+/// share of their taps (the server computed it from the room's audience and the packets),
+/// and the server's token bucket applies too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RainStartEvent {
+    /// The room.
+    pub room_id: RoomId,
+    /// The rain.
+    pub rain_id: String,
+    /// Packets.
+    pub count: u32,
+    /// Start, ms since the epoch.
+    pub start_ms: u64,
+    /// End, ms since the epoch.
+    pub end_ms: u64,
+    /// The share of taps to send, 0 < throttle ≤ 1.
+    pub throttle: f64,
+}
+
+/// `rain.ended` notification: the rain is over; what was not grabbed went back to its
+/// creator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RainEndedEvent {
+    /// The room.
+    pub room_id: RoomId,
+    /// The rain.
+    pub rain_id: String,
+    /// Packets granted.
+    pub granted: u64,
+    /// Cents granted.
+    pub granted_cents: u64,
+    /// Cents refunded to the creator.
+    pub refunded_cents: u64,
+}
+
 /// A poll's lifecycle state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -750,6 +831,8 @@ request_table! {
     RoomVote = "room.vote": RoomVoteRequest => Empty,
     /// `room.poll_close`
     RoomPollClose = "room.poll_close": RoomPollCloseRequest => PollInfo,
+    /// `rain.grab`
+    RainGrab = "rain.grab": RainGrabRequest => RainGrabResponse,
 }
 
 macro_rules! request_kinds {
@@ -784,6 +867,7 @@ request_kinds! {
     RoomPollCreateRequest = "room.poll_create" => PollInfo,
     RoomVoteRequest = "room.vote" => Empty,
     RoomPollCloseRequest = "room.poll_close" => PollInfo,
+    RainGrabRequest = "rain.grab" => RainGrabResponse,
 }
 
 macro_rules! event_table {
@@ -847,6 +931,10 @@ event_table! {
     Speaking = "room.speaking": SpeakingEvent,
     /// A poll opened, its tallies changed, or it closed.
     Poll = "room.poll": PollInfo,
+    /// A red-packet rain starts.
+    RainStart = "rain.start": RainStartEvent,
+    /// A red-packet rain ended.
+    RainEnded = "rain.ended": RainEndedEvent,
 }
 
 impl Event {
@@ -862,6 +950,8 @@ impl Event {
             Event::Invitation(e) => &e.room_id,
             Event::Speaking(e) => &e.room_id,
             Event::Poll(e) => &e.room_id,
+            Event::RainStart(e) => &e.room_id,
+            Event::RainEnded(e) => &e.room_id,
         }
     }
 
@@ -962,6 +1052,7 @@ mod tests {
             RoomPollCreateRequest::KIND,
             RoomVoteRequest::KIND,
             RoomPollCloseRequest::KIND,
+            RainGrabRequest::KIND,
         ];
         assert_eq!(ClientRequest::KINDS, kinds.as_slice());
         assert!(Event::KINDS.contains(&"room.comment"));

@@ -198,6 +198,21 @@ impl TestNode {
     }
 }
 
+/// Runs `chorus admin --url http://NODE ARGS…`: (success, stdout, stderr).
+pub async fn admin_cli(node: &TestNode, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["admin", "--url", &format!("http://{}", node.http)])
+        .args(args)
+        .output()
+        .await
+        .expect("run chorus admin");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// A development token for `user`.
 pub fn token(user: &str) -> String {
     TokenKeys::new(SECRET.as_bytes())

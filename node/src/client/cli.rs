@@ -262,6 +262,27 @@ pub enum ClientCommand {
         /// The poll id.
         poll: u64,
     },
+    /// Tap on a red-packet rain: one JSON line per grab result (`user`, `request_id`,
+    /// `result`, and `amount` in cents when granted). Each tap has its own request id and
+    /// is retried with that id while the server answers `unavailable` (so it is never paid
+    /// twice). Once a throttle factor is known (from an answer or `rain.start`), only that
+    /// share of taps is sent. Stops early at `none_left`, `cap_reached` or `ended`.
+    Grab {
+        /// The rain id.
+        rain: String,
+        /// Taps (at most 100,000).
+        #[arg(long, default_value_t = 1)]
+        times: u32,
+        /// Milliseconds between taps.
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
+        /// How long one tap is retried while the server is unavailable, in milliseconds.
+        #[arg(long, default_value_t = 30_000)]
+        retry_ms: u64,
+        /// Send every tap, ignoring the throttle factor.
+        #[arg(long)]
+        no_throttle: bool,
+    },
     /// List the room's users, one page (in user id order).
     Members {
         /// Room id.
@@ -487,6 +508,13 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
             };
             act(client, &room, request).await?;
         }
+        ClientCommand::Grab {
+            rain,
+            times,
+            interval_ms,
+            retry_ms,
+            no_throttle,
+        } => grab(client, &rain, times, interval_ms, retry_ms, no_throttle).await?,
         ClientCommand::Vote { room, poll, option } => {
             let request = RoomVoteRequest {
                 room_id: room.clone(),
@@ -790,6 +818,124 @@ fn print_buffered(client: &mut Client) {
     while let Some(event) = client.try_next_event() {
         print_event(&event);
     }
+}
+
+/// Most taps one `grab` makes.
+pub const GRAB_TIMES_MAX: u32 = 100_000;
+
+/// One grab result line.
+#[derive(Serialize)]
+struct GrabLine<'a> {
+    rain_id: &'a str,
+    user: &'a str,
+    request_id: &'a str,
+    result: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    amount: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    packet: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    throttle: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+async fn grab(
+    client: &mut Client,
+    rain: &str,
+    times: u32,
+    interval_ms: u64,
+    retry_ms: u64,
+    no_throttle: bool,
+) -> anyhow::Result<()> {
+    use chorus_protocol::{ErrorCode, GrabResult, RainGrabRequest};
+    anyhow::ensure!(
+        (1..=GRAB_TIMES_MAX).contains(&times),
+        "--times must be 1 to {GRAB_TIMES_MAX}"
+    );
+    let user = client.user_id().to_string();
+    let mut throttle = 1.0f64;
+    let mut tick = tokio::time::interval(Duration::from_millis(interval_ms.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for _ in 0..times {
+        tick.tick().await;
+        while let Some(event) = client.try_next_event() {
+            if let ClientEvent::Notification {
+                event: Event::RainStart(start),
+                ..
+            } = &event
+            {
+                if start.rain_id == rain {
+                    throttle = start.throttle.clamp(0.001, 1.0);
+                }
+            }
+        }
+        if !no_throttle && throttle < 1.0 && rand::random::<f64>() >= throttle {
+            continue;
+        }
+        let request_id = format!("g-{:016x}", rand::random::<u64>());
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(retry_ms);
+        let mut backoff_ms = 100;
+        let answer = loop {
+            let request = RainGrabRequest {
+                rain_id: rain.to_string(),
+                request_id: request_id.clone(),
+            };
+            match client.request(request).await {
+                Ok(answer) => break Ok(answer),
+                Err(ClientError::Server(error))
+                    if error.code != ErrorCode::Unavailable.as_u16()
+                        || tokio::time::Instant::now() >= deadline =>
+                {
+                    break Err(error.to_string())
+                }
+                Err(error @ (ClientError::Server(_) | ClientError::Timeout { .. }))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(%error, "grab not answered; retrying with the same request id");
+                }
+                Err(error) => break Err(error.to_string()),
+            }
+            tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+            backoff_ms = (backoff_ms * 2).min(2_000);
+        };
+        match answer {
+            Ok(answer) => {
+                throttle = answer.throttle.clamp(0.001, 1.0);
+                let result = serde_json::to_value(answer.result)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                print_json(&GrabLine {
+                    rain_id: rain,
+                    user: &user,
+                    request_id: &request_id,
+                    result: &result,
+                    amount: answer.amount,
+                    packet: answer.packet,
+                    throttle: Some(answer.throttle),
+                    error: None,
+                });
+                if matches!(
+                    answer.result,
+                    GrabResult::NoneLeft | GrabResult::CapReached | GrabResult::Ended
+                ) {
+                    break;
+                }
+            }
+            Err(error) => print_json(&GrabLine {
+                rain_id: rain,
+                user: &user,
+                request_id: &request_id,
+                result: "error",
+                amount: None,
+                packet: None,
+                throttle: None,
+                error: Some(error),
+            }),
+        }
+    }
+    Ok(())
 }
 
 fn print_event(event: &ClientEvent) {

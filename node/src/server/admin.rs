@@ -9,7 +9,13 @@
 //! - `POST /admin/rain?room=R&total=CENTS&count=N&duration_ms=MS[&cap=3][&start_in_ms=MS]`:
 //!   create a red-packet rain (SPEC Q7): its definition, with the seed of its split, is
 //!   committed in Raft; answers `{rain_id, …}`.
-//! - `GET /admin/rain?id=ID`: a rain's definition and split totals.
+//! - `GET /admin/rain?id=ID`: a rain's definition, split totals, and what was granted and
+//!   refunded (from the most advanced copy among the live nodes).
+//! - `GET /admin/rain/audit?id=ID`: the audit of that copy (SPEC Q8): `ok`, `total`,
+//!   `granted`, `refunded`, `unclaimed`, `grants`, `violations`.
+//! - `GET /admin/rain/state?id=ID`: that copy itself (`{epoch, state}`), for audits with a
+//!   client log (`chorus admin rain audit --client-log`).
+//! - `GET /admin/rain/ledger?id=ID`: the ledger, one JSON line per grant then the refund.
 
 use std::sync::Arc;
 
@@ -57,10 +63,7 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, value)| value)
 }
 
-/// The ring and definition key of a rain id.
-pub fn rain_key(rain_id: &str) -> String {
-    format!("rain/{rain_id}")
-}
+pub use super::rain::rain_key;
 
 fn bad_request(why: impl Into<String>) -> HttpResponse {
     json(
@@ -72,14 +75,21 @@ fn bad_request(why: impl Into<String>) -> HttpResponse {
 /// Answers an admin request, the ones that wait for Raft included (rains); the rest as
 /// [`route`].
 pub async fn route_async<B>(node: &Arc<Node>, request: &Request<B>) -> HttpResponse {
-    if request.uri().path() != "/admin/rain" || !authorized(node, request) {
+    let path = request.uri().path();
+    if !path.starts_with("/admin/rain") || !authorized(node, request) {
         return route(node, request);
     }
     let query = request.uri().query().unwrap_or("");
-    if request.method() == hyper::Method::POST {
-        create_rain(node, query).await
-    } else {
-        rain_status(node, query)
+    match (path, request.method() == hyper::Method::POST) {
+        ("/admin/rain", true) => create_rain(node, query).await,
+        ("/admin/rain", false) => rain_read(node, query, RainRead::Status).await,
+        ("/admin/rain/audit", false) => rain_read(node, query, RainRead::Audit).await,
+        ("/admin/rain/state", false) => rain_read(node, query, RainRead::State).await,
+        ("/admin/rain/ledger", false) => rain_read(node, query, RainRead::Ledger).await,
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": format!("no admin endpoint {path}")}),
+        ),
     }
 }
 
@@ -173,21 +183,88 @@ fn rain_json(definition: &chorus_actors::rain::RainDefinition) -> serde_json::Va
     })
 }
 
-fn rain_status(node: &Arc<Node>, query: &str) -> HttpResponse {
+/// What a rain read answers.
+enum RainRead {
+    /// The definition, split totals and grants so far.
+    Status,
+    /// The audit of the most advanced copy (without a client log).
+    Audit,
+    /// The most advanced copy: definition, grants, refund (for `chorus admin rain audit`
+    /// with a client log).
+    State,
+    /// The ledger as JSON lines.
+    Ledger,
+}
+
+async fn rain_read(node: &Arc<Node>, query: &str, read: RainRead) -> HttpResponse {
     let Some(rain_id) = query_param(query, "id").filter(|id| !id.is_empty()) else {
         return bad_request("missing ?id=");
     };
-    let metadata = node.cluster.metadata();
-    match metadata
+    let Some(definition) = node
+        .cluster
+        .metadata()
         .definitions
         .get(&rain_key(rain_id))
         .and_then(|bytes| rmp_serde::from_slice::<chorus_actors::rain::RainDefinition>(bytes).ok())
-    {
-        Some(definition) => json(StatusCode::OK, &rain_json(&definition)),
-        None => json(
+    else {
+        return json(
             StatusCode::NOT_FOUND,
             &serde_json::json!({"error": format!("no rain {rain_id:?}")}),
+        );
+    };
+    let copy = match node.rain_best_copy(rain_id).await {
+        Ok(copy) => copy,
+        Err(error) => {
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"error": error.message}),
+            )
+        }
+    };
+    // No copy yet: the rain has not been served; its state is the split alone.
+    let (epoch, state) = copy.unwrap_or_else(|| {
+        let packets =
+            chorus_actors::rain::split(definition.total_cents, definition.count, definition.seed)
+                .unwrap_or_default();
+        (
+            0,
+            chorus_actors::rain::RainState {
+                definition: definition.clone(),
+                packets,
+                grants: Vec::new(),
+                refunded_cents: None,
+            },
+        )
+    });
+    match read {
+        RainRead::Status => {
+            let mut status = rain_json(&definition);
+            let report = chorus_actors::rain::audit(&state, &[]);
+            status["epoch"] = epoch.into();
+            status["grants"] = report.grants.into();
+            status["granted"] = report.granted.into();
+            status["refunded"] = report.refunded.into();
+            status["ended"] = state.refunded_cents.is_some().into();
+            json(StatusCode::OK, &status)
+        }
+        RainRead::Audit => json(
+            StatusCode::OK,
+            &serde_json::to_value(chorus_actors::rain::audit(&state, &[])).unwrap_or_default(),
         ),
+        RainRead::State => json(
+            StatusCode::OK,
+            &serde_json::json!({"epoch": epoch, "state": state}),
+        ),
+        RainRead::Ledger => {
+            let mut text = super::rain::ledger_lines(&state).join("\n");
+            text.push('\n');
+            let mut response = super::text(StatusCode::OK, Bytes::from(text));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/x-ndjson"),
+            );
+            response
+        }
     }
 }
 

@@ -869,6 +869,10 @@ impl Connection {
                     other => Err(unexpected(other)),
                 }
             }
+            ClientRequest::RainGrab(r) => {
+                let answer = node.rain_grab(&r.rain_id, &user, &r.request_id).await?;
+                Ok(ok(answer))
+            }
             ClientRequest::RoomSummary(r) => {
                 match node.room_op(session, &r.room_id, RoomOp::Summary).await? {
                     RoomOpReply::Summary(summary) => Ok(ok(summary)),

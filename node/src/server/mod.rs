@@ -10,6 +10,7 @@ pub mod connection;
 pub mod control;
 pub mod event_log;
 pub mod quic;
+pub mod rain;
 pub mod reactions;
 pub mod routing;
 pub mod session;
@@ -104,6 +105,10 @@ pub struct Node {
     admin_token: String,
     mirrors: routing::RoomMirrors,
     durable: routing::DurableStates,
+    /// Copies of red-packet rains (the pools' own included).
+    rain_copies: rain::RainCopies,
+    /// The rain pools this node runs.
+    rain_pools: rain::RainPools,
     /// Reactions counted here, waiting for their batch to the owners.
     reactions: reactions::ReactionBatcher,
     /// Rooms' event logs (set once at start).
@@ -438,6 +443,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         path: data_dir.clone(),
         reason: e.to_string(),
     })?;
+    let rain_copies = rain::RainCopies::open(&db).map_err(|e| ServeError::Storage {
+        path: data_dir.clone(),
+        reason: e.to_string(),
+    })?;
     let node = Arc::new_cyclic(|this| Node {
         keys: TokenKeys::new(secret.as_bytes()),
         rooms: RoomDirectory::new(
@@ -459,6 +468,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         admin_token,
         mirrors: routing::RoomMirrors::default(),
         durable,
+        rain_copies,
+        rain_pools: rain::RainPools::default(),
         event_log: std::sync::OnceLock::new(),
         reactions: reactions::ReactionBatcher::default(),
         owned_epochs: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -499,6 +510,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     tokio::spawn(routing::follow_ring(Arc::downgrade(&node)));
     tokio::spawn(routing::expire_rooms(Arc::downgrade(&node)));
     tokio::spawn(reactions::send_batches(Arc::downgrade(&node)));
+    tokio::spawn(rain::run_rains(Arc::downgrade(&node)));
     if let Some(repairs) = node.sessions.take_repairs() {
         tokio::spawn(routing::repair_gaps(Arc::downgrade(&node), repairs));
     }

@@ -722,6 +722,8 @@ pub enum NodeMessage {
         /// JSON body.
         json: Bytes,
     },
+    /// About a red-packet rain (`node/src/server/rain.rs`).
+    Rain(super::rain::RainMessage),
     /// Events from an owner to the members on this node.
     Relay {
         /// Sending node.
@@ -1514,7 +1516,6 @@ impl Node {
 
     /// Sends a notice to every member of `room_id` through its owner (a quiz question, a
     /// rain starting, bullet comments). Retried once on the new owner if the ring moves.
-    #[allow(dead_code)] // Its first users (rain, quiz, bullets) are on their way.
     pub(crate) async fn announce(
         &self,
         room_id: &str,
@@ -1547,6 +1548,33 @@ impl Node {
             }
         }
         result
+    }
+
+    /// How many members `room_id` has (0 if it cannot be asked): the audience a rain's
+    /// throttle is computed from.
+    pub(crate) async fn room_audience(&self, room_id: &str) -> u64 {
+        let owner = self.owner_of(room_id);
+        let info = if owner == self.cluster.node_id() {
+            match self.activate(room_id).await {
+                Ok(actor) => ask(&actor, |reply| RoomMsg::Info { reply }).await.ok(),
+                Err(_) => None,
+            }
+        } else {
+            let message = encode(&NodeMessage::Room {
+                from: self.cluster.node_id(),
+                room_id: room_id.to_string(),
+                member_key: 0,
+                op: RoomOp::Info,
+            });
+            match self.cluster.call_app(owner, message).await {
+                Ok(reply) => match decode::<Result<RoomOpReply, ErrorBody>>(&reply) {
+                    Ok(Ok(RoomOpReply::Info(info))) => Some(info),
+                    _ => None,
+                },
+                Err(_) => None,
+            }
+        };
+        info.map(|info| info.listener_count).unwrap_or(0)
     }
 
     /// [`Node::announce`] on the owner.
@@ -2055,6 +2083,7 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                         format!("unknown notification kind {kind:?}"),
                     ))),
                 },
+                Ok(NodeMessage::Rain(message)) => node.rain_message(message).await,
                 Ok(NodeMessage::Relay { items, .. }) => {
                     node.mirrors.apply(items, &node.cluster.metadata());
                     encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
