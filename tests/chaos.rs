@@ -100,3 +100,45 @@ async fn a_node_cut_off_from_the_others_is_fenced_and_catches_up_when_the_links_
     }
     chaos_run_with_cuts(11, "127.0.1.51", 30, 1, 1, 2).await;
 }
+
+/// Q8 short form: 300 clients tap a rain (8 taps each) while the pool's node is SIGKILLed
+/// and, while it is down, another node is paused; the audit from durable state, with every
+/// grant the clients saw, passes. The full form (1,000 clients × 12 taps) is
+/// `chorus-chaos --scenario rain`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rain_stays_exact_through_a_kill_and_a_pause() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = chorus_chaos::rain::RainChaosConfig::new(
+        PathBuf::from(env!("CARGO_BIN_EXE_chorus")),
+        dir.path().join("rain"),
+        SEED,
+    );
+    config.clients = 300;
+    config.taps = 8;
+    config.tap_interval_ms = 400;
+    config.packets = 600;
+    config.down_ms = 5_000;
+    config.pause_ms = 2_000;
+    config.base_ip = "127.0.1.71".parse().expect("ip");
+    match chorus_chaos::rain::run_rain(config).await {
+        Ok(report) => {
+            assert_eq!(report.faults.len(), 4, "{:#?}", report.faults);
+            assert!(report.granted > 0, "{report:#?}");
+            assert_eq!(report.audit["ok"], true, "{report:#?}");
+            assert_eq!(
+                report.audit["granted"].as_u64().expect("granted")
+                    + report.audit["refunded"].as_u64().expect("refunded"),
+                1_000_000
+            );
+        }
+        Err(ChaosError::RainAudit { report }) => {
+            let kept = dir.keep();
+            panic!(
+                "the rain audit failed (work dir kept: {}): {report:#?}",
+                kept.display()
+            )
+        }
+        Err(error) => panic!("rain chaos run failed: {error}"),
+    }
+}

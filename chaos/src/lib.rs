@@ -14,6 +14,7 @@
 pub mod check;
 pub mod cluster;
 pub mod netcut;
+pub mod rain;
 pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -271,6 +272,12 @@ pub enum ChaosError {
         count: usize,
         /// The full report.
         report: Box<ChaosReport>,
+    },
+    /// The rain scenario's audit failed.
+    #[error("the rain audit failed: {}", report.audit)]
+    RainAudit {
+        /// The run's report, with the audit's violations.
+        report: Box<rain::RainChaosReport>,
     },
 }
 

@@ -11,6 +11,19 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "chorus-chaos", version)]
 struct Args {
+    /// `rooms` (comments, kills, pauses, cuts; the default) or `rain` (a red-packet rain
+    /// under a SIGKILL of the pool's node and a pause of another, then the audit).
+    #[arg(long, default_value = "rooms", value_parser = ["rooms", "rain"])]
+    scenario: String,
+    /// Rain: taps per client.
+    #[arg(long, default_value_t = 12)]
+    taps: u32,
+    /// Rain: mean milliseconds between two taps of a client.
+    #[arg(long, default_value_t = 500)]
+    tap_interval_ms: u64,
+    /// Rain: packets.
+    #[arg(long, default_value_t = 2_500)]
+    packets: u32,
     /// The chorus binary. Default: `chorus` next to this executable.
     #[arg(long = "chorus")]
     chorus: Option<PathBuf>,
@@ -23,9 +36,10 @@ struct Args {
     /// Rooms.
     #[arg(long, default_value_t = 6)]
     rooms: usize,
-    /// Clients (spread over the nodes; even ones on WebSocket, odd ones on QUIC).
-    #[arg(long, default_value_t = 9)]
-    clients: usize,
+    /// Clients (spread over the nodes; even ones on WebSocket, odd ones on QUIC). Default 9
+    /// (rooms), 1,000 (rain).
+    #[arg(long)]
+    clients: Option<usize>,
     /// Rooms each client joins.
     #[arg(long, default_value_t = 2)]
     rooms_per_client: usize,
@@ -77,10 +91,39 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
         Some(dir) => dir,
         None => std::env::temp_dir().join(format!("chorus-chaos-{seed}-{}", std::process::id())),
     };
+    if args.scenario == "rain" {
+        let mut config = chorus_chaos::rain::RainChaosConfig::new(chorus, work_dir, seed);
+        config.nodes = args.nodes;
+        config.clients = args.clients.unwrap_or(1_000);
+        config.taps = args.taps;
+        config.tap_interval_ms = args.tap_interval_ms;
+        config.packets = args.packets;
+        if args.base_ip != std::net::Ipv4Addr::new(127, 0, 0, 11) {
+            config.base_ip = args.base_ip;
+        }
+        eprintln!(
+            "chorus-chaos rain: seed {seed}, work dir {}",
+            config.work_dir.display()
+        );
+        let (report, code) = match chorus_chaos::rain::run_rain(config).await {
+            Ok(report) => (report, ExitCode::SUCCESS),
+            Err(ChaosError::RainAudit { report }) => (*report, ExitCode::FAILURE),
+            Err(error) => {
+                eprintln!("chorus-chaos: {error} (seed {seed})");
+                return Ok(ExitCode::from(2));
+            }
+        };
+        let text = serde_json::to_string_pretty(&report)?;
+        if let Some(json) = &args.json {
+            std::fs::write(json, &text).with_context(|| format!("write {}", json.display()))?;
+        }
+        println!("{text}");
+        return Ok(code);
+    }
     let mut config = ChaosConfig::new(chorus, work_dir, seed);
     config.nodes = args.nodes;
     config.rooms = args.rooms;
-    config.clients = args.clients;
+    config.clients = args.clients.unwrap_or(9);
     config.rooms_per_client = args.rooms_per_client;
     config.comment_interval_ms = args.comment_interval_ms;
     config.duration_secs = args.duration;
