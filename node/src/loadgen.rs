@@ -39,6 +39,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod rain;
 mod stage;
 
 use crate::client::{
@@ -137,6 +138,29 @@ pub struct LoadgenArgs {
     /// Seconds to wait after sending stops for deliveries still in flight.
     #[arg(long, default_value_t = 5)]
     pub drain_secs: u64,
+    /// Red-packet rain (Q7): grabbing clients. With grabbers the run is a rain run: they
+    /// join the room, a rain is created through `--admin-url` and they tap on it for
+    /// `--duration` seconds (listeners, senders, reactors and speakers are not started).
+    #[arg(long, default_value_t = 0)]
+    pub grabbers: u32,
+    /// Taps per second per grabber (each sent with the pushed throttle's probability).
+    #[arg(long, default_value_t = 5.0)]
+    pub grab_rate: f64,
+    /// The admin API to create the rain with: `http://HOST:PORT`.
+    #[arg(long)]
+    pub admin_url: Option<String>,
+    /// The admin token.
+    #[arg(long, env = "CHORUS_ADMIN_TOKEN", default_value = crate::config::DEV_ADMIN_TOKEN, hide_env_values = true, hide_default_value = true)]
+    pub admin_token: String,
+    /// Packets of the rain.
+    #[arg(long, default_value_t = 100_000)]
+    pub rain_packets: u64,
+    /// Cents of the rain.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub rain_total: u64,
+    /// Packets one grabber may get.
+    #[arg(long, default_value_t = 3)]
+    pub rain_cap: u64,
 }
 
 /// Latency percentiles in milliseconds.
@@ -420,6 +444,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     validate(&args)?;
     raise_open_files_limit(
         u64::from(args.listeners)
+            + u64::from(args.grabbers)
             + u64::from(args.senders)
             + u64::from(args.reactors)
             + u64::from(args.speakers)
@@ -458,6 +483,19 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     };
     let plan = Arc::new(plan);
     let stats = Arc::new(Stats::new()?);
+    if args.grabbers > 0 {
+        let report = rain::run(&args, plan.clone(), stats.clone()).await?;
+        let text = serde_json::to_string_pretty(&report)?;
+        println!("{text}");
+        if let Some(path) = &args.json {
+            std::fs::write(path, &text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        if let Some(host) = host {
+            host.close().await;
+        }
+        return Ok(());
+    }
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     eprintln!(
@@ -669,6 +707,9 @@ fn validate(args: &LoadgenArgs) -> anyhow::Result<()> {
         "--listeners must be at most {LISTENERS_MAX}"
     );
     anyhow::ensure!(!args.urls.is_empty(), "give at least one --url");
+    if args.grabbers > 0 {
+        rain::validate(args)?;
+    }
     anyhow::ensure!(
         args.senders <= SENDERS_MAX && args.reactors <= SENDERS_MAX,
         "--senders and --reactors must be at most {SENDERS_MAX}"
@@ -742,6 +783,7 @@ async fn quic_endpoints(args: &LoadgenArgs) -> anyhow::Result<Vec<quinn::Endpoin
         .next()
         .with_context(|| format!("{host} resolves to no address"))?;
     let clients = args.listeners as usize
+        + args.grabbers as usize
         + args.senders as usize
         + args.reactors as usize
         + args.speakers as usize
