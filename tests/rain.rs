@@ -165,7 +165,7 @@ async fn a_rain_stays_exact_when_its_pool_node_is_killed() {
     let log_arg = log_path.to_str().expect("utf8");
     let (ok, stdout, stderr) = admin_cli(
         survivor,
-        &["--json", "rain", "audit", &rain_id, "--client-log", log_arg],
+        &["rain", "audit", &rain_id, "--client-log", log_arg, "--json"],
     )
     .await;
     assert!(ok, "audit failed: {stdout} {stderr}");

@@ -22,8 +22,8 @@ pub struct AdminArgs {
     /// Admin token. Default: the development admin token.
     #[arg(long, env = "CHORUS_ADMIN_TOKEN", hide_env_values = true, default_value = crate::config::DEV_ADMIN_TOKEN)]
     pub token: String,
-    /// Print the raw JSON.
-    #[arg(long)]
+    /// Print the raw JSON (also after the subcommand).
+    #[arg(long, global = true)]
     pub json: bool,
     /// What to do.
     #[command(subcommand)]
@@ -57,6 +57,14 @@ pub enum AdminCommand {
         /// What to do.
         #[command(subcommand)]
         command: RainCommand,
+    },
+    /// The same as `rain audit`.
+    AuditRain {
+        /// The rain id.
+        rain: String,
+        /// JSON lines as `chorus client grab` prints them.
+        #[arg(long)]
+        client_log: Vec<std::path::PathBuf>,
     },
 }
 
@@ -300,7 +308,10 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     match &args.command {
         AdminCommand::Rain {
             command: RainCommand::Audit { rain, client_log },
-        } => return rain_local(&args, rain, Some(client_log)).await,
+        }
+        | AdminCommand::AuditRain { rain, client_log } => {
+            return rain_local(&args, rain, Some(client_log)).await
+        }
         AdminCommand::Rain {
             command: RainCommand::Ledger { rain },
         } => return rain_local(&args, rain, None).await,
@@ -347,7 +358,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         }
         AdminCommand::Rain {
             command: RainCommand::Audit { .. } | RainCommand::Ledger { .. },
-        } => unreachable!("handled above"),
+        }
+        | AdminCommand::AuditRain { .. } => unreachable!("handled above"),
     };
     let body = call(&args.url, &args.token, method, &path).await?;
     if args.json {
@@ -373,7 +385,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Drain { node } => println!("draining node {node}; watch `status`"),
         AdminCommand::Remove { node } => println!("removing node {node}; watch `status`"),
         // A rain is data for scripts: JSON either way.
-        AdminCommand::Rain { .. } => println!("{body}"),
+        AdminCommand::Rain { .. } | AdminCommand::AuditRain { .. } => println!("{body}"),
         AdminCommand::Where { .. } => println!(
             "{} → node {} ({}) at ring epoch {}",
             body["key"].as_str().unwrap_or("?"),
