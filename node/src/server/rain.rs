@@ -407,14 +407,16 @@ impl RainCopies {
         refunded_cents: Option<u64>,
     ) -> Result<Held, CopyRefused> {
         let rain_id = definition.rain_id.clone();
-        self.check_fence(&rain_id, epoch, committed)?;
         let state = restore_state(definition, grants, refunded_cents)?;
+        // The copies' lock is held from the fence check to the write, and a recovery takes
+        // it to raise the fence: a write is either in the recovery's summary or refused.
+        let mut copies = self.copies();
+        self.check_fence(&rain_id, epoch, committed)?;
         let copy = Copy { epoch, state };
         let held = Held {
             grants: copy.state.grants.len(),
             refunded: copy.state.refunded_cents.is_some(),
         };
-        let mut copies = self.copies();
         // Under the lock, so the saved copy is never older than the one in memory.
         self.clear_grants(&rain_id);
         self.save_grants(&rain_id, 0, &copy.state.grants);
@@ -438,8 +440,8 @@ impl RainCopies {
         grants: &[Grant],
         refunded_cents: Option<u64>,
     ) -> Result<Held, CopyRefused> {
-        self.check_fence(rain_id, epoch, committed)?;
         let mut copies = self.copies();
+        self.check_fence(rain_id, epoch, committed)?;
         let Some(copy) = copies.get_mut(rain_id).filter(|c| c.epoch == epoch) else {
             return Err(CopyRefused::OutOfStep);
         };
@@ -464,8 +466,13 @@ impl RainCopies {
 
     /// Raises the fence to `epoch` and summarises the copy held.
     pub fn recover(&self, rain_id: &str, epoch: u64) -> Option<CopySummary> {
+        let copies = self.copies();
         self.raise_fence(rain_id, epoch);
-        self.summary(rain_id)
+        copies.get(rain_id).map(|copy| CopySummary {
+            epoch: copy.epoch,
+            grants: copy.state.grants.len(),
+            refunded_cents: copy.state.refunded_cents,
+        })
     }
 
     /// The copy held, summarised.
