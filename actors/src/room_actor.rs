@@ -322,6 +322,12 @@ pub enum RoomMsg {
         /// Count per emoji.
         counts: std::collections::BTreeMap<String, u64>,
     },
+    /// Bullet comments an edge node admitted for this room over a short batch (Q6),
+    /// at most one per user. No answer: the edge answered their senders.
+    BulletBatch {
+        /// The bullets, each its user's latest of the batch.
+        bullets: Vec<crate::bullets::Bullet>,
+    },
     /// A notice for every member from a service of the room (a quiz question, a rain
     /// starting, bullet comments): delivered as is, logged in the event log. No answer.
     Announce {
@@ -607,6 +613,13 @@ impl Actor for RoomActor {
                 if let Ok(dropped) = state.core.handle_react_batch(now_ms, &counts) {
                     if dropped > 0 {
                         metrics::counter!("chorus_reactions_dropped_total").increment(dropped);
+                    }
+                }
+            }
+            RoomMsg::BulletBatch { bullets } => {
+                if let Ok(dropped) = state.core.handle_bullet_batch(now_ms, bullets) {
+                    if dropped > 0 {
+                        metrics::counter!("chorus_bullets_dropped_total").increment(dropped);
                     }
                 }
             }

@@ -458,6 +458,17 @@ pub struct RoomReactRequest {
     pub emoji: String,
 }
 
+/// `room.bullet`: a bullet comment (SPEC Q6), shown over the room's stream if it is
+/// chosen for a window (`room.bullets`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomBulletRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// 1-50 characters (the node's `bullets.chars_max`) after trimming, no control
+    /// characters, no blocked word.
+    pub text: String,
+}
+
 /// `room.set_role`: the host makes or unmakes moderators; moderators move a speaker to
 /// the audience (`listener`); a speaker leaves the stage by setting its own role to
 /// `listener`. Nobody becomes a speaker this way: moderators invite (`room.invite`) and
@@ -622,6 +633,27 @@ pub struct ReactionsEvent {
     pub counts: BTreeMap<String, u64>,
 }
 
+/// One bullet comment shown in a room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bullet {
+    /// Who sent it.
+    pub user_id: UserId,
+    /// Its text.
+    pub text: String,
+    /// When the sender's node accepted it, ms since the epoch.
+    pub at_ms: u64,
+}
+
+/// `room.bullets` notification: the bullet comments chosen for one window (at most the
+/// room's rate times the window), in the order they were sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulletsEvent {
+    /// The room.
+    pub room_id: RoomId,
+    /// The chosen bullets, oldest first.
+    pub bullets: Vec<Bullet>,
+}
+
 /// `room.listeners` notification: the listener count, pushed at a bounded rate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenersEvent {
@@ -750,6 +782,8 @@ request_table! {
     RoomVote = "room.vote": RoomVoteRequest => Empty,
     /// `room.poll_close`
     RoomPollClose = "room.poll_close": RoomPollCloseRequest => PollInfo,
+    /// `room.bullet`
+    RoomBullet = "room.bullet": RoomBulletRequest => Empty,
 }
 
 macro_rules! request_kinds {
@@ -784,6 +818,7 @@ request_kinds! {
     RoomPollCreateRequest = "room.poll_create" => PollInfo,
     RoomVoteRequest = "room.vote" => Empty,
     RoomPollCloseRequest = "room.poll_close" => PollInfo,
+    RoomBulletRequest = "room.bullet" => Empty,
 }
 
 macro_rules! event_table {
@@ -847,6 +882,8 @@ event_table! {
     Speaking = "room.speaking": SpeakingEvent,
     /// A poll opened, its tallies changed, or it closed.
     Poll = "room.poll": PollInfo,
+    /// Bullet comments chosen for one window.
+    Bullets = "room.bullets": BulletsEvent,
 }
 
 impl Event {
@@ -862,6 +899,7 @@ impl Event {
             Event::Invitation(e) => &e.room_id,
             Event::Speaking(e) => &e.room_id,
             Event::Poll(e) => &e.room_id,
+            Event::Bullets(e) => &e.room_id,
         }
     }
 
@@ -907,6 +945,10 @@ mod tests {
             ClientRequest::RoomReact(RoomReactRequest {
                 room_id: "r".into(),
                 emoji: "👏".into(),
+            }),
+            ClientRequest::RoomBullet(RoomBulletRequest {
+                room_id: "r".into(),
+                text: "666".into(),
             }),
         ];
         for enc in [Encoding::MsgPack, Encoding::Json] {
@@ -962,6 +1004,7 @@ mod tests {
             RoomPollCreateRequest::KIND,
             RoomVoteRequest::KIND,
             RoomPollCloseRequest::KIND,
+            RoomBulletRequest::KIND,
         ];
         assert_eq!(ClientRequest::KINDS, kinds.as_slice());
         assert!(Event::KINDS.contains(&"room.comment"));
