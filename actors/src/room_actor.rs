@@ -7,8 +7,9 @@
 //!
 //! **Boundary:** ractor mailboxes are unbounded. What enters a room's mailbox is bounded
 //! in front of it: every request comes from a connection that passed its token bucket
-//! (`ConnectionConfig::requests_per_sec`), connections per node are capped, and timers are
-//! at most one outstanding per room (`tick_at_ms`).
+//! (`ConnectionConfig::requests_per_sec`), connections per node are capped, timers are
+//! at most one outstanding per room (`tick_at_ms`), and batches from edges (reactions,
+//! bullet comments) are at most one per node, room and kind every 50 ms.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -329,7 +330,7 @@ pub enum RoomMsg {
         bullets: Vec<crate::bullets::Bullet>,
     },
     /// A notice for every member from a service of the room (a quiz question, a rain
-    /// starting, bullet comments): delivered as is, logged in the event log. No answer.
+    /// starting): delivered as is, logged in the event log. No answer.
     Announce {
         /// The encoded notification.
         body: Arc<EncodedBody>,

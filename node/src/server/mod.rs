@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod analytics;
+pub mod bullets;
 pub mod connection;
 pub mod control;
 pub mod event_log;
@@ -106,6 +107,8 @@ pub struct Node {
     durable: routing::DurableStates,
     /// Reactions counted here, waiting for their batch to the owners.
     reactions: reactions::ReactionBatcher,
+    /// Bullet comments checked here, waiting for their batch to the owners.
+    bullets: bullets::BulletEdge,
     /// Rooms' event logs (set once at start).
     event_log: std::sync::OnceLock<Arc<event_log::NodeEventLog>>,
     /// Ownership epochs of the rooms this node activated.
@@ -461,6 +464,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         durable,
         event_log: std::sync::OnceLock::new(),
         reactions: reactions::ReactionBatcher::default(),
+        bullets: bullets::BulletEdge::new(config.room.bullets.clone()),
         owned_epochs: std::sync::Mutex::new(std::collections::HashMap::new()),
         relays: std::sync::Mutex::new(std::collections::HashMap::new()),
         this: this.clone(),
@@ -499,6 +503,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     tokio::spawn(routing::follow_ring(Arc::downgrade(&node)));
     tokio::spawn(routing::expire_rooms(Arc::downgrade(&node)));
     tokio::spawn(reactions::send_batches(Arc::downgrade(&node)));
+    tokio::spawn(bullets::send_batches(Arc::downgrade(&node)));
     if let Some(repairs) = node.sessions.take_repairs() {
         tokio::spawn(routing::repair_gaps(Arc::downgrade(&node), repairs));
     }
