@@ -370,11 +370,12 @@ async fn a_thousand_senders_at_10_per_sec_are_each_shown_and_viewers_get_at_most
             seen.receipts.len(),
             seen.shown(is_sender),
         );
-        // Fair over time: the longest-unshown go first, so nobody is shown many times
-        // while another waits for its first.
+        // Fair over time: the longest-unshown go first, so nobody is shown much more
+        // often than the average while another waits for its first.
+        let average = seen.total().div_ceil(senders) as u32;
         assert!(
-            most_shown <= 4,
-            "viewer {i}: a sender was shown {most_shown} times before all were shown once"
+            most_shown <= average + 2,
+            "viewer {i}: a sender was shown {most_shown} times (average {average}) before all were shown once"
         );
     }
 }

@@ -289,12 +289,16 @@ impl BulletGate {
 
     /// A bullet an edge admitted (see [`BulletFilter::admit`]) becomes its user's
     /// candidate for this window, replacing an earlier one of the same window. Returns
-    /// false if it was dropped: its text breaks the length rules (the edge is another
-    /// node, so this is checked again; the blocklist is not), or the window holds
+    /// false if it was dropped: its text breaks the length rules or its user id is empty
+    /// or longer than [`crate::room::USER_ID_BYTES_MAX`] (the edge is another node, so
+    /// this is checked again; the blocklist is not), or the window holds
     /// `candidates_max` other users already. A first candidate after an idle spell opens a
     /// window of its own.
     pub fn offer(&mut self, now_ms: u64, bullet: Bullet) -> bool {
-        if check_text(self.config.chars_max, &bullet.text).is_err() || bullet.user_id.is_empty() {
+        if check_text(self.config.chars_max, &bullet.text).is_err()
+            || bullet.user_id.is_empty()
+            || bullet.user_id.len() > crate::room::USER_ID_BYTES_MAX
+        {
             return false;
         }
         let window_ms = self.config.window_ms.max(1);
