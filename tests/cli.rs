@@ -82,6 +82,35 @@ async fn two_cli_users_on_different_transports_talk_in_a_room() {
     .expect("bob did not print the comment");
     assert_eq!(comment["body"]["text"], "hello from the CLI");
     assert_eq!(comment["body"]["user_id"], "alice");
+
+    // carol sends a bullet comment; bob prints the window that shows it
+    let sent = run(&node, "carol", &["bullet", &room_id, " 666 "], true).await;
+    // The join response, then the bullet's answer.
+    assert_eq!(
+        sent.get(1),
+        Some(&serde_json::json!({})),
+        "answered Empty: {sent:?}"
+    );
+    run(
+        &node,
+        "carol",
+        &["bullet", &room_id, &"x".repeat(51)],
+        false,
+    )
+    .await;
+    let bullets = tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let event: serde_json::Value = serde_json::from_str(&line).expect("every line is JSON");
+            if event["kind"] == "room.bullets" {
+                return event;
+            }
+        }
+        panic!("bob's output ended without the bullets");
+    })
+    .await
+    .expect("bob did not print the bullets");
+    assert_eq!(bullets["body"]["bullets"][0]["text"], "666");
+    assert_eq!(bullets["body"]["bullets"][0]["user_id"], "carol");
     let _ = bob.kill().await;
 
     // errors: non-zero exit with a message

@@ -18,19 +18,21 @@
 //! Costs: a join or leave is O(log members) and never broadcasts by itself; the listener
 //! count is pushed from [`RoomCore::handle_tick`] at most once per
 //! [`RoomConfig::listener_count_interval_ms`] (R9). Reactions are counted per window and
-//! pushed once per window (R7).
+//! pushed once per window (R7). Bullet comments (Q6) go through the room's
+//! [`BulletGate`]: candidates in, one `room.bullets` broadcast per window out.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use chorus_protocol::audio::AudioHeader;
 use chorus_protocol::{
-    CommentEvent, ErrorCode, Event, ListenersEvent, MemberInfo, PollInfo, ReactionsEvent, Role,
-    RoomCommentResponse, RoomEndedEvent, RoomId, RoomInfo, RoomInvitationEvent, RoomJoinResponse,
-    RoomLiveEvent, RoomMembersResponse, RoomState, RoomSummary, SpeakingEvent, StageAction,
-    StageEvent, StageInfo, UserId,
+    BulletsEvent, CommentEvent, ErrorCode, Event, ListenersEvent, MemberInfo, PollInfo,
+    ReactionsEvent, Role, RoomCommentResponse, RoomEndedEvent, RoomId, RoomInfo,
+    RoomInvitationEvent, RoomJoinResponse, RoomLiveEvent, RoomMembersResponse, RoomState,
+    RoomSummary, SpeakingEvent, StageAction, StageEvent, StageInfo, UserId,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::bullets::{Bullet, BulletConfig, BulletGate};
 use crate::polls::{PollConfig, PollRefusal, Polls, VoteRecord};
 use crate::rate::TokenBucket;
 use crate::totals::RoomTotals;
@@ -112,6 +114,9 @@ pub struct RoomConfig {
     pub voice: VoiceConfig,
     /// Polls: counts, text bounds, tally rate (R8).
     pub polls: PollConfig,
+    /// Bullet comments: the room's rate and window, text bounds, per-user rate and
+    /// blocklist (Q6; the last three are applied by the edge node).
+    pub bullets: BulletConfig,
 }
 
 impl Default for RoomConfig {
@@ -139,6 +144,7 @@ impl Default for RoomConfig {
             ended_retention_ms: 72 * 3_600_000,
             voice: VoiceConfig::default(),
             polls: PollConfig::default(),
+            bullets: BulletConfig::default(),
         }
     }
 }
@@ -512,6 +518,8 @@ pub struct RoomCore<M> {
     vote_delta_base: u64,
     /// Polls whose tallies changed since their last push.
     polls_dirty: BTreeSet<u64>,
+    /// Bullet comments waiting for their window (not durable).
+    bullets: BulletGate,
     /// When each poll's tallies were last pushed.
     polls_pushed_at_ms: BTreeMap<u64, u64>,
     /// Bumped whenever a member joins or leaves, so the shell can cache what it derives
@@ -524,6 +532,7 @@ pub struct RoomCore<M> {
 impl<M: Clone + Ord> RoomCore<M> {
     /// A room with no members, from its (validated or persisted) definition.
     pub fn new(definition: RoomDefinition, config: RoomConfig) -> Self {
+        let bullets = BulletGate::new(config.bullets.clone(), 0);
         let core = RoomCore {
             definition,
             config,
@@ -548,6 +557,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             vote_delta_base: 0,
             polls_dirty: BTreeSet::new(),
             polls_pushed_at_ms: BTreeMap::new(),
+            bullets,
             members_version: 0,
             effects: Vec::new(),
         };
@@ -804,6 +814,31 @@ impl<M: Clone + Ord> RoomCore<M> {
         true
     }
 
+    /// Bullet comments an edge node admitted for this room (its members, text rules,
+    /// blocklist and per-user rates were checked there; see
+    /// [`crate::bullets::BulletFilter`]): each becomes its user's candidate for the
+    /// current window. The window's choice is broadcast from [`Self::handle_tick`].
+    /// Returns how many were dropped (bad text, window full).
+    ///
+    /// # Errors
+    ///
+    /// [`RoomError::RoomEnded`].
+    pub fn handle_bullet_batch(
+        &mut self,
+        now_ms: u64,
+        bullets: Vec<Bullet>,
+    ) -> Result<u64, RoomError> {
+        self.refuse_if_ended()?;
+        let mut dropped = 0u64;
+        for bullet in bullets {
+            if !self.bullets.offer(now_ms, bullet) {
+                dropped += 1;
+            }
+        }
+        self.checked();
+        Ok(dropped)
+    }
+
     /// The host starts a scheduled room: it goes live and the definition is persisted.
     /// Starting a live room is a no-op.
     pub fn handle_start(&mut self, now_ms: u64, user: &str) -> Result<(), RoomError> {
@@ -911,6 +946,8 @@ impl<M: Clone + Ord> RoomCore<M> {
         self.refuse_if_ended()?;
         self.refuse_unless_host(user, "end")?;
         self.close_reaction_window();
+        // Bullets of the open window are not shown: they are passing remarks.
+        self.bullets.clear();
         self.definition.state = RoomState::Ended;
         self.definition.ended_at_ms = Some(now_ms);
         self.effects
@@ -935,12 +972,21 @@ impl<M: Clone + Ord> RoomCore<M> {
         Ok(())
     }
 
-    /// Timers: closes the reaction window if due (one `room.reactions` broadcast), and
+    /// Timers: closes the reaction window if due (one `room.reactions` broadcast), closes
+    /// the bullet window if due (one `room.bullets` broadcast if any was chosen), and
     /// pushes the listener count if it changed since the last push and
     /// `listener_count_interval_ms` has passed since then. Call it at
     /// [`Self::next_deadline_ms`]; calling it early or late is harmless.
     pub fn handle_tick(&mut self, now_ms: u64) {
         self.close_reaction_window_if_due(now_ms);
+        let bullets = self.bullets.tick(now_ms);
+        if !bullets.is_empty() {
+            self.effects
+                .push(RoomEffect::Broadcast(Event::Bullets(BulletsEvent {
+                    room_id: self.definition.room_id.clone(),
+                    bullets,
+                })));
+        }
         self.evaluate_speakers(now_ms);
         self.push_due_tallies(now_ms);
         if self.listeners_changed_at_ms.is_some() && now_ms >= self.listeners_push_allowed_at_ms() {
@@ -980,7 +1026,8 @@ impl<M: Clone + Ord> RoomCore<M> {
             .iter()
             .map(|id| self.tally_push_allowed_at_ms(*id))
             .min();
-        [reactions, listeners, voice, polls]
+        let bullets = self.bullets.next_deadline_ms();
+        [reactions, listeners, voice, polls, bullets]
             .into_iter()
             .flatten()
             .min()
@@ -1676,6 +1723,7 @@ impl<M: Clone + Ord> RoomCore<M> {
     /// rooms up to [`INVARIANTS_MEMBERS_SCAN_MAX`] members.
     pub fn check_invariants(&self) {
         let config = &self.config;
+        self.bullets.check_invariants();
         // Lifecycle.
         let ended = self.definition.state == RoomState::Ended;
         assert_eq!(
@@ -1687,6 +1735,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             assert!(self.members.is_empty(), "an ended room has no members");
             assert!(self.users.is_empty(), "an ended room has no users");
             assert!(self.reactions.is_none(), "an ended room has no open window");
+            assert_eq!(self.bullets.candidates(), 0, "an ended room has no bullets");
             assert!(self.listeners_changed_at_ms.is_none());
         }
         assert!(
@@ -2128,6 +2177,59 @@ mod tests {
         assert_eq!(
             room.handle_comment(T0, &1, "x"),
             Err(RoomError::RateLimited)
+        );
+    }
+
+    #[test]
+    fn bullet_batches_from_edges_become_one_broadcast_per_window_at_the_rate() {
+        let mut room = room();
+        room.handle_join(T0, 1, HOST).expect("host joins");
+        room.handle_tick(T0);
+        room.drain_effects();
+        let bullet = |user: u64, at_ms: u64| Bullet {
+            user_id: format!("u{user}"),
+            text: format!("hi from {user}"),
+            at_ms,
+        };
+        // Two edges send 20 users' bullets in one window: 5 are shown (20/s × 250 ms).
+        let dropped = room
+            .handle_bullet_batch(T0, (0..10).map(|u| bullet(u, T0)).collect())
+            .expect("live room");
+        assert_eq!(dropped, 0);
+        room.handle_bullet_batch(T0 + 50, (10..20).map(|u| bullet(u, T0 + 50)).collect())
+            .expect("live room");
+        assert_eq!(room.next_deadline_ms(), Some(T0 + 250));
+        room.handle_tick(T0 + 100);
+        assert!(broadcasts(&room.drain_effects()).is_empty(), "window open");
+        let mut shown = BTreeSet::new();
+        for window in 0..4u64 {
+            let now = T0 + 250 * (window + 1);
+            tick_if_due(&mut room, now);
+            let effects = room.drain_effects();
+            let events = broadcasts(&effects);
+            assert_eq!(events.len(), 1, "one broadcast per window");
+            let Event::Bullets(event) = events[0] else {
+                panic!("not bullets: {:?}", events[0]);
+            };
+            assert_eq!(event.bullets.len(), 5);
+            shown.extend(event.bullets.iter().map(|b| b.user_id.clone()));
+            // Everyone sends again for the next window.
+            room.handle_bullet_batch(now, (0..20).map(|u| bullet(u, now)).collect())
+                .expect("live room");
+        }
+        assert_eq!(
+            shown.len(),
+            20,
+            "each of 20 senders shown once in 4 windows"
+        );
+        room.handle_end(T0 + 2_000, HOST).expect("host ends");
+        assert!(!room
+            .drain_effects()
+            .iter()
+            .any(|e| matches!(e, RoomEffect::Broadcast(Event::Bullets(_)))));
+        assert_eq!(
+            room.handle_bullet_batch(T0 + 2_000, vec![bullet(1, T0)]),
+            Err(RoomError::RoomEnded)
         );
     }
 

@@ -7,8 +7,9 @@
 //!
 //! **Boundary:** ractor mailboxes are unbounded. What enters a room's mailbox is bounded
 //! in front of it: every request comes from a connection that passed its token bucket
-//! (`ConnectionConfig::requests_per_sec`), connections per node are capped, and timers are
-//! at most one outstanding per room (`tick_at_ms`).
+//! (`ConnectionConfig::requests_per_sec`), connections per node are capped, timers are
+//! at most one outstanding per room (`tick_at_ms`), and batches from edges (reactions,
+//! bullet comments) are at most one per node, room and kind every 50 ms.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -322,8 +323,14 @@ pub enum RoomMsg {
         /// Count per emoji.
         counts: std::collections::BTreeMap<String, u64>,
     },
+    /// Bullet comments an edge node admitted for this room over a short batch (Q6),
+    /// at most one per user. No answer: the edge answered their senders.
+    BulletBatch {
+        /// The bullets, each its user's latest of the batch.
+        bullets: Vec<crate::bullets::Bullet>,
+    },
     /// A notice for every member from a service of the room (a quiz question, a rain
-    /// starting, bullet comments): delivered as is, logged in the event log. No answer.
+    /// starting): delivered as is, logged in the event log. No answer.
     Announce {
         /// The encoded notification.
         body: Arc<EncodedBody>,
@@ -607,6 +614,13 @@ impl Actor for RoomActor {
                 if let Ok(dropped) = state.core.handle_react_batch(now_ms, &counts) {
                     if dropped > 0 {
                         metrics::counter!("chorus_reactions_dropped_total").increment(dropped);
+                    }
+                }
+            }
+            RoomMsg::BulletBatch { bullets } => {
+                if let Ok(dropped) = state.core.handle_bullet_batch(now_ms, bullets) {
+                    if dropped > 0 {
+                        metrics::counter!("chorus_bullets_dropped_total").increment(dropped);
                     }
                 }
             }

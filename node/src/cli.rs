@@ -112,6 +112,19 @@ pub struct ServeArgs {
     /// Comment burst per user in a room (default 10).
     #[arg(long)]
     pub comment_burst: Option<u32>,
+    /// Bullet comments a room shows per second, across the cluster (default 20).
+    #[arg(long)]
+    pub bullet_rate_per_sec: Option<u32>,
+    /// Bullet comments a user may send per second on this node (default 2).
+    #[arg(long)]
+    pub bullet_user_rate_per_sec: Option<u32>,
+    /// Bullet burst per user on this node (default 4).
+    #[arg(long)]
+    pub bullet_user_burst: Option<u32>,
+    /// Words refused in bullet comments, case-insensitive, comma-separated (default none;
+    /// replaces the config file's `room.bullets.blocklist`).
+    #[arg(long, value_delimiter = ',')]
+    pub bullet_blocklist: Option<Vec<String>>,
 }
 
 impl ServeArgs {
@@ -144,6 +157,10 @@ impl ServeArgs {
             resume_buffer_frames_max => limits.resume_buffer_frames_max,
             comment_rate_per_sec => room.comment_rate_per_sec,
             comment_burst => room.comment_burst,
+            bullet_rate_per_sec => room.bullets.rate_per_sec,
+            bullet_user_rate_per_sec => room.bullets.user_rate_per_sec,
+            bullet_user_burst => room.bullets.user_burst,
+            bullet_blocklist => room.bullets.blocklist,
         }
         if self.ca_dir.is_some() {
             config.ca_dir = self.ca_dir;

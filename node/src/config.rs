@@ -52,7 +52,8 @@ pub struct NodeConfig {
     pub tls_names: Vec<String>,
     /// Protocol limits.
     pub limits: LimitsConfig,
-    /// Room limits (comment length and rate, reaction window, listener-count interval, …).
+    /// Room limits (comment length and rate, reaction window, listener-count interval,
+    /// bullet comments under `[room.bullets]`, …).
     pub room: chorus_actors::room::RoomConfig,
     /// Red-packet rains.
     pub rain: RainConfig,
@@ -258,6 +259,7 @@ impl NodeConfig {
                 return Err(ConfigError::Invalid(message.to_string()));
             }
         }
+        self.room.bullets.validate().map_err(ConfigError::Invalid)?;
         if self.voters_max != 3 && self.voters_max != 5 {
             return Err(ConfigError::Invalid("voters_max must be 3 or 5".into()));
         }
@@ -297,6 +299,19 @@ mod tests {
         assert_eq!(config.http_addr.port(), 9000);
         assert_eq!(config.limits.ping_interval_ms, 500);
         assert_eq!(config.limits.requests_per_sec, 20);
+        std::fs::write(
+            &path,
+            "[room.bullets]\nrate_per_sec = 40\nblocklist = [\"spam\"]\n",
+        )
+        .expect("write");
+        let config = NodeConfig::from_file(&path).expect("parse");
+        assert_eq!(config.room.bullets.rate_per_sec, 40);
+        assert_eq!(config.room.bullets.blocklist, ["spam"]);
+        assert_eq!(config.room.bullets.window_ms, 250, "the rest defaults");
+        config.validate().expect("valid");
+        std::fs::write(&path, "[room.bullets]\nrate_per_sec = 0\n").expect("write");
+        let config = NodeConfig::from_file(&path).expect("parse");
+        assert!(config.validate().is_err(), "a room must show bullets");
         std::fs::write(&path, "no_such_field = 1\n").expect("write");
         assert!(NodeConfig::from_file(&path).is_err());
     }

@@ -1,4 +1,5 @@
-//! `chorus loadgen`: many virtual clients in one room, measuring comment delivery.
+//! `chorus loadgen`: many virtual clients in one room, measuring comment delivery (and,
+//! with `--reactors`, `--speakers` or `--bulleters`, reactions, voice or bullet comments).
 //!
 //! N listeners join one room (ramped at `--connect-rate`), then M senders post comments at
 //! `--rate` per second each for `--duration` seconds. Each comment's text carries its send
@@ -31,7 +32,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chorus_protocol::{
-    Encoding, Event, RoomCommentRequest, RoomCreateRequest, RoomReactRequest, RoomRef,
+    Encoding, ErrorCode, Event, RoomBulletRequest, RoomCommentRequest, RoomCreateRequest,
+    RoomReactRequest, RoomRef,
 };
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -77,6 +79,9 @@ const LATENCY_US_MAX: u64 = 60_000_000;
 const COMMENT_PREFIX: &str = "lg";
 /// The emoji reactors send.
 const REACTION_EMOJI: &str = "👏";
+/// Distinct bullet senders a run tells apart in its report; beyond, shown senders are not
+/// recorded (the count saturates).
+const BULLET_SENDERS_TRACKED_MAX: usize = 100_000;
 /// Most speakers one run may put on stage (the room's default stage size).
 pub const SPEAKERS_MAX: u32 = 50;
 
@@ -107,6 +112,14 @@ pub struct LoadgenArgs {
     /// Reactions per second per reacting client.
     #[arg(long, default_value_t = 10.0)]
     pub reaction_rate: f64,
+    /// Bullet-comment clients (Q6): each sends `--bullet-rate` bullets per second. Nodes
+    /// let 2/s per user through (burst 4) and refuse the rest as rate limited (counted,
+    /// not errors); a room shows 20/s chosen from all senders.
+    #[arg(long, default_value_t = 0)]
+    pub bulleters: u32,
+    /// Bullets per second per bullet-comment client.
+    #[arg(long, default_value_t = 10.0)]
+    pub bullet_rate: f64,
     /// Speaking clients (R11): the room's host invites each to the stage; each sends one
     /// voice frame every `--frame-ms`, carrying its send time, for `--duration` seconds.
     #[arg(long, default_value_t = 0)]
@@ -202,6 +215,25 @@ pub struct ReactionsReport {
     pub reactions_expected: u64,
 }
 
+/// Bullet comments (with `--bulleters`): what was sent, refused and shown.
+#[derive(Debug, Clone, Serialize)]
+pub struct BulletsReport {
+    /// Bullet-comment clients that connected and joined.
+    pub bulleters_connected: u64,
+    /// Bullets the server accepted.
+    pub bullets_sent: u64,
+    /// Bullets refused as rate limited (the per-user limit; expected above 2/s).
+    pub bullets_rate_limited: u64,
+    /// `room.bullets` notifications the listeners received, in all.
+    pub notifications: u64,
+    /// Bullets shown per listener per second: at most the room's rate (20/s by default).
+    pub shown_per_listener_per_sec: f64,
+    /// Most bullets in one notification (one window's share of the rate).
+    pub per_notification_max: u64,
+    /// Distinct senders any listener was shown.
+    pub senders_shown: u64,
+}
+
 /// Voice (with `--speakers`): frames sent and delivered, and the time they took.
 #[derive(Debug, Clone, Serialize)]
 pub struct VoiceReport {
@@ -273,6 +305,8 @@ pub struct LoadgenReport {
     pub reactions: Option<ReactionsReport>,
     /// With `--speakers`.
     pub voice: Option<VoiceReport>,
+    /// With `--bulleters`.
+    pub bullets: Option<BulletsReport>,
 }
 
 /// Counters shared by every task.
@@ -293,6 +327,14 @@ struct Stats {
     reactors_joined: AtomicU64,
     reaction_notifications: AtomicU64,
     reactions_counted: AtomicU64,
+    bulleters_joined: AtomicU64,
+    bullets_sent: AtomicU64,
+    bullets_rate_limited: AtomicU64,
+    bullet_notifications: AtomicU64,
+    bullets_shown: AtomicU64,
+    bullets_per_notification_max: AtomicU64,
+    /// Senders shown to any listener (at most [`BULLET_SENDERS_TRACKED_MAX`]).
+    bullet_senders_shown: Mutex<std::collections::HashSet<String>>,
     /// Notifications of any kind the listeners received.
     notifications: AtomicU64,
     speakers_joined: AtomicU64,
@@ -331,6 +373,13 @@ impl Stats {
             reactors_joined: AtomicU64::new(0),
             reaction_notifications: AtomicU64::new(0),
             reactions_counted: AtomicU64::new(0),
+            bulleters_joined: AtomicU64::new(0),
+            bullets_sent: AtomicU64::new(0),
+            bullets_rate_limited: AtomicU64::new(0),
+            bullet_notifications: AtomicU64::new(0),
+            bullets_shown: AtomicU64::new(0),
+            bullets_per_notification_max: AtomicU64::new(0),
+            bullet_senders_shown: Mutex::new(std::collections::HashSet::new()),
             notifications: AtomicU64::new(0),
             speakers_joined: AtomicU64::new(0),
             audio_sent: AtomicU64::new(0),
@@ -362,6 +411,25 @@ impl Stats {
         if let Ok(mut map) = self.errors_by_kind.lock() {
             *map.entry(format!("{stage}: {}", error.label()))
                 .or_insert(0) += 1;
+        }
+    }
+
+    /// A listener was shown `bullets` (one `room.bullets`).
+    fn bullets_shown(&self, bullets: &[chorus_protocol::Bullet]) {
+        self.bullet_notifications.fetch_add(1, Ordering::Relaxed);
+        let count = bullets.len() as u64;
+        self.bullets_shown.fetch_add(count, Ordering::Relaxed);
+        self.bullets_per_notification_max
+            .fetch_max(count, Ordering::Relaxed);
+        if let Ok(mut shown) = self.bullet_senders_shown.lock() {
+            for bullet in bullets {
+                if shown.len() >= BULLET_SENDERS_TRACKED_MAX {
+                    break;
+                }
+                if !shown.contains(&bullet.user_id) {
+                    shown.insert(bullet.user_id.clone());
+                }
+            }
         }
     }
 
@@ -448,6 +516,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             + u64::from(args.senders)
             + u64::from(args.reactors)
             + u64::from(args.speakers)
+            + u64::from(args.bulleters)
             + 64,
     );
     let mut transports = Vec::new();
@@ -499,12 +568,14 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     eprintln!(
-        "loadgen: {} listeners, {} senders × {}/s, {} reactors × {}/s, {} speakers × {} ms frames, for {} s on {} (room {}, run {})",
+        "loadgen: {} listeners, {} senders × {}/s, {} reactors × {}/s, {} bulleters × {}/s, {} speakers × {} ms frames, for {} s on {} (room {}, run {})",
         args.listeners,
         args.senders,
         args.rate,
         args.reactors,
         args.reaction_rate,
+        args.bulleters,
+        args.bullet_rate,
         args.speakers,
         args.frame_ms,
         args.duration,
@@ -569,6 +640,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let kinds = [
         (SendKind::Comment, args.senders, args.rate),
         (SendKind::Reaction, args.reactors, args.reaction_rate),
+        (SendKind::Bullet, args.bulleters, args.bullet_rate),
     ];
     for (kind, count, rate_per_sec) in kinds {
         for index in 0..count as usize {
@@ -608,7 +680,8 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     for _ in speakers_started..u64::from(args.speakers) {
         drop(SenderFinished(stats.clone()));
     }
-    let sending_clients = u64::from(args.senders) + u64::from(args.reactors);
+    let sending_clients =
+        u64::from(args.senders) + u64::from(args.reactors) + u64::from(args.bulleters);
     wait_until(Instant::now() + Duration::from_secs(30), || {
         stats.senders_settled.load(Ordering::Relaxed) >= sending_clients
     })
@@ -711,20 +784,23 @@ fn validate(args: &LoadgenArgs) -> anyhow::Result<()> {
         rain::validate(args)?;
     }
     anyhow::ensure!(
-        args.senders <= SENDERS_MAX && args.reactors <= SENDERS_MAX,
-        "--senders and --reactors must be at most {SENDERS_MAX}"
+        args.senders <= SENDERS_MAX
+            && args.reactors <= SENDERS_MAX
+            && args.bulleters <= SENDERS_MAX,
+        "--senders, --reactors and --bulleters must be at most {SENDERS_MAX}"
     );
     anyhow::ensure!(
         args.speakers <= SPEAKERS_MAX,
         "--speakers must be at most {SPEAKERS_MAX}"
     );
     anyhow::ensure!(
-        args.senders + args.reactors + args.speakers > 0,
-        "give --senders, --reactors or --speakers"
+        args.senders + args.reactors + args.bulleters + args.speakers > 0,
+        "give --senders, --reactors, --bulleters or --speakers"
     );
     for (name, rate) in [
         ("--rate", args.rate),
         ("--reaction-rate", args.reaction_rate),
+        ("--bullet-rate", args.bullet_rate),
     ] {
         anyhow::ensure!(
             rate > 0.0 && rate <= RATE_PER_SEC_MAX,
@@ -787,6 +863,7 @@ async fn quic_endpoints(args: &LoadgenArgs) -> anyhow::Result<Vec<quinn::Endpoin
         + args.senders as usize
         + args.reactors as usize
         + args.speakers as usize
+        + args.bulleters as usize
         + 1;
     let count = clients.div_ceil(QUIC_CLIENTS_PER_ENDPOINT).max(1);
     (0..count)
@@ -957,6 +1034,10 @@ async fn listener(index: usize, plan: Arc<Plan>, stats: Arc<Stats>, stop: Cancel
                     .reactions_counted
                     .fetch_add(counted, Ordering::Relaxed);
             }
+            Some(ClientEvent::Notification {
+                event: Event::Bullets(shown),
+                ..
+            }) => stats.bullets_shown(&shown.bullets),
             Some(ClientEvent::Disconnected { code, reason }) => {
                 stats.disconnects.fetch_add(1, Ordering::Relaxed);
                 stats.error("listener", &ClientError::Closed { code, reason });
@@ -975,6 +1056,8 @@ enum SendKind {
     Comment,
     /// Reactions (`--reactors`).
     Reaction,
+    /// Bullet comments (`--bulleters`).
+    Bullet,
 }
 
 impl SendKind {
@@ -983,6 +1066,7 @@ impl SendKind {
         match self {
             SendKind::Comment => ("s", "sender comment"),
             SendKind::Reaction => ("r", "reactor reaction"),
+            SendKind::Bullet => ("b", "bulleter bullet"),
         }
     }
 }
@@ -1033,6 +1117,7 @@ async fn sender(
     match schedule.kind {
         SendKind::Comment => stats.senders_joined.fetch_add(1, Ordering::Relaxed),
         SendKind::Reaction => stats.reactors_joined.fetch_add(1, Ordering::Relaxed),
+        SendKind::Bullet => stats.bulleters_joined.fetch_add(1, Ordering::Relaxed),
     };
     // Senders also receive the room's comments: drain them while waiting.
     loop {
@@ -1092,6 +1177,12 @@ async fn sender(
                         let emoji = REACTION_EMOJI.to_string();
                         in_flight.spawn(async move {
                             requester.request(RoomReactRequest { room_id, emoji }).await.map(|_| ())
+                        });
+                    }
+                    SendKind::Bullet => {
+                        let text = format!("{COMMENT_PREFIX} {index} {n}");
+                        in_flight.spawn(async move {
+                            requester.request(RoomBulletRequest { room_id, text }).await.map(|_| ())
                         });
                     }
                 }
@@ -1156,8 +1247,15 @@ fn record_send(
             let counter = match kind {
                 SendKind::Comment => &stats.sent,
                 SendKind::Reaction => &stats.reactions_sent,
+                SendKind::Bullet => &stats.bullets_sent,
             };
             counter.fetch_add(1, Ordering::Relaxed);
+        }
+        // Bullets above the per-user rate are refused by design: counted, not errors.
+        Ok(Err(ClientError::Server(error)))
+            if kind == SendKind::Bullet && error.code == ErrorCode::RateLimited.as_u16() =>
+        {
+            stats.bullets_rate_limited.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Err(e)) => stats.error(kind.names().1, &e),
         Err(e) => {
@@ -1256,6 +1354,22 @@ fn report(
             reactions_expected: reactions_sent * listeners_joined,
         }
     });
+    let bullets = (args.bulleters > 0).then(|| {
+        let notifications = load(&stats.bullet_notifications);
+        BulletsReport {
+            bulleters_connected: load(&stats.bulleters_joined),
+            bullets_sent: load(&stats.bullets_sent),
+            bullets_rate_limited: load(&stats.bullets_rate_limited),
+            notifications,
+            shown_per_listener_per_sec: per_listener_per_sec(load(&stats.bullets_shown)),
+            per_notification_max: load(&stats.bullets_per_notification_max),
+            senders_shown: stats
+                .bullet_senders_shown
+                .lock()
+                .map(|s| s.len() as u64)
+                .unwrap_or(0),
+        }
+    });
     let voice = if args.speakers > 0 {
         let frames_sent = load(&stats.audio_sent);
         let frames_received = load(&stats.audio_received);
@@ -1304,6 +1418,7 @@ fn report(
         notifications_per_listener_per_sec: per_listener_per_sec(load(&stats.notifications)),
         reactions,
         voice,
+        bullets,
     })
 }
 
@@ -1354,6 +1469,18 @@ fn print_report(r: &LoadgenReport) {
             x.notifications_per_listener_per_sec,
             x.reactions_counted,
             x.reactions_expected
+        );
+    }
+    if let Some(b) = &r.bullets {
+        println!(
+            "  bullets               {} sent by {} bulleters, {} rate limited; {} room.bullets notifications, {:.2} bullets per listener per s (at most {} in one), {} senders shown",
+            b.bullets_sent,
+            b.bulleters_connected,
+            b.bullets_rate_limited,
+            b.notifications,
+            b.shown_per_listener_per_sec,
+            b.per_notification_max,
+            b.senders_shown
         );
     }
     if let Some(v) = &r.voice {

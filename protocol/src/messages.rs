@@ -539,6 +539,17 @@ pub struct RoomReactRequest {
     pub emoji: String,
 }
 
+/// `room.bullet`: a bullet comment (SPEC Q6), shown over the room's stream if it is
+/// chosen for a window (`room.bullets`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomBulletRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// 1-50 characters (the node's `bullets.chars_max`) after trimming, no control
+    /// characters, no blocked word.
+    pub text: String,
+}
+
 /// `room.set_role`: the host makes or unmakes moderators; moderators move a speaker to
 /// the audience (`listener`); a speaker leaves the stage by setting its own role to
 /// `listener`. Nobody becomes a speaker this way: moderators invite (`room.invite`) and
@@ -703,6 +714,27 @@ pub struct ReactionsEvent {
     pub counts: BTreeMap<String, u64>,
 }
 
+/// One bullet comment shown in a room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bullet {
+    /// Who sent it.
+    pub user_id: UserId,
+    /// Its text.
+    pub text: String,
+    /// When the sender's node accepted it, ms since the epoch.
+    pub at_ms: u64,
+}
+
+/// `room.bullets` notification: the bullet comments chosen for one window (at most the
+/// room's rate times the window), in the order they were sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulletsEvent {
+    /// The room.
+    pub room_id: RoomId,
+    /// The chosen bullets, oldest first.
+    pub bullets: Vec<Bullet>,
+}
+
 /// `room.listeners` notification: the listener count, pushed at a bounded rate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenersEvent {
@@ -833,6 +865,8 @@ request_table! {
     RoomPollClose = "room.poll_close": RoomPollCloseRequest => PollInfo,
     /// `rain.grab`
     RainGrab = "rain.grab": RainGrabRequest => RainGrabResponse,
+    /// `room.bullet`
+    RoomBullet = "room.bullet": RoomBulletRequest => Empty,
 }
 
 macro_rules! request_kinds {
@@ -868,6 +902,7 @@ request_kinds! {
     RoomVoteRequest = "room.vote" => Empty,
     RoomPollCloseRequest = "room.poll_close" => PollInfo,
     RainGrabRequest = "rain.grab" => RainGrabResponse,
+    RoomBulletRequest = "room.bullet" => Empty,
 }
 
 macro_rules! event_table {
@@ -935,6 +970,8 @@ event_table! {
     RainStart = "rain.start": RainStartEvent,
     /// A red-packet rain ended.
     RainEnded = "rain.ended": RainEndedEvent,
+    /// Bullet comments chosen for one window.
+    Bullets = "room.bullets": BulletsEvent,
 }
 
 impl Event {
@@ -952,6 +989,7 @@ impl Event {
             Event::Poll(e) => &e.room_id,
             Event::RainStart(e) => &e.room_id,
             Event::RainEnded(e) => &e.room_id,
+            Event::Bullets(e) => &e.room_id,
         }
     }
 
@@ -997,6 +1035,10 @@ mod tests {
             ClientRequest::RoomReact(RoomReactRequest {
                 room_id: "r".into(),
                 emoji: "👏".into(),
+            }),
+            ClientRequest::RoomBullet(RoomBulletRequest {
+                room_id: "r".into(),
+                text: "666".into(),
             }),
         ];
         for enc in [Encoding::MsgPack, Encoding::Json] {
@@ -1053,6 +1095,7 @@ mod tests {
             RoomVoteRequest::KIND,
             RoomPollCloseRequest::KIND,
             RainGrabRequest::KIND,
+            RoomBulletRequest::KIND,
         ];
         assert_eq!(ClientRequest::KINDS, kinds.as_slice());
         assert!(Event::KINDS.contains(&"room.comment"));

@@ -366,9 +366,14 @@ pub async fn close_code(conn: &mut chorus_node::client::Connection, when: &str) 
 
 /// Three members (b and c join through a), converged: 3 up, one leader, one ring epoch.
 pub async fn three_node_cluster(dir: &Path) -> [TestNode; 3] {
-    let a = start_member(dir, "a", None).await;
-    let b = start_member(dir, "b", Some(&a)).await;
-    let c = start_member(dir, "c", Some(&a)).await;
+    three_node_cluster_with(dir, &[]).await
+}
+
+/// [`three_node_cluster`] with `extra` flags for every node.
+pub async fn three_node_cluster_with(dir: &Path, extra: &[&str]) -> [TestNode; 3] {
+    let a = start_member_with(dir, "a", None, extra).await;
+    let b = start_member_with(dir, "b", Some(&a), extra).await;
+    let c = start_member_with(dir, "c", Some(&a), extra).await;
     let nodes = [a, b, c];
     eventually("the cluster to converge", || async {
         let mut statuses = Vec::new();
@@ -392,6 +397,16 @@ pub const UNTHROTTLED: &[&str] = &["--requests-per-sec", "100000", "--requests-b
 
 /// Starts member `name` under `dir` with the shared CA, joining through `join`.
 pub async fn start_member(dir: &Path, name: &str, join: Option<&TestNode>) -> TestNode {
+    start_member_with(dir, name, join, &[]).await
+}
+
+/// [`start_member`] with `extra` flags.
+pub async fn start_member_with(
+    dir: &Path,
+    name: &str,
+    join: Option<&TestNode>,
+    extra: &[&str],
+) -> TestNode {
     let ca = dir.join("ca");
     let ca = ca.to_str().expect("utf8 path");
     let mut args = vec!["--ca", ca, "--node-name", name];
@@ -401,5 +416,6 @@ pub async fn start_member(dir: &Path, name: &str, join: Option<&TestNode>) -> Te
         seed = seed_node.cluster.to_string();
         args.extend(["--join", seed.as_str()]);
     }
+    args.extend_from_slice(extra);
     TestNode::start_in(&dir.join(name), &args).await
 }

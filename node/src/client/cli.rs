@@ -3,17 +3,17 @@
 //! Every response and every received event is printed as one JSON line on stdout
 //! (events as `{"seq":…,"kind":…,"body":{…}}`, see [`ClientEvent::to_json`]); errors go
 //! to stderr and the command exits non-zero. Each invocation is one connection (one
-//! session), so commands that need membership (`say`, `react`) join first.
+//! session), so commands that need membership (`say`, `react`, `bullet`) join first.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use chorus_protocol::{
-    Encoding, Event, RequestKind, ResumeOutcome, Role, RoomBlockRequest, RoomCommentRequest,
-    RoomCreateRequest, RoomEndRequest, RoomHandRequest, RoomInfoRequest, RoomInterestRequest,
-    RoomInviteAnswerRequest, RoomInviteRequest, RoomInviteUsersRequest, RoomKickRequest,
-    RoomLeaveRequest, RoomMembersRequest, RoomMuteRequest, RoomPollCloseRequest,
+    Encoding, Event, RequestKind, ResumeOutcome, Role, RoomBlockRequest, RoomBulletRequest,
+    RoomCommentRequest, RoomCreateRequest, RoomEndRequest, RoomHandRequest, RoomInfoRequest,
+    RoomInterestRequest, RoomInviteAnswerRequest, RoomInviteRequest, RoomInviteUsersRequest,
+    RoomKickRequest, RoomLeaveRequest, RoomMembersRequest, RoomMuteRequest, RoomPollCloseRequest,
     RoomPollCreateRequest, RoomReactRequest, RoomRef, RoomSetRoleRequest, RoomStageRequest,
     RoomSummaryRequest, RoomVoteRequest,
 };
@@ -93,6 +93,14 @@ pub enum ClientCommand {
         room: String,
         /// One emoji.
         emoji: String,
+    },
+    /// Join a room and send a bullet comment (shown over the stream if the room picks it;
+    /// `join` prints the `room.bullets` a room shows).
+    Bullet {
+        /// Room id.
+        room: String,
+        /// Text (1-50 characters, no blocked word; 2/s per user, burst 4).
+        text: String,
     },
     /// Leave a room.
     Leave {
@@ -399,6 +407,18 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 })
                 .await
                 .context("room.react failed")?;
+            print_json(&response);
+            print_buffered(client);
+        }
+        ClientCommand::Bullet { room, text } => {
+            join_once(client, &room).await?;
+            let response = client
+                .request(RoomBulletRequest {
+                    room_id: room,
+                    text,
+                })
+                .await
+                .context("room.bullet failed")?;
             print_json(&response);
             print_buffered(client);
         }

@@ -772,6 +772,14 @@ impl Connection {
                 metrics::counter!("chorus_reactions_total").increment(1);
                 Ok(ok(Empty {}))
             }
+            ClientRequest::RoomBullet(bullet) => {
+                // Checked and rate limited here, sent to the owner in batches (Q6).
+                self.require_member(session, &bullet.room_id)?;
+                node.bullets
+                    .send(now_ms, &bullet.room_id, &user, &bullet.text)?;
+                metrics::counter!("chorus_bullets_total").increment(1);
+                Ok(ok(Empty {}))
+            }
             ClientRequest::RoomSetRole(r) => {
                 let command = StageCommand::SetRole {
                     user: r.user_id,

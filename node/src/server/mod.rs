@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod analytics;
+pub mod bullets;
 pub mod connection;
 pub mod control;
 pub mod event_log;
@@ -111,6 +112,8 @@ pub struct Node {
     rain_pools: rain::RainPools,
     /// Reactions counted here, waiting for their batch to the owners.
     reactions: reactions::ReactionBatcher,
+    /// Bullet comments checked here, waiting for their batch to the owners.
+    bullets: bullets::BulletEdge,
     /// Rooms' event logs (set once at start).
     event_log: std::sync::OnceLock<Arc<event_log::NodeEventLog>>,
     /// Ownership epochs of the rooms this node activated.
@@ -472,6 +475,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         rain_pools: rain::RainPools::default(),
         event_log: std::sync::OnceLock::new(),
         reactions: reactions::ReactionBatcher::default(),
+        bullets: bullets::BulletEdge::new(config.room.bullets.clone()),
         owned_epochs: std::sync::Mutex::new(std::collections::HashMap::new()),
         relays: std::sync::Mutex::new(std::collections::HashMap::new()),
         this: this.clone(),
@@ -511,6 +515,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     tokio::spawn(routing::expire_rooms(Arc::downgrade(&node)));
     tokio::spawn(reactions::send_batches(Arc::downgrade(&node)));
     tokio::spawn(rain::run_rains(Arc::downgrade(&node)));
+    tokio::spawn(bullets::send_batches(Arc::downgrade(&node)));
     if let Some(repairs) = node.sessions.take_repairs() {
         tokio::spawn(routing::repair_gaps(Arc::downgrade(&node), repairs));
     }

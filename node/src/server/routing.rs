@@ -687,6 +687,14 @@ pub enum NodeMessage {
         /// Count per emoji.
         counts: std::collections::BTreeMap<String, u64>,
     },
+    /// Bullet comments an edge admitted for `room_id`, which this node owns, one per user
+    /// (answered with `Ok(Done)`).
+    BulletBatch {
+        /// Room.
+        room_id: String,
+        /// At most [`super::bullets::BATCH_USERS_MAX`] are taken.
+        bullets: Vec<chorus_actors::bullets::Bullet>,
+    },
     /// The room ended: hand over (and remove) this node's part of its event log, in
     /// order (answered with a `Vec<LoggedEvent>`).
     LogTake {
@@ -2042,6 +2050,10 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                 }
                 Ok(NodeMessage::ReactBatch { room_id, counts }) => {
                     node.react_batch_here(&room_id, counts).await;
+                    encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
+                }
+                Ok(NodeMessage::BulletBatch { room_id, bullets }) => {
+                    node.bullet_batch_here(&room_id, bullets).await;
                     encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
                 }
                 Ok(NodeMessage::LogTake { room_id }) => encode(
