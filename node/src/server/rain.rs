@@ -71,6 +71,8 @@ pub const RAIN_CALL_TIMEOUT_MS: u64 = 2_000;
 pub const POOL_QUEUE_MAX: usize = 65_536;
 /// A pool activates this long before its rain starts (to announce the start on time).
 pub const ACTIVATE_AHEAD_MS: u64 = 2_000;
+/// How long after its end a finished pool stays running.
+pub const IDLE_AFTER_END_MS: u64 = 30_000;
 /// Taps per second a client is assumed to make (SPEC Q7: 4-5), for the throttle factor.
 pub const TAPS_PER_SEC_PER_CLIENT: f64 = 5.0;
 
@@ -810,6 +812,7 @@ impl Node {
             .state(rain_id)
             .ok_or_else(|| unavailable("the local copy vanished"))?;
         let restored = state.grants.len();
+        let ended_before = state.refunded_cents.is_some();
         let pool = RainPool::restore(state, self.config.rain.grabs_per_sec, now_ms());
         let (tx, rx) = mpsc::channel(POOL_QUEUE_MAX);
         let handle = PoolHandle {
@@ -834,7 +837,8 @@ impl Node {
             wake: watch::channel(0).0,
             throttle: 1.0,
             started: false,
-            ended_announced: false,
+            // A rain that ended under an earlier owner was announced by it.
+            ended_announced: ended_before,
         };
         tokio::spawn(task.run());
         tracing::info!(rain = %rain_id, epoch, restored, "rain pool activated");
@@ -1259,6 +1263,15 @@ impl PoolTask {
                 return;
             }
             tracing::info!(rain = %self.rain_id, refunded, "rain ended; unclaimed cents refunded");
+        }
+        if self.ended_announced
+            && self.pending.is_empty()
+            && now >= definition.end_ms().saturating_add(IDLE_AFTER_END_MS)
+        {
+            // Nothing left to do but answer late grabs, which re-activate it.
+            tracing::info!(rain = %self.rain_id, "rain over; pool stopping");
+            self.stop.cancel();
+            return;
         }
         if !self.ended_announced && self.pool.state().refunded_cents.is_some() {
             let (grants, refunded) = self.committed();
