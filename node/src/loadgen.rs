@@ -794,8 +794,8 @@ fn validate(args: &LoadgenArgs) -> anyhow::Result<()> {
         "--speakers must be at most {SPEAKERS_MAX}"
     );
     anyhow::ensure!(
-        args.senders + args.reactors + args.bulleters + args.speakers > 0,
-        "give --senders, --reactors, --bulleters or --speakers"
+        args.senders + args.reactors + args.bulleters + args.speakers + args.grabbers > 0,
+        "give --senders, --reactors, --bulleters, --speakers or --grabbers"
     );
     for (name, rate) in [
         ("--rate", args.rate),
