@@ -666,6 +666,89 @@ pub struct RoomEndedEvent {
     pub by: UserId,
 }
 
+/// `quiz.answer`: a viewer's answer to the open question of a quiz show (it must be in
+/// the show's room). Judged at once; the verdict comes back sealed (see `sealed.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuizAnswerRequest {
+    /// The show.
+    pub quiz_id: String,
+    /// The question's index, from 0.
+    pub question: u32,
+    /// The chosen option's index, from 0.
+    pub option: u8,
+}
+
+/// Response to `quiz.answer`, and the `quiz.result` notification to the answering
+/// session: the verdict sealed with the question's key, which arrives with
+/// `quiz.announce`. A repeated answer gets the same bytes back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuizResultEvent {
+    /// The show's room.
+    pub room_id: RoomId,
+    /// The show.
+    pub quiz_id: String,
+    /// The question.
+    pub question: u32,
+    /// The sealed verdict, lowercase hex (`crate::sealed::open_verdict`).
+    pub sealed: String,
+}
+
+/// `quiz.question` notification: question `index` is open until `deadline_ms` (server
+/// clock). The right option is not in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuizQuestionEvent {
+    /// The show's room.
+    pub room_id: RoomId,
+    /// The show.
+    pub quiz_id: String,
+    /// The question's index, from 0.
+    pub index: u32,
+    /// Questions in the show.
+    pub questions: u32,
+    /// The question.
+    pub text: String,
+    /// The options.
+    pub options: Vec<String>,
+    /// Answers after this are late, ms since the epoch.
+    pub deadline_ms: u64,
+}
+
+/// `quiz.announce` notification: the answer to `question`, one identical packet for
+/// every viewer, with the key that opens the sealed results.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuizAnnounceEvent {
+    /// The show's room.
+    pub room_id: RoomId,
+    /// The show.
+    pub quiz_id: String,
+    /// The question.
+    pub question: u32,
+    /// The right option.
+    pub correct: u8,
+    /// The question's key, lowercase hex (32 bytes).
+    pub key: String,
+    /// Judged answers in time per option.
+    pub counts: Vec<u64>,
+    /// Whether this was the last question.
+    pub last: bool,
+}
+
+/// `quiz.finished` notification: the prize was split among the winners.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuizFinishedEvent {
+    /// The show's room.
+    pub room_id: RoomId,
+    /// The show.
+    pub quiz_id: String,
+    /// Viewers who passed every question.
+    pub winners: u64,
+    /// The prize, cents.
+    pub prize_cents: u64,
+    /// Each winner's share, cents (the first `prize_cents mod winners` winners by user id
+    /// get one cent more).
+    pub share_cents: u64,
+}
+
 macro_rules! request_table {
     ($( $(#[$doc:meta])* $variant:ident = $kind:literal : $req:ty => $resp:ty ),* $(,)?) => {
         /// Every request a client may send, decoded.
@@ -750,6 +833,8 @@ request_table! {
     RoomVote = "room.vote": RoomVoteRequest => Empty,
     /// `room.poll_close`
     RoomPollClose = "room.poll_close": RoomPollCloseRequest => PollInfo,
+    /// `quiz.answer`
+    QuizAnswer = "quiz.answer": QuizAnswerRequest => QuizResultEvent,
 }
 
 macro_rules! request_kinds {
@@ -784,6 +869,7 @@ request_kinds! {
     RoomPollCreateRequest = "room.poll_create" => PollInfo,
     RoomVoteRequest = "room.vote" => Empty,
     RoomPollCloseRequest = "room.poll_close" => PollInfo,
+    QuizAnswerRequest = "quiz.answer" => QuizResultEvent,
 }
 
 macro_rules! event_table {
@@ -847,6 +933,14 @@ event_table! {
     Speaking = "room.speaking": SpeakingEvent,
     /// A poll opened, its tallies changed, or it closed.
     Poll = "room.poll": PollInfo,
+    /// A quiz question opened.
+    QuizQuestion = "quiz.question": QuizQuestionEvent,
+    /// A viewer's sealed verdict (to the answering session).
+    QuizResult = "quiz.result": QuizResultEvent,
+    /// A quiz question's answer, with the key to the sealed verdicts.
+    QuizAnnounce = "quiz.announce": QuizAnnounceEvent,
+    /// A quiz show's prize was split.
+    QuizFinished = "quiz.finished": QuizFinishedEvent,
 }
 
 impl Event {
@@ -862,6 +956,10 @@ impl Event {
             Event::Invitation(e) => &e.room_id,
             Event::Speaking(e) => &e.room_id,
             Event::Poll(e) => &e.room_id,
+            Event::QuizQuestion(e) => &e.room_id,
+            Event::QuizResult(e) => &e.room_id,
+            Event::QuizAnnounce(e) => &e.room_id,
+            Event::QuizFinished(e) => &e.room_id,
         }
     }
 
@@ -962,6 +1060,7 @@ mod tests {
             RoomPollCreateRequest::KIND,
             RoomVoteRequest::KIND,
             RoomPollCloseRequest::KIND,
+            QuizAnswerRequest::KIND,
         ];
         assert_eq!(ClientRequest::KINDS, kinds.as_slice());
         assert!(Event::KINDS.contains(&"room.comment"));
