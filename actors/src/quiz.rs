@@ -381,6 +381,12 @@ impl AnswerShard {
     }
 }
 
+/// The answer shard of `user` among `shards` (XXH3-64 of the user id, modulo): fixed for
+/// a show, since its shard count is stored with it.
+pub fn shard_of(user: &str, shards: u32) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(user.as_bytes()) % u64::from(shards.max(1))) as u32
+}
+
 /// Splits `prize_cents` among `winners` (any order): equal shares, the remainder one cent
 /// each to the first winners in user-id order. Sums to the prize exactly (or to 0 with no
 /// winner).

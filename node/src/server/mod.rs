@@ -10,6 +10,7 @@ pub mod connection;
 pub mod control;
 pub mod event_log;
 pub mod quic;
+pub mod quiz;
 pub mod reactions;
 pub mod routing;
 pub mod session;
@@ -111,6 +112,8 @@ pub struct Node {
     /// Ownership epochs of the rooms this node activated.
     owned_epochs: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     relays: std::sync::Mutex<std::collections::HashMap<u64, Arc<routing::EdgeRelay>>>,
+    /// Quiz shows: decoded definitions, answer shards held here, answer queues.
+    quiz: quiz::QuizService,
     this: std::sync::Weak<Node>,
 }
 
@@ -463,6 +466,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         reactions: reactions::ReactionBatcher::default(),
         owned_epochs: std::sync::Mutex::new(std::collections::HashMap::new()),
         relays: std::sync::Mutex::new(std::collections::HashMap::new()),
+        quiz: quiz::QuizService::default(),
         this: this.clone(),
         connections: AtomicUsize::new(0),
         next_attachment: AtomicU64::new(1),
