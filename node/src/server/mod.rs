@@ -690,6 +690,9 @@ async fn route(node: Arc<Node>, tracker: TaskTracker, request: Request<Incoming>
         }
         (&Method::GET, "/ws") => upgrade(node, tracker, request, false),
         (&Method::GET, "/ws/echo") => upgrade(node, tracker, request, true),
+        (_, path) if path == "/admin/quiz" || path.starts_with("/admin/quiz/") => {
+            admin::route_quiz(&node, request).await
+        }
         (_, path) if path.starts_with("/admin/") => admin::route_async(&node, &request).await,
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
