@@ -39,6 +39,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod quiz;
 mod stage;
 
 use crate::client::{
@@ -137,6 +138,24 @@ pub struct LoadgenArgs {
     /// Seconds to wait after sending stops for deliveries still in flight.
     #[arg(long, default_value_t = 5)]
     pub drain_secs: u64,
+    /// Run a live quiz instead (SPEC Q5): this many viewers join a new room, answer every
+    /// question as it arrives; reports answers/s and the time for each announcement to
+    /// reach every viewer.
+    #[arg(long, default_value_t = 0)]
+    pub quiz_viewers: u32,
+    /// Questions of the quiz.
+    #[arg(long, default_value_t = 3)]
+    pub quiz_questions: u32,
+    /// Seconds to answer each quiz question.
+    #[arg(long, default_value_t = 10)]
+    pub quiz_window_secs: u64,
+    /// The admin API for the quiz, e.g. http://127.0.0.11:7070 (default: from the first
+    /// WebSocket `--url`).
+    #[arg(long)]
+    pub admin_url: Option<String>,
+    /// Admin token for the quiz.
+    #[arg(long, env = "CHORUS_ADMIN_TOKEN", hide_env_values = true, default_value = crate::config::DEV_ADMIN_TOKEN)]
+    pub admin_token: String,
 }
 
 /// Latency percentiles in milliseconds.
@@ -417,6 +436,9 @@ impl Plan {
 
 /// Runs `chorus loadgen`.
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
+    if args.quiz_viewers > 0 {
+        return quiz::run(&args).await;
+    }
     validate(&args)?;
     raise_open_files_limit(
         u64::from(args.listeners)
