@@ -112,7 +112,7 @@ pub fn from_hex(hex: &str) -> Result<Vec<u8>, ProtocolError> {
         _ => Err(ProtocolError::Malformed("not a hex digit".into())),
     };
     let bytes = hex.as_bytes();
-    if bytes.len() % 2 != 0 {
+    if !bytes.len().is_multiple_of(2) {
         return Err(ProtocolError::Malformed("odd hex length".into()));
     }
     bytes

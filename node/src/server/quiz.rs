@@ -229,6 +229,9 @@ pub enum ShardReply {
 
 type Verdicts = Vec<Result<String, ErrorBody>>;
 
+/// One answer shard held here, behind its own lock (answers to other shards do not wait).
+type HeldShard = Arc<Mutex<AnswerShard>>;
+
 struct Pending {
     item: AnswerItem,
     reply: oneshot::Sender<Result<String, ErrorBody>>,
@@ -239,7 +242,7 @@ struct Pending {
 pub struct QuizService {
     records: Mutex<HashMap<String, Arc<QuizRecord>>>,
     states: Mutex<HashMap<String, Arc<QuizState>>>,
-    shards: Mutex<HashMap<(String, u32), Arc<Mutex<AnswerShard>>>>,
+    shards: Mutex<HashMap<(String, u32), HeldShard>>,
     /// Serializes operator actions on the shows this node controls.
     control: tokio::sync::Mutex<()>,
     batchers: Mutex<HashMap<NodeId, mpsc::Sender<Pending>>>,
@@ -285,7 +288,7 @@ impl QuizService {
 
     /// The shard, created empty if this node holds none of it (`None` past
     /// [`SHARDS_HELD_MAX`]); `true` if it was created.
-    fn shard(&self, quiz_id: &str, shard: u32) -> Option<(Arc<Mutex<AnswerShard>>, bool)> {
+    fn shard(&self, quiz_id: &str, shard: u32) -> Option<(HeldShard, bool)> {
         let mut shards = locked(&self.shards);
         let key = (quiz_id.to_string(), shard);
         if let Some(held) = shards.get(&key) {
@@ -299,7 +302,7 @@ impl QuizService {
         Some((created, true))
     }
 
-    fn held_shard(&self, quiz_id: &str, shard: u32) -> Option<Arc<Mutex<AnswerShard>>> {
+    fn held_shard(&self, quiz_id: &str, shard: u32) -> Option<HeldShard> {
         locked(&self.shards)
             .get(&(quiz_id.to_string(), shard))
             .cloned()
@@ -560,11 +563,7 @@ impl Node {
 
     /// The shard here; one this node did not hold is first filled from the copies of the
     /// other live nodes (its previous owner or replica).
-    async fn quiz_shard(
-        &self,
-        quiz_id: &str,
-        shard: u32,
-    ) -> Result<Arc<Mutex<AnswerShard>>, ErrorBody> {
+    async fn quiz_shard(&self, quiz_id: &str, shard: u32) -> Result<HeldShard, ErrorBody> {
         let (held, created) = self.quiz.shard(quiz_id, shard).ok_or_else(|| {
             error(
                 ErrorCode::Unavailable,
