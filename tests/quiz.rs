@@ -127,7 +127,7 @@ fn plan(viewer: usize, k: u32) -> Attempt {
         2 => Attempt::Silent,
         3 => Attempt::Twice,
         4 if k + 1 < QUESTIONS as usize => Attempt::Ahead,
-        5 | 6 if viewer % 4 == 0 => Attempt::Wrong,
+        5 | 6 if viewer.is_multiple_of(4) => Attempt::Wrong,
         _ => Attempt::Right,
     }
 }
@@ -249,7 +249,9 @@ async fn a_quiz_over_three_nodes_matches_an_independent_reference() {
     let quiz = created["quiz_id"].as_str().expect("quiz_id").to_string();
     let mut reference = Reference {
         alive: vec![true; VIEWERS],
-        cards: (0..VIEWERS).map(|v| u32::from(v % 5 == 0)).collect(),
+        cards: (0..VIEWERS)
+            .map(|v| u32::from(v.is_multiple_of(5)))
+            .collect(),
         counts: BTreeMap::new(),
     };
     // Answering before the first question is refused.
@@ -376,7 +378,7 @@ async fn a_quiz_over_three_nodes_matches_an_independent_reference() {
     assert_eq!(finished["paid_cents"], PRIZE_CENTS, "the payout is exact");
     // Results are the same from any node, with a user's history.
     let revived = (0..VIEWERS)
-        .find(|v| reference.alive[*v] && reference.cards[*v] == 0 && v % 5 == 0)
+        .find(|v| reference.alive[*v] && reference.cards[*v] == 0 && v.is_multiple_of(5))
         .map(user);
     if let Some(revived) = revived {
         let results = admin_json(
