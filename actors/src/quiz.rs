@@ -41,6 +41,10 @@ pub const ANSWER_WINDOW_MS_DEFAULT: u64 = 10_000;
 pub const QUESTIONS_MAX: usize = 50;
 /// Most options per question.
 pub const OPTIONS_MAX: usize = 6;
+/// Most users a definition grants revive cards to.
+pub const REVIVE_USERS_MAX: usize = 100_000;
+/// Longest question or option text, bytes.
+pub const QUESTION_TEXT_BYTES_MAX: usize = 500;
 
 /// Why a show cannot be created or an operator action was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +84,10 @@ pub struct QuizDefinition {
     pub questions: Vec<Question>,
     /// Time to answer each question, ms.
     pub window_ms: u64,
+    /// Revive cards by user, granted when the user first answers (at most
+    /// [`REVIVE_USERS_MAX`] users).
+    #[serde(default)]
+    pub revive_cards: BTreeMap<String, u32>,
 }
 
 impl QuizDefinition {
@@ -101,8 +109,23 @@ impl QuizDefinition {
                 return invalid(format!("question {k}'s right option is not one of them"));
             }
         }
+        if self
+            .questions
+            .iter()
+            .flat_map(|q| std::iter::once(&q.text).chain(&q.options))
+            .any(|text| text.is_empty() || text.len() > QUESTION_TEXT_BYTES_MAX)
+        {
+            return invalid(format!(
+                "question and option texts have 1-{QUESTION_TEXT_BYTES_MAX} bytes"
+            ));
+        }
         if self.window_ms == 0 {
             return invalid("the answer window must be positive".into());
+        }
+        if self.revive_cards.len() > REVIVE_USERS_MAX {
+            return invalid(format!(
+                "revive cards go to at most {REVIVE_USERS_MAX} users"
+            ));
         }
         Ok(())
     }
@@ -155,6 +178,19 @@ impl Verdict {
     /// Whether the viewer goes on to the next question.
     pub fn passes(self) -> bool {
         matches!(self, Verdict::Correct | Verdict::Revived)
+    }
+
+    /// The verdict's snake_case name (what is sealed, and what refusals say).
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Correct => "correct",
+            Verdict::Revived => "revived",
+            Verdict::Wrong => "wrong",
+            Verdict::Late => "late",
+            Verdict::NotCurrent => "not_current",
+            Verdict::Skipped => "skipped",
+            Verdict::Eliminated => "eliminated",
+        }
     }
 
     /// Whether the verdict is recorded (the others are refusals that change nothing).
@@ -274,6 +310,64 @@ impl AnswerShard {
         verdict
     }
 
+    /// Closes question `k` (its answer is announced; `options` options): every viewer
+    /// here who passed the questions before it but did not answer it is eliminated at
+    /// `k` (viewers never seen here did not answer question 0 and are out already).
+    /// Returns the answers in time per option.
+    pub fn close(&mut self, k: u32, options: u8) -> Vec<u64> {
+        for viewer in self.viewers.values_mut() {
+            if viewer.eliminated_at.is_none()
+                && viewer.progress == k
+                && !viewer.verdicts.contains_key(&k)
+            {
+                viewer.eliminated_at = Some(k);
+            }
+        }
+        let mut counts = self.counts.get(&k).cloned().unwrap_or_default();
+        counts.resize(usize::from(options).max(counts.len()), 0);
+        counts
+    }
+
+    /// Takes `viewer` as `user`'s state (a copy from another node) if it is further along
+    /// than the one held (more verdicts, or out where the held one is not); per-option
+    /// counts follow from the verdicts.
+    pub fn merge(&mut self, user: &str, viewer: Viewer) {
+        let ahead = match self.viewers.get(user) {
+            None => true,
+            Some(held) => {
+                (viewer.verdicts.len(), viewer.eliminated_at.is_some())
+                    > (held.verdicts.len(), held.eliminated_at.is_some())
+            }
+        };
+        if !ahead {
+            return;
+        }
+        if let Some(held) = self.viewers.get(user) {
+            Self::count(&mut self.counts, held, false);
+        }
+        Self::count(&mut self.counts, &viewer, true);
+        self.viewers.insert(user.to_string(), viewer);
+    }
+
+    /// Adds (or removes) `viewer`'s judged answers in time to `counts`.
+    fn count(counts: &mut BTreeMap<u32, Vec<u64>>, viewer: &Viewer, add: bool) {
+        for (k, (option, verdict)) in &viewer.verdicts {
+            if *verdict == Verdict::Late {
+                continue;
+            }
+            let row = counts.entry(*k).or_default();
+            let index = usize::from(*option);
+            if row.len() <= index {
+                row.resize(index + 1, 0);
+            }
+            row[index] = if add {
+                row[index].saturating_add(1)
+            } else {
+                row[index].saturating_sub(1)
+            };
+        }
+    }
+
     /// The users who passed all `questions`.
     pub fn survivors(&self, questions: u32) -> Vec<String> {
         let mut survivors: Vec<String> = self
@@ -285,6 +379,12 @@ impl AnswerShard {
         survivors.sort_unstable();
         survivors
     }
+}
+
+/// The answer shard of `user` among `shards` (XXH3-64 of the user id, modulo): fixed for
+/// a show, since its shard count is stored with it.
+pub fn shard_of(user: &str, shards: u32) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(user.as_bytes()) % u64::from(shards.max(1))) as u32
 }
 
 /// Splits `prize_cents` among `winners` (any order): equal shares, the remainder one cent
@@ -426,6 +526,7 @@ mod tests {
                 })
                 .collect(),
             window_ms: 10_000,
+            revive_cards: BTreeMap::new(),
         })
         .expect("show")
     }
@@ -512,6 +613,46 @@ mod tests {
         assert_eq!(show.phase, QuizPhase::Finished);
         assert!(show.push(34_000).is_err());
         assert_eq!(shard.survivors(3), vec!["ann".to_string()]);
+    }
+
+    #[test]
+    fn closing_a_question_eliminates_who_did_not_answer_it() {
+        let mut show = show(2);
+        let mut shard = AnswerShard::default();
+        shard.grant_revive_cards("idle", 1);
+        let q0 = show.push(1_000).expect("q0");
+        assert_eq!(
+            shard.answer(Some(&q0), 1_500, "ann", 0, 0),
+            Verdict::Correct
+        );
+        assert_eq!(
+            shard.answer(Some(&q0), 1_500, "bob", 0, 0),
+            Verdict::Correct
+        );
+        assert_eq!(shard.close(0, 3), vec![2, 0, 0]);
+        assert_eq!(
+            shard.viewers["idle"].eliminated_at,
+            Some(0),
+            "did not answer"
+        );
+        show.announce(11_000).expect("a0");
+        let q1 = show.push(12_000).expect("q1");
+        assert_eq!(
+            shard.answer(Some(&q1), 12_500, "ann", 1, 1),
+            Verdict::Correct
+        );
+        assert_eq!(shard.close(1, 3), vec![0, 1, 0]);
+        assert_eq!(shard.viewers["bob"].eliminated_at, Some(1));
+        assert_eq!(shard.survivors(2), vec!["ann".to_string()]);
+        // A copy elsewhere rebuilds the same counts from the verdicts.
+        let mut copy = AnswerShard::default();
+        for (user, viewer) in shard.viewers.clone() {
+            copy.merge(&user, viewer.clone());
+            copy.merge(&user, viewer);
+        }
+        assert_eq!(copy.close(0, 3), vec![2, 0, 0]);
+        assert_eq!(copy.close(1, 3), vec![0, 1, 0]);
+        assert_eq!(copy.survivors(2), shard.survivors(2));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 
 /// Largest admin response read, in bytes.
@@ -66,6 +66,95 @@ pub enum AdminCommand {
         #[arg(long)]
         client_log: Vec<std::path::PathBuf>,
     },
+    /// Live quiz shows (SPEC Q1-Q5).
+    Quiz {
+        /// What to do.
+        #[command(subcommand)]
+        command: QuizCommand,
+    },
+}
+
+/// `chorus admin quiz` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum QuizCommand {
+    /// Create a show in a room; prints `{"quiz_id": …}`. FILE is JSON: a list of
+    /// `{"text", "options": [..], "correct": INDEX}`, or `{"questions": [..],
+    /// "revive_cards": {"USER": N}}`.
+    Create {
+        /// The room viewers watch it in.
+        #[arg(long)]
+        room: String,
+        /// Cents the survivors split.
+        #[arg(long)]
+        prize: u64,
+        /// The questions (JSON file).
+        #[arg(long)]
+        questions: PathBuf,
+        /// Seconds until questions may be pushed.
+        #[arg(long, default_value_t = 0.0)]
+        start_in: f64,
+        /// Seconds to answer each question.
+        #[arg(long, default_value_t = 10.0)]
+        window_secs: f64,
+        /// Answer shards (default 16): more spread answers over more nodes.
+        #[arg(long)]
+        shards: Option<u32>,
+    },
+    /// Push the next question to every viewer (with its deadline).
+    Push {
+        /// The quiz id.
+        quiz: String,
+    },
+    /// Announce the open question's answer (after its deadline), with the key to the
+    /// sealed verdicts and the per-option counts.
+    Announce {
+        /// The quiz id.
+        quiz: String,
+    },
+    /// After the last announcement: split the prize among the survivors.
+    Finish {
+        /// The quiz id.
+        quiz: String,
+    },
+    /// The show's phase and counts.
+    Status {
+        /// The quiz id.
+        quiz: String,
+    },
+    /// Winners and their cents (after `finish`); with `--user`, that user's history.
+    Results {
+        /// The quiz id.
+        quiz: String,
+        /// Whose history.
+        #[arg(long)]
+        user: Option<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What `--questions FILE` may hold.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum QuestionsFile {
+    List(Vec<serde_json::Value>),
+    Show {
+        questions: Vec<serde_json::Value>,
+        #[serde(default)]
+        revive_cards: serde_json::Map<String, serde_json::Value>,
+    },
+}
+
+fn check_id(what: &str, id: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "{what} has letters, digits, - and _ only"
+    );
+    Ok(())
 }
 
 /// `chorus admin rain` subcommands.
@@ -118,14 +207,7 @@ pub enum RainCommand {
 }
 
 fn check_rain_id(rain: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        !rain.is_empty()
-            && rain
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
-        "the rain id has letters, digits, - and _ only"
-    );
-    Ok(())
+    check_id("the rain id", rain)
 }
 
 /// The grants clients saw (user, cents) in `chorus client grab` output files.
@@ -171,6 +253,7 @@ async fn rain_local(
         &args.token,
         hyper::Method::GET,
         &format!("/admin/rain/state?id={rain}"),
+        None,
     )
     .await?;
     let state: chorus_actors::rain::RainState = serde_json::from_value(body["state"].clone())
@@ -253,12 +336,14 @@ pub fn run_ca(args: CaArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Calls `method path` on the node's admin API; returns the JSON body.
+/// Calls `method path` on the node's admin API (with a JSON `body` if given); returns the
+/// JSON body of the answer.
 pub async fn call(
     url: &str,
     token: &str,
     method: hyper::Method,
     path_and_query: &str,
+    body: Option<Vec<u8>>,
 ) -> anyhow::Result<serde_json::Value> {
     let uri: hyper::Uri = url.parse().with_context(|| format!("bad --url {url:?}"))?;
     anyhow::ensure!(
@@ -281,7 +366,8 @@ pub async fn call(
             .uri(path_and_query)
             .header(hyper::header::HOST, &authority)
             .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
-            .body(Empty::<Bytes>::new())?;
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let response = sender.send_request(request).await?;
         let status = response.status();
         let body = Limited::new(response.into_body(), ADMIN_RESPONSE_BYTES_MAX)
@@ -317,6 +403,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         } => return rain_local(&args, rain, None).await,
         _ => {}
     }
+    let mut body = None;
     let (method, path) = match &args.command {
         AdminCommand::Status => (hyper::Method::GET, "/admin/status".to_string()),
         AdminCommand::Nodes => (hyper::Method::GET, "/admin/nodes".to_string()),
@@ -360,8 +447,13 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             command: RainCommand::Audit { .. } | RainCommand::Ledger { .. },
         }
         | AdminCommand::AuditRain { .. } => unreachable!("handled above"),
+        AdminCommand::Quiz { command } => {
+            let (method, path, create) = quiz_request(command)?;
+            body = create;
+            (method, path)
+        }
     };
-    let body = call(&args.url, &args.token, method, &path).await?;
+    let body = call(&args.url, &args.token, method, &path, body).await?;
     if args.json {
         println!("{body}");
         return Ok(());
@@ -386,6 +478,11 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Remove { node } => println!("removing node {node}; watch `status`"),
         // A rain is data for scripts: JSON either way.
         AdminCommand::Rain { .. } | AdminCommand::AuditRain { .. } => println!("{body}"),
+        AdminCommand::Quiz {
+            command: QuizCommand::Results { json: false, .. },
+        } => print_quiz_results(&body),
+        // The other quiz steps print JSON for scripts.
+        AdminCommand::Quiz { .. } => println!("{body}"),
         AdminCommand::Where { .. } => println!(
             "{} → node {} ({}) at ring epoch {}",
             body["key"].as_str().unwrap_or("?"),
@@ -395,6 +492,118 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// The method, path and body of a `chorus admin quiz` command.
+fn quiz_request(command: &QuizCommand) -> anyhow::Result<(hyper::Method, String, Option<Vec<u8>>)> {
+    Ok(match command {
+        QuizCommand::Create {
+            room,
+            prize,
+            questions,
+            start_in,
+            window_secs,
+            shards,
+        } => {
+            check_id("--room", room)?;
+            let text = std::fs::read(questions)
+                .with_context(|| format!("cannot read {}", questions.display()))?;
+            let (questions, revive_cards) = match serde_json::from_slice::<QuestionsFile>(&text)
+                .with_context(|| format!("{} is not a question list", questions.display()))?
+            {
+                QuestionsFile::List(questions) => (questions, serde_json::Map::new()),
+                QuestionsFile::Show {
+                    questions,
+                    revive_cards,
+                } => (questions, revive_cards),
+            };
+            let window_ms = secs_to_ms("--window-secs", *window_secs)?;
+            anyhow::ensure!(window_ms > 0, "--window-secs must be positive");
+            let body = serde_json::json!({
+                "room": room,
+                "prize_cents": prize,
+                "questions": questions,
+                "revive_cards": revive_cards,
+                "start_in_ms": secs_to_ms("--start-in", *start_in)?,
+                "window_ms": window_ms,
+                "shards": shards,
+            });
+            (
+                hyper::Method::POST,
+                "/admin/quiz".to_string(),
+                Some(body.to_string().into_bytes()),
+            )
+        }
+        QuizCommand::Push { quiz }
+        | QuizCommand::Announce { quiz }
+        | QuizCommand::Finish { quiz } => {
+            check_id("the quiz id", quiz)?;
+            let step = match command {
+                QuizCommand::Push { .. } => "push",
+                QuizCommand::Announce { .. } => "announce",
+                _ => "finish",
+            };
+            (
+                hyper::Method::POST,
+                format!("/admin/quiz/{step}?id={quiz}"),
+                None,
+            )
+        }
+        QuizCommand::Status { quiz } => {
+            check_id("the quiz id", quiz)?;
+            (hyper::Method::GET, format!("/admin/quiz?id={quiz}"), None)
+        }
+        QuizCommand::Results { quiz, user, .. } => {
+            check_id("the quiz id", quiz)?;
+            let mut path = format!("/admin/quiz/results?id={quiz}");
+            if let Some(user) = user {
+                check_id("--user", user)?;
+                path.push_str(&format!("&user={user}"));
+            }
+            (hyper::Method::GET, path, None)
+        }
+    })
+}
+
+fn print_quiz_results(body: &serde_json::Value) {
+    println!(
+        "quiz {} in room {}: {} winners, {} of {} cents paid{}",
+        body["quiz_id"].as_str().unwrap_or("?"),
+        body["room_id"].as_str().unwrap_or("?"),
+        body["winners"],
+        body["paid_cents"],
+        body["prize_cents"],
+        if body["finished"] == true {
+            ""
+        } else {
+            " (not finished)"
+        },
+    );
+    if let Some(amounts) = body["amounts"].as_object() {
+        for (user, cents) in amounts {
+            println!("  {user:<24} {cents:>12}");
+        }
+    }
+    let user = &body["user"];
+    if user.is_object() {
+        println!(
+            "user {}: passed {}, eliminated at {}, revived at {}, {} cents",
+            user["user"].as_str().unwrap_or("?"),
+            user["passed"],
+            user["eliminated_at"],
+            user["revived_at"],
+            user["cents"],
+        );
+        if let Some(verdicts) = user["verdicts"].as_object() {
+            for (k, verdict) in verdicts {
+                println!(
+                    "  question {k}: option {} {}",
+                    verdict["option"],
+                    verdict["verdict"].as_str().unwrap_or("?")
+                );
+            }
+        }
+    }
 }
 
 fn print_members(members: &serde_json::Value) {

@@ -41,6 +41,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod quiz;
 mod rain;
 mod stage;
 
@@ -159,12 +160,6 @@ pub struct LoadgenArgs {
     /// Taps per second per grabber (each sent with the pushed throttle's probability).
     #[arg(long, default_value_t = 5.0)]
     pub grab_rate: f64,
-    /// The admin API to create the rain with: `http://HOST:PORT`.
-    #[arg(long)]
-    pub admin_url: Option<String>,
-    /// The admin token.
-    #[arg(long, env = "CHORUS_ADMIN_TOKEN", default_value = crate::config::DEV_ADMIN_TOKEN, hide_env_values = true, hide_default_value = true)]
-    pub admin_token: String,
     /// Packets of the rain.
     #[arg(long, default_value_t = 100_000)]
     pub rain_packets: u64,
@@ -174,6 +169,24 @@ pub struct LoadgenArgs {
     /// Packets one grabber may get.
     #[arg(long, default_value_t = 3)]
     pub rain_cap: u64,
+    /// Run a live quiz instead (SPEC Q5): this many viewers join a new room, answer every
+    /// question as it arrives; reports answers/s and the time for each announcement to
+    /// reach every viewer.
+    #[arg(long, default_value_t = 0)]
+    pub quiz_viewers: u32,
+    /// Questions of the quiz.
+    #[arg(long, default_value_t = 3)]
+    pub quiz_questions: u32,
+    /// Seconds to answer each quiz question.
+    #[arg(long, default_value_t = 10)]
+    pub quiz_window_secs: u64,
+    /// The admin API for the quiz, e.g. http://127.0.0.11:7070 (default: from the first
+    /// WebSocket `--url`).
+    #[arg(long)]
+    pub admin_url: Option<String>,
+    /// Admin token for the quiz.
+    #[arg(long, env = "CHORUS_ADMIN_TOKEN", hide_env_values = true, default_value = crate::config::DEV_ADMIN_TOKEN)]
+    pub admin_token: String,
 }
 
 /// Latency percentiles in milliseconds.
@@ -509,6 +522,9 @@ impl Plan {
 
 /// Runs `chorus loadgen`.
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
+    if args.quiz_viewers > 0 {
+        return quiz::run(&args).await;
+    }
     validate(&args)?;
     raise_open_files_limit(
         u64::from(args.listeners)
@@ -924,6 +940,22 @@ async fn create_room(plan: &Plan) -> anyhow::Result<(String, Host)> {
             task,
         },
     ))
+}
+
+/// The admin API of the run: `--admin-url`, else the first WebSocket `--url`'s host.
+fn admin_url(args: &LoadgenArgs) -> anyhow::Result<String> {
+    if let Some(url) = &args.admin_url {
+        return Ok(url.clone());
+    }
+    let url = ServerUrl::parse(&args.urls[0])?;
+    anyhow::ensure!(
+        url.transport() == TransportKind::WebSocket,
+        "give --admin-url (http://HOST:PORT) with QUIC URLs"
+    );
+    Ok(args.urls[0]
+        .replacen("ws://", "http://", 1)
+        .trim_end_matches("/ws")
+        .to_string())
 }
 
 async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) {

@@ -56,6 +56,12 @@ pub enum ErrorCode {
     InvalidArgument = 4003,
     /// The resume request names an unknown or expired session; the client must resync.
     ResumeFailed = 4004,
+    /// The quiz show does not exist.
+    QuizNotFound = 4005,
+    /// The answer was refused without being judged: no question is open or it is not
+    /// this one (`not_current`), an earlier question was not passed (`skipped`), or the
+    /// viewer is out (`eliminated`); the message starts with that word.
+    QuizRefused = 4006,
     /// An unexpected server error; the request may be retried.
     Internal = 5000,
     /// The server is shutting down or overloaded; retry elsewhere or later.
@@ -88,6 +94,8 @@ impl ErrorCode {
         ErrorCode::RoomEnded,
         ErrorCode::InvalidArgument,
         ErrorCode::ResumeFailed,
+        ErrorCode::QuizNotFound,
+        ErrorCode::QuizRefused,
         ErrorCode::Internal,
         ErrorCode::Unavailable,
     ];
@@ -128,6 +136,8 @@ impl ErrorCode {
             ErrorCode::RoomEnded => "room_ended",
             ErrorCode::InvalidArgument => "invalid_argument",
             ErrorCode::ResumeFailed => "resume_failed",
+            ErrorCode::QuizNotFound => "quiz_not_found",
+            ErrorCode::QuizRefused => "quiz_refused",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
         }

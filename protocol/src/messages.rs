@@ -779,6 +779,89 @@ pub struct RoomEndedEvent {
     pub by: UserId,
 }
 
+/// `quiz.answer`: a viewer's answer to the open question of a quiz show (it must be in
+/// the show's room). Judged at once; the verdict comes back sealed (see `sealed.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuizAnswerRequest {
+    /// The show.
+    pub quiz_id: String,
+    /// The question's index, from 0.
+    pub question: u32,
+    /// The chosen option's index, from 0.
+    pub option: u8,
+}
+
+/// Response to `quiz.answer`, and the `quiz.result` notification to the answering
+/// session: the verdict sealed with the question's key, which arrives with
+/// `quiz.announce`. A repeated answer gets the same bytes back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuizResultEvent {
+    /// The show's room.
+    pub room_id: RoomId,
+    /// The show.
+    pub quiz_id: String,
+    /// The question.
+    pub question: u32,
+    /// The sealed verdict, lowercase hex (`crate::sealed::open_verdict`).
+    pub sealed: String,
+}
+
+/// `quiz.question` notification: question `index` is open until `deadline_ms` (server
+/// clock). The right option is not in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuizQuestionEvent {
+    /// The show's room.
+    pub room_id: RoomId,
+    /// The show.
+    pub quiz_id: String,
+    /// The question's index, from 0.
+    pub index: u32,
+    /// Questions in the show.
+    pub questions: u32,
+    /// The question.
+    pub text: String,
+    /// The options.
+    pub options: Vec<String>,
+    /// Answers after this are late, ms since the epoch.
+    pub deadline_ms: u64,
+}
+
+/// `quiz.announce` notification: the answer to `question`, one identical packet for
+/// every viewer, with the key that opens the sealed results.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuizAnnounceEvent {
+    /// The show's room.
+    pub room_id: RoomId,
+    /// The show.
+    pub quiz_id: String,
+    /// The question.
+    pub question: u32,
+    /// The right option.
+    pub correct: u8,
+    /// The question's key, lowercase hex (32 bytes).
+    pub key: String,
+    /// Judged answers in time per option.
+    pub counts: Vec<u64>,
+    /// Whether this was the last question.
+    pub last: bool,
+}
+
+/// `quiz.finished` notification: the prize was split among the winners.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuizFinishedEvent {
+    /// The show's room.
+    pub room_id: RoomId,
+    /// The show.
+    pub quiz_id: String,
+    /// Viewers who passed every question.
+    pub winners: u64,
+    /// The prize, cents.
+    pub prize_cents: u64,
+    /// Each winner's share, cents (the first `prize_cents mod winners` winners by user id
+    /// get one cent more).
+    pub share_cents: u64,
+}
+
 macro_rules! request_table {
     ($( $(#[$doc:meta])* $variant:ident = $kind:literal : $req:ty => $resp:ty ),* $(,)?) => {
         /// Every request a client may send, decoded.
@@ -867,6 +950,8 @@ request_table! {
     RainGrab = "rain.grab": RainGrabRequest => RainGrabResponse,
     /// `room.bullet`
     RoomBullet = "room.bullet": RoomBulletRequest => Empty,
+    /// `quiz.answer`
+    QuizAnswer = "quiz.answer": QuizAnswerRequest => QuizResultEvent,
 }
 
 macro_rules! request_kinds {
@@ -903,6 +988,7 @@ request_kinds! {
     RoomPollCloseRequest = "room.poll_close" => PollInfo,
     RainGrabRequest = "rain.grab" => RainGrabResponse,
     RoomBulletRequest = "room.bullet" => Empty,
+    QuizAnswerRequest = "quiz.answer" => QuizResultEvent,
 }
 
 macro_rules! event_table {
@@ -972,6 +1058,14 @@ event_table! {
     RainEnded = "rain.ended": RainEndedEvent,
     /// Bullet comments chosen for one window.
     Bullets = "room.bullets": BulletsEvent,
+    /// A quiz question opened.
+    QuizQuestion = "quiz.question": QuizQuestionEvent,
+    /// A viewer's sealed verdict (to the answering session).
+    QuizResult = "quiz.result": QuizResultEvent,
+    /// A quiz question's answer, with the key to the sealed verdicts.
+    QuizAnnounce = "quiz.announce": QuizAnnounceEvent,
+    /// A quiz show's prize was split.
+    QuizFinished = "quiz.finished": QuizFinishedEvent,
 }
 
 impl Event {
@@ -990,6 +1084,10 @@ impl Event {
             Event::RainStart(e) => &e.room_id,
             Event::RainEnded(e) => &e.room_id,
             Event::Bullets(e) => &e.room_id,
+            Event::QuizQuestion(e) => &e.room_id,
+            Event::QuizResult(e) => &e.room_id,
+            Event::QuizAnnounce(e) => &e.room_id,
+            Event::QuizFinished(e) => &e.room_id,
         }
     }
 
@@ -1096,6 +1194,7 @@ mod tests {
             RoomPollCloseRequest::KIND,
             RainGrabRequest::KIND,
             RoomBulletRequest::KIND,
+            QuizAnswerRequest::KIND,
         ];
         assert_eq!(ClientRequest::KINDS, kinds.as_slice());
         assert!(Event::KINDS.contains(&"room.comment"));

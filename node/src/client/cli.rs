@@ -291,6 +291,24 @@ pub enum ClientCommand {
         #[arg(long)]
         no_throttle: bool,
     },
+    /// Answer a quiz question: joins the show's room, sends the answer, prints the sealed
+    /// verdict (`quiz.answer` response); with `--wait`, stays until the question's
+    /// announcement (at most that many seconds) and prints the opened verdict as
+    /// `{"kind":"quiz.verdict",…}`.
+    Answer {
+        /// The quiz id.
+        quiz: String,
+        /// The question's index, from 0.
+        question: u32,
+        /// The option's index, from 0.
+        option: u8,
+        /// The show's room.
+        #[arg(long)]
+        room: String,
+        /// Seconds to wait for the announcement.
+        #[arg(long)]
+        wait: Option<f64>,
+    },
     /// List the room's users, one page (in user id order).
     Members {
         /// Room id.
@@ -550,6 +568,13 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
             };
             act(client, &room, request).await?;
         }
+        ClientCommand::Answer {
+            quiz,
+            question,
+            option,
+            room,
+            wait,
+        } => answer(client, quiz, question, option, room, wait).await?,
         ClientCommand::Members { room, after, limit } => {
             let request = RoomMembersRequest {
                 room_id: room.clone(),
@@ -575,6 +600,50 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
         }
     }
     Ok(())
+}
+
+/// `answer`: joins, answers, prints the sealed verdict and, with `wait`, the opened one.
+async fn answer(
+    client: &mut Client,
+    quiz_id: String,
+    question: u32,
+    option: u8,
+    room: String,
+    wait: Option<f64>,
+) -> anyhow::Result<()> {
+    join_once(client, &room).await?;
+    let result = client
+        .request(chorus_protocol::QuizAnswerRequest {
+            quiz_id,
+            question,
+            option,
+        })
+        .await
+        .context("quiz.answer failed")?;
+    print_json(&result);
+    let Some(wait) = stay_for(wait)? else {
+        print_buffered(client);
+        return Ok(());
+    };
+    let mut sealed = super::quiz::SealedResults::default();
+    sealed.keep(&result);
+    let user = client.user_id().to_string();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let event = tokio::time::timeout_at(deadline, client.next_event()).await;
+        let Ok(Some(event)) = event else {
+            anyhow::bail!("no announcement of question {question} in time");
+        };
+        print_event(&event);
+        if let ClientEvent::Notification { event, .. } = &event {
+            if let Some(opened) = sealed.observe(&user, event) {
+                println!("{}", opened.to_json());
+                if opened.question == question {
+                    return Ok(());
+                }
+            }
+        }
+    }
 }
 
 /// Joins `room` (a new session), sends `request`, prints the answer and what arrived.
@@ -645,6 +714,8 @@ async fn stay(
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut failure = None;
+    let mut sealed = super::quiz::SealedResults::default();
+    let user = client.user_id().to_string();
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
@@ -668,6 +739,11 @@ async fn stay(
             event = client.next_event() => {
                 let Some(event) = event else { break };
                 print_event(&event);
+                if let ClientEvent::Notification { event, .. } = &event {
+                    if let Some(opened) = sealed.observe(&user, event) {
+                        println!("{}", opened.to_json());
+                    }
+                }
                 match &event {
                     ClientEvent::Reconnected { outcome: ResumeOutcome::Resync } => {
                         // A new session is in no room: join again.

@@ -27,6 +27,7 @@ pub mod connection;
 mod driver;
 mod error;
 pub mod ogg_opus;
+pub mod quiz;
 
 #[cfg(test)]
 mod tests;

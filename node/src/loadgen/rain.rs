@@ -1,7 +1,7 @@
 //! `chorus loadgen --grabbers N`: a red-packet rain under load (SPEC Q7).
 //!
 //! N grabbing clients join one room (ramped at `--connect-rate`); then the run creates a
-//! rain in it through the admin API (`--admin-url`), which starts a second later and lasts
+//! rain in it through the admin API (`--admin-url`, default the first WebSocket URL's host), which starts a second later and lasts
 //! `--duration` seconds. Each grabber taps `--grab-rate` times per second, each tap with
 //! its own request id, sent with the probability of the throttle factor the server pushed
 //! (`rain.start`, or the latest answer). Reported: grabs served per second (every answer),
@@ -102,10 +102,6 @@ pub fn validate(args: &LoadgenArgs) -> anyhow::Result<()> {
         args.grab_rate > 0.0 && args.grab_rate <= GRAB_RATE_MAX,
         "--grab-rate must be above 0 and at most {GRAB_RATE_MAX}"
     );
-    anyhow::ensure!(
-        args.admin_url.is_some(),
-        "--grabbers needs --admin-url (the rain is created through the admin API)"
-    );
     Ok(())
 }
 
@@ -158,7 +154,7 @@ pub async fn run(
         ramp_started.elapsed().as_secs_f64()
     );
 
-    let admin_url = args.admin_url.clone().context("--admin-url")?;
+    let admin_url = super::admin_url(args)?;
     let created = crate::admin_cli::call(
         &admin_url,
         &args.admin_token,
@@ -171,6 +167,7 @@ pub async fn run(
             args.rain_cap,
             args.duration * 1000
         ),
+        None,
     )
     .await
     .context("cannot create the rain")?;
@@ -225,6 +222,7 @@ pub async fn run(
         &args.admin_token,
         hyper::Method::GET,
         &format!("/admin/rain/audit?id={id}"),
+        None,
     )
     .await
     .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}));

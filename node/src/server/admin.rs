@@ -16,6 +16,13 @@
 //! - `GET /admin/rain/state?id=ID`: that copy itself (`{epoch, state}`), for audits with a
 //!   client log (`chorus admin rain audit --client-log`).
 //! - `GET /admin/rain/ledger?id=ID`: the ledger, one JSON line per grant then the refund.
+//! - `POST /admin/quiz` with a JSON body `{room, prize_cents, questions: [{text, options,
+//!   correct}], start_in_ms?, window_ms?, revive_cards?: {user: n}, shards?}`: create a
+//!   quiz show (SPEC Q1), committed in Raft; answers `{quiz_id, …}`.
+//! - `POST /admin/quiz/push?id=ID`, `/admin/quiz/announce?id=ID`, `/admin/quiz/finish?id=ID`:
+//!   the operator's steps, run by the show's controller.
+//! - `GET /admin/quiz?id=ID`: the show's phase and counts; `GET /admin/quiz/results?id=ID
+//!   [&user=U]`: winners and cents (after `finish`), and a user's history.
 
 use std::sync::Arc;
 
@@ -70,6 +77,147 @@ fn bad_request(why: impl Into<String>) -> HttpResponse {
         StatusCode::BAD_REQUEST,
         &serde_json::json!({"error": why.into()}),
     )
+}
+
+/// Largest `POST /admin/quiz` body, bytes.
+pub const QUIZ_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// The body of `POST /admin/quiz`.
+#[derive(Debug, serde::Deserialize)]
+struct QuizCreate {
+    room: String,
+    prize_cents: u64,
+    questions: Vec<chorus_actors::quiz::Question>,
+    #[serde(default)]
+    start_in_ms: u64,
+    #[serde(default)]
+    window_ms: Option<u64>,
+    #[serde(default)]
+    revive_cards: std::collections::BTreeMap<String, u32>,
+    #[serde(default)]
+    shards: Option<u32>,
+}
+
+/// Answers `/admin/quiz…` (reads the body of a create).
+pub async fn route_quiz(node: &Arc<Node>, request: Request<hyper::body::Incoming>) -> HttpResponse {
+    use http_body_util::BodyExt as _;
+    if !authorized(node, &request) {
+        return route(node, &request);
+    }
+    let query = request.uri().query().unwrap_or("").to_string();
+    let post = request.method() == hyper::Method::POST;
+    let path = request.uri().path().to_string();
+    if path == "/admin/quiz" && post {
+        let body = match http_body_util::Limited::new(request.into_body(), QUIZ_BODY_BYTES_MAX)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(error) => return bad_request(format!("reading the body: {error}")),
+        };
+        return match serde_json::from_slice::<QuizCreate>(&body) {
+            Ok(create) => create_quiz(node, create).await,
+            Err(error) => bad_request(format!("bad quiz: {error}")),
+        };
+    }
+    let Some(quiz_id) = query_param(&query, "id").filter(|id| !id.is_empty()) else {
+        return bad_request("missing ?id=");
+    };
+    let action = match (path.as_str(), post) {
+        ("/admin/quiz/push", true) => super::quiz::QuizAction::Push,
+        ("/admin/quiz/announce", true) => super::quiz::QuizAction::Announce,
+        ("/admin/quiz/finish", true) => super::quiz::QuizAction::Finish,
+        ("/admin/quiz", false) => super::quiz::QuizAction::Status,
+        ("/admin/quiz/results", false) => super::quiz::QuizAction::Results {
+            user: query_param(&query, "user")
+                .filter(|u| !u.is_empty())
+                .map(str::to_string),
+        },
+        _ => {
+            return json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": "unknown quiz path or method"}),
+            )
+        }
+    };
+    match node.quiz_action(quiz_id, action).await {
+        Ok(value) => json(StatusCode::OK, &value),
+        Err(refusal) => {
+            let status = match refusal.error_code() {
+                Some(chorus_protocol::ErrorCode::QuizNotFound) => StatusCode::NOT_FOUND,
+                Some(chorus_protocol::ErrorCode::InvalidArgument) => StatusCode::CONFLICT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            json(status, &serde_json::json!({"error": refusal.message}))
+        }
+    }
+}
+
+async fn create_quiz(node: &Arc<Node>, create: QuizCreate) -> HttpResponse {
+    let shards = create.shards.unwrap_or(super::quiz::SHARDS_DEFAULT);
+    if !(1..=super::quiz::SHARDS_MAX).contains(&shards) {
+        return bad_request(format!("shards must be 1-{}", super::quiz::SHARDS_MAX));
+    }
+    let metadata = node.cluster.metadata();
+    let Some(room_definition) = metadata
+        .definitions
+        .get(&room_key(&create.room))
+        .and_then(|bytes| rmp_serde::from_slice::<chorus_actors::room::RoomDefinition>(bytes).ok())
+    else {
+        return json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": format!("no room {:?}", create.room)}),
+        );
+    };
+    if room_definition.state == chorus_protocol::RoomState::Ended {
+        return bad_request(format!("room {:?} has ended", create.room));
+    }
+    let definition = chorus_actors::quiz::QuizDefinition {
+        quiz_id: super::session::random_id("quiz-"),
+        room_id: create.room,
+        start_ms: chorus_actors::room_actor::unix_now_ms().saturating_add(create.start_in_ms),
+        prize_cents: create.prize_cents,
+        questions: create.questions,
+        window_ms: create
+            .window_ms
+            .unwrap_or(chorus_actors::quiz::ANSWER_WINDOW_MS_DEFAULT),
+        revive_cards: create.revive_cards,
+    };
+    if let Err(error) = definition.validate() {
+        return bad_request(error.to_string());
+    }
+    let record = super::quiz::QuizRecord { definition, shards };
+    let value = match rmp_serde::to_vec_named(&record) {
+        Ok(value) => value,
+        Err(error) => return bad_request(error.to_string()),
+    };
+    let command = chorus_cluster::metadata::MetadataCommand::PutDefinition {
+        key: super::quiz::quiz_key(&record.definition.quiz_id),
+        value,
+    };
+    let definition = &record.definition;
+    match node.cluster.write(command).await {
+        Ok(chorus_cluster::metadata::MetadataResponse::Ok) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "quiz_id": definition.quiz_id,
+                "room_id": definition.room_id,
+                "start_ms": definition.start_ms,
+                "prize_cents": definition.prize_cents,
+                "questions": definition.questions.len(),
+                "window_ms": definition.window_ms,
+                "shards": record.shards,
+            }),
+        ),
+        Ok(other) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": format!("not committed: {other:?}")}),
+        ),
+        Err(error) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": format!("not committed: {error}")}),
+        ),
+    }
 }
 
 /// Answers an admin request, the ones that wait for Raft included (rains); the rest as

@@ -922,6 +922,7 @@ impl Connection {
                     other => Err(unexpected(other)),
                 }
             }
+            ClientRequest::QuizAnswer(answer) => Ok(ok(node.quiz_answer(session, answer).await?)),
             ClientRequest::Auth(_) | ClientRequest::Ping(_) => Err(ErrorBody::new(
                 ErrorCode::Internal,
                 "auth and ping are handled before dispatch",

@@ -11,6 +11,7 @@ pub mod connection;
 pub mod control;
 pub mod event_log;
 pub mod quic;
+pub mod quiz;
 pub mod rain;
 pub mod reactions;
 pub mod routing;
@@ -119,6 +120,8 @@ pub struct Node {
     /// Ownership epochs of the rooms this node activated.
     owned_epochs: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     relays: std::sync::Mutex<std::collections::HashMap<u64, Arc<routing::EdgeRelay>>>,
+    /// Quiz shows: decoded definitions, answer shards held here, answer queues.
+    quiz: quiz::QuizService,
     this: std::sync::Weak<Node>,
 }
 
@@ -478,6 +481,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         bullets: bullets::BulletEdge::new(config.room.bullets.clone()),
         owned_epochs: std::sync::Mutex::new(std::collections::HashMap::new()),
         relays: std::sync::Mutex::new(std::collections::HashMap::new()),
+        quiz: quiz::QuizService::default(),
         this: this.clone(),
         connections: AtomicUsize::new(0),
         next_attachment: AtomicU64::new(1),
@@ -703,6 +707,9 @@ async fn route(node: Arc<Node>, tracker: TaskTracker, request: Request<Incoming>
         }
         (&Method::GET, "/ws") => upgrade(node, tracker, request, false),
         (&Method::GET, "/ws/echo") => upgrade(node, tracker, request, true),
+        (_, path) if path == "/admin/quiz" || path.starts_with("/admin/quiz/") => {
+            admin::route_quiz(&node, request).await
+        }
         (_, path) if path.starts_with("/admin/") => admin::route_async(&node, &request).await,
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }

@@ -732,6 +732,29 @@ pub enum NodeMessage {
     },
     /// About a red-packet rain (`node/src/server/rain.rs`).
     Rain(super::rain::RainMessage),
+    /// Quiz answers for shards this node owns (answered with one
+    /// `Result<String, ErrorBody>` per answer, in order: the sealed verdict or a refusal).
+    QuizAnswers {
+        /// At most `quiz::ANSWER_BATCH_MAX`.
+        answers: Vec<super::quiz::AnswerItem>,
+    },
+    /// Work on this node's quiz shards (answered with `Result<ShardReply, ErrorBody>`).
+    QuizShards(super::quiz::ShardOp),
+    /// An operator action for a show this node controls (answered with
+    /// `Result<String, ErrorBody>`, the JSON text of the result).
+    QuizControl {
+        /// The show.
+        quiz_id: String,
+        /// What to do.
+        action: super::quiz::QuizAction,
+    },
+    /// A show's new committed state, from its controller (answered with `Ok(Done)`).
+    QuizPhase {
+        /// The show.
+        quiz_id: String,
+        /// The `QuizState`, MessagePack.
+        state: Bytes,
+    },
     /// Events from an owner to the members on this node.
     Relay {
         /// Sending node.
@@ -2096,6 +2119,21 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                     ))),
                 },
                 Ok(NodeMessage::Rain(message)) => node.rain_message(message).await,
+                Ok(NodeMessage::QuizAnswers { answers }) => {
+                    let answers = answers
+                        .into_iter()
+                        .take(super::quiz::ANSWER_BATCH_MAX)
+                        .collect();
+                    encode(&node.quiz_judge(answers).await)
+                }
+                Ok(NodeMessage::QuizShards(op)) => encode(&node.quiz_shard_op(op).await),
+                Ok(NodeMessage::QuizControl { quiz_id, action }) => {
+                    encode(&node.quiz_control(&quiz_id, action).await)
+                }
+                Ok(NodeMessage::QuizPhase { quiz_id, state }) => {
+                    node.quiz_phase_seen(&quiz_id, &state);
+                    encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
+                }
                 Ok(NodeMessage::Relay { items, .. }) => {
                     node.mirrors.apply(items, &node.cluster.metadata());
                     encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
