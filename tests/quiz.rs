@@ -13,7 +13,9 @@ use chorus_protocol::sealed::open_verdict;
 use chorus_protocol::{
     ErrorCode, Event, QuizAnnounceEvent, QuizAnswerRequest, QuizQuestionEvent, QuizResultEvent,
 };
-use common::{create_room, expect_event, join, three_node_cluster, TestNode, DEADLINE};
+use common::{
+    admin_cli as admin, create_room, expect_event, join, three_node_cluster, TestNode, DEADLINE,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -24,21 +26,6 @@ const QUESTIONS: u32 = 5;
 const OPTIONS: u8 = 3;
 const VIEWERS: usize = 120;
 const PRIZE_CENTS: u64 = 100_000;
-
-/// Runs `chorus admin --url http://NODE ARGS…`; returns (success, stdout, stderr).
-async fn admin(node: &TestNode, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .args(["admin", "--url", &format!("http://{}", node.http)])
-        .args(args)
-        .output()
-        .await
-        .expect("run chorus admin");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
 
 /// `admin` that must succeed and print one JSON value.
 async fn admin_json(node: &TestNode, args: &[&str]) -> serde_json::Value {

@@ -315,3 +315,32 @@ pub async fn init_ca(chorus_bin: &Path, ca_dir: &Path) -> Result<(), ChaosError>
         )))
     }
 }
+
+/// Creates `work_dir` (which must not hold a previous run) and a cluster CA in
+/// `work_dir/ca`; returns the CA dir.
+pub async fn prepare_work_dir(chorus_bin: &Path, work_dir: &Path) -> Result<PathBuf, ChaosError> {
+    std::fs::create_dir_all(work_dir).map_err(|source| ChaosError::Io {
+        path: work_dir.to_path_buf(),
+        source,
+    })?;
+    let ca_dir = work_dir.join("ca");
+    if ca_dir.exists() {
+        return Err(ChaosError::Config(format!(
+            "{} holds a previous run; use an empty work dir",
+            work_dir.display()
+        )));
+    }
+    init_ca(chorus_bin, &ca_dir).await?;
+    Ok(ca_dir)
+}
+
+/// `count` nodes, not started: `n1`, `n2`, … on `base_ip`, `base_ip + 1`, ….
+pub fn node_set(base_ip: std::net::Ipv4Addr, count: usize, work_dir: &Path) -> Vec<NodeProcess> {
+    (0..count)
+        .map(|i| {
+            let o = base_ip.octets();
+            let ip = std::net::Ipv4Addr::new(o[0], o[1], o[2], o[3] + i as u8);
+            NodeProcess::new(format!("n{}", i + 1), IpAddr::V4(ip), work_dir)
+        })
+        .collect()
+}

@@ -18,7 +18,7 @@ pub mod rain;
 pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -345,28 +345,11 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
         start,
         format_args!("seed {}; replay: {}", config.seed, config.replay_command()),
     );
-    std::fs::create_dir_all(&config.work_dir).map_err(|source| ChaosError::Io {
-        path: config.work_dir.clone(),
-        source,
-    })?;
-    let ca_dir = config.work_dir.join("ca");
-    if ca_dir.exists() {
-        return Err(ChaosError::Config(format!(
-            "{} holds a previous run; use an empty work dir",
-            config.work_dir.display()
-        )));
-    }
-    cluster::init_ca(&config.chorus_bin, &ca_dir).await?;
+    let ca_dir = cluster::prepare_work_dir(&config.chorus_bin, &config.work_dir).await?;
     let mut violations = Violations::default();
 
     // 1. The cluster.
-    let mut nodes: Vec<NodeProcess> = (0..config.nodes)
-        .map(|i| {
-            let octets = config.base_ip.octets();
-            let ip = Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3] + i as u8);
-            NodeProcess::new(format!("n{}", i + 1), IpAddr::V4(ip), &config.work_dir)
-        })
-        .collect();
+    let mut nodes = cluster::node_set(config.base_ip, config.nodes, &config.work_dir);
     let seed_addr = nodes[0].cluster_addr();
     for (i, node) in nodes.iter_mut().enumerate() {
         let join = (i > 0).then_some(seed_addr);

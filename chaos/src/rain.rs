@@ -9,13 +9,12 @@
 //! violation: the cluster may refuse to pay when it cannot reach a majority; the audit
 //! covers whatever was paid).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chorus_node::client::{Client, ClientConfig, ClientError, ReconnectPolicy};
-use chorus_node::token::{unix_now_secs, TokenKeys};
+use chorus_node::client::{Client, ClientConfig, ClientError};
 use chorus_protocol::{ErrorCode, GrabResult, RainGrabRequest, RoomCreateRequest};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -28,7 +27,6 @@ pub const TAP_RETRY_MS: u64 = 30_000;
 /// Most clients one run makes (file descriptors: one connection each).
 pub const RAIN_CLIENTS_MAX: usize = 10_000;
 
-const SECRET: &str = "chorus-dev-secret";
 const HEALTHY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One rain chaos run.
@@ -152,22 +150,7 @@ fn say(start: Instant, line: impl std::fmt::Display) {
 }
 
 fn client_config(urls: Vec<String>, ca: &Path, user: &str) -> Result<ClientConfig, ChaosError> {
-    let token = TokenKeys::new(SECRET.as_bytes())
-        .mint(user, &[], unix_now_secs(), 24 * 3600)
-        .map_err(|e| ChaosError::Setup(format!("mint token: {e}")))?;
-    let mut config = ClientConfig::new(urls[0].clone(), token);
-    config.urls = urls;
-    config.ca_path = Some(ca.to_path_buf());
-    config.request_timeout_ms = 4_000;
-    config.connect_timeout_ms = 2_000;
-    config.quic_idle_timeout_ms = 6_000;
-    config.reconnect = ReconnectPolicy {
-        enabled: true,
-        initial_backoff_ms: 100,
-        max_backoff_ms: 1_000,
-        attempts_max: 240,
-    };
-    Ok(config)
+    crate::workload::client_config_for(&urls, ca, user).map_err(ChaosError::Setup)
 }
 
 async fn connect(config: ClientConfig) -> Result<Client, ChaosError> {
@@ -257,27 +240,10 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 pub async fn run_rain(config: RainChaosConfig) -> Result<RainChaosReport, ChaosError> {
     config.validate()?;
     let start = Instant::now();
-    std::fs::create_dir_all(&config.work_dir).map_err(|source| ChaosError::Io {
-        path: config.work_dir.clone(),
-        source,
-    })?;
-    let ca_dir = config.work_dir.join("ca");
-    if ca_dir.exists() {
-        return Err(ChaosError::Config(format!(
-            "{} holds a previous run; use an empty work dir",
-            config.work_dir.display()
-        )));
-    }
-    cluster::init_ca(&config.chorus_bin, &ca_dir).await?;
+    let ca_dir = cluster::prepare_work_dir(&config.chorus_bin, &config.work_dir).await?;
     let ca = ca_dir.join("ca.pem");
 
-    let mut nodes: Vec<NodeProcess> = (0..config.nodes)
-        .map(|i| {
-            let o = config.base_ip.octets();
-            let ip = Ipv4Addr::new(o[0], o[1], o[2], o[3] + i as u8);
-            NodeProcess::new(format!("n{}", i + 1), IpAddr::V4(ip), &config.work_dir)
-        })
-        .collect();
+    let mut nodes = cluster::node_set(config.base_ip, config.nodes, &config.work_dir);
     let seed_addr = nodes[0].cluster_addr();
     for (i, node) in nodes.iter_mut().enumerate() {
         node.start(&config.chorus_bin, &ca_dir, (i > 0).then_some(seed_addr))

@@ -178,13 +178,23 @@ pub fn spawn_client(
 }
 
 fn client_config(spec: &ClientSpec) -> Result<ClientConfig, String> {
-    let user = format!("u{}", spec.index);
+    client_config_for(&spec.urls, &spec.ca_path, &format!("u{}", spec.index))
+}
+
+/// A chaos client's configuration: `urls` in order (the first is home), the cluster CA,
+/// a development token for `user`, short timeouts, and about two minutes of reconnects
+/// (longer than any fault the harness injects).
+pub(crate) fn client_config_for(
+    urls: &[String],
+    ca_path: &std::path::Path,
+    user: &str,
+) -> Result<ClientConfig, String> {
     let token = TokenKeys::new(SECRET.as_bytes())
-        .mint(&user, &[], unix_now_secs(), 24 * 3600)
+        .mint(user, &[], unix_now_secs(), 24 * 3600)
         .map_err(|e| format!("mint token: {e}"))?;
-    let mut config = ClientConfig::new(spec.urls[0].clone(), token);
-    config.urls = spec.urls.clone();
-    config.ca_path = Some(spec.ca_path.clone());
+    let mut config = ClientConfig::new(urls[0].clone(), token);
+    config.urls = urls.to_vec();
+    config.ca_path = Some(ca_path.to_path_buf());
     config.request_timeout_ms = 4_000;
     config.connect_timeout_ms = 2_000;
     config.quic_idle_timeout_ms = 6_000;
@@ -192,7 +202,6 @@ fn client_config(spec: &ClientSpec) -> Result<ClientConfig, String> {
         enabled: true,
         initial_backoff_ms: 100,
         max_backoff_ms: 1_000,
-        // About two minutes of trying: longer than any fault the harness injects.
         attempts_max: 240,
     };
     Ok(config)

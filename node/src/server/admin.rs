@@ -72,6 +72,23 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
 
 pub use super::rain::rain_key;
 
+/// The answer when a Raft write did not commit as asked.
+fn not_committed(
+    outcome: Result<
+        chorus_cluster::metadata::MetadataResponse,
+        chorus_cluster::service::ClusterError,
+    >,
+) -> HttpResponse {
+    let why = match outcome {
+        Ok(other) => format!("not committed: {other:?}"),
+        Err(error) => format!("not committed: {error}"),
+    };
+    json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &serde_json::json!({ "error": why }),
+    )
+}
+
 fn bad_request(why: impl Into<String>) -> HttpResponse {
     json(
         StatusCode::BAD_REQUEST,
@@ -209,14 +226,7 @@ async fn create_quiz(node: &Arc<Node>, create: QuizCreate) -> HttpResponse {
                 "shards": record.shards,
             }),
         ),
-        Ok(other) => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({"error": format!("not committed: {other:?}")}),
-        ),
-        Err(error) => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({"error": format!("not committed: {error}")}),
-        ),
+        other => not_committed(other),
     }
 }
 
@@ -301,14 +311,7 @@ async fn create_rain(node: &Arc<Node>, query: &str) -> HttpResponse {
         Ok(chorus_cluster::metadata::MetadataResponse::Ok) => {
             json(StatusCode::OK, &rain_json(&definition))
         }
-        Ok(other) => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({"error": format!("not committed: {other:?}")}),
-        ),
-        Err(error) => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({"error": format!("not committed: {error}")}),
-        ),
+        other => not_committed(other),
     }
 }
 

@@ -21,7 +21,7 @@ use chorus_actors::bullets::{Bullet, BulletConfig, BulletFilter, BulletRefusal};
 use chorus_actors::room_actor::RoomMsg;
 use chorus_protocol::{ErrorBody, ErrorCode};
 
-use super::routing::{decode, encode, NodeMessage, RoomOpReply};
+use super::routing::{encode, NodeMessage};
 use super::Node;
 
 /// How often each room's batch goes to its owner.
@@ -118,21 +118,13 @@ pub(crate) async fn send_batches(node: Weak<Node>) {
                 continue;
             }
             let message = encode(&NodeMessage::BulletBatch { room_id, bullets });
-            let peer = node.clone();
-            // One task per room and batch: a slow owner delays only its own rooms.
-            tokio::spawn(async move {
-                match peer.cluster.call_app(owner, message).await {
-                    Ok(reply) => {
-                        if let Ok(Err(error)) = decode::<Result<RoomOpReply, ErrorBody>>(&reply) {
-                            tracing::debug!(owner, %error.message, "bullet batch refused");
-                        }
-                    }
-                    Err(error) => {
-                        metrics::counter!("chorus_bullet_batches_lost_total").increment(1);
-                        tracing::debug!(owner, %error, "bullet batch lost");
-                    }
-                }
-            });
+            super::reactions::send_batch(
+                &node,
+                owner,
+                message,
+                "bullet",
+                "chorus_bullet_batches_lost_total",
+            );
         }
     }
 }

@@ -8,13 +8,14 @@
 //! the acknowledgment and the batch) is lost, as the window it would have been in is.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chorus_actors::room_actor::RoomMsg;
 
 use super::routing::{decode, encode, NodeMessage, RoomOpReply};
 use super::Node;
+use chorus_cluster::metadata::NodeId;
 use chorus_protocol::ErrorBody;
 
 /// How often each room's counted reactions go to its owner.
@@ -73,23 +74,40 @@ pub(crate) async fn send_batches(node: Weak<Node>) {
                 continue;
             }
             let message = encode(&NodeMessage::ReactBatch { room_id, counts });
-            let peer = node.clone();
-            // One task per room and batch: a slow owner delays only its own rooms.
-            tokio::spawn(async move {
-                match peer.cluster.call_app(owner, message).await {
-                    Ok(reply) => {
-                        if let Ok(Err(error)) = decode::<Result<RoomOpReply, ErrorBody>>(&reply) {
-                            tracing::debug!(owner, %error.message, "reaction batch refused");
-                        }
-                    }
-                    Err(error) => {
-                        metrics::counter!("chorus_reaction_batches_lost_total").increment(1);
-                        tracing::debug!(owner, %error, "reaction batch lost");
-                    }
-                }
-            });
+            send_batch(
+                &node,
+                owner,
+                message,
+                "reaction",
+                "chorus_reaction_batches_lost_total",
+            );
         }
     }
+}
+
+/// Sends an edge batch (`message`) to `owner` in its own task, so a slow owner delays only
+/// its own rooms; a lost batch counts in `lost_metric`.
+pub(crate) fn send_batch(
+    node: &Arc<Node>,
+    owner: NodeId,
+    message: bytes::Bytes,
+    what: &'static str,
+    lost_metric: &'static str,
+) {
+    let node = node.clone();
+    tokio::spawn(async move {
+        match node.cluster.call_app(owner, message).await {
+            Ok(reply) => {
+                if let Ok(Err(error)) = decode::<Result<RoomOpReply, ErrorBody>>(&reply) {
+                    tracing::debug!(owner, what, %error.message, "edge batch refused");
+                }
+            }
+            Err(error) => {
+                metrics::counter!(lost_metric).increment(1);
+                tracing::debug!(owner, what, %error, "edge batch lost");
+            }
+        }
+    });
 }
 
 impl Node {
