@@ -30,6 +30,7 @@ import ssl
 import struct
 import sys
 import time
+import urllib.request
 from typing import Any, Callable
 
 try:
@@ -668,6 +669,48 @@ async def run(args: argparse.Namespace) -> None:
         return f"comment_ids {ids} in the same order on A, B and C"
 
     await step("4 comments: A→(A,B,C), C→(A,B,C), same text/comment_id/order everywhere", c4)
+
+    # 4a. A red-packet rain (§6.16): the operator creates one over the admin API; A, B and C
+    # each grab once per transport, a repeated request_id gets the same packet back, a
+    # second tap is refused by the cap, and an unknown rain is an error.
+    async def c4a():
+        require("room_id" in state, "no room (check 1 failed)")
+        base = args.ws.replace("ws://", "http://", 1).rsplit("/ws", 1)[0]
+        token = os.environ.get("CHORUS_ADMIN_TOKEN", "chorus-dev-admin")
+        url = f"{base}/admin/rain?room={state['room_id']}&total=1000&count=10&cap=1&duration_ms=60000"
+
+        def create() -> dict:
+            req = urllib.request.Request(url, method="POST", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return json.loads(r.read())
+
+        rain = await asyncio.get_running_loop().run_in_executor(None, create)
+        rain_id = rain.get("rain_id")
+        require(isinstance(rain_id, str), f"rain create answered {rain}")
+        packets = set()
+        for x in (a, b, c):
+            body = {"rain_id": rain_id, "request_id": f"tap-{x.name}"}
+            ok = await x.ok("rain.grab", body)
+            require(ok.get("rain_id") == rain_id, f"{x.name}: rain.grab answered {ok}")
+            require(ok.get("result") == "granted", f"{x.name}: first tap not granted: {ok}")
+            amount, packet, throttle = ok.get("amount"), ok.get("packet"), ok.get("throttle")
+            require(isinstance(amount, int) and amount >= 1, f"{x.name}: amount {amount!r}")
+            require(isinstance(packet, int) and packet not in packets, f"{x.name}: packet {packet!r}")
+            require(isinstance(throttle, (int, float)) and 0 < throttle <= 1, f"{x.name}: throttle {throttle!r}")
+            packets.add(packet)
+            again = await x.ok("rain.grab", body)
+            require(
+                again.get("amount") == amount and again.get("packet") == packet,
+                f"{x.name}: the same request_id got {again}, first {ok}",
+            )
+            capped = await x.ok("rain.grab", {"rain_id": rain_id, "request_id": f"tap2-{x.name}"})
+            require(capped.get("result") == "cap_reached", f"{x.name}: a second tap with cap 1 got {capped}")
+            require("amount" not in capped or capped["amount"] is None, f"{x.name}: cap_reached with an amount: {capped}")
+        err = await a.error("rain.grab", {"rain_id": "rain-none", "request_id": "t"})
+        require(err["code"] == 4003, f"an unknown rain gave {err}")
+        return f"rain {rain_id}: packets {sorted(packets)} granted once each, repeats idempotent, cap enforced"
+
+    await step("4a rain.grab on every transport: granted, idempotent, capped", c4a)
 
     # 5. ping, unknown kind, before-auth, forged token
     async def c5():
