@@ -607,25 +607,11 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         stop.clone(),
     ));
 
-    // Ramp: spawn listeners at the connect rate, in 10 ms steps.
     let ramp_started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut spawned: u32 = 0;
-    while spawned < args.listeners {
-        tick.tick().await;
-        let due = (ramp_started.elapsed().as_secs_f64() * args.connect_rate).ceil() as u64;
-        let due = due.clamp(1, u64::from(args.listeners)) as u32;
-        while spawned < due {
-            tracker.spawn(listener(
-                spawned as usize,
-                plan.clone(),
-                stats.clone(),
-                stop.clone(),
-            ));
-            spawned += 1;
-        }
-    }
+    ramp(args.listeners, args.connect_rate, |index| {
+        tracker.spawn(listener(index, plan.clone(), stats.clone(), stop.clone()));
+    })
+    .await;
     let settle_deadline = Instant::now() + Duration::from_secs(30);
     wait_until(settle_deadline, || {
         stats.listeners_settled.load(Ordering::Relaxed) >= u64::from(args.listeners)
@@ -940,6 +926,24 @@ async fn create_room(plan: &Plan) -> anyhow::Result<(String, Host)> {
             task,
         },
     ))
+}
+
+/// Calls `spawn(i)` for `i` in `0..count`, `per_sec` a second, in 10 ms steps (the ramp of
+/// a run's connections).
+async fn ramp(count: u32, per_sec: f64, mut spawn: impl FnMut(usize)) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut spawned: u32 = 0;
+    while spawned < count {
+        tick.tick().await;
+        let due = (started.elapsed().as_secs_f64() * per_sec).ceil() as u64;
+        let due = due.clamp(1, u64::from(count)) as u32;
+        while spawned < due {
+            spawn(spawned as usize);
+            spawned += 1;
+        }
+    }
 }
 
 /// The admin API of the run: `--admin-url`, else the first WebSocket `--url`'s host.

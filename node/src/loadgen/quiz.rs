@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use chorus_protocol::{Event, QuizAnswerRequest, RoomRef};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -144,25 +144,16 @@ pub(super) async fn run(args: &LoadgenArgs) -> anyhow::Result<()> {
         plan.run_id
     );
 
-    // Ramp.
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut spawned: u32 = 0;
-    while spawned < args.quiz_viewers {
-        tick.tick().await;
-        let due = (started.elapsed().as_secs_f64() * args.connect_rate).ceil() as u64;
-        let due = due.clamp(1, u64::from(args.quiz_viewers)) as u32;
-        while spawned < due {
-            tracker.spawn(viewer(
-                spawned as usize,
-                plan.clone(),
-                stats.clone(),
-                started,
-                stop.clone(),
-            ));
-            spawned += 1;
-        }
-    }
+    super::ramp(args.quiz_viewers, args.connect_rate, |index| {
+        tracker.spawn(viewer(
+            index,
+            plan.clone(),
+            stats.clone(),
+            started,
+            stop.clone(),
+        ));
+    })
+    .await;
     let settle = Instant::now() + Duration::from_secs(30);
     while stats.settled.load(Ordering::Relaxed) < u64::from(args.quiz_viewers)
         && Instant::now() < settle

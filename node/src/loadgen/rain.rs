@@ -120,29 +120,21 @@ pub async fn run(
     let rain_id = Arc::new(Mutex::new(String::new()));
 
     let ramp_started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut spawned: u32 = 0;
-    while spawned < args.grabbers {
-        tick.tick().await;
-        let due = (ramp_started.elapsed().as_secs_f64() * args.connect_rate).ceil() as u64;
-        let due = due.clamp(1, u64::from(args.grabbers)) as u32;
-        while spawned < due {
-            tracker.spawn(grabber(
-                spawned as usize,
-                plan.clone(),
-                stats.clone(),
-                grab_stats.clone(),
-                args.grab_rate,
-                start_gate.clone(),
-                stop.clone(),
-                joined.clone(),
-                settled.clone(),
-                rain_id.clone(),
-            ));
-            spawned += 1;
-        }
-    }
+    super::ramp(args.grabbers, args.connect_rate, |index| {
+        tracker.spawn(grabber(
+            index,
+            plan.clone(),
+            stats.clone(),
+            grab_stats.clone(),
+            args.grab_rate,
+            start_gate.clone(),
+            stop.clone(),
+            joined.clone(),
+            settled.clone(),
+            rain_id.clone(),
+        ));
+    })
+    .await;
     super::wait_until(Instant::now() + Duration::from_secs(60), || {
         settled.load(Ordering::Relaxed) >= u64::from(args.grabbers)
     })
