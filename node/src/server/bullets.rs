@@ -135,15 +135,9 @@ impl Node {
     /// (it may come from another node).
     pub(crate) async fn bullet_batch_here(&self, room_id: &str, mut bullets: Vec<Bullet>) {
         bullets.truncate(BATCH_USERS_MAX);
-        match self.activate(room_id).await {
-            Ok(actor) => {
-                let _ = actor.cast(RoomMsg::BulletBatch { bullets });
-            }
-            Err(error) => {
-                metrics::counter!("chorus_bullet_batches_lost_total").increment(1);
-                tracing::debug!(room = %room_id, %error.message, "bullet batch not taken");
-            }
-        }
+        let batch = RoomMsg::BulletBatch { bullets };
+        self.cast_batch_here(room_id, batch, "bullet", "chorus_bullet_batches_lost_total")
+            .await;
     }
 }
 

@@ -114,13 +114,32 @@ impl Node {
     /// Hands a reaction batch to the room's actor here (activating it if this node owns
     /// it and it is not running).
     pub(crate) async fn react_batch_here(&self, room_id: &str, counts: BTreeMap<String, u64>) {
+        let batch = RoomMsg::ReactBatch { counts };
+        self.cast_batch_here(
+            room_id,
+            batch,
+            "reaction",
+            "chorus_reaction_batches_lost_total",
+        )
+        .await;
+    }
+
+    /// Hands an edge batch to the room's actor here, activating it if this node owns it
+    /// and it is not running; a batch the room cannot take counts in `lost_metric`.
+    pub(crate) async fn cast_batch_here(
+        &self,
+        room_id: &str,
+        batch: RoomMsg,
+        what: &'static str,
+        lost_metric: &'static str,
+    ) {
         match self.activate(room_id).await {
             Ok(actor) => {
-                let _ = actor.cast(RoomMsg::ReactBatch { counts });
+                let _ = actor.cast(batch);
             }
             Err(error) => {
-                metrics::counter!("chorus_reaction_batches_lost_total").increment(1);
-                tracing::debug!(room = %room_id, %error.message, "reaction batch not taken");
+                metrics::counter!(lost_metric).increment(1);
+                tracing::debug!(room = %room_id, what, %error.message, "edge batch not taken");
             }
         }
     }
