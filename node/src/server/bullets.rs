@@ -102,14 +102,8 @@ fn full() -> ErrorBody {
 
 /// Sends the batches until the node goes away.
 pub(crate) async fn send_batches(node: Weak<Node>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(BULLET_BATCH_MS));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(node) = node.upgrade() else { return };
-        if node.shutdown.is_cancelled() {
-            return;
-        }
+    let mut ticker = super::NodeTicker::new(node, Duration::from_millis(BULLET_BATCH_MS));
+    while let Some(node) = ticker.next().await {
         for (room_id, batch) in node.bullets.take() {
             let bullets: Vec<Bullet> = batch.into_values().collect();
             let owner = node.owner_of(&room_id);

@@ -125,6 +125,30 @@ pub struct Node {
     this: std::sync::Weak<Node>,
 }
 
+/// The clock of a node's background loop: one tick per period (a late tick delays the
+/// next, never bunches them), and the node for as long as it runs.
+pub(crate) struct NodeTicker {
+    node: std::sync::Weak<Node>,
+    tick: tokio::time::Interval,
+}
+
+impl NodeTicker {
+    /// Ticks every `period`, the first at once.
+    pub(crate) fn new(node: std::sync::Weak<Node>, period: Duration) -> Self {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        NodeTicker { node, tick }
+    }
+
+    /// Waits for the next tick: the node, or `None` once it is gone or shutting down.
+    pub(crate) async fn next(&mut self) -> Option<Arc<Node>> {
+        self.tick.tick().await;
+        self.node
+            .upgrade()
+            .filter(|node| !node.shutdown.is_cancelled())
+    }
+}
+
 impl Node {
     fn next_attachment_id(&self) -> u64 {
         self.next_attachment.fetch_add(1, Ordering::Relaxed)

@@ -357,13 +357,6 @@ impl Node {
         }
     }
 
-    fn ring_owner(&self, key: &str) -> NodeId {
-        self.cluster
-            .ring()
-            .and_then(|ring| ring.owner(key))
-            .unwrap_or_else(|| self.cluster.node_id())
-    }
-
     /// A viewer's `quiz.answer`, on its node: checks it is in the show's room, sends it to
     /// its shard's owner (batched), and gives the session its sealed verdict as a
     /// `quiz.result` notice too (it is then in the resume buffer).
@@ -386,7 +379,7 @@ impl Node {
             ));
         }
         let shard = shard_of(&session.user_id, record.shards);
-        let owner = self.ring_owner(&shard_key(&request.quiz_id, shard));
+        let owner = self.owner_of_key(&shard_key(&request.quiz_id, shard));
         let (reply, verdict) = oneshot::channel();
         let item = AnswerItem {
             quiz_id: request.quiz_id.clone(),
@@ -736,7 +729,7 @@ impl Node {
         let mut owners: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
         for shard in 0..shards {
             owners
-                .entry(self.ring_owner(&shard_key(quiz_id, shard)))
+                .entry(self.owner_of_key(&shard_key(quiz_id, shard)))
                 .or_default()
                 .push(shard);
         }
@@ -749,7 +742,7 @@ impl Node {
         quiz_id: &str,
         action: QuizAction,
     ) -> Result<serde_json::Value, ErrorBody> {
-        let owner = self.ring_owner(&quiz_key(quiz_id));
+        let owner = self.owner_of_key(&quiz_key(quiz_id));
         let json = if owner == self.cluster.node_id() {
             self.quiz_control(quiz_id, action).await?
         } else {
@@ -928,7 +921,7 @@ impl Node {
                     None => None,
                     Some(user) => {
                         let shard = shard_of(&user, record.shards);
-                        let owner = self.ring_owner(&shard_key(quiz_id, shard));
+                        let owner = self.owner_of_key(&shard_key(quiz_id, shard));
                         let op = ShardOp::History {
                             quiz_id: quiz_id.to_string(),
                             shard,

@@ -159,6 +159,16 @@ pub struct Held {
     pub refunded: bool,
 }
 
+impl Held {
+    /// What `state` holds.
+    fn of(state: &RainState) -> Held {
+        Held {
+            grants: state.grants.len(),
+            refunded: state.refunded_cents.is_some(),
+        }
+    }
+}
+
 /// A copy's summary, for recovery.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopySummary {
@@ -168,6 +178,13 @@ pub struct CopySummary {
     pub grants: usize,
     /// The refund, once ended.
     pub refunded_cents: Option<u64>,
+}
+
+impl CopySummary {
+    /// Orders copies: the later epoch first, then more grants, then the refund.
+    fn rank(&self) -> (u64, usize, bool) {
+        (self.epoch, self.grants, self.refunded_cents.is_some())
+    }
 }
 
 /// Part of a copy.
@@ -198,6 +215,16 @@ struct SavedCopy {
 struct Copy {
     epoch: u64,
     state: RainState,
+}
+
+impl Copy {
+    fn summary(&self) -> CopySummary {
+        CopySummary {
+            epoch: self.epoch,
+            grants: self.state.grants.len(),
+            refunded_cents: self.state.refunded_cents,
+        }
+    }
 }
 
 /// Why a write to a copy is refused.
@@ -415,10 +442,7 @@ impl RainCopies {
         let mut copies = self.copies();
         self.check_fence(&rain_id, epoch, committed)?;
         let copy = Copy { epoch, state };
-        let held = Held {
-            grants: copy.state.grants.len(),
-            refunded: copy.state.refunded_cents.is_some(),
-        };
+        let held = Held::of(&copy.state);
         // Under the lock, so the saved copy is never older than the one in memory.
         self.clear_grants(&rain_id);
         self.save_grants(&rain_id, 0, &copy.state.grants);
@@ -460,30 +484,19 @@ impl RainCopies {
             copy.state.refunded_cents = refunded_cents;
             self.save_header(rain_id, copy);
         }
-        Ok(Held {
-            grants: copy.state.grants.len(),
-            refunded: copy.state.refunded_cents.is_some(),
-        })
+        Ok(Held::of(&copy.state))
     }
 
     /// Raises the fence to `epoch` and summarises the copy held.
     pub fn recover(&self, rain_id: &str, epoch: u64) -> Option<CopySummary> {
         let copies = self.copies();
         self.raise_fence(rain_id, epoch);
-        copies.get(rain_id).map(|copy| CopySummary {
-            epoch: copy.epoch,
-            grants: copy.state.grants.len(),
-            refunded_cents: copy.state.refunded_cents,
-        })
+        copies.get(rain_id).map(Copy::summary)
     }
 
     /// The copy held, summarised.
     pub fn summary(&self, rain_id: &str) -> Option<CopySummary> {
-        self.copies().get(rain_id).map(|copy| CopySummary {
-            epoch: copy.epoch,
-            grants: copy.state.grants.len(),
-            refunded_cents: copy.state.refunded_cents,
-        })
+        self.copies().get(rain_id).map(Copy::summary)
     }
 
     /// Grants `from ..` of the copy held (at most [`APPEND_GRANTS_MAX`]).
@@ -564,13 +577,6 @@ impl RainPools {
             }
         }
     }
-
-    /// Stops every pool (shutdown).
-    pub fn stop_all(&self) {
-        for (_, pool) in self.map().drain() {
-            pool.stop.cancel();
-        }
-    }
 }
 
 fn unavailable(why: impl Into<String>) -> ErrorBody {
@@ -610,12 +616,7 @@ fn response(rain_id: &str, outcome: &GrabOutcome, throttle: f64) -> RainGrabResp
 
 /// The ownership epoch of `rain_id` committed in this node's metadata (0 if none).
 fn committed_epoch(node: &Node, rain_id: &str) -> u64 {
-    node.cluster
-        .metadata()
-        .owners
-        .get(&rain_key(rain_id))
-        .map(|o| o.epoch)
-        .unwrap_or(0)
+    node.committed_epoch_of(&rain_key(rain_id))
 }
 
 /// The members a majority is counted over (all in the metadata, down ones included) and
@@ -638,10 +639,7 @@ fn definition(node: &Node, rain_id: &str) -> Option<RainDefinition> {
 impl Node {
     /// The owner of `rain_id`'s pool on this node's ring (this node if there is none).
     fn rain_owner(&self, rain_id: &str) -> NodeId {
-        self.cluster
-            .ring()
-            .and_then(|ring| ring.owner(&rain_key(rain_id)))
-            .unwrap_or_else(|| self.cluster.node_id())
+        self.owner_of_key(&rain_key(rain_id))
     }
 
     /// A grab by `user`, served by the pool's owner (here or over the inter-node link;
@@ -788,14 +786,13 @@ impl Node {
         let best = answers
             .iter()
             .filter_map(|(node, summary)| summary.as_ref().map(|s| (*node, s.clone())))
-            .max_by_key(|(_, s)| (s.epoch, s.grants, s.refunded_cents.is_some()));
+            .max_by_key(|(_, s)| s.rank());
         let (grants, refunded_cents) = match best {
             None => (Vec::new(), None),
-            Some((node, summary)) if node == self_id => {
+            Some((node, _)) if node == self_id => {
                 let (_, state) = self.rain_copies.state(rain_id).ok_or_else(|| {
                     unavailable(format!("rain {rain_id:?}: the local copy vanished"))
                 })?;
-                let _ = summary;
                 (state.grants, state.refunded_cents)
             }
             Some((node, summary)) => (
@@ -972,8 +969,7 @@ impl Node {
                 grants: chunk.total,
                 refunded_cents: chunk.refunded_cents,
             };
-            let key = |s: &CopySummary| (s.epoch, s.grants, s.refunded_cents.is_some());
-            if best.as_ref().is_none_or(|(_, b)| key(&summary) > key(b)) {
+            if best.as_ref().is_none_or(|(_, b)| summary.rank() > b.rank()) {
                 best = Some((peer, summary));
             }
         }
@@ -1151,10 +1147,7 @@ impl PoolTask {
         };
         let (members, majority) = members_and_majority(&node);
         let self_id = node.cluster.node_id();
-        let own = Held {
-            grants: self.pool.state().grants.len(),
-            refunded: self.pool.state().refunded_cents.is_some(),
-        };
+        let own = Held::of(self.pool.state());
         let mut held: Vec<Held> = members
             .iter()
             .filter(|id| **id != self_id)
@@ -1499,18 +1492,12 @@ async fn replicate_to(
     }
 }
 
-/// Activates the pools of the rains this node owns that start soon or have not ended
-/// (so that starts are announced and ends refunded on time), and stops those that moved.
+/// Activates the pools of the rains this node owns that start soon or have not ended, so
+/// that starts are announced and ends refunded on time. (A pool stops itself when its rain
+/// moves away, and with the node: its stop token is a child of the node's shutdown.)
 pub(crate) async fn run_rains(node: Weak<Node>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(node) = node.upgrade() else { return };
-        if node.shutdown.is_cancelled() {
-            node.rain_pools.stop_all();
-            return;
-        }
+    let mut ticker = super::NodeTicker::new(node, Duration::from_millis(500));
+    while let Some(node) = ticker.next().await {
         let self_id = node.cluster.node_id();
         let now = now_ms();
         let due: Vec<String> = node

@@ -59,14 +59,8 @@ impl ReactionBatcher {
 
 /// Sends the batches until the node goes away.
 pub(crate) async fn send_batches(node: Weak<Node>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(REACTION_BATCH_MS));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(node) = node.upgrade() else { return };
-        if node.shutdown.is_cancelled() {
-            return;
-        }
+    let mut ticker = super::NodeTicker::new(node, Duration::from_millis(REACTION_BATCH_MS));
+    while let Some(node) = ticker.next().await {
         for (room_id, counts) in node.reactions.take() {
             let owner = node.owner_of(&room_id);
             if owner == node.cluster.node_id() {

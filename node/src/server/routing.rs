@@ -416,12 +416,7 @@ fn replica_candidates(node: &Node, room_id: &str) -> Vec<NodeId> {
 
 /// The ownership epoch of `room_id` committed in this node's metadata (0 if none).
 fn committed_epoch(node: &Node, room_id: &str) -> u64 {
-    node.cluster
-        .metadata()
-        .owners
-        .get(&room_key(room_id))
-        .map(|o| o.epoch)
-        .unwrap_or(0)
+    node.committed_epoch_of(&room_key(room_id))
 }
 
 impl NodeReplicator {
@@ -1113,10 +1108,27 @@ impl Node {
 
     /// The owner of `room_id` on this node's current ring (this node if there is none).
     pub(crate) fn owner_of(&self, room_id: &str) -> NodeId {
+        self.owner_of_key(&room_key(room_id))
+    }
+
+    /// The owner of actor key `key` (`room/…`, `rain/…`, `quiz/…`) on this node's current
+    /// ring (this node if there is none).
+    pub(crate) fn owner_of_key(&self, key: &str) -> NodeId {
         self.cluster
             .ring()
-            .and_then(|ring| ring.owner(&room_key(room_id)))
+            .and_then(|ring| ring.owner(key))
             .unwrap_or_else(|| self.cluster.node_id())
+    }
+
+    /// The ownership epoch of actor key `key` committed in this node's metadata (0 if
+    /// none).
+    pub(crate) fn committed_epoch_of(&self, key: &str) -> u64 {
+        self.cluster
+            .metadata()
+            .owners
+            .get(key)
+            .map(|o| o.epoch)
+            .unwrap_or(0)
     }
 
     /// The relay from this node to `edge` (started on first use).
@@ -1926,14 +1938,8 @@ pub(crate) async fn expire_rooms(node: Weak<Node>) {
         return;
     };
     let every_ms = (retention_ms / 4).clamp(EXPIRE_SWEEP_MIN_MS, EXPIRE_SWEEP_MAX_MS);
-    let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(node) = node.upgrade() else { return };
-        if node.shutdown.is_cancelled() {
-            return;
-        }
+    let mut ticker = super::NodeTicker::new(node, Duration::from_millis(every_ms));
+    while let Some(node) = ticker.next().await {
         let now_ms = chorus_actors::room_actor::unix_now_ms();
         let metadata = node.cluster.metadata();
         let mut expired = Vec::new();
