@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::{admin_cli, TestNode, DEADLINE};
+use common::{admin_cli, expect_line, TestNode, DEADLINE};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -69,17 +69,7 @@ async fn two_cli_users_on_different_transports_talk_in_a_room() {
         String::from_utf8_lossy(&said.stderr)
     );
 
-    let comment = tokio::time::timeout(DEADLINE, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let event: serde_json::Value = serde_json::from_str(&line).expect("every line is JSON");
-            if event["kind"] == "room.comment" {
-                return event;
-            }
-        }
-        panic!("bob's output ended without the comment");
-    })
-    .await
-    .expect("bob did not print the comment");
+    let comment = expect_line(&mut lines, "bob's comment", |e| e["kind"] == "room.comment").await;
     assert_eq!(comment["body"]["text"], "hello from the CLI");
     assert_eq!(comment["body"]["user_id"], "alice");
 
@@ -98,17 +88,7 @@ async fn two_cli_users_on_different_transports_talk_in_a_room() {
         false,
     )
     .await;
-    let bullets = tokio::time::timeout(DEADLINE, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let event: serde_json::Value = serde_json::from_str(&line).expect("every line is JSON");
-            if event["kind"] == "room.bullets" {
-                return event;
-            }
-        }
-        panic!("bob's output ended without the bullets");
-    })
-    .await
-    .expect("bob did not print the bullets");
+    let bullets = expect_line(&mut lines, "bob's bullets", |e| e["kind"] == "room.bullets").await;
     assert_eq!(bullets["body"]["bullets"][0]["text"], "666");
     assert_eq!(bullets["body"]["bullets"][0]["user_id"], "carol");
     let _ = bob.kill().await;
@@ -185,17 +165,10 @@ async fn the_stage_is_run_from_the_cli() {
     run(&node, "carol", &["block", &room, "bob"], true).await;
 
     // bob's listening session printed the block, then the room refuses him.
-    tokio::time::timeout(DEADLINE, async {
-        while let Ok(Some(line)) = bob_lines.next_line().await {
-            let event: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
-            if event["kind"] == "room.stage" && event["body"]["action"] == "blocked" {
-                return;
-            }
-        }
-        panic!("bob's output ended without the block");
+    expect_line(&mut bob_lines, "bob's block", |e| {
+        e["kind"] == "room.stage" && e["body"]["action"] == "blocked"
     })
-    .await
-    .expect("bob did not print the block");
+    .await;
     run(&node, "bob", &["say", &room, "let me in"], false).await;
     run(&node, "alice", &["unblock", &room, "bob"], true).await;
     run(&node, "bob", &["say", &room, "thanks"], true).await;

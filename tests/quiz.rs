@@ -14,7 +14,8 @@ use chorus_protocol::{
     ErrorCode, Event, QuizAnnounceEvent, QuizAnswerRequest, QuizQuestionEvent, QuizResultEvent,
 };
 use common::{
-    admin_cli as admin, create_room, expect_event, join, three_node_cluster, TestNode, DEADLINE,
+    admin_cli as admin, create_room, expect_event, expect_line, join, three_node_cluster, TestNode,
+    DEADLINE,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -543,17 +544,10 @@ async fn a_sealed_verdict_opens_only_with_the_announced_key() {
         "another viewer's verdict does not open as mine"
     );
     // carol's CLI opened hers.
-    let verdict = tokio::time::timeout(DEADLINE, async {
-        while let Ok(Some(line)) = carol_lines.next_line().await {
-            let value: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
-            if value["kind"] == "quiz.verdict" {
-                return value;
-            }
-        }
-        panic!("carol's output ended without a verdict");
+    let verdict = expect_line(&mut carol_lines, "carol's verdict", |v| {
+        v["kind"] == "quiz.verdict"
     })
-    .await
-    .expect("carol's verdict in time");
+    .await;
     assert_eq!(verdict["body"]["verdict"], "correct", "{verdict}");
     let exited = carol.wait_with_output().await.expect("carol exits");
     assert!(

@@ -198,6 +198,29 @@ impl TestNode {
     }
 }
 
+/// Reads a CLI's JSON output lines until one that `pick` accepts and returns it; panics
+/// naming `what` if the output ends first or the deadline passes.
+pub async fn expect_line<R>(
+    lines: &mut tokio::io::Lines<R>,
+    what: &str,
+    pick: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
+    tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let value: serde_json::Value = serde_json::from_str(&line).expect("every line is JSON");
+            if pick(&value) {
+                return value;
+            }
+        }
+        panic!("the output ended without {what}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} was not printed in time"))
+}
+
 /// Runs `chorus admin --url http://NODE ARGS…`: (success, stdout, stderr).
 pub async fn admin_cli(node: &TestNode, args: &[&str]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_chorus"))
