@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 /// A node id: assigned by the metadata (monotonic), never reused.
 pub type NodeId = u64;
 
+/// The id of the member that initialized the cluster. Joiners get ids above it, so a
+/// join that reaches the first member before it has registered itself can never take
+/// its id.
+pub const BOOTSTRAP_NODE_ID: NodeId = 1;
 /// Upper bound on members, so a runaway join loop cannot grow the state without limit.
 pub const MEMBERS_MAX: usize = 1024;
 /// Upper bound on stored room definitions per cluster.
@@ -48,6 +52,11 @@ pub struct NodeRecord {
     pub quic_addr: String,
     /// Lifecycle state.
     pub state: NodeState,
+    /// The random token the member joined with (0: none, or a member that bootstrapped
+    /// the cluster): a retried join with the same token gets the same id, while a new
+    /// process at a known address (its data dir was lost) gets a new one.
+    #[serde(default)]
+    pub join_token: u64,
 }
 
 /// Who owns an actor (room, pool, …) and at which fencing epoch.
@@ -73,8 +82,14 @@ pub enum MetadataCommand {
         http_addr: String,
         /// Client QUIC address.
         quic_addr: String,
+        /// The joiner's random token, kept on its disk before it asks: a retried request
+        /// (its answer was lost, or the joiner restarted half-way) gets the same id.
+        /// 0 (older joiners): the same live address gets the same id.
+        #[serde(default)]
+        join_token: u64,
     },
-    /// Register the first member with a known id (cluster initialization).
+    /// Register the first member, id [`BOOTSTRAP_NODE_ID`] (cluster initialization);
+    /// applied once.
     Bootstrap {
         /// The member.
         node: NodeRecord,
@@ -147,6 +162,9 @@ pub struct ClusterMetadata {
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     /// The next id to assign (ids are never reused).
     pub next_node_id: NodeId,
+    /// Whether the first member has registered itself (`Bootstrap`, applied once).
+    #[serde(default)]
+    pub bootstrapped: bool,
     /// Placement ring epoch: bumped whenever the set of `Up` members changes.
     pub ring_epoch: u64,
     /// Current owners by actor key.
@@ -169,9 +187,13 @@ impl ClusterMetadata {
     pub fn apply(&mut self, command: MetadataCommand) -> MetadataResponse {
         let response = match command {
             MetadataCommand::Bootstrap { node } => {
-                if !self.nodes.is_empty() {
+                if self.bootstrapped
+                    || node.id != BOOTSTRAP_NODE_ID
+                    || self.nodes.contains_key(&node.id)
+                {
                     MetadataResponse::Refused("cluster already initialized".into())
                 } else {
+                    self.bootstrapped = true;
                     self.next_node_id = self.next_node_id.max(node.id + 1);
                     let up = node.state == NodeState::Up;
                     self.nodes.insert(node.id, node);
@@ -186,18 +208,22 @@ impl ClusterMetadata {
                 cluster_addr,
                 http_addr,
                 quic_addr,
+                join_token,
             } => {
-                if self.nodes.len() >= MEMBERS_MAX {
-                    MetadataResponse::Refused(format!("at most {MEMBERS_MAX} members"))
-                } else if let Some(existing) = self
-                    .nodes
-                    .values()
-                    .find(|n| n.cluster_addr == cluster_addr && n.state != NodeState::Down)
-                {
-                    // A retried join from the same live address gets the same id.
+                let retried = self.nodes.values().find(|n| {
+                    if join_token != 0 {
+                        n.join_token == join_token
+                    } else {
+                        n.cluster_addr == cluster_addr && n.state != NodeState::Down
+                    }
+                });
+                if let Some(existing) = retried {
+                    // A retried join gets the same id.
                     MetadataResponse::NodeAdded(existing.id)
+                } else if self.nodes.len() >= MEMBERS_MAX {
+                    MetadataResponse::Refused(format!("at most {MEMBERS_MAX} members"))
                 } else {
-                    let id = self.next_node_id.max(1);
+                    let id = self.next_node_id.max(BOOTSTRAP_NODE_ID + 1);
                     self.next_node_id = id + 1;
                     self.nodes.insert(
                         id,
@@ -208,6 +234,7 @@ impl ClusterMetadata {
                             http_addr,
                             quic_addr,
                             state: NodeState::Joining,
+                            join_token,
                         },
                     );
                     MetadataResponse::NodeAdded(id)
@@ -312,6 +339,7 @@ mod tests {
             cluster_addr: format!("{name}:7072"),
             http_addr: format!("{name}:7070"),
             quic_addr: format!("{name}:7071"),
+            join_token: 0,
         }) {
             MetadataResponse::NodeAdded(id) => id,
             other => panic!("{other:?}"),
@@ -347,6 +375,65 @@ mod tests {
         );
         let c = add(&mut meta, "b");
         assert!(c > b, "a removed id is not reused");
+    }
+
+    fn add_with_token(meta: &mut ClusterMetadata, name: &str, join_token: u64) -> NodeId {
+        match meta.apply(MetadataCommand::AddNode {
+            name: name.into(),
+            cluster_addr: format!("{name}:7072"),
+            http_addr: format!("{name}:7070"),
+            quic_addr: format!("{name}:7071"),
+            join_token,
+        }) {
+            MetadataResponse::NodeAdded(id) => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn first(name: &str) -> NodeRecord {
+        NodeRecord {
+            id: BOOTSTRAP_NODE_ID,
+            name: name.into(),
+            cluster_addr: format!("{name}:7072"),
+            http_addr: format!("{name}:7070"),
+            quic_addr: format!("{name}:7071"),
+            state: NodeState::Up,
+            join_token: 0,
+        }
+    }
+
+    #[test]
+    fn a_join_before_the_bootstrap_never_takes_the_first_members_id() {
+        let mut meta = ClusterMetadata::default();
+        // A joiner reaches the first member between its Raft initialization and its own
+        // registration.
+        let early = add_with_token(&mut meta, "b", 7);
+        assert_ne!(early, BOOTSTRAP_NODE_ID);
+        assert_eq!(
+            meta.apply(MetadataCommand::Bootstrap { node: first("a") }),
+            MetadataResponse::Ok
+        );
+        assert_eq!(meta.nodes[&BOOTSTRAP_NODE_ID].name, "a");
+        assert_eq!(meta.nodes[&early].name, "b");
+        // Applied once: a second bootstrap changes nothing.
+        assert!(matches!(
+            meta.apply(MetadataCommand::Bootstrap { node: first("x") }),
+            MetadataResponse::Refused(_)
+        ));
+        assert_eq!(meta.nodes[&BOOTSTRAP_NODE_ID].name, "a");
+    }
+
+    #[test]
+    fn a_retried_join_keeps_its_id_and_a_new_process_at_the_same_address_gets_a_new_one() {
+        let mut meta = ClusterMetadata::default();
+        meta.apply(MetadataCommand::Bootstrap { node: first("a") });
+        let b = add_with_token(&mut meta, "b", 41);
+        assert_eq!(add_with_token(&mut meta, "b", 41), b, "same token, same id");
+        let c = add_with_token(&mut meta, "c", 42);
+        let b_again = add_with_token(&mut meta, "b", 43);
+        assert!(b_again > c, "a new token at b's address is a new member");
+        let ids: std::collections::BTreeSet<_> = meta.nodes.keys().copied().collect();
+        assert_eq!(ids.len(), 4);
     }
 
     #[test]

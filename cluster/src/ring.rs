@@ -361,6 +361,7 @@ mod tests {
                     http_addr: String::new(),
                     quic_addr: String::new(),
                     state,
+                    join_token: 0,
                 },
             );
         }

@@ -5,14 +5,20 @@
 //! writes to the leader. The node's id is assigned by the metadata on first join, kept in
 //! sled, and reused on restart (ids are never reused by another node).
 //!
-//! Join protocol (`chorus serve --join ADDR`, ADDR any member's cluster address):
-//! 1. `Register` (forwarded to the leader): the leader appends `AddNode` and answers the
-//!    new id. The joiner stores the id, starts its Raft member and serves RPCs.
-//! 2. `Activate` (forwarded to the leader): the leader adds it as a learner (waits until it
-//!    caught up), makes it a voter while there are fewer than `voters_max`, and marks it
-//!    `Up` (which bumps the ring epoch).
+//! Join protocol (`chorus serve --join ADDR`, ADDR any member's cluster address, or a node
+//! that is itself still joining: it points the joiner at its own seed):
+//! 1. `Register` (forwarded to the leader): the leader appends `AddNode` with the joiner's
+//!    random join token (kept on the joiner's disk first) and answers the id. One Raft
+//!    decision, so ids are never given twice; a retried `Register` with the same token
+//!    gets the same id. The joiner stores the id, starts its Raft member and serves RPCs.
+//! 2. `Activate` (forwarded to the leader): the leader, one membership change at a time,
+//!    adds it as a learner (waits until it caught up), makes it a voter while there are
+//!    fewer than `voters_max`, and marks it `Up` (which bumps the ring epoch).
+//!
+//! Both steps are retried with backoff (no leader yet, another membership change in
+//! progress, the seed still starting) until [`ClusterConfig::join_timeout`]; then the
+//! join fails with [`ClusterError::JoinTimeout`] and the node exits.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::link::{ClusterEndpoint, LinkError, RpcHandler};
 use crate::metadata::{
     ClusterMetadata, MetadataCommand, MetadataResponse, NodeId, NodeRecord, NodeState,
+    BOOTSTRAP_NODE_ID,
 };
 use crate::raft::{
     MetadataRaft, RaftConfig, RaftError, RaftMetrics, RaftNode, RaftRpc, RaftRpcHandler,
@@ -61,9 +68,18 @@ pub struct ClusterConfig {
     pub join: Option<SocketAddr>,
     /// Voters in the Raft group: 3 (default) or 5; further nodes are learners.
     pub voters_max: usize,
+    /// How long a first join may take before the node gives up.
+    pub join_timeout: Duration,
     /// Raft timing.
     pub raft: RaftConfig,
 }
+
+/// The default [`ClusterConfig::join_timeout`].
+pub const JOIN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+/// First pause before a join step is tried again; it doubles up to [`JOIN_BACKOFF_MAX_MS`].
+const JOIN_BACKOFF_MIN_MS: u64 = 100;
+/// Longest pause between two tries of a join step.
+const JOIN_BACKOFF_MAX_MS: u64 = 2_000;
 
 /// Cluster service errors.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +105,20 @@ pub enum ClusterError {
     /// An operation did not finish in time.
     #[error("{0} did not finish in time")]
     Timeout(&'static str),
+    /// The first join did not complete in time.
+    #[error(
+        "could not join the cluster through {seed} within {seconds} s (last: {last}); \
+         check that --join names a running member's --cluster-addr and that both nodes \
+         use the same CA"
+    )]
+    JoinTimeout {
+        /// The `--join` address.
+        seed: SocketAddr,
+        /// The deadline.
+        seconds: u64,
+        /// The last answer or error.
+        last: String,
+    },
 }
 
 /// An inter-node request.
@@ -103,6 +133,8 @@ enum PeerRequest {
         cluster_addr: String,
         http_addr: String,
         quic_addr: String,
+        #[serde(default)]
+        join_token: u64,
     },
     /// Join step 2: make a registered member a learner/voter and `Up` (leader only).
     Activate { node: NodeId, cluster_addr: String },
@@ -137,6 +169,9 @@ enum PeerReply {
     /// Not the leader: ask this address (if known).
     NotLeader(Option<String>),
     Error(String),
+    /// Not now, ask again (the node is starting, another membership change is in
+    /// progress, …): the reason.
+    Retry(String),
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Bytes, ClusterError> {
@@ -246,6 +281,9 @@ struct Inner {
     node_id: NodeId,
     app: std::sync::OnceLock<Arc<dyn AppHandler>>,
     actor_streams: std::sync::OnceLock<ActorStreamAcceptor>,
+    /// Held by the leader across one membership change (join, removal, new address), so
+    /// that concurrent joins queue here instead of being refused by Raft.
+    membership: tokio::sync::Mutex<()>,
 }
 
 /// Takes the actor-mesh streams peers open (see [`crate::mesh`]).
@@ -289,8 +327,20 @@ pub trait AppHandler: Send + Sync + 'static {
 
 struct Handler {
     service: tokio::sync::OnceCell<ClusterService>,
-    early_raft: RaftRpcHandler,
-    node_id: NodeId,
+    /// This node's id and Raft RPC handler, once its id is known and Raft runs.
+    raft: std::sync::OnceLock<(NodeId, RaftRpcHandler)>,
+    /// The `--join` address: while this node is still joining, it sends joiners there.
+    join_seed: Option<SocketAddr>,
+}
+
+impl Handler {
+    /// The answer to a request this node cannot serve yet (it is still starting).
+    fn starting(&self) -> PeerReply {
+        match self.join_seed {
+            Some(seed) => PeerReply::NotLeader(Some(seed.to_string())),
+            None => PeerReply::Retry("node is starting".into()),
+        }
+    }
 }
 
 impl RpcHandler for Handler {
@@ -305,16 +355,19 @@ impl RpcHandler for Handler {
                 },
                 None => PeerReply::Error("node is starting".into()),
             },
-            Ok(PeerRequest::Raft { target, .. }) if target != self.node_id => PeerReply::Error(
-                format!("raft rpc for node {target} reached node {}", self.node_id),
-            ),
-            Ok(PeerRequest::Raft { rpc, .. }) => match self.early_raft.handle_bytes(&rpc).await {
-                Ok(reply) => PeerReply::Raft(reply),
-                Err(error) => PeerReply::Error(error.to_string()),
+            Ok(PeerRequest::Raft { target, rpc }) => match self.raft.get() {
+                None => PeerReply::Error("node is starting".into()),
+                Some((node_id, _)) if target != *node_id => {
+                    PeerReply::Error(format!("raft rpc for node {target} reached node {node_id}"))
+                }
+                Some((_, raft)) => match raft.handle_bytes(&rpc).await {
+                    Ok(reply) => PeerReply::Raft(reply),
+                    Err(error) => PeerReply::Error(error.to_string()),
+                },
             },
             Ok(other) => match self.service.get() {
                 Some(service) => service.handle_peer(other).await,
-                None => PeerReply::Error("node is starting".into()),
+                None => self.starting(),
             },
         };
         encode(&reply).unwrap_or_default()
@@ -358,22 +411,36 @@ impl ClusterService {
             metadata: Arc::default(),
         };
         let transport_metadata = transport.metadata.clone();
+        // Serve from the start: a node still joining answers pings and sends other joiners
+        // to its own seed, so nodes may join through each other in any order.
+        let handler = Arc::new(Handler {
+            service: tokio::sync::OnceCell::new(),
+            raft: std::sync::OnceLock::new(),
+            join_seed: config.join,
+        });
+        let serving = endpoint.clone();
+        let serving_handler = handler.clone();
+        let shutdown_serving = shutdown.clone();
+        tokio::spawn(async move {
+            serving
+                .serve(serving_handler, shutdown_serving.cancelled_owned())
+                .await
+        });
+        let join_deadline = tokio::time::Instant::now() + config.join_timeout;
+
         let node_id = match (stored_id, config.join) {
             (Some(id), _) => id,
-            (None, None) => 1,
+            (None, None) => BOOTSTRAP_NODE_ID,
             (None, Some(seed)) => {
-                let reply = forward(
-                    &endpoint,
-                    seed,
-                    PeerRequest::Register {
-                        name: config.name.clone(),
-                        cluster_addr: config.cluster_addr.to_string(),
-                        http_addr: config.http_addr.to_string(),
-                        quic_addr: config.quic_addr.to_string(),
-                    },
-                )
-                .await?;
-                match reply {
+                let join_token = join_token(&identity).await?;
+                let request = PeerRequest::Register {
+                    name: config.name.clone(),
+                    cluster_addr: config.cluster_addr.to_string(),
+                    http_addr: config.http_addr.to_string(),
+                    quic_addr: config.quic_addr.to_string(),
+                    join_token,
+                };
+                match join_step(&endpoint, seed, &request, join_deadline, &config).await? {
                     PeerReply::Registered(id) => id,
                     other => return Err(ClusterError::Refused(format!("{other:?}"))),
                 }
@@ -385,11 +452,7 @@ impl ClusterService {
         let raft = MetadataRaft::start(node_id, db, transport, &config.raft).await?;
         let _ = transport_metadata.set(raft.subscribe());
         let raft_rpc = raft.rpc_handler();
-        let handler = Arc::new(Handler {
-            service: tokio::sync::OnceCell::new(),
-            early_raft: raft_rpc.clone(),
-            node_id,
-        });
+        let _ = handler.raft.set((node_id, raft_rpc.clone()));
         let service = ClusterService {
             inner: Arc::new(Inner {
                 config: config.clone(),
@@ -399,28 +462,33 @@ impl ClusterService {
                 node_id,
                 app: std::sync::OnceLock::new(),
                 actor_streams: std::sync::OnceLock::new(),
+                membership: tokio::sync::Mutex::new(()),
             }),
         };
         let _ = handler.service.set(service.clone());
-        let serving = endpoint.clone();
         let shutdown_detector = shutdown.clone();
-        tokio::spawn(async move { serving.serve(handler, shutdown.cancelled_owned()).await });
 
-        if stored_id.is_none() {
-            match config.join {
-                None => service.bootstrap().await?,
-                Some(seed) => {
-                    let reply = forward(
-                        &endpoint,
-                        seed,
-                        PeerRequest::Activate {
-                            node: node_id,
-                            cluster_addr: config.cluster_addr.to_string(),
-                        },
-                    )
-                    .await?;
-                    if !matches!(reply, PeerReply::Activated) {
-                        return Err(ClusterError::Refused(format!("{reply:?}")));
+        match config.join {
+            // The first member (a restart that stopped before the record was committed
+            // registers it from `mark_self_up`).
+            None if stored_id.is_none() => service.bootstrap().await?,
+            None => {}
+            Some(seed) => {
+                // Also after a restart, until this node has been activated: a node that
+                // stopped half-way through its join finishes it.
+                let activated = service
+                    .metadata()
+                    .nodes
+                    .get(&node_id)
+                    .is_some_and(|n| n.state != NodeState::Joining);
+                if stored_id.is_none() || !activated {
+                    let request = PeerRequest::Activate {
+                        node: node_id,
+                        cluster_addr: config.cluster_addr.to_string(),
+                    };
+                    match join_step(&endpoint, seed, &request, join_deadline, &config).await? {
+                        PeerReply::Activated => {}
+                        other => return Err(ClusterError::Refused(format!("{other:?}"))),
                     }
                 }
             }
@@ -449,6 +517,10 @@ impl ClusterService {
                 .nodes
                 .get(&self.inner.node_id)
                 .map(|n| n.state);
+            let unregistered_first = state.is_none()
+                && self.inner.config.join.is_none()
+                && self.inner.node_id == BOOTSTRAP_NODE_ID
+                && !metadata.borrow().bootstrapped;
             let wanted = match state {
                 Some(NodeState::Down) => true,
                 Some(NodeState::Joining) | Some(NodeState::Draining) => leave_other_states,
@@ -473,6 +545,14 @@ impl ClusterService {
                     Err(error) => tracing::debug!(%error, "cannot record new addresses yet"),
                 }
             }
+            if unregistered_first && !shutdown.is_cancelled() {
+                // The first member stopped between initializing Raft and registering
+                // itself: register it now (refused harmlessly if it was, after all).
+                match self.write(self.bootstrap_command()).await {
+                    Ok(response) => tracing::info!(?response, "registered the first member"),
+                    Err(error) => tracing::debug!(%error, "cannot register the first member yet"),
+                }
+            }
             if wanted && !moved && !shutdown.is_cancelled() {
                 let command = MetadataCommand::SetNodeState {
                     node: self.inner.node_id,
@@ -486,7 +566,7 @@ impl ClusterService {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 changed = metadata.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)), if wanted || moved => {}
+                _ = tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)), if wanted || moved || unregistered_first => {}
             }
         }
     }
@@ -632,21 +712,44 @@ impl ClusterService {
             raft.initialize(RaftNode::new(config.cluster_addr.to_string()))
                 .await?;
         }
-        let record = NodeRecord {
-            id: self.inner.node_id,
-            name: config.name.clone(),
-            cluster_addr: config.cluster_addr.to_string(),
-            http_addr: config.http_addr.to_string(),
-            quic_addr: config.quic_addr.to_string(),
-            state: NodeState::Up,
-        };
-        self.write(MetadataCommand::Bootstrap { node: record })
-            .await?;
-        Ok(())
+        match self.write(self.bootstrap_command()).await? {
+            MetadataResponse::Ok => Ok(()),
+            // Written before (this node stopped after its record was committed).
+            _ if self.metadata().nodes.contains_key(&self.inner.node_id) => Ok(()),
+            other => Err(ClusterError::Refused(format!(
+                "cannot register the first member: {other:?}"
+            ))),
+        }
+    }
+
+    fn bootstrap_command(&self) -> MetadataCommand {
+        let config = &self.inner.config;
+        MetadataCommand::Bootstrap {
+            node: NodeRecord {
+                id: self.inner.node_id,
+                name: config.name.clone(),
+                cluster_addr: config.cluster_addr.to_string(),
+                http_addr: config.http_addr.to_string(),
+                quic_addr: config.quic_addr.to_string(),
+                state: NodeState::Up,
+                join_token: 0,
+            },
+        }
     }
 
     async fn handle_peer(&self, request: PeerRequest) -> PeerReply {
         let raft = &self.inner.raft;
+        let changes_membership = matches!(
+            request,
+            PeerRequest::Activate { .. }
+                | PeerRequest::Remove { .. }
+                | PeerRequest::UpdateAddresses { .. }
+        );
+        let _membership = if changes_membership && raft.leader() == Some(self.inner.node_id) {
+            Some(self.inner.membership.lock().await)
+        } else {
+            None
+        };
         let result: Result<PeerReply, RaftError> = async {
             match request {
                 PeerRequest::Remove { node } => {
@@ -665,9 +768,7 @@ impl ClusterService {
                                 .is_some_and(|n| n.state == NodeState::Up)
                         });
                         if let Some(learner) = learner {
-                            let mut voters = metrics.voters.clone();
-                            voters.insert(learner);
-                            raft.change_membership(voters).await?;
+                            raft.add_voter(learner).await?;
                         }
                     }
                     Ok(
@@ -710,6 +811,7 @@ impl ClusterService {
                     cluster_addr,
                     http_addr,
                     quic_addr,
+                    join_token,
                 } => {
                     let response = raft
                         .write(MetadataCommand::AddNode {
@@ -717,6 +819,7 @@ impl ClusterService {
                             cluster_addr,
                             http_addr,
                             quic_addr,
+                            join_token,
                         })
                         .await?;
                     Ok(match response {
@@ -725,12 +828,15 @@ impl ClusterService {
                     })
                 }
                 PeerRequest::Activate { node, cluster_addr } => {
+                    if !raft.metadata().nodes.contains_key(&node) {
+                        return Ok(PeerReply::Error(format!(
+                            "node {node} is not registered (it was removed?)"
+                        )));
+                    }
                     raft.add_learner(node, RaftNode::new(cluster_addr)).await?;
-                    let voters = raft.metrics().voters;
+                    let voters = raft.voter_ids();
                     if voters.len() < self.inner.config.voters_max && !voters.contains(&node) {
-                        let mut next: BTreeSet<NodeId> = voters.into_iter().collect();
-                        next.insert(node);
-                        raft.change_membership(next).await?;
+                        raft.add_voter(node).await?;
                     }
                     raft.write(MetadataCommand::SetNodeState {
                         node,
@@ -744,9 +850,13 @@ impl ClusterService {
         .await;
         match result {
             Ok(reply) => reply,
-            Err(RaftError::ForwardToLeader { leader_addr, .. }) => {
-                PeerReply::NotLeader(leader_addr)
-            }
+            // Unknown leader: a node still joining knows its seed.
+            Err(RaftError::ForwardToLeader { leader_addr, .. }) => PeerReply::NotLeader(
+                leader_addr.or_else(|| self.inner.config.join.map(|seed| seed.to_string())),
+            ),
+            // Another change in flight (e.g. a new leader finishing its predecessor's),
+            // an election, a slow learner: the joiner asks again.
+            Err(error) if changes_membership => PeerReply::Retry(error.to_string()),
             Err(error) => PeerReply::Error(error.to_string()),
         }
     }
@@ -936,6 +1046,117 @@ impl ClusterService {
     }
 }
 
+/// This node's join token: random, kept in `identity` (flushed) before it is first sent,
+/// so a join retried after a lost answer or a restart gets the same id.
+async fn join_token(identity: &sled::Tree) -> Result<u64, ClusterError> {
+    if let Some(token) = identity
+        .get("join_token")?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes)
+    {
+        return Ok(token);
+    }
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| ClusterError::Codec("no randomness for the join token".into()))?;
+    let token = u64::from_be_bytes(bytes).max(1);
+    identity.insert("join_token", &token.to_be_bytes())?;
+    identity.flush_async().await?;
+    Ok(token)
+}
+
+/// One join step (`Register`, `Activate`) sent through `seed` until the leader answers
+/// it, or `deadline` passes: redirects are followed (a node still joining points at its
+/// own seed), and everything transient (unreachable, no leader yet, another membership
+/// change in progress, the node starting) is retried with a growing, jittered pause. A
+/// refusal (`Error`) is retried too, since it may come from a node that is not ready; if
+/// it persists, the deadline ends the join with it as the reason.
+async fn join_step(
+    endpoint: &ClusterEndpoint,
+    seed: SocketAddr,
+    request: &PeerRequest,
+    deadline: tokio::time::Instant,
+    config: &ClusterConfig,
+) -> Result<PeerReply, ClusterError> {
+    let bytes = encode(request)?;
+    let mut target = seed;
+    let mut backoff_ms = JOIN_BACKOFF_MIN_MS;
+    let mut hops = 0u32;
+    let mut last = String::from("no answer yet");
+    loop {
+        let call = tokio::time::timeout_at(deadline, endpoint.call(target, bytes.clone()));
+        let pause = match call.await {
+            Err(_) => true,
+            Ok(Err(error)) => {
+                last = format!("{target}: {error}");
+                target = seed;
+                true
+            }
+            Ok(Ok(reply)) => match decode::<PeerReply>(&reply)? {
+                PeerReply::NotLeader(Some(addr)) => {
+                    last = format!("{target}: not the leader, ask {addr}");
+                    match addr.parse::<SocketAddr>() {
+                        // Follow a few redirects at once; a longer chain (nodes pointing
+                        // at each other while no leader is known) waits between hops.
+                        Ok(next) if next != target && hops < FORWARD_HOPS_MAX => {
+                            hops += 1;
+                            target = next;
+                            false
+                        }
+                        Ok(next) => {
+                            target = next;
+                            true
+                        }
+                        Err(_) => {
+                            target = seed;
+                            true
+                        }
+                    }
+                }
+                PeerReply::NotLeader(None) => {
+                    last = format!("{target}: no leader known");
+                    true
+                }
+                PeerReply::Retry(why) => {
+                    last = format!("{target}: {why}");
+                    true
+                }
+                PeerReply::Error(why) => {
+                    last = format!("{target}: {why}");
+                    target = seed;
+                    true
+                }
+                answer => return Ok(answer),
+            },
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ClusterError::JoinTimeout {
+                seed,
+                seconds: config.join_timeout.as_secs(),
+                last,
+            });
+        }
+        if pause {
+            hops = 0;
+            tracing::debug!(%last, backoff_ms, "join step not done yet; retrying");
+            // Jitter (half to full), so nodes started together do not retry in step.
+            let jitter = jitter_ms(backoff_ms / 2);
+            let sleep = tokio::time::sleep(Duration::from_millis(backoff_ms / 2 + jitter));
+            tokio::time::timeout_at(deadline, sleep).await.ok();
+            backoff_ms = (backoff_ms * 2).min(JOIN_BACKOFF_MAX_MS);
+        }
+    }
+}
+
+/// A pseudo-random pause in `0..=max_ms` for backoff jitter.
+fn jitter_ms(max_ms: u64) -> u64 {
+    let mut bytes = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        return max_ms / 2;
+    }
+    u64::from_be_bytes(bytes) % (max_ms + 1)
+}
+
 /// Sends `request` to `first`, following `NotLeader` redirects and retrying while no
 /// leader is known, at most [`FORWARD_ATTEMPTS_MAX`] times.
 async fn forward(
@@ -1001,6 +1222,7 @@ mod tests_support {
             quic_addr: "127.0.0.1:2".parse().expect("addr"),
             join,
             voters_max: 3,
+            join_timeout: JOIN_TIMEOUT_DEFAULT,
             raft: RaftConfig::default(),
         };
         ClusterService::start(config, &db, endpoint, shutdown.child_token())
@@ -1058,7 +1280,7 @@ mod tests {
         let [a, b, c] = three_members(dir.path(), &shutdown).await;
         let ids = [a.node_id(), b.node_id(), c.node_id()];
         assert_eq!(
-            ids.iter().collect::<BTreeSet<_>>().len(),
+            ids.iter().collect::<std::collections::BTreeSet<_>>().len(),
             3,
             "distinct ids {ids:?}"
         );

@@ -37,6 +37,13 @@ pub enum AdminCommand {
     Status,
     /// The members.
     Nodes,
+    /// Whether the node is ready (`/readyz`: an `up` member with the committed ring and a
+    /// known leader). Exits 0 when ready, 1 when not (after --wait, if given).
+    Ready {
+        /// Keep asking until ready, at most this long (e.g. 30s); default: ask once.
+        #[arg(long)]
+        wait: Option<humantime::Duration>,
+    },
     /// Which node owns KEY (a room id, or a full key like room/r-…).
     Where {
         /// The key.
@@ -345,6 +352,27 @@ pub async fn call(
     path_and_query: &str,
     body: Option<Vec<u8>>,
 ) -> anyhow::Result<serde_json::Value> {
+    let (status, value) = call_any_status(url, token, method, path_and_query, body).await?;
+    anyhow::ensure!(
+        status.is_success(),
+        "the node answered {status}: {}",
+        value["error"].as_str().unwrap_or("")
+    );
+    Ok(value)
+}
+
+/// Like [`call`], but any HTTP status with a JSON body is an answer (e.g. `/readyz`'s 503).
+///
+/// # Errors
+///
+/// A bad URL, no connection, no answer in time, or a body that is not JSON.
+pub async fn call_any_status(
+    url: &str,
+    token: &str,
+    method: hyper::Method,
+    path_and_query: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<(hyper::StatusCode, serde_json::Value)> {
     let uri: hyper::Uri = url.parse().with_context(|| format!("bad --url {url:?}"))?;
     anyhow::ensure!(
         uri.scheme_str() == Some("http"),
@@ -377,20 +405,49 @@ pub async fn call(
             .to_bytes();
         let value: serde_json::Value = serde_json::from_slice(&body)
             .with_context(|| format!("the node answered {status} with a body that is not JSON"))?;
-        anyhow::ensure!(
-            status.is_success(),
-            "the node answered {status}: {}",
-            value["error"].as_str().unwrap_or("")
-        );
-        Ok::<_, anyhow::Error>(value)
+        Ok::<_, anyhow::Error>((status, value))
     };
     tokio::time::timeout(std::time::Duration::from_millis(ADMIN_TIMEOUT_MS), request)
         .await
         .with_context(|| format!("no answer from {authority} within {ADMIN_TIMEOUT_MS} ms"))?
 }
 
+/// `chorus admin ready`: asks `/readyz` until ready or `wait` has passed.
+async fn ready(args: &AdminArgs, wait: Option<std::time::Duration>) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + wait.unwrap_or_default();
+    loop {
+        let answer =
+            call_any_status(&args.url, &args.token, hyper::Method::GET, "/readyz", None).await;
+        let last = match &answer {
+            Ok((status, body)) if status.is_success() => {
+                if args.json {
+                    println!("{body}");
+                } else {
+                    println!(
+                        "node {} ready: up, ring epoch {}, leader {}",
+                        body["node_id"], body["ring_epoch"], body["leader"]
+                    );
+                }
+                return Ok(());
+            }
+            Ok((_, body)) => format!(
+                "not ready: {}",
+                body["reason"].as_str().unwrap_or("no reason given")
+            ),
+            Err(error) => format!("{error:#}"),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("{} is {last}", args.url);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs `chorus admin`.
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    if let AdminCommand::Ready { wait } = &args.command {
+        return ready(&args, wait.map(Into::into)).await;
+    }
     match &args.command {
         AdminCommand::Rain {
             command: RainCommand::Audit { rain, client_log },
@@ -407,6 +464,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     let (method, path) = match &args.command {
         AdminCommand::Status => (hyper::Method::GET, "/admin/status".to_string()),
         AdminCommand::Nodes => (hyper::Method::GET, "/admin/nodes".to_string()),
+        AdminCommand::Ready { .. } => unreachable!("handled above"),
         AdminCommand::Where { key } => (hyper::Method::GET, format!("/admin/where?key={key}")),
         AdminCommand::Drain { node } => (hyper::Method::POST, format!("/admin/drain?node={node}")),
         AdminCommand::Remove { node } => {
@@ -461,9 +519,16 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     match args.command {
         AdminCommand::Status => {
             println!(
-                "node {} ({}): leader {}, term {}, ring epoch {}, voters {}, learners {}, actor mesh peers {}",
+                "node {} ({}, {}): leader {}, term {}, ring epoch {}, voters {}, learners {}, actor mesh peers {}",
                 body["self"],
                 body["node_name"].as_str().unwrap_or("?"),
+                match body["ready"].as_bool() {
+                    Some(true) => "ready".to_string(),
+                    _ => format!(
+                        "NOT READY: {}",
+                        body["not_ready"].as_str().unwrap_or("unknown")
+                    ),
+                },
                 body["leader"],
                 body["term"],
                 body["ring_epoch"],
@@ -474,6 +539,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             print_members(&body["members"]);
         }
         AdminCommand::Nodes => print_members(&body),
+        AdminCommand::Ready { .. } => unreachable!("handled above"),
         AdminCommand::Drain { node } => println!("draining node {node}; watch `status`"),
         AdminCommand::Remove { node } => println!("removing node {node}; watch `status`"),
         // A rain is data for scripts: JSON either way.

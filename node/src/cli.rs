@@ -61,9 +61,14 @@ pub struct ServeArgs {
     /// 0.0.0.0). Default: the bind addresses' IPs.
     #[arg(long)]
     pub advertise_ip: Option<std::net::IpAddr>,
-    /// Join the cluster of the member at this cluster address (first start only).
+    /// Join the cluster of the member at this cluster address (first start only). Any
+    /// member will do, or a node that is itself still joining.
     #[arg(long)]
     pub join: Option<SocketAddr>,
+    /// How long a first join may take before the node exits non-zero, e.g. 60s
+    /// (the default), 2m.
+    #[arg(long)]
+    pub join_timeout: Option<humantime::Duration>,
     /// Raft voters: 3 (default) or 5.
     #[arg(long)]
     pub voters: Option<usize>,
@@ -170,6 +175,9 @@ impl ServeArgs {
         }
         if self.join.is_some() {
             config.join = self.join;
+        }
+        if let Some(timeout) = self.join_timeout {
+            config.join_timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         }
         if self.advertise_ip.is_some() {
             config.advertise_ip = self.advertise_ip;

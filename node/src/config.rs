@@ -40,6 +40,9 @@ pub struct NodeConfig {
     pub join: Option<SocketAddr>,
     /// Raft voters: 3 (default) or 5; further nodes are learners.
     pub voters_max: usize,
+    /// How long a first join may take (ms) before the node exits with an error. Default
+    /// 60000.
+    pub join_timeout_ms: u64,
     /// Token for the HTTP admin API (`Authorization: Bearer …`). Default: the development
     /// admin token, with a warning. Also `CHORUS_ADMIN_TOKEN`.
     pub admin_token: Option<String>,
@@ -155,6 +158,7 @@ impl Default for NodeConfig {
             cluster_addr: SocketAddr::from(([127, 0, 0, 1], 7072)),
             join: None,
             voters_max: 3,
+            join_timeout_ms: 60_000,
             admin_token: None,
             secret: None,
             node_name: "node-1".to_string(),
@@ -260,6 +264,11 @@ impl NodeConfig {
             }
         }
         self.room.bullets.validate().map_err(ConfigError::Invalid)?;
+        if self.join_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "join_timeout_ms must be above 0".into(),
+            ));
+        }
         if self.voters_max != 3 && self.voters_max != 5 {
             return Err(ConfigError::Invalid("voters_max must be 3 or 5".into()));
         }

@@ -431,6 +431,25 @@ impl MetadataRaft {
         Ok(())
     }
 
+    /// Makes learner `id` a voter too, keeping the other voters whatever they are now (two
+    /// joins in a row never undo each other, as replacing the whole voter set from a stale
+    /// view could). Leader only; returns once the change is committed.
+    pub async fn add_voter(&self, id: NodeId) -> Result<(), RaftError> {
+        self.bounded(
+            "add_voter",
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false),
+        )
+        .await??;
+        Ok(())
+    }
+
+    /// The voters of the membership this member acts on (on the leader: the latest, even
+    /// if not yet committed).
+    pub fn voter_ids(&self) -> BTreeSet<NodeId> {
+        self.raft.voter_ids().collect()
+    }
+
     /// Records that member `id` is now reached at `node` (it restarted at another address;
     /// same id, same log). Leader only; returns once the change is committed.
     pub async fn set_member_address(&self, id: NodeId, node: RaftNode) -> Result<(), RaftError> {

@@ -179,6 +179,7 @@ pub(crate) fn add_node(name: &str) -> MetadataCommand {
         cluster_addr: format!("{name}:7072"),
         http_addr: format!("{name}:7070"),
         quic_addr: format!("{name}:7071"),
+        join_token: 0,
     }
 }
 

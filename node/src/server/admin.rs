@@ -443,6 +443,13 @@ pub fn route<B>(node: &Arc<Node>, request: &Request<B>) -> HttpResponse {
             value["node_name"] = serde_json::json!(node.config.node_name);
             value["connections"] = serde_json::json!(node.connection_count());
             value["mesh_peers"] = serde_json::json!(node.mesh.peers());
+            let verdict = super::readiness::readiness(node);
+            value["ready"] = serde_json::json!(verdict.ready);
+            value["self_state"] =
+                serde_json::json!(verdict.state.map(super::readiness::state_name));
+            if !verdict.ready {
+                value["not_ready"] = serde_json::json!(verdict.reason);
+            }
             json(StatusCode::OK, &value)
         }
         "/admin/nodes" => json(

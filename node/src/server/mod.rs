@@ -14,6 +14,7 @@ pub mod quic;
 pub mod quiz;
 pub mod rain;
 pub mod reactions;
+pub mod readiness;
 pub mod routing;
 pub mod session;
 pub mod voice;
@@ -430,6 +431,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     )
     .map_err(|e| ServeError::Cluster(e.to_string()))?;
     let cluster_addr = link.local_addr().unwrap_or(config.cluster_addr);
+    // While the node joins (which may wait on peers), /healthz answers and /readyz says
+    // not yet; the node's own HTTP service takes the port over afterwards.
+    let starting = CancellationToken::new();
+    let starting_http = tokio::spawn(readiness::serve_while_starting(
+        listener,
+        config.node_name.clone(),
+        starting.clone(),
+    ));
     let cluster = chorus_cluster::service::ClusterService::start(
         chorus_cluster::service::ClusterConfig {
             name: config.node_name.clone(),
@@ -438,6 +447,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
             quic_addr: config.advertised(quic_addr),
             join: config.join,
             voters_max: config.voters_max,
+            join_timeout: Duration::from_millis(config.join_timeout_ms),
             raft: chorus_cluster::raft::RaftConfig::default(),
         },
         &db,
@@ -446,6 +456,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     )
     .await
     .map_err(|e| ServeError::Cluster(e.to_string()))?;
+    starting.cancel();
+    let listener = starting_http
+        .await
+        .map_err(|e| ServeError::Cluster(format!("start-up HTTP task: {e}")))?;
     let mesh = chorus_cluster::mesh::ActorMesh::start(
         &cluster,
         identity.cluster_secret.clone(),
@@ -721,6 +735,7 @@ async fn route(node: Arc<Node>, tracker: TaskTracker, request: Request<Incoming>
                 text(StatusCode::OK, "ok\n")
             }
         }
+        (&Method::GET, "/readyz") => readiness::readyz(&node),
         (&Method::GET, "/metrics") => {
             let mut response = text(StatusCode::OK, node.metrics.render());
             response.headers_mut().insert(

@@ -1,0 +1,173 @@
+//! Liveness and readiness over HTTP.
+//!
+//! `/healthz` answers whether the process serves HTTP at all (liveness: 200 from the
+//! moment the HTTP port is bound, also while the node is still joining; 503 once it is
+//! stopping). `/readyz` answers whether the node is a working member (readiness: an `up`
+//! member of the committed metadata, on the ring, with a known Raft leader). A load
+//! balancer or Kubernetes sends clients only to ready nodes; `chorus admin status` shows
+//! the same verdict.
+//!
+//! While the node joins, [`serve_while_starting`] holds the HTTP port and answers these two
+//! (and 503 to everything else), so a slow join is visible rather than a port that hangs.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chorus_cluster::metadata::NodeState;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Node;
+
+/// Whether this node is ready, and why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// Ready to serve clients.
+    pub ready: bool,
+    /// Why not (empty when ready).
+    pub reason: String,
+    /// This node's state in its applied metadata (`None`: not a member there).
+    pub state: Option<NodeState>,
+}
+
+/// This node's readiness: an `up` member of its applied (committed) metadata, on the
+/// ring of that metadata, with a known Raft leader, and not stopping.
+pub fn readiness(node: &Node) -> Readiness {
+    let metadata = node.cluster.metadata();
+    let self_id = node.cluster.node_id();
+    let state = metadata.nodes.get(&self_id).map(|n| n.state);
+    let leader = node.cluster.raft_metrics().leader;
+    let reason = if node.shutdown.is_cancelled() {
+        "the node is stopping".to_string()
+    } else {
+        match state {
+            None => format!("node {self_id} is not a member of the cluster metadata it holds"),
+            Some(NodeState::Up) if !metadata.up_nodes().contains(&self_id) => {
+                "not on the ring".to_string()
+            }
+            Some(NodeState::Up) if leader.is_none() => "no Raft leader known".to_string(),
+            Some(NodeState::Up) => String::new(),
+            Some(other) => format!("member state is {}", state_name(other)),
+        }
+    };
+    Readiness {
+        ready: reason.is_empty(),
+        reason,
+        state,
+    }
+}
+
+/// A member state as the admin API names it.
+pub fn state_name(state: NodeState) -> &'static str {
+    match state {
+        NodeState::Joining => "joining",
+        NodeState::Up => "up",
+        NodeState::Draining => "draining",
+        NodeState::Down => "down",
+    }
+}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+fn json(status: StatusCode, value: &serde_json::Value) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// `GET /readyz` of a running node: 200 when ready, else 503; a JSON body either way
+/// (`ready`, `member`, `node_id`, `state`, `ring_epoch`, `leader`, `reason`).
+pub fn readyz(node: &Node) -> HttpResponse {
+    let verdict = readiness(node);
+    let metadata = node.cluster.metadata();
+    let body = serde_json::json!({
+        "ready": verdict.ready,
+        "member": verdict.state.is_some(),
+        "node_id": node.cluster.node_id(),
+        "node_name": node.config.node_name,
+        "state": verdict.state.map(state_name),
+        "ring_epoch": metadata.ring_epoch,
+        "leader": node.cluster.raft_metrics().leader,
+        "reason": verdict.reason,
+    });
+    let status = if verdict.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(status, &body)
+}
+
+fn starting_response(request: &Request<Incoming>, node_name: &str) -> HttpResponse {
+    let reason = "the node is joining the cluster";
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/healthz") => {
+            let mut response = Response::new(Full::new(Bytes::from_static(b"starting\n")));
+            *response.status_mut() = StatusCode::OK;
+            response
+        }
+        (&Method::GET, "/readyz") => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({
+                "ready": false,
+                "member": false,
+                "node_name": node_name,
+                "state": "starting",
+                "reason": reason,
+            }),
+        ),
+        _ => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "error": reason }),
+        ),
+    }
+}
+
+/// Answers `/healthz` (200, `starting`), `/readyz` (503) and everything else (503) on
+/// `listener` until `done` is cancelled, then hands the listener back for the node's own
+/// HTTP service. Connections are not kept alive, so none outlives this phase.
+pub async fn serve_while_starting(
+    listener: TcpListener,
+    node_name: String,
+    done: CancellationToken,
+) -> TcpListener {
+    let tracker = TaskTracker::new();
+    let node_name: Arc<str> = node_name.into();
+    loop {
+        let stream = tokio::select! {
+            _ = done.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::debug!(%error, "accept failed while starting");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let node_name = node_name.clone();
+        tracker.spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let response = starting_response(&request, &node_name);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            // Bounded: a client that never sends its request does not hold this task.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
+        });
+    }
+    tracker.close();
+    listener
+}
