@@ -7,6 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -208,9 +209,10 @@ async fn connect(member: &Member, user: &str) -> Client {
         .unwrap_or_else(|e| panic!("{user} cannot connect to {}: {e}", member.name))
 }
 
-/// Comments in `rooms` through `member` until the node stops answering: a survivor keeps
-/// activating rooms (claims through Raft) while its peers die and it stops.
-fn keep_commenting(member: &Member, user: &str, rooms: Vec<String>) {
+/// Comments in `rooms` through `member` until the node stops answering, counting refused
+/// comments in `refused`: a survivor keeps activating rooms (claims through Raft) while its
+/// peers die and it stops.
+fn keep_commenting(member: &Member, user: &str, rooms: Vec<String>, refused: Arc<AtomicU64>) {
     let config = client_config(member, user);
     tokio::spawn(async move {
         let Ok(client) = Client::connect(config).await else {
@@ -231,8 +233,12 @@ fn keep_commenting(member: &Member, user: &str, rooms: Vec<String>) {
             });
             match tokio::time::timeout(Duration::from_secs(2), request).await {
                 Ok(Err(chorus_node::client::ClientError::Closed { .. })) => return,
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
 }
@@ -258,8 +264,14 @@ async fn survivors_stop_in_time(n: usize) {
         .await["owner"]
         .as_u64()
         .expect("the room has an owner");
+    let refused = Arc::new(AtomicU64::new(0));
     for (i, member) in members.iter().enumerate() {
-        keep_commenting(member, &format!("writer{i}"), rooms.clone());
+        keep_commenting(
+            member,
+            &format!("writer{i}"),
+            rooms.clone(),
+            refused.clone(),
+        );
     }
     drop(host);
 
@@ -274,6 +286,24 @@ async fn survivors_stop_in_time(n: usize) {
         .expect("owner is a member");
     ids.remove(at);
     members.remove(at).kill().await;
+    // The owner is marked down and its rooms move to the survivors (with claims in Raft).
+    eventually(
+        "the killed owner to be down and its room to move",
+        || async {
+            let status = members[0].admin("/admin/status").await;
+            let down = status["members"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|m| m["id"].as_u64() == Some(owner) && m["state"] == "down")
+            });
+            let moved = members[0]
+                .admin(&format!("/admin/where?key={}", rooms[0]))
+                .await["owner"]
+                .as_u64()
+                .is_some_and(|o| ids.contains(&o));
+            down && moved
+        },
+    )
+    .await;
 
     // SIGKILL the Raft leader (a new one, if the owner led).
     let deadline = Instant::now() + DEADLINE;
@@ -299,6 +329,13 @@ async fn survivors_stop_in_time(n: usize) {
         .expect("leader is a member");
     ids.remove(at);
     members.remove(at).kill().await;
+    // The writers run into the lost quorum (a comment whose replica is gone stops its room;
+    // the next one re-activates it, which claims the room through Raft and waits).
+    let before = refused.load(Ordering::Relaxed);
+    eventually("comments to be refused without a quorum", || async {
+        refused.load(Ordering::Relaxed) >= before + 3
+    })
+    .await;
 
     // SIGTERM the rest, at once.
     for member in &members {
