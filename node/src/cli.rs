@@ -23,6 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node (with no flags: a working single-node cluster with development defaults).
+    #[command(after_help = SERVE_EXIT_HELP)]
     Serve(Box<ServeArgs>),
     /// Print a client token (JWT, HS256) for development.
     Token(TokenArgs),
@@ -35,6 +36,9 @@ pub enum Command {
     /// Cluster certificate authority: `ca init DIR`.
     Ca(crate::admin_cli::CaArgs),
 }
+
+/// How long the runtime's leftover tasks get once a command is done, in ms.
+const RUNTIME_SHUTDOWN_TIMEOUT_MS: u64 = 1_000;
 
 /// `chorus serve` flags; each overrides the config file, which overrides the defaults.
 #[derive(Debug, Args)]
@@ -78,6 +82,10 @@ pub struct ServeArgs {
     /// Token secret. Default: the development secret (with a warning).
     #[arg(long, env = "CHORUS_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
+    /// How long stopping may take, e.g. 30s, 2m (default 30s): the drain on SIGTERM and
+    /// every step after it; then the node flushes storage and exits with status 3.
+    #[arg(long)]
+    pub drain_timeout: Option<humantime::Duration>,
     /// Node name (logs, certificates, auth responses).
     #[arg(long)]
     pub node_name: Option<String>,
@@ -188,6 +196,9 @@ impl ServeArgs {
         if self.log_json {
             config.log_json = true;
         }
+        if let Some(timeout) = self.drain_timeout {
+            config.drain_timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -225,31 +236,74 @@ fn init_tracing(json: bool) {
     }
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// The signals that stop a node, SIGTERM and SIGINT, registered once for the process: the
+/// first starts the drain, any later one cuts it short. (Once registered, a signal no
+/// longer kills the process by default, so every later one must be listened for too.)
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+impl StopSignals {
+    /// Registers the handlers.
+    fn register() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(StopSignals {
+                terminate: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
+    }
+
+    /// Waits for the next signal; its name.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.terminate.recv() => "SIGTERM",
+                _ = self.interrupt.recv() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "ctrl-c"
+        }
+    }
+}
+
+/// `chorus serve`'s exit status when it stopped without a completed drain: the drain
+/// deadline passed, a second signal cut it short, or the rooms could not be handed off.
+pub const EXIT_DRAIN_INCOMPLETE: u8 = 3;
+
+/// `chorus serve --help`: what the exit status says.
+const SERVE_EXIT_HELP: &str = "\
+Stopping: SIGTERM or SIGINT drains the node (its rooms move to other members) and stops it,
+all within --drain-timeout; a second signal during the drain stops it at once (storage is
+flushed first).
+
+Exit status: 0 when the drain completed (a lone node has nothing to hand off: that counts);
+3 when the node stopped without a completed drain (the deadline passed, a second signal,
+or the rooms could not be handed off, e.g. without a Raft quorum); 1 on any error.";
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = args.into_config()?;
     init_tracing(config.log_json);
-    let node = crate::server::start(config).await?;
+    let drain_timeout = std::time::Duration::from_millis(config.drain_timeout_ms);
+    let mut signals = StopSignals::register()?;
+    let node = tokio::select! {
+        node = crate::server::start(config) => node?,
+        signal = signals.next() => {
+            tracing::warn!(signal, "signal received while starting: stopping now");
+            return Ok(ExitCode::from(EXIT_DRAIN_INCOMPLETE));
+        }
+    };
     // One machine-readable line on stdout once serving (scripts and tests read the bound
     // addresses from it, e.g. when started with port 0); logs go to stderr.
     println!(
@@ -262,10 +316,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "cluster_addr": node.cluster_addr.to_string(),
         })
     );
-    wait_for_signal().await;
-    tracing::info!("signal received");
-    node.shutdown().await;
-    Ok(())
+    let signal = signals.next().await;
+    tracing::info!(
+        signal,
+        "signal received: draining, at most {}",
+        humantime::format_duration(drain_timeout)
+    );
+    let second = async {
+        let signal = signals.next().await;
+        tracing::info!(signal, "second signal received");
+    };
+    let outcome = node.shutdown(drain_timeout, second).await;
+    Ok(if outcome.drain_completed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DRAIN_INCOMPLETE)
+    })
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
@@ -297,8 +363,8 @@ pub fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        match cli.command {
-            Command::Serve(args) => serve(*args).await,
+        let done = match cli.command {
+            Command::Serve(args) => return serve(*args).await,
             Command::Token(args) => token(args),
             Command::Client(args) => crate::client::cli::run(args).await,
             Command::Admin(args) => crate::admin_cli::run(args).await,
@@ -307,10 +373,17 @@ pub fn main() -> ExitCode {
                 init_tracing(false);
                 crate::loadgen::run(args).await
             }
-        }
+        };
+        done.map(|()| ExitCode::SUCCESS)
     });
+    // Dropping a runtime waits for every blocking task without limit (a stuck disk, a
+    // read of stdin): whatever a stopping node abandoned gets this long, then the process
+    // exits.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(
+        RUNTIME_SHUTDOWN_TIMEOUT_MS,
+    ));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("chorus: {error:#}");
             ExitCode::FAILURE

@@ -62,7 +62,15 @@ pub struct NodeConfig {
     pub rain: RainConfig,
     /// Emit logs as JSON lines.
     pub log_json: bool,
+    /// How long stopping may take, in ms: on SIGTERM the node drains (its rooms move to
+    /// other members) and stops every part in order within this; when it passes (e.g. no
+    /// Raft quorum to drain through) the node flushes storage and exits anyway, with
+    /// status 3. Default 30,000; 1 to [`DRAIN_TIMEOUT_MS_MAX`].
+    pub drain_timeout_ms: u64,
 }
+
+/// The longest drain deadline accepted (`drain_timeout_ms`): one hour.
+pub const DRAIN_TIMEOUT_MS_MAX: u64 = 3_600_000;
 
 /// Red-packet rain settings (`[rain]`).
 #[derive(Debug, Clone, Deserialize)]
@@ -168,6 +176,7 @@ impl Default for NodeConfig {
             room: chorus_actors::room::RoomConfig::default(),
             rain: RainConfig::default(),
             log_json: false,
+            drain_timeout_ms: 30_000,
         }
     }
 }
@@ -283,6 +292,11 @@ impl NodeConfig {
                 "advertise_ip must be a reachable address, not 0.0.0.0 or ::".into(),
             ));
         }
+        if !(1..=DRAIN_TIMEOUT_MS_MAX).contains(&self.drain_timeout_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "drain_timeout_ms must be between 1 and {DRAIN_TIMEOUT_MS_MAX}"
+            )));
+        }
         if self.node_name.is_empty() {
             return Err(ConfigError::Invalid("node_name must not be empty".into()));
         }
@@ -321,6 +335,13 @@ mod tests {
         std::fs::write(&path, "[room.bullets]\nrate_per_sec = 0\n").expect("write");
         let config = NodeConfig::from_file(&path).expect("parse");
         assert!(config.validate().is_err(), "a room must show bullets");
+        std::fs::write(&path, "drain_timeout_ms = 5000\n").expect("write");
+        let config = NodeConfig::from_file(&path).expect("parse");
+        assert_eq!(config.drain_timeout_ms, 5_000);
+        config.validate().expect("valid");
+        std::fs::write(&path, "drain_timeout_ms = 0\n").expect("write");
+        let config = NodeConfig::from_file(&path).expect("parse");
+        assert!(config.validate().is_err(), "stopping needs some time");
         std::fs::write(&path, "no_such_field = 1\n").expect("write");
         assert!(NodeConfig::from_file(&path).is_err());
     }

@@ -1,8 +1,11 @@
 //! The node server: HTTP (WebSocket `/ws`, `/ws/echo`, `/healthz`, `/metrics`) and QUIC
 //! edges, the session registry and the room directory, and orderly shutdown.
 //!
-//! Shutdown order: stop accepting, close client connections (`unavailable`, they resume
-//! elsewhere), stop room actors, flush sled, close the QUIC endpoint; each step bounded.
+//! Shutdown order: drain (hand the rooms to other members), stop accepting and close client
+//! connections (`unavailable`, they resume elsewhere), stop room actors, stop Raft, flush
+//! sled, close the QUIC endpoints; each step bounded, and all of them together by the drain
+//! deadline, after which (or at a second signal) only sled is flushed
+//! ([`RunningNode::shutdown`]).
 
 pub mod admin;
 pub mod analytics;
@@ -49,8 +52,11 @@ use session::SessionRegistry;
 
 /// How often detached sessions are checked for expiry.
 const SESSION_SWEEP_INTERVAL_MS: u64 = 1_000;
-/// Bound on each shutdown step.
+/// Bound on each shutdown step (the drain deadline bounds them all together).
 const SHUTDOWN_STEP_TIMEOUT_MS: u64 = 5_000;
+/// Bound on the sled flush when the ordered stop is abandoned (deadline passed, second
+/// signal): long enough for a healthy disk, short enough to stop "at once".
+pub const STOP_NOW_FLUSH_TIMEOUT_MS: u64 = 2_000;
 /// Message size accepted on `/ws/echo` (the Autobahn cases send up to 16 MiB).
 const ECHO_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
@@ -584,22 +590,83 @@ impl RunningNode {
         self.node.shutdown.cancelled().await
     }
 
-    /// Stops the node in order, each step bounded.
-    pub async fn shutdown(self) {
+    /// Stops the node: drains it and stops every part in order, all within `deadline`,
+    /// unless `stop_now` resolves first (a second signal).
+    ///
+    /// Each step is also bounded on its own. When the deadline passes or `stop_now`
+    /// resolves, what is left of the ordered stop is abandoned (a step may be waiting on
+    /// Raft or on peers that will not answer: no quorum) and only what is quick and safe
+    /// is done: sled is flushed (bounded by [`STOP_NOW_FLUSH_TIMEOUT_MS`]) and both QUIC
+    /// endpoints are closed without waiting. The caller then exits; the runtime drops
+    /// the abandoned tasks.
+    pub async fn shutdown(
+        self,
+        deadline: Duration,
+        stop_now: impl std::future::Future<Output = ()>,
+    ) -> StopOutcome {
+        let outcome = tokio::select! {
+            drained = self.stop_in_order() => {
+                if drained {
+                    StopOutcome::Drained
+                } else {
+                    StopOutcome::DrainFailed
+                }
+            }
+            () = tokio::time::sleep(deadline) => {
+                tracing::warn!(
+                    "drain deadline of {} passed; stopping anyway",
+                    humantime::format_duration(deadline)
+                );
+                StopOutcome::DeadlinePassed
+            }
+            () = stop_now => {
+                tracing::warn!("second signal: stopping now");
+                StopOutcome::Interrupted
+            }
+        };
+        if matches!(
+            outcome,
+            StopOutcome::DeadlinePassed | StopOutcome::Interrupted
+        ) {
+            self.stop_now().await;
+        }
+        if outcome.drain_completed() {
+            tracing::info!("node stopped");
+        } else {
+            tracing::warn!(?outcome, "node stopped without a completed drain");
+        }
+        outcome
+    }
+
+    /// The ordered stop, each step bounded by [`SHUTDOWN_STEP_TIMEOUT_MS`]. Whether the
+    /// drain completed: this node's rooms moved to other members, or there was no other
+    /// member to move them to.
+    async fn stop_in_order(&self) -> bool {
         let step = Duration::from_millis(SHUTDOWN_STEP_TIMEOUT_MS);
         tracing::info!("shutting down: draining (rooms move to other nodes)");
-        match self.node.cluster.drain_self(step).await {
+        let drained = match self.node.cluster.drain_self(step).await {
             // Our rooms stop as this node follows the ring; wait for that (bounded).
             Ok(true) => {
-                let _ = tokio::time::timeout(step, async {
+                let moved = tokio::time::timeout(step, async {
                     while self.node.rooms.running().await > 0 {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 })
                 .await;
+                if moved.is_err() {
+                    tracing::warn!("some rooms did not move off this node in time");
+                }
+                moved.is_ok()
             }
-            Ok(false) => {}
-            Err(error) => tracing::warn!(%error, "drain did not complete; stopping anyway"),
+            // No other member is up: nothing to hand off to, so nothing left to drain.
+            Ok(false) => true,
+            Err(error) => {
+                tracing::warn!(%error, "drain did not complete; stopping anyway");
+                false
+            }
+        };
+        if drained {
+            tracing::info!("drain completed");
         }
         tracing::info!("closing client connections");
         self.node.shutdown.cancel();
@@ -611,18 +678,79 @@ impl RunningNode {
             tracing::warn!("some connections did not close in time");
         }
         tracing::info!("stopping rooms");
-        self.node.rooms.stop_all().await;
+        // The room directory's lock is held while a room activates, which claims the room
+        // through Raft: without a quorum that waits, so this step has its own bound.
+        if tokio::time::timeout(step, self.node.rooms.stop_all())
+            .await
+            .is_err()
+        {
+            tracing::warn!("rooms did not stop in time (an activation waits on Raft)");
+        }
         self.control.stop(None);
         tracing::info!("stopping raft");
-        self.node.cluster.shutdown().await;
+        if tokio::time::timeout(step, self.node.cluster.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("raft did not stop in time");
+            self.node.cluster.endpoint().close();
+        }
         tracing::info!("flushing storage");
-        if let Err(error) = self.node.db.flush_async().await {
-            tracing::error!(%error, "storage flush failed");
+        match tokio::time::timeout(step, self.node.db.flush_async()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::error!(%error, "storage flush failed"),
+            Err(_) => tracing::error!("storage flush did not finish in time"),
         }
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"node shutting down");
-        let _ = tokio::time::timeout(step, self.endpoint.wait_idle()).await;
-        tracing::info!("node stopped");
+        if tokio::time::timeout(step, self.endpoint.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the QUIC endpoint did not go idle in time");
+        }
+        drained
+    }
+
+    /// What is safe and quick once the ordered stop is abandoned: stop the node's loops,
+    /// flush sled (bounded), close both endpoints without waiting for peers.
+    async fn stop_now(&self) {
+        self.node.shutdown.cancel();
+        self.tracker.close();
+        tracing::info!("flushing storage");
+        let flush = Duration::from_millis(STOP_NOW_FLUSH_TIMEOUT_MS);
+        match tokio::time::timeout(flush, self.node.db.flush_async()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::error!(%error, "storage flush failed"),
+            Err(_) => tracing::error!("storage flush did not finish in time"),
+        }
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"node shutting down");
+        self.node.cluster.endpoint().close();
+    }
+}
+
+/// How [`RunningNode::shutdown`] ended; `chorus serve` makes it its exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// The drain completed (this node's rooms moved to other members, or there was no
+    /// other member to move them to) and every part stopped in order, within the
+    /// deadline.
+    Drained,
+    /// Every part stopped in order within the deadline, but the rooms could not be
+    /// handed off (no Raft quorum, no answer): they move when the others find this node
+    /// gone.
+    DrainFailed,
+    /// The drain deadline passed: storage was flushed and the rest abandoned.
+    DeadlinePassed,
+    /// A second signal cut the drain short: storage was flushed and the rest abandoned.
+    Interrupted,
+}
+
+impl StopOutcome {
+    /// Whether the drain completed ([`StopOutcome::Drained`]).
+    pub fn drain_completed(self) -> bool {
+        self == StopOutcome::Drained
     }
 }
 
