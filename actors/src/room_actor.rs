@@ -560,6 +560,8 @@ impl Actor for RoomActor {
             }
             RoomMsg::Start { user, reply } => {
                 let result = state.core.handle_start(now_ms, &user);
+                // The definition (now live) is committed before the host hears so.
+                state.execute_effects().await;
                 let _ = reply.send(result);
             }
             RoomMsg::End { user, reply } => {

@@ -13,6 +13,7 @@ pub mod bullets;
 pub mod connection;
 pub mod control;
 pub mod event_log;
+pub mod group_commit;
 pub mod quic;
 pub mod quiz;
 pub mod rain;
@@ -114,6 +115,8 @@ pub struct Node {
     admin_token: String,
     mirrors: routing::RoomMirrors,
     durable: routing::DurableStates,
+    /// Flushes this node's sled for changes acknowledged without a copy on another node.
+    group_commit: group_commit::GroupCommit,
     /// Copies of red-packet rains (the pools' own included).
     rain_copies: rain::RainCopies,
     /// The rain pools this node runs.
@@ -518,6 +521,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         admin_token,
         mirrors: routing::RoomMirrors::default(),
         durable,
+        group_commit: group_commit::GroupCommit::for_db(db.clone()),
         rain_copies,
         rain_pools: rain::RainPools::default(),
         event_log: std::sync::OnceLock::new(),

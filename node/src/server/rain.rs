@@ -34,8 +34,11 @@
 //!
 //! Each node keeps its copies in sled: tree `rains/copies` (epoch, definition, refund per
 //! rain), `rains/grants` (one entry per grant, keyed by rain and index) and `rains/fences`
-//! (the highest epoch seen per rain). Like room states they are not flushed per write: the
-//! majority of copies is the guarantee; sled brings them back after a restart.
+//! (the highest epoch seen per rain). Like room states they are not flushed per write in a
+//! cluster: the majority of copies is the guarantee; sled brings them back after a restart.
+//! On a node with no other member the own copy is the whole majority, so it counts only
+//! once a flush covers it (the node's group commit, `super::group_commit`): a grab is
+//! answered only after its grant is on the node's disk.
 //!
 //! # The end
 //!
@@ -537,6 +540,12 @@ enum PoolMsg {
     Fenced {
         fence: u64,
     },
+    /// A flush of this node's disk that began after the own copy held `held` completed
+    /// (or failed).
+    Flushed {
+        held: Held,
+        result: Result<(), String>,
+    },
 }
 
 /// A running pool, as the registry holds it.
@@ -625,6 +634,16 @@ fn members_and_majority(node: &Node) -> (Vec<NodeId>, usize) {
     let members: Vec<NodeId> = node.cluster.metadata().nodes.keys().copied().collect();
     let majority = members.len() / 2 + 1;
     (members, majority)
+}
+
+/// Whether this node is the only member (its own copy is then the whole majority).
+fn alone(node: &Node) -> bool {
+    let self_id = node.cluster.node_id();
+    node.cluster
+        .metadata()
+        .nodes
+        .keys()
+        .all(|id| *id == self_id)
 }
 
 /// The rain's definition from the metadata.
@@ -836,6 +855,11 @@ impl Node {
             started: false,
             // A rain that ended under an earlier owner was announced by it.
             ended_announced: ended_before,
+            own_flushed: Held {
+                grants: 0,
+                refunded: false,
+            },
+            own_flush_in_flight: false,
         };
         tokio::spawn(task.run());
         tracing::info!(rain = %rain_id, epoch, restored, "rain pool activated");
@@ -1017,6 +1041,11 @@ struct PoolTask {
     throttle: f64,
     started: bool,
     ended_announced: bool,
+    /// What the own copy holds on disk, as far as a flush has confirmed: on a node with no
+    /// other member, the own copy is the whole majority and counts only once flushed.
+    own_flushed: Held,
+    /// A flush of the own copy is under way.
+    own_flush_in_flight: bool,
 }
 
 impl PoolTask {
@@ -1039,6 +1068,7 @@ impl PoolTask {
                                 break;
                             }
                         }
+                        self.flush_own_copy();
                         self.answer_committed();
                     }
                     None => break,
@@ -1110,7 +1140,41 @@ impl PoolTask {
                 tracing::warn!(rain = %self.rain_id, epoch = self.epoch, fence, "a newer owner fenced this pool");
                 false
             }
+            PoolMsg::Flushed { held, result } => {
+                self.own_flush_in_flight = false;
+                match result {
+                    Ok(()) => self.own_flushed = held,
+                    // Grabs wait; the next batch or tick tries again.
+                    Err(error) => {
+                        tracing::warn!(rain = %self.rain_id, %error, "the pool's own copy was not flushed")
+                    }
+                }
+                true
+            }
         }
+    }
+
+    /// On a node with no other member, flushes the own copy if it holds more than the
+    /// last flush confirmed (one flush at a time; the node's group commit shares it with
+    /// every other writer). The answer comes back as [`PoolMsg::Flushed`].
+    fn flush_own_copy(&mut self) {
+        if self.own_flush_in_flight {
+            return;
+        }
+        let Some(node) = self.node.upgrade() else {
+            return;
+        };
+        let held = Held::of(self.pool.state());
+        if held == self.own_flushed || !alone(&node) {
+            return;
+        }
+        self.own_flush_in_flight = true;
+        let commit = node.group_commit.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let result = commit.durable().await.map_err(|e| e.to_string());
+            let _ = tx.send(PoolMsg::Flushed { held, result }).await;
+        });
     }
 
     /// Writes the grants from `from` (and the refund) to the local copy and wakes the
@@ -1147,7 +1211,13 @@ impl PoolTask {
         };
         let (members, majority) = members_and_majority(&node);
         let self_id = node.cluster.node_id();
-        let own = Held::of(self.pool.state());
+        // Alone, the own copy is the majority: it counts once it is on disk. With other
+        // members, their copies are the guarantee and the own copy counts at once.
+        let own = if alone(&node) {
+            self.own_flushed
+        } else {
+            Held::of(self.pool.state())
+        };
         let mut held: Vec<Held> = members
             .iter()
             .filter(|id| **id != self_id)
@@ -1221,6 +1291,7 @@ impl PoolTask {
 
     async fn on_tick(&mut self) {
         self.reconcile_peers();
+        self.flush_own_copy();
         self.answer_committed();
         let Some(node) = self.node.upgrade() else {
             self.stop.cancel();

@@ -221,10 +221,13 @@ struct HeldRoom {
 pub const DURABLE_STATES_TREE: &str = "rooms/durable";
 
 /// Durable room states this node holds, as an owner or a replica, fenced by ownership
-/// epoch: in memory, and written to sled (not flushed per write: the copy on another node
-/// is what makes an acknowledged comment survive this node's loss; sled's copy brings the
-/// state back when every node restarts, e.g. a single-node deployment). A room's next
-/// owner takes the most advanced copy, ordered by (epoch, revision, comment count).
+/// epoch: in memory, and written to sled. In a cluster a write is not flushed (the copy on
+/// another node is what makes an acknowledged change survive this node's loss; sled's
+/// copy brings the state back when every node restarts). On a node with no other member
+/// the replicator waits for a flush ([`super::group_commit`]) before the change is
+/// acknowledged, so a killed and restarted single node keeps every acknowledged comment
+/// and never gives a comment id twice. A room's next owner takes the most advanced copy,
+/// ordered by (epoch, revision, comment count).
 #[derive(Default)]
 pub struct DurableStates {
     rooms: Mutex<HashMap<String, HeldRoom>>,
@@ -414,6 +417,15 @@ fn replica_candidates(node: &Node, room_id: &str) -> Vec<NodeId> {
         .collect()
 }
 
+/// Waits until this node's copies written so far are flushed to its disk: what a node
+/// with no other member acknowledges (see [`super::group_commit`]).
+async fn own_copy_durable(node: &Node) -> Result<(), DirectoryError> {
+    node.group_commit
+        .durable()
+        .await
+        .map_err(|e| DirectoryError::Replication(format!("own copy: {e}")))
+}
+
 /// The ownership epoch of `room_id` committed in this node's metadata (0 if none).
 fn committed_epoch(node: &Node, room_id: &str) -> u64 {
     node.committed_epoch_of(&room_key(room_id))
@@ -437,8 +449,10 @@ impl NodeReplicator {
         }
         let candidates = replica_candidates(node, room_id);
         if candidates.is_empty() {
-            // No other node exists: this node's copy is all there can be.
-            return node.durable.keep(room_id, epoch, durable).map_err(stale);
+            // No other node exists: this node's disk is the only copy, so the change is
+            // acknowledged only once a flush covers it (group commit).
+            node.durable.keep(room_id, epoch, durable).map_err(stale)?;
+            return own_copy_durable(node).await;
         }
         let message = encode(&NodeMessage::Replicate {
             room_id: room_id.to_string(),
@@ -497,7 +511,9 @@ impl NodeReplicator {
                 .map_err(|e| refused(format!("own copy: {e:?}")))
         };
         if candidates.is_empty() {
-            return apply_here();
+            // As for a whole state: on disk before the votes are answered.
+            apply_here()?;
+            return own_copy_durable(node).await;
         }
         let message = encode(&NodeMessage::ReplicateVotes {
             room_id: room_id.to_string(),
