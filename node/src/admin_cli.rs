@@ -437,6 +437,10 @@ async fn ready(args: &AdminArgs, wait: Option<std::time::Duration>) -> anyhow::R
             Err(error) => format!("{error:#}"),
         };
         if tokio::time::Instant::now() >= deadline {
+            // Scripts read the node's own answer (e.g. "member") even when not ready.
+            if let (true, Ok((_, body))) = (args.json, &answer) {
+                println!("{body}");
+            }
             anyhow::bail!("{} is {last}", args.url);
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
