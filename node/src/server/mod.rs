@@ -500,6 +500,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         path: data_dir.clone(),
         reason: e.to_string(),
     })?;
+    let quiz = quiz::QuizService::open(&db).map_err(|e| ServeError::Storage {
+        path: data_dir.clone(),
+        reason: e.to_string(),
+    })?;
     let node = Arc::new_cyclic(|this| Node {
         keys: TokenKeys::new(secret.as_bytes()),
         rooms: RoomDirectory::new(
@@ -529,7 +533,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         bullets: bullets::BulletEdge::new(config.room.bullets.clone()),
         owned_epochs: std::sync::Mutex::new(std::collections::HashMap::new()),
         relays: std::sync::Mutex::new(std::collections::HashMap::new()),
-        quiz: quiz::QuizService::default(),
+        quiz,
         this: this.clone(),
         connections: AtomicUsize::new(0),
         next_attachment: AtomicU64::new(1),

@@ -31,7 +31,11 @@
 //! the verdict is answered. A node that becomes a shard's owner merges what it holds with
 //! the copies of every live node. There is no ownership fencing for shards (unlike rooms):
 //! while a ring change is under way two nodes can judge the same viewer; the copy with
-//! more verdicts wins the merge. Shard state is not written to disk.
+//! more verdicts wins the merge. In a cluster shard state is not written to disk. A node
+//! with no other member (no replica candidate) writes the judged viewers to its sled tree
+//! [`SAVED_VIEWERS_TREE`] and waits for the node's group-committed flush
+//! (`super::group_commit`) before it answers; a shard it creates again (after a restart)
+//! starts from what that tree holds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -237,9 +241,15 @@ struct Pending {
     reply: oneshot::Sender<Result<String, ErrorBody>>,
 }
 
+/// The sled tree where a node with no other member keeps its judged viewers, keyed by
+/// show, shard and user.
+pub const SAVED_VIEWERS_TREE: &str = "quiz/viewers";
+
 /// A node's quiz state: decoded shows, the answer shards it holds, its answer queues.
 #[derive(Default)]
 pub struct QuizService {
+    /// Judged viewers saved by a node with no other member ([`SAVED_VIEWERS_TREE`]).
+    saved: Option<sled::Tree>,
     records: Mutex<HashMap<String, Arc<QuizRecord>>>,
     states: Mutex<HashMap<String, Arc<QuizState>>>,
     shards: Mutex<HashMap<(String, u32), HeldShard>>,
@@ -274,7 +284,68 @@ fn open_question(record: &QuizRecord, state: &QuizState) -> Option<OpenQuestion>
     })
 }
 
+/// The key prefix of a shard's saved viewers: show, a zero byte, the shard number.
+fn saved_shard_prefix(quiz_id: &str, shard: u32) -> Vec<u8> {
+    let mut key = quiz_id.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&shard.to_be_bytes());
+    key
+}
+
 impl QuizService {
+    /// A service whose saved viewers live in `db`.
+    ///
+    /// # Errors
+    ///
+    /// sled's, opening the tree.
+    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+        Ok(QuizService {
+            saved: Some(db.open_tree(SAVED_VIEWERS_TREE)?),
+            ..QuizService::default()
+        })
+    }
+
+    /// Writes judged viewers of a shard to sled (not flushed: the caller waits for the
+    /// node's group commit).
+    fn save_viewers(&self, quiz_id: &str, shard: u32, viewers: &[(String, Viewer)]) {
+        let Some(tree) = &self.saved else { return };
+        let prefix = saved_shard_prefix(quiz_id, shard);
+        let mut batch = sled::Batch::default();
+        for (user, viewer) in viewers {
+            match rmp_serde::to_vec_named(viewer) {
+                Ok(bytes) => {
+                    let mut key = prefix.clone();
+                    key.extend_from_slice(user.as_bytes());
+                    batch.insert(key, bytes);
+                }
+                Err(error) => tracing::error!(quiz = %quiz_id, %error, "cannot encode a viewer"),
+            }
+        }
+        if let Err(error) = tree.apply_batch(batch) {
+            tracing::error!(quiz = %quiz_id, shard, %error, "cannot save judged viewers");
+        }
+    }
+
+    /// The viewers of a shard saved here (an entry that does not decode is skipped).
+    fn saved_viewers(&self, quiz_id: &str, shard: u32) -> Vec<(String, Viewer)> {
+        let Some(tree) = &self.saved else {
+            return Vec::new();
+        };
+        let prefix = saved_shard_prefix(quiz_id, shard);
+        tree.scan_prefix(&prefix)
+            .filter_map(|entry| {
+                let (key, value) = entry
+                    .map_err(|error| tracing::warn!(quiz = %quiz_id, %error, "cannot read saved viewers"))
+                    .ok()?;
+                let user = String::from_utf8(key.get(prefix.len()..)?.to_vec()).ok()?;
+                let viewer = rmp_serde::from_slice::<Viewer>(&value)
+                    .map_err(|error| tracing::warn!(quiz = %quiz_id, %error, "skipping an undecodable saved viewer"))
+                    .ok()?;
+                Some((user, viewer))
+            })
+            .collect()
+    }
+
     fn state_seen(&self, quiz_id: &str, state: Arc<QuizState>) {
         let mut states = locked(&self.states);
         if states.len() >= SHOWS_CACHED_MAX && !states.contains_key(quiz_id) {
@@ -582,8 +653,9 @@ impl Node {
                 }
             });
             let copies = futures_util::future::join_all(copies).await;
+            let saved = self.quiz.saved_viewers(quiz_id, shard);
             let mut shard = locked(&held);
-            for (user, viewer) in copies.into_iter().flatten() {
+            for (user, viewer) in copies.into_iter().flatten().chain(saved) {
                 shard.merge(&user, viewer);
             }
         }
@@ -608,7 +680,13 @@ impl Node {
             .filter(|id| *id != self_id)
             .collect();
         if candidates.is_empty() {
-            return Ok(());
+            // No other node: the verdicts go out once the viewers are on this node's disk.
+            self.quiz.save_viewers(quiz_id, shard, &viewers);
+            return self
+                .group_commit
+                .durable()
+                .await
+                .map_err(|e| error(ErrorCode::Unavailable, format!("own copy: {e}")));
         }
         let message = encode(&NodeMessage::QuizShards(ShardOp::Replicate {
             quiz_id: quiz_id.to_string(),
@@ -1069,5 +1147,34 @@ async fn send_answer_batches(node: Weak<Node>, owner: NodeId, mut queue: mpsc::R
                 let _ = reply.send(verdict);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_viewers_come_back_per_shard_after_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let alice = Viewer {
+            progress: 2,
+            ..Viewer::default()
+        };
+        {
+            let db = sled::open(dir.path()).expect("open");
+            let quiz = QuizService::open(&db).expect("service");
+            quiz.save_viewers("q-1", 3, &[("alice".into(), alice.clone())]);
+            quiz.save_viewers("q-1", 4, &[("bob".into(), Viewer::default())]);
+            quiz.save_viewers("q-10", 3, &[("carol".into(), Viewer::default())]);
+            db.flush().expect("flush");
+        }
+        let db = sled::open(dir.path()).expect("reopen");
+        let quiz = QuizService::open(&db).expect("service");
+        assert_eq!(
+            quiz.saved_viewers("q-1", 3),
+            vec![("alice".to_string(), alice)]
+        );
+        assert!(quiz.saved_viewers("q-2", 3).is_empty());
     }
 }
