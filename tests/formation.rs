@@ -11,8 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, TestNode, ADMIN_TOKEN};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{eventually, try_http_get, TestNode};
 
 /// Nodes per round.
 const NODES: usize = 5;
@@ -25,26 +24,6 @@ fn rounds() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(ROUNDS)
-}
-
-/// GET `path` on `addr`: (status, body), or `None` if nothing answers.
-async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        let status = head.split(' ').nth(1)?.parse().ok()?;
-        Some((status, body.to_string()))
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// Node `i` (1-based) of a round: its own loopback IP, the default ports.
@@ -79,11 +58,11 @@ fn watch_readiness(
         let mut violations = Vec::new();
         while !stop.is_cancelled() {
             for addr in &http {
-                let Some((200, ready)) = http_get(*addr, "/readyz").await else {
+                let Some((200, ready)) = try_http_get(*addr, "/readyz").await else {
                     continue;
                 };
                 let ready: serde_json::Value = serde_json::from_str(&ready).unwrap_or_default();
-                let Some((200, status)) = http_get(*addr, "/admin/status").await else {
+                let Some((200, status)) = try_http_get(*addr, "/admin/status").await else {
                     continue;
                 };
                 let status: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
@@ -163,7 +142,7 @@ async fn form_five(base: [u8; 3], chained: bool) {
                 statuses.iter().filter_map(|s| s["self"].as_u64()).collect();
             let mut ready = 0;
             for node in &nodes {
-                if let Some((200, _)) = http_get(node.http, "/readyz").await {
+                if let Some((200, _)) = try_http_get(node.http, "/readyz").await {
                     ready += 1;
                 }
             }
@@ -268,7 +247,7 @@ async fn the_readme_three_node_commands_form_the_cluster() {
     for i in 1..=3 {
         let addr: SocketAddr = format!("127.0.0.1{i}:7070").parse().expect("addr");
         assert!(
-            http_get(addr, "/healthz").await.is_none(),
+            try_http_get(addr, "/healthz").await.is_none(),
             "{addr} is in use (a benches/cluster.sh cluster?): stop it first"
         );
     }
@@ -309,7 +288,7 @@ async fn the_readme_three_node_commands_form_the_cluster() {
             let mut ready = 0;
             for i in 1..=3 {
                 let addr: SocketAddr = format!("127.0.0.1{i}:7070").parse().expect("addr");
-                if let Some((200, _)) = http_get(addr, "/readyz").await {
+                if let Some((200, _)) = try_http_get(addr, "/readyz").await {
                     ready += 1;
                 }
             }
@@ -318,7 +297,7 @@ async fn the_readme_three_node_commands_form_the_cluster() {
         .await;
         for i in 1..=3 {
             let addr: SocketAddr = format!("127.0.0.1{i}:7070").parse().expect("addr");
-            let (code, body) = http_get(addr, "/admin/status").await.expect("status");
+            let (code, body) = try_http_get(addr, "/admin/status").await.expect("status");
             assert_eq!(code, 200, "{body}");
             let status: serde_json::Value = serde_json::from_str(&body).expect("json");
             let members = status["members"].as_array().cloned().unwrap_or_default();

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use chorus_node::client::{Client, ClientConfig, ReconnectPolicy};
 use chorus_protocol::{RoomCommentRequest, RoomRef};
-use common::{create_room, eventually, join, say, token, TestNode, ADMIN_TOKEN, DEADLINE};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use common::{create_room, eventually, join, say, token, try_http_get, TestNode, DEADLINE};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// `chorus serve`'s documented status for a stop without a completed drain.
@@ -109,21 +109,9 @@ impl Member {
 
     /// GET an admin path; the JSON body, or `Null` if the node does not answer.
     async fn admin(&self, path: &str) -> serde_json::Value {
-        let fetch = async {
-            let mut stream = tokio::net::TcpStream::connect(self.http).await.ok()?;
-            let request = format!(
-                "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
-            );
-            stream.write_all(request.as_bytes()).await.ok()?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response).await.ok()?;
-            let (_, body) = response.split_once("\r\n\r\n")?;
-            serde_json::from_str(body).ok()
-        };
-        tokio::time::timeout(Duration::from_secs(5), fetch)
+        try_http_get(self.http, path)
             .await
-            .ok()
-            .flatten()
+            .and_then(|(_, body)| serde_json::from_str(&body).ok())
             .unwrap_or(serde_json::Value::Null)
     }
 
@@ -246,6 +234,16 @@ fn keep_commenting(member: &Member, user: &str, rooms: Vec<String>, refused: Arc
 /// The scenario: the room's owner is SIGKILLed, then the Raft leader, then the
 /// rest get SIGTERM while clients keep writing. Every survivor exits within the drain
 /// deadline plus 5 s, with status 0 or 3.
+/// SIGKILLs the member with node id `id`; `ids[i]` is `members[i]`'s id.
+async fn kill_member(members: &mut Vec<Member>, ids: &mut Vec<u64>, id: u64) {
+    let at = ids
+        .iter()
+        .position(|member| *member == id)
+        .unwrap_or_else(|| panic!("node {id} is a member"));
+    ids.remove(at);
+    members.remove(at).kill().await;
+}
+
 async fn survivors_stop_in_time(n: usize) {
     let temp = tempfile::tempdir().expect("tempdir");
     let mut members = cluster(temp.path(), n, "5s").await;
@@ -280,12 +278,7 @@ async fn survivors_stop_in_time(n: usize) {
     for member in &members {
         ids.push(member.id().await);
     }
-    let at = ids
-        .iter()
-        .position(|id| *id == owner)
-        .expect("owner is a member");
-    ids.remove(at);
-    members.remove(at).kill().await;
+    kill_member(&mut members, &mut ids, owner).await;
     // The owner is marked down and its rooms move to the survivors (with claims in Raft).
     eventually(
         "the killed owner to be down and its room to move",
@@ -323,12 +316,7 @@ async fn survivors_stop_in_time(n: usize) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let at = ids
-        .iter()
-        .position(|id| *id == leader)
-        .expect("leader is a member");
-    ids.remove(at);
-    members.remove(at).kill().await;
+    kill_member(&mut members, &mut ids, leader).await;
     // The writers run into the lost quorum (a comment whose replica is gone stops its room;
     // the next one re-activates it, which claims the room through Raft and waits).
     let before = refused.load(Ordering::Relaxed);

@@ -402,10 +402,7 @@ impl ClusterService {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Self, ClusterError> {
         let identity = db.open_tree(IDENTITY_TREE)?;
-        let stored_id = identity
-            .get("node_id")?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map(u64::from_be_bytes);
+        let stored_id = stored_u64(&identity, "node_id")?;
         let transport = QuicRaftTransport {
             endpoint: endpoint.clone(),
             metadata: Arc::default(),
@@ -1049,17 +1046,12 @@ impl ClusterService {
 /// This node's join token: random, kept in `identity` (flushed) before it is first sent,
 /// so a join retried after a lost answer or a restart gets the same id.
 async fn join_token(identity: &sled::Tree) -> Result<u64, ClusterError> {
-    if let Some(token) = identity
-        .get("join_token")?
-        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-        .map(u64::from_be_bytes)
-    {
+    if let Some(token) = stored_u64(identity, "join_token")? {
         return Ok(token);
     }
-    let mut bytes = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| ClusterError::Codec("no randomness for the join token".into()))?;
-    let token = u64::from_be_bytes(bytes).max(1);
+    let token = random_u64()
+        .ok_or_else(|| ClusterError::Codec("no randomness for the join token".into()))?
+        .max(1);
     identity.insert("join_token", &token.to_be_bytes())?;
     identity.flush_async().await?;
     Ok(token)
@@ -1150,11 +1142,22 @@ async fn join_step(
 
 /// A pseudo-random pause in `0..=max_ms` for backoff jitter.
 fn jitter_ms(max_ms: u64) -> u64 {
+    random_u64().map_or(max_ms / 2, |r| r % (max_ms + 1))
+}
+
+/// A random u64 from the system's generator (`None` if it fails).
+fn random_u64() -> Option<u64> {
     let mut bytes = [0u8; 8];
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
-        return max_ms / 2;
-    }
-    u64::from_be_bytes(bytes) % (max_ms + 1)
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+/// A u64 kept big-endian under `key` in `tree` (`None` if absent or not 8 bytes).
+fn stored_u64(tree: &sled::Tree, key: &str) -> Result<Option<u64>, ClusterError> {
+    Ok(tree
+        .get(key)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes))
 }
 
 /// Sends `request` to `first`, following `NotLeader` redirects and retrying while no

@@ -198,6 +198,27 @@ impl TestNode {
     }
 }
 
+/// GET `path` on `addr` with the development admin token: (status, body), or `None` if
+/// nothing answers within 5 s (a node starting, stopped or paused).
+pub async fn try_http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        let status = head.split(' ').nth(1)?.parse().ok()?;
+        Some((status, body.to_string()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// Reads a CLI's JSON output lines until one that `pick` accepts and returns it; panics
 /// naming `what` if the output ends first or the deadline passes.
 pub async fn expect_line<R>(

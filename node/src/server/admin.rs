@@ -36,7 +36,8 @@ pub fn room_key(room_id: &str) -> String {
     format!("room/{room_id}")
 }
 
-fn json(status: StatusCode, value: &serde_json::Value) -> HttpResponse {
+/// A JSON response with its content type.
+pub(super) fn json(status: StatusCode, value: &serde_json::Value) -> HttpResponse {
     let mut response = text(status, Bytes::from(value.to_string()));
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

@@ -703,12 +703,7 @@ impl RunningNode {
             tracing::warn!("raft did not stop in time");
             self.node.cluster.endpoint().close();
         }
-        tracing::info!("flushing storage");
-        match tokio::time::timeout(step, self.node.db.flush_async()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::error!(%error, "storage flush failed"),
-            Err(_) => tracing::error!("storage flush did not finish in time"),
-        }
+        self.flush_storage(step).await;
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"node shutting down");
         if tokio::time::timeout(step, self.endpoint.wait_idle())
@@ -720,18 +715,23 @@ impl RunningNode {
         drained
     }
 
+    /// Flushes sled, at most `timeout`; a failure is logged (the node stops either way).
+    async fn flush_storage(&self, timeout: Duration) {
+        tracing::info!("flushing storage");
+        match tokio::time::timeout(timeout, self.node.db.flush_async()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::error!(%error, "storage flush failed"),
+            Err(_) => tracing::error!("storage flush did not finish in time"),
+        }
+    }
+
     /// What is safe and quick once the ordered stop is abandoned: stop the node's loops,
     /// flush sled (bounded), close both endpoints without waiting for peers.
     async fn stop_now(&self) {
         self.node.shutdown.cancel();
         self.tracker.close();
-        tracing::info!("flushing storage");
-        let flush = Duration::from_millis(STOP_NOW_FLUSH_TIMEOUT_MS);
-        match tokio::time::timeout(flush, self.node.db.flush_async()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::error!(%error, "storage flush failed"),
-            Err(_) => tracing::error!("storage flush did not finish in time"),
-        }
+        self.flush_storage(Duration::from_millis(STOP_NOW_FLUSH_TIMEOUT_MS))
+            .await;
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"node shutting down");
         self.node.cluster.endpoint().close();

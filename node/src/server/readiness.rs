@@ -13,17 +13,16 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use chorus_cluster::metadata::NodeState;
-use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Node;
+use super::admin::json;
+use super::{text, HttpResponse, Node};
 
 /// Whether this node is ready, and why not.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +33,10 @@ pub struct Readiness {
     pub reason: String,
     /// This node's state in its applied metadata (`None`: not a member there).
     pub state: Option<NodeState>,
+    /// The ring epoch of that metadata.
+    pub ring_epoch: u64,
+    /// The Raft leader this node knows of.
+    pub leader: Option<chorus_cluster::metadata::NodeId>,
 }
 
 /// This node's readiness: an `up` member of its applied (committed) metadata, on the
@@ -60,6 +63,8 @@ pub fn readiness(node: &Node) -> Readiness {
         ready: reason.is_empty(),
         reason,
         state,
+        ring_epoch: metadata.ring_epoch,
+        leader,
     }
 }
 
@@ -73,31 +78,18 @@ pub fn state_name(state: NodeState) -> &'static str {
     }
 }
 
-type HttpResponse = Response<Full<Bytes>>;
-
-fn json(status: StatusCode, value: &serde_json::Value) -> HttpResponse {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
 /// `GET /readyz` of a running node: 200 when ready, else 503; a JSON body either way
 /// (`ready`, `member`, `node_id`, `state`, `ring_epoch`, `leader`, `reason`).
 pub fn readyz(node: &Node) -> HttpResponse {
     let verdict = readiness(node);
-    let metadata = node.cluster.metadata();
     let body = serde_json::json!({
         "ready": verdict.ready,
         "member": verdict.state.is_some(),
         "node_id": node.cluster.node_id(),
         "node_name": node.config.node_name,
         "state": verdict.state.map(state_name),
-        "ring_epoch": metadata.ring_epoch,
-        "leader": node.cluster.raft_metrics().leader,
+        "ring_epoch": verdict.ring_epoch,
+        "leader": verdict.leader,
         "reason": verdict.reason,
     });
     let status = if verdict.ready {
@@ -111,11 +103,7 @@ pub fn readyz(node: &Node) -> HttpResponse {
 fn starting_response(request: &Request<Incoming>, node_name: &str) -> HttpResponse {
     let reason = "the node is joining the cluster";
     match (request.method(), request.uri().path()) {
-        (&Method::GET, "/healthz") => {
-            let mut response = Response::new(Full::new(Bytes::from_static(b"starting\n")));
-            *response.status_mut() = StatusCode::OK;
-            response
-        }
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "starting\n"),
         (&Method::GET, "/readyz") => json(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({
