@@ -1,4 +1,4 @@
-//! The node server: HTTP (WebSocket `/ws`, `/ws/echo`, `/healthz`, `/metrics`) and QUIC
+//! The node server: HTTP (WebSocket `/ws`, `/ws/echo`, `/healthz`, `/readyz`, `/metrics`) and QUIC
 //! edges, the session registry and the room directory, and orderly shutdown.
 //!
 //! Shutdown order: drain (hand the rooms to other members), stop accepting and close client
