@@ -1,4 +1,4 @@
-//! The short chaos run: three real nodes, two SIGKILLs with restarts and one SIGSTOP pause
+//! The short chaos runs: three real nodes, SIGKILLs with restarts and SIGSTOP pauses
 //! under a room workload, then the invariant checks (see `chaos/README.md`). The long run is
 //! `chorus-chaos` with more nodes, faults and time.
 
@@ -140,5 +140,58 @@ async fn a_rain_stays_exact_through_a_kill_and_a_pause() {
             )
         }
         Err(error) => panic!("rain chaos run failed: {error}"),
+    }
+}
+
+/// The membership scenario's short form (`chorus-chaos --scenario membership --seed 5
+/// --waves 6`): nodes join (some through a node that is itself still joining), leave
+/// (drain, remove, SIGTERM), are replaced and are killed, several at once, under the room
+/// workload; every invariant holds, every node got its own id, and all kinds of operation
+/// ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_leave_and_crash_concurrently_without_losing_a_comment_or_an_id() {
+    use chorus_chaos::membership::{run_membership, MembershipConfig, OpKind};
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = MembershipConfig::new(
+        PathBuf::from(env!("CARGO_BIN_EXE_chorus")),
+        dir.path().join("membership"),
+        5,
+    );
+    config.waves = 6;
+    config.base.base_ip = "127.0.3.111".parse().expect("ip");
+    match run_membership(config).await {
+        Ok(report) => {
+            for kind in [OpKind::Join, OpKind::Leave, OpKind::Replace, OpKind::Kill] {
+                assert!(
+                    report.ops.iter().any(|op| op.kind == kind),
+                    "no {kind:?} in {:#?}",
+                    report.ops
+                );
+            }
+            let ids: std::collections::BTreeSet<u64> = report.ids.values().copied().collect();
+            assert_eq!(
+                ids.len(),
+                report.ids.len(),
+                "an id given twice: {:?}",
+                report.ids
+            );
+            assert!(report.final_members.len() >= 3, "{report:#?}");
+            assert!(report.final_ring_epoch.is_some(), "{report:#?}");
+            assert!(report.counts.comments_acked > 0, "{:#?}", report.counts);
+            assert!(report.counts.deliveries_checked > 0, "{:#?}", report.counts);
+        }
+        Err(ChaosError::MembershipViolations { report }) => {
+            let kept = dir.keep();
+            panic!(
+                "{} violation(s), seed {} (work dir kept: {}):\n{:#?}\nops: {:#?}",
+                report.violation_count,
+                report.seed,
+                kept.display(),
+                report.violations,
+                report.ops
+            )
+        }
+        Err(error) => panic!("membership run failed: {error}"),
     }
 }

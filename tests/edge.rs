@@ -674,3 +674,57 @@ async fn one_user_on_two_devices_gets_every_comment_on_both_and_counts_once() {
         "each device has its own session"
     );
 }
+
+/// A node keeps its QUIC stateless-reset secret in its data dir: a client still holding a
+/// connection to the node's previous run (SIGKILL: nothing told it) gets a reset at its
+/// next packet, which it accepts, instead of waiting out the idle timeout.
+#[tokio::test]
+async fn a_quic_client_of_a_killed_node_is_reset_by_the_restarted_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    // Fixed addresses (its own loopback address): the restart listens where the client
+    // still sends.
+    let addrs = [
+        "--http-addr",
+        "127.0.4.11:7070",
+        "--quic-addr",
+        "127.0.4.11:7071",
+        "--cluster-addr",
+        "127.0.4.11:7072",
+    ];
+    let node = TestNode::start_in(&data, &addrs).await;
+    let ca = node.ca_path();
+    let config = chorus_node::client::quic_client_config(&ca, 60_000).expect("client config");
+    let endpoint = chorus_node::client::client_endpoint(node.quic).expect("endpoint");
+    let connection = tokio::time::timeout(
+        DEADLINE,
+        endpoint
+            .connect_with(config, node.quic, "localhost")
+            .expect("connect"),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake");
+    node.kill().await;
+    let _restarted = TestNode::start_in(&data, &addrs).await;
+    // Anything the client sends now reaches the new process, which knows no such
+    // connection and answers with a stateless reset.
+    let outcome = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let _ = connection.send_datagram(bytes::Bytes::from(vec![0u8; 64]));
+            if let Ok(mut stream) = connection.open_uni().await {
+                let _ = stream.write_all(&[0u8; 64]).await;
+            }
+            tokio::select! {
+                error = connection.closed() => return error,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the connection to the killed node is still open: no reset from the restart");
+    assert!(
+        matches!(outcome, quinn::ConnectionError::Reset),
+        "expected a stateless reset, got {outcome:?}"
+    );
+}

@@ -78,9 +78,10 @@ impl Violations {
     }
 }
 
-/// Runs the client-side checks.
+/// Runs the client-side checks; `start` is the run's start (times in messages count from it).
 pub fn check_logs(
     clients: &[(ClientSpec, &ClientLog)],
+    start: tokio::time::Instant,
     violations: &mut Violations,
 ) -> CheckCounts {
     let mut counts = CheckCounts::default();
@@ -203,10 +204,10 @@ pub fn check_logs(
                     violations.push(
                         "no_loss",
                         format!(
-                            "client {} never received acknowledged comment {id} {text:?} in room {} ({why}; membership {index} from {:?} after start, ended: {})",
+                            "client {} never received acknowledged comment {id} {text:?} in room {} ({why}; membership {index} from {} ms after start, ended: {})",
                             spec.index,
                             membership.room,
-                            membership.start,
+                            membership.start.saturating_duration_since(start).as_millis(),
                             membership.end.is_some()
                         ),
                     );

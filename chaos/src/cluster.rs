@@ -41,6 +41,11 @@ pub struct NodeProcess {
     data_dir: PathBuf,
     child: Option<Child>,
     log_path: PathBuf,
+    /// Further `chorus serve` arguments (e.g. `--drain-timeout 10s`).
+    pub extra_args: Vec<String>,
+    /// How long a start may take to print the ready line (a joining node prints it once
+    /// it is a member). Default 20 s.
+    pub ready_timeout: Duration,
 }
 
 impl NodeProcess {
@@ -52,6 +57,8 @@ impl NodeProcess {
             name,
             ip,
             child: None,
+            extra_args: Vec::new(),
+            ready_timeout: READY_TIMEOUT,
         }
     }
 
@@ -132,7 +139,8 @@ impl NodeProcess {
                 &SocketAddr::new(self.ip, QUIC_PORT).to_string(),
             ])
             .args(["--cluster-addr", &self.cluster_addr().to_string()])
-            .args(["--requests-per-sec", "1000", "--requests-burst", "1000"]);
+            .args(["--requests-per-sec", "1000", "--requests-burst", "1000"])
+            .args(&self.extra_args);
         if let Some(join) = join {
             command.args(["--join", &join.to_string()]);
         }
@@ -153,7 +161,7 @@ impl NodeProcess {
             .take()
             .ok_or_else(|| "no stdout pipe".to_string())?;
         let mut lines = BufReader::new(stdout).lines();
-        let line = match tokio::time::timeout(READY_TIMEOUT, lines.next_line()).await {
+        let line = match tokio::time::timeout(self.ready_timeout, lines.next_line()).await {
             Ok(Ok(Some(line))) => line,
             Ok(Ok(None)) => {
                 let status = child.wait().await.map(|s| s.to_string());
@@ -165,7 +173,7 @@ impl NodeProcess {
             Ok(Err(e)) => return Err(format!("read stdout: {e}")),
             Err(_) => {
                 let _ = child.kill().await;
-                return Err(format!("no ready line within {READY_TIMEOUT:?}"));
+                return Err(format!("no ready line within {:?}", self.ready_timeout));
             }
         };
         serde_json::from_str::<serde_json::Value>(&line)
@@ -179,6 +187,37 @@ impl NodeProcess {
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill().await;
+        }
+    }
+
+    /// The node's data dir.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Whether a process is running (started and not yet reaped).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit; SIGKILL after that. Returns the
+    /// exit code and how long the stop took, or `None` if it had to be killed (or was not
+    /// running).
+    pub async fn terminate(&mut self, timeout: Duration) -> Option<(Option<i32>, Duration)> {
+        let mut child = self.child.take()?;
+        let began = std::time::Instant::now();
+        if let Some(pid) = child.id() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(Ok(status)) => Some((status.code(), began.elapsed())),
+            _ => {
+                let _ = child.kill().await;
+                None
+            }
         }
     }
 
@@ -216,10 +255,25 @@ impl NodeProcess {
 
 /// GET `path` on `addr` with the admin token, parsed as JSON, bounded in time and size.
 pub async fn admin_get(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
+    admin_request(addr, "GET", path, "HTTP/1.1 200").await
+}
+
+/// POST `path` (no body) on `addr` with the admin token; the JSON answer if it is
+/// `202 Accepted`, `None` otherwise (down, paused, refused, timeout).
+pub async fn admin_post(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
+    admin_request(addr, "POST", path, "HTTP/1.1 202").await
+}
+
+async fn admin_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    status_line: &str,
+) -> Option<serde_json::Value> {
     let request = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = String::new();
@@ -229,7 +283,7 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> Option<serde_json::Value
             .await
             .ok()?;
         let (head, body) = response.split_once("\r\n\r\n")?;
-        if !head.starts_with("HTTP/1.1 200") {
+        if !head.starts_with(status_line) {
             return None;
         }
         serde_json::from_str(body).ok()

@@ -13,6 +13,7 @@
 
 pub mod check;
 pub mod cluster;
+pub mod membership;
 pub mod netcut;
 pub mod rain;
 pub mod workload;
@@ -273,6 +274,12 @@ pub enum ChaosError {
         /// The full report.
         report: Box<ChaosReport>,
     },
+    /// The membership scenario completed and some invariant failed; the report lists them.
+    #[error("{} invariant violation(s), seed {}; first: {}", report.violation_count, report.config.base.seed, report.violations.first().map(|v| format!("[{}] {}", v.invariant, v.detail)).unwrap_or_default())]
+    MembershipViolations {
+        /// The full report.
+        report: Box<membership::MembershipReport>,
+    },
     /// The rain scenario's audit failed.
     #[error("the rain audit failed: {}", report.audit)]
     RainAudit {
@@ -365,54 +372,22 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
     }
     say(start, "cluster healthy");
 
-    // 2. Rooms and clients.
-    let rooms = create_rooms(&config, &nodes, &ca_dir).await?;
-    let stop_sending = CancellationToken::new();
-    let stop_all = CancellationToken::new();
-    let clients: Vec<ClientHandle> = (0..config.clients)
-        .map(|i| {
-            let home = i % nodes.len();
-            let quic = i % 2 == 1;
-            let urls = (0..nodes.len())
-                .map(|k| {
-                    let node = &nodes[(home + k) % nodes.len()];
-                    if quic {
-                        node.quic_url()
-                    } else {
-                        node.ws_url()
-                    }
-                })
-                .collect();
-            workload::spawn_client(
-                ClientSpec {
-                    index: i,
-                    urls,
-                    ca_path: ca_dir.join("ca.pem"),
-                    rooms: (0..config.rooms_per_client)
-                        .map(|k| rooms[(i + k) % rooms.len()].clone())
-                        .collect(),
-                    comment_interval_ms: config.comment_interval_ms,
-                    seed: config.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)),
-                },
-                stop_sending.clone(),
-                stop_all.clone(),
-            )
-        })
-        .collect();
-    wait_joined(&clients, Instant::now() + HEALTHY_TIMEOUT).await;
+    // 2. Rooms, clients and the monitor.
+    let rooms = create_rooms(&config, &nodes.iter().collect::<Vec<_>>(), &ca_dir).await?;
+    let urls: Vec<(String, String)> = nodes.iter().map(|n| (n.ws_url(), n.quic_url())).collect();
+    let workload = Workload::start(
+        &config,
+        &rooms,
+        &urls,
+        urls.len(),
+        &ca_dir,
+        nodes.iter().map(NodeProcess::http_addr).collect(),
+    );
+    workload.wait_joined(Instant::now() + HEALTHY_TIMEOUT).await;
     say(
         start,
-        format_args!("{} clients joined {} rooms", clients.len(), rooms.len()),
+        format_args!("{} clients joined {} rooms", config.clients, rooms.len()),
     );
-
-    // 3. The monitor.
-    let monitor_state = Arc::new(Mutex::new(MonitorState::default()));
-    let monitor = tokio::spawn(run_monitor(
-        nodes.iter().map(NodeProcess::http_addr).collect(),
-        rooms.iter().take(MONITORED_ROOMS_MAX).cloned().collect(),
-        monitor_state.clone(),
-        stop_all.clone(),
-    ));
 
     // 4. Faults.
     let mut rng = SmallRng::seed_from_u64(config.seed);
@@ -507,48 +482,29 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
     tokio::time::sleep_until(faults_start + Duration::from_secs(config.duration_secs)).await;
 
     // 5. Settle, then check.
-    stop_sending.cancel();
+    workload.stop_sending();
     say(start, "faults over; workload stopped; settling");
     if let Health::Unhealthy(why) =
         cluster::wait_healthy(&nodes, Instant::now() + HEALTHY_TIMEOUT).await
     {
         violations.push("cluster_healthy", format!("not healthy at the end: {why}"));
     }
-    wait_quiet(
-        &clients,
-        Instant::now() + Duration::from_secs(config.settle_secs),
-    )
-    .await;
-    stop_all.cancel();
-    let mut logs = Vec::with_capacity(clients.len());
-    for client in clients {
-        logs.push(client.join(Duration::from_secs(5)).await);
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), monitor).await;
+    workload
+        .wait_quiet(Instant::now() + Duration::from_secs(config.settle_secs))
+        .await;
+    let outcome = workload
+        .finish(start, start_unix_ms, &config.work_dir, &mut violations)
+        .await;
     for node in &mut nodes {
         node.kill().await;
-    }
-
-    let guards: Vec<_> = logs.iter().map(|(spec, log)| (spec, lock(log))).collect();
-    let views: Vec<(ClientSpec, &workload::ClientLog)> = guards
-        .iter()
-        .map(|(spec, guard)| ((*spec).clone(), &**guard))
-        .collect();
-    let counts = check::check_logs(&views, &mut violations);
-    let clients_path = config.work_dir.join("clients.log");
-    if let Err(error) = workload::dump_logs(&clients_path, start, start_unix_ms, &views) {
-        say(
-            start,
-            format_args!("cannot write {}: {error}", clients_path.display()),
-        );
     }
     let faults: Vec<FaultRecord> = faults
         .into_iter()
         .map(|(mut record, from, until)| {
-            for (_, log) in &views {
-                if let Some(lost) = log.disconnects.iter().find(|t| **t >= from && **t <= until) {
+            for (disconnects, reconnects) in &outcome.connections {
+                if let Some(lost) = disconnects.iter().find(|t| **t >= from && **t <= until) {
                     record.clients_disconnected += 1;
-                    if log.reconnects.iter().any(|t| t >= lost) {
+                    if reconnects.iter().any(|t| t >= lost) {
                         record.clients_reconnected += 1;
                     }
                 }
@@ -556,18 +512,7 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
             record
         })
         .collect();
-    drop(views);
-    drop(guards);
-    let monitor = {
-        let state = monitor_state
-            .lock()
-            .expect("the monitor panicked while holding its state");
-        for detail in &state.violations {
-            let (invariant, detail) = detail;
-            violations.push(invariant, detail.clone());
-        }
-        state.counts()
-    };
+    let (counts, monitor) = (outcome.counts, outcome.monitor);
 
     let report = ChaosReport {
         seed: config.seed,
@@ -623,7 +568,7 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
 /// Creates the rooms through the nodes in turn, retrying each (bounded).
 async fn create_rooms(
     config: &ChaosConfig,
-    nodes: &[NodeProcess],
+    nodes: &[&NodeProcess],
     ca_dir: &std::path::Path,
 ) -> Result<Vec<String>, ChaosError> {
     use chorus_node::client::{Client, ClientConfig, ReconnectPolicy};
@@ -678,33 +623,176 @@ async fn create_rooms(
     Ok(rooms)
 }
 
-/// Waits until every client has joined its rooms (or given up), bounded.
-async fn wait_joined(clients: &[ClientHandle], deadline: Instant) {
-    while Instant::now() < deadline {
-        let done = clients.iter().all(|c| {
-            let log = lock(&c.log);
-            log.gave_up.is_some() || log.memberships.len() >= c.spec.rooms.len()
-        });
-        if done {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// The room workload: clients spread over the nodes, each commenting in its rooms, and
+/// the monitor sampling every node; started once the rooms exist.
+pub(crate) struct Workload {
+    clients: Vec<ClientHandle>,
+    stop_sending: CancellationToken,
+    stop_all: CancellationToken,
+    monitor: tokio::task::JoinHandle<()>,
+    monitor_state: Arc<Mutex<MonitorState>>,
 }
 
-/// Waits until no client has received a comment for [`QUIET_PERIOD`], bounded.
-async fn wait_quiet(clients: &[ClientHandle], deadline: Instant) {
-    let total = || -> usize { clients.iter().map(|c| lock(&c.log).received.len()).sum() };
-    let mut last = total();
-    let mut quiet_since = Instant::now();
-    while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = total();
-        if now != last {
-            last = now;
-            quiet_since = Instant::now();
-        } else if quiet_since.elapsed() >= QUIET_PERIOD {
-            return;
+/// What the workload recorded, judged by [`check::check_logs`] and the monitor.
+pub(crate) struct WorkloadOutcome {
+    /// The clients' counts.
+    pub(crate) counts: CheckCounts,
+    /// The monitor's counts.
+    pub(crate) monitor: MonitorCounts,
+    /// Per client: when it lost its connection, and when it got one back.
+    pub(crate) connections: Vec<(Vec<Instant>, Vec<Instant>)>,
+}
+
+impl Workload {
+    /// Starts `config.clients` clients: client i's home is node `i mod homes` (even
+    /// clients on WebSocket, odd ones on QUIC; `urls` holds each node's pair), then the
+    /// other nodes in turn; and the monitor over `monitor_addrs`.
+    pub(crate) fn start(
+        config: &ChaosConfig,
+        rooms: &[String],
+        urls: &[(String, String)],
+        homes: usize,
+        ca_dir: &std::path::Path,
+        monitor_addrs: Vec<SocketAddr>,
+    ) -> Workload {
+        let stop_sending = CancellationToken::new();
+        let stop_all = CancellationToken::new();
+        let clients = (0..config.clients)
+            .map(|i| {
+                let home = i % homes.clamp(1, urls.len());
+                let quic = i % 2 == 1;
+                let urls = (0..urls.len())
+                    .map(|k| {
+                        let (ws, q) = &urls[(home + k) % urls.len()];
+                        if quic {
+                            q.clone()
+                        } else {
+                            ws.clone()
+                        }
+                    })
+                    .collect();
+                workload::spawn_client(
+                    ClientSpec {
+                        index: i,
+                        urls,
+                        ca_path: ca_dir.join("ca.pem"),
+                        rooms: (0..config.rooms_per_client)
+                            .map(|k| rooms[(i + k) % rooms.len()].clone())
+                            .collect(),
+                        comment_interval_ms: config.comment_interval_ms,
+                        seed: config.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)),
+                    },
+                    stop_sending.clone(),
+                    stop_all.clone(),
+                )
+            })
+            .collect();
+        let monitor_state = Arc::new(Mutex::new(MonitorState::default()));
+        let monitor = tokio::spawn(run_monitor(
+            monitor_addrs,
+            rooms.iter().take(MONITORED_ROOMS_MAX).cloned().collect(),
+            monitor_state.clone(),
+            stop_all.clone(),
+        ));
+        Workload {
+            clients,
+            stop_sending,
+            stop_all,
+            monitor,
+            monitor_state,
+        }
+    }
+
+    /// Waits until every client has joined its rooms (or given up), bounded.
+    pub(crate) async fn wait_joined(&self, deadline: Instant) {
+        while Instant::now() < deadline {
+            let done = self.clients.iter().all(|c| {
+                let log = lock(&c.log);
+                log.gave_up.is_some() || log.memberships.len() >= c.spec.rooms.len()
+            });
+            if done {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the clients' sending; they keep receiving.
+    pub(crate) fn stop_sending(&self) {
+        self.stop_sending.cancel();
+    }
+
+    /// Waits until every client is connected (or gave up) and none has received a comment
+    /// for [`QUIET_PERIOD`], bounded: a client whose node was killed just before the
+    /// workload stopped may still be noticing it (a QUIC idle timeout) and reconnecting.
+    pub(crate) async fn wait_quiet(&self, deadline: Instant) {
+        let state = || -> (usize, bool) {
+            self.clients.iter().fold((0, true), |(received, all), c| {
+                let log = lock(&c.log);
+                (
+                    received + log.received.len(),
+                    all && (log.connected || log.gave_up.is_some()),
+                )
+            })
+        };
+        let (mut last, _) = state();
+        let mut quiet_since = Instant::now();
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let (now, all_connected) = state();
+            if now != last || !all_connected {
+                last = now;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= QUIET_PERIOD {
+                return;
+            }
+        }
+    }
+
+    /// Stops the clients and the monitor, writes `work_dir/clients.log`, and judges what
+    /// they recorded into `violations`.
+    pub(crate) async fn finish(
+        self,
+        start: Instant,
+        start_unix_ms: u64,
+        work_dir: &std::path::Path,
+        violations: &mut Violations,
+    ) -> WorkloadOutcome {
+        self.stop_sending.cancel();
+        self.stop_all.cancel();
+        let mut logs = Vec::with_capacity(self.clients.len());
+        for client in self.clients {
+            logs.push(client.join(Duration::from_secs(5)).await);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.monitor).await;
+        let guards: Vec<_> = logs.iter().map(|(spec, log)| (spec, lock(log))).collect();
+        let views: Vec<(ClientSpec, &workload::ClientLog)> = guards
+            .iter()
+            .map(|(spec, guard)| ((*spec).clone(), &**guard))
+            .collect();
+        let counts = check::check_logs(&views, start, violations);
+        let clients_path = work_dir.join("clients.log");
+        if let Err(error) = workload::dump_logs(&clients_path, start, start_unix_ms, &views) {
+            say(
+                start,
+                format_args!("cannot write {}: {error}", clients_path.display()),
+            );
+        }
+        let connections = views
+            .iter()
+            .map(|(_, log)| (log.disconnects.clone(), log.reconnects.clone()))
+            .collect();
+        let state = self
+            .monitor_state
+            .lock()
+            .expect("the monitor panicked while holding its state");
+        for (invariant, detail) in &state.violations {
+            violations.push(invariant, detail.clone());
+        }
+        WorkloadOutcome {
+            counts,
+            monitor: state.counts(),
+            connections,
         }
     }
 }

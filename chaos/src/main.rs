@@ -11,10 +11,27 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "chorus-chaos", version)]
 struct Args {
-    /// `rooms` (comments, kills, pauses, cuts; the default) or `rain` (a red-packet rain
-    /// under a SIGKILL of the pool's node and a pause of another, then the audit).
-    #[arg(long, default_value = "rooms", value_parser = ["rooms", "rain"])]
+    /// `rooms` (comments, kills, pauses, cuts; the default), `rain` (a red-packet rain
+    /// under a SIGKILL of the pool's node and a pause of another, then the audit) or
+    /// `membership` (nodes join, leave, are replaced and killed, several at once, under the
+    /// room workload).
+    #[arg(long, default_value = "rooms", value_parser = ["rooms", "rain", "membership"])]
     scenario: String,
+    /// Membership: rounds of concurrent operations.
+    #[arg(long, default_value_t = 6)]
+    waves: usize,
+    /// Membership: most members at once (3-5).
+    #[arg(long, default_value_t = 5)]
+    members_max: usize,
+    /// Membership: addresses available (more than --members-max, at most 8).
+    #[arg(long, default_value_t = 6)]
+    slots: usize,
+    /// Membership: every node's --drain-timeout, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    drain_timeout_ms: u64,
+    /// Membership: pause between a healthy cluster and the next wave, in milliseconds.
+    #[arg(long, default_value_t = 2_000)]
+    wave_gap_ms: u64,
     /// Rain: taps per client.
     #[arg(long, default_value_t = 12)]
     taps: u32,
@@ -30,7 +47,7 @@ struct Args {
     /// Seed of the fault schedule and the clients' pacing. Default: random (printed).
     #[arg(long)]
     seed: Option<u64>,
-    /// Nodes, 3-5.
+    /// Nodes, 3-5 (membership: members at the start).
     #[arg(long, default_value_t = 3)]
     nodes: usize,
     /// Rooms.
@@ -62,7 +79,8 @@ struct Args {
     /// Longest wait for in-flight comments after the workload stops, in seconds.
     #[arg(long, default_value_t = 20)]
     settle: u64,
-    /// Node i listens on this address plus i.
+    /// Node i listens on this address plus i. Default 127.0.0.11 (rooms), 127.0.2.11
+    /// (rain), 127.0.3.11 (membership).
     #[arg(long, default_value = "127.0.0.11")]
     base_ip: std::net::Ipv4Addr,
     /// Work dir (CA, data dirs, node logs, report.json). Default: a new directory under
@@ -118,6 +136,55 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
             std::fs::write(json, &text).with_context(|| format!("write {}", json.display()))?;
         }
         println!("{text}");
+        return Ok(code);
+    }
+    if args.scenario == "membership" {
+        let mut config = chorus_chaos::membership::MembershipConfig::new(chorus, work_dir, seed);
+        config.base.nodes = args.nodes;
+        config.base.rooms = args.rooms;
+        config.base.clients = args.clients.unwrap_or(9);
+        config.base.rooms_per_client = args.rooms_per_client;
+        config.base.comment_interval_ms = args.comment_interval_ms;
+        config.base.settle_secs = args.settle;
+        config.waves = args.waves;
+        config.members_max = args.members_max;
+        config.slots = args.slots;
+        config.drain_timeout_ms = args.drain_timeout_ms;
+        config.wave_gap_ms = args.wave_gap_ms;
+        if args.base_ip != std::net::Ipv4Addr::new(127, 0, 0, 11) {
+            config.base.base_ip = args.base_ip;
+        }
+        eprintln!(
+            "chorus-chaos membership: seed {seed}, work dir {}",
+            config.base.work_dir.display()
+        );
+        let (report, code) = match chorus_chaos::membership::run_membership(config).await {
+            Ok(report) => (report, ExitCode::SUCCESS),
+            Err(ChaosError::MembershipViolations { report }) => (*report, ExitCode::FAILURE),
+            Err(error) => {
+                eprintln!("chorus-chaos: {error} (seed {seed})");
+                return Ok(ExitCode::from(2));
+            }
+        };
+        if let Some(json) = &args.json {
+            std::fs::write(json, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("write {}", json.display()))?;
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "seed": report.seed,
+                "violations": report.violation_count,
+                "operations": report.ops.len(),
+                "ids": report.ids,
+                "final_members": report.final_members,
+                "final_ring_epoch": report.final_ring_epoch,
+                "comments_acked": report.counts.comments_acked,
+                "deliveries_checked": report.counts.deliveries_checked,
+                "report": report.config.base.work_dir.join("report.json"),
+                "replay": report.replay,
+            })
+        );
         return Ok(code);
     }
     let mut config = ChaosConfig::new(chorus, work_dir, seed);

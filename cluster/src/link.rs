@@ -46,6 +46,12 @@ pub struct LinkConfig {
     pub connect_timeout_ms: u64,
     /// Time for one RPC (request sent to reply read). Default 5,000.
     pub rpc_timeout_ms: u64,
+    /// The secret QUIC stateless-reset tokens are derived from (see
+    /// [`stateless_reset_secret`]). Kept across restarts, it lets a restarted node answer a
+    /// peer still sending on a connection from before the restart with a reset the peer
+    /// accepts, so the peer drops the dead connection at its next packet instead of after
+    /// the idle timeout. `None` (default): a random one per process.
+    pub stateless_reset_secret: Option<[u8; 32]>,
 }
 
 impl Default for LinkConfig {
@@ -55,8 +61,68 @@ impl Default for LinkConfig {
             keep_alive_ms: 500,
             connect_timeout_ms: 2_000,
             rpc_timeout_ms: 5_000,
+            stateless_reset_secret: None,
         }
     }
+}
+
+/// Key under which [`stateless_reset_secret`] keeps its secret in the identity tree.
+const RESET_SECRET_KEY: &str = "quic_reset_secret";
+
+/// This node's secret for QUIC stateless resets on the endpoint named `purpose` (e.g.
+/// `"cluster"`, `"clients"`): derived from one random secret kept in the node's data dir
+/// (created and flushed on first use), so it is the same after a restart and differs
+/// between endpoints and nodes.
+pub fn stateless_reset_secret(db: &sled::Db, purpose: &str) -> Result<[u8; 32], LinkError> {
+    let storage = |e: &dyn std::fmt::Display| LinkError::Storage(e.to_string());
+    let tree = db
+        .open_tree(crate::service::IDENTITY_TREE)
+        .map_err(|e| storage(&e))?;
+    let root: Vec<u8> = match tree.get(RESET_SECRET_KEY).map_err(|e| storage(&e))? {
+        Some(stored) if stored.len() == 32 => stored.to_vec(),
+        _ => {
+            let mut fresh = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut fresh)
+                .map_err(|_| storage(&"the system random generator failed"))?;
+            tree.insert(RESET_SECRET_KEY, &fresh[..])
+                .map_err(|e| storage(&e))?;
+            tree.flush().map_err(|e| storage(&e))?;
+            fresh.to_vec()
+        }
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &root);
+    let tag = ring::hmac::sign(&key, purpose.as_bytes());
+    let mut secret = [0u8; 32];
+    secret.copy_from_slice(&tag.as_ref()[..32]);
+    Ok(secret)
+}
+
+/// The QUIC endpoint configuration for a stateless-reset secret (`None`: quinn's random
+/// per-process key).
+///
+/// With a secret, the connection ids the endpoint hands out are keyed by it too: a
+/// restarted endpoint only answers packets with a reset when it recognises their
+/// connection id as one of its own.
+pub fn endpoint_config(stateless_reset_secret: Option<[u8; 32]>) -> quinn::EndpointConfig {
+    let Some(secret) = stateless_reset_secret else {
+        return quinn::EndpointConfig::default();
+    };
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &secret,
+    )));
+    let cid_key = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+        b"connection ids",
+    );
+    let mut cid_key_bytes = [0u8; 8];
+    cid_key_bytes.copy_from_slice(&cid_key.as_ref()[..8]);
+    let cid_key = u64::from_be_bytes(cid_key_bytes);
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            as Box<dyn quinn::ConnectionIdGenerator>
+    });
+    config
 }
 
 /// Link errors.
@@ -65,6 +131,9 @@ pub enum LinkError {
     /// TLS configuration failed.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The node's stored link secret could not be read or written.
+    #[error("link secret storage: {0}")]
+    Storage(String),
     /// The endpoint could not be bound.
     #[error("cannot bind the cluster endpoint on {addr}")]
     Bind {
@@ -205,7 +274,7 @@ impl ClusterEndpoint {
             let _ = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
         }
         let mut endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config(config.stateless_reset_secret),
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),

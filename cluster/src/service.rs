@@ -81,6 +81,9 @@ const JOIN_BACKOFF_MIN_MS: u64 = 100;
 /// Longest pause between two tries of a join step.
 const JOIN_BACKOFF_MAX_MS: u64 = 2_000;
 
+/// How long [`ClusterService::remove_node`] keeps asking the leader.
+pub const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Cluster service errors.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -140,8 +143,10 @@ enum PeerRequest {
     Activate { node: NodeId, cluster_addr: String },
     /// A metadata write (leader only).
     Write(MetadataCommand),
-    /// An application message (room routing, relay), handled by the node's [`AppHandler`].
-    App(Vec<u8>),
+    /// An application message (room routing, relay) for member `target`, handled by the
+    /// node's [`AppHandler`]. A node refuses one meant for another id: an address can move
+    /// from a removed member to a new one, which must not answer for it.
+    App { target: NodeId, request: Vec<u8> },
     /// Liveness probe from the leader's failure detector.
     Ping,
     /// Remove a member from the Raft group and the metadata (leader only); a learner is
@@ -348,9 +353,13 @@ impl RpcHandler for Handler {
         let reply = match decode::<PeerRequest>(&request) {
             Err(error) => PeerReply::Error(error.to_string()),
             Ok(PeerRequest::Ping) => PeerReply::Pong,
-            Ok(PeerRequest::App(bytes)) => match self.service.get() {
+            Ok(PeerRequest::App { target, request }) => match self.service.get() {
+                Some(service) if service.inner.node_id != target => PeerReply::Error(format!(
+                    "message for node {target} reached node {}",
+                    service.inner.node_id
+                )),
                 Some(service) => match service.inner.app.get() {
-                    Some(app) => PeerReply::App(app.handle(Bytes::from(bytes)).await.to_vec()),
+                    Some(app) => PeerReply::App(app.handle(Bytes::from(request)).await.to_vec()),
                     None => PeerReply::Error("node is starting".into()),
                 },
                 None => PeerReply::Error("node is starting".into()),
@@ -751,6 +760,36 @@ impl ClusterService {
             match request {
                 PeerRequest::Remove { node } => {
                     let metrics = raft.metrics();
+                    if node == self.inner.node_id {
+                        // A leader never removes itself: once its own removal commits it
+                        // cannot propose the follow-up changes (promoting a learner, the
+                        // metadata write), and openraft refuses membership changes from a
+                        // leader that is no longer a voter. Hand over, and the caller asks
+                        // the new leader.
+                        let metadata = raft.metadata();
+                        let up = |id: &NodeId| {
+                            metadata
+                                .nodes
+                                .get(id)
+                                .is_some_and(|n| n.state == NodeState::Up)
+                        };
+                        let Some(successor) = metrics
+                            .voters
+                            .iter()
+                            .copied()
+                            .find(|id| *id != node && up(id))
+                        else {
+                            return Ok(PeerReply::Error(format!(
+                                "member {node} is the only voter that is up; add or restore \
+                                 another member before removing it"
+                            )));
+                        };
+                        raft.transfer_leadership(successor).await?;
+                        return Ok(PeerReply::Retry(format!(
+                            "member {node} leads the cluster; leadership is moving to \
+                             member {successor} before the removal"
+                        )));
+                    }
                     if metrics.voters.contains(&node) || metrics.learners.contains(&node) {
                         raft.remove_member(node).await?;
                     }
@@ -799,7 +838,7 @@ impl ClusterService {
                     }
                     Ok(PeerReply::Activated)
                 }
-                PeerRequest::Raft { .. } | PeerRequest::App(_) | PeerRequest::Ping => {
+                PeerRequest::Raft { .. } | PeerRequest::App { .. } | PeerRequest::Ping => {
                     Ok(PeerReply::Error("handled elsewhere".into()))
                 }
                 PeerRequest::Write(command) => raft.write(command).await.map(PeerReply::Written),
@@ -896,7 +935,13 @@ impl ClusterService {
         let reply = self
             .inner
             .endpoint
-            .call(addr, encode(&PeerRequest::App(request.to_vec()))?)
+            .call(
+                addr,
+                encode(&PeerRequest::App {
+                    target: node,
+                    request: request.to_vec(),
+                })?,
+            )
             .await?;
         match decode::<PeerReply>(&reply)? {
             PeerReply::App(bytes) => Ok(Bytes::from(bytes)),
@@ -936,22 +981,43 @@ impl ClusterService {
 
     /// Removes member `node` from the Raft group and the metadata (through the leader).
     /// Its id is never reused; drain it first so its rooms have moved.
+    ///
+    /// Retries (for up to [`REMOVE_TIMEOUT`]) while the leader is busy with another
+    /// membership change, an election runs, or the member to remove is the leader and is
+    /// handing over first.
     pub async fn remove_node(&self, node: NodeId) -> Result<(), ClusterError> {
-        let leader = self
-            .inner
-            .raft
-            .leader()
-            .and_then(|id| {
-                self.metadata()
-                    .nodes
-                    .get(&id)
-                    .map(|n| n.cluster_addr.clone())
-            })
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or(self.inner.config.cluster_addr);
-        match forward(&self.inner.endpoint, leader, PeerRequest::Remove { node }).await? {
-            PeerReply::Activated => Ok(()),
-            other => Err(ClusterError::Refused(format!("{other:?}"))),
+        let deadline = tokio::time::Instant::now() + REMOVE_TIMEOUT;
+        let mut backoff_ms = JOIN_BACKOFF_MIN_MS;
+        loop {
+            let leader = self
+                .inner
+                .raft
+                .leader()
+                .and_then(|id| {
+                    self.metadata()
+                        .nodes
+                        .get(&id)
+                        .map(|n| n.cluster_addr.clone())
+                })
+                .and_then(|addr| addr.parse().ok())
+                .unwrap_or(self.inner.config.cluster_addr);
+            let why =
+                match forward(&self.inner.endpoint, leader, PeerRequest::Remove { node }).await? {
+                    PeerReply::Activated => return Ok(()),
+                    PeerReply::Retry(why) => why,
+                    PeerReply::Error(why) => return Err(ClusterError::Refused(why)),
+                    other => return Err(ClusterError::Refused(format!("{other:?}"))),
+                };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClusterError::Refused(format!(
+                    "removing member {node} did not complete within {} s (last: {why})",
+                    REMOVE_TIMEOUT.as_secs()
+                )));
+            }
+            tracing::debug!(node, %why, backoff_ms, "removal not done yet; retrying");
+            let jitter = jitter_ms(backoff_ms / 2);
+            tokio::time::sleep(Duration::from_millis(backoff_ms / 2 + jitter)).await;
+            backoff_ms = (backoff_ms * 2).min(JOIN_BACKOFF_MAX_MS);
         }
     }
 
@@ -973,6 +1039,12 @@ impl ClusterService {
     /// The placement ring of the latest applied metadata.
     pub fn ring(&self) -> Option<Ring> {
         Ring::from_metadata(&self.metadata()).ok()
+    }
+
+    /// Resolves if this member's Raft core stops on its own (not through
+    /// [`shutdown`](Self::shutdown)), with why; see [`MetadataRaft::failed`].
+    pub async fn raft_failed(&self) -> String {
+        self.inner.raft.failed().await
     }
 
     /// Raft metrics.

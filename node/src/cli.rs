@@ -290,7 +290,8 @@ flushed first).
 
 Exit status: 0 when the drain completed (a lone node has nothing to hand off: that counts);
 3 when the node stopped without a completed drain (the deadline passed, a second signal,
-or the rooms could not be handed off, e.g. without a Raft quorum); 1 on any error.";
+or the rooms could not be handed off, e.g. without a Raft quorum); 1 on any error,
+also when the node's Raft member stopped working while it ran (it stops itself then).";
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = args.into_config()?;
@@ -316,17 +317,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             "cluster_addr": node.cluster_addr.to_string(),
         })
     );
-    let signal = signals.next().await;
-    tracing::info!(
-        signal,
-        "signal received: draining, at most {}",
-        humantime::format_duration(drain_timeout)
-    );
+    let raft_failed = tokio::select! {
+        signal = signals.next() => {
+            tracing::info!(
+                signal,
+                "signal received: draining, at most {}",
+                humantime::format_duration(drain_timeout)
+            );
+            None
+        }
+        why = node.raft_failed() => {
+            tracing::error!(
+                %why,
+                "the node's Raft member stopped working: stopping (restart the node; its \
+                 data dir is kept)"
+            );
+            Some(why)
+        }
+    };
     let second = async {
         let signal = signals.next().await;
         tracing::info!(signal, "second signal received");
     };
     let outcome = node.shutdown(drain_timeout, second).await;
+    if raft_failed.is_some() {
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(if outcome.drain_completed() {
         ExitCode::SUCCESS
     } else {

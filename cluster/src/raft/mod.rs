@@ -538,6 +538,21 @@ impl MetadataRaft {
             .map(|node| node.cluster_addr.clone())
     }
 
+    /// Resolves if this member's Raft core stops without [`shutdown`](Self::shutdown)
+    /// being asked for (a storage error, a bug in the library), with what is known of why.
+    /// A member in that state neither votes nor applies: the node should stop.
+    pub async fn failed(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Err(fatal) = &metrics.borrow_watched().running_state {
+                return fatal.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "the raft core task ended".to_string();
+            }
+        }
+    }
+
     /// This member's Raft state (term, role, leader, log and apply progress, membership).
     pub fn metrics(&self) -> RaftMetrics {
         let metrics = self.raft.metrics().borrow_watched().clone();

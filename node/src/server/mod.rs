@@ -400,10 +400,22 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     )?;
     let tls = chorus_cluster::tls::server_config(&identity, ALPN)?;
     let quic_config = quic::server_config(tls).map_err(|e| ServeError::Quic(e.to_string()))?;
+    // Reset secrets kept across restarts: a client or peer still sending on a connection
+    // to this node's previous run gets a reset it accepts and reconnects at once.
+    let reset_secret = |purpose| {
+        chorus_cluster::link::stateless_reset_secret(&db, purpose).map_err(|e| {
+            ServeError::Storage {
+                path: data_dir.clone(),
+                reason: e.to_string(),
+            }
+        })
+    };
+    let client_reset_secret = reset_secret("clients")?;
+    let cluster_reset_secret = reset_secret("cluster")?;
     let endpoint = crate::client::udp_socket(config.quic_addr)
         .and_then(|socket| {
             quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
+                chorus_cluster::link::endpoint_config(Some(client_reset_secret)),
                 Some(quic_config),
                 socket,
                 Arc::new(quinn::TokioRuntime),
@@ -436,7 +448,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let link = chorus_cluster::link::ClusterEndpoint::bind(
         config.cluster_addr,
         &identity,
-        chorus_cluster::link::LinkConfig::default(),
+        chorus_cluster::link::LinkConfig {
+            stateless_reset_secret: Some(cluster_reset_secret),
+            ..chorus_cluster::link::LinkConfig::default()
+        },
     )
     .map_err(|e| ServeError::Cluster(e.to_string()))?;
     let cluster_addr = link.local_addr().unwrap_or(config.cluster_addr);
@@ -593,6 +608,13 @@ impl RunningNode {
         &self.node
     }
 
+    /// Resolves if the node's Raft member stops working on its own (see
+    /// `ClusterService::raft_failed`), with why: the node cannot follow the cluster any
+    /// more and should stop, so that its supervisor restarts it from its data dir.
+    pub async fn raft_failed(&self) -> String {
+        self.node.cluster.raft_failed().await
+    }
+
     /// Resolves when shutdown has been requested.
     pub async fn stopping(&self) {
         self.node.shutdown.cancelled().await
@@ -674,6 +696,13 @@ impl RunningNode {
             }
         };
         if drained {
+            // Again, in case the copies changed since the drain began (bounded).
+            match tokio::time::timeout(step, routing::hand_off_copies(&self.node)).await {
+                Ok((taken, untaken)) => {
+                    tracing::info!(taken, untaken, "handed off the room copies held here")
+                }
+                Err(_) => tracing::warn!("handing off the room copies did not finish in time"),
+            }
             tracing::info!("drain completed");
         }
         tracing::info!("closing client connections");

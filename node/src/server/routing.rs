@@ -52,6 +52,9 @@ pub const RELAY_BATCH_ITEMS_MAX: usize = 512;
 pub const DEFINITION_SETTLE_MS: u64 = 2_000;
 /// Time a replica has to take a room's durable state.
 pub const REPLICATE_TIMEOUT_MS: u64 = 1_000;
+/// How long an activating owner waits to apply its own ownership claim (a node that has
+/// just joined may still be catching up with the log).
+pub const CLAIM_APPLIED_TIMEOUT_MS: u64 = 5_000;
 /// Time each node has to list its members of a room being activated.
 pub const READMIT_QUERY_TIMEOUT_MS: u64 = 1_000;
 /// How long a session takeover keeps trying to re-join a room whose owner is unavailable
@@ -277,6 +280,18 @@ impl DurableStates {
         if let Err(error) = saved {
             tracing::error!(room = %room_id, %error, "cannot save a room's state");
         }
+    }
+
+    /// Every state held, with the epoch it was written at.
+    pub fn held_states(&self) -> Vec<(String, u64, RoomDurable)> {
+        self.map()
+            .iter()
+            .filter_map(|(room_id, held)| {
+                held.state
+                    .as_ref()
+                    .map(|(epoch, durable)| (room_id.clone(), *epoch, durable.clone()))
+            })
+            .collect()
     }
 
     /// Forgets the states of `rooms` (expired), in memory and in sled; returns how many
@@ -1423,6 +1438,33 @@ impl Node {
             Ok(other) => return Err(activation_error(format!("ownership claim: {other:?}"))),
             Err(error) => return Err(activation_error(format!("ownership claim: {error}"))),
         };
+        // The claim was decided by the leader; wait until this node has applied it too, so
+        // that the members asked below are the current ones (the log applies in order: a
+        // node that has just joined may still be applying old entries, naming members long
+        // gone, some of whose addresses now belong to others).
+        let mut metadata = self.cluster.subscribe_metadata();
+        let applied =
+            tokio::time::timeout(Duration::from_millis(CLAIM_APPLIED_TIMEOUT_MS), async {
+                while metadata
+                    .borrow_and_update()
+                    .owners
+                    .get(&key)
+                    .map_or(0, |o| o.epoch)
+                    < epoch
+                {
+                    if metadata.changed().await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            })
+            .await;
+        if !matches!(applied, Ok(true)) {
+            return Err(activation_error(format!(
+                "the ownership claim at epoch {epoch} was not applied here within \
+                 {CLAIM_APPLIED_TIMEOUT_MS} ms"
+            )));
+        }
         self.owned_epochs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1845,6 +1887,22 @@ pub(crate) async fn follow_ring(node: Weak<Node>) {
             .rooms
             .stop_unless(|room_id| next.owner(&room_key(room_id)) == Some(self_id))
             .await;
+        // This node is leaving (draining): its copies go to the nodes that keep the rooms.
+        let leaving = metadata
+            .nodes
+            .get(&self_id)
+            .is_some_and(|n| n.state == chorus_cluster::metadata::NodeState::Draining);
+        if leaving && previous.as_ref().is_none_or(|p| p.contains(self_id)) {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let (taken, untaken) = hand_off_copies(&node).await;
+                tracing::info!(
+                    taken,
+                    untaken,
+                    "draining: handed off the room copies held here"
+                );
+            });
+        }
         let mut rejoined = 0;
         for session in node.sessions.all() {
             let rooms: Vec<String> = session.with_core(|core| core.rooms().cloned().collect());
@@ -1884,6 +1942,66 @@ pub(crate) async fn follow_ring(node: Weak<Node>) {
             "followed a ring change"
         );
     }
+}
+
+/// Rooms whose copies a leaving node hands off at once.
+const HAND_OFF_CONCURRENCY: usize = 16;
+
+/// Copies every room state this node holds to the nodes that hold the room once this one
+/// is gone: the owner and the next node for the room's key on the current ring (which no
+/// longer names this node once it drains). A leaving node may be the only replica of a
+/// room whose owner crashes at the same moment; with its copies handed off, the room's
+/// next owner still finds every acknowledged change. Receivers keep a copy only if it is
+/// ahead of theirs and not fenced by a newer owner, so handing off an old copy is
+/// harmless. Returns (copies taken, rooms none of whose targets took it).
+pub(crate) async fn hand_off_copies(node: &Node) -> (usize, usize) {
+    use futures_util::StreamExt;
+    let self_id = node.cluster.node_id();
+    let Some(ring) = node.cluster.ring() else {
+        return (0, 0);
+    };
+    let states = node.durable.held_states();
+    let outcomes: Vec<(usize, bool)> = futures_util::stream::iter(states)
+        .map(|(room_id, epoch, durable)| {
+            let targets: Vec<NodeId> = ring
+                .owners_n(&room_key(&room_id), 2 + 1)
+                .into_iter()
+                .filter(|id| *id != self_id)
+                .take(2)
+                .collect();
+            let message = encode(&NodeMessage::Replicate {
+                room_id,
+                epoch,
+                durable,
+            });
+            async move {
+                let calls = targets.iter().map(|target| {
+                    let call = node.cluster.call_app(*target, message.clone());
+                    async move {
+                        matches!(
+                            tokio::time::timeout(Duration::from_millis(REPLICATE_TIMEOUT_MS), call)
+                                .await,
+                            Ok(Ok(reply)) if matches!(
+                                decode::<Result<RoomOpReply, ErrorBody>>(&reply),
+                                Ok(Ok(_))
+                            )
+                        )
+                    }
+                });
+                let taken = futures_util::future::join_all(calls)
+                    .await
+                    .into_iter()
+                    .filter(|taken| *taken)
+                    .count();
+                (taken, targets.is_empty() || taken == 0)
+            }
+        })
+        .buffer_unordered(HAND_OFF_CONCURRENCY)
+        .collect()
+        .await;
+    let taken = outcomes.iter().map(|(taken, _)| taken).sum();
+    let untaken = outcomes.iter().filter(|(_, none)| *none).count();
+    (taken, untaken)
 }
 
 /// Re-joins, asking for what they missed, the rooms in which a session saw a gap in the
