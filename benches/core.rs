@@ -15,6 +15,7 @@ fn decoding(c: &mut Criterion) {
     let request = ClientRequest::RoomComment(RoomCommentRequest {
         room_id: "r-0123456789abcdef".into(),
         text: "hello everyone, what a show tonight".into(),
+        request_id: None,
     });
     let mut group = c.benchmark_group("decode_request");
     for encoding in [Encoding::MsgPack, Encoding::Json] {

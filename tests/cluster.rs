@@ -280,6 +280,7 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
             .request(RoomCommentRequest {
                 room_id: room.clone(),
                 text: "after".into(),
+                request_id: None,
             })
             .await
         {
@@ -425,6 +426,7 @@ async fn draining_a_node_moves_its_rooms_while_clients_keep_their_connections_th
             .request(RoomCommentRequest {
                 room_id: room.clone(),
                 text: "after drain".into(),
+                request_id: None,
             })
             .await
             .is_ok()

@@ -126,6 +126,7 @@ async fn write_until_killed(
                 .request(RoomCommentRequest {
                     room_id: room_id.clone(),
                     text: text.clone(),
+                    request_id: None,
                 })
                 .await;
             match answer {

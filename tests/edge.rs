@@ -304,6 +304,7 @@ async fn bad_frames_get_the_documented_errors_and_the_connection_survives() {
         let big = ClientRequest::RoomComment(RoomCommentRequest {
             room_id: "r".into(),
             text: "x".repeat(100_000),
+            request_id: None,
         })
         .encode(conn.encoding(), 2)
         .expect("encode");
@@ -456,6 +457,7 @@ async fn a_slow_consumer_is_dropped_without_slowing_the_room() {
             .request(RoomCommentRequest {
                 room_id: room.clone(),
                 text: format!("{i} {text}"),
+                request_id: None,
             })
             .await
             .expect("comments are accepted while a consumer is slow");
@@ -566,6 +568,7 @@ async fn rooms_survive_a_restart_and_joiners_get_recent_comments() {
         .request(chorus_protocol::RoomCommentRequest {
             room_id: room.clone(),
             text: "third".into(),
+            request_id: None,
         })
         .await
         .expect("comment after restart");

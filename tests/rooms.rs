@@ -201,6 +201,7 @@ async fn roles_stage_mutes_kicks_and_blocks_follow_the_rules() {
         bob.request(RoomCommentRequest {
             room_id: room.clone(),
             text: "still here?".into(),
+            request_id: None,
         })
         .await,
     );
@@ -850,6 +851,7 @@ async fn comments_and_reactions_refuse_what_breaks_the_rules() {
     let comment = |text: String| RoomCommentRequest {
         room_id: room.clone(),
         text,
+        request_id: None,
     };
     assert_eq!(
         refusal(outsider.request(comment("hi".into())).await),
@@ -916,4 +918,53 @@ async fn comments_and_reactions_refuse_what_breaks_the_rules() {
         .await;
     }
     assert_eq!(total, 5, "every accepted reaction counted once");
+}
+
+/// A comment sent again with the same `request_id` (a client's retry after a timeout or a
+/// reconnect) is answered with the first comment's id and posts nothing; another user's
+/// equal id is another request; a bad id is refused.
+#[tokio::test]
+async fn a_comment_sent_twice_with_one_request_id_is_posted_once() {
+    let node = TestNode::start(UNTHROTTLED).await;
+    let alice = node.client(&node.ws_url(), "alice").await;
+    let mut bob = node.client(&node.quic_url(), "bob").await;
+    let room = create_room(&alice, "Once").await;
+    join(&alice, &room).await;
+    join(&bob, &room).await;
+    let comment = |text: &str, id: &str| RoomCommentRequest {
+        room_id: room.clone(),
+        text: text.into(),
+        request_id: Some(id.into()),
+    };
+    let first = alice
+        .request(comment("hello", "7f3c-1"))
+        .await
+        .expect("comment");
+    let again = alice
+        .request(comment("hello", "7f3c-1"))
+        .await
+        .expect("the same request again");
+    assert_eq!(again.comment_id, first.comment_id);
+    let bobs = bob
+        .request(comment("hi", "7f3c-1"))
+        .await
+        .expect("bob's own request");
+    assert_eq!(bobs.comment_id, first.comment_id + 1);
+    // Bob sees "hello" once, then his own.
+    let seen = common::collect_comments(&mut bob, &room, 2).await;
+    assert_eq!(
+        seen,
+        vec![
+            (first.comment_id, "hello".to_string()),
+            (bobs.comment_id, "hi".to_string())
+        ]
+    );
+    assert_eq!(
+        refusal(alice.request(comment("x", &"k".repeat(65))).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        refusal(alice.request(comment("x", "")).await),
+        ErrorCode::InvalidArgument
+    );
 }

@@ -218,6 +218,7 @@ fn keep_commenting(member: &Member, user: &str, rooms: Vec<String>, refused: Arc
             let request = client.request(RoomCommentRequest {
                 room_id: room.clone(),
                 text: format!("busy {i}"),
+                request_id: None,
             });
             match tokio::time::timeout(Duration::from_secs(2), request).await {
                 Ok(Err(chorus_node::client::ClientError::Closed { .. })) => return,

@@ -117,6 +117,14 @@ pub struct RoomConfig {
     /// Bullet comments: the room's rate and window, text bounds, per-user rate and
     /// blocklist (Q6; the last three are applied by the edge node).
     pub bullets: BulletConfig,
+    /// Comment request ids remembered (with the answer given), so that a request that
+    /// arrives again (a client's retry, a retry on a new owner) is answered, not run
+    /// twice. They are part of the durable state. Default 512; beyond it the oldest is
+    /// forgotten.
+    pub request_ids_max: usize,
+    /// How long a request id is remembered, in milliseconds. Default 30,000: three times
+    /// the edge's request deadline, after which a repeat is refused anyway.
+    pub request_ids_window_ms: u64,
 }
 
 impl Default for RoomConfig {
@@ -145,6 +153,8 @@ impl Default for RoomConfig {
             voice: VoiceConfig::default(),
             polls: PollConfig::default(),
             bullets: BulletConfig::default(),
+            request_ids_max: 512,
+            request_ids_window_ms: 30_000,
         }
     }
 }
@@ -175,6 +185,9 @@ pub enum RoomError {
     /// was not made visible. Retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The request reached the room after its deadline and was not run.
+    #[error("the request's deadline passed before it reached the room; it was not run")]
+    DeadlineExceeded,
 }
 
 impl RoomError {
@@ -187,6 +200,7 @@ impl RoomError {
             RoomError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             RoomError::RateLimited => ErrorCode::RateLimited,
             RoomError::RoomFull | RoomError::Unavailable(_) => ErrorCode::Unavailable,
+            RoomError::DeadlineExceeded => ErrorCode::DeadlineExceeded,
         }
     }
 }
@@ -466,6 +480,33 @@ pub struct RoomDurable {
     /// Polls with every vote (R8).
     #[serde(default)]
     pub polls: Polls,
+    /// Recently answered comment requests, oldest first (see
+    /// [`RoomConfig::request_ids_max`]).
+    #[serde(default)]
+    pub requests: Vec<AnsweredRequest>,
+}
+
+/// A comment request the room has run, remembered so a repeat gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnsweredRequest {
+    /// Who sent it (request ids are per user).
+    pub user_id: UserId,
+    /// Its id.
+    pub request_id: String,
+    /// The comment it posted.
+    pub comment_id: u64,
+    /// When it ran.
+    pub at_ms: u64,
+}
+
+/// How a comment request is to be run: its id (a repeat gets the first answer) and its
+/// deadline (past it, it is not run).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestTerms<'a> {
+    /// The request's id, unique for its user.
+    pub request_id: Option<&'a str>,
+    /// Latest time to run it, ms since the epoch.
+    pub deadline_ms: Option<u64>,
 }
 
 /// Votes waiting to be replicated as a delta, at most; beyond it the next replication
@@ -495,6 +536,8 @@ pub struct RoomCore<M> {
     recent_comments: VecDeque<CommentEvent>,
     /// `at_ms` of the latest comment, so comment times never go backwards.
     comment_latest_at_ms: u64,
+    /// Answered comment requests, oldest first (durable), at most `request_ids_max`.
+    requests: VecDeque<AnsweredRequest>,
     comment_limiter: CommentLimiter,
     reactions: Option<ReactionWindow>,
     /// The listener count last pushed (0 before the first push).
@@ -545,6 +588,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             comment_count: 0,
             recent_comments: VecDeque::new(),
             comment_latest_at_ms: 0,
+            requests: VecDeque::new(),
             comment_limiter: CommentLimiter::default(),
             reactions: None,
             listeners_pushed_count: 0,
@@ -576,6 +620,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             recent_comments: self.recent_comments.iter().cloned().collect(),
             comment_latest_at_ms: self.comment_latest_at_ms,
             polls: self.polls.clone(),
+            requests: self.requests.iter().cloned().collect(),
         }
     }
 
@@ -616,6 +661,11 @@ impl<M: Clone + Ord> RoomCore<M> {
                 .all(|(a, b)| b.comment_id == a.comment_id + 1);
         self.comment_count = durable.comment_count;
         self.comment_latest_at_ms = self.comment_latest_at_ms.max(durable.comment_latest_at_ms);
+        let skip = durable
+            .requests
+            .len()
+            .saturating_sub(self.config.request_ids_max);
+        self.requests = durable.requests.into_iter().skip(skip).collect();
         self.recent_comments = if consistent { recent } else { VecDeque::new() };
         self.checked();
     }
@@ -701,8 +751,37 @@ impl<M: Clone + Ord> RoomCore<M> {
         member: &M,
         text: &str,
     ) -> Result<RoomCommentResponse, RoomError> {
+        self.handle_comment_request(now_ms, member, text, RequestTerms::default())
+    }
+
+    /// [`Self::handle_comment`] on terms: a request whose id this room has answered
+    /// (within `request_ids_window_ms`, among the latest `request_ids_max`) gets the same
+    /// answer and posts nothing; a new one past its deadline is refused with
+    /// [`RoomError::DeadlineExceeded`] and not run.
+    pub fn handle_comment_request(
+        &mut self,
+        now_ms: u64,
+        member: &M,
+        text: &str,
+        terms: RequestTerms<'_>,
+    ) -> Result<RoomCommentResponse, RoomError> {
         self.refuse_if_ended()?;
         let user = self.members.get(member).ok_or(RoomError::NotInRoom)?;
+        if let Some(request_id) = terms.request_id {
+            if let Some(answered) = self
+                .requests
+                .iter()
+                .rev()
+                .find(|r| r.request_id == request_id && &r.user_id == user)
+            {
+                return Ok(RoomCommentResponse {
+                    comment_id: answered.comment_id,
+                });
+            }
+        }
+        if terms.deadline_ms.is_some_and(|deadline| now_ms > deadline) {
+            return Err(RoomError::DeadlineExceeded);
+        }
         let text = text.trim();
         if text.is_empty() {
             return Err(RoomError::InvalidArgument("empty comment".into()));
@@ -730,6 +809,23 @@ impl<M: Clone + Ord> RoomCore<M> {
         self.recent_comments.push_back(comment.clone());
         while self.recent_comments.len() > self.config.recent_comments_max {
             self.recent_comments.pop_front();
+        }
+        if let Some(request_id) = terms.request_id {
+            let window_start = now_ms.saturating_sub(self.config.request_ids_window_ms);
+            while self
+                .requests
+                .front()
+                .is_some_and(|r| r.at_ms < window_start)
+                || self.requests.len() >= self.config.request_ids_max.max(1)
+            {
+                self.requests.pop_front();
+            }
+            self.requests.push_back(AnsweredRequest {
+                user_id: comment.user_id.clone(),
+                request_id: request_id.to_string(),
+                comment_id: comment.comment_id,
+                at_ms: comment.at_ms,
+            });
         }
         self.effects
             .push(RoomEffect::Broadcast(Event::Comment(comment)));
@@ -1724,6 +1820,24 @@ impl<M: Clone + Ord> RoomCore<M> {
     pub fn check_invariants(&self) {
         let config = &self.config;
         self.bullets.check_invariants();
+        // Answered requests: bounded, oldest first, each naming a comment that exists.
+        assert!(
+            self.requests.len() <= config.request_ids_max.max(1),
+            "at most request_ids_max answered requests"
+        );
+        assert!(
+            self.requests
+                .iter()
+                .zip(self.requests.iter().skip(1))
+                .all(|(a, b)| a.at_ms <= b.at_ms && a.comment_id < b.comment_id),
+            "answered requests are in the order they ran"
+        );
+        assert!(
+            self.requests
+                .back()
+                .is_none_or(|r| r.comment_id <= self.comment_count),
+            "an answered request names a posted comment"
+        );
         // Lifecycle.
         let ended = self.definition.state == RoomState::Ended;
         assert_eq!(
@@ -2098,6 +2212,87 @@ mod tests {
         assert_eq!(last.text, "comment 60");
         assert_eq!(last.room_id, "r-1");
         assert_eq!(last.user_id, "user-111");
+    }
+
+    #[test]
+    fn a_repeated_comment_request_gets_the_first_answer_and_posts_once() {
+        let mut room = room();
+        room.handle_join(T0, 1, "alice").unwrap();
+        room.handle_join(T0, 2, "bob").unwrap();
+        room.drain_effects();
+        let terms = |id| RequestTerms {
+            request_id: Some(id),
+            deadline_ms: Some(T0 + 10_000),
+        };
+        let comments = |room: &mut RoomCore<u64>| {
+            broadcasts(&room.drain_effects())
+                .into_iter()
+                .filter(|e| matches!(e, Event::Comment(_)))
+                .count()
+        };
+        let first = room
+            .handle_comment_request(T0 + 100, &1, "hello", terms("r-1"))
+            .unwrap();
+        assert_eq!(comments(&mut room), 1);
+        // The same id again, even past its deadline and with other text: the first answer.
+        let again = room
+            .handle_comment_request(T0 + 20_000, &1, "hello again", terms("r-1"))
+            .unwrap();
+        assert_eq!(again, first);
+        assert_eq!(comments(&mut room), 0);
+        assert_eq!(room.comment_count(), 1);
+        // Ids are per user: bob's "r-1" is another request.
+        let bobs = room
+            .handle_comment_request(T0 + 200, &2, "hi", terms("r-1"))
+            .unwrap();
+        assert_eq!(bobs.comment_id, 2);
+        // A new request past its deadline is not run.
+        assert_eq!(
+            room.handle_comment_request(T0 + 10_001, &1, "late", terms("r-2")),
+            Err(RoomError::DeadlineExceeded)
+        );
+        assert_eq!(room.comment_count(), 2);
+        // The answers move with the durable state to another owner.
+        let mut moved = self::room();
+        moved.restore_durable(T0 + 300, room.durable());
+        moved.handle_join(T0 + 300, 7, "alice").unwrap();
+        let after_move = moved
+            .handle_comment_request(T0 + 300, &7, "hello", terms("r-1"))
+            .unwrap();
+        assert_eq!(after_move, first);
+        assert_eq!(moved.comment_count(), 2);
+    }
+
+    #[test]
+    fn answered_requests_are_bounded_in_count_and_time() {
+        let mut room = room_with(RoomConfig {
+            request_ids_max: 3,
+            request_ids_window_ms: 1_000,
+            comment_burst: 100,
+            comment_rate_per_sec: 100,
+            ..RoomConfig::default()
+        });
+        room.handle_join(T0, 1, "alice").unwrap();
+        let comment = |room: &mut RoomCore<u64>, at: u64, id: &str| {
+            let terms = RequestTerms {
+                request_id: Some(id),
+                deadline_ms: None,
+            };
+            room.handle_comment_request(T0 + at, &1, "x", terms)
+                .unwrap()
+                .comment_id
+        };
+        for i in 0..5 {
+            comment(&mut room, i, &format!("q{i}"));
+        }
+        assert_eq!(room.durable().requests.len(), 3);
+        // The oldest was forgotten: it runs again.
+        assert_eq!(comment(&mut room, 10, "q0"), 6);
+        // The latest is still known.
+        assert_eq!(comment(&mut room, 11, "q4"), 5);
+        // Past the window, everything older is forgotten.
+        comment(&mut room, 5_000, "q9");
+        assert_eq!(room.durable().requests.len(), 1);
     }
 
     #[test]

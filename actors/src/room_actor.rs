@@ -25,7 +25,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::polls::VoteRecord;
 use crate::room::{
-    RoomConfig, RoomCore, RoomDefinition, RoomDurable, RoomEffect, RoomError, StageCommand,
+    RequestTerms, RoomConfig, RoomCore, RoomDefinition, RoomDurable, RoomEffect, RoomError,
+    StageCommand,
 };
 use crate::store::{DefinitionStore, StoreError};
 
@@ -221,6 +222,10 @@ pub enum RoomMsg {
         member: Member,
         /// Text.
         text: String,
+        /// The request's id (a repeat gets the first answer), unique for its user.
+        request_id: Option<String>,
+        /// Past this time (ms since the epoch) a new request is not run.
+        deadline_ms: Option<u64>,
         /// Answer.
         reply: RpcReplyPort<Result<RoomCommentResponse, RoomError>>,
     },
@@ -488,15 +493,26 @@ impl Actor for RoomActor {
             RoomMsg::Comment {
                 member,
                 text,
+                request_id,
+                deadline_ms,
                 reply,
             } => {
-                let result = state.core.handle_comment(now_ms, &member, &text);
+                let revision = state.core.revision();
+                let terms = RequestTerms {
+                    request_id: request_id.as_deref(),
+                    deadline_ms,
+                };
+                let result = state
+                    .core
+                    .handle_comment_request(now_ms, &member, &text, terms);
+                // A repeat answered from memory changed nothing.
+                let changed = result.is_ok() && state.core.revision() != revision;
                 // Replicate before anyone sees the comment: an acknowledged (or broadcast)
                 // comment survives the loss of this node. If it cannot be replicated, the
                 // comment is neither broadcast nor acknowledged and the room stops here
                 // (fail-stop): the next activation continues from the replicated state, so
                 // no comment id ever names two different comments.
-                if let Err(error) = state.replicate_change(result.is_ok()).await {
+                if let Err(error) = state.replicate_change(changed).await {
                     return fail_stop(&myself, reply, error);
                 }
                 // Effects (the broadcast) run before the reply so that the author sees its own

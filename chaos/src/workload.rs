@@ -395,6 +395,7 @@ async fn send_comments(
             .request(RoomCommentRequest {
                 room_id: room.clone(),
                 text: text.clone(),
+                request_id: None,
             })
             .await;
         let mut log = lock(&log);

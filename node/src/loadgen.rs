@@ -1206,7 +1206,7 @@ async fn sender(
                         let text = format!("{COMMENT_PREFIX} {} {index} {n} {sent_us}", plan.run_id);
                         let _ = stats.first_send_us.compare_exchange(0, sent_us, Ordering::Relaxed, Ordering::Relaxed);
                         in_flight.spawn(async move {
-                            requester.request(RoomCommentRequest { room_id, text }).await.map(|_| ())
+                            requester.request(RoomCommentRequest { room_id, text, request_id: None }).await.map(|_| ())
                         });
                     }
                     SendKind::Reaction => {

@@ -66,6 +66,9 @@ pub enum ErrorCode {
     Internal = 5000,
     /// The server is shutting down or overloaded; retry elsewhere or later.
     Unavailable = 5001,
+    /// The request's deadline passed before it could run; it was not run. Retry (with the
+    /// same `request_id` where the request has one).
+    DeadlineExceeded = 5002,
 }
 
 impl ErrorCode {
@@ -98,6 +101,7 @@ impl ErrorCode {
         ErrorCode::QuizRefused,
         ErrorCode::Internal,
         ErrorCode::Unavailable,
+        ErrorCode::DeadlineExceeded,
     ];
 
     /// The numeric value on the wire.
@@ -140,6 +144,7 @@ impl ErrorCode {
             ErrorCode::QuizRefused => "quiz_refused",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
         }
     }
 

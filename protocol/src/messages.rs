@@ -521,7 +521,16 @@ pub struct RoomCommentRequest {
     pub room_id: RoomId,
     /// 1-500 characters.
     pub text: String,
+    /// The client's id for this comment, 1-64 bytes, unique per user (e.g. a UUID): a
+    /// request sent again with the same id (a retry after a timeout or a reconnect, on any
+    /// node) is answered with the first answer and posts nothing. See
+    /// [`REQUEST_ID_BYTES_MAX`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
+
+/// Longest `request_id`, in bytes.
+pub const REQUEST_ID_BYTES_MAX: usize = 64;
 
 /// Response to `room.comment`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1129,6 +1138,7 @@ mod tests {
             ClientRequest::RoomComment(RoomCommentRequest {
                 room_id: "r".into(),
                 text: "hello".into(),
+                request_id: None,
             }),
             ClientRequest::RoomReact(RoomReactRequest {
                 room_id: "r".into(),

@@ -36,7 +36,7 @@ proptest! {
         seq in any::<u64>(),
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
     ) {
-        let req = ClientRequest::RoomComment(RoomCommentRequest { room_id: "r-1".into(), text });
+        let req = ClientRequest::RoomComment(RoomCommentRequest { room_id: "r-1".into(), text, request_id: None });
         for encoding in [Encoding::MsgPack, Encoding::Json] {
             let mut bytes = req.encode(encoding, seq).expect("encode").to_vec();
             for (index, value) in &flips {
@@ -52,7 +52,7 @@ proptest! {
 
     #[test]
     fn valid_requests_round_trip(text in ".{0,200}", room in "[a-z0-9-]{1,40}", seq in any::<u64>()) {
-        let req = ClientRequest::RoomComment(RoomCommentRequest { room_id: room, text });
+        let req = ClientRequest::RoomComment(RoomCommentRequest { room_id: room, text, request_id: None });
         for encoding in [Encoding::MsgPack, Encoding::Json] {
             let bytes = req.encode(encoding, seq).expect("encode");
             let Frame::Request(frame) = decode_frame(encoding, &bytes, &FrameLimits::default()).expect("decode") else {

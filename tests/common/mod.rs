@@ -370,6 +370,7 @@ pub async fn say(client: &Client, room_id: &str, text: &str) -> u64 {
         .request(RoomCommentRequest {
             room_id: room_id.into(),
             text: text.into(),
+            request_id: None,
         })
         .await
         .expect("comment")

@@ -670,6 +670,33 @@ async def run(args: argparse.Namespace) -> None:
 
     await step("4 comments: A→(A,B,C), C→(A,B,C), same text/comment_id/order everywhere", c4)
 
+    # 4b. At most once (§6.8): a comment resent with the same request_id, as a client does
+    # after a timeout or a reconnect, gets the first comment_id and is posted once; C's
+    # equal request_id is C's own request.
+    async def c4b():
+        room_id = state.get("room_id")
+        require(room_id is not None, "no room")
+        request_id = f"interop-{nonce}-1"
+        text = f"sent twice, posted once — {nonce}"
+        body = {"room_id": room_id, "text": text, "request_id": request_id}
+        first = await a.ok("room.comment", body)
+        again = await a.ok("room.comment", body)
+        id_a = first.get("comment_id")
+        require(isinstance(id_a, int), f"bad comment_id {first}")
+        require(again.get("comment_id") == id_a, f"the retry answered {again}, the first {first}")
+        other = await c.ok("room.comment", {"room_id": room_id, "text": "C's own", "request_id": request_id})
+        id_c = other.get("comment_id")
+        require(id_c == id_a + 1, f"C's request with A's request_id answered {other} (A's was {id_a})")
+        # B has C's comment, so everything before it has arrived: A's text exactly once.
+        await b.wait_comment(room_id, id_c)
+        seen = [e for e in b.comments(room_id) if e.get("text") == text]
+        require(len(seen) == 1, f"B saw A's comment {len(seen)} times: {seen}")
+        bad = await a.error("room.comment", {"room_id": room_id, "text": "x", "request_id": "k" * 65})
+        require(bad.get("code") == 4003, f"a 65-byte request_id answered {bad}")
+        return f"request_id {request_id!r}: comment_id {id_a} twice, posted once; C's got {id_c}"
+
+    await step("4b room.comment request_id: a retry gets the first answer, posted once", c4b)
+
     # 4a. A red-packet rain (§6.16): the operator creates one over the admin API; A, B and C
     # each grab once per transport, a repeated request_id gets the same packet back, a
     # second tap is refused by the cap, and an unknown rain is an error.

@@ -410,6 +410,7 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 .request(RoomCommentRequest {
                     room_id: room,
                     text,
+                    request_id: None,
                 })
                 .await
                 .context("room.comment failed")?;

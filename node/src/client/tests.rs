@@ -213,6 +213,7 @@ async fn responses_are_matched_by_sequence_number_even_out_of_order() {
             r.request(RoomCommentRequest {
                 room_id: "r1".into(),
                 text: "one".into(),
+                request_id: None,
             })
             .await
         }
@@ -576,7 +577,8 @@ async fn json_text_encoding_sends_text_frames() {
     let (result, ()) = tokio::join!(
         client.request(RoomCommentRequest {
             room_id: "r1".into(),
-            text: "hi".into()
+            text: "hi".into(),
+            request_id: None
         }),
         async {
             let r = side.recv_request().await;
@@ -746,6 +748,7 @@ mod quic {
             .request(RoomCommentRequest {
                 room_id: "r1".into(),
                 text: "hello".into(),
+                request_id: None,
             })
             .await
             .expect("comment");

@@ -150,6 +150,12 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
             unix_now_ms(),
         ),
         audio_refused_at_ms: None,
+        request_nonce: {
+            let mut bytes = [0u8; 8];
+            // A failed generator leaves zeros: the attachment id still separates connections.
+            let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+            u64::from_be_bytes(bytes) ^ attachment
+        },
     };
 
     loop {
@@ -325,6 +331,9 @@ struct Connection {
     audio_bucket: TokenBucket,
     /// When a voice frame was last refused with an error response (at most one a second).
     audio_refused_at_ms: Option<u64>,
+    /// Random, names this connection in the request ids the node makes up for requests
+    /// that carry none (`seq` restarts on every connection).
+    request_nonce: u64,
 }
 
 /// Least time between two error responses about refused voice frames.
@@ -509,7 +518,7 @@ impl Connection {
             );
             return Flow::Continue;
         };
-        let result = self.room_request(&session, request, now_ms).await;
+        let result = self.room_request(&session, seq, request, now_ms).await;
         match result {
             Ok(frame) => {
                 self.outbound
@@ -639,6 +648,7 @@ impl Connection {
     async fn room_request(
         &self,
         session: &Arc<Session>,
+        seq: u64,
         request: ClientRequest,
         now_ms: u64,
     ) -> Result<Box<dyn FnOnce(Encoding, u64) -> Bytes + Send>, ErrorBody> {
@@ -752,8 +762,37 @@ impl Connection {
             }
             ClientRequest::RoomComment(comment) => {
                 self.require_member(session, &comment.room_id)?;
-                let op = RoomOp::Comment { text: comment.text };
-                match node.room_op(session, &comment.room_id, op).await? {
+                let request_id = match comment.request_id {
+                    Some(id) => {
+                        check_request_id(&id)?;
+                        id
+                    }
+                    // Without one from the client, still one per request: a retry on a new
+                    // owner (the ring moved during the request) is answered, not run again.
+                    None => format!("~{:016x}#{seq}", self.request_nonce),
+                };
+                let deadline_ms = now_ms + REQUEST_DEADLINE_MS;
+                let op = RoomOp::Comment {
+                    text: comment.text,
+                    request_id: Some(request_id),
+                    deadline_ms: Some(deadline_ms),
+                };
+                let answer = tokio::time::timeout(
+                    Duration::from_millis(REQUEST_DEADLINE_MS),
+                    node.room_op(session, &comment.room_id, op),
+                )
+                .await
+                .map_err(|_| {
+                    ErrorBody::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "no answer from the room within {REQUEST_DEADLINE_MS} ms; the comment \
+                             may have been posted: send it again with the same request_id to \
+                             learn its id"
+                        ),
+                    )
+                })??;
+                match answer {
                     RoomOpReply::Commented(response) => Ok(ok(response)),
                     other => Err(unexpected(other)),
                 }
@@ -955,4 +994,22 @@ impl Connection {
             ))
         }
     }
+}
+
+/// How long the node works on a request that goes to a room before it answers `5001`; the
+/// room does not run a request that reaches it after this deadline (`5002`).
+pub const REQUEST_DEADLINE_MS: u64 = 10_000;
+
+/// A client's `request_id`: 1 to [`chorus_protocol::REQUEST_ID_BYTES_MAX`] bytes.
+fn check_request_id(id: &str) -> Result<(), ErrorBody> {
+    if id.is_empty() || id.len() > chorus_protocol::REQUEST_ID_BYTES_MAX {
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "request_id must be 1 to {} bytes",
+                chorus_protocol::REQUEST_ID_BYTES_MAX
+            ),
+        ));
+    }
+    Ok(())
 }

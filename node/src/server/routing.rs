@@ -98,6 +98,12 @@ pub enum RoomOp {
     Comment {
         /// Text.
         text: String,
+        /// The request's id, unique for its user: a repeat gets the first answer.
+        #[serde(default)]
+        request_id: Option<String>,
+        /// Past this time (ms since the epoch) the room does not run it.
+        #[serde(default)]
+        deadline_ms: Option<u64>,
     },
     /// Start (host only).
     Start {
@@ -1729,10 +1735,16 @@ impl Node {
                 .map_err(room_error)?;
                 RoomOpReply::Done
             }
-            RoomOp::Comment { text } => RoomOpReply::Commented(
+            RoomOp::Comment {
+                text,
+                request_id,
+                deadline_ms,
+            } => RoomOpReply::Commented(
                 ask(&actor, |reply| RoomMsg::Comment {
                     member,
                     text,
+                    request_id,
+                    deadline_ms,
                     reply,
                 })
                 .await?
