@@ -52,6 +52,12 @@ pub const FAILURE_PROBE_TIMEOUT_MS: u64 = 400;
 /// Consecutive failed probes after which the leader marks a member `Down` (with the
 /// interval and timeout above: detected within about 2 s).
 pub const FAILURE_PROBES_MISSED_MAX: u32 = 4;
+/// Probe rounds in a row in which a member reaches no majority of the voters (itself
+/// included) after which it counts itself cut off: about 2 s with the interval above.
+pub const CUT_OFF_ROUNDS: u32 = 4;
+/// How long a member that reaches a majority again may take to catch up with the leader's
+/// log before it tries again (it stays cut off meanwhile).
+pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How this node takes part in the cluster.
 #[derive(Debug, Clone)]
@@ -149,6 +155,9 @@ enum PeerRequest {
     App { target: NodeId, request: Vec<u8> },
     /// Liveness probe from the leader's failure detector.
     Ping,
+    /// The leader's applied index after it confirmed its leadership with a quorum
+    /// (ReadIndex): a member that has applied up to it has caught up (leader only).
+    ReadIndex,
     /// Remove a member from the Raft group and the metadata (leader only); a learner is
     /// promoted if voters fall below `voters_max`.
     Remove { node: NodeId },
@@ -171,6 +180,8 @@ enum PeerReply {
     Written(MetadataResponse),
     App(Vec<u8>),
     Pong,
+    /// The answer to `ReadIndex`.
+    ReadIndex(u64),
     /// Not the leader: ask this address (if known).
     NotLeader(Option<String>),
     Error(String),
@@ -289,6 +300,9 @@ struct Inner {
     /// Held by the leader across one membership change (join, removal, new address), so
     /// that concurrent joins queue here instead of being refused by Raft.
     membership: tokio::sync::Mutex<()>,
+    /// Whether this member is cut off: it has reached no majority of the voters for
+    /// [`CUT_OFF_ROUNDS`] probe rounds in a row (and has not caught up since).
+    cut_off: tokio::sync::watch::Sender<bool>,
 }
 
 /// Takes the actor-mesh streams peers open (see [`crate::mesh`]).
@@ -469,6 +483,7 @@ impl ClusterService {
                 app: std::sync::OnceLock::new(),
                 actor_streams: std::sync::OnceLock::new(),
                 membership: tokio::sync::Mutex::new(()),
+                cut_off: tokio::sync::watch::channel(false).0,
             }),
         };
         let _ = handler.service.set(service.clone());
@@ -638,6 +653,7 @@ impl ClusterService {
     /// new leader acts on what it saw as a follower).
     async fn detect_failures(self, shutdown: tokio_util::sync::CancellationToken) {
         let mut missed: std::collections::BTreeMap<NodeId, u32> = Default::default();
+        let mut lonely_rounds = 0u32;
         let mut interval = tokio::time::interval(Duration::from_millis(FAILURE_PROBE_INTERVAL_MS));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -687,6 +703,7 @@ impl ClusterService {
                     }
                 });
             let results = futures_util::future::join_all(probes).await;
+            self.note_reach(&results, &mut lonely_rounds).await;
             for (id, ok) in results {
                 if ok {
                     missed.remove(&id);
@@ -709,6 +726,95 @@ impl ClusterService {
                 }
             }
         }
+    }
+
+    /// Counts this round's reach: the voters answering, this member included. After
+    /// [`CUT_OFF_ROUNDS`] rounds without a majority this member is cut off; once it
+    /// reaches a majority again it catches up with the leader's log first, and only then
+    /// is it no longer cut off.
+    async fn note_reach(&self, results: &[(NodeId, bool)], lonely_rounds: &mut u32) {
+        let voters = self.inner.raft.voter_ids();
+        // With two voters neither side of a cut has a majority, nor does a survivor whose
+        // peer died: both go on serving the rooms they own (Raft commits nothing until
+        // both are back, so no room moves); only a minority among three or more is cut off.
+        if voters.len() < 3 {
+            *lonely_rounds = 0;
+            self.inner
+                .cut_off
+                .send_if_modified(|cut| std::mem::replace(cut, false));
+            return;
+        }
+        let reached = voters
+            .iter()
+            .filter(|id| {
+                **id == self.inner.node_id || results.iter().any(|(peer, ok)| peer == *id && *ok)
+            })
+            .count();
+        let majority = reached * 2 > voters.len();
+        let cut_off = *self.inner.cut_off.borrow();
+        if !majority {
+            *lonely_rounds = lonely_rounds.saturating_add(1);
+            if *lonely_rounds >= CUT_OFF_ROUNDS && !cut_off {
+                tracing::warn!(
+                    reached,
+                    voters = voters.len(),
+                    "cut off: this node reaches no majority of the Raft voters"
+                );
+                self.inner.cut_off.send_replace(true);
+            }
+            return;
+        }
+        *lonely_rounds = 0;
+        if !cut_off {
+            return;
+        }
+        match tokio::time::timeout(CATCH_UP_TIMEOUT, self.catch_up()).await {
+            Ok(Ok(index)) => {
+                tracing::info!(
+                    index,
+                    "reaches a majority again and caught up: no longer cut off"
+                );
+                self.inner.cut_off.send_replace(false);
+            }
+            Ok(Err(error)) => tracing::info!(%error, "reaches a majority again; catching up"),
+            Err(_) => tracing::info!("reaches a majority again; still catching up"),
+        }
+    }
+
+    /// Waits until this member has applied everything the leader had committed when asked
+    /// (a ReadIndex through the leader); returns that index.
+    pub async fn catch_up(&self) -> Result<u64, ClusterError> {
+        let raft = &self.inner.raft;
+        let index = if raft.leader() == Some(self.inner.node_id) {
+            raft.linearizable_read().await?;
+            raft.metrics().applied_index.unwrap_or(0)
+        } else {
+            let leader = raft
+                .leader()
+                .and_then(|id| self.cluster_addr(id).ok())
+                .unwrap_or(self.inner.config.cluster_addr);
+            match forward(&self.inner.endpoint, leader, PeerRequest::ReadIndex).await? {
+                PeerReply::ReadIndex(index) => index,
+                other => return Err(ClusterError::Refused(format!("{other:?}"))),
+            }
+        };
+        while raft.metrics().applied_index.unwrap_or(0) < index {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(index)
+    }
+
+    /// Whether this member is cut off from the cluster: for [`CUT_OFF_ROUNDS`] probe
+    /// rounds it reached no majority of the Raft voters, and it has not caught up since.
+    /// A cut-off node is not ready, answers requests for rooms owned elsewhere at once
+    /// with `unavailable`, and sends its clients to other nodes.
+    pub fn is_cut_off(&self) -> bool {
+        *self.inner.cut_off.borrow()
+    }
+
+    /// Watches [`is_cut_off`](Self::is_cut_off).
+    pub fn subscribe_cut_off(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.cut_off.subscribe()
     }
 
     async fn bootstrap(&self) -> Result<(), ClusterError> {
@@ -840,6 +946,12 @@ impl ClusterService {
                 }
                 PeerRequest::Raft { .. } | PeerRequest::App { .. } | PeerRequest::Ping => {
                     Ok(PeerReply::Error("handled elsewhere".into()))
+                }
+                PeerRequest::ReadIndex => {
+                    raft.linearizable_read().await?;
+                    Ok(PeerReply::ReadIndex(
+                        raft.metrics().applied_index.unwrap_or(0),
+                    ))
                 }
                 PeerRequest::Write(command) => raft.write(command).await.map(PeerReply::Written),
                 PeerRequest::Register {

@@ -158,6 +158,7 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
         },
     };
 
+    let mut cut_off = node.cluster.subscribe_cut_off();
     loop {
         let deadline_ms = conn.core.next_deadline_ms();
         let sleep = Duration::from_millis(deadline_ms.saturating_sub(unix_now_ms()));
@@ -165,6 +166,15 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
             _ = close.requested() => break,
             _ = node.shutdown.cancelled() => {
                 close.close(ErrorCode::Unavailable, "node shutting down");
+                break;
+            }
+            // Cut off from the cluster: the client reconnects to another node (the client
+            // library tries the next URL) and resumes its session there.
+            () = until_cut_off(&mut cut_off) => {
+                close.close(
+                    ErrorCode::Unavailable,
+                    "node cut off from the cluster: reconnect to another node",
+                );
                 break;
             }
             _ = tokio::time::sleep(sleep) => {
@@ -992,6 +1002,20 @@ impl Connection {
                 ErrorCode::NotInRoom,
                 format!("join room {room_id:?} first"),
             ))
+        }
+    }
+}
+
+/// Resolves when the node becomes cut off while this connection is open (not for a
+/// connection made while it already is: that client chose this node, and gets
+/// `unavailable` at once for rooms owned elsewhere); never if the cluster service is gone.
+async fn until_cut_off(cut_off: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if cut_off.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if *cut_off.borrow_and_update() {
+            return;
         }
     }
 }

@@ -40,7 +40,9 @@ pub struct Readiness {
 }
 
 /// This node's readiness: an `up` member of its applied (committed) metadata, on the
-/// ring of that metadata, with a known Raft leader, and not stopping.
+/// ring of that metadata, with a known Raft leader, not cut off from the cluster (see
+/// `ClusterService::is_cut_off`: after a cut it is ready again only once it caught up with
+/// the leader's log), and not stopping.
 pub fn readiness(node: &Node) -> Readiness {
     let metadata = node.cluster.metadata();
     let self_id = node.cluster.node_id();
@@ -55,6 +57,9 @@ pub fn readiness(node: &Node) -> Readiness {
                 "not on the ring".to_string()
             }
             Some(NodeState::Up) if leader.is_none() => "no Raft leader known".to_string(),
+            Some(NodeState::Up) if node.cluster.is_cut_off() => {
+                "cut off: this node reaches no majority of the cluster".to_string()
+            }
             Some(NodeState::Up) => String::new(),
             Some(other) => format!("member state is {}", state_name(other)),
         }

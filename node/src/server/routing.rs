@@ -1220,6 +1220,15 @@ impl Node {
             let mut metadata = self.cluster.subscribe_metadata();
             let epoch = metadata.borrow().ring_epoch;
             let call = self.room_op_at_owner(session, room_id, op.clone());
+            // A request waiting on another node is answered at once when this node finds
+            // itself cut off (a local room answers on its own: it cannot replicate).
+            let mut cut_off = self.cluster.subscribe_cut_off();
+            let owner_remote = self.owner_of(room_id) != self.cluster.node_id();
+            let cut = async {
+                if !owner_remote || cut_off.wait_for(|cut| *cut).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
             let ring_changed = async {
                 while metadata.changed().await.is_ok() {
                     if metadata.borrow().ring_epoch != epoch {
@@ -1230,6 +1239,13 @@ impl Node {
             };
             tokio::select! {
                 result = call => return result,
+                () = cut => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::Unavailable,
+                        "this node is cut off from the cluster and cannot reach the room's \
+                         owner: reconnect to another node",
+                    ));
+                }
                 _ = ring_changed, if attempts < ROUTE_RETRIES_MAX => {
                     attempts += 1;
                     tracing::debug!(room = %room_id, attempts, "ring changed during a room request; retrying on the new owner");
@@ -1248,6 +1264,13 @@ impl Node {
         let member = session.member();
         if owner == self.cluster.node_id() {
             return self.local_room_op(room_id, member, op).await;
+        }
+        if self.cluster.is_cut_off() {
+            return Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                "this node is cut off from the cluster and cannot reach the room's owner: \
+                 reconnect to another node",
+            ));
         }
         let key = member.key();
         let joining = matches!(op, RoomOp::Join { .. });

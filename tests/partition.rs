@@ -1,0 +1,139 @@
+//! Partitions (issue 18): a node cut off from the others knows it, says so, and makes no
+//! client wait for a room it cannot reach. Real node processes on their own loopback
+//! addresses; the cut is an nftables rule between those addresses (clients connect from
+//! 127.0.0.1 and keep reaching every node).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chorus_chaos::netcut::LinkCut;
+use chorus_node::client::{ClientError, ClientEvent};
+use chorus_protocol::{ErrorCode, RoomCommentRequest};
+use common::{create_room, eventually, join, say, start_member_with, try_http_get, TestNode};
+
+/// Node `i`'s flags: its own loopback address for every listener.
+fn addresses(ip: &str) -> Vec<String> {
+    ["--http-addr", "--quic-addr", "--cluster-addr"]
+        .into_iter()
+        .flat_map(|flag| [flag.to_string(), format!("{ip}:0")])
+        .collect()
+}
+
+async fn member(dir: &std::path::Path, name: &str, ip: &str, join: Option<&TestNode>) -> TestNode {
+    let extra = addresses(ip);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    start_member_with(dir, name, join, &extra).await
+}
+
+async fn ready(node: &TestNode) -> Option<(bool, serde_json::Value)> {
+    let (status, body) = try_http_get(node.http, "/readyz").await?;
+    Some((status == 200, serde_json::from_str(&body).ok()?))
+}
+
+/// One node of three is cut off from the other two. Within 5 s it reports not ready; its
+/// clients are told to go elsewhere (close 4401) and, resuming on it anyway, get `5001`
+/// at once for a room owned on the other side; when the links return it catches up and is
+/// ready again, and the room takes comments from it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_node_knows_it_and_makes_no_client_wait() {
+    if !LinkCut::available().await {
+        assert!(
+            std::env::var_os("CHORUS_CHAOS_REQUIRE_CUTS").is_none(),
+            "link cuts are required here but nft cannot change the ruleset"
+        );
+        eprintln!("skipped: nft is not available or not allowed (link cuts need root)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ips = ["127.0.5.11", "127.0.5.12", "127.0.5.13"];
+    let a = member(dir.path(), "a", ips[0], None).await;
+    let b = member(dir.path(), "b", ips[1], Some(&a)).await;
+    let c = member(dir.path(), "c", ips[2], Some(&a)).await;
+    let nodes = [&a, &b, &c];
+    eventually("all three ready", || async {
+        let mut all = true;
+        for node in nodes {
+            all &= ready(node).await.is_some_and(|(ok, _)| ok);
+        }
+        all
+    })
+    .await;
+    let a_id = a.admin("/admin/status").await["self"]
+        .as_u64()
+        .expect("self");
+
+    // A room owned by a, and a client that only knows c.
+    let mut config = c.config(&c.ws_url(), "carol");
+    config.reconnect = chorus_node::client::ReconnectPolicy::default();
+    let mut client = chorus_node::client::Client::connect(config)
+        .await
+        .expect("carol connects to c");
+    let mut room = None;
+    for i in 0..64 {
+        let candidate = create_room(&client, &format!("cut {i}")).await;
+        let owner = c.admin(&format!("/admin/where?key={candidate}")).await["owner"].as_u64();
+        if owner == Some(a_id) {
+            room = Some(candidate);
+            break;
+        }
+    }
+    let room = room.expect("a room owned by node a among 64");
+    join(&client, &room).await;
+    say(&client, &room, "before the cut").await;
+
+    let others: Vec<std::net::IpAddr> = ips[..2].iter().map(|ip| ip.parse().expect("ip")).collect();
+    let cut = LinkCut::isolate(ips[2].parse().expect("ip"), &others)
+        .await
+        .expect("cut");
+    let cut_at = Instant::now();
+    eventually("c to report that it is cut off", || async {
+        ready(&c).await.is_some_and(|(ok, body)| {
+            !ok && body["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("cut off"))
+        })
+    })
+    .await;
+    let noticed = cut_at.elapsed();
+    assert!(
+        noticed <= Duration::from_secs(5),
+        "c reported not ready {noticed:?} after the cut"
+    );
+
+    // Its connection was closed with 4401 (unavailable: go elsewhere); this client has no
+    // other node, so it resumes on c.
+    let mut closed_with = None;
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, client.next_event()).await {
+        match event {
+            ClientEvent::Disconnected { code, .. } => closed_with = code,
+            ClientEvent::Reconnected { .. } => break,
+            _ => {}
+        }
+    }
+    assert_eq!(closed_with, Some(ErrorCode::Unavailable.close_code()));
+    let sent = Instant::now();
+    let answer = client
+        .request(RoomCommentRequest {
+            room_id: room.clone(),
+            text: "during the cut".into(),
+            request_id: None,
+        })
+        .await;
+    let took = sent.elapsed();
+    match answer {
+        Err(ClientError::Server(body)) => assert_eq!(body.code, ErrorCode::Unavailable.as_u16()),
+        other => panic!("a comment to a room owned across the cut answered {other:?}"),
+    }
+    assert!(took <= Duration::from_secs(1), "the refusal took {took:?}");
+
+    eprintln!("not ready {noticed:?} after the cut; a comment across it refused in {took:?}");
+    cut.heal().await.expect("heal");
+    eventually("c to be ready again", || async {
+        ready(&c).await.is_some_and(|(ok, _)| ok)
+    })
+    .await;
+    let id = say(&client, &room, "after the cut").await;
+    assert!(id >= 2, "comment id {id} after the heal");
+}
