@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chorus_chaos::netcut::LinkCut;
 use chorus_node::client::{ClientError, ClientEvent};
-use chorus_protocol::{ErrorCode, RoomCommentRequest};
+use chorus_protocol::{ErrorCode, Event, RoomCommentRequest, RoomCommentsRequest};
 use common::{create_room, eventually, join, say, start_member_with, try_http_get, TestNode};
 
 /// Node `i`'s flags: its own loopback address for every listener.
@@ -81,6 +81,13 @@ async fn a_cut_off_node_knows_it_and_makes_no_client_wait() {
     let room = room.expect("a room owned by node a among 64");
     join(&client, &room).await;
     say(&client, &room, "before the cut").await;
+    // Writers on a, the other side of the cut (the per-user limit is 10 in a burst).
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let writer = a.client(&a.ws_url(), &format!("writer-{w}")).await;
+        join(&writer, &room).await;
+        writers.push(writer);
+    }
 
     let others: Vec<std::net::IpAddr> = ips[..2].iter().map(|ip| ip.parse().expect("ip")).collect();
     let cut = LinkCut::isolate(ips[2].parse().expect("ip"), &others)
@@ -129,11 +136,98 @@ async fn a_cut_off_node_knows_it_and_makes_no_client_wait() {
     assert!(took <= Duration::from_secs(1), "the refusal took {took:?}");
 
     eprintln!("not ready {noticed:?} after the cut; a comment across it refused in {took:?}");
+
+    // The room goes on on the other side, once it has dropped c's members (c is marked
+    // down): more comments than a join's recent log holds.
+    let c_id = c.admin("/admin/status").await["self"]
+        .as_u64()
+        .expect("self");
+    eventually("a to mark c down", || async {
+        a.admin("/admin/status").await["members"]
+            .as_array()
+            .is_some_and(|members| {
+                members
+                    .iter()
+                    .any(|m| m["id"].as_u64() == Some(c_id) && m["state"] == "down")
+            })
+    })
+    .await;
+    let mut last = 0;
+    for round in 0..10 {
+        for (w, writer) in writers.iter().enumerate() {
+            last = say(writer, &room, &format!("w{w} r{round}")).await;
+        }
+    }
+    assert!(last >= 81, "latest comment {last}");
+
     cut.heal().await.expect("heal");
     eventually("c to be ready again", || async {
         ready(&c).await.is_some_and(|(ok, _)| ok)
     })
     .await;
+
+    // Carol, who stayed on c, gets every comment: live, or after a `room.gap` signal, from
+    // `room.comments`; never one twice, never a silent hole.
+    let mut live = Vec::new();
+    let mut fetched = Vec::new();
+    let mut gaps = Vec::new();
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    let have_all = |live: &[u64], fetched: &[u64]| {
+        (2..=last).all(|id| live.contains(&id) || fetched.contains(&id))
+    };
+    while !have_all(&live, &fetched) {
+        let event = tokio::time::timeout_at(deadline, client.next_event())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("carol lacks comments: live {live:?}, fetched {fetched:?}, gaps {gaps:?}")
+            })
+            .expect("client open");
+        match event {
+            ClientEvent::Notification {
+                event: Event::Comment(comment),
+                ..
+            } if comment.room_id == room => live.push(comment.comment_id),
+            ClientEvent::Notification {
+                event: Event::Gap(gap),
+                ..
+            } if gap.room_id == room => {
+                gaps.push((gap.after, gap.next));
+                let page = client
+                    .request(RoomCommentsRequest {
+                        room_id: room.clone(),
+                        after: gap.after,
+                        limit: Some(u32::try_from(gap.next - gap.after - 1).expect("page")),
+                    })
+                    .await
+                    .expect("room.comments");
+                let ids: Vec<u64> = page.comments.iter().map(|c| c.comment_id).collect();
+                assert_eq!(
+                    ids,
+                    (gap.after + 1..gap.next).collect::<Vec<_>>(),
+                    "exactly the missing ones"
+                );
+                fetched.extend(ids);
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        live.windows(2).all(|w| w[0] < w[1]),
+        "live comments in order, none twice: {live:?}"
+    );
+    assert!(
+        !gaps.is_empty(),
+        "80 comments while c was down, but no room.gap"
+    );
+    assert!(
+        fetched.iter().all(|id| !live.contains(id)),
+        "a fetched comment also arrived live: {fetched:?} / {live:?}"
+    );
+    eprintln!(
+        "after the heal: {} live, {} fetched after gaps {gaps:?}",
+        live.len(),
+        fetched.len()
+    );
     let id = say(&client, &room, "after the cut").await;
-    assert!(id >= 2, "comment id {id} after the heal");
+    assert_eq!(id, last + 1, "comment id after the heal");
 }

@@ -968,3 +968,56 @@ async fn a_comment_sent_twice_with_one_request_id_is_posted_once() {
         ErrorCode::InvalidArgument
     );
 }
+
+/// `room.comments` pages through a room's whole history (beyond the 50 recent comments a
+/// join carries), ids consecutive, with the room's comment count; members only.
+#[tokio::test]
+async fn room_comments_pages_through_the_whole_history() {
+    let node = TestNode::start(UNTHROTTLED).await;
+    let host = node.client(&node.ws_url(), "host").await;
+    let room = create_room(&host, "History").await;
+    join(&host, &room).await;
+    // Twelve writers (the per-user comment limit is 10 in a burst).
+    let mut writers = Vec::new();
+    for w in 0..12 {
+        let writer = node.client(&node.quic_url(), &format!("writer-{w}")).await;
+        join(&writer, &room).await;
+        writers.push(writer);
+    }
+    let mut posted = Vec::new();
+    for round in 0..10 {
+        for (w, writer) in writers.iter().enumerate() {
+            let text = format!("w{w} r{round}");
+            let id = common::say(writer, &room, &text).await;
+            posted.push((id, text));
+        }
+    }
+    posted.sort();
+    let page = |after: u64, limit: Option<u32>| chorus_protocol::RoomCommentsRequest {
+        room_id: room.clone(),
+        after,
+        limit,
+    };
+    let first = host.request(page(0, None)).await.expect("first page");
+    assert_eq!(first.comment_count, 120);
+    assert_eq!(first.comments.len(), 100);
+    let second = host
+        .request(page(100, Some(50)))
+        .await
+        .expect("second page");
+    assert_eq!(second.comments.len(), 20);
+    let got: Vec<(u64, String)> = first
+        .comments
+        .iter()
+        .chain(&second.comments)
+        .map(|c| (c.comment_id, c.text.clone()))
+        .collect();
+    assert_eq!(got, posted);
+    let end = host.request(page(120, None)).await.expect("past the end");
+    assert!(end.comments.is_empty());
+    let outsider = node.client(&node.ws_url(), "outsider").await;
+    assert_eq!(
+        refusal(outsider.request(page(0, None)).await),
+        ErrorCode::NotInRoom
+    );
+}

@@ -712,6 +712,45 @@ pub struct CommentEvent {
     pub at_ms: u64,
 }
 
+/// `room.gap` notification: the session could not be given the room's comments after
+/// `after` and before `next` (it missed more than the room's recent log holds, e.g. on a
+/// node cut off from the cluster); it goes on from `next`. Fetch the missing ones with
+/// `room.comments` (`after`, until `next - 1`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapEvent {
+    /// The room.
+    pub room_id: RoomId,
+    /// The latest comment id the session had.
+    pub after: u64,
+    /// The next comment id it gets.
+    pub next: u64,
+}
+
+/// `room.comments`: the room's comments after `after`, oldest first (a page).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomCommentsRequest {
+    /// The room.
+    pub room_id: RoomId,
+    /// The page starts after this comment id (0: from the first).
+    pub after: u64,
+    /// Most comments in the page, 1 to [`COMMENTS_PAGE_MAX`]; default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// Most comments in one `room.comments` page.
+pub const COMMENTS_PAGE_MAX: u32 = 100;
+
+/// Answer to `room.comments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomCommentsResponse {
+    /// The comments, ids ascending and consecutive from `after + 1` (shorter than the
+    /// limit at the end of the room's comments, or where the history cannot be read).
+    pub comments: Vec<CommentEvent>,
+    /// The room's comment count: the id of its latest comment.
+    pub comment_count: u64,
+}
+
 /// `room.reactions` notification: reactions aggregated over one window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReactionsEvent {
@@ -923,6 +962,8 @@ request_table! {
     RoomInfo = "room.info": RoomInfoRequest => RoomInfo,
     /// `room.comment`
     RoomComment = "room.comment": RoomCommentRequest => RoomCommentResponse,
+    /// `room.comments`
+    RoomComments = "room.comments": RoomCommentsRequest => RoomCommentsResponse,
     /// `room.react`
     RoomReact = "room.react": RoomReactRequest => Empty,
     /// `room.set_role`
@@ -979,6 +1020,7 @@ request_kinds! {
     RoomEndRequest = "room.end" => Empty,
     RoomInfoRequest = "room.info" => RoomInfo,
     RoomCommentRequest = "room.comment" => RoomCommentResponse,
+    RoomCommentsRequest = "room.comments" => RoomCommentsResponse,
     RoomReactRequest = "room.react" => Empty,
     RoomSetRoleRequest = "room.set_role" => Empty,
     RoomHandRequest = "room.hand" => Empty,
@@ -1045,6 +1087,8 @@ macro_rules! event_table {
 event_table! {
     /// A comment.
     Comment = "room.comment": CommentEvent,
+    /// Comments a session could not be given (fetch them with `room.comments`).
+    Gap = "room.gap": GapEvent,
     /// Aggregated reactions.
     Reactions = "room.reactions": ReactionsEvent,
     /// Listener count.
@@ -1082,6 +1126,7 @@ impl Event {
     pub fn room_id(&self) -> &str {
         match self {
             Event::Comment(e) => &e.room_id,
+            Event::Gap(e) => &e.room_id,
             Event::Reactions(e) => &e.room_id,
             Event::Listeners(e) => &e.room_id,
             Event::RoomEnded(e) => &e.room_id,
@@ -1140,6 +1185,11 @@ mod tests {
                 text: "hello".into(),
                 request_id: None,
             }),
+            ClientRequest::RoomComments(RoomCommentsRequest {
+                room_id: "r-1".into(),
+                after: 40,
+                limit: Some(20),
+            }),
             ClientRequest::RoomReact(RoomReactRequest {
                 room_id: "r".into(),
                 emoji: "👏".into(),
@@ -1186,6 +1236,7 @@ mod tests {
             RoomEndRequest::KIND,
             RoomInfoRequest::KIND,
             RoomCommentRequest::KIND,
+            RoomCommentsRequest::KIND,
             RoomReactRequest::KIND,
             RoomSetRoleRequest::KIND,
             RoomHandRequest::KIND,

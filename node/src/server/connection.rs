@@ -807,6 +807,17 @@ impl Connection {
                     other => Err(unexpected(other)),
                 }
             }
+            ClientRequest::RoomComments(page) => {
+                self.require_member(session, &page.room_id)?;
+                let limit = page
+                    .limit
+                    .unwrap_or(chorus_protocol::COMMENTS_PAGE_MAX)
+                    .clamp(1, chorus_protocol::COMMENTS_PAGE_MAX);
+                let response = node
+                    .room_comments(session, &page.room_id, page.after, u64::from(limit))
+                    .await?;
+                Ok(ok(response))
+            }
             ClientRequest::RoomReact(react) => {
                 // Counted here and sent to the owner in batches (R7).
                 self.require_member(session, &react.room_id)?;

@@ -87,6 +87,37 @@ impl NodeEventLog {
         events
     }
 
+    /// The comments of `room_id` in this node's part of its log with ids in
+    /// `after + 1 ..= after + limit` (a history read for `room.comments`; nothing removed).
+    pub fn comments_after(
+        &self,
+        room_id: &str,
+        after: u64,
+        limit: u64,
+    ) -> Vec<chorus_protocol::CommentEvent> {
+        let mut comments = Vec::new();
+        for entry in self.tree.scan_prefix(prefix(room_id)) {
+            let Ok((_, value)) = entry else { continue };
+            let Ok(event) = rmp_serde::from_slice::<LoggedEvent>(&value) else {
+                continue;
+            };
+            if event.kind != "room.comment" {
+                continue;
+            }
+            match serde_json::from_slice::<chorus_protocol::CommentEvent>(&event.json) {
+                Ok(comment)
+                    if comment.comment_id > after
+                        && comment.comment_id <= after.saturating_add(limit) =>
+                {
+                    comments.push(comment)
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(room = %room_id, %error, "undecodable logged comment"),
+            }
+        }
+        comments
+    }
+
     /// Forgets the parts of `rooms` (expired).
     pub fn forget(&self, rooms: &[String]) {
         for room_id in rooms {

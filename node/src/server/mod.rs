@@ -583,6 +583,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     tracker.spawn(accept_quic(node.clone(), endpoint.clone(), tracker.clone()));
     tracker.spawn(sweep_sessions(node.clone()));
     tokio::spawn(routing::follow_ring(Arc::downgrade(&node)));
+    tokio::spawn(routing::rejoin_after_cut(Arc::downgrade(&node)));
     tokio::spawn(routing::expire_rooms(Arc::downgrade(&node)));
     tokio::spawn(reactions::send_batches(Arc::downgrade(&node)));
     tokio::spawn(rain::run_rains(Arc::downgrade(&node)));

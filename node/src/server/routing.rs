@@ -55,6 +55,8 @@ pub const REPLICATE_TIMEOUT_MS: u64 = 1_000;
 /// How long an activating owner waits to apply its own ownership claim (a node that has
 /// just joined may still be catching up with the log).
 pub const CLAIM_APPLIED_TIMEOUT_MS: u64 = 5_000;
+/// How long a history read (`room.comments`) waits for each other node's part.
+pub const HISTORY_READ_TIMEOUT_MS: u64 = 2_000;
 /// Time each node has to list its members of a room being activated.
 pub const READMIT_QUERY_TIMEOUT_MS: u64 = 1_000;
 /// How long a session takeover keeps trying to re-join a room whose owner is unavailable
@@ -733,6 +735,17 @@ pub enum NodeMessage {
         /// Room.
         room_id: String,
     },
+    /// A history read: the comments of `room_id` with ids in `after + 1 ..= after +
+    /// limit` this node has, from its part of the event log and the room states it holds
+    /// (answered with a `Vec<chorus_protocol::CommentEvent>`, any order).
+    LogComments {
+        /// Room.
+        room_id: String,
+        /// First id wanted, minus one.
+        after: u64,
+        /// Ids wanted.
+        limit: u64,
+    },
     /// Another node took over session `session_id` (its client resumed there): end it
     /// here (answered with `Ok(Done)`).
     EndSession {
@@ -1141,6 +1154,93 @@ impl Node {
             .filter(|n| n.id != self_id && n.state != chorus_cluster::metadata::NodeState::Down)
             .map(|n| n.id)
             .collect()
+    }
+
+    /// The comments of `room_id` with ids in `after + 1 ..= after + limit` that this node
+    /// has: from its part of the room's event log and from the room's state it holds (the
+    /// recent comments, as owner or replica).
+    pub(crate) fn comments_held(
+        &self,
+        room_id: &str,
+        after: u64,
+        limit: u64,
+    ) -> Vec<chorus_protocol::CommentEvent> {
+        let mut comments = self
+            .event_log()
+            .map(|log| log.comments_after(room_id, after, limit))
+            .unwrap_or_default();
+        let wanted = after + 1..=after.saturating_add(limit);
+        comments.extend(
+            self.durable
+                .held_states()
+                .into_iter()
+                .filter(|(id, _, _)| id == room_id)
+                .flat_map(|(_, _, durable)| durable.recent_comments)
+                .filter(|c| wanted.contains(&c.comment_id)),
+        );
+        comments
+    }
+
+    /// A page of `room_id`'s comments after `after` (`room.comments`): from every live
+    /// node's event log part and held room states, merged by id, consecutive from
+    /// `after + 1`; with the room's comment count from its owner.
+    pub(crate) async fn room_comments(
+        &self,
+        session: &Arc<Session>,
+        room_id: &str,
+        after: u64,
+        limit: u64,
+    ) -> Result<chorus_protocol::RoomCommentsResponse, ErrorBody> {
+        let comment_count = match self.room_op(session, room_id, RoomOp::Info).await? {
+            RoomOpReply::Info(info) => info.comment_count,
+            other => {
+                return Err(ErrorBody::new(
+                    ErrorCode::Internal,
+                    format!("unexpected answer {other:?}"),
+                ))
+            }
+        };
+        let limit = limit.min(comment_count.saturating_sub(after));
+        let mut found: BTreeMap<u64, chorus_protocol::CommentEvent> = self
+            .comments_held(room_id, after, limit)
+            .into_iter()
+            .map(|c| (c.comment_id, c))
+            .collect();
+        if (found.len() as u64) < limit {
+            let message = encode(&NodeMessage::LogComments {
+                room_id: room_id.to_string(),
+                after,
+                limit,
+            });
+            let calls = self.live_peers().into_iter().map(|peer| {
+                let call = self.cluster.call_app(peer, message.clone());
+                async move {
+                    match tokio::time::timeout(Duration::from_millis(HISTORY_READ_TIMEOUT_MS), call)
+                        .await
+                    {
+                        Ok(Ok(reply)) => {
+                            decode::<Vec<chorus_protocol::CommentEvent>>(&reply).unwrap_or_default()
+                        }
+                        _ => Vec::new(),
+                    }
+                }
+            });
+            for part in futures_util::future::join_all(calls).await {
+                for comment in part {
+                    found.entry(comment.comment_id).or_insert(comment);
+                }
+            }
+        }
+        let comments = found
+            .into_values()
+            .enumerate()
+            .take_while(|(i, c)| c.comment_id == after + 1 + *i as u64)
+            .map(|(_, c)| c)
+            .collect();
+        Ok(chorus_protocol::RoomCommentsResponse {
+            comments,
+            comment_count,
+        })
     }
 
     /// The owner of `room_id` on this node's current ring (this node if there is none).
@@ -2039,6 +2139,47 @@ pub(crate) async fn hand_off_copies(node: &Node) -> (usize, usize) {
     (taken, untaken)
 }
 
+/// When this node stops being cut off (it reaches a majority again and caught up), its
+/// sessions re-join every room they are in, asking for what they missed: while it was
+/// cut off, re-joins on ring changes were refused, and the rooms dropped its members when
+/// the others marked it down. Runs until the node stops.
+pub(crate) async fn rejoin_after_cut(node: Weak<Node>) {
+    let Some(mut cut_off) = node.upgrade().map(|n| n.cluster.subscribe_cut_off()) else {
+        return;
+    };
+    let mut was_cut_off = *cut_off.borrow_and_update();
+    while cut_off.changed().await.is_ok() {
+        let now_cut_off = *cut_off.borrow_and_update();
+        let healed = was_cut_off && !now_cut_off;
+        was_cut_off = now_cut_off;
+        if !healed {
+            continue;
+        }
+        let Some(node) = node.upgrade() else { return };
+        let mut rejoined = 0;
+        for session in node.sessions.all() {
+            let rooms: Vec<String> = session.with_core(|core| core.rooms().cloned().collect());
+            for room_id in rooms {
+                let user = session.user_id.clone();
+                let since = session.with_core(|core| core.room_position(&room_id));
+                match node
+                    .room_op(&session, &room_id, RoomOp::Join { user, since })
+                    .await
+                {
+                    Ok(_) => rejoined += 1,
+                    Err(error) => {
+                        tracing::warn!(room = %room_id, %error, "re-join after a cut failed")
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            rejoined,
+            "no longer cut off: sessions re-joined their rooms"
+        );
+    }
+}
+
 /// Re-joins, asking for what they missed, the rooms in which a session saw a gap in the
 /// order (an event that overtook one it lacks, e.g. a live comment from a new owner
 /// arriving before the catch-up of the comments a failover kept from it). The session
@@ -2077,6 +2218,19 @@ pub(crate) async fn repair_gaps(
                                 session.with_core(|core| {
                                     core.handle_positions_skipped(&room_id, first)
                                 });
+                                // Said, never silent: the client fetches the missing ones
+                                // with `room.comments`.
+                                let gap = chorus_protocol::Event::Gap(chorus_protocol::GapEvent {
+                                    room_id: room_id.clone(),
+                                    after: since,
+                                    next: first,
+                                });
+                                if let Ok(body) = gap.encode_body() {
+                                    chorus_actors::room_actor::MemberSink::deliver(
+                                        &*session,
+                                        &Arc::new(body),
+                                    );
+                                }
                             }
                             _ => {
                                 metrics::counter!("chorus_order_repairs_total").increment(1);
@@ -2254,6 +2408,11 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                     node.bullet_batch_here(&room_id, bullets).await;
                     encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
                 }
+                Ok(NodeMessage::LogComments {
+                    room_id,
+                    after,
+                    limit,
+                }) => encode(&node.comments_held(&room_id, after, limit)),
                 Ok(NodeMessage::LogTake { room_id }) => encode(
                     &node
                         .event_log()
