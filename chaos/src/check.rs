@@ -124,7 +124,7 @@ pub fn check_logs(
         }
         // Strictly increasing live ids per room, over the client's whole life.
         let mut last: HashMap<&str, u64> = HashMap::new();
-        for received in log.received.iter().filter(|r| !r.from_join) {
+        for received in log.received.iter().filter(|r| !r.from_join && !r.fetched) {
             if let Some(previous) = last.get(received.room.as_str()) {
                 if received.comment_id <= *previous {
                     violations.push(
@@ -137,6 +137,24 @@ pub fn check_logs(
                 }
             }
             last.insert(&received.room, received.comment_id);
+        }
+    }
+
+    // at_most_once: every comment text is unique per send, so one text under two ids is a
+    // request the cluster ran twice.
+    let mut ids_of_text: BTreeMap<(&str, &str), BTreeSet<u64>> = BTreeMap::new();
+    for ((room, id), (text, _)) in &texts {
+        ids_of_text.entry((room, text)).or_default().insert(*id);
+    }
+    for ((room, text), ids) in &ids_of_text {
+        if ids.len() > 1 {
+            violations.push(
+                "at_most_once",
+                format!(
+                    "room {room}: comment {text:?} was posted {} times, as ids {ids:?}",
+                    ids.len()
+                ),
+            );
         }
     }
 

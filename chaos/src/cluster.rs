@@ -258,6 +258,14 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> Option<serde_json::Value
     admin_request(addr, "GET", path, "HTTP/1.1 200").await
 }
 
+/// Whether the node at `addr` answers `/readyz` with 503 (not ready); `false` when it is
+/// ready or does not answer.
+pub async fn says_not_ready(addr: SocketAddr) -> bool {
+    admin_request(addr, "GET", "/readyz", "HTTP/1.1 503")
+        .await
+        .is_some()
+}
+
 /// POST `path` (no body) on `addr` with the admin token; the JSON answer if it is
 /// `202 Accepted`, `None` otherwise (down, paused, refused, timeout).
 pub async fn admin_post(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {

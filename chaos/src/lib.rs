@@ -45,6 +45,8 @@ const MONITORED_ROOMS_MAX: usize = 16;
 const HEALTHY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deliveries are considered complete once no comment has arrived for this long.
 const QUIET_PERIOD: Duration = Duration::from_secs(2);
+/// A node cut off from the others must say it is not ready within this long.
+pub const CUT_OFF_NOTICED_MAX_MS: u64 = 5_000;
 
 /// What a chaos run does. [`ChaosConfig::new`] gives the defaults documented per field.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,6 +73,11 @@ pub struct ChaosConfig {
     /// Link cuts: one node's links to every other node dropped (nftables), its clients
     /// still connected. Default 0 (needs `nft` and root).
     pub cuts: usize,
+    /// Pair cuts: the links between two nodes dropped, both still reaching the rest.
+    /// Default 0.
+    pub pair_cuts: usize,
+    /// One-way cuts: what one node sends to the others dropped. Default 0.
+    pub one_way_cuts: usize,
     /// How long a cut lasts, in milliseconds: uniform in this range. Default 2000-5000.
     pub cut_ms: (u64, u64),
     /// How long a killed node stays down, in milliseconds: uniform in this range.
@@ -104,6 +111,8 @@ impl ChaosConfig {
             kills: 2,
             pauses: 1,
             cuts: 0,
+            pair_cuts: 0,
+            one_way_cuts: 0,
             cut_ms: (2_000, 5_000),
             down_ms: (2_000, 5_000),
             pause_ms: (2_000, 5_000),
@@ -114,10 +123,27 @@ impl ChaosConfig {
         }
     }
 
+    /// The partition scenario's defaults (issue 18): 3 nodes on 127.0.6.11+, no kills or
+    /// pauses, 90 s with two cuts of each kind (a node isolated, two nodes cut from each
+    /// other, a node whose packets to the others are dropped), each 6-10 s.
+    pub fn partition(chorus_bin: PathBuf, work_dir: PathBuf, seed: u64) -> ChaosConfig {
+        ChaosConfig {
+            kills: 0,
+            pauses: 0,
+            cuts: 2,
+            pair_cuts: 2,
+            one_way_cuts: 2,
+            cut_ms: (6_000, 10_000),
+            duration_secs: 90,
+            base_ip: Ipv4Addr::new(127, 0, 6, 11),
+            ..ChaosConfig::new(chorus_bin, work_dir, seed)
+        }
+    }
+
     /// The `chorus-chaos` command line that repeats this run's schedule.
     pub fn replay_command(&self) -> String {
         format!(
-            "chorus-chaos --chorus {} --seed {} --nodes {} --rooms {} --clients {} --rooms-per-client {} --comment-interval-ms {} --duration {} --kills {} --pauses {} --cuts {} --base-ip {}",
+            "chorus-chaos --chorus {} --seed {} --nodes {} --rooms {} --clients {} --rooms-per-client {} --comment-interval-ms {} --duration {} --kills {} --pauses {} --cuts {} --pair-cuts {} --one-way-cuts {} --cut-ms-min {} --cut-ms-max {} --base-ip {}",
             self.chorus_bin.display(),
             self.seed,
             self.nodes,
@@ -129,6 +155,10 @@ impl ChaosConfig {
             self.kills,
             self.pauses,
             self.cuts,
+            self.pair_cuts,
+            self.one_way_cuts,
+            self.cut_ms.0,
+            self.cut_ms.1,
             self.base_ip
         )
     }
@@ -172,6 +202,10 @@ pub enum FaultKind {
     Pause,
     /// The node's links to every other node cut, then restored.
     Cut,
+    /// The links between the node and one other node cut (both still reach the rest).
+    PairCut,
+    /// What the node sends to the others dropped; what they send still arrives.
+    OneWayCut,
 }
 
 /// One injected fault, as it happened.
@@ -192,6 +226,13 @@ pub struct FaultRecord {
     pub clients_disconnected: usize,
     /// Of those, how many reconnected afterwards.
     pub clients_reconnected: usize,
+    /// For a cut: the other node of a pair cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// For a cut that isolates the node: how long after the cut its `/readyz` said not
+    /// ready (`None`: it did not within the cut).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready_after_ms: Option<u64>,
 }
 
 /// What the monitor sampled while the run went on.
@@ -313,6 +354,11 @@ fn plan_faults(config: &ChaosConfig, rng: &mut SmallRng) -> Vec<PlannedFault> {
     let mut kinds: Vec<FaultKind> = std::iter::repeat_n(FaultKind::Kill, config.kills)
         .chain(std::iter::repeat_n(FaultKind::Pause, config.pauses))
         .chain(std::iter::repeat_n(FaultKind::Cut, config.cuts))
+        .chain(std::iter::repeat_n(FaultKind::PairCut, config.pair_cuts))
+        .chain(std::iter::repeat_n(
+            FaultKind::OneWayCut,
+            config.one_way_cuts,
+        ))
         .collect();
     kinds.shuffle(rng);
     let count = kinds.len().max(1) as u64;
@@ -324,7 +370,7 @@ fn plan_faults(config: &ChaosConfig, rng: &mut SmallRng) -> Vec<PlannedFault> {
             let (low, high) = match kind {
                 FaultKind::Kill => config.down_ms,
                 FaultKind::Pause => config.pause_ms,
-                FaultKind::Cut => config.cut_ms,
+                FaultKind::Cut | FaultKind::PairCut | FaultKind::OneWayCut => config.cut_ms,
             };
             PlannedFault {
                 kind,
@@ -407,14 +453,16 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
             break;
         }
         let at = Instant::now();
-        let node = &mut nodes[planned.node];
-        let name = node.name.clone();
+        let mut peer = None;
+        let mut not_ready_after_ms = None;
+        let name = nodes[planned.node].name.clone();
         match planned.kind {
             FaultKind::Kill => {
                 say(
                     start,
                     format_args!("SIGKILL {name} (down {:?})", planned.length),
                 );
+                let node = &mut nodes[planned.node];
                 node.kill().await;
                 tokio::time::sleep(planned.length).await;
                 if let Err(error) = node.start(&config.chorus_bin, &ca_dir, None).await {
@@ -428,21 +476,72 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
                     start,
                     format_args!("SIGSTOP {name} (for {:?})", planned.length),
                 );
+                let node = &mut nodes[planned.node];
                 node.signal_stop(true).await?;
                 tokio::time::sleep(planned.length).await;
                 node.signal_stop(false).await?;
                 say(start, format_args!("SIGCONT {name}"));
             }
-            FaultKind::Cut => {
+            FaultKind::Cut | FaultKind::PairCut | FaultKind::OneWayCut => {
+                let node = &nodes[planned.node];
                 let ip = node.ip;
+                let http = node.http_addr();
                 let others: Vec<std::net::IpAddr> =
                     nodes.iter().map(|n| n.ip).filter(|a| *a != ip).collect();
-                say(
-                    start,
-                    format_args!("cut {name}'s links (for {:?})", planned.length),
-                );
-                let cut = netcut::LinkCut::isolate(ip, &others).await?;
-                tokio::time::sleep(planned.length).await;
+                let cut = match planned.kind {
+                    FaultKind::PairCut => {
+                        let other = &nodes[(planned.node + 1) % nodes.len()];
+                        peer = Some(other.name.clone());
+                        say(
+                            start,
+                            format_args!(
+                                "cut the links between {name} and {} (for {:?})",
+                                other.name, planned.length
+                            ),
+                        );
+                        netcut::LinkCut::between(ip, other.ip).await?
+                    }
+                    FaultKind::OneWayCut => {
+                        say(
+                            start,
+                            format_args!(
+                                "drop what {name} sends to the others (for {:?})",
+                                planned.length
+                            ),
+                        );
+                        netcut::LinkCut::one_way(ip, &others).await?
+                    }
+                    _ => {
+                        say(
+                            start,
+                            format_args!("cut {name}'s links (for {:?})", planned.length),
+                        );
+                        netcut::LinkCut::isolate(ip, &others).await?
+                    }
+                };
+                let cut_at = Instant::now();
+                if matches!(planned.kind, FaultKind::Cut | FaultKind::OneWayCut) {
+                    // An isolated node must notice and say so (issue 18: within 5 s).
+                    let until = cut_at + planned.length;
+                    while Instant::now() < until {
+                        if cluster::says_not_ready(http).await {
+                            not_ready_after_ms = Some(millis(cut_at.elapsed()));
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    match not_ready_after_ms {
+                        Some(ms) if ms <= CUT_OFF_NOTICED_MAX_MS => {}
+                        _ if planned.length < Duration::from_millis(CUT_OFF_NOTICED_MAX_MS) => {}
+                        other => violations.push(
+                            "cut_off_noticed",
+                            format!(
+                                "{name}, cut off, said it was not ready after {other:?} ms (at most {CUT_OFF_NOTICED_MAX_MS})"
+                            ),
+                        ),
+                    }
+                }
+                tokio::time::sleep_until(cut_at + planned.length).await;
                 cut.heal().await?;
                 say(start, format_args!("links of {name} restored"));
             }
@@ -471,6 +570,8 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
                 recovered_after_ms,
                 clients_disconnected: 0,
                 clients_reconnected: 0,
+                peer,
+                not_ready_after_ms,
             },
             at,
             Instant::now(),

@@ -15,7 +15,7 @@ struct Args {
     /// under a SIGKILL of the pool's node and a pause of another, then the audit) or
     /// `membership` (nodes join, leave, are replaced and killed, several at once, under the
     /// room workload).
-    #[arg(long, default_value = "rooms", value_parser = ["rooms", "rain", "membership"])]
+    #[arg(long, default_value = "rooms", value_parser = ["rooms", "rain", "membership", "partition"])]
     scenario: String,
     /// Membership: rounds of concurrent operations.
     #[arg(long, default_value_t = 6)]
@@ -76,6 +76,18 @@ struct Args {
     /// and root); its clients stay connected.
     #[arg(long, default_value_t = 0)]
     cuts: usize,
+    /// Pair cuts: the links between two nodes dropped (both still reach the rest).
+    #[arg(long, default_value_t = 0)]
+    pair_cuts: usize,
+    /// One-way cuts: what one node sends to the others dropped.
+    #[arg(long, default_value_t = 0)]
+    one_way_cuts: usize,
+    /// Shortest cut, in milliseconds.
+    #[arg(long, default_value_t = 2_000)]
+    cut_ms_min: u64,
+    /// Longest cut, in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    cut_ms_max: u64,
     /// Longest wait for in-flight comments after the workload stops, in seconds.
     #[arg(long, default_value_t = 20)]
     settle: u64,
@@ -187,6 +199,37 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
         );
         return Ok(code);
     }
+    if args.scenario == "partition" {
+        // The partition defaults, unless given on the command line.
+        let given =
+            |flag: &str| std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        let mut config = ChaosConfig::partition(chorus, work_dir, seed);
+        config.nodes = args.nodes;
+        config.rooms = args.rooms;
+        config.clients = args.clients.unwrap_or(9);
+        config.rooms_per_client = args.rooms_per_client;
+        config.comment_interval_ms = args.comment_interval_ms;
+        config.settle_secs = args.settle;
+        if given("--duration") {
+            config.duration_secs = args.duration;
+        }
+        if given("--cuts") {
+            config.cuts = args.cuts;
+        }
+        if given("--pair-cuts") {
+            config.pair_cuts = args.pair_cuts;
+        }
+        if given("--one-way-cuts") {
+            config.one_way_cuts = args.one_way_cuts;
+        }
+        if given("--cut-ms-min") || given("--cut-ms-max") {
+            config.cut_ms = (args.cut_ms_min, args.cut_ms_max.max(args.cut_ms_min));
+        }
+        if given("--base-ip") {
+            config.base_ip = args.base_ip;
+        }
+        return run_rooms(config, seed, args.json).await;
+    }
     let mut config = ChaosConfig::new(chorus, work_dir, seed);
     config.nodes = args.nodes;
     config.rooms = args.rooms;
@@ -197,8 +240,20 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
     config.kills = args.kills;
     config.pauses = args.pauses;
     config.cuts = args.cuts;
+    config.pair_cuts = args.pair_cuts;
+    config.one_way_cuts = args.one_way_cuts;
+    config.cut_ms = (args.cut_ms_min, args.cut_ms_max.max(args.cut_ms_min));
     config.settle_secs = args.settle;
     config.base_ip = args.base_ip;
+    run_rooms(config, seed, args.json).await
+}
+
+/// Runs the rooms scenario (also the partition one) and prints its summary.
+async fn run_rooms(
+    config: ChaosConfig,
+    seed: u64,
+    json: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     eprintln!(
         "chorus-chaos: seed {seed}, work dir {}",
         config.work_dir.display()
@@ -213,7 +268,7 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
             (None, ExitCode::from(2))
         }
     };
-    if let (Some(report), Some(json)) = (&report, &args.json) {
+    if let (Some(report), Some(json)) = (&report, &json) {
         std::fs::write(json, serde_json::to_vec_pretty(report)?)
             .with_context(|| format!("write {}", json.display()))?;
     }

@@ -88,6 +88,36 @@ impl LinkCut {
         })
     }
 
+    /// Cuts the links between `a` and `b` only, both ways (each still reaches the others).
+    pub async fn between(a: IpAddr, b: IpAddr) -> Result<LinkCut, ChaosError> {
+        Self::with_rules(&format!(
+            "    ip saddr {a} ip daddr {b} drop\n    ip saddr {b} ip daddr {a} drop\n"
+        ))
+        .await
+    }
+
+    /// Drops what `node` sends to `others`; what they send to it still arrives (an
+    /// asymmetric cut).
+    pub async fn one_way(node: IpAddr, others: &[IpAddr]) -> Result<LinkCut, ChaosError> {
+        Self::with_rules(&format!(
+            "    ip saddr {node} ip daddr {} drop\n",
+            set(others)
+        ))
+        .await
+    }
+
+    async fn with_rules(rules: &str) -> Result<LinkCut, ChaosError> {
+        let table = table_name();
+        let script = format!(
+            "table inet {table} {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n{rules}  }}\n}}\n"
+        );
+        nft(&["-f", "-"], Some(&script)).await?;
+        Ok(LinkCut {
+            table,
+            healed: false,
+        })
+    }
+
     /// Restores the links.
     pub async fn heal(mut self) -> Result<(), ChaosError> {
         self.healed = true;

@@ -66,12 +66,60 @@ pub struct ReceivedComment {
     pub text: String,
     /// `false` for a live notification, `true` for one listed in a join response.
     pub from_join: bool,
+    /// Fetched with `room.comments` after a `room.gap` notice (not live, not in order).
+    pub fetched: bool,
     /// The membership interval (index into `ClientLog::memberships`) it arrived in, for a
     /// live one.
     pub membership: Option<usize>,
     /// When it arrived.
     pub at: Instant,
 }
+
+/// Fetches the comments a `room.gap` notice names, page by page (retrying a failed page a
+/// few times), into the log as received.
+async fn fetch_gap(
+    requester: &Requester,
+    log: &Arc<Mutex<ClientLog>>,
+    gap: &chorus_protocol::GapEvent,
+    membership: Option<usize>,
+) {
+    let mut after = gap.after;
+    let mut failures = 0;
+    while after + 1 < gap.next && failures < GAP_FETCH_ATTEMPTS_MAX {
+        let limit = (gap.next - after - 1).min(u64::from(chorus_protocol::COMMENTS_PAGE_MAX));
+        let page = requester
+            .request(chorus_protocol::RoomCommentsRequest {
+                room_id: gap.room_id.clone(),
+                after,
+                limit: Some(limit as u32),
+            })
+            .await;
+        match page {
+            Ok(page) if !page.comments.is_empty() => {
+                let mut log = lock(log);
+                for comment in page.comments {
+                    after = comment.comment_id;
+                    log.received.push(ReceivedComment {
+                        room: comment.room_id,
+                        comment_id: comment.comment_id,
+                        text: comment.text,
+                        from_join: false,
+                        fetched: true,
+                        membership,
+                        at: Instant::now(),
+                    });
+                }
+            }
+            _ => {
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Tries to fetch one page of a gap before giving up on the rest.
+const GAP_FETCH_ATTEMPTS_MAX: u32 = 10;
 
 /// A stretch of time in which this client's session was a member of a room: from the
 /// join's acknowledgement to the end of that session (a reconnect that was not `Resumed`,
@@ -99,6 +147,8 @@ pub struct ClientLog {
     pub disconnects: Vec<Instant>,
     /// Times of `Reconnected` events.
     pub reconnects: Vec<Instant>,
+    /// `room.gap` notices: (room, after, next).
+    pub gaps: Vec<(String, u64, u64)>,
     /// Reconnects that resumed the session.
     pub resumed: usize,
     /// Reconnects that started a new session (rooms re-joined).
@@ -267,8 +317,24 @@ async fn run_client(
                     comment_id: comment.comment_id,
                     text: comment.text,
                     from_join: false,
+                    fetched: false,
                     membership,
                     at: Instant::now(),
+                });
+            }
+            Some(ClientEvent::Notification {
+                event: Event::Gap(gap),
+                ..
+            }) => {
+                let membership = {
+                    let mut log = lock(&log);
+                    log.gaps.push((gap.room_id.clone(), gap.after, gap.next));
+                    log.open_membership(&gap.room_id)
+                };
+                let requester = requester.clone();
+                let log = log.clone();
+                tokio::spawn(async move {
+                    fetch_gap(&requester, &log, &gap, membership).await;
                 });
             }
             Some(ClientEvent::Disconnected { .. }) => {
@@ -356,6 +422,7 @@ async fn join_rooms(
                             comment_id: comment.comment_id,
                             text: comment.text,
                             from_join: true,
+                            fetched: false,
                             membership: None,
                             at: Instant::now(),
                         });
@@ -453,7 +520,13 @@ pub fn dump_logs(
                 r.room,
                 r.comment_id,
                 r.text,
-                if r.from_join { " (join)" } else { "" },
+                if r.from_join {
+                    " (join)"
+                } else if r.fetched {
+                    " (fetched)"
+                } else {
+                    ""
+                },
                 r.membership
             );
         }
