@@ -78,10 +78,14 @@ impl Violations {
     }
 }
 
+/// Scheduling slack allowed on top of the request deadline by the `deadline` check.
+const DEADLINE_SLACK_MS: u64 = 1_000;
+
 /// Runs the client-side checks; `start` is the run's start (times in messages count from it).
 pub fn check_logs(
     clients: &[(ClientSpec, &ClientLog)],
     start: tokio::time::Instant,
+    start_unix_ms: u64,
     violations: &mut Violations,
 ) -> CheckCounts {
     let mut counts = CheckCounts::default();
@@ -155,6 +159,39 @@ pub fn check_logs(
                     ids.len()
                 ),
             );
+        }
+    }
+
+    // deadline: a room runs a comment at most the node's request deadline after it was
+    // sent (server and clients share this machine's clock; 1 s of slack for scheduling).
+    let deadline_ms = chorus_node::server::connection::REQUEST_DEADLINE_MS + DEADLINE_SLACK_MS;
+    let sent_at_ms: HashMap<(&str, &str), u64> = clients
+        .iter()
+        .flat_map(|(_, log)| log.sent.iter())
+        .map(|s| {
+            let offset = s.sent_at.saturating_duration_since(start).as_millis() as u64;
+            ((s.room.as_str(), s.text.as_str()), start_unix_ms + offset)
+        })
+        .collect();
+    let mut late = BTreeSet::new();
+    for (_, log) in clients {
+        for received in &log.received {
+            let Some(sent) = sent_at_ms.get(&(received.room.as_str(), received.text.as_str()))
+            else {
+                continue;
+            };
+            if received.ordered_at_ms > sent + deadline_ms && late.insert(&received.text) {
+                violations.push(
+                    "deadline",
+                    format!(
+                        "room {}: comment {:?} was posted {} ms after it was sent (deadline {} ms)",
+                        received.room,
+                        received.text,
+                        received.ordered_at_ms - sent,
+                        chorus_node::server::connection::REQUEST_DEADLINE_MS
+                    ),
+                );
+            }
         }
     }
 

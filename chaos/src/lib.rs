@@ -871,7 +871,7 @@ impl Workload {
             .iter()
             .map(|(spec, guard)| ((*spec).clone(), &**guard))
             .collect();
-        let counts = check::check_logs(&views, start, violations);
+        let counts = check::check_logs(&views, start, start_unix_ms, violations);
         let clients_path = work_dir.join("clients.log");
         if let Err(error) = workload::dump_logs(&clients_path, start, start_unix_ms, &views) {
             say(

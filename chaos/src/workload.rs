@@ -68,6 +68,8 @@ pub struct ReceivedComment {
     pub from_join: bool,
     /// Fetched with `room.comments` after a `room.gap` notice (not live, not in order).
     pub fetched: bool,
+    /// When the room ordered it (server clock), ms since the Unix epoch.
+    pub ordered_at_ms: u64,
     /// The membership interval (index into `ClientLog::memberships`) it arrived in, for a
     /// live one.
     pub membership: Option<usize>,
@@ -106,6 +108,7 @@ async fn fetch_gap(
                         from_join: false,
                         fetched: true,
                         membership,
+                        ordered_at_ms: comment.at_ms,
                         at: Instant::now(),
                     });
                 }
@@ -319,7 +322,8 @@ async fn run_client(
                     from_join: false,
                     fetched: false,
                     membership,
-                    at: Instant::now(),
+                    ordered_at_ms: comment.at_ms,
+                        at: Instant::now(),
                 });
             }
             Some(ClientEvent::Notification {
@@ -424,7 +428,8 @@ async fn join_rooms(
                             from_join: true,
                             fetched: false,
                             membership: None,
-                            at: Instant::now(),
+                            ordered_at_ms: comment.at_ms,
+                        at: Instant::now(),
                         });
                     }
                     break;
