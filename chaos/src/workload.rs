@@ -323,7 +323,7 @@ async fn run_client(
                     fetched: false,
                     membership,
                     ordered_at_ms: comment.at_ms,
-                        at: Instant::now(),
+                    at: Instant::now(),
                 });
             }
             Some(ClientEvent::Notification {
@@ -429,7 +429,7 @@ async fn join_rooms(
                             fetched: false,
                             membership: None,
                             ordered_at_ms: comment.at_ms,
-                        at: Instant::now(),
+                            at: Instant::now(),
                         });
                     }
                     break;
