@@ -63,9 +63,9 @@ struct Args {
     /// Mean time between two comments of one client, in milliseconds.
     #[arg(long, default_value_t = 400)]
     comment_interval_ms: u64,
-    /// Length of the fault phase, in seconds.
-    #[arg(long, default_value_t = 60)]
-    duration: u64,
+    /// Length of the fault phase, in seconds. Default 60 (partition: 90).
+    #[arg(long)]
+    duration: Option<u64>,
     /// SIGKILLs (each followed by a restart with the same data dir).
     #[arg(long, default_value_t = 2)]
     kills: usize,
@@ -73,21 +73,22 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     pauses: usize,
     /// Link cuts: one node's links to all other nodes dropped with nftables (needs `nft`
-    /// and root); its clients stay connected.
-    #[arg(long, default_value_t = 0)]
-    cuts: usize,
+    /// and root); its clients stay connected. Default 0 (partition: 2).
+    #[arg(long)]
+    cuts: Option<usize>,
     /// Pair cuts: the links between two nodes dropped (both still reach the rest).
-    #[arg(long, default_value_t = 0)]
-    pair_cuts: usize,
-    /// One-way cuts: what one node sends to the others dropped.
-    #[arg(long, default_value_t = 0)]
-    one_way_cuts: usize,
-    /// Shortest cut, in milliseconds.
-    #[arg(long, default_value_t = 2_000)]
-    cut_ms_min: u64,
-    /// Longest cut, in milliseconds.
-    #[arg(long, default_value_t = 5_000)]
-    cut_ms_max: u64,
+    /// Default 0 (partition: 2).
+    #[arg(long)]
+    pair_cuts: Option<usize>,
+    /// One-way cuts: what one node sends to the others dropped. Default 0 (partition: 2).
+    #[arg(long)]
+    one_way_cuts: Option<usize>,
+    /// Shortest cut, in milliseconds. Default 2000 (partition: 6000).
+    #[arg(long)]
+    cut_ms_min: Option<u64>,
+    /// Longest cut, in milliseconds. Default 5000 (partition: 10000).
+    #[arg(long)]
+    cut_ms_max: Option<u64>,
     /// Longest wait for in-flight comments after the workload stops, in seconds.
     #[arg(long, default_value_t = 20)]
     settle: u64,
@@ -113,11 +114,11 @@ fn default_chorus() -> anyhow::Result<PathBuf> {
 async fn main_inner() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     let seed = args.seed.unwrap_or_else(rand::random);
-    let chorus = match args.chorus {
+    let chorus = match args.chorus.clone() {
         Some(path) => path,
         None => default_chorus()?,
     };
-    let work_dir = match args.work_dir {
+    let work_dir = match args.work_dir.clone() {
         Some(dir) => dir,
         None => std::env::temp_dir().join(format!("chorus-chaos-{seed}-{}", std::process::id())),
     };
@@ -200,9 +201,6 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
         return Ok(code);
     }
     if args.scenario == "partition" {
-        // The partition defaults, unless given on the command line.
-        let given =
-            |flag: &str| std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
         let mut config = ChaosConfig::partition(chorus, work_dir, seed);
         config.nodes = args.nodes;
         config.rooms = args.rooms;
@@ -210,22 +208,8 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
         config.rooms_per_client = args.rooms_per_client;
         config.comment_interval_ms = args.comment_interval_ms;
         config.settle_secs = args.settle;
-        if given("--duration") {
-            config.duration_secs = args.duration;
-        }
-        if given("--cuts") {
-            config.cuts = args.cuts;
-        }
-        if given("--pair-cuts") {
-            config.pair_cuts = args.pair_cuts;
-        }
-        if given("--one-way-cuts") {
-            config.one_way_cuts = args.one_way_cuts;
-        }
-        if given("--cut-ms-min") || given("--cut-ms-max") {
-            config.cut_ms = (args.cut_ms_min, args.cut_ms_max.max(args.cut_ms_min));
-        }
-        if given("--base-ip") {
+        apply_faults(&mut config, &args);
+        if args.base_ip != std::net::Ipv4Addr::new(127, 0, 0, 11) {
             config.base_ip = args.base_ip;
         }
         return run_rooms(config, seed, args.json).await;
@@ -236,16 +220,31 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
     config.clients = args.clients.unwrap_or(9);
     config.rooms_per_client = args.rooms_per_client;
     config.comment_interval_ms = args.comment_interval_ms;
-    config.duration_secs = args.duration;
     config.kills = args.kills;
     config.pauses = args.pauses;
-    config.cuts = args.cuts;
-    config.pair_cuts = args.pair_cuts;
-    config.one_way_cuts = args.one_way_cuts;
-    config.cut_ms = (args.cut_ms_min, args.cut_ms_max.max(args.cut_ms_min));
+    apply_faults(&mut config, &args);
     config.settle_secs = args.settle;
     config.base_ip = args.base_ip;
     run_rooms(config, seed, args.json).await
+}
+
+/// The fault flags given on the command line, over `config`'s defaults.
+fn apply_faults(config: &mut ChaosConfig, args: &Args) {
+    if let Some(duration) = args.duration {
+        config.duration_secs = duration;
+    }
+    if let Some(cuts) = args.cuts {
+        config.cuts = cuts;
+    }
+    if let Some(cuts) = args.pair_cuts {
+        config.pair_cuts = cuts;
+    }
+    if let Some(cuts) = args.one_way_cuts {
+        config.one_way_cuts = cuts;
+    }
+    let min = args.cut_ms_min.unwrap_or(config.cut_ms.0);
+    let max = args.cut_ms_max.unwrap_or(config.cut_ms.1);
+    config.cut_ms = (min, max.max(min));
 }
 
 /// Runs the rooms scenario (also the partition one) and prints its summary.
