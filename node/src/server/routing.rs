@@ -676,6 +676,10 @@ pub enum NodeMessage {
         member_key: u64,
         /// What to do.
         op: RoomOp,
+        /// Past this time (ms since the epoch) the owner does not run it: the edge has
+        /// answered its client already.
+        #[serde(default)]
+        deadline_ms: Option<u64>,
     },
     /// Keep the durable state of `room_id`, written by its owner at ownership `epoch`
     /// (answered with `Ok(Done)`, or refused with [`STALE_EPOCH_REASON`] if a newer owner
@@ -1291,7 +1295,11 @@ impl Node {
         room_id: &str,
         op: RoomOp,
     ) -> Result<RoomOpReply, ErrorBody> {
-        let result = self.room_op_once(session, room_id, op.clone()).await;
+        let deadline_ms =
+            chorus_actors::room_actor::unix_now_ms() + super::connection::REQUEST_DEADLINE_MS;
+        let result = self
+            .room_op_once(session, room_id, op.clone(), deadline_ms)
+            .await;
         let rejoin = matches!(op, RoomOp::Comment { .. } | RoomOp::Vote { .. });
         match result {
             Err(error)
@@ -1301,9 +1309,9 @@ impl Node {
             {
                 let user = session.user_id.clone();
                 let since = session.with_core(|core| core.room_position(room_id));
-                self.room_op_once(session, room_id, RoomOp::Join { user, since })
+                self.room_op_once(session, room_id, RoomOp::Join { user, since }, deadline_ms)
                     .await?;
-                self.room_op_once(session, room_id, op).await
+                self.room_op_once(session, room_id, op, deadline_ms).await
             }
             other => other,
         }
@@ -1314,12 +1322,13 @@ impl Node {
         session: &Arc<Session>,
         room_id: &str,
         op: RoomOp,
+        deadline_ms: u64,
     ) -> Result<RoomOpReply, ErrorBody> {
         let mut attempts = 0;
         loop {
             let mut metadata = self.cluster.subscribe_metadata();
             let epoch = metadata.borrow().ring_epoch;
-            let call = self.room_op_at_owner(session, room_id, op.clone());
+            let call = self.room_op_at_owner(session, room_id, op.clone(), deadline_ms);
             // A request waiting on another node is answered at once when this node finds
             // itself cut off (a local room answers on its own: it cannot replicate).
             let mut cut_off = self.cluster.subscribe_cut_off();
@@ -1359,6 +1368,7 @@ impl Node {
         session: &Arc<Session>,
         room_id: &str,
         op: RoomOp,
+        deadline_ms: u64,
     ) -> Result<RoomOpReply, ErrorBody> {
         let owner = self.owner_of(room_id);
         let member = session.member();
@@ -1385,6 +1395,7 @@ impl Node {
             room_id: room_id.to_string(),
             member_key: key,
             op,
+            deadline_ms: Some(deadline_ms),
         };
         let result = match self.cluster.call_app(owner, encode(&message)).await {
             Ok(reply) => decode::<Result<RoomOpReply, ErrorBody>>(&reply).and_then(|r| r),
@@ -1795,6 +1806,7 @@ impl Node {
                 room_id: room_id.to_string(),
                 member_key: 0,
                 op: RoomOp::Info,
+                deadline_ms: None,
             });
             match self.cluster.call_app(owner, message).await {
                 Ok(reply) => match decode::<Result<RoomOpReply, ErrorBody>>(&reply) {
@@ -2477,7 +2489,14 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                     room_id,
                     member_key,
                     op,
+                    deadline_ms,
                 }) => {
+                    if deadline_ms.is_some_and(|d| chorus_actors::room_actor::unix_now_ms() > d) {
+                        metrics::counter!("chorus_requests_past_deadline_total").increment(1);
+                        return encode(&Err::<RoomOpReply, _>(room_error(
+                            RoomError::DeadlineExceeded,
+                        )));
+                    }
                     let relay = node.relay_to(from);
                     let member = RemoteMember::member(&room_id, member_key, relay);
                     encode(&node.local_room_op(&room_id, member, op).await)
