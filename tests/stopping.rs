@@ -201,7 +201,15 @@ async fn connect(member: &Member, user: &str) -> Client {
 /// comments in `refused`: a survivor keeps activating rooms (claims through Raft) while its
 /// peers die and it stops.
 fn keep_commenting(member: &Member, user: &str, rooms: Vec<String>, refused: Arc<AtomicU64>) {
-    let config = client_config(member, user);
+    let mut config = client_config(member, user);
+    // A survivor left without a quorum is cut off and closes its connections (4401): the
+    // writer comes back (to the same node, its only one) and goes on writing.
+    config.reconnect = ReconnectPolicy {
+        enabled: true,
+        initial_backoff_ms: 50,
+        max_backoff_ms: 500,
+        attempts_max: 100,
+    };
     tokio::spawn(async move {
         let Ok(client) = Client::connect(config).await else {
             return;
