@@ -384,16 +384,21 @@ fn plan_faults(config: &ChaosConfig, rng: &mut SmallRng) -> Vec<PlannedFault> {
         .collect()
 }
 
+/// Now, in milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Runs one chaos run; see the crate documentation. Returns the report, or
 /// [`ChaosError::Violations`] (with the report) if an invariant failed. Every node process
 /// is killed before it returns.
 pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
     config.validate()?;
     let start = Instant::now();
-    let start_unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let start_unix_ms = unix_ms_now();
     say(
         start,
         format_args!("seed {}; replay: {}", config.seed, config.replay_command()),

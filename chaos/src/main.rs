@@ -153,20 +153,12 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
     }
     if args.scenario == "membership" {
         let mut config = chorus_chaos::membership::MembershipConfig::new(chorus, work_dir, seed);
-        config.base.nodes = args.nodes;
-        config.base.rooms = args.rooms;
-        config.base.clients = args.clients.unwrap_or(9);
-        config.base.rooms_per_client = args.rooms_per_client;
-        config.base.comment_interval_ms = args.comment_interval_ms;
-        config.base.settle_secs = args.settle;
+        apply_workload(&mut config.base, &args);
         config.waves = args.waves;
         config.members_max = args.members_max;
         config.slots = args.slots;
         config.drain_timeout_ms = args.drain_timeout_ms;
         config.wave_gap_ms = args.wave_gap_ms;
-        if args.base_ip != std::net::Ipv4Addr::new(127, 0, 0, 11) {
-            config.base.base_ip = args.base_ip;
-        }
         eprintln!(
             "chorus-chaos membership: seed {seed}, work dir {}",
             config.base.work_dir.display()
@@ -202,30 +194,29 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
     }
     if args.scenario == "partition" {
         let mut config = ChaosConfig::partition(chorus, work_dir, seed);
-        config.nodes = args.nodes;
-        config.rooms = args.rooms;
-        config.clients = args.clients.unwrap_or(9);
-        config.rooms_per_client = args.rooms_per_client;
-        config.comment_interval_ms = args.comment_interval_ms;
-        config.settle_secs = args.settle;
+        apply_workload(&mut config, &args);
         apply_faults(&mut config, &args);
-        if args.base_ip != std::net::Ipv4Addr::new(127, 0, 0, 11) {
-            config.base_ip = args.base_ip;
-        }
         return run_rooms(config, seed, args.json).await;
     }
     let mut config = ChaosConfig::new(chorus, work_dir, seed);
+    apply_workload(&mut config, &args);
+    config.kills = args.kills;
+    config.pauses = args.pauses;
+    apply_faults(&mut config, &args);
+    run_rooms(config, seed, args.json).await
+}
+
+/// The cluster and workload flags (the scenario's own base address unless one is given).
+fn apply_workload(config: &mut ChaosConfig, args: &Args) {
     config.nodes = args.nodes;
     config.rooms = args.rooms;
     config.clients = args.clients.unwrap_or(9);
     config.rooms_per_client = args.rooms_per_client;
     config.comment_interval_ms = args.comment_interval_ms;
-    config.kills = args.kills;
-    config.pauses = args.pauses;
-    apply_faults(&mut config, &args);
     config.settle_secs = args.settle;
-    config.base_ip = args.base_ip;
-    run_rooms(config, seed, args.json).await
+    if args.base_ip != std::net::Ipv4Addr::new(127, 0, 0, 11) {
+        config.base_ip = args.base_ip;
+    }
 }
 
 /// The fault flags given on the command line, over `config`'s defaults.

@@ -34,7 +34,9 @@ use tokio::time::Instant;
 
 use crate::check::{CheckCounts, Violation, Violations};
 use crate::cluster::{self, admin_get, admin_post, Health, NodeProcess};
-use crate::{create_rooms, millis, say, ChaosConfig, ChaosError, MonitorCounts, Workload};
+use crate::{
+    create_rooms, millis, say, unix_ms_now, ChaosConfig, ChaosError, MonitorCounts, Workload,
+};
 
 /// Most addresses (slots) a run uses; a removed node's slot is reused by a later joiner.
 pub const SLOTS_MAX: usize = 8;
@@ -722,10 +724,7 @@ fn new_incarnation(config: &MembershipConfig, slots: &mut [Slot], slot: usize) -
 pub async fn run_membership(config: MembershipConfig) -> Result<MembershipReport, ChaosError> {
     config.validate()?;
     let start = Instant::now();
-    let start_unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let start_unix_ms = unix_ms_now();
     say(
         start,
         format_args!(

@@ -1247,6 +1247,19 @@ impl Node {
         })
     }
 
+    /// Re-joins `session` to `room_id`, asking for the comments after the latest it has:
+    /// after a ring change, a cut, or a gap in the order.
+    pub(crate) async fn rejoin(
+        &self,
+        session: &Arc<Session>,
+        room_id: &str,
+    ) -> Result<RoomOpReply, ErrorBody> {
+        let user = session.user_id.clone();
+        let since = session.with_core(|core| core.room_position(room_id));
+        self.room_op(session, room_id, RoomOp::Join { user, since })
+            .await
+    }
+
     /// The owner of `room_id` on this node's current ring (this node if there is none).
     pub(crate) fn owner_of(&self, room_id: &str) -> NodeId {
         self.owner_of_key(&room_key(room_id))
@@ -2069,12 +2082,7 @@ pub(crate) async fn follow_ring(node: Weak<Node>) {
                 } else {
                     node.mirrors.add(&room_id, key, session.clone());
                 }
-                let user = session.user_id.clone();
-                let since = session.with_core(|core| core.room_position(&room_id));
-                match node
-                    .room_op(&session, &room_id, RoomOp::Join { user, since })
-                    .await
-                {
+                match node.rejoin(&session, &room_id).await {
                     Ok(_) => rejoined += 1,
                     Err(error) => {
                         tracing::warn!(room = %room_id, %error, "re-join after a ring change failed")
@@ -2172,12 +2180,7 @@ pub(crate) async fn rejoin_after_cut(node: Weak<Node>) {
         for session in node.sessions.all() {
             let rooms: Vec<String> = session.with_core(|core| core.rooms().cloned().collect());
             for room_id in rooms {
-                let user = session.user_id.clone();
-                let since = session.with_core(|core| core.room_position(&room_id));
-                match node
-                    .room_op(&session, &room_id, RoomOp::Join { user, since })
-                    .await
-                {
+                match node.rejoin(&session, &room_id).await {
                     Ok(_) => rejoined += 1,
                     Err(error) => {
                         tracing::warn!(room = %room_id, %error, "re-join after a cut failed")
