@@ -6,7 +6,7 @@ mod common;
 use std::process::Stdio;
 
 use common::{admin_cli, expect_line, TestNode, DEADLINE};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
 fn client(node: &TestNode, url: &str, user: &str) -> Command {
@@ -299,4 +299,96 @@ async fn an_operator_creates_a_rain_whose_split_sums_to_the_total() {
     }
     let (ok, _, _) = admin_cli(&node, &["rain", "status", "rain-unknown"]).await;
     assert!(!ok);
+}
+
+/// `chorus serve` with `extra` flags and `env`; the exit status and stderr if it exits
+/// within the deadline, `None` if it is still running (it started serving).
+async fn serve_outcome(extra: &[&str], env: &[(&str, &str)]) -> Option<(bool, String)> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chorus"));
+    command
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args([
+            "--quic-addr",
+            "127.0.0.1:0",
+            "--cluster-addr",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
+        .env_remove("CHORUS_SECRET")
+        .env_remove("CHORUS_ADMIN_TOKEN")
+        .env("CHORUS_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("spawn chorus serve");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = tokio::time::timeout(DEADLINE, stdout.next_line())
+        .await
+        .expect("the node neither served nor exited in time")
+        .expect("stdout");
+    if first.is_some_and(|line| line.contains("serving")) {
+        return None;
+    }
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("the node did not exit in time")
+        .expect("wait");
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr).await;
+    }
+    Some((status.success(), stderr))
+}
+
+/// Secure by default (issue 12): the published development credentials only on loopback
+/// addresses; secrets empty or shorter than 16 bytes are refused; secrets come from the
+/// environment or files, never needing the command line.
+#[tokio::test]
+async fn a_node_refuses_public_addresses_without_real_credentials_and_short_secrets() {
+    let public = ["--http-addr", "0.0.0.0:0"];
+    let (ok, stderr) = serve_outcome(&public, &[]).await.expect("it must refuse");
+    assert!(
+        !ok && stderr.contains("refusing to serve on 0.0.0.0"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("CHORUS_SECRET") && stderr.contains("CHORUS_ADMIN_TOKEN"),
+        "{stderr}"
+    );
+
+    let loopback = ["--http-addr", "127.0.0.1:0"];
+    for (secret, why) in [("", "empty"), ("short", "5 bytes")] {
+        let (ok, stderr) = serve_outcome(&loopback, &[("CHORUS_SECRET", secret)])
+            .await
+            .expect("it must refuse");
+        assert!(!ok && stderr.contains(why), "{secret:?}: {stderr}");
+    }
+
+    // Real credentials from the environment: it serves on every interface.
+    let env = [
+        ("CHORUS_SECRET", "0123456789abcdef-secret"),
+        ("CHORUS_ADMIN_TOKEN", "0123456789abcdef-admin"),
+    ];
+    assert!(serve_outcome(&public, &env).await.is_none());
+    // And from files.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("secret");
+    let admin = dir.path().join("admin");
+    std::fs::write(&secret, "0123456789abcdef-secret\n").expect("write");
+    std::fs::write(&admin, "0123456789abcdef-admin\n").expect("write");
+    let files = [
+        "--http-addr",
+        "0.0.0.0:0",
+        "--secret-file",
+        secret.to_str().expect("utf8"),
+        "--admin-token-file",
+        admin.to_str().expect("utf8"),
+    ];
+    assert!(serve_outcome(&files, &[]).await.is_none());
 }

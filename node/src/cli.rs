@@ -79,9 +79,17 @@ pub struct ServeArgs {
     /// Admin API token. Default: the development admin token (with a warning).
     #[arg(long, env = "CHORUS_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Token secret. Default: the development secret (with a warning).
+    /// Token secret. Default: the development secret (with a warning), on loopback
+    /// addresses only. Prefer `CHORUS_SECRET` or `--secret-file`: flags show in the
+    /// process list.
     #[arg(long, env = "CHORUS_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
+    /// Read the token secret from this file (trailing newline ignored).
+    #[arg(long, conflicts_with = "secret")]
+    pub secret_file: Option<PathBuf>,
+    /// Read the admin token from this file (trailing newline ignored).
+    #[arg(long, conflicts_with = "admin_token")]
+    pub admin_token_file: Option<PathBuf>,
     /// How long stopping may take, e.g. 30s, 2m (default 30s): the drain on SIGTERM and
     /// every step after it; then the node flushes storage and exits with status 3.
     #[arg(long)]
@@ -181,6 +189,12 @@ impl ServeArgs {
         if self.secret.is_some() {
             config.secret = self.secret;
         }
+        if let Some(path) = &self.secret_file {
+            config.secret = Some(read_secret_file(path, "secret")?);
+        }
+        if let Some(path) = &self.admin_token_file {
+            config.admin_token = Some(read_secret_file(path, "admin token")?);
+        }
         if self.join.is_some() {
             config.join = self.join;
         }
@@ -202,6 +216,14 @@ impl ServeArgs {
         config.validate()?;
         Ok(config)
     }
+}
+
+/// A secret kept in a file: its content without the trailing newline.
+fn read_secret_file(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+    let text = anyhow::Context::with_context(std::fs::read_to_string(path), || {
+        format!("cannot read the {what} file {}", path.display())
+    })?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
 
 /// `chorus token` flags.

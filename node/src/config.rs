@@ -15,6 +15,8 @@ pub const DEV_SECRET: &str = "chorus-dev-secret";
 
 /// The admin token used when none is configured. Development only.
 pub const DEV_ADMIN_TOKEN: &str = "chorus-dev-admin";
+/// Shortest token secret or admin token accepted.
+pub const SECRET_BYTES_MIN: usize = 16;
 
 /// Everything a node needs to start.
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +250,57 @@ impl NodeConfig {
         }
     }
 
+    /// Secrets: a configured secret or admin token is at least [`SECRET_BYTES_MIN`] bytes;
+    /// the development ones are allowed only while every address the node binds or
+    /// advertises is a loopback address (nobody else can reach it).
+    fn check_secrets(&self) -> Result<(), ConfigError> {
+        for (name, value) in [("secret", &self.secret), ("admin token", &self.admin_token)] {
+            match value {
+                Some(v) if v.is_empty() => {
+                    return Err(ConfigError::Invalid(format!(
+                        "the {name} is empty: give one of at least {SECRET_BYTES_MIN} bytes"
+                    )))
+                }
+                Some(v) if v.len() < SECRET_BYTES_MIN => {
+                    return Err(ConfigError::Invalid(format!(
+                        "the {name} is {} bytes: at least {SECRET_BYTES_MIN} are needed",
+                        v.len()
+                    )))
+                }
+                _ => {}
+            }
+        }
+        let public = [self.http_addr, self.quic_addr, self.cluster_addr]
+            .into_iter()
+            .map(|a| a.ip())
+            .chain(self.advertise_ip)
+            .find(|ip| !ip.is_loopback());
+        if let Some(ip) = public {
+            let missing: Vec<&str> = [
+                (
+                    self.secret.is_none(),
+                    "a token secret (CHORUS_SECRET or --secret-file)",
+                ),
+                (
+                    self.admin_token.is_none(),
+                    "an admin token (CHORUS_ADMIN_TOKEN or --admin-token-file)",
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(missing, what)| missing.then_some(what))
+            .collect();
+            if !missing.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "refusing to serve on {ip} with the published development credentials: \
+                     give {} (at least {SECRET_BYTES_MIN} bytes each); the development ones \
+                     are only for loopback addresses",
+                    missing.join(" and ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
@@ -292,6 +345,7 @@ impl NodeConfig {
                 "advertise_ip must be a reachable address, not 0.0.0.0 or ::".into(),
             ));
         }
+        self.check_secrets()?;
         if !(1..=DRAIN_TIMEOUT_MS_MAX).contains(&self.drain_timeout_ms) {
             return Err(ConfigError::Invalid(format!(
                 "drain_timeout_ms must be between 1 and {DRAIN_TIMEOUT_MS_MAX}"
@@ -350,6 +404,8 @@ mod tests {
     fn a_cluster_address_on_every_interface_needs_an_advertised_ip() {
         let mut config = NodeConfig {
             cluster_addr: "0.0.0.0:7072".parse().expect("addr"),
+            secret: Some("0123456789abcdef".into()),
+            admin_token: Some("0123456789abcdef".into()),
             ..NodeConfig::default()
         };
         let error = config.validate().expect_err("no advertised IP");
@@ -362,5 +418,28 @@ mod tests {
         );
         config.advertise_ip = Some("0.0.0.0".parse().expect("ip"));
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn development_credentials_only_on_loopback_and_secrets_have_a_minimum_length() {
+        let mut config = NodeConfig::default();
+        config
+            .validate()
+            .expect("loopback with the development credentials");
+        config.advertise_ip = Some("10.1.2.3".parse().expect("ip"));
+        let error = config.validate().expect_err("advertised beyond loopback");
+        assert!(
+            error.to_string().contains("refusing to serve on 10.1.2.3"),
+            "{error}"
+        );
+        config.secret = Some("0123456789abcdef".into());
+        let error = config.validate().expect_err("admin token still missing");
+        assert!(error.to_string().contains("admin token"), "{error}");
+        config.admin_token = Some("0123456789abcdef".into());
+        config.validate().expect("real credentials");
+        config.admin_token = Some("0123456789abcde".into());
+        assert!(config.validate().is_err(), "15 bytes");
+        config.admin_token = Some(String::new());
+        assert!(config.validate().is_err(), "empty");
     }
 }
