@@ -166,6 +166,71 @@ pub enum LinkError {
         /// The limit.
         timeout_ms: u64,
     },
+    /// The TLS handshake with `peer` failed on a certificate: the two nodes do not share
+    /// a CA (or a certificate lacks the address it is reached by). Not transient.
+    #[error(
+        "{}",
+        match refused {
+            CertificateRefusal::Theirs => format!(
+                "the peer at {peer} presented a certificate not signed by this node's CA \
+                 ({}): every node of a cluster must use the same CA ({detail})",
+                ca_path.display()
+            ),
+            CertificateRefusal::Ours => format!(
+                "the peer at {peer} refused our certificate (signed by the CA in {}): every \
+                 node of a cluster must use the same CA ({detail})",
+                ca_path.display()
+            ),
+        }
+    )]
+    Certificate {
+        /// Peer.
+        peer: SocketAddr,
+        /// Whose certificate was refused.
+        refused: CertificateRefusal,
+        /// This node's CA certificate.
+        ca_path: std::path::PathBuf,
+        /// The TLS error.
+        detail: String,
+    },
+}
+
+/// Which side of a handshake refused the other's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateRefusal {
+    /// This node refused the peer's certificate.
+    Theirs,
+    /// The peer refused this node's certificate.
+    Ours,
+}
+
+/// TLS alerts that mean a certificate was refused (RFC 8446 6.2): bad_certificate,
+/// unsupported_certificate, certificate_revoked, certificate_expired,
+/// certificate_unknown, unknown_ca, access_denied, decrypt_error (rustls sends it for a
+/// chain whose signature does not verify: the issuer's name matches, its key does not,
+/// as with two CAs both named "Chorus cluster CA") and certificate_required.
+const CERTIFICATE_ALERTS: [u8; 9] = [42, 43, 44, 45, 46, 48, 49, 51, 116];
+
+/// Whether a failed handshake was a certificate refusal, and by whom: a crypto error
+/// raised here is this node refusing the peer's certificate, one the peer closed the
+/// connection with is the peer refusing ours.
+pub fn certificate_refusal(error: &quinn::ConnectionError) -> Option<CertificateRefusal> {
+    let is_certificate_alert = |code: quinn::TransportErrorCode| {
+        CERTIFICATE_ALERTS
+            .iter()
+            .any(|alert| code == quinn::TransportErrorCode::crypto(*alert))
+    };
+    match error {
+        quinn::ConnectionError::TransportError(error) if is_certificate_alert(error.code) => {
+            Some(CertificateRefusal::Theirs)
+        }
+        quinn::ConnectionError::ConnectionClosed(close)
+            if is_certificate_alert(close.error_code) =>
+        {
+            Some(CertificateRefusal::Ours)
+        }
+        _ => None,
+    }
 }
 
 /// Serves RPCs arriving from peers.
@@ -193,6 +258,8 @@ pub struct ClusterEndpoint {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     config: LinkConfig,
+    /// This node's CA certificate file, named in certificate errors.
+    ca_path: Arc<std::path::PathBuf>,
     connections: Arc<Mutex<HashMap<SocketAddr, quinn::Connection>>>,
 }
 
@@ -285,6 +352,7 @@ impl ClusterEndpoint {
             endpoint,
             client,
             config,
+            ca_path: Arc::new(identity.ca_path.clone()),
             connections: Arc::new(Mutex::new(HashMap::new())),
         })
     }
@@ -322,9 +390,17 @@ impl ClusterEndpoint {
             peer,
             reason: format!("no handshake within {} ms", self.config.connect_timeout_ms),
         })?
-        .map_err(|e| LinkError::Connect {
-            peer,
-            reason: e.to_string(),
+        .map_err(|e| match certificate_refusal(&e) {
+            Some(refused) => LinkError::Certificate {
+                peer,
+                refused,
+                ca_path: self.ca_path.to_path_buf(),
+                detail: e.to_string(),
+            },
+            None => LinkError::Connect {
+                peer,
+                reason: e.to_string(),
+            },
         })?;
         if let Ok(mut map) = self.connections.lock() {
             map.insert(peer, connection.clone());
@@ -355,9 +431,33 @@ impl ClusterEndpoint {
         .map_err(|_| LinkError::Timeout { peer, timeout_ms })?
     }
 
+    /// The error for a stream on `connection` that failed with `reason`: a certificate
+    /// refusal if that is why the connection closed (in TLS 1.3 the client's handshake
+    /// ends before the server has checked the client's certificate, so a peer refusing
+    /// ours shows up on the first stream), else [`LinkError::Rpc`].
+    fn stream_error(
+        &self,
+        peer: SocketAddr,
+        connection: &quinn::Connection,
+        reason: String,
+    ) -> LinkError {
+        match connection.close_reason() {
+            Some(closed) => match certificate_refusal(&closed) {
+                Some(refused) => LinkError::Certificate {
+                    peer,
+                    refused,
+                    ca_path: self.ca_path.to_path_buf(),
+                    detail: closed.to_string(),
+                },
+                None => LinkError::Rpc { peer, reason },
+            },
+            None => LinkError::Rpc { peer, reason },
+        }
+    }
+
     async fn call_inner(&self, peer: SocketAddr, request: Bytes) -> Result<Bytes, LinkError> {
-        let rpc_err = |reason: String| LinkError::Rpc { peer, reason };
         let connection = self.connection(peer).await?;
+        let rpc_err = |reason: String| self.stream_error(peer, &connection, reason);
         let (mut send, mut recv) = connection
             .open_bi()
             .await
@@ -379,8 +479,8 @@ impl ClusterEndpoint {
         &self,
         peer: SocketAddr,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), LinkError> {
-        let rpc_err = |reason: String| LinkError::Rpc { peer, reason };
         let connection = self.connection(peer).await?;
+        let rpc_err = |reason: String| self.stream_error(peer, &connection, reason);
         let (mut send, recv) = tokio::time::timeout(
             Duration::from_millis(self.config.connect_timeout_ms),
             connection.open_bi(),
@@ -441,6 +541,8 @@ impl ClusterEndpoint {
         shutdown: impl Future<Output = ()> + Send,
     ) {
         tokio::pin!(shutdown);
+        // A foreign node retries its join: one warning per interval is enough.
+        let warned_at = Arc::new(WarnInterval::new(CERTIFICATE_WARNING_INTERVAL));
         loop {
             let incoming = tokio::select! {
                 _ = &mut shutdown => break,
@@ -450,11 +552,31 @@ impl ClusterEndpoint {
                 },
             };
             let handler = handler.clone();
+            let ca_path = self.ca_path.clone();
+            let warned_at = warned_at.clone();
             tokio::spawn(async move {
+                let peer = incoming.remote_address();
                 let connection = match incoming.await {
                     Ok(connection) => connection,
                     Err(error) => {
-                        tracing::debug!(%error, "cluster handshake refused");
+                        let ca = ca_path.display();
+                        match certificate_refusal(&error) {
+                            Some(CertificateRefusal::Theirs) if warned_at.due() => {
+                                tracing::warn!(
+                                    %peer, %error, %ca,
+                                    "refused a node whose certificate is not signed by this \
+                                     node's CA: every node of a cluster must use the same CA"
+                                )
+                            }
+                            Some(CertificateRefusal::Ours) if warned_at.due() => {
+                                tracing::warn!(
+                                    %peer, %error, %ca,
+                                    "a node refused this node's certificate: it trusts \
+                                     another CA; every node of a cluster must use the same CA"
+                                )
+                            }
+                            _ => tracing::debug!(%peer, %error, "cluster handshake refused"),
+                        }
                         return;
                     }
                 };
@@ -467,6 +589,37 @@ impl ClusterEndpoint {
     pub fn close(&self) {
         self.endpoint
             .close(VarInt::from_u32(0), b"node shutting down");
+    }
+}
+
+/// Least time between two warnings about refused certificates on one endpoint.
+const CERTIFICATE_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Says when a repeated warning is due again: at most once per interval.
+struct WarnInterval {
+    interval: Duration,
+    last: Mutex<Option<std::time::Instant>>,
+}
+
+impl WarnInterval {
+    fn new(interval: Duration) -> Self {
+        WarnInterval {
+            interval,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// True (and the interval restarts) if no warning was due within the interval.
+    fn due(&self) -> bool {
+        let Ok(mut last) = self.last.lock() else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < self.interval) {
+            return false;
+        }
+        *last = Some(now);
+        true
     }
 }
 
@@ -579,12 +732,107 @@ mod tests {
             LinkConfig::default(),
         )
         .expect("bind mallory");
-        assert!(mallory
+        let error = mallory
             .call(b_addr, Bytes::from_static(b"let me in"))
             .await
-            .is_err());
+            .expect_err("a foreign CA is refused");
+        assert!(
+            matches!(
+                error,
+                LinkError::Certificate {
+                    refused: CertificateRefusal::Theirs,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains("not signed by this node's CA")
+                && message.contains(&foreign_ca.join("ca.pem").display().to_string())
+                && message.contains("every node of a cluster must use the same CA"),
+            "{message}"
+        );
+
+        // A node that trusts b's CA but holds a leaf from another CA: b refuses it.
+        let mallory_identity = identity(&foreign_ca, &dir.path().join("m2"), "m2");
+        let b_ca = identity(&ca, &dir.path().join("b2"), "b2").ca;
+        let trusting = NodeIdentity {
+            ca: b_ca,
+            ..mallory_identity
+        };
+        let mallory = ClusterEndpoint::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            &trusting,
+            LinkConfig::default(),
+        )
+        .expect("bind mallory");
+        let error = mallory
+            .call(b_addr, Bytes::from_static(b"let me in"))
+            .await
+            .expect_err("a leaf of a foreign CA is refused");
+        assert!(
+            matches!(
+                error,
+                LinkError::Certificate {
+                    refused: CertificateRefusal::Ours,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().contains("refused our certificate"),
+            "{error}"
+        );
 
         stop.cancel();
         let _ = serving.await;
+    }
+
+    #[tokio::test]
+    async fn a_node_with_an_issued_identity_talks_to_a_node_holding_the_ca_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_dir = dir.path().join("ca");
+        let ca = CertificateAuthority::load_or_create(&ca_dir, "test CA").expect("ca");
+        let issued = dir.path().join("issued");
+        crate::tls::issue_node_identity(&ca, &issued, "b", &["127.0.0.1".to_string()])
+            .expect("issue");
+        let a_identity = identity(&ca_dir, &dir.path().join("a"), "a");
+        let b_identity = identity(&issued, &dir.path().join("b"), "b");
+        assert_eq!(a_identity.cluster_secret, b_identity.cluster_secret);
+        let a = ClusterEndpoint::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            &a_identity,
+            LinkConfig::default(),
+        )
+        .expect("bind a");
+        let b = ClusterEndpoint::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            &b_identity,
+            LinkConfig::default(),
+        )
+        .expect("bind b");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut serving = Vec::new();
+        for server in [a.clone(), b.clone()] {
+            let stopped = stop.clone();
+            serving.push(tokio::spawn(async move {
+                server
+                    .serve(Arc::new(Echo), stopped.cancelled_owned())
+                    .await
+            }));
+        }
+        for (from, to) in [(&a, &b), (&b, &a)] {
+            let reply = from
+                .call(to.local_addr().expect("addr"), Bytes::from_static(b"hi"))
+                .await
+                .expect("rpc");
+            assert_eq!(&reply[..], b"echo:hi");
+        }
+        stop.cancel();
+        for task in serving {
+            let _ = task.await;
+        }
     }
 }

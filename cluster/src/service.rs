@@ -17,7 +17,9 @@
 //!
 //! Both steps are retried with backoff (no leader yet, another membership change in
 //! progress, the seed still starting) until [`ClusterConfig::join_timeout`]; then the
-//! join fails with [`ClusterError::JoinTimeout`] and the node exits.
+//! join fails with [`ClusterError::JoinTimeout`] and the node exits. A certificate refused
+//! either way ([`LinkError::Certificate`]: the nodes do not share a CA) ends the join at
+//! once with that error.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -1263,6 +1265,9 @@ async fn join_step(
         let call = tokio::time::timeout_at(deadline, endpoint.call(target, bytes.clone()));
         let pause = match call.await {
             Err(_) => true,
+            // Not transient: the nodes do not share a CA. Say so now rather than after
+            // the join timeout.
+            Ok(Err(error @ LinkError::Certificate { .. })) => return Err(error.into()),
             Ok(Err(error)) => {
                 last = format!("{target}: {error}");
                 target = seed;
@@ -1356,6 +1361,8 @@ async fn forward(
     for _ in 0..FORWARD_ATTEMPTS_MAX {
         let reply = match endpoint.call(target, bytes.clone()).await {
             Ok(reply) => decode::<PeerReply>(&reply)?,
+            // Not transient, and the reason rather than "no leader reachable".
+            Err(error @ LinkError::Certificate { .. }) => return Err(error.into()),
             Err(error) => {
                 tracing::debug!(%target, %error, "forward failed; retrying");
                 tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)).await;

@@ -321,6 +321,28 @@ pub enum CaCommand {
         /// Directory to create it in.
         dir: PathBuf,
     },
+    /// Issue one node's identity from the CA in --ca into --out: ca.pem, node.pem,
+    /// node-key.pem (0600) and mesh-cookie (0600). A node started with `serve --ca OUT`
+    /// uses it without seeing the CA key (k8s/: an init container runs this).
+    Issue {
+        /// Directory holding the CA (ca.pem, ca-key.pem).
+        #[arg(long = "ca", value_name = "CA_DIR")]
+        ca_dir: PathBuf,
+        /// Directory to write the identity into (created if absent; must not hold a CA key).
+        #[arg(long = "out", value_name = "OUT_DIR")]
+        out_dir: PathBuf,
+        /// The node's name (its `--node-name`; the certificate's common name).
+        #[arg(long)]
+        node_name: String,
+        /// A DNS name or IP address peers or clients reach the node by (repeatable);
+        /// localhost and 127.0.0.1 are always included. A node checks at start that its
+        /// own addresses are among them.
+        #[arg(long = "name", value_name = "DNS_OR_IP")]
+        names: Vec<String>,
+        /// Also the `tls_names` of this node config file (TOML), as the node adds them.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 /// Runs `chorus ca`.
@@ -340,7 +362,57 @@ pub fn run_ca(args: CaArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        CaCommand::Issue {
+            ca_dir,
+            out_dir,
+            node_name,
+            names,
+            config,
+        } => {
+            use chorus_cluster::tls;
+            anyhow::ensure!(
+                !out_dir.join(tls::CA_KEY_FILE).exists(),
+                "{} holds a CA key ({}); write an issued identity to a directory without \
+                 it, since a node finding the key there would use the key instead",
+                out_dir.display(),
+                tls::CA_KEY_FILE
+            );
+            let ca = tls::CertificateAuthority::load(&ca_dir).with_context(|| {
+                format!(
+                    "no usable CA in {} (ca.pem and ca-key.pem; create one with `chorus ca init`)",
+                    ca_dir.display()
+                )
+            })?;
+            let config_names = match &config {
+                Some(path) => crate::config::NodeConfig::from_file(path)?.tls_names,
+                None => Vec::new(),
+            };
+            let names = identity_names(names, config_names);
+            tls::issue_node_identity(&ca, &out_dir, &node_name, &names)
+                .with_context(|| format!("cannot issue into {}", out_dir.display()))?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "out_dir": out_dir.display().to_string(),
+                    "node_name": node_name,
+                    "names": names,
+                })
+            );
+            Ok(())
+        }
     }
+}
+
+/// The names an issued certificate carries: localhost and 127.0.0.1 (as a node gives
+/// itself), then `names` and `config_names`, sorted, without repeats or empty names.
+fn identity_names(names: Vec<String>, config_names: Vec<String>) -> Vec<String> {
+    let mut all = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    all.extend(names);
+    all.extend(config_names);
+    all.retain(|name| !name.trim().is_empty());
+    all.sort();
+    all.dedup();
+    all
 }
 
 /// Calls `method path` on the node's admin API (with a JSON `body` if given); returns the
