@@ -52,9 +52,14 @@ pub struct ServeArgs {
     /// Directory with the cluster CA (ca.pem, ca-key.pem). Default: the data dir.
     #[arg(long = "ca")]
     pub ca_dir: Option<PathBuf>,
-    /// HTTP address for /ws, /ws/echo, /healthz, /metrics. Default 127.0.0.1:7070.
+    /// HTTP address for /ws, /ws/echo, /healthz, /readyz (and /metrics, /admin/* unless
+    /// --admin-addr is given). Default 127.0.0.1:7070.
     #[arg(long)]
     pub http_addr: Option<SocketAddr>,
+    /// A separate HTTP address for /metrics and /admin/* (and /healthz, /readyz); they
+    /// are then not served on --http-addr. Default: none.
+    #[arg(long, env = "CHORUS_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
     /// QUIC address (ALPN chorus/1). Default 127.0.0.1:7071.
     #[arg(long)]
     pub quic_addr: Option<SocketAddr>,
@@ -121,6 +126,18 @@ pub struct ServeArgs {
     /// Maximum client connections (default 50000).
     #[arg(long)]
     pub connections_max: Option<usize>,
+    /// Sessions one user may hold on this node (default 16).
+    #[arg(long)]
+    pub sessions_per_user_max: Option<usize>,
+    /// Rooms one user may create per minute through this node (default 20).
+    #[arg(long)]
+    pub room_creates_per_min: Option<u32>,
+    /// Room creation burst per user (default 10).
+    #[arg(long)]
+    pub room_creates_burst: Option<u32>,
+    /// Open rooms one user may hold, created through this node (default 20).
+    #[arg(long)]
+    pub open_rooms_per_user_max: Option<usize>,
     /// Maximum frame size in bytes (default 65536).
     #[arg(long)]
     pub frame_bytes_max: Option<usize>,
@@ -174,6 +191,10 @@ impl ServeArgs {
             requests_burst => limits.requests_burst,
             outgoing_queue_frames_max => limits.outgoing_queue_frames_max,
             connections_max => limits.connections_max,
+            sessions_per_user_max => limits.sessions_per_user_max,
+            room_creates_per_min => limits.room_creates_per_min,
+            room_creates_burst => limits.room_creates_burst,
+            open_rooms_per_user_max => limits.open_rooms_per_user_max,
             frame_bytes_max => limits.frame_bytes_max,
             resume_buffer_frames_max => limits.resume_buffer_frames_max,
             comment_rate_per_sec => room.comment_rate_per_sec,
@@ -203,6 +224,9 @@ impl ServeArgs {
         }
         if self.advertise_ip.is_some() {
             config.advertise_ip = self.advertise_ip;
+        }
+        if self.admin_addr.is_some() {
+            config.admin_addr = self.admin_addr;
         }
         if self.admin_token.is_some() {
             config.admin_token = self.admin_token;
@@ -335,6 +359,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             "event": "serving",
             "node": node.node().config.node_name,
             "http_addr": node.http_addr.to_string(),
+            "admin_addr": node.admin_addr.map(|a| a.to_string()),
             "quic_addr": node.quic_addr.to_string(),
             "cluster_addr": node.cluster_addr.to_string(),
         })

@@ -26,8 +26,13 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Directory holding the cluster CA (`ca.pem`, `ca-key.pem`). Default: the data dir.
     pub ca_dir: Option<PathBuf>,
-    /// HTTP listen address (`/ws`, `/ws/echo`, `/healthz`, `/metrics`). Default 127.0.0.1:7070.
+    /// HTTP listen address (`/ws`, `/ws/echo`, `/healthz`, `/readyz`, and `/metrics` and
+    /// `/admin/*` unless `admin_addr` is set). Default 127.0.0.1:7070.
     pub http_addr: SocketAddr,
+    /// A separate HTTP listener for `/metrics` and `/admin/*` (and `/healthz`, `/readyz`):
+    /// when set, those two are served only there, so the public port carries only `/ws`
+    /// and health. Its connections do not count against `connections_max`. Default: none.
+    pub admin_addr: Option<SocketAddr>,
     /// QUIC listen address (ALPN `chorus/1`). Default 127.0.0.1:7071.
     pub quic_addr: SocketAddr,
     /// Inter-node QUIC address (Raft, routing, relay; mutual TLS from the cluster CA).
@@ -133,6 +138,35 @@ pub struct LimitsConfig {
     pub audio_frames_per_sec: u32,
     /// Voice frame burst per connection. Default 100.
     pub audio_frames_burst: u32,
+    /// Bytes an unauthenticated connection may send toward one message. Default 8,192
+    /// (an `auth` frame is a few hundred bytes); beyond it the connection is closed with
+    /// `frame_too_large` (WebSocket 1009, QUIC 4001).
+    pub preauth_message_bytes_max: usize,
+    /// Bytes the node holds in partial inbound messages across all connections, beyond
+    /// the first `preauth_message_bytes_max` of each. Default 64 MiB; the connection whose
+    /// read would pass it is closed with `unavailable` (4401).
+    pub inbound_partial_bytes_max: usize,
+    /// Time a client has to send a whole HTTP request head (headers, upgrade), in ms.
+    /// Default 10,000; then the connection is closed.
+    pub http_header_timeout_ms: u64,
+    /// Sessions (attached or resumable) one user may hold on a node. Default 16; at `auth`
+    /// beyond it the user's oldest detached session is ended to make room, and if all are
+    /// connected the new one is refused with `too_many_sessions` (3005).
+    pub sessions_per_user_max: usize,
+    /// Rooms one user may be in at once through the sessions on a node. Default 32;
+    /// beyond it `room.join` gets `too_many_rooms` (3001).
+    pub memberships_per_user_max: usize,
+    /// Rooms one user may create per minute through a node (token bucket). Default 20,
+    /// burst [`Self::room_creates_burst`]; beyond it `rate_limited` (3000).
+    pub room_creates_per_min: u32,
+    /// Room creation burst per user. Default 10.
+    pub room_creates_burst: u32,
+    /// Rooms created through a node that one user may hold open (not ended). Default 20;
+    /// beyond it `room.create` gets `quota_exceeded` (3006).
+    pub open_rooms_per_user_max: usize,
+    /// Polls one user may create per minute through a node (token bucket, burst 5).
+    /// Default 10; beyond it `rate_limited` (3000).
+    pub poll_creates_per_min: u32,
 }
 
 impl Default for LimitsConfig {
@@ -154,6 +188,15 @@ impl Default for LimitsConfig {
             audio_queue_frames_max: 64,
             audio_frames_per_sec: 200,
             audio_frames_burst: 100,
+            preauth_message_bytes_max: 8 * 1024,
+            inbound_partial_bytes_max: 64 * 1024 * 1024,
+            http_header_timeout_ms: 10_000,
+            sessions_per_user_max: 16,
+            memberships_per_user_max: 32,
+            room_creates_per_min: 20,
+            room_creates_burst: 10,
+            open_rooms_per_user_max: 20,
+            poll_creates_per_min: 10,
         }
     }
 }
@@ -164,6 +207,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("chorus-data"),
             ca_dir: None,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            admin_addr: None,
             quic_addr: SocketAddr::from(([127, 0, 0, 1], 7071)),
             cluster_addr: SocketAddr::from(([127, 0, 0, 1], 7072)),
             join: None,
@@ -272,6 +316,7 @@ impl NodeConfig {
         }
         let public = [self.http_addr, self.quic_addr, self.cluster_addr]
             .into_iter()
+            .chain(self.admin_addr)
             .map(|a| a.ip())
             .chain(self.advertise_ip)
             .find(|ip| !ip.is_loopback());
@@ -304,13 +349,32 @@ impl NodeConfig {
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        let checks: [(bool, &str); 8] = [
+        let checks: [(bool, &str); 15] = [
             (l.frame_bytes_max >= 1024, "frame_bytes_max must be at least 1024"),
             (
                 l.transport_message_bytes_max >= l.frame_bytes_max,
                 "transport_message_bytes_max must be at least frame_bytes_max",
             ),
             (l.connections_max > 0, "connections_max must be positive"),
+            (
+                (512..=l.transport_message_bytes_max).contains(&l.preauth_message_bytes_max),
+                "preauth_message_bytes_max must be between 512 and transport_message_bytes_max",
+            ),
+            (
+                l.inbound_partial_bytes_max >= l.transport_message_bytes_max,
+                "inbound_partial_bytes_max must be at least transport_message_bytes_max",
+            ),
+            (l.http_header_timeout_ms >= 100, "http_header_timeout_ms must be at least 100"),
+            (l.sessions_per_user_max >= 1, "sessions_per_user_max must be at least 1"),
+            (
+                l.memberships_per_user_max >= l.rooms_per_session_max,
+                "memberships_per_user_max must be at least rooms_per_session_max",
+            ),
+            (
+                l.room_creates_per_min > 0 && l.room_creates_burst > 0 && l.open_rooms_per_user_max > 0,
+                "room_creates_per_min, room_creates_burst and open_rooms_per_user_max must be positive",
+            ),
+            (l.poll_creates_per_min > 0, "poll_creates_per_min must be positive"),
             (l.outgoing_queue_frames_max >= 16, "outgoing_queue_frames_max must be at least 16"),
             (l.requests_per_sec > 0 && l.requests_burst > 0, "request rate and burst must be positive"),
             (l.ping_interval_ms >= 10, "ping_interval_ms must be at least 10"),

@@ -46,6 +46,11 @@ pub enum ErrorCode {
     SlowConsumer = 3003,
     /// The connection missed too many pings and was closed.
     PingTimeout = 3004,
+    /// The user holds the maximum number of sessions on this node and all of them are
+    /// connected.
+    TooManySessions = 3005,
+    /// A per-user quota is used up (e.g. rooms open at once); the message says which.
+    QuotaExceeded = 3006,
     /// The room does not exist (or has expired).
     RoomNotFound = 4000,
     /// The connection is not a member of the room.
@@ -92,6 +97,8 @@ impl ErrorCode {
         ErrorCode::TooManyConnections,
         ErrorCode::SlowConsumer,
         ErrorCode::PingTimeout,
+        ErrorCode::TooManySessions,
+        ErrorCode::QuotaExceeded,
         ErrorCode::RoomNotFound,
         ErrorCode::NotInRoom,
         ErrorCode::RoomEnded,
@@ -135,6 +142,8 @@ impl ErrorCode {
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::PingTimeout => "ping_timeout",
+            ErrorCode::TooManySessions => "too_many_sessions",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::RoomNotFound => "room_not_found",
             ErrorCode::NotInRoom => "not_in_room",
             ErrorCode::RoomEnded => "room_ended",

@@ -30,6 +30,8 @@ pub struct TestNode {
     pub quic: SocketAddr,
     /// Inter-node address (as bound; see `advertised`).
     pub cluster: SocketAddr,
+    /// The admin HTTP address, when started with `--admin-addr`.
+    pub admin_http: Option<SocketAddr>,
     data_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
 }
@@ -60,6 +62,17 @@ impl TestNode {
                 // `extra` may bind an address itself.
                 .filter(|(flag, _)| !extra.contains(flag))
                 .flat_map(|(flag, addr)| [flag, addr]),
+            )
+            // Tests create many rooms as one host; tests of these bounds set them.
+            .args(
+                [
+                    ("--room-creates-per-min", "100000"),
+                    ("--room-creates-burst", "100000"),
+                    ("--open-rooms-per-user-max", "100000"),
+                ]
+                .into_iter()
+                .filter(|(flag, _)| !extra.contains(flag))
+                .flat_map(|(flag, value)| [flag, value]),
             )
             .args(extra)
             .env(
@@ -94,6 +107,9 @@ impl TestNode {
             .expect("cluster_addr")
             .parse()
             .expect("addr");
+        let admin_http = ready["admin_addr"]
+            .as_str()
+            .map(|addr| addr.parse().expect("admin addr"));
         // Keep draining stdout so the node never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         TestNode {
@@ -101,9 +117,27 @@ impl TestNode {
             http,
             quic,
             cluster,
+            admin_http,
             data_dir: data_dir.to_path_buf(),
             _temp: None,
         }
+    }
+
+    /// The node's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the node is running")
+    }
+
+    /// The node process's resident memory, in bytes (`VmRSS` in `/proc/PID/status`).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS in /proc/PID/status")
+            * 1024
     }
 
     /// `ws://…/ws`
@@ -155,7 +189,12 @@ impl TestNode {
     }
 
     async fn http_get_with(&self, path: &str, headers: &str) -> String {
-        let mut stream = tokio::net::TcpStream::connect(self.http)
+        // With `--admin-addr`, admin and metrics are served only there.
+        let addr = match self.admin_http {
+            Some(admin) if path.starts_with("/admin/") || path == "/metrics" => admin,
+            _ => self.http,
+        };
+        let mut stream = tokio::net::TcpStream::connect(addr)
             .await
             .expect("connect http");
         let request =

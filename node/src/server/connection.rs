@@ -43,6 +43,10 @@ pub enum Inbound {
     TooLarge(usize),
     /// A message above the transport cap: the stream cannot continue; close.
     OverCap,
+    /// A WebSocket text message that is not UTF-8: close (1007).
+    NotUtf8,
+    /// A read broke the connection's budget (see `budget`): close.
+    OverBudget(super::budget::BudgetExceeded),
     /// The client closed on purpose (WebSocket close 1000, QUIC stream finished or close
     /// code 0): its session ends now instead of waiting out the resume window.
     Goodbye,
@@ -55,6 +59,8 @@ pub enum Inbound {
 pub trait TransportReader: Send {
     /// The next message; `None` when the peer closed; `Err` for a transport failure.
     fn next(&mut self) -> impl Future<Output = Option<Result<Inbound, String>>> + Send;
+    /// The connection authenticated: lift the limits that hold before `auth`.
+    fn authenticated(&mut self) {}
 }
 
 /// The sending half of a transport.
@@ -80,11 +86,12 @@ pub trait TransportWriter: Send + 'static {
 }
 
 /// Runs one connection to completion.
-pub async fn drive<R: TransportReader, W: TransportWriter>(
+pub(crate) async fn drive<R: TransportReader, W: TransportWriter>(
     node: Arc<Node>,
     transport: &'static str,
     reader: R,
     writer: W,
+    slot: super::ConnectionSlot,
 ) {
     use tracing::Instrument;
     let attachment = node.next_attachment_id();
@@ -98,7 +105,8 @@ pub async fn drive<R: TransportReader, W: TransportWriter>(
     );
     drive_attached(node, transport, attachment, reader, writer)
         .instrument(span)
-        .await
+        .await;
+    drop(slot);
 }
 
 async fn drive_attached<R: TransportReader, W: TransportWriter>(
@@ -159,6 +167,7 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
     };
 
     let mut cut_off = node.cluster.subscribe_cut_off();
+    let mut authenticated = false;
     loop {
         let deadline_ms = conn.core.next_deadline_ms();
         let sleep = Duration::from_millis(deadline_ms.saturating_sub(unix_now_ms()));
@@ -214,6 +223,25 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
                     close.close(ErrorCode::FrameTooLarge, "message exceeds the transport cap");
                     break;
                 }
+                Some(Ok(Inbound::OverBudget(super::budget::BudgetExceeded::PreAuth))) => {
+                    let limit = node.config.limits.preauth_message_bytes_max;
+                    close.close(
+                        ErrorCode::FrameTooLarge,
+                        &format!("before auth a message may hold at most {limit} bytes"),
+                    );
+                    break;
+                }
+                Some(Ok(Inbound::OverBudget(super::budget::BudgetExceeded::Node))) => {
+                    close.close(
+                        ErrorCode::Unavailable,
+                        "the node holds too many partial messages: retry later or elsewhere",
+                    );
+                    break;
+                }
+                Some(Ok(Inbound::NotUtf8)) => {
+                    close.close(ErrorCode::MalformedFrame, "a text message is not valid UTF-8");
+                    break;
+                }
                 Some(Ok(Inbound::TooLarge(size_bytes))) => {
                     let error = ProtocolError::FrameTooLarge { size_bytes, limit_bytes: node.config.limits.frame_bytes_max };
                     conn.respond_error(0, error.to_body());
@@ -227,6 +255,10 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
                     metrics::counter!("chorus_frames_in_total", "transport" => transport).increment(1);
                     if conn.handle_frame(encoding, &bytes).await == Flow::Stop {
                         break;
+                    }
+                    if !authenticated && conn.session.is_some() {
+                        authenticated = true;
+                        reader.authenticated();
                     }
                 }
             }
@@ -255,7 +287,6 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
         writer_task.abort();
     }
     metrics::gauge!("chorus_connections", "transport" => transport).decrement(1.0);
-    node.connection_closed();
 }
 
 async fn write_loop<W: TransportWriter>(
@@ -637,17 +668,31 @@ impl Connection {
             .sessions
             .create(&user, self.outbound.clone(), |id| response(id, outcome, 0))
         {
-            Some(session) => {
+            Ok(created) => {
+                if let Some(evicted) = created.evicted {
+                    // The user's oldest idle session made room: it leaves its rooms.
+                    tracing::debug!(session = %evicted.id, "session ended: the user opened too many");
+                    let node = node.clone();
+                    tokio::spawn(async move { node.leave_all_rooms(&evicted).await });
+                }
                 self.core.handle_authenticated();
-                self.session = Some(session);
+                self.session = Some(created.session);
                 Flow::Continue
             }
-            None => {
+            Err(super::session::SessionRefusal::NodeFull) => {
                 self.respond_error(
                     seq,
                     ErrorBody::new(ErrorCode::Unavailable, "node has too many sessions"),
                 );
                 self.close_after_flush(ErrorCode::Unavailable, "too many sessions");
+                Flow::Stop
+            }
+            Err(super::session::SessionRefusal::UserFull(max)) => {
+                let message = format!(
+                    "this user already has {max} sessions on this node, all connected: close one"
+                );
+                self.respond_error(seq, ErrorBody::new(ErrorCode::TooManySessions, &message));
+                self.close_after_flush(ErrorCode::TooManySessions, &message);
                 Flow::Stop
             }
         }
@@ -679,6 +724,9 @@ impl Connection {
         let user = session.user_id.clone();
         match request {
             ClientRequest::RoomCreate(create) => {
+                node.users
+                    .try_room_create(&user, now_ms, |room| node.room_is_open(room))
+                    .map_err(|refusal| creation_refused(refusal, "rooms"))?;
                 let definition = RoomDefinition::new(
                     super::session::random_id("r-"),
                     &create.title,
@@ -693,10 +741,14 @@ impl Connection {
                     .room_op(session, &room_id, RoomOp::Create(definition))
                     .await?
                 {
-                    RoomOpReply::Created(room) => Ok(ok(RoomCreateResponse {
-                        room_id: room.room_id.clone(),
-                        room,
-                    })),
+                    RoomOpReply::Created(room) => {
+                        node.users
+                            .room_created(&session.user_id, &room.room_id, now_ms);
+                        Ok(ok(RoomCreateResponse {
+                            room_id: room.room_id.clone(),
+                            room,
+                        }))
+                    }
                     other => Err(unexpected(other)),
                 }
             }
@@ -711,6 +763,15 @@ impl Connection {
                 // that overtake the answer are recorded (their positions bound a later
                 // catch-up); undone if the join fails.
                 let was_in_room = session.with_core(|core| core.in_room(&join.room_id));
+                let memberships_max = node.config.limits.memberships_per_user_max;
+                if !was_in_room && node.sessions.user_memberships(&user) >= memberships_max {
+                    return Err(ErrorBody::new(
+                        ErrorCode::TooManyRooms,
+                        format!(
+                            "this user is in {memberships_max} rooms through this node: leave one first"
+                        ),
+                    ));
+                }
                 session
                     .with_core(|core| core.handle_room_joined(&join.room_id))
                     .map_err(|code| ErrorBody::new(code, "too many rooms"))?;
@@ -909,6 +970,9 @@ impl Connection {
                 Ok(ok(Empty {}))
             }
             ClientRequest::RoomPollCreate(r) => {
+                node.users
+                    .try_poll_create(&user, now_ms)
+                    .map_err(|refusal| creation_refused(refusal, "polls"))?;
                 let op = RoomOp::PollCreate {
                     user,
                     question: r.question,
@@ -1047,4 +1111,18 @@ fn check_request_id(id: &str) -> Result<(), ErrorBody> {
         ));
     }
     Ok(())
+}
+
+/// The error for a creation refused by a per-user bound.
+fn creation_refused(refusal: super::users::CreateRefusal, what: &str) -> ErrorBody {
+    match refusal {
+        super::users::CreateRefusal::Rate => ErrorBody::new(
+            ErrorCode::RateLimited,
+            format!("this user creates {what} too fast: wait a little"),
+        ),
+        super::users::CreateRefusal::OpenRooms(max) => ErrorBody::new(
+            ErrorCode::QuotaExceeded,
+            format!("this user already has {max} open rooms: end one first"),
+        ),
+    }
 }

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod analytics;
+pub mod budget;
 pub mod bullets;
 pub mod connection;
 pub mod control;
@@ -21,6 +22,7 @@ pub mod reactions;
 pub mod readiness;
 pub mod routing;
 pub mod session;
+pub mod users;
 pub mod voice;
 pub mod ws;
 
@@ -53,6 +55,8 @@ use session::SessionRegistry;
 
 /// How often detached sessions are checked for expiry.
 const SESSION_SWEEP_INTERVAL_MS: u64 = 1_000;
+/// How often per-user creation bounds forget users with nothing left to bound.
+const USER_BOUNDS_PRUNE_INTERVAL_MS: u64 = 30_000;
 /// Bound on each shutdown step (the drain deadline bounds them all together).
 const SHUTDOWN_STEP_TIMEOUT_MS: u64 = 5_000;
 /// Bound on the sled flush when the ordered stop is abandoned (deadline passed, second
@@ -108,6 +112,10 @@ pub struct Node {
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
     connections: AtomicUsize,
+    /// Bytes held in partial inbound messages (see `budget`).
+    inbound: Arc<budget::InboundBudget>,
+    /// Per-user bounds kept on this node (sessions, creations).
+    users: users::UserBounds,
     next_attachment: AtomicU64,
     db: sled::Db,
     cluster: chorus_cluster::service::ClusterService,
@@ -164,23 +172,41 @@ impl Node {
         self.next_attachment.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Reserves a connection slot; false if the node is full.
-    fn try_open_connection(&self) -> bool {
+    /// Reserves a connection slot, released when the slot is dropped; `None` if the node
+    /// is full.
+    fn try_open_connection(self: &Arc<Self>) -> Option<ConnectionSlot> {
         let max = self.config.limits.connections_max;
         self.connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
-            .is_ok()
+            .ok()
+            .map(|_| ConnectionSlot { node: self.clone() })
+    }
+
+    /// Whether `room_id` exists and has not ended (from the applied metadata).
+    fn room_is_open(&self, room_id: &str) -> bool {
+        let metadata = self.cluster.metadata();
+        metadata
+            .definitions
+            .get(&admin::room_key(room_id))
+            .and_then(|bytes| {
+                rmp_serde::from_slice::<chorus_actors::room::RoomDefinition>(bytes).ok()
+            })
+            .is_some_and(|definition| definition.ended_at_ms.is_none())
+    }
+
+    /// A connection's budget for partial messages (see `budget`).
+    fn read_budget(&self) -> Arc<budget::ReadBudget> {
+        budget::ReadBudget::new(
+            self.inbound.clone(),
+            self.config.limits.preauth_message_bytes_max,
+        )
     }
 
     /// The rooms' event logs.
     fn event_log(&self) -> Option<&Arc<event_log::NodeEventLog>> {
         self.event_log.get()
-    }
-
-    fn connection_closed(&self) {
-        self.connections.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Ends session `session_id` here, if this node holds it, because its client resumed
@@ -285,6 +311,19 @@ impl chorus_actors::store::DefinitionStore for RaftDefinitions {
     }
 }
 
+/// One of the node's `connections_max` places, held from the moment a client connection is
+/// accepted (TCP accept, QUIC handshake) until it closes; unfinished HTTP upgrades hold one
+/// too.
+pub(crate) struct ConnectionSlot {
+    node: Arc<Node>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.node.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A started node; [`RunningNode::shutdown`] stops it in order.
 pub struct RunningNode {
     node: Arc<Node>,
@@ -293,6 +332,8 @@ pub struct RunningNode {
     control: ractor::ActorRef<control::ControlMsg>,
     /// The bound HTTP address.
     pub http_addr: SocketAddr,
+    /// The bound admin HTTP address, if the node has one.
+    pub admin_addr: Option<SocketAddr>,
     /// The bound QUIC address.
     pub quic_addr: SocketAddr,
     /// The bound inter-node address.
@@ -439,6 +480,21 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         addr: config.http_addr,
         source,
     })?;
+    let admin_listener = match config.admin_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let admin_addr = match &admin_listener {
+        Some(listener) => Some(listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: config.admin_addr.unwrap_or(config.http_addr),
+            source,
+        })?),
+        None => None,
+    };
 
     let (admin_token, is_dev_admin) = config.effective_admin_token();
     if is_dev_admin {
@@ -463,6 +519,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         config.node_name.clone(),
         starting.clone(),
     ));
+    let starting_admin = admin_listener.map(|listener| {
+        tokio::spawn(readiness::serve_while_starting(
+            listener,
+            config.node_name.clone(),
+            starting.clone(),
+        ))
+    });
     let cluster = chorus_cluster::service::ClusterService::start(
         chorus_cluster::service::ClusterConfig {
             name: config.node_name.clone(),
@@ -484,6 +547,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let listener = starting_http
         .await
         .map_err(|e| ServeError::Cluster(format!("start-up HTTP task: {e}")))?;
+    let admin_listener = match starting_admin {
+        Some(task) => Some(
+            task.await
+                .map_err(|e| ServeError::Cluster(format!("start-up admin HTTP task: {e}")))?,
+        ),
+        None => None,
+    };
     let mesh = chorus_cluster::mesh::ActorMesh::start(
         &cluster,
         identity.cluster_secret.clone(),
@@ -529,6 +599,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         sessions: SessionRegistry::new(
             session_config,
             sessions_max,
+            config.limits.sessions_per_user_max,
             node_id,
             session::SessionIds::new(secret.as_bytes()),
         ),
@@ -551,6 +622,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         quiz,
         this: this.clone(),
         connections: AtomicUsize::new(0),
+        inbound: Arc::new(budget::InboundBudget::new(
+            config.limits.inbound_partial_bytes_max,
+        )),
+        users: users::UserBounds::new(&config.limits),
         next_attachment: AtomicU64::new(1),
         db,
         config,
@@ -579,7 +654,20 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         .map_err(|e| ServeError::Cluster(format!("control actor: {e}")))?;
 
     let tracker = TaskTracker::new();
-    tracker.spawn(accept_http(node.clone(), listener, tracker.clone()));
+    tracker.spawn(accept_http(
+        node.clone(),
+        listener,
+        HttpListener::Public,
+        tracker.clone(),
+    ));
+    if let Some(listener) = admin_listener {
+        tracker.spawn(accept_http(
+            node.clone(),
+            listener,
+            HttpListener::Admin,
+            tracker.clone(),
+        ));
+    }
     tracker.spawn(accept_quic(node.clone(), endpoint.clone(), tracker.clone()));
     tracker.spawn(sweep_sessions(node.clone()));
     tokio::spawn(routing::follow_ring(Arc::downgrade(&node)));
@@ -591,13 +679,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     if let Some(repairs) = node.sessions.take_repairs() {
         tokio::spawn(routing::repair_gaps(Arc::downgrade(&node), repairs));
     }
-    tracing::info!(%http_addr, %quic_addr, node = %node.config.node_name, "node serving");
+    tracing::info!(%http_addr, ?admin_addr, %quic_addr, node = %node.config.node_name, "node serving");
     Ok(RunningNode {
         node,
         tracker,
         endpoint,
         control,
         http_addr,
+        admin_addr,
         quic_addr,
         cluster_addr,
     })
@@ -794,10 +883,16 @@ impl StopOutcome {
 
 async fn sweep_sessions(node: Arc<Node>) {
     let mut interval = tokio::time::interval(Duration::from_millis(SESSION_SWEEP_INTERVAL_MS));
+    let mut users_pruned_at_ms = unix_now_ms();
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
             _ = interval.tick() => {}
+        }
+        if unix_now_ms() >= users_pruned_at_ms + USER_BOUNDS_PRUNE_INTERVAL_MS {
+            users_pruned_at_ms = unix_now_ms();
+            node.users
+                .prune(users_pruned_at_ms, |room| node.room_is_open(room));
         }
         for session in node.sessions.take_expired(unix_now_ms()) {
             node.leave_all_rooms(&session).await;
@@ -824,10 +919,10 @@ async fn accept_quic(node: Arc<Node>, endpoint: quinn::Endpoint, tracker: TaskTr
                     return;
                 }
             };
-            if !node.try_open_connection() {
+            let Some(slot) = node.try_open_connection() else {
                 quic::refuse(&connection, ErrorCode::TooManyConnections, "node is full");
                 return;
-            }
+            };
             let accepted = tokio::select! {
                 _ = node.shutdown.cancelled() => None,
                 stream = connection.accept_bi() => stream.ok(),
@@ -835,23 +930,39 @@ async fn accept_quic(node: Arc<Node>, endpoint: quinn::Endpoint, tracker: TaskTr
             };
             let Some((send, recv)) = accepted else {
                 quic::refuse(&connection, ErrorCode::Unauthenticated, "no stream opened");
-                node.connection_closed();
                 return;
             };
-            let limits = &node.config.limits;
             let (reader, writer) = quic::split(
                 connection,
                 send,
                 recv,
-                limits.frame_bytes_max,
-                limits.transport_message_bytes_max,
+                &node.config.limits,
+                node.read_budget(),
             );
-            connection::drive(node.clone(), "quic", reader, writer).await;
+            connection::drive(node.clone(), "quic", reader, writer, slot).await;
         });
     }
 }
 
-async fn accept_http(node: Arc<Node>, listener: TcpListener, tracker: TaskTracker) {
+/// Which routes an HTTP listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HttpListener {
+    /// `--http-addr`: `/ws`, health, and admin and metrics unless they have their own.
+    Public,
+    /// `--admin-addr`: admin, metrics and health.
+    Admin,
+}
+
+/// Concurrent connections on the admin listener (operators and scrapers, not clients).
+const ADMIN_CONNECTIONS_MAX: usize = 256;
+
+async fn accept_http(
+    node: Arc<Node>,
+    listener: TcpListener,
+    kind: HttpListener,
+    tracker: TaskTracker,
+) {
+    let admin_connections = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS_MAX));
     loop {
         let (stream, _peer) = tokio::select! {
             _ = node.shutdown.cancelled() => return,
@@ -866,21 +977,66 @@ async fn accept_http(node: Arc<Node>, listener: TcpListener, tracker: TaskTracke
             },
         };
         let _ = stream.set_nodelay(true);
+        // Every client connection holds a place from its accept on, so unfinished HTTP
+        // requests and upgrades count against `connections_max` like WebSocket clients.
+        let slot = match kind {
+            HttpListener::Public => match node.try_open_connection() {
+                Some(slot) => Some(ConnectionSlot::into_shared(slot)),
+                None => {
+                    tracker.spawn(refuse_http(stream));
+                    continue;
+                }
+            },
+            HttpListener::Admin => None,
+        };
+        let admin_permit = match kind {
+            HttpListener::Admin => match admin_connections.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    tracker.spawn(refuse_http(stream));
+                    continue;
+                }
+            },
+            HttpListener::Public => None,
+        };
         let node = node.clone();
         let conn_tracker = tracker.clone();
         tracker.spawn(async move {
+            let _admin_permit = admin_permit;
+            let header_timeout = Duration::from_millis(node.config.limits.http_header_timeout_ms);
             let service = hyper::service::service_fn(move |request| {
                 let node = node.clone();
                 let tracker = conn_tracker.clone();
-                async move { Ok::<_, Infallible>(route(node, tracker, request).await) }
+                let slot = slot.clone();
+                async move { Ok::<_, Infallible>(route(node, kind, slot, tracker, request).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "http connection ended with error");
             }
         });
+    }
+}
+
+/// Answers a connection the node has no place for with 503 and closes it.
+async fn refuse_http(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
+        content-length: 13\r\nretry-after: 5\r\nconnection: close\r\n\r\nnode is full\n";
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(FULL)).await;
+}
+
+/// A [`ConnectionSlot`] shared by an HTTP connection's requests until one of them upgrades
+/// to a WebSocket and takes it.
+type SharedSlot = Arc<std::sync::Mutex<Option<ConnectionSlot>>>;
+
+impl ConnectionSlot {
+    fn into_shared(self) -> SharedSlot {
+        Arc::new(std::sync::Mutex::new(Some(self)))
     }
 }
 
@@ -892,8 +1048,22 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> HttpResponse {
     response
 }
 
-async fn route(node: Arc<Node>, tracker: TaskTracker, request: Request<Incoming>) -> HttpResponse {
-    match (request.method(), request.uri().path()) {
+async fn route(
+    node: Arc<Node>,
+    kind: HttpListener,
+    slot: Option<SharedSlot>,
+    tracker: TaskTracker,
+    request: Request<Incoming>,
+) -> HttpResponse {
+    let path = request.uri().path();
+    // With an admin listener, admin and metrics are served only there; clients only here.
+    let admin_here = kind == HttpListener::Admin || node.config.admin_addr.is_none();
+    let is_admin_route = path == "/metrics" || path.starts_with("/admin/");
+    let is_client_route = path == "/ws" || path == "/ws/echo";
+    if (is_admin_route && !admin_here) || (is_client_route && kind == HttpListener::Admin) {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    match (request.method(), path) {
         (&Method::GET, "/healthz") => {
             if node.shutdown.is_cancelled() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
@@ -910,8 +1080,8 @@ async fn route(node: Arc<Node>, tracker: TaskTracker, request: Request<Incoming>
             );
             response
         }
-        (&Method::GET, "/ws") => upgrade(node, tracker, request, false),
-        (&Method::GET, "/ws/echo") => upgrade(node, tracker, request, true),
+        (&Method::GET, "/ws") => upgrade(node, tracker, slot, request, false),
+        (&Method::GET, "/ws/echo") => upgrade(node, tracker, slot, request, true),
         (_, path) if path == "/admin/quiz" || path.starts_with("/admin/quiz/") => {
             admin::route_quiz(&node, request).await
         }
@@ -923,9 +1093,15 @@ async fn route(node: Arc<Node>, tracker: TaskTracker, request: Request<Incoming>
 fn upgrade(
     node: Arc<Node>,
     tracker: TaskTracker,
+    slot: Option<SharedSlot>,
     mut request: Request<Incoming>,
     echo: bool,
 ) -> HttpResponse {
+    // The connection's place goes with the WebSocket.
+    let slot = slot.and_then(|slot| slot.lock().ok()?.take());
+    let Some(slot) = slot else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "node is full\n");
+    };
     let headers = request.headers();
     let is_upgrade = headers
         .get(UPGRADE)
@@ -957,20 +1133,15 @@ fn upgrade(
             let config = ws::config(ECHO_MESSAGE_BYTES_MAX);
             let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
             ws::echo(socket).await;
+            drop(slot);
             return;
         }
+        let budget = node.read_budget();
+        let io = budget::BudgetedRead::new(io, budget.clone());
         let config = ws::config(limits.transport_message_bytes_max);
         let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-        let (reader, writer) = ws::split(socket, limits.frame_bytes_max);
-        if !node.try_open_connection() {
-            use connection::TransportWriter;
-            let code = ErrorCode::TooManyConnections;
-            writer
-                .close(Some((code.close_code(), "node is full".to_string())))
-                .await;
-            return;
-        }
-        connection::drive(node, "ws", reader, writer).await;
+        let (reader, writer) = ws::split(socket, limits.frame_bytes_max, budget);
+        connection::drive(node, "ws", reader, writer, slot).await;
     });
     let mut response = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
     let headers = response.headers_mut();

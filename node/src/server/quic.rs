@@ -11,6 +11,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use chorus_protocol::{Encoding, ErrorCode};
 
+use super::budget::{BudgetExceeded, BudgetedRead, ReadBudget};
 use super::connection::{Inbound, TransportReader, TransportWriter};
 
 /// QUIC idle timeout: a peer silent for this long is gone.
@@ -22,6 +23,9 @@ pub const KEEP_ALIVE_MS: u64 = 10_000;
 pub const GOODBYE_CLOSE_CODE: u16 = 1000;
 /// Bytes of voice datagrams buffered per client connection, each way (about 100 frames).
 pub const VOICE_DATAGRAM_BUFFER_BYTES: usize = 16 * 1024;
+/// Connection flow-control window before `auth`: the most stream data a client can make
+/// the node buffer (in order or not) until it has authenticated.
+pub const PREAUTH_RECEIVE_WINDOW_BYTES: u32 = 16 * 1024;
 /// Time to wait for the peer to acknowledge the last frames before closing.
 const CLOSE_LINGER_MS: u64 = 1_000;
 
@@ -33,6 +37,8 @@ pub fn transport_config() -> quinn::TransportConfig {
     // One control stream per client; a second is refused by flow control.
     transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
     transport.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // Before `auth` the connection's window is small (see `budget`); it opens after.
+    transport.receive_window(VarInt::from_u32(PREAUTH_RECEIVE_WINDOW_BYTES));
     // Voice datagrams: bounded each way, the oldest dropped first, so a listener that
     // falls behind loses old audio instead of hearing it late. Together with the
     // connection's voice queue this bounds the added latency.
@@ -51,9 +57,11 @@ fn codec(transport_message_bytes_max: usize) -> LengthDelimitedCodec {
 
 /// Reading half.
 pub struct QuicReader {
-    frames: FramedRead<RecvStream, LengthDelimitedCodec>,
+    frames: FramedRead<BudgetedRead<RecvStream>, LengthDelimitedCodec>,
     frame_bytes_max: usize,
+    transport_message_bytes_max: usize,
     connection: quinn::Connection,
+    budget: Arc<ReadBudget>,
 }
 
 impl QuicReader {
@@ -75,19 +83,29 @@ pub struct QuicWriter {
     connection: quinn::Connection,
 }
 
-/// Wraps an accepted stream pair.
+/// Wraps an accepted stream pair. Until [`TransportReader::authenticated`] a frame may
+/// hold at most `preauth_message_bytes_max` bytes (a longer length prefix closes the
+/// connection at once, before anything is buffered).
 pub fn split(
     connection: quinn::Connection,
     send: SendStream,
     recv: RecvStream,
-    frame_bytes_max: usize,
-    transport_message_bytes_max: usize,
+    limits: &crate::config::LimitsConfig,
+    budget: Arc<ReadBudget>,
 ) -> (QuicReader, QuicWriter) {
+    let transport_message_bytes_max = limits.transport_message_bytes_max;
+    let preauth = codec(
+        limits
+            .preauth_message_bytes_max
+            .min(transport_message_bytes_max),
+    );
     (
         QuicReader {
-            frames: FramedRead::new(recv, codec(transport_message_bytes_max)),
-            frame_bytes_max,
+            frames: FramedRead::new(BudgetedRead::new(recv, budget.clone()), preauth),
+            frame_bytes_max: limits.frame_bytes_max,
+            transport_message_bytes_max,
             connection: connection.clone(),
+            budget,
         },
         QuicWriter {
             frames: FramedWrite::new(send, codec(transport_message_bytes_max)),
@@ -97,6 +115,17 @@ pub fn split(
 }
 
 impl TransportReader for QuicReader {
+    fn authenticated(&mut self) {
+        self.budget.authenticated();
+        self.frames
+            .decoder_mut()
+            .set_max_frame_length(self.transport_message_bytes_max);
+        // Room for one whole message in flight, and the next one behind it.
+        let window = (self.transport_message_bytes_max as u64).saturating_mul(2);
+        self.connection
+            .set_receive_window(VarInt::from_u64(window).unwrap_or(VarInt::MAX));
+    }
+
     async fn next(&mut self) -> Option<Result<Inbound, String>> {
         // Voice frames come as datagrams beside the stream. Both reads are cancel safe.
         let next = tokio::select! {
@@ -114,6 +143,9 @@ impl TransportReader for QuicReader {
                 None
             };
         };
+        if next.is_ok() {
+            self.budget.message_done();
+        }
         match next {
             Ok(frame) if frame.len() > self.frame_bytes_max => {
                 Some(Ok(Inbound::TooLarge(frame.len())))
@@ -121,7 +153,14 @@ impl TransportReader for QuicReader {
             Ok(frame) => Some(Ok(Inbound::Frame(Encoding::MsgPack, frame.freeze()))),
             // LengthDelimitedCodec reports a length above the cap as InvalidData.
             Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
-                Some(Ok(Inbound::OverCap))
+                Some(Ok(if self.budget.is_authenticated() {
+                    Inbound::OverCap
+                } else {
+                    Inbound::OverBudget(BudgetExceeded::PreAuth)
+                }))
+            }
+            Err(_) if self.budget.exceeded().is_some() => {
+                Some(Ok(Inbound::OverBudget(self.budget.exceeded()?)))
             }
             Err(_) if self.closed_by_client_normally() => Some(Ok(Inbound::Goodbye)),
             Err(error) => Some(Err(error.to_string())),

@@ -349,10 +349,30 @@ impl SessionIds {
     }
 }
 
+/// A session [`SessionRegistry::create`] made.
+pub struct Created {
+    /// The new session.
+    pub session: Arc<Session>,
+    /// The user's oldest detached session, ended to make room for it.
+    pub evicted: Option<Arc<Session>>,
+}
+
+/// Why [`SessionRegistry::create`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionRefusal {
+    /// The node holds `sessions_max` sessions.
+    NodeFull,
+    /// The user holds this many sessions here, all connected.
+    UserFull(usize),
+}
+
 /// All sessions on this node, by id.
 pub struct SessionRegistry {
     config: SessionConfig,
     sessions_max: usize,
+    sessions_per_user_max: usize,
+    /// Each user's session ids here, oldest first (locked after `sessions`).
+    by_user: Mutex<HashMap<String, VecDeque<String>>>,
     next_key: AtomicU64,
     node_id: u64,
     ids: SessionIds,
@@ -375,13 +395,21 @@ impl SessionRegistry {
     /// Member keys are made unique across the cluster by composing them with `node_id`.
     /// Session numbers start at a random point, so that a restarted node does not reuse
     /// the member keys its previous run left in rooms elsewhere.
-    pub fn new(config: SessionConfig, sessions_max: usize, node_id: u64, ids: SessionIds) -> Self {
+    pub fn new(
+        config: SessionConfig,
+        sessions_max: usize,
+        sessions_per_user_max: usize,
+        node_id: u64,
+        ids: SessionIds,
+    ) -> Self {
         let start =
             rand::random::<u64>() & ((1 << (super::routing::MEMBER_KEY_NODE_SHIFT - 1)) - 1);
         let (repairs, repairs_rx) = tokio::sync::mpsc::channel(REPAIRS_PENDING_MAX);
         SessionRegistry {
             config,
             sessions_max,
+            sessions_per_user_max,
+            by_user: Mutex::new(HashMap::new()),
             next_key: AtomicU64::new(start.max(1)),
             node_id,
             ids,
@@ -435,6 +463,11 @@ impl SessionRegistry {
         if map.len() >= self.sessions_max {
             return None;
         }
+        // A takeover never evicts: at the user's bound the client starts afresh (`auth`
+        // without resume then makes room, see `create`).
+        if self.user_sessions(user_id) >= self.sessions_per_user_max {
+            return None;
+        }
         let id = self.ids.mint(self.node_id, user_id);
         let core = SessionCore::new_taken_over(self.config, now_ms, last_seq);
         let session = self.admit(&mut map, id.clone(), user_id, core, None);
@@ -449,21 +482,80 @@ impl SessionRegistry {
     }
 
     /// Creates a session for `user_id` attached to `outbound`, queueing the auth response
-    /// first. `None` if the node holds `sessions_max` sessions already.
+    /// first. At the user's bound (`sessions_per_user_max`) the user's oldest detached
+    /// session is ended to make room and returned with the new one (the caller takes it
+    /// out of its rooms); if every one of them is connected, the new one is refused.
     pub fn create(
         &self,
         user_id: &str,
         outbound: Outbound,
         auth_response: impl FnOnce(&str) -> Bytes,
-    ) -> Option<Arc<Session>> {
+    ) -> Result<Created, SessionRefusal> {
         let mut map = self.map();
+        let mut evicted = None;
+        if self.user_sessions(user_id) >= self.sessions_per_user_max {
+            let oldest_detached = self
+                .by_user
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(user_id)
+                .and_then(|ids| {
+                    ids.iter()
+                        .find(|id| {
+                            map.get(*id)
+                                .is_some_and(|s| s.with_core(|core| core.attachment().is_none()))
+                        })
+                        .cloned()
+                });
+            let Some(oldest) = oldest_detached else {
+                return Err(SessionRefusal::UserFull(self.sessions_per_user_max));
+            };
+            evicted = map.remove(&oldest);
+            self.forget_user_session(user_id, &oldest);
+            metrics::counter!("chorus_sessions_evicted_total").increment(1);
+        }
         if map.len() >= self.sessions_max {
-            return None;
+            return Err(SessionRefusal::NodeFull);
         }
         let id = self.ids.mint(self.node_id, user_id);
         outbound.push(OutFrame::Encoded(auth_response(&id)));
         let core = SessionCore::new(self.config, outbound.attachment);
-        Some(self.admit(&mut map, id, user_id, core, Some(outbound)))
+        let session = self.admit(&mut map, id, user_id, core, Some(outbound));
+        Ok(Created { session, evicted })
+    }
+
+    /// Sessions `user_id` holds here.
+    pub fn user_sessions(&self, user_id: &str) -> usize {
+        self.by_user
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user_id)
+            .map_or(0, VecDeque::len)
+    }
+
+    /// Rooms `user_id` is in through its sessions here (counting a room once per session).
+    pub fn user_memberships(&self, user_id: &str) -> usize {
+        let ids: Vec<String> = self
+            .by_user
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user_id)
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default();
+        ids.iter()
+            .filter_map(|id| self.get(id))
+            .map(|s| s.with_core(|core| core.rooms().count()))
+            .sum()
+    }
+
+    fn forget_user_session(&self, user_id: &str, id: &str) {
+        let mut by_user = self.by_user.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ids) = by_user.get_mut(user_id) {
+            ids.retain(|other| other != id);
+            if ids.is_empty() {
+                by_user.remove(user_id);
+            }
+        }
     }
 
     /// A new session `id` of `user_id` with the next member key, added to `map`.
@@ -485,6 +577,12 @@ impl SessionRegistry {
             inner: Mutex::new(SessionInner { core, outbound }),
             repairs: self.repairs.clone(),
         });
+        self.by_user
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(user_id.to_string())
+            .or_default()
+            .push_back(id.clone());
         map.insert(id, session.clone());
         metrics::gauge!("chorus_sessions").set(map.len() as f64);
         session
@@ -499,6 +597,9 @@ impl SessionRegistry {
     pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
         let mut map = self.map();
         let removed = map.remove(id);
+        if let Some(session) = &removed {
+            self.forget_user_session(&session.user_id, id);
+        }
         metrics::gauge!("chorus_sessions").set(map.len() as f64);
         removed
     }
@@ -511,7 +612,10 @@ impl SessionRegistry {
             .filter(|(_, s)| s.with_core(|core| core.is_expired(now_ms)))
             .map(|(id, _)| id.clone())
             .collect();
-        let taken = expired.iter().filter_map(|id| map.remove(id)).collect();
+        let taken: Vec<Arc<Session>> = expired.iter().filter_map(|id| map.remove(id)).collect();
+        for session in &taken {
+            self.forget_user_session(&session.user_id, &session.id);
+        }
         metrics::gauge!("chorus_sessions").set(map.len() as f64);
         taken
     }

@@ -6,6 +6,8 @@
 //! `frame_too_large`; above the cap tungstenite fails the read and the connection closes
 //! with 1009.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -18,10 +20,11 @@ use tokio_tungstenite::WebSocketStream;
 
 use chorus_protocol::{Encoding, ErrorCode};
 
+use super::budget::{BudgetedRead, ReadBudget};
 use super::connection::{Inbound, TransportReader, TransportWriter};
 
-/// The stream type after the HTTP upgrade.
-pub type ServerWebSocket = WebSocketStream<TokioIo<Upgraded>>;
+/// The stream type after the HTTP upgrade, its reads counted against a [`ReadBudget`].
+pub type ServerWebSocket = WebSocketStream<BudgetedRead<TokioIo<Upgraded>>>;
 
 /// Read buffer per connection. tungstenite allocates it eagerly, so it is kept small:
 /// 10k connections × 4 KiB = 40 MiB.
@@ -43,6 +46,7 @@ pub fn config(transport_message_bytes_max: usize) -> WebSocketConfig {
 pub struct WsReader {
     stream: SplitStream<ServerWebSocket>,
     frame_bytes_max: usize,
+    budget: Arc<ReadBudget>,
 }
 
 /// Writing half.
@@ -51,18 +55,27 @@ pub struct WsWriter {
 }
 
 /// Splits an upgraded WebSocket into transport halves.
-pub fn split(socket: ServerWebSocket, frame_bytes_max: usize) -> (WsReader, WsWriter) {
+pub fn split(
+    socket: ServerWebSocket,
+    frame_bytes_max: usize,
+    budget: Arc<ReadBudget>,
+) -> (WsReader, WsWriter) {
     let (sink, stream) = socket.split();
     (
         WsReader {
             stream,
             frame_bytes_max,
+            budget,
         },
         WsWriter { sink },
     )
 }
 
 impl TransportReader for WsReader {
+    fn authenticated(&mut self) {
+        self.budget.authenticated();
+    }
+
     async fn next(&mut self) -> Option<Result<Inbound, String>> {
         loop {
             let message = match self.stream.next().await? {
@@ -70,8 +83,17 @@ impl TransportReader for WsReader {
                 Err(tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
                     return Some(Ok(Inbound::OverCap))
                 }
-                Err(error) => return Some(Err(error.to_string())),
+                Err(tokio_tungstenite::tungstenite::Error::Utf8(_)) => {
+                    return Some(Ok(Inbound::NotUtf8))
+                }
+                Err(error) => {
+                    return Some(match self.budget.exceeded() {
+                        Some(exceeded) => Ok(Inbound::OverBudget(exceeded)),
+                        None => Err(error.to_string()),
+                    })
+                }
             };
+            self.budget.message_done();
             let (encoding, bytes) = match message {
                 Message::Text(text) => (Encoding::Json, Bytes::from(text)),
                 Message::Binary(bytes) if chorus_protocol::audio::is_audio(&bytes) => {
@@ -128,8 +150,11 @@ impl TransportWriter for WsWriter {
             },
             Some((code, reason)) => CloseFrame {
                 // WebSocket has its own code for an oversized message (1009).
+                // and for a text message that is not UTF-8 (1007, RFC 6455 §8.1).
                 code: if code == ErrorCode::FrameTooLarge.close_code() {
                     CloseCode::Size
+                } else if code == ErrorCode::MalformedFrame.close_code() {
+                    CloseCode::Invalid
                 } else {
                     CloseCode::from(code)
                 },
@@ -155,7 +180,10 @@ fn truncate_utf8(text: &str, bytes_max: usize) -> &str {
 
 /// Echoes every data message back (for the Autobahn conformance cases), with the same
 /// WebSocket stack as `/ws`.
-pub async fn echo(mut socket: ServerWebSocket) {
+pub async fn echo<S>(mut socket: WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     while let Some(message) = socket.next().await {
         let message = match message {
             Ok(message) => message,

@@ -1,0 +1,556 @@
+//! Hostile clients against a real node (`../shared/SPEC.md` S3, S4): connections that
+//! stall before `auth` with most of a large message sent, HTTP heads trickled a byte at a
+//! time, one user opening session after session, a room-creation flood. Each probe runs
+//! beside a well-behaved client and checks that it is unaffected and that the node's
+//! memory stays within its budget.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chorus_protocol::{ErrorCode, RoomCommentRequest, RoomCreateRequest, RoomEndRequest};
+use common::{create_room, eventually, join, TestNode, DEADLINE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Connections in each stall probe.
+const STALLED: usize = 300;
+/// How much each stalled connection declares, and how much of it it sends.
+const DECLARED_BYTES: usize = 1_000_000;
+const SENT_BYTES: usize = 960_000;
+/// RSS the stalled connections may add (Done-when of issue 12).
+const STALL_RSS_GROWTH_MAX: u64 = 32 * 1024 * 1024;
+
+/// A user who comments every 200 ms in their own room while a probe runs; counts what
+/// failed.
+struct Bystander {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<(u32, u32)>,
+}
+
+impl Bystander {
+    async fn start(node: &TestNode) -> Bystander {
+        let client = node.client(&node.ws_url(), "bystander").await;
+        let room = create_room(&client, "bystander's room").await;
+        join(&client, &room).await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            while !token.is_cancelled() {
+                tick.tick().await;
+                let sent = client
+                    .request(RoomCommentRequest {
+                        room_id: room.clone(),
+                        text: format!("still here {ok}"),
+                        request_id: None,
+                    })
+                    .await;
+                match sent {
+                    Ok(_) => ok += 1,
+                    Err(error) => {
+                        eprintln!("bystander: {error}");
+                        failed += 1;
+                    }
+                }
+            }
+            (ok, failed)
+        });
+        Bystander { stop, task }
+    }
+
+    /// Stops; asserts every comment went through.
+    async fn finish(self) {
+        self.stop.cancel();
+        let (ok, failed) = self.task.await.expect("bystander task");
+        assert_eq!(failed, 0, "the well-behaved client saw errors ({ok} ok)");
+        assert!(ok > 0, "the well-behaved client commented");
+    }
+}
+
+/// The node's RSS once it settled: the lowest of a few samples.
+async fn settled_rss(node: &TestNode) -> u64 {
+    let mut lowest = u64::MAX;
+    for _ in 0..10 {
+        lowest = lowest.min(node.rss_bytes());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lowest
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Waits until RSS is back within 10 % of `baseline`; returns the RSS seen.
+async fn rss_returns(node: &TestNode, baseline: u64) -> u64 {
+    let limit = baseline + baseline / 10;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let rss = node.rss_bytes();
+        if rss <= limit {
+            return rss;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "RSS stayed at {:.1} MiB after the connections closed (baseline {:.1} MiB)",
+            mib(rss),
+            mib(baseline)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A WebSocket upgrade on a raw TCP stream; returns the stream after the 101 response.
+async fn ws_upgrade(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+                   Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                   Sec-WebSocket-Version: 13\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.expect("read the 101");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "upgrade refused: {}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
+/// A masked client frame header for `opcode` declaring `length` payload bytes (mask key
+/// zero, so the payload goes as is).
+fn ws_header(opcode: u8, length: usize) -> Vec<u8> {
+    let mut header = vec![0x80 | opcode];
+    match length {
+        0..=125 => header.push(0x80 | length as u8),
+        126..=65_535 => {
+            header.push(0x80 | 126);
+            header.extend_from_slice(&(length as u16).to_be_bytes());
+        }
+        _ => {
+            header.push(0x80 | 127);
+            header.extend_from_slice(&(length as u64).to_be_bytes());
+        }
+    }
+    header.extend_from_slice(&[0, 0, 0, 0]);
+    header
+}
+
+/// Writes `bytes` in 64 KiB pieces until done, an error, or a piece blocks for 2 s
+/// (the node stopped reading); how many were written.
+async fn write_until_stalled(stream: &mut (impl AsyncWriteExt + Unpin), bytes: usize) -> usize {
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut written = 0;
+    while written < bytes {
+        let n = chunk.len().min(bytes - written);
+        match tokio::time::timeout(Duration::from_secs(2), stream.write_all(&chunk[..n])).await {
+            Ok(Ok(())) => written += n,
+            _ => break,
+        }
+    }
+    written
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_preauth_websocket_messages_hold_little_memory_and_it_returns() {
+    let node = TestNode::start(&[]).await;
+    let bystander = Bystander::start(&node).await;
+    let baseline = settled_rss(&node).await;
+
+    let mut streams = Vec::with_capacity(STALLED);
+    let mut accepted_bytes = 0usize;
+    for _ in 0..STALLED {
+        let mut stream = ws_upgrade(node.http).await;
+        stream
+            .write_all(&ws_header(0x2, DECLARED_BYTES))
+            .await
+            .expect("header");
+        accepted_bytes += write_until_stalled(&mut stream, SENT_BYTES).await;
+        streams.push(stream);
+    }
+    let held = settled_rss(&node).await;
+    let growth = held.saturating_sub(baseline);
+    eprintln!(
+        "websocket: {STALLED} stalled pre-auth connections (clients wrote {:.1} MiB): RSS {:.1} → {:.1} MiB (+{:.1} MiB)",
+        mib(accepted_bytes as u64),
+        mib(baseline),
+        mib(held),
+        mib(growth)
+    );
+    assert!(
+        growth <= STALL_RSS_GROWTH_MAX,
+        "stalled connections grew RSS by {:.1} MiB",
+        mib(growth)
+    );
+    // Every one of them was closed by the node: a read sees the close frame, then EOF.
+    for stream in &mut streams {
+        let mut buf = vec![0u8; 256];
+        let closed = tokio::time::timeout(DEADLINE, async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a stalled connection was not closed");
+    }
+    drop(streams);
+    let after = rss_returns(&node, baseline).await;
+    eprintln!("websocket: after closing: {:.1} MiB", mib(after));
+    bystander.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_preauth_quic_messages_hold_little_memory_and_it_returns() {
+    let node = TestNode::start(&[]).await;
+    let bystander = Bystander::start(&node).await;
+    let baseline = settled_rss(&node).await;
+
+    let config = chorus_node::client::quic_client_config(&node.ca_path(), 30_000).expect("config");
+    let mut endpoint = chorus_node::client::client_endpoint(node.quic).expect("endpoint");
+    endpoint.set_default_client_config(config);
+    let mut held_connections = Vec::with_capacity(STALLED);
+    let mut accepted_bytes = 0usize;
+    let mut refused_at_once = 0usize;
+    for i in 0..STALLED {
+        let connection = endpoint
+            .connect(node.quic, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut send, recv) = connection.open_bi().await.expect("stream");
+        // Half declare the whole message (refused at the length prefix), half declare
+        // just under the pre-auth limit and then stall with the stream half sent.
+        let declared = if i % 2 == 0 { DECLARED_BYTES } else { 8_000 };
+        send.write_all(&(declared as u32).to_be_bytes())
+            .await
+            .expect("length");
+        let written = write_until_stalled(&mut send, declared.min(SENT_BYTES) / 2).await;
+        accepted_bytes += written;
+        if connection.close_reason().is_some() {
+            refused_at_once += 1;
+        }
+        held_connections.push((connection, send, recv));
+    }
+    let held = settled_rss(&node).await;
+    let growth = held.saturating_sub(baseline);
+    eprintln!(
+        "quic: {STALLED} stalled pre-auth connections (clients wrote {:.1} MiB, {refused_at_once} closed at once): RSS {:.1} → {:.1} MiB (+{:.1} MiB)",
+        mib(accepted_bytes as u64),
+        mib(baseline),
+        mib(held),
+        mib(growth)
+    );
+    assert!(
+        growth <= STALL_RSS_GROWTH_MAX,
+        "stalled QUIC connections grew RSS by {:.1} MiB",
+        mib(growth)
+    );
+    for (connection, _, _) in &held_connections {
+        connection.close(0u32.into(), b"done");
+    }
+    drop(held_connections);
+    endpoint.wait_idle().await;
+    for _ in 0..20 {
+        let body = node.http_get("/metrics").await;
+        let line: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("chorus_connections"))
+            .collect();
+        eprintln!("{line:?} rss {:.1}", mib(node.rss_bytes()));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    let after = rss_returns(&node, baseline).await;
+    eprintln!("quic: after closing: {:.1} MiB", mib(after));
+    bystander.finish().await;
+}
+
+/// Reads until EOF or an error; whether that happened before `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 512];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn trickled_http_heads_are_closed_at_the_deadline_and_count_against_the_connection_limit() {
+    const TRICKLERS: usize = 40;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("chorus.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nhttp_header_timeout_ms = 4000\nconnections_max = 41\n",
+    )
+    .expect("config");
+    let node = TestNode::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let bystander = Bystander::start(&node).await;
+
+    let mut tricklers = Vec::with_capacity(TRICKLERS);
+    for _ in 0..TRICKLERS {
+        let mut stream = TcpStream::connect(node.http).await.expect("connect");
+        stream
+            .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        tricklers.push(stream);
+    }
+    let started = tokio::time::Instant::now();
+    // The bystander and the tricklers fill the node: a newcomer is refused with 503.
+    eventually("a newcomer is refused while the node is full", || async {
+        matches!(
+            common::try_http_get(node.http, "/healthz").await,
+            Some((503, _))
+        )
+    })
+    .await;
+    // The tricklers keep sending a header byte at a time; the node closes them anyway
+    // once the head is 4 s late.
+    let trickle = tokio::spawn(async move {
+        let mut closed = 0;
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while closed < tricklers.len() && tokio::time::Instant::now() < deadline {
+            closed = 0;
+            for stream in &mut tricklers {
+                if stream.write_all(b"X").await.is_err()
+                    || closed_within(stream, Duration::from_millis(1)).await
+                {
+                    closed += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        closed
+    });
+    let closed = trickle.await.expect("trickle task");
+    let took = started.elapsed();
+    assert_eq!(closed, TRICKLERS, "every trickling connection was closed");
+    assert!(
+        took >= Duration::from_millis(3_500),
+        "closed after {took:?}, before the 4 s deadline"
+    );
+    eprintln!("header trickle: {TRICKLERS} connections closed {took:?} after they started");
+    // Their places are free again.
+    eventually("a newcomer is served again", || async {
+        matches!(
+            common::try_http_get(node.http, "/healthz").await,
+            Some((200, _))
+        )
+    })
+    .await;
+    let client = node.client(&node.ws_url(), "newcomer").await;
+    create_room(&client, "after the trickle").await;
+    bystander.finish().await;
+}
+
+#[tokio::test]
+async fn one_user_cannot_hold_more_sessions_than_its_bound_while_others_sign_in() {
+    const BOUND: usize = 4;
+    let node = TestNode::start(&["--sessions-per-user-max", &BOUND.to_string()]).await;
+    let bystander = Bystander::start(&node).await;
+
+    // Sessions opened and dropped without a goodbye stay resumable for the resume
+    // window; the user's oldest idle one makes room for the next.
+    for _ in 0..40 {
+        let conn = chorus_node::client::Connection::connect(
+            &node.ws_url(),
+            &node.config(&node.ws_url(), "mallory"),
+        )
+        .await
+        .expect("connect");
+        let mut conn = conn;
+        let seq = 1;
+        conn.send_request(
+            seq,
+            &chorus_protocol::AuthRequest {
+                token: common::token("mallory"),
+                protocol_version: Some(chorus_protocol::PROTOCOL_VERSION),
+                resume: None,
+            },
+        )
+        .await
+        .expect("auth");
+        common::raw_response(&mut conn, seq)
+            .await
+            .expect("mallory's auth is accepted (an idle session makes room)");
+        drop(conn);
+        // Others are unaffected.
+        let alice = node.client(&node.ws_url(), "alice").await;
+        drop(alice);
+    }
+    let sessions = node.metric("chorus_sessions ").await.unwrap_or(0.0) as usize;
+    eprintln!("session flood: 40 sessions opened by one user; node holds {sessions}");
+    // mallory's 4, plus the bystander and at most the 4 alice sessions of the last rounds.
+    assert!(
+        sessions <= BOUND + 1 + BOUND,
+        "the node holds {sessions} sessions"
+    );
+
+    // With all of them connected, a further session is refused with too_many_sessions.
+    let mut connected = Vec::new();
+    for _ in 0..BOUND {
+        connected.push(node.client(&node.ws_url(), "mallory").await);
+    }
+    let refused = chorus_node::client::Client::connect(node.config(&node.ws_url(), "mallory"))
+        .await
+        .err()
+        .expect("a fifth connected session is refused");
+    assert!(
+        refused.to_string().contains("too_many_sessions")
+            || refused.to_string().contains("3005")
+            || refused.to_string().contains("4205"),
+        "refused with {refused}"
+    );
+    // Another user still signs in.
+    node.client(&node.ws_url(), "bob").await;
+    bystander.finish().await;
+}
+
+#[tokio::test]
+async fn a_room_creation_flood_gets_the_documented_refusals_with_memory_bounded() {
+    let node = TestNode::start(&[
+        "--room-creates-per-min",
+        "20",
+        "--room-creates-burst",
+        "10",
+        "--open-rooms-per-user-max",
+        "20",
+    ])
+    .await;
+    let bystander = Bystander::start(&node).await;
+    let baseline = settled_rss(&node).await;
+    let url = node.ws_url();
+    let mut flooders = Vec::new();
+    for _ in 0..5 {
+        flooders.push(node.client(&url, "flooder").await);
+    }
+    let (mut created, mut rate_limited, mut other) = (Vec::new(), 0, Vec::new());
+    for i in 0..1_000 {
+        let result = flooders[i % flooders.len()]
+            .request(RoomCreateRequest {
+                title: format!("flood {i}"),
+                scheduled_start_ms: None,
+            })
+            .await;
+        match result {
+            Ok(room) => created.push(room.room_id),
+            Err(error) if error.error_code() == Some(ErrorCode::RateLimited) => rate_limited += 1,
+            Err(error) => other.push(error.to_string()),
+        }
+    }
+    eprintln!(
+        "room flood: 1000 attempts: {} created, {rate_limited} rate_limited, others: {:?}",
+        created.len(),
+        other.first()
+    );
+    assert_eq!(created.len(), 10, "the burst of 10, then the rate");
+    assert_eq!(rate_limited, 990);
+    assert!(other.is_empty());
+
+    // The open-room bound: at 20 open rooms the next gets quota_exceeded (its own
+    // clock-free check: a user with room in the rate but not in the quota).
+    let quota_node = TestNode::start(&["--open-rooms-per-user-max", "3"]).await;
+    let host = quota_node.client(&quota_node.ws_url(), "host").await;
+    let mut open = Vec::new();
+    for i in 0..3 {
+        open.push(create_room(&host, &format!("open {i}")).await);
+    }
+    let refused = host
+        .request(RoomCreateRequest {
+            title: "one too many".into(),
+            scheduled_start_ms: None,
+        })
+        .await
+        .expect_err("a fourth open room is refused");
+    assert_eq!(
+        refused.error_code(),
+        Some(ErrorCode::QuotaExceeded),
+        "{refused}"
+    );
+    host.request(RoomEndRequest {
+        room_id: open[0].clone(),
+    })
+    .await
+    .expect("end a room");
+    eventually("an ended room frees its place", || async {
+        host.request(RoomCreateRequest {
+            title: "after ending one".into(),
+            scheduled_start_ms: None,
+        })
+        .await
+        .is_ok()
+    })
+    .await;
+
+    let after = settled_rss(&node).await;
+    eprintln!(
+        "room flood: RSS {:.1} → {:.1} MiB",
+        mib(baseline),
+        mib(after)
+    );
+    assert!(
+        after.saturating_sub(baseline) <= 16 * 1024 * 1024,
+        "the flood grew RSS by {:.1} MiB",
+        mib(after.saturating_sub(baseline))
+    );
+    bystander.finish().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_text_message_closes_with_1007() {
+    let node = TestNode::start(&[]).await;
+    let mut stream = ws_upgrade(node.http).await;
+    let mut frame = ws_header(0x1, 2);
+    frame.extend_from_slice(&[0xff, 0xfe]);
+    stream.write_all(&frame).await.expect("write");
+    let mut head = [0u8; 4];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut head))
+        .await
+        .expect("a close frame in time")
+        .expect("read");
+    assert_eq!(head[0], 0x88, "a close frame");
+    assert_eq!(u16::from_be_bytes([head[2], head[3]]), 1007);
+}
+
+#[tokio::test]
+async fn admin_and_metrics_can_have_their_own_listener() {
+    let node = TestNode::start(&["--admin-addr", "127.0.0.1:0"]).await;
+    let admin = node.admin_http.expect("the node reports its admin address");
+    for path in ["/metrics", "/admin/status"] {
+        let (status, _) = common::try_http_get(node.http, path)
+            .await
+            .expect("http answers");
+        assert_eq!(status, 404, "{path} is not on the public port");
+    }
+    let (status, _) = common::try_http_get(admin, "/metrics")
+        .await
+        .expect("admin");
+    assert_eq!(status, 200);
+    let (status, _) = common::try_http_get(admin, "/ws").await.expect("admin");
+    assert_eq!(status, 404, "clients are not served on the admin port");
+    for addr in [node.http, admin] {
+        let (status, _) = common::try_http_get(addr, "/healthz")
+            .await
+            .expect("health");
+        assert_eq!(status, 200);
+    }
+    assert!(node.admin("/admin/status").await.is_object());
+    let client = node.client(&node.ws_url(), "alice").await;
+    create_room(&client, "served").await;
+}
