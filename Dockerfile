@@ -31,8 +31,10 @@ RUN apt-get update \
 COPY --from=build /out/chorus /usr/local/bin/chorus
 USER 10001:10001
 WORKDIR /var/lib/chorus
-# 7070/tcp: HTTP (WebSocket /ws, /healthz, /metrics, /admin/*)
+# 7070/tcp: HTTP (WebSocket /ws, /healthz, /readyz; /metrics, /admin/* unless
+#           --admin-addr is given)
 # 7071/udp: client QUIC   7072/udp: inter-node QUIC (mutual TLS)
-EXPOSE 7070/tcp 7071/udp 7072/udp
+# 7073/tcp: admin HTTP (/admin/*, /metrics) with --admin-addr 0.0.0.0:7073 (k8s/)
+EXPOSE 7070/tcp 7071/udp 7072/udp 7073/tcp
 ENTRYPOINT ["/usr/local/bin/chorus"]
 CMD ["serve", "--data-dir", "/var/lib/chorus", "--http-addr", "0.0.0.0:7070", "--quic-addr", "0.0.0.0:7071"]
