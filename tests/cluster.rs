@@ -734,6 +734,12 @@ async fn a_member_restarted_at_a_new_address_records_it_and_serves_again() {
         "0.0.0.0:0",
         "--advertise-ip",
         "127.0.0.3",
+        // Binding every interface needs credentials given explicitly (the same values
+        // as the development ones the tests mint tokens with).
+        "--secret",
+        chorus_node::config::DEV_SECRET,
+        "--admin-token",
+        chorus_node::config::DEV_ADMIN_TOKEN,
     ];
     args.extend_from_slice(UNTHROTTLED);
     let c = TestNode::start_in(&dir.path().join("c"), &args).await;

@@ -227,7 +227,7 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
                     let limit = node.config.limits.preauth_message_bytes_max;
                     close.close(
                         ErrorCode::FrameTooLarge,
-                        &format!("before auth a message may hold at most {limit} bytes"),
+                        format!("before auth a message may hold at most {limit} bytes"),
                     );
                     break;
                 }
