@@ -1744,11 +1744,14 @@ impl Node {
 
     /// The running actor of a room this node owns, activated (with its members re-admitted)
     /// if needed. A node that has just joined may not have applied the room's definition
-    /// yet: "not found" is only believed after the metadata stops changing for a moment
-    /// (at most [`DEFINITION_SETTLE_MS`]).
+    /// yet: "not found" is believed once this node caught up with what the leader had
+    /// committed (one ReadIndex, see `ClusterService::catch_up`), or, with no leader to
+    /// ask, after the metadata stops changing for a moment (at most
+    /// [`DEFINITION_SETTLE_MS`]).
     pub(crate) async fn activate(&self, room_id: &str) -> Result<ActorRef<RoomMsg>, ErrorBody> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(DEFINITION_SETTLE_MS);
         let mut metadata = self.cluster.subscribe_metadata();
+        let (mut asked_leader, mut caught_up) = (false, false);
         loop {
             match self
                 .rooms
@@ -1756,6 +1759,20 @@ impl Node {
                 .await
             {
                 Err(DirectoryError::NotFound(_)) if tokio::time::Instant::now() < deadline => {
+                    // Catch up with what the leader has committed (one ReadIndex): then a
+                    // definition still missing does not exist, and the answer is at once.
+                    if !asked_leader {
+                        asked_leader = true;
+                        let caught = tokio::time::timeout_at(deadline, self.cluster.catch_up());
+                        if matches!(caught.await, Ok(Ok(_))) {
+                            caught_up = true;
+                            continue;
+                        }
+                    } else if caught_up {
+                        return Err(directory_error(DirectoryError::NotFound(
+                            room_id.to_string(),
+                        )));
+                    }
                     let changed = tokio::time::timeout_at(deadline, metadata.changed()).await;
                     if !matches!(changed, Ok(Ok(()))) {
                         return Err(directory_error(DirectoryError::NotFound(
