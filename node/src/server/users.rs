@@ -166,9 +166,14 @@ mod tests {
             Ok(()),
             "other users unaffected"
         );
-        // 6 a minute: one more after 10 s.
-        assert_eq!(b.try_room_create("u", 10_000, open), Ok(()));
-        b.room_created("u", "r3", 10_000);
+        // 6 a minute: one more after 10 s (a token is whole after 10,000 ms: 166 of
+        // the bucket's minute-clock ms give 996 of 1000 units, 167 give 1002).
+        assert_eq!(
+            b.try_room_create("u", 9_900, open),
+            Err(CreateRefusal::Rate)
+        );
+        assert_eq!(b.try_room_create("u", 10_020, open), Ok(()));
+        b.room_created("u", "r3", 10_020);
         assert_eq!(
             b.try_room_create("u", 60_000, open),
             Err(CreateRefusal::OpenRooms(3))
