@@ -555,3 +555,52 @@ async fn admin_and_metrics_can_have_their_own_listener() {
     let client = node.client(&node.ws_url(), "alice").await;
     create_room(&client, "served").await;
 }
+
+#[tokio::test]
+async fn a_room_no_one_is_in_is_released_and_comes_back_with_its_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("chorus.toml");
+    std::fs::write(&config, "[limits]\nroom_idle_release_ms = 1000\n").expect("config");
+    let node = TestNode::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let host = node.client(&node.ws_url(), "host").await;
+    let mut rooms = Vec::new();
+    for i in 0..5 {
+        rooms.push(create_room(&host, &format!("left empty {i}")).await);
+    }
+    // One room is used, then left.
+    join(&host, &rooms[0]).await;
+    common::say(&host, &rooms[0], "before the release").await;
+    host.request(chorus_protocol::RoomLeaveRequest {
+        room_id: rooms[0].clone(),
+    })
+    .await
+    .expect("leave");
+    // A room someone is in stays.
+    let stayer = node.client(&node.ws_url(), "stayer").await;
+    let kept = create_room(&stayer, "occupied").await;
+    join(&stayer, &kept).await;
+    eventually("the empty rooms are released", || async {
+        node.metric("chorus_rooms_released_idle_total")
+            .await
+            .unwrap_or(0.0)
+            >= 5.0
+            && node.metric("chorus_rooms_running").await == Some(1.0)
+    })
+    .await;
+    // The next request starts the room again, with what it had.
+    let joined = host
+        .request(chorus_protocol::RoomRef {
+            room_id: rooms[0].clone(),
+        })
+        .await
+        .expect("join a released room");
+    assert!(
+        joined
+            .recent_comments
+            .iter()
+            .any(|c| c.text == "before the release"),
+        "the history came back: {:?}",
+        joined.recent_comments
+    );
+    common::say(&stayer, &kept, "still here").await;
+}

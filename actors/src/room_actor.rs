@@ -1168,6 +1168,27 @@ impl RoomDirectory {
         moved.len()
     }
 
+    /// Stops the actor of `room_id` and lets it go if no one is in the room (checked with
+    /// the directory held, so no request finds the actor in between); the room's state
+    /// stays stored and the next request for it starts it again. Whether it was released.
+    pub async fn release_if_empty(&self, room_id: &str, timeout: std::time::Duration) -> bool {
+        let mut rooms = self.rooms.lock().await;
+        let Some(actor) = rooms.get(room_id).cloned() else {
+            return false;
+        };
+        let info = actor
+            .call(|reply| RoomMsg::Info { reply }, Some(timeout))
+            .await;
+        match info {
+            Ok(ractor::rpc::CallResult::Success(info)) if info.listener_count == 0 => {
+                rooms.remove(room_id);
+                actor.stop(Some("idle: no one in the room".into()));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Stops every room actor (shutdown).
     pub async fn stop_all(&self) {
         let rooms = std::mem::take(&mut *self.rooms.lock().await);

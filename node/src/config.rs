@@ -167,6 +167,10 @@ pub struct LimitsConfig {
     /// Polls one user may create per minute through a node (token bucket, burst 5).
     /// Default 10; beyond it `rate_limited` (3000).
     pub poll_creates_per_min: u32,
+    /// A room no one has been in for this long (ms) has its actor stopped on its owner;
+    /// its state stays stored and the next request starts it again. Default 600,000
+    /// (10 minutes).
+    pub room_idle_release_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -197,6 +201,7 @@ impl Default for LimitsConfig {
             room_creates_burst: 10,
             open_rooms_per_user_max: 20,
             poll_creates_per_min: 10,
+            room_idle_release_ms: 600_000,
         }
     }
 }
@@ -349,7 +354,7 @@ impl NodeConfig {
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        let checks: [(bool, &str); 15] = [
+        let checks: [(bool, &str); 16] = [
             (l.frame_bytes_max >= 1024, "frame_bytes_max must be at least 1024"),
             (
                 l.transport_message_bytes_max >= l.frame_bytes_max,
@@ -375,6 +380,7 @@ impl NodeConfig {
                 "room_creates_per_min, room_creates_burst and open_rooms_per_user_max must be positive",
             ),
             (l.poll_creates_per_min > 0, "poll_creates_per_min must be positive"),
+            (l.room_idle_release_ms >= 100, "room_idle_release_ms must be at least 100"),
             (l.outgoing_queue_frames_max >= 16, "outgoing_queue_frames_max must be at least 16"),
             (l.requests_per_sec > 0 && l.requests_burst > 0, "request rate and burst must be positive"),
             (l.ping_interval_ms >= 10, "ping_interval_ms must be at least 10"),

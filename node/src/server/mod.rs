@@ -673,6 +673,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     tokio::spawn(routing::follow_ring(Arc::downgrade(&node)));
     tokio::spawn(routing::rejoin_after_cut(Arc::downgrade(&node)));
     tokio::spawn(routing::expire_rooms(Arc::downgrade(&node)));
+    tokio::spawn(routing::release_idle_rooms(Arc::downgrade(&node)));
     tokio::spawn(reactions::send_batches(Arc::downgrade(&node)));
     tokio::spawn(rain::run_rains(Arc::downgrade(&node)));
     tokio::spawn(bullets::send_batches(Arc::downgrade(&node)));

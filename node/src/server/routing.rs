@@ -2526,3 +2526,46 @@ impl chorus_cluster::service::AppHandler for NodeApp {
         })
     }
 }
+
+/// How long the idle sweep waits for a room to say how many are in it.
+const IDLE_INFO_TIMEOUT_MS: u64 = 1_000;
+
+/// Stops the actors of rooms no one has been in for `room_idle_release_ms` (sampled a
+/// few times per period), so that rooms created and left empty do not stay resident.
+/// Their state stays stored; the next request for one starts it again through the
+/// usual activation (claim, recover, re-admit).
+pub(crate) async fn release_idle_rooms(node: Weak<Node>) {
+    let Some(idle_ms) = node.upgrade().map(|n| n.config.limits.room_idle_release_ms) else {
+        return;
+    };
+    let every_ms = (idle_ms / 4).clamp(50, 60_000);
+    let mut ticker = super::NodeTicker::new(node, Duration::from_millis(every_ms));
+    let mut empty_since: HashMap<String, u64> = HashMap::new();
+    while let Some(node) = ticker.next().await {
+        let running = node.rooms.running_actors().await;
+        metrics::gauge!("chorus_rooms_running").set(running.len() as f64);
+        let now_ms = chorus_actors::room_actor::unix_now_ms();
+        let mut seen = std::collections::HashSet::with_capacity(running.len());
+        for (room_id, actor) in running {
+            let Ok(info) = ask(&actor, |reply| RoomMsg::Info { reply }).await else {
+                continue;
+            };
+            seen.insert(room_id.clone());
+            if info.listener_count > 0 {
+                empty_since.remove(&room_id);
+                continue;
+            }
+            let since = *empty_since.entry(room_id.clone()).or_insert(now_ms);
+            if now_ms.saturating_sub(since) < idle_ms {
+                continue;
+            }
+            let timeout = Duration::from_millis(IDLE_INFO_TIMEOUT_MS);
+            if node.rooms.release_if_empty(&room_id, timeout).await {
+                empty_since.remove(&room_id);
+                metrics::counter!("chorus_rooms_released_idle_total").increment(1);
+                tracing::debug!(room = %room_id, "released an idle room");
+            }
+        }
+        empty_since.retain(|room_id, _| seen.contains(room_id));
+    }
+}
