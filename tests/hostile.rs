@@ -359,48 +359,39 @@ async fn trickled_http_heads_are_closed_at_the_deadline_and_count_against_the_co
     bystander.finish().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_user_cannot_hold_more_sessions_than_its_bound_while_others_sign_in() {
-    const BOUND: usize = 4;
-    let node = TestNode::start(&["--sessions-per-user-max", &BOUND.to_string()]).await;
+    // The probe: one token opens 1,000 sessions on a node with room for 1,000 and drops
+    // them without a goodbye (so they stay resumable for the resume window).
+    const FLOOD: usize = 1_000;
+    const BOUND: usize = 16;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("chorus.toml");
+    std::fs::write(&config, format!("[limits]\nsessions_max = {FLOOD}\n")).expect("config");
+    let node = TestNode::start(&["--config", config.to_str().expect("utf-8")]).await;
     let bystander = Bystander::start(&node).await;
-
-    // Sessions opened and dropped without a goodbye stay resumable for the resume
-    // window; the user's oldest idle one makes room for the next.
-    for _ in 0..40 {
-        let conn = chorus_node::client::Connection::connect(
-            &node.ws_url(),
-            &node.config(&node.ws_url(), "mallory"),
-        )
-        .await
-        .expect("connect");
-        let mut conn = conn;
-        let seq = 1;
-        conn.send_request(
-            seq,
-            &chorus_protocol::AuthRequest {
-                token: common::token("mallory"),
-                protocol_version: Some(chorus_protocol::PROTOCOL_VERSION),
-                resume: None,
-            },
-        )
-        .await
-        .expect("auth");
-        common::raw_response(&mut conn, seq)
-            .await
-            .expect("mallory's auth is accepted (an idle session makes room)");
-        drop(conn);
-        // Others are unaffected.
-        let alice = node.client(&node.ws_url(), "alice").await;
-        drop(alice);
+    let mut signed_in_meanwhile = 0;
+    for i in 0..FLOOD {
+        let mut stream = ws_upgrade(node.http).await;
+        ws_auth(&mut stream, "mallory").await;
+        drop(stream);
+        if i % 100 == 99 {
+            // Others sign in as ever.
+            let alice = node.client(&node.ws_url(), &format!("alice-{i}")).await;
+            drop(alice);
+            signed_in_meanwhile += 1;
+        }
     }
     let sessions = node.metric("chorus_sessions ").await.unwrap_or(0.0) as usize;
-    eprintln!("session flood: 40 sessions opened by one user; node holds {sessions}");
-    // mallory's 4, plus the bystander and at most the 4 alice sessions of the last rounds.
+    eprintln!(
+        "session flood: {FLOOD} sessions opened by one user; the node holds {sessions}; {signed_in_meanwhile} others signed in meanwhile"
+    );
+    // mallory's 16, the bystander, and the ten alices (resumable for a minute).
     assert!(
-        sessions <= BOUND + 1 + BOUND,
+        sessions <= BOUND + 1 + 10,
         "the node holds {sessions} sessions"
     );
+    node.client(&node.ws_url(), "bob").await;
 
     // With all of them connected, a further session is refused with too_many_sessions.
     let mut connected = Vec::new();
@@ -410,16 +401,15 @@ async fn one_user_cannot_hold_more_sessions_than_its_bound_while_others_sign_in(
     let Err(refused) =
         chorus_node::client::Client::connect(node.config(&node.ws_url(), "mallory")).await
     else {
-        panic!("a fifth connected session is refused");
+        panic!("a 17th connected session is refused");
     };
-    assert!(
-        refused.to_string().contains("too_many_sessions")
-            || refused.to_string().contains("3005")
-            || refused.to_string().contains("4205"),
+    assert_eq!(
+        refused.error_code(),
+        Some(ErrorCode::TooManySessions),
         "refused with {refused}"
     );
     // Another user still signs in.
-    node.client(&node.ws_url(), "bob").await;
+    node.client(&node.ws_url(), "carol").await;
     bystander.finish().await;
 }
 
@@ -603,4 +593,114 @@ async fn a_room_no_one_is_in_is_released_and_comes_back_with_its_history() {
         joined.recent_comments
     );
     common::say(&stayer, &kept, "still here").await;
+}
+
+/// Sends `auth` as a JSON text frame on a raw WebSocket and reads the answer.
+async fn ws_auth(stream: &mut TcpStream, user: &str) {
+    let auth = serde_json::json!({
+        "type": "req", "seq": 1, "kind": "auth",
+        "body": {"token": common::token(user)},
+    })
+    .to_string();
+    let mut frame = ws_header(0x1, auth.len());
+    frame.extend_from_slice(auth.as_bytes());
+    stream.write_all(&frame).await.expect("auth");
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await.expect("auth answer");
+    assert_eq!(head[0], 0x81, "a text frame answers auth");
+    let length = match head[1] & 0x7f {
+        126 => {
+            let mut ext = [0u8; 2];
+            stream.read_exact(&mut ext).await.expect("length");
+            usize::from(u16::from_be_bytes(ext))
+        }
+        n => usize::from(n),
+    };
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.expect("auth body");
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("\"ok\":true") || text.contains("session_id"),
+        "auth: {text}"
+    );
+}
+
+/// The close code of the next close frame, skipping other frames; `None` at EOF.
+async fn ws_close_code(stream: &mut TcpStream) -> Option<u16> {
+    loop {
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.ok()?;
+        let length = match head[1] & 0x7f {
+            126 => {
+                let mut ext = [0u8; 2];
+                stream.read_exact(&mut ext).await.ok()?;
+                u64::from(u16::from_be_bytes(ext))
+            }
+            127 => {
+                let mut ext = [0u8; 8];
+                stream.read_exact(&mut ext).await.ok()?;
+                u64::from_be_bytes(ext)
+            }
+            n => u64::from(n),
+        };
+        let mut body = vec![0u8; usize::try_from(length).ok()?];
+        stream.read_exact(&mut body).await.ok()?;
+        if head[0] & 0x0f == 0x8 && body.len() >= 2 {
+            return Some(u16::from_be_bytes([body[0], body[1]]));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn authenticated_partial_messages_are_bounded_by_the_node_budget() {
+    const CONNECTIONS: usize = 12;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("chorus.toml");
+    // A budget of 4 MiB: four of the connections below fill it.
+    std::fs::write(&config, "[limits]\ninbound_partial_bytes_max = 4194304\n").expect("config");
+    let node = TestNode::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let bystander = Bystander::start(&node).await;
+    let baseline = settled_rss(&node).await;
+    let mut streams = Vec::with_capacity(CONNECTIONS);
+    for i in 0..CONNECTIONS {
+        let mut stream = ws_upgrade(node.http).await;
+        ws_auth(&mut stream, &format!("staller-{i}")).await;
+        stream
+            .write_all(&ws_header(0x2, DECLARED_BYTES))
+            .await
+            .expect("header");
+        write_until_stalled(&mut stream, SENT_BYTES).await;
+        streams.push(stream);
+    }
+    let held = settled_rss(&node).await;
+    let mut refused = 0;
+    for stream in &mut streams {
+        // Those that got through hold their partial message; the others were closed.
+        if let Ok(code) =
+            tokio::time::timeout(Duration::from_millis(500), ws_close_code(stream)).await
+        {
+            assert_eq!(
+                code,
+                Some(ErrorCode::Unavailable.close_code()),
+                "closed with 4401"
+            );
+            refused += 1;
+        }
+    }
+    eprintln!(
+        "node budget: {CONNECTIONS} authenticated connections each sending {SENT_BYTES} of a {DECLARED_BYTES}-byte message: {refused} closed with 4401; RSS {:.1} → {:.1} MiB",
+        mib(baseline),
+        mib(held)
+    );
+    assert!(
+        (CONNECTIONS - 5..CONNECTIONS).contains(&refused),
+        "with a 4 MiB budget about four hold their message and the rest are refused ({refused} refused)"
+    );
+    assert!(
+        held.saturating_sub(baseline) <= 16 * 1024 * 1024,
+        "RSS grew by {:.1} MiB",
+        mib(held.saturating_sub(baseline))
+    );
+    drop(streams);
+    bystander.finish().await;
 }
