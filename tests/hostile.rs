@@ -704,3 +704,81 @@ async fn authenticated_partial_messages_are_bounded_by_the_node_budget() {
     drop(streams);
     bystander.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn authenticated_partial_quic_messages_are_bounded_by_the_node_budget() {
+    const CONNECTIONS: usize = 12;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("chorus.toml");
+    std::fs::write(&config, "[limits]\ninbound_partial_bytes_max = 4194304\n").expect("config");
+    let node = TestNode::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let bystander = Bystander::start(&node).await;
+    let baseline = settled_rss(&node).await;
+    let client_config =
+        chorus_node::client::quic_client_config(&node.ca_path(), 30_000).expect("config");
+    let mut endpoint = chorus_node::client::client_endpoint(node.quic).expect("endpoint");
+    endpoint.set_default_client_config(client_config);
+    let mut held = Vec::with_capacity(CONNECTIONS);
+    for i in 0..CONNECTIONS {
+        let connection = endpoint
+            .connect(node.quic, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut send, mut recv) = connection.open_bi().await.expect("stream");
+        let auth = chorus_protocol::encode_request(
+            chorus_protocol::Encoding::MsgPack,
+            1,
+            "auth",
+            &chorus_protocol::AuthRequest {
+                token: common::token(&format!("quic-staller-{i}")),
+                protocol_version: None,
+                resume: None,
+            },
+        )
+        .expect("encode");
+        send.write_all(&(auth.len() as u32).to_be_bytes())
+            .await
+            .expect("length");
+        send.write_all(&auth).await.expect("auth");
+        // The answer: a length prefix and the frame.
+        let mut length = [0u8; 4];
+        recv.read_exact(&mut length).await.expect("auth answer");
+        let mut answer = vec![0u8; u32::from_be_bytes(length) as usize];
+        recv.read_exact(&mut answer).await.expect("auth answer");
+        send.write_all(&(DECLARED_BYTES as u32).to_be_bytes())
+            .await
+            .expect("length");
+        write_until_stalled(&mut send, SENT_BYTES).await;
+        held.push((connection, send, recv));
+    }
+    let rss = settled_rss(&node).await;
+    let mut refused = 0;
+    for (connection, _, _) in &held {
+        let closed = tokio::time::timeout(Duration::from_millis(500), connection.closed()).await;
+        if let Ok(quinn::ConnectionError::ApplicationClosed(close)) = closed {
+            assert_eq!(
+                close.error_code.into_inner(),
+                u64::from(ErrorCode::Unavailable.close_code()),
+                "closed with 4401"
+            );
+            refused += 1;
+        }
+    }
+    eprintln!(
+        "node budget, quic: {CONNECTIONS} authenticated connections each sending {SENT_BYTES} of a {DECLARED_BYTES}-byte message: {refused} closed with 4401; RSS {:.1} → {:.1} MiB",
+        mib(baseline),
+        mib(rss)
+    );
+    assert!(
+        (CONNECTIONS - 5..CONNECTIONS).contains(&refused),
+        "with a 4 MiB budget about four hold their message and the rest are refused ({refused} refused)"
+    );
+    assert!(
+        rss.saturating_sub(baseline) <= 16 * 1024 * 1024,
+        "RSS grew by {:.1} MiB",
+        mib(rss.saturating_sub(baseline))
+    );
+    drop(held);
+    bystander.finish().await;
+}
