@@ -782,3 +782,46 @@ async fn authenticated_partial_quic_messages_are_bounded_by_the_node_budget() {
     drop(held);
     bystander.finish().await;
 }
+
+#[tokio::test]
+async fn one_user_is_in_a_bounded_number_of_rooms_across_its_sessions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("chorus.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nrooms_per_session_max = 2\nmemberships_per_user_max = 3\n",
+    )
+    .expect("config");
+    let node = TestNode::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let host = node.client(&node.ws_url(), "host").await;
+    let mut rooms = Vec::new();
+    for i in 0..4 {
+        rooms.push(create_room(&host, &format!("room {i}")).await);
+    }
+    let first = node.client(&node.ws_url(), "mallory").await;
+    let second = node.client(&node.ws_url(), "mallory").await;
+    join(&first, &rooms[0]).await;
+    join(&first, &rooms[1]).await;
+    join(&second, &rooms[2]).await;
+    let refused = second
+        .request(chorus_protocol::RoomRef {
+            room_id: rooms[3].clone(),
+        })
+        .await
+        .expect_err("a fourth room for the user is refused");
+    assert_eq!(
+        refused.error_code(),
+        Some(ErrorCode::TooManyRooms),
+        "{refused}"
+    );
+    // Another user is not affected, and leaving one makes room.
+    let other = node.client(&node.ws_url(), "other").await;
+    join(&other, &rooms[3]).await;
+    first
+        .request(chorus_protocol::RoomLeaveRequest {
+            room_id: rooms[0].clone(),
+        })
+        .await
+        .expect("leave");
+    join(&second, &rooms[3]).await;
+}
