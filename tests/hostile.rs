@@ -825,3 +825,33 @@ async fn one_user_is_in_a_bounded_number_of_rooms_across_its_sessions() {
         .expect("leave");
     join(&second, &rooms[3]).await;
 }
+
+#[tokio::test]
+async fn poll_creation_is_rate_limited_per_user() {
+    let node = TestNode::start(&[]).await;
+    let host = node.client(&node.ws_url(), "host").await;
+    // Three polls may be open per room: spread them over rooms.
+    let mut rooms = Vec::new();
+    for i in 0..3 {
+        let room = create_room(&host, &format!("polls {i}")).await;
+        join(&host, &room).await;
+        rooms.push(room);
+    }
+    let mut results = Vec::new();
+    for i in 0..7 {
+        results.push(
+            host.request(chorus_protocol::RoomPollCreateRequest {
+                room_id: rooms[i / 3].clone(),
+                question: format!("question {i}?"),
+                options: vec!["yes".into(), "no".into()],
+            })
+            .await
+            .map_err(|e| e.error_code()),
+        );
+    }
+    let created = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(created, 5, "a burst of five: {results:?}");
+    assert!(results[5..]
+        .iter()
+        .all(|r| *r == Err(Some(ErrorCode::RateLimited))));
+}
