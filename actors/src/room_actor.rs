@@ -1015,15 +1015,71 @@ pub enum DirectoryError {
     Replication(String),
 }
 
+/// A room in the directory: running, or being started (created or activated).
+enum Slot {
+    Running(ActorRef<RoomMsg>),
+    /// Someone is starting the room; `done` closes when they finish, either way.
+    Starting {
+        token: u64,
+        done: tokio::sync::watch::Receiver<()>,
+    },
+}
+
 /// Finds running room actors or starts them from stored definitions.
+///
+/// The directory's lock is held only to look at or change its map, never across an
+/// await: a room being started (its activation may write to Raft and wait on peers) is
+/// marked `Starting`, requests for that room wait for it, and every other room, voice
+/// lookups included, is found at once.
 pub struct RoomDirectory {
     store: Arc<dyn DefinitionStore>,
     replicator: Option<Arc<dyn DurableSink>>,
     analytics: std::sync::OnceLock<Arc<dyn AnalyticsSink>>,
     event_log: std::sync::OnceLock<Arc<dyn EventLog>>,
     config: RoomConfig,
-    // tokio Mutex: held across the (short) actor spawn so that one room never gets two actors.
-    rooms: tokio::sync::Mutex<HashMap<String, ActorRef<RoomMsg>>>,
+    rooms: std::sync::Mutex<HashMap<String, Slot>>,
+    next_token: std::sync::atomic::AtomicU64,
+}
+
+/// The right to start one room: held by whoever marked it `Starting`. Dropped unfinished
+/// (an error, a cancelled caller), it removes the mark; either way its end wakes the
+/// waiters, who look again.
+struct StartGuard<'a> {
+    directory: &'a RoomDirectory,
+    room_id: String,
+    token: u64,
+    finished: bool,
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl StartGuard<'_> {
+    /// The room runs as `actor` from now on.
+    fn finish(mut self, actor: ActorRef<RoomMsg>) {
+        self.directory
+            .map()
+            .insert(self.room_id.clone(), Slot::Running(actor));
+        self.finished = true;
+    }
+}
+
+impl Drop for StartGuard<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut rooms = self.directory.map();
+        if matches!(rooms.get(&self.room_id), Some(Slot::Starting { token, .. }) if *token == self.token)
+        {
+            rooms.remove(&self.room_id);
+        }
+    }
+}
+
+/// What a look at the directory found for one room.
+enum Lookup<'a> {
+    Running(ActorRef<RoomMsg>),
+    Wait(tokio::sync::watch::Receiver<()>),
+    Start(StartGuard<'a>),
 }
 
 impl RoomDirectory {
@@ -1039,8 +1095,13 @@ impl RoomDirectory {
             analytics: std::sync::OnceLock::new(),
             event_log: std::sync::OnceLock::new(),
             config,
-            rooms: tokio::sync::Mutex::new(HashMap::new()),
+            rooms: std::sync::Mutex::new(HashMap::new()),
+            next_token: std::sync::atomic::AtomicU64::new(1),
         }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Installs where ended rooms' summaries go (once; later calls are ignored).
@@ -1056,6 +1117,34 @@ impl RoomDirectory {
     /// The room limits in force.
     pub fn config(&self) -> &RoomConfig {
         &self.config
+    }
+
+    /// Looks `room_id` up; when it is neither running nor starting, marks it `Starting`
+    /// for the caller (unless `start` is false: then `None`).
+    fn lookup(&self, room_id: &str, start: bool) -> Option<Lookup<'_>> {
+        let mut rooms = self.map();
+        match rooms.get(room_id) {
+            Some(Slot::Running(actor)) if actor.get_status() == ractor::ActorStatus::Running => {
+                return Some(Lookup::Running(actor.clone()))
+            }
+            Some(Slot::Starting { done, .. }) => return Some(Lookup::Wait(done.clone())),
+            _ => {}
+        }
+        if !start {
+            return None;
+        }
+        let token = self
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::watch::channel(());
+        rooms.insert(room_id.to_string(), Slot::Starting { token, done: rx });
+        Some(Lookup::Start(StartGuard {
+            directory: self,
+            room_id: room_id.to_string(),
+            token,
+            finished: false,
+            _done: tx,
+        }))
     }
 
     /// Stores a new room's definition and starts its actor.
@@ -1075,21 +1164,27 @@ impl RoomDirectory {
         F: FnOnce(ActorRef<RoomMsg>) -> Fut,
         Fut: std::future::Future<Output = Result<(), DirectoryError>>,
     {
-        let mut rooms = self.rooms.lock().await;
-        if rooms.contains_key(&definition.room_id) || self.store.get(&definition.room_id)?.is_some()
-        {
+        let guard = match self.lookup(&definition.room_id, true) {
+            Some(Lookup::Start(guard)) => guard,
+            _ => return Err(DirectoryError::Exists(definition.room_id)),
+        };
+        if self.store.get(&definition.room_id)?.is_some() {
             return Err(DirectoryError::Exists(definition.room_id));
         }
         self.store.put(&definition).await?;
-        let room_id = definition.room_id.clone();
         let actor = self.spawn(definition).await?;
         if let Err(error) = activate(actor.clone()).await {
             actor.stop(Some("activation failed".into()));
             return Err(error);
         }
-        let info = ractor::call!(actor, |reply| RoomMsg::Info { reply })
-            .map_err(|e| DirectoryError::Spawn(e.to_string()))?;
-        rooms.insert(room_id, actor);
+        let info = match ractor::call!(actor, |reply| RoomMsg::Info { reply }) {
+            Ok(info) => info,
+            Err(error) => {
+                actor.stop(Some("no answer after creation".into()));
+                return Err(DirectoryError::Spawn(error.to_string()));
+            }
+        };
+        guard.finish(actor);
         Ok(info)
     }
 
@@ -1101,7 +1196,8 @@ impl RoomDirectory {
     /// Like [`get`](Self::get), but a freshly started actor is first handed to `activate`
     /// (e.g. to claim ownership and re-admit the room's members after its owner moved)
     /// before anyone else can reach it: requests for the room wait until `activate` is
-    /// done. If it fails, the actor is stopped and the error returned.
+    /// done (requests for other rooms do not). If it fails, the actor is stopped and the
+    /// error returned.
     pub async fn get_with<F, Fut>(
         &self,
         room_id: &str,
@@ -1111,13 +1207,17 @@ impl RoomDirectory {
         F: FnOnce(ActorRef<RoomMsg>) -> Fut,
         Fut: std::future::Future<Output = Result<(), DirectoryError>>,
     {
-        let mut rooms = self.rooms.lock().await;
-        if let Some(actor) = rooms.get(room_id) {
-            if actor.get_status() == ractor::ActorStatus::Running {
-                return Ok(actor.clone());
+        let guard = loop {
+            match self.lookup(room_id, true) {
+                Some(Lookup::Running(actor)) => return Ok(actor),
+                Some(Lookup::Wait(mut done)) => {
+                    // Closed when the starter finishes, either way: look again.
+                    let _ = done.changed().await;
+                }
+                Some(Lookup::Start(guard)) => break guard,
+                None => unreachable!("lookup with start always answers"),
             }
-            rooms.remove(room_id);
-        }
+        };
         let definition = self
             .store
             .get(room_id)?
@@ -1130,57 +1230,77 @@ impl RoomDirectory {
             actor.stop(Some("activation failed".into()));
             return Err(error);
         }
-        rooms.insert(room_id.to_string(), actor.clone());
+        guard.finish(actor.clone());
         Ok(actor)
     }
 
-    /// The actor of `room_id` if it runs here (no activation: for traffic that must not
-    /// start a room, such as voice).
+    /// The actor of `room_id` if it runs here (never waits, never starts one: for traffic
+    /// that must not start a room, such as voice).
     pub async fn find_running(&self, room_id: &str) -> Option<ActorRef<RoomMsg>> {
-        self.rooms.lock().await.get(room_id).cloned()
+        match self.lookup(room_id, false) {
+            Some(Lookup::Running(actor)) => Some(actor),
+            _ => None,
+        }
     }
 
     /// The running room actors (a snapshot).
     pub async fn running_actors(&self) -> Vec<(String, ActorRef<RoomMsg>)> {
-        self.rooms
-            .lock()
-            .await
+        self.map()
             .iter()
-            .map(|(id, actor)| (id.clone(), actor.clone()))
+            .filter_map(|(id, slot)| match slot {
+                Slot::Running(actor) => Some((id.clone(), actor.clone())),
+                Slot::Starting { .. } => None,
+            })
             .collect()
     }
 
     /// Number of running room actors.
     pub async fn running(&self) -> usize {
-        self.rooms.lock().await.len()
+        self.map()
+            .values()
+            .filter(|slot| matches!(slot, Slot::Running(_)))
+            .count()
     }
 
     /// Stops the running rooms for which `keep` is false (ownership moved away): this node
-    /// stops acting for them.
+    /// stops acting for them. Rooms still starting are left to their activation (which
+    /// checks ownership itself).
     pub async fn stop_unless(&self, keep: impl Fn(&str) -> bool) -> usize {
-        let mut rooms = self.rooms.lock().await;
-        let moved: Vec<String> = rooms.keys().filter(|id| !keep(id)).cloned().collect();
+        let mut rooms = self.map();
+        let moved: Vec<String> = rooms
+            .iter()
+            .filter(|(id, slot)| matches!(slot, Slot::Running(_)) && !keep(id))
+            .map(|(id, _)| id.clone())
+            .collect();
         for room_id in &moved {
-            if let Some(actor) = rooms.remove(room_id) {
+            if let Some(Slot::Running(actor)) = rooms.remove(room_id) {
                 actor.stop(Some("ownership moved".into()));
             }
         }
         moved.len()
     }
 
-    /// Stops the actor of `room_id` and lets it go if no one is in the room (checked with
-    /// the directory held, so no request finds the actor in between); the room's state
-    /// stays stored and the next request for it starts it again. Whether it was released.
+    /// Stops the actor of `room_id` and lets it go if no one is in the room; the room's
+    /// state stays stored and the next request for it starts it again. Whether it was
+    /// released. (A request that found the actor just before may then get no answer and
+    /// is retried by its client, which starts the room again.)
     pub async fn release_if_empty(&self, room_id: &str, timeout: std::time::Duration) -> bool {
-        let mut rooms = self.rooms.lock().await;
-        let Some(actor) = rooms.get(room_id).cloned() else {
+        let Some(Lookup::Running(actor)) = self.lookup(room_id, false) else {
             return false;
         };
         let info = actor
             .call(|reply| RoomMsg::Info { reply }, Some(timeout))
             .await;
-        match info {
-            Ok(ractor::rpc::CallResult::Success(info)) if info.listener_count == 0 => {
+        let empty = matches!(
+            info,
+            Ok(ractor::rpc::CallResult::Success(ref info)) if info.listener_count == 0
+        );
+        if !empty {
+            return false;
+        }
+        let mut rooms = self.map();
+        match rooms.get(room_id) {
+            Some(Slot::Running(current)) if current.get_id() == actor.get_id() => {
                 rooms.remove(room_id);
                 actor.stop(Some("idle: no one in the room".into()));
                 true
@@ -1191,9 +1311,11 @@ impl RoomDirectory {
 
     /// Stops every room actor (shutdown).
     pub async fn stop_all(&self) {
-        let rooms = std::mem::take(&mut *self.rooms.lock().await);
-        for (_, actor) in rooms {
-            actor.stop(Some("node shutting down".into()));
+        let rooms = std::mem::take(&mut *self.map());
+        for (_, slot) in rooms {
+            if let Slot::Running(actor) = slot {
+                actor.stop(Some("node shutting down".into()));
+            }
         }
     }
 

@@ -1574,6 +1574,19 @@ impl Node {
         room_id: &str,
         actor: ActorRef<RoomMsg>,
     ) -> Result<(), DirectoryError> {
+        // Activations run concurrently, each room on its own (see `RoomDirectory`).
+        let gauge = metrics::gauge!("chorus_room_activations_in_progress");
+        gauge.increment(1.0);
+        let result = self.activate_room_inner(room_id, actor).await;
+        gauge.decrement(1.0);
+        result
+    }
+
+    async fn activate_room_inner(
+        &self,
+        room_id: &str,
+        actor: ActorRef<RoomMsg>,
+    ) -> Result<(), DirectoryError> {
         let key = room_key(room_id);
         let self_id = self.cluster.node_id();
         let activation_error = |reason: String| DirectoryError::Activation {
