@@ -15,6 +15,7 @@ pub mod connection;
 pub mod control;
 pub mod event_log;
 pub mod group_commit;
+pub mod keyed;
 pub mod quic;
 pub mod quiz;
 pub mod rain;

@@ -253,8 +253,9 @@ pub struct QuizService {
     records: Mutex<HashMap<String, Arc<QuizRecord>>>,
     states: Mutex<HashMap<String, Arc<QuizState>>>,
     shards: Mutex<HashMap<(String, u32), HeldShard>>,
-    /// Serializes operator actions on the shows this node controls.
-    control: tokio::sync::Mutex<()>,
+    /// Serializes operator actions on each show this node controls (shows do not wait
+    /// for each other).
+    control: super::keyed::KeyedLocks,
     batchers: Mutex<HashMap<NodeId, mpsc::Sender<Pending>>>,
 }
 
@@ -856,7 +857,7 @@ impl Node {
         quiz_id: &str,
         action: QuizAction,
     ) -> Result<String, ErrorBody> {
-        let _serialized = self.quiz.control.lock().await;
+        let _serialized = self.quiz.control.lock(quiz_id).await;
         let (record, state) = self
             .quiz_show(quiz_id, true)
             .ok_or_else(|| error(ErrorCode::QuizNotFound, format!("no quiz {quiz_id:?}")))?;

@@ -560,8 +560,8 @@ struct PoolHandle {
 #[derive(Default)]
 pub struct RainPools {
     pools: Mutex<HashMap<String, PoolHandle>>,
-    /// One activation at a time (activations are rare and short).
-    activating: tokio::sync::Mutex<()>,
+    /// One activation at a time per rain; other rains are not held up.
+    activating: super::keyed::KeyedLocks,
 }
 
 impl RainPools {
@@ -745,7 +745,7 @@ impl Node {
         if let Some(pool) = self.rain_pools.get(rain_id) {
             return Ok(pool);
         }
-        let _one = self.rain_pools.activating.lock().await;
+        let _one = self.rain_pools.activating.lock(rain_id).await;
         if let Some(pool) = self.rain_pools.get(rain_id) {
             return Ok(pool);
         }
