@@ -11,6 +11,7 @@ pub mod polls;
 pub mod quiz;
 pub mod rain;
 pub mod rate;
+pub mod replica;
 pub mod room;
 pub mod room_actor;
 pub mod session;

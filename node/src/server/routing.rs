@@ -220,28 +220,24 @@ pub const USER_NOTICE_USERS_MAX: usize = 1_000;
 /// Why a replica refused a room's durable state.
 pub const STALE_EPOCH_REASON: &str = "stale ownership epoch";
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct HeldRoom {
-    /// The highest ownership epoch seen for the room: writes from below it are refused.
-    fence: u64,
-    /// The most advanced state, with the epoch it was written at.
-    state: Option<(u64, RoomDurable)>,
-}
-
 /// The sled tree holding [`DurableStates`].
 pub const DURABLE_STATES_TREE: &str = "rooms/durable";
 
+pub use chorus_actors::replica::VotesRefused;
+use chorus_actors::replica::{HeldCopy, ReplicaStore};
+
 /// Durable room states this node holds, as an owner or a replica, fenced by ownership
-/// epoch: in memory, and written to sled. In a cluster a write is not flushed (the copy on
-/// another node is what makes an acknowledged change survive this node's loss; sled's
-/// copy brings the state back when every node restarts). On a node with no other member
-/// the replicator waits for a flush ([`super::group_commit`]) before the change is
+/// epoch: the shell over `chorus_actors::replica::ReplicaStore` (which decides), in
+/// memory and written to sled. In a cluster a write is not flushed (the copy on another
+/// node is what makes an acknowledged change survive this node's loss; sled's copy brings
+/// the state back when every node restarts). On a node with no other member the
+/// replicator waits for a flush ([`super::group_commit`]) before the change is
 /// acknowledged, so a killed and restarted single node keeps every acknowledged comment
-/// and never gives a comment id twice. A room's next owner takes the most advanced copy,
-/// ordered by (epoch, revision, comment count).
+/// and never gives a comment id twice. A room's next owner takes the most advanced copy
+/// (`chorus_actors::replica::most_advanced`).
 #[derive(Default)]
 pub struct DurableStates {
-    rooms: Mutex<HashMap<String, HeldRoom>>,
+    store: Mutex<ReplicaStore>,
     tree: Option<sled::Tree>,
 }
 
@@ -253,30 +249,30 @@ impl DurableStates {
     /// sled's, opening or reading the tree.
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
         let tree = db.open_tree(DURABLE_STATES_TREE)?;
-        let mut rooms = HashMap::new();
+        let mut copies = Vec::new();
         for entry in tree.iter() {
             let (key, value) = entry?;
             let room_id = String::from_utf8_lossy(&key).into_owned();
-            match rmp_serde::from_slice::<HeldRoom>(&value) {
-                Ok(held) => {
-                    rooms.insert(room_id, held);
-                }
+            match rmp_serde::from_slice::<HeldCopy>(&value) {
+                Ok(held) => copies.push((room_id, held)),
                 Err(error) => {
                     tracing::warn!(room = %room_id, %error, "skipping an undecodable saved room state")
                 }
             }
         }
         Ok(DurableStates {
-            rooms: Mutex::new(rooms),
+            store: Mutex::new(ReplicaStore::from_copies(copies)),
             tree: Some(tree),
         })
     }
 
-    fn map(&self) -> MutexGuard<'_, HashMap<String, HeldRoom>> {
-        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    fn store(&self) -> MutexGuard<'_, ReplicaStore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn save(&self, room_id: &str, held: &HeldRoom) {
+    /// Writes a changed copy to sled (called under the lock, so the saved copy is never
+    /// older than the one in memory).
+    fn save(&self, room_id: &str, held: &HeldCopy) {
         let Some(tree) = &self.tree else { return };
         let saved = rmp_serde::to_vec_named(held)
             .map_err(|e| e.to_string())
@@ -290,25 +286,18 @@ impl DurableStates {
         }
     }
 
-    /// Every state held, with the epoch it was written at.
+    /// Every state held: (room, epoch, state).
     pub fn held_states(&self) -> Vec<(String, u64, RoomDurable)> {
-        self.map()
-            .iter()
-            .filter_map(|(room_id, held)| {
-                held.state
-                    .as_ref()
-                    .map(|(epoch, durable)| (room_id.clone(), *epoch, durable.clone()))
-            })
-            .collect()
+        self.store().states()
     }
 
     /// Forgets the states of `rooms` (expired), in memory and in sled; returns how many
     /// were held.
     pub fn forget(&self, rooms: &[String]) -> usize {
-        let mut map = self.map();
+        let mut store = self.store();
         let mut forgotten = 0;
         for room_id in rooms {
-            if map.remove(room_id).is_some() {
+            if store.forget(room_id) {
                 forgotten += 1;
                 if let Some(tree) = &self.tree {
                     if let Err(error) = tree.remove(room_id.as_bytes()) {
@@ -320,42 +309,27 @@ impl DurableStates {
         forgotten
     }
 
-    /// Keeps `durable`, written by the owner at `epoch`, if it is ahead of what is held.
+    /// Keeps `durable`, written by the owner at `epoch`, if it is ahead of what is held
+    /// (see `ReplicaStore::keep`).
     ///
     /// # Errors
     ///
     /// The highest epoch seen, if `epoch` is below it: a newer owner exists and the writer
     /// must stop acting for the room.
     pub fn keep(&self, room_id: &str, epoch: u64, durable: RoomDurable) -> Result<(), u64> {
-        let mut rooms = self.map();
-        let held = rooms.entry(room_id.to_string()).or_default();
-        if epoch < held.fence {
-            return Err(held.fence);
-        }
-        held.fence = epoch;
-        let ahead = match &held.state {
-            None => true,
-            Some((held_epoch, held_state)) => {
-                (epoch, durable.revision, durable.comment_count)
-                    >= (*held_epoch, held_state.revision, held_state.comment_count)
-            }
-        };
-        if ahead {
-            held.state = Some((epoch, durable));
-        }
-        // Under the lock, so the saved copy is never older than the one in memory.
+        let mut store = self.store();
+        let held = store.keep(room_id, epoch, durable)?;
         self.save(room_id, held);
         Ok(())
     }
 
     /// Applies replicated votes to the state held for `room_id`, if it is the one they
-    /// follow: written at `epoch`, at `base_revision`.
+    /// follow (see `ReplicaStore::apply_votes`).
     ///
     /// # Errors
     ///
-    /// [`VotesRefused::Stale`] with the fence if a newer owner exists; [`VotesRefused::
-    /// OutOfStep`] if the held state is not the one the votes follow (the owner then sends
-    /// its whole state).
+    /// [`VotesRefused::Stale`] with the fence if a newer owner exists;
+    /// [`VotesRefused::OutOfStep`] if the held state is not the one the votes follow.
     pub fn apply_votes(
         &self,
         room_id: &str,
@@ -364,20 +338,8 @@ impl DurableStates {
         revision: u64,
         votes: &[chorus_actors::polls::VoteRecord],
     ) -> Result<(), VotesRefused> {
-        let mut rooms = self.map();
-        let held = rooms.entry(room_id.to_string()).or_default();
-        if epoch < held.fence {
-            return Err(VotesRefused::Stale(held.fence));
-        }
-        match &mut held.state {
-            Some((held_epoch, state))
-                if *held_epoch == epoch && state.revision == base_revision =>
-            {
-                state.polls.apply(votes);
-                state.revision = revision;
-            }
-            _ => return Err(VotesRefused::OutOfStep),
-        }
+        let mut store = self.store();
+        let held = store.apply_votes(room_id, epoch, base_revision, revision, votes)?;
         self.save(room_id, held);
         Ok(())
     }
@@ -385,33 +347,25 @@ impl DurableStates {
     /// Raises the room's fence to `epoch` (a new owner is activating it) and returns the
     /// state held.
     pub fn fence(&self, room_id: &str, epoch: u64) -> Option<(u64, RoomDurable)> {
-        let mut rooms = self.map();
-        let held = rooms.entry(room_id.to_string()).or_default();
-        if epoch > held.fence {
-            held.fence = epoch;
-            self.save(room_id, held);
+        let mut store = self.store();
+        let (held, raised) = store.fence(room_id, epoch);
+        if raised {
+            if let Some(copy) = store.copy(room_id) {
+                self.save(room_id, copy);
+            }
         }
-        held.state.clone()
+        held
     }
 
     /// The highest ownership epoch seen for `room_id` (0 if none).
     pub fn fence_of(&self, room_id: &str) -> u64 {
-        self.map().get(room_id).map(|h| h.fence).unwrap_or(0)
+        self.store().fence_of(room_id)
     }
 
     /// The state held for `room_id`, with its epoch.
     pub fn get(&self, room_id: &str) -> Option<(u64, RoomDurable)> {
-        self.map().get(room_id).and_then(|h| h.state.clone())
+        self.store().get(room_id)
     }
-}
-
-/// Why replicated votes were not applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VotesRefused {
-    /// A newer owner exists (its epoch).
-    Stale(u64),
-    /// The held state is not the one the votes follow.
-    OutOfStep,
 }
 
 /// Other nodes tried, in ring preference order, before a change counts as not replicated.
@@ -1676,11 +1630,10 @@ impl Node {
                 durable: self.durable.fence(room_id, epoch),
             },
         ));
-        let durable = recoveries
-            .iter()
-            .filter_map(|(_, r)| r.durable.clone())
-            .max_by_key(|(epoch, d)| (*epoch, d.revision, d.comment_count))
-            .map(|(_, d)| d);
+        let durable = chorus_actors::replica::most_advanced(
+            recoveries.iter().filter_map(|(_, r)| r.durable.clone()),
+        )
+        .map(|(_, d)| d);
         let restored = durable.as_ref().map(|d| d.comment_count).unwrap_or(0);
         let current = ask(&actor, |reply| RoomMsg::Restore {
             epoch,
