@@ -1,10 +1,12 @@
 //! Chorus domain cores and their actor shells.
 //!
-//! Cores are sans-IO (see `../shared/STYLE.md`): plain structs with `handle_*(&mut self,
-//! now_ms, …)` methods that return results and queue effects; they never read the clock,
-//! touch sockets or disks. Start with [`room`] (the room core), then [`room_actor`] (its
-//! ractor shell and the directory of rooms), [`session`] (resume and per-connection rules)
-//! [`totals`] (R10's running totals) and [`store`] (durable definitions in sled).
+//! Cores are sans-IO: plain structs with `handle_*(&mut self, now_ms, …)` methods that
+//! return results and queue effects; they never read the clock, touch sockets or disks,
+//! so the same inputs give the same outputs and tests need neither tokio nor a network.
+//! Start with [`room`] (the room core), then [`room_actor`] (its ractor shell and the
+//! directory of rooms), [`session`] (resume and per-connection rules), [`replica`] (the
+//! replica store's fencing and the recovery copy choice), [`totals`] (R10's running
+//! totals) and [`store`] (the definition store the directory uses).
 
 pub mod bullets;
 pub mod polls;
