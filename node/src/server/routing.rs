@@ -781,18 +781,30 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ErrorBody
 }
 
 /// Relays one room's events from this (owner) node to one edge node, in order.
+///
+/// Its task is watched: if it ends while the node runs (a panic), the next item pushed
+/// starts a new one (`chorus_relay_restarted_total`) instead of finding the queue closed
+/// for good.
 pub struct EdgeRelay {
     edge: NodeId,
-    tx: mpsc::Sender<RelayItem>,
+    tx: std::sync::Mutex<mpsc::Sender<RelayItem>>,
     node: Weak<Node>,
 }
 
 impl EdgeRelay {
     /// Starts the relay task toward `edge`.
     pub fn start(node: Weak<Node>, edge: NodeId) -> Arc<Self> {
+        Arc::new(EdgeRelay {
+            edge,
+            tx: std::sync::Mutex::new(Self::spawn_task(node.clone(), edge)),
+            node,
+        })
+    }
+
+    /// The relay task: batches the queue and sends each batch to `edge`, in order.
+    fn spawn_task(node: Weak<Node>, edge: NodeId) -> mpsc::Sender<RelayItem> {
         let (tx, mut rx) = mpsc::channel::<RelayItem>(RELAY_QUEUE_ITEMS_MAX);
         let node_weak = node.clone();
-        let node_weak_for_epochs = node.clone();
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(RELAY_BATCH_ITEMS_MAX);
             while let Some(item) = rx.recv().await {
@@ -837,11 +849,7 @@ impl EdgeRelay {
                 }
             }
         });
-        Arc::new(EdgeRelay {
-            edge,
-            tx,
-            node: node_weak_for_epochs,
-        })
+        tx
     }
 
     /// This node's ownership epoch for `room_id` (0 if it never activated it).
@@ -864,9 +872,30 @@ impl EdgeRelay {
     }
 
     fn push(&self, item: RelayItem) {
-        if self.tx.try_send(item).is_err() {
-            metrics::counter!("chorus_relay_dropped_total").increment(1);
-            tracing::warn!(edge = self.edge, "relay queue full: dropping");
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match tx.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("chorus_relay_dropped_total").increment(1);
+                tracing::warn!(edge = self.edge, "relay queue full: dropping");
+            }
+            Err(mpsc::error::TrySendError::Closed(item)) => {
+                // The task ended: the node is stopping, or the task died. Restart it.
+                let Some(node) = self.node.upgrade() else {
+                    return;
+                };
+                if node.shutdown.is_cancelled() {
+                    return;
+                }
+                let mut current = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+                if current.same_channel(&tx) {
+                    *current = Self::spawn_task(self.node.clone(), self.edge);
+                    metrics::counter!("chorus_relay_restarted_total").increment(1);
+                    tracing::error!(edge = self.edge, "the relay task had ended: restarted");
+                }
+                // (Or another push restarted it already.)
+                let _ = current.try_send(item);
+            }
         }
     }
 }
