@@ -767,11 +767,18 @@ pub enum NodeMessage {
     },
 }
 
-/// Encodes a value for the inter-node channel.
+/// Encodes a value for the inter-node channel. A failure (a bug: every value sent is
+/// plain data) is logged and counted (`chorus_encode_failures_total`), and the empty
+/// message sent instead is refused by the receiver's decoder.
 pub fn encode<T: Serialize>(value: &T) -> Bytes {
-    rmp_serde::to_vec_named(value)
-        .map(Bytes::from)
-        .unwrap_or_default()
+    match rmp_serde::to_vec_named(value) {
+        Ok(bytes) => Bytes::from(bytes),
+        Err(error) => {
+            metrics::counter!("chorus_encode_failures_total").increment(1);
+            tracing::error!(%error, what = std::any::type_name::<T>(), "cannot encode an inter-node message");
+            Bytes::new()
+        }
+    }
 }
 
 /// Decodes a value from the inter-node channel.
