@@ -392,3 +392,43 @@ async fn a_node_refuses_public_addresses_without_real_credentials_and_short_secr
     ];
     assert!(serve_outcome(&files, &[]).await.is_none());
 }
+
+/// A node's log written to a pipe or file (not a terminal) has no colour codes.
+#[tokio::test]
+async fn a_redirected_log_has_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
+        .args(["--cluster-addr", "127.0.0.1:0"])
+        .env_remove("CHORUS_SECRET")
+        .env_remove("CHORUS_ADMIN_TOKEN")
+        .env("CHORUS_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn chorus serve");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let serving = tokio::time::timeout(DEADLINE, stdout.next_line())
+        .await
+        .expect("serving in time")
+        .expect("stdout");
+    assert!(serving.is_some_and(|line| line.contains("serving")));
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr).await;
+    }
+    assert!(
+        stderr.contains("no secret configured"),
+        "a warning was logged: {stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "ANSI escapes in a redirected log: {stderr}"
+    );
+}

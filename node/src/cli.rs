@@ -272,8 +272,10 @@ fn init_tracing(json: bool) {
     let filter = EnvFilter::try_from_env("CHORUS_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn"));
+    // Colours only on a terminal: a log redirected to a file or a collector stays plain.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
