@@ -100,7 +100,7 @@ impl TokenKeys {
         validation.validate_exp = false;
         validation.required_spec_claims.clear();
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
-            .map_err(|e| TokenError::Invalid(e.to_string()))?;
+            .map_err(|e| TokenError::Invalid(explain(&e)))?;
         let claims = data.claims;
         if claims.sub.is_empty() || claims.sub.len() > USER_ID_BYTES_MAX {
             return Err(TokenError::Invalid(format!(
@@ -111,6 +111,24 @@ impl TokenKeys {
             return Err(TokenError::Expired);
         }
         Ok(claims)
+    }
+}
+
+/// A token refusal in words, with the likely cause.
+fn explain(error: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind;
+    match error.kind() {
+        ErrorKind::InvalidSignature => "the signature does not verify: the token was signed \
+            with another secret than this node's (CHORUS_SECRET)"
+            .to_string(),
+        ErrorKind::InvalidAlgorithm => "the token is not signed with HS256".to_string(),
+        ErrorKind::InvalidToken
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_) => {
+            "this is not a JWT (three base64url parts separated by dots)".to_string()
+        }
+        _ => error.to_string(),
     }
 }
 
@@ -152,6 +170,17 @@ mod tests {
             Err(TokenError::Invalid(_))
         ));
         assert!(matches!(keys.verify("", 1010), Err(TokenError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_token_signed_with_another_secret_says_so() {
+        let theirs = TokenKeys::new(b"another secret, not this node's");
+        let ours = TokenKeys::new(b"this node's own secret, 32 bytes");
+        let token = theirs.mint("alice", &[], 1_000, 60).expect("mint");
+        let error = ours.verify(&token, 1_010).expect_err("refused");
+        assert!(error.to_string().contains("another secret"), "{error}");
+        let error = ours.verify("not a token", 1_010).expect_err("refused");
+        assert!(error.to_string().contains("not a JWT"), "{error}");
     }
 
     #[test]

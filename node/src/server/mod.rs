@@ -66,17 +66,48 @@ pub const STOP_NOW_FLUSH_TIMEOUT_MS: u64 = 2_000;
 /// Message size accepted on `/ws/echo` (the Autobahn cases send up to 16 MiB).
 const ECHO_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
+/// What to do about a failed bind, when the cause says.
+fn bind_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            ": another process (another node?) uses it; give this node its own address \
+             (each of --http-addr, --quic-addr and --cluster-addr is set on its own)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => ": no interface of this machine has that IP",
+        std::io::ErrorKind::PermissionDenied => ": ports below 1024 need privileges",
+        _ => "",
+    }
+}
+
+/// Why the data dir's database cannot be opened, in words.
+fn storage_reason(error: &sled::Error) -> String {
+    // sled reports a held lock as an I/O error whose message carries the OS error.
+    match error {
+        sled::Error::Io(io)
+            if io.kind() == std::io::ErrorKind::WouldBlock
+                || io.to_string().contains("could not acquire lock") =>
+        {
+            "another chorus node is using this data dir (its lock is held): stop it, or give \
+             this node its own --data-dir"
+                .to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// Invalid configuration.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// Binding a socket failed.
-    #[error("cannot listen on {addr}")]
+    /// Binding a socket failed (the cause follows in the error chain).
+    #[error("cannot listen on {addr} (--{flag}){}", bind_hint(source))]
     Bind {
         /// The address.
         addr: SocketAddr,
+        /// The flag (and config key) that sets it.
+        flag: &'static str,
         /// The cause.
         source: std::io::Error,
     },
@@ -413,13 +444,19 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     }
 
     let data_dir = config.data_dir.clone();
+    if data_dir.exists() && !data_dir.is_dir() {
+        return Err(ServeError::Storage {
+            path: data_dir.clone(),
+            reason: "this is a file, not a directory: give --data-dir a directory (it is created if missing)".into(),
+        });
+    }
     std::fs::create_dir_all(&data_dir).map_err(|e| ServeError::Storage {
         path: data_dir.clone(),
         reason: e.to_string(),
     })?;
     let db = sled::open(data_dir.join("db")).map_err(|e| ServeError::Storage {
         path: data_dir.clone(),
-        reason: e.to_string(),
+        reason: storage_reason(&e),
     })?;
 
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
@@ -465,33 +502,42 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         })
         .map_err(|source| ServeError::Bind {
             addr: config.quic_addr,
+            flag: "quic-addr",
             source,
         })?;
     let quic_addr = endpoint.local_addr().map_err(|source| ServeError::Bind {
         addr: config.quic_addr,
+        flag: "quic-addr",
         source,
     })?;
     let listener = TcpListener::bind(config.http_addr)
         .await
         .map_err(|source| ServeError::Bind {
             addr: config.http_addr,
+            flag: "http-addr",
             source,
         })?;
     let http_addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: config.http_addr,
+        flag: "http-addr",
         source,
     })?;
     let admin_listener = match config.admin_addr {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| ServeError::Bind { addr, source })?,
+                .map_err(|source| ServeError::Bind {
+                    addr,
+                    flag: "admin-addr",
+                    source,
+                })?,
         ),
         None => None,
     };
     let admin_addr = match &admin_listener {
         Some(listener) => Some(listener.local_addr().map_err(|source| ServeError::Bind {
             addr: config.admin_addr.unwrap_or(config.http_addr),
+            flag: "admin-addr",
             source,
         })?),
         None => None,
@@ -510,7 +556,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
             ..chorus_cluster::link::LinkConfig::default()
         },
     )
-    .map_err(|e| ServeError::Cluster(e.to_string()))?;
+    .map_err(|e| match e {
+        chorus_cluster::link::LinkError::Bind { addr, source } => ServeError::Bind {
+            addr,
+            flag: "cluster-addr",
+            source,
+        },
+        other => ServeError::Cluster(other.to_string()),
+    })?;
     let cluster_addr = link.local_addr().unwrap_or(config.cluster_addr);
     // While the node joins (which may wait on peers), /healthz answers and /readyz says
     // not yet; the node's own HTTP service takes the port over afterwards.
