@@ -72,9 +72,15 @@ async fn an_activation_stuck_on_an_unreachable_peer_does_not_hold_up_other_rooms
     join(&listener, &busy).await;
     let mut audio = listener.take_audio().expect("audio stream");
     // `stuck` is empty: its actor is let go.
-    eventually("a to run only the busy room", || async {
-        a.metric("chorus_rooms_running").await == Some(1.0)
-    })
+    eventually(
+        "a to let the empty room go and keep the busy one",
+        || async {
+            let running = |room: String| async move {
+                a.admin(&format!("/admin/where?key={room}")).await["running_here"] == true
+            };
+            !running(stuck.clone()).await && running(busy.clone()).await
+        },
+    )
     .await;
 
     // c stops answering (paused, not gone: nobody marks it down for a while).
@@ -87,13 +93,30 @@ async fn an_activation_stuck_on_an_unreachable_peer_does_not_hold_up_other_rooms
             (joiner, joined)
         })
     };
-    eventually("the stuck room's activation to be under way", || async {
-        a.metric("chorus_room_activations_in_progress")
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let under_way = a
+            .metric("chorus_room_activations_in_progress")
             .await
-            .unwrap_or(0.0)
-            >= 1.0
-    })
-    .await;
+            .unwrap_or(0.0);
+        if under_way >= 1.0 {
+            break;
+        }
+        if stuck_join.is_finished() {
+            let (_, joined) = stuck_join.await.expect("join task");
+            panic!("the join ended before its activation was seen: {joined:?}");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stuck room's activation never started; /metrics: {:?}",
+            a.http_get("/metrics")
+                .await
+                .lines()
+                .filter(|l| l.contains("activation") || l.contains("rooms_"))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Meanwhile the busy room answers and carries voice.
     say(&host, &busy, "while another room activates").await;

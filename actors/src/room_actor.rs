@@ -1243,6 +1243,11 @@ impl RoomDirectory {
         }
     }
 
+    /// Whether the actor of `room_id` runs here now (never waits).
+    pub fn is_running(&self, room_id: &str) -> bool {
+        matches!(self.lookup(room_id, false), Some(Lookup::Running(_)))
+    }
+
     /// The running room actors (a snapshot).
     pub async fn running_actors(&self) -> Vec<(String, ActorRef<RoomMsg>)> {
         self.map()

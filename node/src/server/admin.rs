@@ -483,6 +483,10 @@ pub fn route<B>(node: &Arc<Node>, request: &Request<B>) -> HttpResponse {
                     "owner_http_addr": owner_record.map(|n| n.http_addr.clone()),
                     "ring_epoch": metadata.ring_epoch,
                     "ownership": metadata.owners.get(&key),
+                    // Whether this node runs the room's actor now.
+                    "running_here": key
+                        .strip_prefix("room/")
+                        .is_some_and(|room_id| node.rooms.is_running(room_id)),
                     // Where the owner replicates the key's state, in order of preference.
                     "replicas": ring.as_ref().map(|r| {
                         r.owners_n(&key, super::routing::REPLICA_CANDIDATES_MAX + 1)
