@@ -59,7 +59,7 @@ pub enum AdminCommand {
         /// Member id.
         node: u64,
     },
-    /// Red-packet rains (SPEC Q7).
+    /// Red-packet rains (create, status, ledger, audit).
     Rain {
         /// What to do.
         #[command(subcommand)]
@@ -73,7 +73,7 @@ pub enum AdminCommand {
         #[arg(long)]
         client_log: Vec<std::path::PathBuf>,
     },
-    /// Live quiz shows (SPEC Q1-Q5).
+    /// Live quiz shows (create, push a question, announce, finish, status, results).
     Quiz {
         /// What to do.
         #[command(subcommand)]
@@ -194,7 +194,7 @@ pub enum RainCommand {
         /// The rain id.
         rain: String,
     },
-    /// Audit a rain from durable state (SPEC Q8): each packet granted at most once and as
+    /// Audit a rain from durable state: each packet granted at most once and as
     /// split, no user above the cap, granted + refunded (+ unclaimed before the end) = the
     /// total to the cent, and every grant in `--client-log` is in the ledger. Exits 1 when
     /// anything fails.

@@ -106,14 +106,14 @@ pub struct LoadgenArgs {
     /// (burst 10).
     #[arg(long, default_value_t = 1)]
     pub senders: u32,
-    /// Reacting clients (R7): each sends `--reaction-rate` reactions per second. The server
+    /// Reacting clients: each sends `--reaction-rate` reactions per second. The server
     /// limits requests per connection (`--requests-per-sec` on the nodes, default 20).
     #[arg(long, default_value_t = 0)]
     pub reactors: u32,
     /// Reactions per second per reacting client.
     #[arg(long, default_value_t = 10.0)]
     pub reaction_rate: f64,
-    /// Bullet-comment clients (Q6): each sends `--bullet-rate` bullets per second. Nodes
+    /// Bullet-comment clients: each sends `--bullet-rate` bullets per second. Nodes
     /// let 2/s per user through (burst 4) and refuse the rest as rate limited (counted,
     /// not errors); a room shows 20/s chosen from all senders.
     #[arg(long, default_value_t = 0)]
@@ -121,7 +121,7 @@ pub struct LoadgenArgs {
     /// Bullets per second per bullet-comment client.
     #[arg(long, default_value_t = 10.0)]
     pub bullet_rate: f64,
-    /// Speaking clients (R11): the room's host invites each to the stage; each sends one
+    /// Speaking clients: the room's host invites each to the stage; each sends one
     /// voice frame every `--frame-ms`, carrying its send time, for `--duration` seconds.
     #[arg(long, default_value_t = 0)]
     pub speakers: u32,
@@ -152,7 +152,7 @@ pub struct LoadgenArgs {
     /// Seconds to wait after sending stops for deliveries still in flight.
     #[arg(long, default_value_t = 5)]
     pub drain_secs: u64,
-    /// Red-packet rain (Q7): grabbing clients. With grabbers the run is a rain run: they
+    /// Red-packet rain: grabbing clients. With grabbers the run is a rain run: they
     /// join the room, a rain is created through `--admin-url` and they tap on it for
     /// `--duration` seconds (listeners, senders, reactors and speakers are not started).
     #[arg(long, default_value_t = 0)]
@@ -169,7 +169,7 @@ pub struct LoadgenArgs {
     /// Packets one grabber may get.
     #[arg(long, default_value_t = 3)]
     pub rain_cap: u64,
-    /// Run a live quiz instead (SPEC Q5): this many viewers join a new room, answer every
+    /// Run a live quiz instead: this many viewers join a new room, answer every
     /// question as it arrives; reports answers/s and the time for each announcement to
     /// reach every viewer.
     #[arg(long, default_value_t = 0)]
