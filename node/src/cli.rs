@@ -27,13 +27,17 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Print a client token (JWT, HS256) for development.
     Token(TokenArgs),
-    /// Act as a client: create-room, join, say, react, leave, info, end.
+    /// Act as a client: rooms (create-room, join, info, members, end, summary), comments and
+    /// reactions (say, react, bullet), the stage (raise-hand, invite, mute, kick, …), polls,
+    /// voice (speak, listen), quiz answers and rain grabs. `chorus client --help` lists all.
     Client(crate::client::cli::ClientArgs),
     /// Generate load: listeners and senders in one room; prints delivery latency.
     Loadgen(crate::loadgen::LoadgenArgs),
-    /// Operate a cluster through a node's admin API: status, nodes, where KEY.
+    /// Operate a cluster through a node's admin API (token: CHORUS_ADMIN_TOKEN, on
+    /// loopback the development token): status, nodes, ready, where KEY, drain, remove,
+    /// rain, audit-rain, quiz.
     Admin(crate::admin_cli::AdminArgs),
-    /// Cluster certificate authority: `ca init DIR`.
+    /// Cluster certificate authority: `ca init DIR`, `ca issue` (a node's identity).
     Ca(crate::admin_cli::CaArgs),
 }
 
