@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # A local cluster for load runs: N `chorus serve` processes on their own loopback
-# addresses (127.0.0.11, .12, …; HTTP 7070, QUIC 7071, cluster 7072 on each).
+# addresses (by default 127.0.0.11, .12, …; HTTP 7070, QUIC 7071, cluster 7072 on each).
+# $CHORUS_BENCH_NET sets the first three parts of the addresses (default 127.0.0) and
+# $CHORUS_BENCH_BASE the last part of the first one minus one (default 10), so two
+# clusters can run side by side: CHORUS_BENCH_BASE=20 CHORUS_BENCH_DIR=/tmp/b2 ….
 #
 #   benches/cluster.sh start [N] [extra serve flags…]   # default 3 nodes; waits until up
 #   benches/cluster.sh urls ws|quic                     # --url flags for chorus loadgen
@@ -16,7 +19,14 @@ BIN=${CHORUS_BIN:-target/release/chorus}
 # per-connection request limit.
 UNTHROTTLED=(--requests-per-sec 100000 --requests-burst 100000)
 
-ip_of() { echo "127.0.0.$((10 + $1))"; }
+NET=${CHORUS_BENCH_NET:-127.0.0}
+BASE=${CHORUS_BENCH_BASE:-10}
+if ! [[ $BASE =~ ^[0-9]+$ ]] || [ "$BASE" -gt 240 ]; then
+    echo "CHORUS_BENCH_BASE must be 0-240" >&2
+    exit 2
+fi
+
+ip_of() { echo "$NET.$((BASE + $1))"; }
 
 start() {
     local n=${1:-3}
