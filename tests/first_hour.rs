@@ -153,3 +153,56 @@ async fn client_errors_say_what_to_do() {
         stderr(&output)
     );
 }
+
+#[tokio::test]
+async fn a_room_scheduled_from_the_cli_is_started_from_the_cli() {
+    let node = TestNode::start(&[]).await;
+    let url = node.ws_url();
+    // A start time in the past is refused, not silently made live.
+    let output = chorus(&[
+        "client",
+        "--url",
+        &url,
+        "--user",
+        "alice",
+        "create-room",
+        "Friday panel",
+        "--scheduled-start-ms",
+        "1000",
+    ])
+    .await;
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("is in the past"), "{}", stderr(&output));
+    // Ten minutes from now.
+    let output = chorus(&[
+        "client",
+        "--url",
+        &url,
+        "--user",
+        "alice",
+        "create-room",
+        "Friday panel",
+        "--starts-in",
+        "10m",
+    ])
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let created: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("create-room prints JSON");
+    assert_eq!(created["room"]["state"], "scheduled", "{created}");
+    let room = created["room_id"].as_str().expect("room_id").to_string();
+    let mut fan = node.client(&url, "carol").await;
+    fan.request(chorus_protocol::RoomInterestRequest {
+        room_id: room.clone(),
+        interested: true,
+    })
+    .await
+    .expect("interest");
+    let output = chorus(&["client", "--url", &url, "--user", "alice", "start", &room]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    common::expect_event(&mut fan, "room.live", |event| match event {
+        chorus_protocol::Event::Live(live) if live.room_id == room => Some(()),
+        _ => None,
+    })
+    .await;
+}

@@ -68,9 +68,19 @@ pub enum ClientCommand {
     CreateRoom {
         /// Room title (1-200 characters).
         title: String,
-        /// Scheduled start, milliseconds since the Unix epoch (default: live now).
+        /// Schedule the room to start this long from now (e.g. `10m`, `1h30m`); the host
+        /// starts it with `start`. Default: live now.
+        #[arg(long, conflicts_with = "scheduled_start_ms")]
+        starts_in: Option<humantime::Duration>,
+        /// Scheduled start, milliseconds since the Unix epoch (must be in the future).
         #[arg(long)]
         scheduled_start_ms: Option<u64>,
+    },
+    /// Start a scheduled room (host only): it goes live, and the users interested in it
+    /// get `room.live`.
+    Start {
+        /// Room id.
+        room: String,
     },
     /// Join a room, print the join response, then every event until `--for` elapses
     /// (default: until Ctrl-C or end of standard input), then leave.
@@ -387,8 +397,20 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
     match command {
         ClientCommand::CreateRoom {
             title,
+            starts_in,
             scheduled_start_ms,
         } => {
+            let now_ms = unix_now_secs().saturating_mul(1000);
+            let scheduled_start_ms = match (starts_in, scheduled_start_ms) {
+                (Some(after), _) => Some(
+                    now_ms.saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX)),
+                ),
+                (None, Some(at)) if at <= now_ms => anyhow::bail!(
+                    "--scheduled-start-ms {at} is in the past (now is {now_ms}): give a future \
+                     time, or --starts-in 10m"
+                ),
+                (None, at) => at,
+            };
             let response = client
                 .request(RoomCreateRequest {
                     title,
@@ -457,6 +479,13 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 .request(RoomInfoRequest { room_id: room })
                 .await
                 .context("room.info failed")?;
+            print_json(&response);
+        }
+        ClientCommand::Start { room } => {
+            let response = client
+                .request(chorus_protocol::RoomStartRequest { room_id: room })
+                .await
+                .context("room.start failed")?;
             print_json(&response);
         }
         ClientCommand::End { room } => {
@@ -1115,7 +1144,7 @@ mod tests {
         .expect("parses");
         assert!(matches!(
             cli.args.command,
-            ClientCommand::CreateRoom { ref title, scheduled_start_ms: Some(5) } if title == "Hello"
+            ClientCommand::CreateRoom { ref title, scheduled_start_ms: Some(5), .. } if title == "Hello"
         ));
     }
 }
