@@ -172,7 +172,11 @@ async fn a_room_scheduled_from_the_cli_is_started_from_the_cli() {
     ])
     .await;
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("is in the past"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("is in the past"),
+        "{}",
+        stderr(&output)
+    );
     // Ten minutes from now.
     let output = chorus(&[
         "client",
