@@ -1,0 +1,95 @@
+//! `docs/metrics.md` lists every metric: each name in the code is documented, each
+//! documented name is in the code, and everything a running node exports is documented.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use common::{create_room, join, say, TestNode};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Metric names in the reference's tables (the first cell, in backticks).
+fn documented() -> BTreeSet<String> {
+    let text = std::fs::read_to_string(Path::new(ROOT).join("docs/metrics.md")).expect("read");
+    text.lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split('`').next())
+        .filter(|name| name.starts_with("chorus_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Metric names recorded in the code: the string after `counter!(`, `gauge!(` or
+/// `histogram!(` (possibly on the next line).
+fn in_code() -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for dir in ["node/src", "actors/src", "cluster/src"] {
+        visit(&Path::new(ROOT).join(dir), &mut |text| {
+            for macro_name in ["counter!(", "gauge!(", "histogram!("] {
+                for (at, _) in text.match_indices(macro_name) {
+                    let rest = text[at + macro_name.len()..].trim_start();
+                    if let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next()) {
+                        if name.starts_with("chorus_") {
+                            names.insert(name.to_string());
+                        }
+                    }
+                }
+            }
+        });
+    }
+    names
+}
+
+fn visit(dir: &Path, each: &mut impl FnMut(&str)) {
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            visit(&path, each);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            each(&std::fs::read_to_string(&path).expect("read source"));
+        }
+    }
+}
+
+#[test]
+fn the_reference_lists_exactly_the_metrics_in_the_code() {
+    let documented = documented();
+    let code = in_code();
+    assert!(code.len() > 40, "found the metrics in the code: {code:?}");
+    let undocumented: Vec<_> = code.difference(&documented).collect();
+    let stale: Vec<_> = documented.difference(&code).collect();
+    assert!(
+        undocumented.is_empty(),
+        "in the code, not in docs/metrics.md: {undocumented:?}"
+    );
+    assert!(stale.is_empty(), "in docs/metrics.md, not in the code: {stale:?}");
+}
+
+#[tokio::test]
+async fn everything_a_node_exports_is_in_the_reference() {
+    let node = TestNode::start(&[]).await;
+    let client = node.client(&node.ws_url(), "alice").await;
+    let room = create_room(&client, "metrics").await;
+    join(&client, &room).await;
+    say(&client, &room, "counted").await;
+    let body = node.http_get("/metrics").await;
+    let documented = documented();
+    let exported: BTreeSet<String> = body
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter(|name| name.starts_with("chorus_"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        exported.contains("chorus_connections") && exported.contains("chorus_frames_in_total"),
+        "the node exported its metrics: {exported:?}"
+    );
+    let undocumented: Vec<_> = exported.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "exported, not in docs/metrics.md: {undocumented:?}"
+    );
+}
