@@ -64,7 +64,10 @@ fn the_reference_lists_exactly_the_metrics_in_the_code() {
         undocumented.is_empty(),
         "in the code, not in docs/metrics.md: {undocumented:?}"
     );
-    assert!(stale.is_empty(), "in docs/metrics.md, not in the code: {stale:?}");
+    assert!(
+        stale.is_empty(),
+        "in docs/metrics.md, not in the code: {stale:?}"
+    );
 }
 
 #[tokio::test]
