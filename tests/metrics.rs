@@ -1,5 +1,6 @@
 //! `docs/metrics.md` lists every metric: each name in the code is documented, each
 //! documented name is in the code, and everything a running node exports is documented.
+//! The Grafana dashboard and the alert rules in `ops/` use only documented metrics.
 
 mod common;
 
@@ -95,4 +96,52 @@ async fn everything_a_node_exports_is_in_the_reference() {
         undocumented.is_empty(),
         "exported, not in docs/metrics.md: {undocumented:?}"
     );
+}
+
+/// `chorus_…` metric names in `text` (histogram and summary series mapped to their
+/// family).
+fn names_in(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("chorus_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .filter(|family| family.ends_with("_seconds") || family.ends_with("_items"))
+            .unwrap_or(name);
+        names.insert(family.to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_and_the_alert_rules_use_documented_metrics() {
+    let documented = documented();
+    for file in [
+        "ops/grafana/chorus-dashboard.json",
+        "ops/prometheus/chorus-rules.yaml",
+    ] {
+        let text = std::fs::read_to_string(Path::new(ROOT).join(file)).expect("read");
+        let used = names_in(&text);
+        assert!(used.len() >= 5, "{file} uses metrics: {used:?}");
+        let unknown: Vec<_> = used.difference(&documented).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses undocumented metrics: {unknown:?}"
+        );
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(ROOT).join("ops/grafana/chorus-dashboard.json"))
+            .expect("read"),
+    )
+    .expect("the dashboard is JSON");
+    assert!(dashboard["panels"]
+        .as_array()
+        .is_some_and(|p| !p.is_empty()));
 }
