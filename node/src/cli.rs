@@ -275,7 +275,7 @@ fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("CHORUS_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn,ractor_cluster=warn"));
     // Colours only on a terminal: a log redirected to a file or a collector stays plain.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
