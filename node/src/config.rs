@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The token secret used when none is configured. Development only: anyone can mint
 /// tokens with it.
@@ -19,7 +19,7 @@ pub const DEV_ADMIN_TOKEN: &str = "chorus-dev-admin";
 pub const SECRET_BYTES_MIN: usize = 16;
 
 /// Everything a node needs to start.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
     /// Directory for sled, certificates and exports. Default `./chorus-data`.
@@ -52,8 +52,10 @@ pub struct NodeConfig {
     pub join_timeout_ms: u64,
     /// Token for the HTTP admin API (`Authorization: Bearer …`). Default: the development
     /// admin token, with a warning. Also `CHORUS_ADMIN_TOKEN`.
+    #[serde(skip_serializing)]
     pub admin_token: Option<String>,
     /// Token secret (HS256). Default: [`DEV_SECRET`], with a warning. Also `CHORUS_SECRET`.
+    #[serde(skip_serializing)]
     pub secret: Option<String>,
     /// The node's name in logs, certificates and `auth` responses. Default `node-1`.
     pub node_name: String,
@@ -80,7 +82,7 @@ pub struct NodeConfig {
 pub const DRAIN_TIMEOUT_MS_MAX: u64 = 3_600_000;
 
 /// Red-packet rain settings (`[rain]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RainConfig {
     /// Grabs per second one rain's pool serves (its token bucket; the rest are answered
@@ -98,7 +100,7 @@ impl Default for RainConfig {
 }
 
 /// Protocol and resource limits. Every bound has a unit in its name.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Maximum frame size in bytes. Default 65,536. Larger frames get `frame_too_large`.
