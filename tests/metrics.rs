@@ -96,6 +96,15 @@ async fn everything_a_node_exports_is_in_the_reference() {
         undocumented.is_empty(),
         "exported, not in docs/metrics.md: {undocumented:?}"
     );
+    // Every family has its HELP (from the reference): `promtool check metrics` lints it.
+    let helped: BTreeSet<String> = body
+        .lines()
+        .filter_map(|line| line.strip_prefix("# HELP "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    let without_help: Vec<_> = exported.difference(&helped).collect();
+    assert!(without_help.is_empty(), "no HELP: {without_help:?}");
 }
 
 /// `chorus_…` metric names in `text` (histogram and summary series mapped to their

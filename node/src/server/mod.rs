@@ -393,37 +393,37 @@ fn metrics_handle() -> Result<PrometheusHandle, ServeError> {
     Ok(METRICS.get_or_init(|| handle).clone())
 }
 
+/// The metric reference (`docs/metrics.md`): every metric's HELP text comes from it, so
+/// every exported metric has one (`tests/metrics.rs` checks the reference covers the code).
+const METRICS_REFERENCE: &str = include_str!("../../../docs/metrics.md");
+
 fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_gauge!(
-        "chorus_connections",
-        "Open client connections by transport."
-    );
-    describe_gauge!(
-        "chorus_sessions",
-        "Sessions (attached or resumable) on this node."
-    );
-    describe_gauge!("chorus_rooms_active", "Room actors running on this node.");
-    describe_counter!("chorus_frames_in_total", "Frames received from clients.");
-    describe_counter!("chorus_frames_out_total", "Frames sent to clients.");
-    describe_counter!(
-        "chorus_errors_total",
-        "Error responses sent, by error code name."
-    );
-    describe_counter!("chorus_resumes_total", "Resume attempts by outcome.");
-    describe_counter!(
-        "chorus_slow_consumer_closes_total",
-        "Connections closed because their outgoing queue filled."
-    );
-    describe_counter!(
-        "chorus_fanout_deliveries_total",
-        "Notifications handed to member sessions by room fan-out."
-    );
-    describe_histogram!(
-        "chorus_fanout_seconds",
-        Unit::Seconds,
-        "Time for a room to hand one notification to all its local members."
-    );
+    for line in METRICS_REFERENCE.lines() {
+        // `| name | type | labels | meaning |` (no cell holds a `|`).
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let ["", name, kind, _labels, meaning, ""] = cells[..] else {
+            continue;
+        };
+        let Some(name) = name
+            .strip_prefix('`')
+            .and_then(|n| n.strip_suffix('`'))
+            .filter(|n| n.starts_with("chorus_"))
+        else {
+            continue;
+        };
+        let help = meaning.replace('`', "");
+        let name = name.to_string();
+        match kind {
+            "counter" => describe_counter!(name, help),
+            "gauge" => describe_gauge!(name, help),
+            "histogram" if name.ends_with("_seconds") => {
+                describe_histogram!(name, Unit::Seconds, help)
+            }
+            "histogram" => describe_histogram!(name, help),
+            _ => {}
+        }
+    }
     metrics::gauge!("chorus_connections", "transport" => "ws").set(0.0);
     metrics::gauge!("chorus_connections", "transport" => "quic").set(0.0);
     metrics::gauge!("chorus_sessions").set(0.0);
