@@ -103,6 +103,40 @@ async fn rss_returns(node: &TestNode, baseline: u64) -> u64 {
     }
 }
 
+/// A node started with `toml` as its config file (read at start-up, before the node
+/// reports its addresses, so the file need not outlive this call).
+async fn start_with_config(toml: impl AsRef<str>) -> TestNode {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("chorus.toml");
+    std::fs::write(&config, toml.as_ref()).expect("config");
+    TestNode::start(&["--config", config.to_str().expect("utf-8")]).await
+}
+
+/// The verdict on a node-budget probe: the expected share of the connections was
+/// refused, and memory stayed bounded.
+fn assert_budget_held(
+    transport: &str,
+    connections: usize,
+    refused: usize,
+    baseline: u64,
+    held: u64,
+) {
+    eprintln!(
+        "node budget, {transport}: {connections} authenticated connections each sending {SENT_BYTES} of a {DECLARED_BYTES}-byte message: {refused} closed with 4401; RSS {:.1} → {:.1} MiB",
+        mib(baseline),
+        mib(held)
+    );
+    assert!(
+        (connections - 5..connections).contains(&refused),
+        "with a 4 MiB budget about four hold their message and the rest are refused ({refused} refused)"
+    );
+    assert!(
+        held.saturating_sub(baseline) <= 16 * 1024 * 1024,
+        "RSS grew by {:.1} MiB",
+        mib(held.saturating_sub(baseline))
+    );
+}
+
 /// A WebSocket upgrade on a raw TCP stream; returns the stream after the 101 response.
 async fn ws_upgrade(addr: SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
@@ -306,15 +340,10 @@ async fn start_trickles(addr: SocketAddr, count: usize) -> Vec<TcpStream> {
 #[tokio::test]
 async fn unfinished_http_heads_count_against_the_connection_limit() {
     const TRICKLERS: usize = 40;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("chorus.toml");
     // A long head deadline: the node stays full for as long as the test holds them.
-    std::fs::write(
-        &config,
-        "[limits]\nhttp_header_timeout_ms = 120000\nconnections_max = 41\n",
-    )
-    .expect("config");
-    let node = TestNode::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let node =
+        start_with_config("[limits]\nhttp_header_timeout_ms = 120000\nconnections_max = 41\n")
+            .await;
     let bystander = Bystander::start(&node).await;
     let tricklers = start_trickles(node.http, TRICKLERS).await;
     // The bystander and the tricklers fill the node: a newcomer is refused with 503.
@@ -341,10 +370,7 @@ async fn unfinished_http_heads_count_against_the_connection_limit() {
 #[tokio::test]
 async fn trickled_http_heads_are_closed_at_the_deadline() {
     const TRICKLERS: usize = 40;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("chorus.toml");
-    std::fs::write(&config, "[limits]\nhttp_header_timeout_ms = 2000\n").expect("config");
-    let node = TestNode::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let node = start_with_config("[limits]\nhttp_header_timeout_ms = 2000\n").await;
     let bystander = Bystander::start(&node).await;
     let started = tokio::time::Instant::now();
     let mut tricklers = start_trickles(node.http, TRICKLERS).await;
@@ -379,10 +405,7 @@ async fn one_user_cannot_hold_more_sessions_than_its_bound_while_others_sign_in(
     // them without a goodbye (so they stay resumable for the resume window).
     const FLOOD: usize = 1_000;
     const BOUND: usize = 16;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("chorus.toml");
-    std::fs::write(&config, format!("[limits]\nsessions_max = {FLOOD}\n")).expect("config");
-    let node = TestNode::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let node = start_with_config(format!("[limits]\nsessions_max = {FLOOD}\n")).await;
     let bystander = Bystander::start(&node).await;
     let mut signed_in_meanwhile = 0;
     for i in 0..FLOOD {
@@ -562,10 +585,7 @@ async fn admin_and_metrics_can_have_their_own_listener() {
 
 #[tokio::test]
 async fn a_room_no_one_is_in_is_released_and_comes_back_with_its_history() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("chorus.toml");
-    std::fs::write(&config, "[limits]\nroom_idle_release_ms = 1000\n").expect("config");
-    let node = TestNode::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let node = start_with_config("[limits]\nroom_idle_release_ms = 1000\n").await;
     let host = node.client(&node.ws_url(), "host").await;
     let mut rooms = Vec::new();
     for i in 0..5 {
@@ -668,11 +688,8 @@ async fn ws_close_code(stream: &mut TcpStream) -> Option<u16> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn authenticated_partial_messages_are_bounded_by_the_node_budget() {
     const CONNECTIONS: usize = 12;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("chorus.toml");
     // A budget of 4 MiB: four of the connections below fill it.
-    std::fs::write(&config, "[limits]\ninbound_partial_bytes_max = 4194304\n").expect("config");
-    let node = TestNode::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let node = start_with_config("[limits]\ninbound_partial_bytes_max = 4194304\n").await;
     let bystander = Bystander::start(&node).await;
     let baseline = settled_rss(&node).await;
     let mut streams = Vec::with_capacity(CONNECTIONS);
@@ -704,20 +721,7 @@ async fn authenticated_partial_messages_are_bounded_by_the_node_budget() {
         );
         refused += 1;
     }
-    eprintln!(
-        "node budget: {CONNECTIONS} authenticated connections each sending {SENT_BYTES} of a {DECLARED_BYTES}-byte message: {refused} closed with 4401; RSS {:.1} → {:.1} MiB",
-        mib(baseline),
-        mib(held)
-    );
-    assert!(
-        (CONNECTIONS - 5..CONNECTIONS).contains(&refused),
-        "with a 4 MiB budget about four hold their message and the rest are refused ({refused} refused)"
-    );
-    assert!(
-        held.saturating_sub(baseline) <= 16 * 1024 * 1024,
-        "RSS grew by {:.1} MiB",
-        mib(held.saturating_sub(baseline))
-    );
+    assert_budget_held("ws", CONNECTIONS, refused, baseline, held);
     drop(streams);
     bystander.finish().await;
 }
@@ -725,10 +729,7 @@ async fn authenticated_partial_messages_are_bounded_by_the_node_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn authenticated_partial_quic_messages_are_bounded_by_the_node_budget() {
     const CONNECTIONS: usize = 12;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("chorus.toml");
-    std::fs::write(&config, "[limits]\ninbound_partial_bytes_max = 4194304\n").expect("config");
-    let node = TestNode::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let node = start_with_config("[limits]\ninbound_partial_bytes_max = 4194304\n").await;
     let bystander = Bystander::start(&node).await;
     let baseline = settled_rss(&node).await;
     let client_config =
@@ -785,34 +786,16 @@ async fn authenticated_partial_quic_messages_are_bounded_by_the_node_budget() {
             refused += 1;
         }
     }
-    eprintln!(
-        "node budget, quic: {CONNECTIONS} authenticated connections each sending {SENT_BYTES} of a {DECLARED_BYTES}-byte message: {refused} closed with 4401; RSS {:.1} → {:.1} MiB",
-        mib(baseline),
-        mib(rss)
-    );
-    assert!(
-        (CONNECTIONS - 5..CONNECTIONS).contains(&refused),
-        "with a 4 MiB budget about four hold their message and the rest are refused ({refused} refused)"
-    );
-    assert!(
-        rss.saturating_sub(baseline) <= 16 * 1024 * 1024,
-        "RSS grew by {:.1} MiB",
-        mib(rss.saturating_sub(baseline))
-    );
+    assert_budget_held("quic", CONNECTIONS, refused, baseline, rss);
     drop(held);
     bystander.finish().await;
 }
 
 #[tokio::test]
 async fn one_user_is_in_a_bounded_number_of_rooms_across_its_sessions() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("chorus.toml");
-    std::fs::write(
-        &config,
-        "[limits]\nrooms_per_session_max = 2\nmemberships_per_user_max = 3\n",
-    )
-    .expect("config");
-    let node = TestNode::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let node =
+        start_with_config("[limits]\nrooms_per_session_max = 2\nmemberships_per_user_max = 3\n")
+            .await;
     let host = node.client(&node.ws_url(), "host").await;
     let mut rooms = Vec::new();
     for i in 0..4 {
