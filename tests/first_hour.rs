@@ -23,6 +23,23 @@ async fn chorus(args: &[&str]) -> Output {
         .expect("run chorus")
 }
 
+/// Runs `chorus serve` on `data_dir` with the cluster endpoint on `cluster_addr` (the
+/// other listeners on free ports) until it exits; the tests here expect it to refuse.
+async fn serve(data_dir: &str, cluster_addr: &str) -> Output {
+    chorus(&[
+        "serve",
+        "--data-dir",
+        data_dir,
+        "--http-addr",
+        "127.0.0.1:0",
+        "--quic-addr",
+        "127.0.0.1:0",
+        "--cluster-addr",
+        cluster_addr,
+    ])
+    .await
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -31,18 +48,7 @@ fn stderr(output: &Output) -> String {
 async fn a_second_node_on_the_same_data_dir_is_told_another_node_uses_it() {
     let node = TestNode::start(&[]).await;
     let dir = node.data_dir().to_str().expect("utf-8").to_string();
-    let output = chorus(&[
-        "serve",
-        "--data-dir",
-        &dir,
-        "--http-addr",
-        "127.0.0.1:0",
-        "--quic-addr",
-        "127.0.0.1:0",
-        "--cluster-addr",
-        "127.0.0.1:0",
-    ])
-    .await;
+    let output = serve(&dir, "127.0.0.1:0").await;
     assert!(!output.status.success());
     let text = stderr(&output);
     assert!(
@@ -57,18 +63,7 @@ async fn a_data_dir_that_is_a_file_is_named_as_such() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("data");
     std::fs::write(&file, "not a directory").expect("file");
-    let output = chorus(&[
-        "serve",
-        "--data-dir",
-        file.to_str().expect("utf-8"),
-        "--http-addr",
-        "127.0.0.1:0",
-        "--quic-addr",
-        "127.0.0.1:0",
-        "--cluster-addr",
-        "127.0.0.1:0",
-    ])
-    .await;
+    let output = serve(file.to_str().expect("utf-8"), "127.0.0.1:0").await;
     assert!(!output.status.success());
     let text = stderr(&output);
     assert!(text.contains("is a file, not a directory"), "{text}");
@@ -79,18 +74,7 @@ async fn a_port_clash_names_the_flag_and_the_cause() {
     let node = TestNode::start(&[]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let taken = node.cluster.to_string();
-    let output = chorus(&[
-        "serve",
-        "--data-dir",
-        dir.path().join("data").to_str().expect("utf-8"),
-        "--http-addr",
-        "127.0.0.1:0",
-        "--quic-addr",
-        "127.0.0.1:0",
-        "--cluster-addr",
-        &taken,
-    ])
-    .await;
+    let output = serve(dir.path().join("data").to_str().expect("utf-8"), &taken).await;
     assert!(!output.status.success());
     let text = stderr(&output);
     assert!(
