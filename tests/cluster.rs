@@ -261,6 +261,13 @@ async fn when_a_rooms_owner_is_killed_another_node_serves_it_and_surviving_clien
         .unwrap_or(0.0);
     assert!(deltas >= 1.0, "votes were replicated as deltas");
     say(&speaker, &room, "before").await;
+    // The comment left the polls alone: it went to the replica without them (the votes
+    // the replica holds stay), which the failover below relies on.
+    let changes = owner_node
+        .metric("chorus_room_copies_total{kind=\"change\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(changes >= 1.0, "a comment was replicated without the polls");
     assert_eq!(
         collect_comments(&mut listener, &room, 1).await[0].1,
         "before"

@@ -5,13 +5,16 @@
 //! so the same inputs give the same outputs and tests need neither tokio nor a network.
 //! Start with [`room`] (the room core), then [`room_actor`] (its ractor shell and the
 //! directory of rooms), [`session`] (resume and per-connection rules), [`replica`] (the
-//! replica store's fencing and the recovery copy choice), [`totals`] (R10's running
+//! replica store's fencing and the recovery copy choice), [`rain_quorum`] (the red-packet
+//! pool's quorum), [`quiz_control`] (the quiz controller and judging), [`totals`] (R10's running
 //! totals) and [`store`] (the definition store the directory uses).
 
 pub mod bullets;
 pub mod polls;
 pub mod quiz;
+pub mod quiz_control;
 pub mod rain;
+pub mod rain_quorum;
 pub mod rate;
 pub mod replica;
 pub mod room;

@@ -52,7 +52,7 @@ where
     best
 }
 
-/// Why replicated votes were not applied.
+/// Why replicated votes (or a change without polls) were not applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VotesRefused {
     /// A newer owner exists (its epoch).
@@ -142,6 +142,40 @@ impl ReplicaStore {
         Ok(held)
     }
 
+    /// Takes a change replicated without the polls (see
+    /// `RoomCore::durable_without_polls`) over the copy of `room_id`, if it is the one
+    /// the change follows: written at `epoch`, at `base_revision`. The copy keeps its
+    /// polls (the owner's polls did not change since `base_revision`). Returns the copy to
+    /// persist.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::apply_votes`]. Nothing changes.
+    pub fn apply_change(
+        &mut self,
+        room_id: &str,
+        epoch: u64,
+        base_revision: u64,
+        change: RoomDurable,
+    ) -> Result<&HeldCopy, VotesRefused> {
+        let held = self.rooms.entry(room_id.to_string()).or_default();
+        if epoch < held.fence {
+            return Err(VotesRefused::Stale(held.fence));
+        }
+        match &mut held.state {
+            Some((held_epoch, state))
+                if *held_epoch == epoch
+                    && state.revision == base_revision
+                    && change.revision >= base_revision =>
+            {
+                state.take_change(change);
+            }
+            _ => return Err(VotesRefused::OutOfStep),
+        }
+        debug_assert!(held_ok(held));
+        Ok(held)
+    }
+
     /// A new owner activates the room at `epoch`: the fence rises to it (if higher), so
     /// the previous owner's writes are refused from now on. Returns the copy held, and
     /// whether the fence changed (then the copy is to be persisted).
@@ -227,6 +261,48 @@ mod tests {
         // The new owner's write goes in, even at a lower revision (a new epoch wins).
         store.keep("r", 3, state(1, 5)).expect("new owner");
         assert_eq!(store.get("r"), Some((3, state(1, 5))));
+        store.check_invariants();
+    }
+
+    #[test]
+    fn a_change_without_polls_keeps_the_held_polls_and_needs_the_base_revision() {
+        use crate::polls::{Polls, VoteRecord};
+        let mut store = ReplicaStore::default();
+        let mut with_polls = state(4, 2);
+        with_polls.polls = Polls::default();
+        with_polls.polls.last_poll_id = 7;
+        store.keep("r", 2, with_polls).expect("keep");
+        // A comment: revision 5, three comments, no polls in the change.
+        store.apply_change("r", 2, 4, state(5, 3)).expect("in step");
+        let (epoch, held) = store.get("r").expect("held");
+        assert_eq!((epoch, held.revision, held.comment_count), (2, 5, 3));
+        assert_eq!(held.polls.last_poll_id, 7, "the held polls stay");
+        // Not at the base revision, or another epoch: refused, nothing changes.
+        assert_eq!(
+            store.apply_change("r", 2, 4, state(6, 4)).err(),
+            Some(VotesRefused::OutOfStep)
+        );
+        assert_eq!(
+            store.apply_change("r", 3, 5, state(6, 4)).err(),
+            Some(VotesRefused::OutOfStep)
+        );
+        store.fence("r", 3);
+        assert_eq!(
+            store.apply_change("r", 2, 5, state(6, 4)).err(),
+            Some(VotesRefused::Stale(3))
+        );
+        assert_eq!(store.get("r").map(|(_, d)| d.revision), Some(5));
+        // Votes and changes interleave on the same revision line.
+        store.keep("r", 3, state(6, 4)).expect("new owner");
+        let vote = VoteRecord {
+            poll_id: 1,
+            user: "u".into(),
+            option: 0,
+        };
+        assert!(store.apply_votes("r", 3, 6, 7, &[vote]).is_ok());
+        store
+            .apply_change("r", 3, 7, state(8, 5))
+            .expect("after the votes");
         store.check_invariants();
     }
 

@@ -1,6 +1,6 @@
-//! The room core: lifecycle, membership, comments, reactions and listener counts of one
-//! live audio room (SPEC R1-R7, R9: lifecycle with interest and go-live, roles and the
-//! stage, comments, reactions, presence), sans-IO.
+//! The room core: lifecycle, membership, stage, comments, polls, reactions, bullet
+//! comments, voice order, presence and totals of one live audio room (SPEC R1-R11, Q6),
+//! sans-IO.
 //!
 //! [`RoomCore`] is a plain struct. Each `handle_*` method takes the caller's clock
 //! (`now_ms`), validates, changes state, answers with a result and queues
@@ -12,14 +12,25 @@
 //! This module does not know sessions, sockets, actors, Raft or the clock. Members are
 //! opaque handles `M` (the shell's session handle; `u64` in tests) that belong to a user:
 //! one user may be present through several members (devices, SPEC P7). The stage (R2-R5:
-//! roles, hands, invitations, mutes, kicks and blocks) is [`RoomStage`], durable with the
-//! comments; polls (R8) are not here yet.
+//! roles, hands, invitations, mutes, kicks and blocks) is [`RoomStage`]. With the comment
+//! count, the recent comments, the polls with every vote (R8), the totals and the answered
+//! request ids it forms the durable state ([`RoomDurable`]), whose revision counts changes;
+//! the shell copies it to another node before a change is acknowledged (`room_actor`).
+//!
+//! **Invariant:** a room's comments get ids 1, 2, 3, … in the order the core handles them.
+//! The comment count (as the poll list for poll ids) is durable, so no id is handed out
+//! twice. A comment request runs at most once per request id (the last
+//! [`RoomConfig::request_ids_max`] are remembered, for
+//! [`RoomConfig::request_ids_window_ms`]), and not at all once its deadline has passed.
 //!
 //! Costs: a join or leave is O(log members) and never broadcasts by itself; the listener
 //! count is pushed from [`RoomCore::handle_tick`] at most once per
-//! [`RoomConfig::listener_count_interval_ms`] (R9). Reactions are counted per window and
-//! pushed once per window (R7). Bullet comments (Q6) go through the room's
-//! [`BulletGate`]: candidates in, one `room.bullets` broadcast per window out.
+//! [`RoomConfig::listener_count_interval_ms`] (R9), naming who came and went only while
+//! the room holds at most [`RoomConfig::presence_users_max`] users; the user list is read
+//! in pages (`room.members`). Hands and invitations reach only the host, the moderators and
+//! the user concerned. Reactions are counted per window and pushed once per window (R7).
+//! Bullet comments (Q6) go through the room's [`BulletGate`]: candidates in, one
+//! `room.bullets` broadcast per window out.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -486,6 +497,31 @@ pub struct RoomDurable {
     pub requests: Vec<AnsweredRequest>,
 }
 
+impl RoomDurable {
+    /// Takes `change` (a state without polls, from [`RoomCore::durable_without_polls`])
+    /// over this one, keeping this one's polls.
+    pub fn take_change(&mut self, change: RoomDurable) {
+        let polls = std::mem::take(&mut self.polls);
+        *self = change;
+        self.polls = polls;
+    }
+
+    /// A copy without the polls (empty there).
+    pub fn without_polls(&self) -> RoomDurable {
+        RoomDurable {
+            revision: self.revision,
+            stage: self.stage.clone(),
+            interested: self.interested.clone(),
+            totals: self.totals.clone(),
+            comment_count: self.comment_count,
+            recent_comments: self.recent_comments.clone(),
+            comment_latest_at_ms: self.comment_latest_at_ms,
+            polls: Polls::default(),
+            requests: self.requests.clone(),
+        }
+    }
+}
+
 /// A comment request the room has run, remembered so a repeat gets the same answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AnsweredRequest {
@@ -561,6 +597,10 @@ pub struct RoomCore<M> {
     vote_delta_base: u64,
     /// Polls whose tallies changed since their last push.
     polls_dirty: BTreeSet<u64>,
+    /// Bumped whenever the polls change (create, vote, close, restore), so the shell
+    /// knows whether a replica's polls are still the owner's (then a change is
+    /// replicated without them).
+    polls_version: u64,
     /// Bullet comments waiting for their window (not durable).
     bullets: BulletGate,
     /// When each poll's tallies were last pushed.
@@ -600,6 +640,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             vote_delta: Some(Vec::new()),
             vote_delta_base: 0,
             polls_dirty: BTreeSet::new(),
+            polls_version: 0,
             polls_pushed_at_ms: BTreeMap::new(),
             bullets,
             members_version: 0,
@@ -607,6 +648,27 @@ impl<M: Clone + Ord> RoomCore<M> {
         };
         core.checked();
         core
+    }
+
+    /// The durable part of the state without the polls (empty there): what a change
+    /// that left the polls alone replicates. Its cost does not grow with the votes.
+    pub fn durable_without_polls(&self) -> RoomDurable {
+        RoomDurable {
+            revision: self.revision,
+            stage: self.stage.clone(),
+            interested: self.interested.clone(),
+            totals: self.totals.clone(),
+            comment_count: self.comment_count,
+            recent_comments: self.recent_comments.iter().cloned().collect(),
+            comment_latest_at_ms: self.comment_latest_at_ms,
+            polls: Polls::default(),
+            requests: self.requests.iter().cloned().collect(),
+        }
+    }
+
+    /// The version of the polls: it changes whenever they do.
+    pub fn polls_version(&self) -> u64 {
+        self.polls_version
     }
 
     /// The durable part of the state (see [`RoomDurable`]).
@@ -636,6 +698,7 @@ impl<M: Clone + Ord> RoomCore<M> {
         self.stage = durable.stage;
         self.interested = durable.interested;
         self.polls = durable.polls;
+        self.polls_version += 1;
         self.vote_delta = Some(Vec::new());
         self.vote_delta_base = self.revision;
         // Members present now who are blocked in the restored state leave.
@@ -1054,6 +1117,7 @@ impl<M: Clone + Ord> RoomCore<M> {
                 by: user.to_string(),
             })));
         for poll_id in self.polls.close_all(now_ms) {
+            self.polls_version += 1;
             self.push_poll(now_ms, poll_id);
         }
         self.effects.push(RoomEffect::Export(self.summary(now_ms)));
@@ -1150,6 +1214,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             .map_err(poll_error)?
             .poll_id;
         self.revision += 1;
+        self.polls_version += 1;
         let info = self.push_poll(now_ms, poll_id);
         self.checked();
         info.ok_or(RoomError::Unavailable("the poll vanished".into()))
@@ -1184,6 +1249,7 @@ impl<M: Clone + Ord> RoomCore<M> {
             return Ok(false);
         }
         self.revision += 1;
+        self.polls_version += 1;
         if let Some(delta) = &mut self.vote_delta {
             if delta.len() < VOTE_DELTA_MAX {
                 delta.push(VoteRecord {
@@ -1217,6 +1283,7 @@ impl<M: Clone + Ord> RoomCore<M> {
         let closed = self.polls.close(now_ms, poll_id).map_err(poll_error)?;
         let info = if closed {
             self.revision += 1;
+            self.polls_version += 1;
             self.push_poll(now_ms, poll_id)
         } else {
             self.polls

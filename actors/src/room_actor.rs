@@ -3,13 +3,43 @@
 //!
 //! The shell decodes a message, reads the clock, calls the core, and executes the core's
 //! effects: fan-out to members, persistence, timers. Fan-out encodes each notification
-//! once ([`EncodedBody`]) and hands the same bytes to every member's [`MemberSink`].
+//! once ([`EncodedBody`]) and hands the same bytes to every member's [`MemberSink`]; the
+//! members on another node share one sink group ([`MemberSink::relay_group`]), so a
+//! broadcast crosses to each node once. One actor and one fan-out loop per room: every
+//! member's session receives the room's comments in the order the room handled them.
+//!
+//! # Replication before acknowledgement
+//!
+//! A comment, a stage change, a poll or a vote is broadcast or acknowledged only after the
+//! room's durable state is on another node ([`DurableSink`]; the node picks that node, and
+//! a node with no other member waits for its own disk instead). If no node takes it, the
+//! caller gets `unavailable`, nothing is broadcast, and the actor stops (fail-stop); the
+//! next request activates the room again from the replicated state. A replica that refuses
+//! the copy because a newer owner exists stops the room the same way.
+//!
+//! Not every change sends the whole state:
+//!
+//! - A vote is applied at once (tallies are pushed at most once a second) and answered at
+//!   the next group commit (`vote_commit_ms`, 20 ms), when the votes since the last
+//!   replication go as one delta: epoch, the revision they follow, the revision after.
+//! - A change that left the polls alone goes without the polls, against the revision the
+//!   replica holds, so its cost does not grow with the votes.
+//!
+//! A replica applies either only to a copy at exactly that epoch and revision; anything
+//! else (a copy behind, a newer owner, no answer) makes the room send its whole state,
+//! which carries the votes too.
+//!
+//! A member that joins again says which comment it has last; the room sends it the
+//! comments after that from its recent log (`recent_comments_max`, 50), in order, before
+//! anything else.
 //!
 //! **Boundary:** ractor mailboxes are unbounded. What enters a room's mailbox is bounded
 //! in front of it: every request comes from a connection that passed its token bucket
 //! (`ConnectionConfig::requests_per_sec`), connections per node are capped, timers are
 //! at most one outstanding per room (`tick_at_ms`), and batches from edges (reactions,
-//! bullet comments) are at most one per node, room and kind every 50 ms.
+//! bullet comments) are at most one per node, room and kind every 50 ms. The
+//! [`RoomDirectory`] holds its lock only around its map: a room being started is marked as
+//! such, so no other room waits on an activation (which may wait on Raft and peers).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -103,6 +133,23 @@ pub trait DurableSink: Send + Sync + 'static {
     {
         let _ = (room_id, epoch, base_revision, revision, votes);
         Box::pin(async { Err(DirectoryError::Replication("no vote deltas".into())) })
+    }
+
+    /// Keeps `change` (the state without its polls, see
+    /// [`crate::room::RoomCore::durable_without_polls`]) for `room_id` on the node that
+    /// holds its state at `base_revision`, whose polls are the owner's. An `Err` of any
+    /// kind makes the room replicate its whole state instead ([`Self::replicate`]); the
+    /// default always does.
+    fn replicate_change<'a>(
+        &'a self,
+        room_id: &'a str,
+        epoch: u64,
+        base_revision: u64,
+        change: RoomDurable,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DirectoryError>> + Send + 'a>>
+    {
+        let _ = (room_id, epoch, base_revision, change);
+        Box::pin(async { Err(DirectoryError::Replication("no change deltas".into())) })
     }
 }
 
@@ -399,6 +446,9 @@ pub struct RoomShell {
     epoch: u64,
     /// The revision last replicated.
     replicated_revision: u64,
+    /// The polls' version in the state last replicated (`None`: not known, e.g. after an
+    /// activation): while the polls stay at it, a change is replicated without them.
+    replicated_polls: Option<u64>,
     tick_at_ms: Option<u64>,
     /// Where a voice frame goes: the local members and one member per other node, for
     /// the member set of the given version (rebuilt when it changes).
@@ -448,6 +498,7 @@ impl Actor for RoomActor {
             event_log: args.event_log,
             epoch: 0,
             replicated_revision: 0,
+            replicated_polls: None,
             tick_at_ms: None,
             audio_targets: None,
             pending_votes: Vec::new(),
@@ -605,8 +656,10 @@ impl Actor for RoomActor {
                 if let Some(durable) = durable {
                     state.core.restore_durable(now_ms, *durable);
                 }
-                // The activation replicates what it restored itself.
+                // The activation replicates what it restored itself (best effort: the
+                // next change sends the whole state).
                 state.replicated_revision = state.core.revision();
+                state.replicated_polls = None;
                 let _ = reply.send(state.core.durable());
             }
             RoomMsg::Prune { gone } => {
@@ -746,16 +799,42 @@ impl RoomShell {
     /// Replicates the durable state (see [`DurableSink`]); on failure the room must stop
     /// (fail-stop) and the caller's change is refused.
     async fn replicate(&mut self) -> Result<(), RoomError> {
-        let Some(replicator) = &self.replicator else {
+        let Some(replicator) = self.replicator.clone() else {
             return Ok(());
         };
         let room_id = self.core.definition().room_id.clone();
+        let polls_version = self.core.polls_version();
+        if self.replicated_polls == Some(polls_version) {
+            // The polls are as last replicated: send the rest only, against the revision
+            // the replica holds (a replica out of step refuses; the whole state follows).
+            let change = self.core.durable_without_polls();
+            let base = self.replicated_revision;
+            match replicator
+                .replicate_change(&room_id, self.epoch, base, change)
+                .await
+            {
+                Ok(()) => {
+                    metrics::counter!("chorus_room_copies_total", "kind" => "change").increment(1);
+                    self.replicated_revision = self.core.revision();
+                    self.core.vote_delta_replicated();
+                    for reply in self.pending_votes.drain(..) {
+                        let _ = reply.send(Ok(()));
+                    }
+                    return Ok(());
+                }
+                Err(error) => {
+                    tracing::debug!(room = %room_id, %error, "change not taken; replicating the whole state");
+                }
+            }
+        }
         match replicator
             .replicate(&room_id, self.epoch, self.core.durable())
             .await
         {
             Ok(()) => {
+                metrics::counter!("chorus_room_copies_total", "kind" => "full").increment(1);
                 self.replicated_revision = self.core.revision();
+                self.replicated_polls = Some(polls_version);
                 // The whole state holds every vote so far: they are safe now.
                 self.core.vote_delta_replicated();
                 for reply in self.pending_votes.drain(..) {
@@ -797,6 +876,7 @@ impl RoomShell {
                 metrics::counter!("chorus_vote_deltas_total").increment(1);
                 metrics::counter!("chorus_votes_replicated_total").increment(count as u64);
                 self.replicated_revision = revision;
+                self.replicated_polls = Some(self.core.polls_version());
                 for reply in self.pending_votes.drain(..) {
                     let _ = reply.send(Ok(()));
                 }

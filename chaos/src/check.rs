@@ -164,7 +164,7 @@ pub fn check_logs(
 
     // deadline: a room runs a comment at most the node's request deadline after it was
     // sent (server and clients share this machine's clock; 1 s of slack for scheduling).
-    let deadline_ms = chorus_node::server::connection::REQUEST_DEADLINE_MS + DEADLINE_SLACK_MS;
+    let deadline_ms = chorus_node::server::rooms::route::REQUEST_DEADLINE_MS + DEADLINE_SLACK_MS;
     let sent_at_ms: HashMap<(&str, &str), u64> = clients
         .iter()
         .flat_map(|(_, log)| log.sent.iter())
@@ -188,7 +188,7 @@ pub fn check_logs(
                         received.room,
                         received.text,
                         received.ordered_at_ms - sent,
-                        chorus_node::server::connection::REQUEST_DEADLINE_MS
+                        chorus_node::server::rooms::route::REQUEST_DEADLINE_MS
                     ),
                 );
             }

@@ -363,7 +363,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "{}",
         serde_json::json!({
             "event": "serving",
-            "node": node.node().config.node_name,
+            "node": node.node().ctx.config.node_name,
             "http_addr": node.http_addr.to_string(),
             "admin_addr": node.admin_addr.map(|a| a.to_string()),
             "quic_addr": node.quic_addr.to_string(),

@@ -34,7 +34,7 @@
 //! more verdicts wins the merge. In a cluster shard state is not written to disk. A node
 //! with no other member (no replica candidate) writes the judged viewers to its sled tree
 //! [`SAVED_VIEWERS_TREE`] and waits for the node's group-committed flush
-//! (`super::group_commit`) before it answers; a shard it creates again (after a restart)
+//! (`common::group_commit`) before it answers; a shard it creates again (after a restart)
 //! starts from what that tree holds.
 
 use std::collections::{BTreeMap, HashMap};
@@ -42,9 +42,9 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chorus_actors::quiz::{
-    payout, shard_of, AnswerShard, OpenQuestion, QuizDefinition, QuizError, QuizPhase, QuizShow,
-    Viewer,
+use chorus_actors::quiz::{shard_of, AnswerShard, QuizDefinition, QuizError, Viewer};
+use chorus_actors::quiz_control::{
+    judge, needs_committed_state, ControlStep, Gather, JudgeRefusal, Notice, QuizControl,
 };
 use chorus_actors::room_actor::{unix_now_ms, MemberSink as _};
 use chorus_cluster::metadata::{MetadataCommand, MetadataResponse, NodeId};
@@ -56,9 +56,10 @@ use chorus_protocol::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::routing::{decode, encode, NodeMessage};
-use super::session::Session;
-use super::Node;
+use crate::server::common::codec::{decode, encode, request, Domain};
+use crate::server::context::NodeContext;
+use crate::server::rooms::service::Rooms;
+use crate::server::sessions::session::Session;
 
 /// Answer shards of a new show, unless its creator asks for another number.
 pub const SHARDS_DEFAULT: u32 = 16;
@@ -106,31 +107,7 @@ pub struct QuizRecord {
 }
 
 /// A show's progress as stored in Raft under [`state_key`], written by its controller.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuizState {
-    /// Transitions so far (a node keeps the highest it has seen).
-    pub revision: u64,
-    /// Where the show is.
-    pub phase: QuizPhase,
-    /// One key per pushed question, hex (secret until that question is announced).
-    pub keys: Vec<String>,
-    /// Per announced question, answers in time per option (all shards).
-    pub counts: BTreeMap<u32, Vec<u64>>,
-    /// After `finish`: cents per winner.
-    pub results: Option<BTreeMap<String, u64>>,
-}
-
-impl Default for QuizState {
-    fn default() -> Self {
-        QuizState {
-            revision: 0,
-            phase: QuizPhase::Waiting,
-            keys: Vec::new(),
-            counts: BTreeMap::new(),
-            results: None,
-        }
-    }
-}
+pub use chorus_actors::quiz_control::QuizState;
 
 /// An operator action, run by the show's controller.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -255,8 +232,90 @@ pub struct QuizService {
     shards: Mutex<HashMap<(String, u32), HeldShard>>,
     /// Serializes operator actions on each show this node controls (shows do not wait
     /// for each other).
-    control: super::keyed::KeyedLocks,
+    control: crate::server::common::keyed::KeyedLocks,
     batchers: Mutex<HashMap<NodeId, mpsc::Sender<Pending>>>,
+}
+
+/// Quiz shows on this node: the shows it controls, the answer shards it holds, its
+/// answer queues.
+pub struct Quiz {
+    /// What the whole node shares.
+    pub ctx: Arc<NodeContext>,
+    /// The rooms (a show announces in its room).
+    pub rooms: Arc<Rooms>,
+    /// Decoded definitions, answer shards held here, answer queues.
+    pub quiz: QuizService,
+    /// This, for tasks that outlive a call.
+    pub this: Weak<Quiz>,
+}
+
+impl Quiz {
+    /// The quizzes of a node, with saved viewers in its database.
+    ///
+    /// # Errors
+    ///
+    /// sled's, opening the tree of saved viewers.
+    pub fn open(ctx: Arc<NodeContext>, rooms: Arc<Rooms>) -> Result<Arc<Quiz>, sled::Error> {
+        let quiz = QuizService::open(&ctx.db)?;
+        Ok(Arc::new_cyclic(|this| Quiz {
+            ctx,
+            rooms,
+            quiz,
+            this: this.clone(),
+        }))
+    }
+
+    /// Answers a request from another node about quizzes ([`Domain::Quiz`]).
+    pub(crate) async fn handle_peer(&self, message: Bytes) -> Bytes {
+        match decode::<QuizMessage>(&message) {
+            Ok(QuizMessage::Answers { answers }) => {
+                let answers = answers.into_iter().take(ANSWER_BATCH_MAX).collect();
+                encode(&self.quiz_judge(answers).await)
+            }
+            Ok(QuizMessage::Shards(op)) => encode(&self.quiz_shard_op(op).await),
+            Ok(QuizMessage::Control { quiz_id, action }) => {
+                encode(&self.quiz_control(&quiz_id, action).await)
+            }
+            Ok(QuizMessage::Phase { quiz_id, state }) => {
+                self.quiz_phase_seen(&quiz_id, &state);
+                encode(&Ok::<(), ErrorBody>(()))
+            }
+            Err(error) => encode(&Err::<(), _>(error)),
+        }
+    }
+}
+
+/// A message between nodes about quizzes ([`Domain::Quiz`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub enum QuizMessage {
+    /// Quiz answers for shards this node owns (answered with one
+    /// `Result<String, ErrorBody>` per answer, in order: the sealed verdict or a refusal).
+    Answers {
+        /// At most [`ANSWER_BATCH_MAX`].
+        answers: Vec<AnswerItem>,
+    },
+    /// Work on this node's quiz shards (answered with `Result<ShardReply, ErrorBody>`).
+    Shards(ShardOp),
+    /// An operator action for a show this node controls (answered with
+    /// `Result<String, ErrorBody>`, the JSON text of the result).
+    Control {
+        /// The show.
+        quiz_id: String,
+        /// What to do.
+        action: QuizAction,
+    },
+    /// A show's new committed state, from its controller (answered with `Ok`).
+    Phase {
+        /// The show.
+        quiz_id: String,
+        /// The `QuizState`, MessagePack.
+        state: Bytes,
+    },
+}
+
+/// A request to another node about quizzes.
+fn quiz_request(message: &QuizMessage) -> Bytes {
+    request(Domain::Quiz, message)
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -269,20 +328,6 @@ fn error(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
 
 fn phase_error(e: QuizError) -> ErrorBody {
     error(ErrorCode::InvalidArgument, e.to_string())
-}
-
-/// The open question of a show in `state`, if one is.
-fn open_question(record: &QuizRecord, state: &QuizState) -> Option<OpenQuestion> {
-    let QuizPhase::Asking { k, deadline_ms } = state.phase else {
-        return None;
-    };
-    let question = record.definition.questions.get(k as usize)?;
-    Some(OpenQuestion {
-        k,
-        deadline_ms,
-        correct: question.correct,
-        options: question.options.len() as u8,
-    })
 }
 
 /// The key prefix of a shard's saved viewers: show, a zero byte, the shard number.
@@ -381,7 +426,7 @@ impl QuizService {
     }
 }
 
-impl Node {
+impl Quiz {
     /// A show's definition and the newest state this node knows (its cache, or the
     /// metadata if that is newer or `refresh`).
     pub(crate) fn quiz_show(
@@ -394,7 +439,7 @@ impl Node {
         if let (false, Some(record), Some(state)) = (refresh, &cached_record, &cached_state) {
             return Some((record.clone(), state.clone()));
         }
-        let metadata = self.cluster.metadata();
+        let metadata = self.ctx.cluster.metadata();
         let record = match cached_record {
             Some(record) => record,
             None => {
@@ -451,7 +496,7 @@ impl Node {
             ));
         }
         let shard = shard_of(&session.user_id, record.shards);
-        let owner = self.owner_of_key(&shard_key(&request.quiz_id, shard));
+        let owner = self.ctx.owner_of_key(&shard_key(&request.quiz_id, shard));
         let (reply, verdict) = oneshot::channel();
         let item = AnswerItem {
             quiz_id: request.quiz_id.clone(),
@@ -502,13 +547,13 @@ impl Node {
 
     /// Judges `items` on `owner`: here, or in one inter-node message.
     async fn quiz_answers_at(&self, owner: NodeId, items: Vec<AnswerItem>) -> Verdicts {
-        if owner == self.cluster.node_id() {
+        if owner == self.ctx.cluster.node_id() {
             return self.quiz_judge(items).await;
         }
         let count = items.len();
         let failed = |why: String| vec![Err(error(ErrorCode::Unavailable, why)); count];
-        let message = encode(&NodeMessage::QuizAnswers { answers: items });
-        let call = self.cluster.call_app(owner, message);
+        let message = quiz_request(&QuizMessage::Answers { answers: items });
+        let call = self.ctx.cluster.call_app(owner, message);
         match tokio::time::timeout(Duration::from_millis(ANSWER_CALL_TIMEOUT_MS), call).await {
             Ok(Ok(reply)) => match decode::<Verdicts>(&reply) {
                 Ok(verdicts) if verdicts.len() == count => verdicts,
@@ -528,8 +573,8 @@ impl Node {
     /// viewers, then answers with each sealed verdict or refusal, in order.
     pub(crate) async fn quiz_judge(&self, items: Vec<AnswerItem>) -> Verdicts {
         let now_ms = unix_now_ms();
-        let ring = self.cluster.ring();
-        let self_id = self.cluster.node_id();
+        let ring = self.ctx.cluster.ring();
+        let self_id = self.ctx.cluster.node_id();
         let mut judged: BTreeMap<(String, u32), BTreeMap<String, Viewer>> = BTreeMap::new();
         let mut verdicts = Vec::with_capacity(items.len());
         for item in items {
@@ -562,7 +607,7 @@ impl Node {
         &self,
         item: &AnswerItem,
         now_ms: u64,
-        judged: &mut BTreeMap<(String, u32), BTreeMap<String, Viewer>>,
+        judged_viewers: &mut BTreeMap<(String, u32), BTreeMap<String, Viewer>>,
     ) -> Result<String, ErrorBody> {
         let not_found = || {
             error(
@@ -571,49 +616,48 @@ impl Node {
             )
         };
         let (record, mut state) = self.quiz_show(&item.quiz_id, false).ok_or_else(not_found)?;
-        if item.shard >= record.shards || shard_of(&item.user, record.shards) != item.shard {
+        if item.shard >= record.shards {
             return Err(error(ErrorCode::InvalidArgument, "wrong shard"));
         }
         // The controller tells every node a new phase before viewers hear of it; a node
         // that missed the message reads the committed state.
-        let known = matches!(state.phase, QuizPhase::Asking { k, .. } if k == item.question);
-        if !known && state.keys.len() <= item.question as usize {
+        if needs_committed_state(&state, item.question) {
             (_, state) = self.quiz_show(&item.quiz_id, true).ok_or_else(not_found)?;
         }
-        let open = open_question(&record, &state);
         let shard = self.quiz_shard(&item.quiz_id, item.shard).await?;
-        let (verdict, viewer) = {
+        let judged = {
             let mut shard = locked(&shard);
-            if !shard.viewers.contains_key(&item.user) {
-                if let Some(&cards) = record.definition.revive_cards.get(&item.user) {
-                    shard.grant_revive_cards(&item.user, cards);
-                }
-            }
-            let verdict = shard.answer(
-                open.as_ref(),
+            let judged = judge(
+                &record.definition,
+                record.shards,
+                &state,
+                item.shard,
+                &mut shard,
                 now_ms,
                 &item.user,
                 item.question,
                 item.option,
             );
-            (verdict, shard.viewers.get(&item.user).cloned())
+            if judged.is_ok() {
+                if let Some(viewer) = shard.viewers.get(&item.user).cloned() {
+                    judged_viewers
+                        .entry((item.quiz_id.clone(), item.shard))
+                        .or_default()
+                        .insert(item.user.clone(), viewer);
+                }
+            }
+            judged
         };
-        if !verdict.is_judged() {
-            return Err(error(
+        let judged = judged.map_err(|refusal| match refusal {
+            JudgeRefusal::WrongShard => error(ErrorCode::InvalidArgument, "wrong shard"),
+            JudgeRefusal::Refused(verdict) => error(
                 ErrorCode::QuizRefused,
                 format!("{}: question {}", verdict.name(), item.question),
-            ));
-        }
-        if let Some(viewer) = viewer {
-            judged
-                .entry((item.quiz_id.clone(), item.shard))
-                .or_default()
-                .insert(item.user.clone(), viewer);
-        }
-        let key: [u8; SEAL_KEY_BYTES] = state
-            .keys
-            .get(item.question as usize)
-            .and_then(|hex| from_hex(hex).ok())
+            ),
+            JudgeRefusal::NoKey => error(ErrorCode::Internal, "the question has no key"),
+        })?;
+        let key: [u8; SEAL_KEY_BYTES] = from_hex(&judged.key)
+            .ok()
             .and_then(|bytes| bytes.try_into().ok())
             .ok_or_else(|| error(ErrorCode::Internal, "the question has no key"))?;
         seal_verdict(
@@ -621,7 +665,7 @@ impl Node {
             &item.quiz_id,
             item.question,
             &item.user,
-            verdict.name(),
+            judged.verdict.name(),
         )
         .map_err(|e| error(ErrorCode::Internal, e.to_string()))
     }
@@ -636,12 +680,12 @@ impl Node {
             )
         })?;
         if created {
-            let message = encode(&NodeMessage::QuizShards(ShardOp::Copy {
+            let message = quiz_request(&QuizMessage::Shards(ShardOp::Copy {
                 quiz_id: quiz_id.to_string(),
                 shard,
             }));
-            let copies = self.live_peers().into_iter().map(|peer| {
-                let call = self.cluster.call_app(peer, message.clone());
+            let copies = self.ctx.live_peers().into_iter().map(|peer| {
+                let call = self.ctx.cluster.call_app(peer, message.clone());
                 async move {
                     let timeout = Duration::from_millis(QUIZ_REPLICATE_TIMEOUT_MS);
                     match tokio::time::timeout(timeout, call).await {
@@ -671,8 +715,9 @@ impl Node {
         shard: u32,
         viewers: Vec<(String, Viewer)>,
     ) -> Result<(), ErrorBody> {
-        let self_id = self.cluster.node_id();
+        let self_id = self.ctx.cluster.node_id();
         let candidates: Vec<NodeId> = self
+            .ctx
             .cluster
             .ring()
             .map(|ring| ring.owners_n(&shard_key(quiz_id, shard), 3))
@@ -684,19 +729,20 @@ impl Node {
             // No other node: the verdicts go out once the viewers are on this node's disk.
             self.quiz.save_viewers(quiz_id, shard, &viewers);
             return self
+                .ctx
                 .group_commit
                 .durable()
                 .await
                 .map_err(|e| error(ErrorCode::Unavailable, format!("own copy: {e}")));
         }
-        let message = encode(&NodeMessage::QuizShards(ShardOp::Replicate {
+        let message = quiz_request(&QuizMessage::Shards(ShardOp::Replicate {
             quiz_id: quiz_id.to_string(),
             shard,
             viewers,
         }));
         let mut failures = Vec::new();
         for replica in candidates {
-            let call = self.cluster.call_app(replica, message.clone());
+            let call = self.ctx.cluster.call_app(replica, message.clone());
             let timeout = Duration::from_millis(QUIZ_REPLICATE_TIMEOUT_MS);
             match tokio::time::timeout(timeout, call).await {
                 Ok(Ok(reply)) => match decode::<Result<ShardReply, ErrorBody>>(&reply) {
@@ -784,12 +830,13 @@ impl Node {
 
     /// Runs `op` on the node that owns `shard`'s key.
     async fn quiz_shard_op_at(&self, owner: NodeId, op: ShardOp) -> Result<ShardReply, ErrorBody> {
-        if owner == self.cluster.node_id() {
+        if owner == self.ctx.cluster.node_id() {
             return self.quiz_shard_op(op).await;
         }
         let call = self
+            .ctx
             .cluster
-            .call_app(owner, encode(&NodeMessage::QuizShards(op)));
+            .call_app(owner, quiz_request(&QuizMessage::Shards(op)));
         match tokio::time::timeout(Duration::from_millis(QUIZ_PEER_TIMEOUT_MS), call).await {
             Ok(Ok(reply)) => decode::<Result<ShardReply, ErrorBody>>(&reply).and_then(|r| r),
             Ok(Err(e)) => Err(error(
@@ -808,7 +855,7 @@ impl Node {
         let mut owners: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
         for shard in 0..shards {
             owners
-                .entry(self.owner_of_key(&shard_key(quiz_id, shard)))
+                .entry(self.ctx.owner_of_key(&shard_key(quiz_id, shard)))
                 .or_default()
                 .push(shard);
         }
@@ -821,15 +868,15 @@ impl Node {
         quiz_id: &str,
         action: QuizAction,
     ) -> Result<serde_json::Value, ErrorBody> {
-        let owner = self.owner_of_key(&quiz_key(quiz_id));
-        let json = if owner == self.cluster.node_id() {
+        let owner = self.ctx.owner_of_key(&quiz_key(quiz_id));
+        let json = if owner == self.ctx.cluster.node_id() {
             self.quiz_control(quiz_id, action).await?
         } else {
-            let message = encode(&NodeMessage::QuizControl {
+            let message = quiz_request(&QuizMessage::Control {
                 quiz_id: quiz_id.to_string(),
                 action,
             });
-            let call = self.cluster.call_app(owner, message);
+            let call = self.ctx.cluster.call_app(owner, message);
             // The controller itself waits for Raft and for every node.
             let timeout = Duration::from_millis(3 * QUIZ_PEER_TIMEOUT_MS);
             match tokio::time::timeout(timeout, call).await {
@@ -851,7 +898,8 @@ impl Node {
         serde_json::from_str(&json).map_err(|e| error(ErrorCode::Internal, e.to_string()))
     }
 
-    /// Runs an operator action here, as the show's controller; answers JSON text.
+    /// Runs an operator action here, as the show's controller; answers JSON text. The
+    /// decisions are `QuizControl`'s; this gathers from the shards, commits, announces.
     pub(crate) async fn quiz_control(
         &self,
         quiz_id: &str,
@@ -861,161 +909,124 @@ impl Node {
         let (record, state) = self
             .quiz_show(quiz_id, true)
             .ok_or_else(|| error(ErrorCode::QuizNotFound, format!("no quiz {quiz_id:?}")))?;
-        let definition = &record.definition;
         let now_ms = unix_now_ms();
-        let mut show = QuizShow {
-            definition: definition.clone(),
-            phase: state.phase,
-        };
-        let value = match action {
+        let mut control = QuizControl::new(record.definition.clone(), (*state).clone());
+        let mut step = match &action {
             QuizAction::Push => {
-                let open = show.push(now_ms).map_err(phase_error)?;
                 let mut key = [0u8; SEAL_KEY_BYTES];
                 ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
                     .map_err(|_| error(ErrorCode::Internal, "no randomness for the key"))?;
-                let mut next = (*state).clone();
-                next.revision += 1;
-                next.phase = show.phase;
-                next.keys.truncate(open.k as usize);
-                next.keys.push(to_hex(&key));
-                self.quiz_commit(quiz_id, next).await?;
-                let question = &definition.questions[open.k as usize];
-                let event = Event::QuizQuestion(QuizQuestionEvent {
-                    room_id: definition.room_id.clone(),
-                    quiz_id: quiz_id.to_string(),
-                    index: open.k,
-                    questions: definition.questions.len() as u32,
-                    text: question.text.clone(),
-                    options: question.options.clone(),
-                    deadline_ms: open.deadline_ms,
-                });
-                self.quiz_broadcast(&definition.room_id, event).await?;
-                serde_json::json!({
-                    "quiz_id": quiz_id,
-                    "question": open.k,
-                    "deadline_ms": open.deadline_ms,
-                })
+                control.push(now_ms, to_hex(&key)).map_err(phase_error)?
             }
-            QuizAction::Announce => {
-                let QuizPhase::Asking { k, .. } = state.phase else {
-                    return Err(phase_error(QuizError::Phase("no question is open".into())));
-                };
-                let correct = show.announce(now_ms).map_err(phase_error)?;
-                let options = definition.questions[k as usize].options.len() as u8;
-                let mut counts = vec![0u64; usize::from(options)];
-                for (owner, shards) in self.shards_by_owner(quiz_id, record.shards) {
-                    let op = ShardOp::Close {
-                        quiz_id: quiz_id.to_string(),
-                        question: k,
-                        options,
-                        shards,
-                    };
-                    match self.quiz_shard_op_at(owner, op).await? {
-                        ShardReply::Counts(part) => {
-                            for (sum, count) in counts.iter_mut().zip(part) {
-                                *sum = sum.saturating_add(count);
-                            }
-                        }
-                        other => {
-                            return Err(error(
-                                ErrorCode::Internal,
-                                format!("unexpected shard reply {other:?}"),
-                            ))
-                        }
-                    }
-                }
-                let mut next = (*state).clone();
-                next.revision += 1;
-                next.phase = show.phase;
-                next.counts.insert(k, counts.clone());
-                let key = next.keys.get(k as usize).cloned().unwrap_or_default();
-                let last = show.phase == QuizPhase::Finished;
-                self.quiz_commit(quiz_id, next).await?;
-                let event = Event::QuizAnnounce(QuizAnnounceEvent {
-                    room_id: definition.room_id.clone(),
-                    quiz_id: quiz_id.to_string(),
-                    question: k,
-                    correct,
-                    key,
-                    counts: counts.clone(),
-                    last,
-                });
-                self.quiz_broadcast(&definition.room_id, event).await?;
-                serde_json::json!({
-                    "quiz_id": quiz_id,
-                    "question": k,
-                    "correct": correct,
-                    "counts": counts,
-                    "last": last,
-                })
-            }
-            QuizAction::Finish => {
-                if state.results.is_none() {
-                    if state.phase != QuizPhase::Finished {
-                        return Err(phase_error(QuizError::Phase(
-                            "announce the last question's answer first".into(),
-                        )));
-                    }
-                    let questions = definition.questions.len() as u32;
-                    let mut winners = Vec::new();
-                    for (owner, shards) in self.shards_by_owner(quiz_id, record.shards) {
-                        let op = ShardOp::Survivors {
-                            quiz_id: quiz_id.to_string(),
-                            questions,
-                            shards,
-                        };
-                        match self.quiz_shard_op_at(owner, op).await? {
-                            ShardReply::Survivors(part) => winners.extend(part),
-                            other => {
-                                return Err(error(
-                                    ErrorCode::Internal,
-                                    format!("unexpected shard reply {other:?}"),
-                                ))
-                            }
-                        }
-                    }
-                    let paid = payout(definition.prize_cents, &winners);
-                    let mut next = (*state).clone();
-                    next.revision += 1;
-                    next.results = Some(paid.clone());
-                    self.quiz_commit(quiz_id, next).await?;
-                    let winners = paid.len() as u64;
-                    let event = Event::QuizFinished(QuizFinishedEvent {
-                        room_id: definition.room_id.clone(),
-                        quiz_id: quiz_id.to_string(),
-                        winners,
-                        prize_cents: definition.prize_cents,
-                        share_cents: definition.prize_cents.checked_div(winners).unwrap_or(0),
-                    });
-                    self.quiz_broadcast(&definition.room_id, event).await?;
-                }
-                let (_, state) = self
-                    .quiz_show(quiz_id, false)
-                    .ok_or_else(|| error(ErrorCode::QuizNotFound, "the quiz vanished"))?;
-                results_json(&record, &state, None)
-            }
-            QuizAction::Status => status_json(&record, &state),
+            QuizAction::Announce => control.announce(now_ms).map_err(phase_error)?,
+            QuizAction::Finish => control.finish().map_err(phase_error)?,
+            QuizAction::Status => return Ok(status_json(&record, &state).to_string()),
             QuizAction::Results { user } => {
                 let history = match user {
                     None => None,
-                    Some(user) => {
-                        let shard = shard_of(&user, record.shards);
-                        let owner = self.owner_of_key(&shard_key(quiz_id, shard));
-                        let op = ShardOp::History {
-                            quiz_id: quiz_id.to_string(),
-                            shard,
-                            user: user.clone(),
-                        };
-                        match self.quiz_shard_op_at(owner, op).await? {
-                            ShardReply::History(viewer) => Some((user, viewer)),
-                            _ => Some((user, None)),
-                        }
-                    }
+                    Some(user) => Some((
+                        user.clone(),
+                        self.quiz_history(quiz_id, &record, user).await?,
+                    )),
                 };
-                results_json(&record, &state, history)
+                return Ok(results_json(&record, &state, history).to_string());
             }
         };
-        Ok(value.to_string())
+        loop {
+            step = match step {
+                ControlStep::Gather(gather) => {
+                    let gathered = self.quiz_gather(quiz_id, record.shards, &gather).await?;
+                    match gathered {
+                        Gathered::Counts(parts) => control.counts(&parts),
+                        Gathered::Survivors(winners) => control.survivors(&winners),
+                    }
+                    .map_err(phase_error)?
+                }
+                ControlStep::Commit { state, notice } => {
+                    self.quiz_commit(quiz_id, state).await?;
+                    let definition = &record.definition;
+                    let reply = notice_json(quiz_id, &notice);
+                    let event = notice_event(&definition.room_id, quiz_id, notice);
+                    self.quiz_broadcast(&definition.room_id, event).await?;
+                    break match action {
+                        QuizAction::Finish => None,
+                        _ => Some(reply),
+                    };
+                }
+                ControlStep::Done => break None,
+            };
+        }
+        .map_or_else(
+            || {
+                let (_, state) = self
+                    .quiz_show(quiz_id, false)
+                    .ok_or_else(|| error(ErrorCode::QuizNotFound, "the quiz vanished"))?;
+                Ok(results_json(&record, &state, None).to_string())
+            },
+            |reply| Ok(reply.to_string()),
+        )
+    }
+
+    /// Gathers from every shard of a show what the controller asks for.
+    async fn quiz_gather(
+        &self,
+        quiz_id: &str,
+        shards: u32,
+        gather: &Gather,
+    ) -> Result<Gathered, ErrorBody> {
+        let unexpected = |other: ShardReply| {
+            error(
+                ErrorCode::Internal,
+                format!("unexpected shard reply {other:?}"),
+            )
+        };
+        let mut parts = Vec::new();
+        let mut winners = Vec::new();
+        for (owner, shards) in self.shards_by_owner(quiz_id, shards) {
+            let quiz_id = quiz_id.to_string();
+            let op = match *gather {
+                Gather::Close { question, options } => ShardOp::Close {
+                    quiz_id,
+                    question,
+                    options,
+                    shards,
+                },
+                Gather::Survivors { questions } => ShardOp::Survivors {
+                    quiz_id,
+                    questions,
+                    shards,
+                },
+            };
+            match self.quiz_shard_op_at(owner, op).await? {
+                ShardReply::Counts(part) => parts.push(part),
+                ShardReply::Survivors(part) => winners.extend(part),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Ok(match gather {
+            Gather::Close { .. } => Gathered::Counts(parts),
+            Gather::Survivors { .. } => Gathered::Survivors(winners),
+        })
+    }
+
+    /// One viewer's history, from its shard's owner.
+    async fn quiz_history(
+        &self,
+        quiz_id: &str,
+        record: &QuizRecord,
+        user: &str,
+    ) -> Result<Option<Viewer>, ErrorBody> {
+        let shard = shard_of(user, record.shards);
+        let owner = self.ctx.owner_of_key(&shard_key(quiz_id, shard));
+        let op = ShardOp::History {
+            quiz_id: quiz_id.to_string(),
+            shard,
+            user: user.to_string(),
+        };
+        Ok(match self.quiz_shard_op_at(owner, op).await? {
+            ShardReply::History(viewer) => viewer,
+            _ => None,
+        })
     }
 
     /// Commits a show's new state in Raft, then tells every live node (each waits at most
@@ -1028,7 +1039,7 @@ impl Node {
             key: state_key(quiz_id),
             value: value.clone(),
         };
-        match self.cluster.write(command).await {
+        match self.ctx.cluster.write(command).await {
             Ok(MetadataResponse::Ok) => {}
             Ok(other) => {
                 return Err(error(
@@ -1039,12 +1050,12 @@ impl Node {
             Err(e) => return Err(error(ErrorCode::Unavailable, format!("not committed: {e}"))),
         }
         self.quiz.state_seen(quiz_id, Arc::new(state));
-        let message = encode(&NodeMessage::QuizPhase {
+        let message = quiz_request(&QuizMessage::Phase {
             quiz_id: quiz_id.to_string(),
             state: Bytes::from(value),
         });
-        let told = self.live_peers().into_iter().map(|peer| {
-            let call = self.cluster.call_app(peer, message.clone());
+        let told = self.ctx.live_peers().into_iter().map(|peer| {
+            let call = self.ctx.cluster.call_app(peer, message.clone());
             async move {
                 let timeout = Duration::from_millis(QUIZ_PEER_TIMEOUT_MS);
                 if !matches!(tokio::time::timeout(timeout, call).await, Ok(Ok(_))) {
@@ -1061,7 +1072,92 @@ impl Node {
         let body = event
             .encode_body()
             .map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
-        self.announce(room_id, Arc::new(body)).await
+        self.rooms.announce(room_id, Arc::new(body)).await
+    }
+}
+
+/// What the shards gave the controller.
+enum Gathered {
+    Counts(Vec<Vec<u64>>),
+    Survivors(Vec<String>),
+}
+
+/// The operator's answer to a committed step.
+fn notice_json(quiz_id: &str, notice: &Notice) -> serde_json::Value {
+    match notice {
+        Notice::Question {
+            index, deadline_ms, ..
+        } => serde_json::json!({
+            "quiz_id": quiz_id,
+            "question": index,
+            "deadline_ms": deadline_ms,
+        }),
+        Notice::Announce {
+            question,
+            correct,
+            counts,
+            last,
+            ..
+        } => serde_json::json!({
+            "quiz_id": quiz_id,
+            "question": question,
+            "correct": correct,
+            "counts": counts,
+            "last": last,
+        }),
+        Notice::Finished { winners, .. } => serde_json::json!({
+            "quiz_id": quiz_id,
+            "winners": winners,
+        }),
+    }
+}
+
+/// The room's notification for a committed step.
+fn notice_event(room_id: &str, quiz_id: &str, notice: Notice) -> Event {
+    let room_id = room_id.to_string();
+    let quiz_id = quiz_id.to_string();
+    match notice {
+        Notice::Question {
+            index,
+            questions,
+            text,
+            options,
+            deadline_ms,
+        } => Event::QuizQuestion(QuizQuestionEvent {
+            room_id,
+            quiz_id,
+            index,
+            questions,
+            text,
+            options,
+            deadline_ms,
+        }),
+        Notice::Announce {
+            question,
+            correct,
+            key,
+            counts,
+            last,
+        } => Event::QuizAnnounce(QuizAnnounceEvent {
+            room_id,
+            quiz_id,
+            question,
+            correct,
+            key,
+            counts,
+            last,
+        }),
+        Notice::Finished {
+            winners,
+            prize_cents,
+            share_cents,
+        } => Event::QuizFinished(QuizFinishedEvent {
+            room_id,
+            quiz_id,
+            winners,
+            prize_cents,
+            share_cents,
+        }),
     }
 }
 
@@ -1123,7 +1219,7 @@ fn results_json(
 
 /// Sends the answers queued toward `owner` in batches, each batch's verdicts back to
 /// their askers. Runs while the node lives.
-async fn send_answer_batches(node: Weak<Node>, owner: NodeId, mut queue: mpsc::Receiver<Pending>) {
+async fn send_answer_batches(node: Weak<Quiz>, owner: NodeId, mut queue: mpsc::Receiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(ANSWER_BATCHES_IN_FLIGHT_MAX));
     while let Some(first) = queue.recv().await {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {

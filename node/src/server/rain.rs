@@ -37,7 +37,7 @@
 //! (the highest epoch seen per rain). Like room states they are not flushed per write in a
 //! cluster: the majority of copies is the guarantee; sled brings them back after a restart.
 //! On a node with no other member the own copy is the whole majority, so it counts only
-//! once a flush covers it (the node's group commit, `super::group_commit`): a grab is
+//! once a flush covers it (the node's group commit, `common::group_commit`): a grab is
 //! answered only after its grant is on the node's disk.
 //!
 //! # The end
@@ -60,8 +60,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::routing::{decode, encode, NodeMessage};
-use super::Node;
+use bytes::Bytes;
+
+use crate::server::common::codec::{decode, encode, request, Domain};
+use crate::server::context::{NodeContext, Stopping};
+use crate::server::rooms::service::Rooms;
 
 /// Grants per `Append` (and per chunk of a `Full` or a fetch).
 pub const APPEND_GRANTS_MAX: usize = 5_000;
@@ -88,7 +91,7 @@ pub fn rain_key(rain_id: &str) -> String {
     format!("rain/{rain_id}")
 }
 
-/// Messages between nodes about rains (inside [`NodeMessage::Rain`]).
+/// Messages between nodes about rains ([`Domain::Rain`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RainMessage {
     /// A grab for the pool, which this node owns (answered with a
@@ -153,24 +156,8 @@ pub const OUT_OF_STEP_REASON: &str = "rain copy out of step";
 /// Refusal reason: a newer owner exists.
 pub const FENCED_REASON: &str = "stale rain ownership epoch";
 
-/// What a node holds of a rain after a write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Held {
-    /// Grants held.
-    pub grants: usize,
-    /// Whether the refund is held.
-    pub refunded: bool,
-}
-
-impl Held {
-    /// What `state` holds.
-    fn of(state: &RainState) -> Held {
-        Held {
-            grants: state.grants.len(),
-            refunded: state.refunded_cents.is_some(),
-        }
-    }
-}
+pub use chorus_actors::rain_quorum::Held;
+use chorus_actors::rain_quorum::{PoolQuorum, QuorumCommand};
 
 /// A copy's summary, for recovery.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -561,7 +548,7 @@ struct PoolHandle {
 pub struct RainPools {
     pools: Mutex<HashMap<String, PoolHandle>>,
     /// One activation at a time per rain; other rains are not held up.
-    activating: super::keyed::KeyedLocks,
+    activating: crate::server::common::keyed::KeyedLocks,
 }
 
 impl RainPools {
@@ -586,6 +573,57 @@ impl RainPools {
             }
         }
     }
+}
+
+/// Red-packet rains on this node: the copies it holds and the pools it runs.
+pub struct Rain {
+    /// What the whole node shares.
+    pub ctx: Arc<NodeContext>,
+    /// The rooms (a rain announces in its room).
+    pub rooms: Arc<Rooms>,
+    /// Copies of red-packet rains (the pools' own included).
+    pub rain_copies: RainCopies,
+    /// The rain pools this node runs.
+    pub rain_pools: RainPools,
+    /// This, for tasks that outlive a call.
+    pub this: Weak<Rain>,
+}
+
+impl Rain {
+    /// The rains of a node, with the copies in `db`.
+    ///
+    /// # Errors
+    ///
+    /// sled's, opening the copies' trees.
+    pub fn open(ctx: Arc<NodeContext>, rooms: Arc<Rooms>) -> Result<Arc<Rain>, sled::Error> {
+        let rain_copies = RainCopies::open(&ctx.db)?;
+        Ok(Arc::new_cyclic(|this| Rain {
+            ctx,
+            rooms,
+            rain_copies,
+            rain_pools: RainPools::default(),
+            this: this.clone(),
+        }))
+    }
+
+    /// Answers a request from another node about rains ([`Domain::Rain`]).
+    pub(crate) async fn handle_peer(&self, message: Bytes) -> Bytes {
+        match decode::<RainMessage>(&message) {
+            Ok(message) => self.rain_message(message).await,
+            Err(error) => encode(&Err::<(), _>(error)),
+        }
+    }
+}
+
+impl Stopping for Rain {
+    fn stopping(&self) -> bool {
+        self.ctx.shutdown.is_cancelled()
+    }
+}
+
+/// A request to another node about rains.
+fn rain_request(message: &RainMessage) -> Bytes {
+    request(Domain::Rain, message)
 }
 
 fn unavailable(why: impl Into<String>) -> ErrorBody {
@@ -624,41 +662,32 @@ fn response(rain_id: &str, outcome: &GrabOutcome, throttle: f64) -> RainGrabResp
 }
 
 /// The ownership epoch of `rain_id` committed in this node's metadata (0 if none).
-fn committed_epoch(node: &Node, rain_id: &str) -> u64 {
-    node.committed_epoch_of(&rain_key(rain_id))
+fn committed_epoch(node: &Rain, rain_id: &str) -> u64 {
+    node.ctx.committed_epoch_of(&rain_key(rain_id))
 }
 
 /// The members a majority is counted over (all in the metadata, down ones included) and
 /// the majority.
-fn members_and_majority(node: &Node) -> (Vec<NodeId>, usize) {
-    let members: Vec<NodeId> = node.cluster.metadata().nodes.keys().copied().collect();
+fn members_and_majority(node: &Rain) -> (Vec<NodeId>, usize) {
+    let members: Vec<NodeId> = node.ctx.cluster.metadata().nodes.keys().copied().collect();
     let majority = members.len() / 2 + 1;
     (members, majority)
 }
 
-/// Whether this node is the only member (its own copy is then the whole majority).
-fn alone(node: &Node) -> bool {
-    let self_id = node.cluster.node_id();
-    node.cluster
-        .metadata()
-        .nodes
-        .keys()
-        .all(|id| *id == self_id)
-}
-
 /// The rain's definition from the metadata.
-fn definition(node: &Node, rain_id: &str) -> Option<RainDefinition> {
-    node.cluster
+fn definition(node: &Rain, rain_id: &str) -> Option<RainDefinition> {
+    node.ctx
+        .cluster
         .metadata()
         .definitions
         .get(&rain_key(rain_id))
         .and_then(|bytes| rmp_serde::from_slice(bytes).ok())
 }
 
-impl Node {
+impl Rain {
     /// The owner of `rain_id`'s pool on this node's ring (this node if there is none).
     fn rain_owner(&self, rain_id: &str) -> NodeId {
-        self.owner_of_key(&rain_key(rain_id))
+        self.ctx.owner_of_key(&rain_key(rain_id))
     }
 
     /// A grab by `user`, served by the pool's owner (here or over the inter-node link;
@@ -681,15 +710,17 @@ impl Node {
         let mut result = Err(unavailable("no owner"));
         for _ in 0..2 {
             let owner = self.rain_owner(rain_id);
-            result = if owner == self.cluster.node_id() {
+            result = if owner == self.ctx.cluster.node_id() {
                 self.local_grab(rain_id, user, request_id).await
             } else {
-                let message = encode(&NodeMessage::Rain(RainMessage::Grab {
-                    rain_id: rain_id.to_string(),
-                    user: user.to_string(),
-                    request_id: request_id.to_string(),
-                }));
-                match self.cluster.call_app(owner, message).await {
+                let message = rain_request(
+                    &(RainMessage::Grab {
+                        rain_id: rain_id.to_string(),
+                        user: user.to_string(),
+                        request_id: request_id.to_string(),
+                    }),
+                );
+                match self.ctx.cluster.call_app(owner, message).await {
                     Ok(reply) => {
                         decode::<Result<RainGrabResponse, ErrorBody>>(&reply).and_then(|r| r)
                     }
@@ -757,7 +788,7 @@ impl Node {
         let definition = definition(self, rain_id).ok_or_else(|| {
             ErrorBody::new(ErrorCode::InvalidArgument, format!("no rain {rain_id:?}"))
         })?;
-        let self_id = self.cluster.node_id();
+        let self_id = self.ctx.cluster.node_id();
         if self.rain_owner(rain_id) != self_id {
             return Err(unavailable("the rain moved to another node; retry"));
         }
@@ -765,20 +796,22 @@ impl Node {
             key: rain_key(rain_id),
             node: self_id,
         };
-        let epoch = match self.cluster.write(claim).await {
+        let epoch = match self.ctx.cluster.write(claim).await {
             Ok(MetadataResponse::OwnershipGranted(granted)) => granted.epoch,
             Ok(other) => return Err(unavailable(format!("rain ownership claim: {other:?}"))),
             Err(error) => return Err(unavailable(format!("rain ownership claim: {error}"))),
         };
         let (members, majority) = members_and_majority(self);
-        let peers: Vec<NodeId> = self.live_peers();
+        let peers: Vec<NodeId> = self.ctx.live_peers();
         let queries = peers.iter().map(|&peer| {
-            let message = encode(&NodeMessage::Rain(RainMessage::Recover {
-                rain_id: rain_id.to_string(),
-                epoch,
-            }));
+            let message = rain_request(
+                &(RainMessage::Recover {
+                    rain_id: rain_id.to_string(),
+                    epoch,
+                }),
+            );
             async move {
-                let call = self.cluster.call_app(peer, message);
+                let call = self.ctx.cluster.call_app(peer, message);
                 match tokio::time::timeout(Duration::from_millis(RAIN_CALL_TIMEOUT_MS), call).await
                 {
                     Ok(Ok(reply)) => decode::<Option<CopySummary>>(&reply)
@@ -829,12 +862,12 @@ impl Node {
             .ok_or_else(|| unavailable("the local copy vanished"))?;
         let restored = state.grants.len();
         let ended_before = state.refunded_cents.is_some();
-        let pool = RainPool::restore(state, self.config.rain.grabs_per_sec, now_ms());
+        let pool = RainPool::restore(state, self.ctx.config.rain.grabs_per_sec, now_ms());
         let (tx, rx) = mpsc::channel(POOL_QUEUE_MAX);
         let handle = PoolHandle {
             epoch,
             tx: tx.clone(),
-            stop: self.shutdown.child_token(),
+            stop: self.ctx.shutdown.child_token(),
         };
         self.rain_pools
             .map()
@@ -847,19 +880,17 @@ impl Node {
             rx,
             tx,
             stop: handle.stop.clone(),
-            pending: Vec::new(),
-            acks: HashMap::new(),
+            quorum: PoolQuorum::new(
+                self.ctx.cluster.node_id(),
+                members_and_majority(self).0,
+                Held::default(),
+            ),
             peers: HashMap::new(),
             wake: watch::channel(0).0,
             throttle: 1.0,
             started: false,
             // A rain that ended under an earlier owner was announced by it.
             ended_announced: ended_before,
-            own_flushed: Held {
-                grants: 0,
-                refunded: false,
-            },
-            own_flush_in_flight: false,
         };
         tokio::spawn(task.run());
         tracing::info!(rain = %rain_id, epoch, restored, "rain pool activated");
@@ -875,11 +906,13 @@ impl Node {
     ) -> Result<Vec<Grant>, ErrorBody> {
         let mut grants: Vec<Grant> = Vec::with_capacity(total);
         while grants.len() < total {
-            let message = encode(&NodeMessage::Rain(RainMessage::Fetch {
-                rain_id: rain_id.to_string(),
-                from: grants.len(),
-            }));
-            let call = self.cluster.call_app(node, message);
+            let message = rain_request(
+                &(RainMessage::Fetch {
+                    rain_id: rain_id.to_string(),
+                    from: grants.len(),
+                }),
+            );
+            let call = self.ctx.cluster.call_app(node, message);
             let chunk =
                 match tokio::time::timeout(Duration::from_millis(RAIN_CALL_TIMEOUT_MS), call).await
                 {
@@ -905,7 +938,7 @@ impl Node {
                 user,
                 request_id,
             } => {
-                if self.rain_owner(&rain_id) != self.cluster.node_id() {
+                if self.rain_owner(&rain_id) != self.ctx.cluster.node_id() {
                     return encode(&Err::<RainGrabResponse, _>(unavailable(
                         "this node does not own the rain; retry",
                     )));
@@ -969,17 +1002,19 @@ impl Node {
         &self,
         rain_id: &str,
     ) -> Result<Option<(u64, RainState)>, ErrorBody> {
-        let self_id = self.cluster.node_id();
+        let self_id = self.ctx.cluster.node_id();
         let mut best: Option<(NodeId, CopySummary)> = self
             .rain_copies
             .summary(rain_id)
             .map(|summary| (self_id, summary));
-        for peer in self.live_peers() {
-            let message = encode(&NodeMessage::Rain(RainMessage::Fetch {
-                rain_id: rain_id.to_string(),
-                from: usize::MAX,
-            }));
-            let call = self.cluster.call_app(peer, message);
+        for peer in self.ctx.live_peers() {
+            let message = rain_request(
+                &(RainMessage::Fetch {
+                    rain_id: rain_id.to_string(),
+                    from: usize::MAX,
+                }),
+            );
+            let call = self.ctx.cluster.call_app(peer, message);
             let Ok(Ok(reply)) =
                 tokio::time::timeout(Duration::from_millis(RAIN_CALL_TIMEOUT_MS), call).await
             else {
@@ -1013,27 +1048,23 @@ impl Node {
     }
 }
 
-/// A grab waiting for its grant to reach a majority.
-struct Pending {
-    /// Grants that must be on a majority.
-    needed: usize,
-    response: RainGrabResponse,
-    reply: oneshot::Sender<Result<RainGrabResponse, ErrorBody>>,
-    deadline_ms: u64,
-}
+/// How the pool answers one grab: the response, once its grant is on a majority.
+type GrabReply = (
+    RainGrabResponse,
+    oneshot::Sender<Result<RainGrabResponse, ErrorBody>>,
+);
 
 /// The pool actor: serves grabs in order, one at a time; replication runs beside it.
 struct PoolTask {
-    node: Weak<Node>,
+    node: Weak<Rain>,
     rain_id: String,
     epoch: u64,
     pool: RainPool,
     rx: mpsc::Receiver<PoolMsg>,
     tx: mpsc::Sender<PoolMsg>,
     stop: CancellationToken,
-    pending: Vec<Pending>,
-    /// What each other member holds at this epoch.
-    acks: HashMap<NodeId, Held>,
+    /// Which grabs are on a majority (`chorus_actors::rain_quorum`).
+    quorum: PoolQuorum<GrabReply>,
     /// Replication tasks per member.
     peers: HashMap<NodeId, CancellationToken>,
     /// Bumped when the local copy grows.
@@ -1041,11 +1072,6 @@ struct PoolTask {
     throttle: f64,
     started: bool,
     ended_announced: bool,
-    /// What the own copy holds on disk, as far as a flush has confirmed: on a node with no
-    /// other member, the own copy is the whole majority and counts only once flushed.
-    own_flushed: Held,
-    /// A flush of the own copy is under way.
-    own_flush_in_flight: bool,
 }
 
 impl PoolTask {
@@ -1053,6 +1079,8 @@ impl PoolTask {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.reconcile_peers();
+        let written = self.quorum.written(Held::of(self.pool.state()));
+        self.execute(written);
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => break,
@@ -1068,7 +1096,6 @@ impl PoolTask {
                                 break;
                             }
                         }
-                        self.flush_own_copy();
                         self.answer_committed();
                     }
                     None => break,
@@ -1080,10 +1107,8 @@ impl PoolTask {
         for (_, peer) in self.peers.drain() {
             peer.cancel();
         }
-        for pending in self.pending.drain(..) {
-            let _ = pending
-                .reply
-                .send(Err(unavailable("the rain's pool stopped; retry")));
+        for (_, reply) in self.quorum.drain() {
+            let _ = reply.send(Err(unavailable("the rain's pool stopped; retry")));
         }
         if let Some(node) = self.node.upgrade() {
             let mut pools = node.rain_pools.map();
@@ -1120,12 +1145,11 @@ impl PoolTask {
                 }
                 let response = response(&self.rain_id, &outcome, self.throttle);
                 match outcome {
-                    GrabOutcome::Granted { packet, .. } => self.pending.push(Pending {
-                        needed: packet as usize + 1,
-                        response,
-                        reply,
-                        deadline_ms: now + GRAB_COMMIT_TIMEOUT_MS,
-                    }),
+                    GrabOutcome::Granted { packet, .. } => self.quorum.granted(
+                        packet as usize,
+                        now + GRAB_COMMIT_TIMEOUT_MS,
+                        (response, reply),
+                    ),
                     _ => {
                         let _ = reply.send(Ok(response));
                     }
@@ -1133,7 +1157,7 @@ impl PoolTask {
                 true
             }
             PoolMsg::Acked { peer, held } => {
-                self.acks.insert(peer, held);
+                self.quorum.acked(peer, held);
                 true
             }
             PoolMsg::Fenced { fence } => {
@@ -1141,40 +1165,50 @@ impl PoolTask {
                 false
             }
             PoolMsg::Flushed { held, result } => {
-                self.own_flush_in_flight = false;
-                match result {
-                    Ok(()) => self.own_flushed = held,
+                let confirmed = match result {
+                    Ok(()) => Some(held),
                     // Grabs wait; the next batch or tick tries again.
                     Err(error) => {
-                        tracing::warn!(rain = %self.rain_id, %error, "the pool's own copy was not flushed")
+                        tracing::warn!(rain = %self.rain_id, %error, "the pool's own copy was not flushed");
+                        None
                     }
-                }
+                };
+                let commands = self.quorum.flushed(confirmed);
+                self.execute(commands);
                 true
             }
         }
     }
 
-    /// On a node with no other member, flushes the own copy if it holds more than the
-    /// last flush confirmed (one flush at a time; the node's group commit shares it with
-    /// every other writer). The answer comes back as [`PoolMsg::Flushed`].
-    fn flush_own_copy(&mut self) {
-        if self.own_flush_in_flight {
-            return;
+    /// Carries out what the quorum asks: answer or refuse grabs, flush the own copy (on a
+    /// node with no other member, one flush at a time; the node's group commit shares it
+    /// with every other writer; the answer comes back as [`PoolMsg::Flushed`]).
+    fn execute(&mut self, commands: Vec<QuorumCommand<GrabReply>>) {
+        for command in commands {
+            match command {
+                QuorumCommand::Answer((response, reply)) => {
+                    let _ = reply.send(Ok(response));
+                }
+                QuorumCommand::TimedOut((_, reply)) => {
+                    metrics::counter!("chorus_rain_grabs_total", "result" => "not_replicated")
+                        .increment(1);
+                    let _ = reply.send(Err(unavailable(
+                        "the grant did not reach a majority of nodes in time; retry with the same request_id",
+                    )));
+                }
+                QuorumCommand::FlushOwn(held) => {
+                    let Some(node) = self.node.upgrade() else {
+                        continue;
+                    };
+                    let commit = node.ctx.group_commit.clone();
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        let result = commit.durable().await.map_err(|e| e.to_string());
+                        let _ = tx.send(PoolMsg::Flushed { held, result }).await;
+                    });
+                }
+            }
         }
-        let Some(node) = self.node.upgrade() else {
-            return;
-        };
-        let held = Held::of(self.pool.state());
-        if held == self.own_flushed || !alone(&node) {
-            return;
-        }
-        self.own_flush_in_flight = true;
-        let commit = node.group_commit.clone();
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            let result = commit.durable().await.map_err(|e| e.to_string());
-            let _ = tx.send(PoolMsg::Flushed { held, result }).await;
-        });
     }
 
     /// Writes the grants from `from` (and the refund) to the local copy and wakes the
@@ -1195,6 +1229,8 @@ impl PoolTask {
         match written {
             Ok(_) => {
                 self.wake.send_modify(|v| *v += 1);
+                let commands = self.quorum.written(Held::of(self.pool.state()));
+                self.execute(commands);
                 true
             }
             Err(error) => {
@@ -1204,56 +1240,14 @@ impl PoolTask {
         }
     }
 
-    /// What a majority holds: (grants, refund).
-    fn committed(&self) -> (usize, bool) {
-        let Some(node) = self.node.upgrade() else {
-            return (0, false);
-        };
-        let (members, majority) = members_and_majority(&node);
-        let self_id = node.cluster.node_id();
-        // Alone, the own copy is the majority: it counts once it is on disk. With other
-        // members, their copies are the guarantee and the own copy counts at once.
-        let own = if alone(&node) {
-            self.own_flushed
-        } else {
-            Held::of(self.pool.state())
-        };
-        let mut held: Vec<Held> = members
-            .iter()
-            .filter(|id| **id != self_id)
-            .filter_map(|id| self.acks.get(id).copied())
-            .collect();
-        held.push(own);
-        if held.len() < majority {
-            return (0, false);
-        }
-        let mut grants: Vec<usize> = held.iter().map(|h| h.grants).collect();
-        grants.sort_unstable_by(|a, b| b.cmp(a));
-        let refunds = held.iter().filter(|h| h.refunded).count();
-        (grants[majority - 1], refunds >= majority)
-    }
-
+    /// Answers the grabs whose grants are on a majority, refuses those past their
+    /// deadline (with the members as the metadata has them now).
     fn answer_committed(&mut self) {
-        if self.pending.is_empty() {
-            return;
+        if let Some(node) = self.node.upgrade() {
+            self.quorum.members(members_and_majority(&node).0);
         }
-        let (grants, _) = self.committed();
-        let now = now_ms();
-        let mut kept = Vec::with_capacity(self.pending.len());
-        for pending in self.pending.drain(..) {
-            if pending.needed <= grants {
-                let _ = pending.reply.send(Ok(pending.response));
-            } else if now >= pending.deadline_ms {
-                metrics::counter!("chorus_rain_grabs_total", "result" => "not_replicated")
-                    .increment(1);
-                let _ = pending.reply.send(Err(unavailable(
-                    "the grant did not reach a majority of nodes in time; retry with the same request_id",
-                )));
-            } else {
-                kept.push(pending);
-            }
-        }
-        self.pending = kept;
+        let commands = self.quorum.tick(now_ms());
+        self.execute(commands);
     }
 
     /// Starts or stops replication tasks as members come and go.
@@ -1261,7 +1255,7 @@ impl PoolTask {
         let Some(node) = self.node.upgrade() else {
             return;
         };
-        let self_id = node.cluster.node_id();
+        let self_id = node.ctx.cluster.node_id();
         let (members, _) = members_and_majority(&node);
         self.peers.retain(|id, stop| {
             let keep = members.contains(id);
@@ -1270,7 +1264,7 @@ impl PoolTask {
             }
             keep
         });
-        self.acks.retain(|id, _| members.contains(id));
+        self.quorum.members(members.iter().copied());
         for peer in members.into_iter().filter(|id| *id != self_id) {
             if self.peers.contains_key(&peer) {
                 continue;
@@ -1291,13 +1285,12 @@ impl PoolTask {
 
     async fn on_tick(&mut self) {
         self.reconcile_peers();
-        self.flush_own_copy();
         self.answer_committed();
         let Some(node) = self.node.upgrade() else {
             self.stop.cancel();
             return;
         };
-        if node.rain_owner(&self.rain_id) != node.cluster.node_id() {
+        if node.rain_owner(&self.rain_id) != node.ctx.cluster.node_id() {
             tracing::info!(rain = %self.rain_id, "the rain moved to another node; pool stopping");
             self.stop.cancel();
             return;
@@ -1306,8 +1299,8 @@ impl PoolTask {
         let definition = self.pool.state().definition.clone();
         if !self.started && now >= definition.start_ms && now < definition.end_ms() {
             self.started = true;
-            let audience = node.room_audience(&definition.room_id).await;
-            self.throttle = throttle_factor(node.config.rain.grabs_per_sec, audience);
+            let audience = node.rooms.room_audience(&definition.room_id).await;
+            self.throttle = throttle_factor(node.ctx.config.rain.grabs_per_sec, audience);
             let event = Event::RainStart(RainStartEvent {
                 room_id: definition.room_id.clone(),
                 rain_id: self.rain_id.clone(),
@@ -1329,7 +1322,7 @@ impl PoolTask {
             tracing::info!(rain = %self.rain_id, refunded, "rain ended; unclaimed cents refunded");
         }
         if self.ended_announced
-            && self.pending.is_empty()
+            && self.quorum.pending() == 0
             && now >= definition.end_ms().saturating_add(IDLE_AFTER_END_MS)
         {
             // Nothing left to do but answer late grabs, which re-activate it.
@@ -1338,7 +1331,7 @@ impl PoolTask {
             return;
         }
         if !self.ended_announced && self.pool.state().refunded_cents.is_some() {
-            let (grants, refunded) = self.committed();
+            let (grants, refunded) = self.quorum.committed();
             if refunded && grants >= self.pool.state().grants.len() {
                 self.ended_announced = true;
                 let state = self.pool.state();
@@ -1362,7 +1355,7 @@ impl PoolTask {
 }
 
 /// Announces `event` to the room in the background.
-fn announce(node: &Arc<Node>, room_id: &str, event: &Event) {
+fn announce(node: &Arc<Rain>, room_id: &str, event: &Event) {
     let body = match event.encode_body() {
         Ok(body) => Arc::new(body),
         Err(error) => {
@@ -1373,7 +1366,7 @@ fn announce(node: &Arc<Node>, room_id: &str, event: &Event) {
     let node = node.clone();
     let room_id = room_id.to_string();
     tokio::spawn(async move {
-        if let Err(error) = node.announce(&room_id, body).await {
+        if let Err(error) = node.rooms.announce(&room_id, body).await {
             tracing::warn!(room = %room_id, error = %error.message, "rain event not announced");
         }
     });
@@ -1420,8 +1413,8 @@ pub fn ledger_lines(state: &RainState) -> Vec<String> {
 }
 
 /// Writes the ledger to `<data dir>/analytics/rain-<id>.ledger.jsonl` (on the blocking pool).
-fn export_ledger(node: &Arc<Node>, state: &RainState) {
-    let dir = node.config.data_dir.join("analytics");
+fn export_ledger(node: &Arc<Rain>, state: &RainState) {
+    let dir = node.ctx.config.data_dir.join("analytics");
     let path = dir.join(format!("rain-{}.ledger.jsonl", state.definition.rain_id));
     let mut text = ledger_lines(state).join("\n");
     text.push('\n');
@@ -1442,7 +1435,7 @@ fn export_ledger(node: &Arc<Node>, state: &RainState) {
 
 /// Sends `peer` what it lacks of the pool's copy, for as long as the pool runs.
 async fn replicate_to(
-    node: Weak<Node>,
+    node: Weak<Rain>,
     rain_id: String,
     epoch: u64,
     peer: NodeId,
@@ -1510,9 +1503,7 @@ async fn replicate_to(
                 }
             }
         };
-        let call = node
-            .cluster
-            .call_app(peer, encode(&NodeMessage::Rain(message)));
+        let call = node.ctx.cluster.call_app(peer, rain_request(&(message)));
         let answer = tokio::time::timeout(Duration::from_millis(RAIN_CALL_TIMEOUT_MS), call).await;
         drop(node);
         match answer {
@@ -1566,12 +1557,13 @@ async fn replicate_to(
 /// Activates the pools of the rains this node owns that start soon or have not ended, so
 /// that starts are announced and ends refunded on time. (A pool stops itself when its rain
 /// moves away, and with the node: its stop token is a child of the node's shutdown.)
-pub(crate) async fn run_rains(node: Weak<Node>) {
-    let mut ticker = super::NodeTicker::new(node, Duration::from_millis(500));
+pub(crate) async fn run_rains(node: Weak<Rain>) {
+    let mut ticker = crate::server::context::NodeTicker::new(node, Duration::from_millis(500));
     while let Some(node) = ticker.next().await {
-        let self_id = node.cluster.node_id();
+        let self_id = node.ctx.cluster.node_id();
         let now = now_ms();
         let due: Vec<String> = node
+            .ctx
             .cluster
             .metadata()
             .definitions

@@ -13,7 +13,7 @@ use chorus_cluster::metadata::NodeId;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::{Deserialize, Serialize};
 
-use super::Node;
+use crate::server::rooms::service::Rooms;
 
 /// The mesh service name of the control actor (its group is `chorus.control.<id>`).
 pub const CONTROL_SERVICE: &str = "control";
@@ -46,16 +46,16 @@ pub struct NodeControl;
 
 impl Actor for NodeControl {
     type Msg = ControlMsg;
-    type State = Weak<Node>;
-    type Arguments = Weak<Node>;
+    type State = Weak<Rooms>;
+    type Arguments = Weak<Rooms>;
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        node: Weak<Node>,
+        node: Weak<Rooms>,
     ) -> Result<Self::State, ActorProcessingErr> {
         if let Some(node) = node.upgrade() {
-            let group = mesh_group(CONTROL_SERVICE, node.cluster.node_id());
+            let group = mesh_group(CONTROL_SERVICE, node.ctx.cluster.node_id());
             ractor::pg::join(group, vec![myself.get_cell()]);
         }
         Ok(node)
@@ -82,7 +82,7 @@ impl Actor for NodeControl {
     }
 }
 
-async fn answer(node: &Arc<Node>, request: ControlRequest) -> ControlReply {
+async fn answer(node: &Arc<Rooms>, request: ControlRequest) -> ControlReply {
     metrics::counter!("chorus_mesh_requests_total", "kind" => "end_session").increment(1);
     match request {
         ControlRequest::EndSession { session_id } => {

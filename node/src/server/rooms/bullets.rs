@@ -14,15 +14,10 @@
 //! them. The room's rate holds whatever the users do.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, Weak};
-use std::time::Duration;
+use std::sync::Mutex;
 
 use chorus_actors::bullets::{Bullet, BulletConfig, BulletFilter, BulletRefusal};
-use chorus_actors::room_actor::RoomMsg;
 use chorus_protocol::{ErrorBody, ErrorCode};
-
-use super::routing::{encode, NodeMessage};
-use super::Node;
 
 /// How often each room's batch goes to its owner.
 pub const BULLET_BATCH_MS: u64 = 50;
@@ -88,7 +83,7 @@ impl BulletEdge {
         Ok(())
     }
 
-    fn take(&self) -> HashMap<String, BTreeMap<String, Bullet>> {
+    pub(crate) fn take(&self) -> HashMap<String, BTreeMap<String, Bullet>> {
         std::mem::take(&mut *self.rooms.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
@@ -98,41 +93,6 @@ fn full() -> ErrorBody {
         ErrorCode::RateLimited,
         "too many bullets in this moment; retry",
     )
-}
-
-/// Sends the batches until the node goes away.
-pub(crate) async fn send_batches(node: Weak<Node>) {
-    let mut ticker = super::NodeTicker::new(node, Duration::from_millis(BULLET_BATCH_MS));
-    while let Some(node) = ticker.next().await {
-        for (room_id, batch) in node.bullets.take() {
-            let bullets: Vec<Bullet> = batch.into_values().collect();
-            let owner = node.owner_of(&room_id);
-            if owner == node.cluster.node_id() {
-                node.bullet_batch_here(&room_id, bullets).await;
-                continue;
-            }
-            let message = encode(&NodeMessage::BulletBatch { room_id, bullets });
-            super::reactions::send_batch(
-                &node,
-                owner,
-                message,
-                "bullet",
-                "chorus_bullet_batches_lost_total",
-            );
-        }
-    }
-}
-
-impl Node {
-    /// Hands a bullet batch to the room's actor here (activating it if this node owns it
-    /// and it is not running). At most [`BATCH_USERS_MAX`] bullets are taken from a batch
-    /// (it may come from another node).
-    pub(crate) async fn bullet_batch_here(&self, room_id: &str, mut bullets: Vec<Bullet>) {
-        bullets.truncate(BATCH_USERS_MAX);
-        let batch = RoomMsg::BulletBatch { bullets };
-        self.cast_batch_here(room_id, batch, "bullet", "chorus_bullet_batches_lost_total")
-            .await;
-    }
 }
 
 #[cfg(test)]

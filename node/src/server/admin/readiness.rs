@@ -21,8 +21,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::admin::json;
-use super::{text, HttpResponse, Node};
+use crate::server::common::http::{json, text, HttpResponse};
+use crate::server::context::NodeContext;
 
 /// Whether this node is ready, and why not.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +43,7 @@ pub struct Readiness {
 /// ring of that metadata, with a known Raft leader, not cut off from the cluster (see
 /// `ClusterService::is_cut_off`: after a cut it is ready again only once it caught up with
 /// the leader's log), and not stopping.
-pub fn readiness(node: &Node) -> Readiness {
+pub fn readiness(node: &NodeContext) -> Readiness {
     let metadata = node.cluster.metadata();
     let self_id = node.cluster.node_id();
     let state = metadata.nodes.get(&self_id).map(|n| n.state);
@@ -85,7 +85,7 @@ pub fn state_name(state: NodeState) -> &'static str {
 
 /// `GET /readyz` of a running node: 200 when ready, else 503; a JSON body either way
 /// (`ready`, `member`, `node_id`, `state`, `ring_epoch`, `leader`, `reason`).
-pub fn readyz(node: &Node) -> HttpResponse {
+pub fn readyz(node: &NodeContext) -> HttpResponse {
     let verdict = readiness(node);
     let body = serde_json::json!({
         "ready": verdict.ready,

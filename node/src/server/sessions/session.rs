@@ -5,7 +5,27 @@
 //! ([`MemberSink`]); it assigns the sequence number, buffers the notification for resume
 //! and, if a connection is attached, queues it there. Sequence assignment and queueing
 //! happen under one lock, so a resume sees a consistent cut: everything up to `last_seq`
-//! is replayed, everything after goes to the new queue.
+//! is replayed, each once and in order, and live notifications follow.
+//!
+//! **Order.** A session delivers a room's comments only in order of their position (the
+//! comment id). A repeat is dropped. A comment that arrives ahead of one the session lacks
+//! (it overtook a catch-up on another path, e.g. a new owner's live broadcast against the
+//! old path's backlog) is dropped too and reported once ([`SessionRegistry::take_repairs`],
+//! at most [`REPAIRS_PENDING_MAX`] waiting); the node re-joins the room asking for what
+//! came after the latest delivered (`rooms::upkeep`).
+//!
+//! **Lifetime.** A session ends in exactly one of two ways: its client says goodbye
+//! (WebSocket close 1000, QUIC application close 1000), or it stays detached past the
+//! resume window (60 s). Either way it leaves all its rooms. Every other disconnect (a
+//! slow consumer, a node cut off or stopping) leaves it resumable. Per user and node there
+//! are at most `sessions_per_user_max` (16) sessions; the oldest detached one makes room.
+//!
+//! **Identity.** A session lives on the node that created it. Its id names that home node
+//! and carries an HMAC binding it to the user ([`SessionIds`]), so any node can check a
+//! resume of a session it does not hold and take it over (`rooms::route`). Member keys
+//! carry the node id in their high bits (`common::keys`), so they are unique across the
+//! cluster; session numbers start at a random point, so a restarted node does not reuse
+//! the member keys its previous run left in rooms elsewhere.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,7 +117,7 @@ impl AudioQueue {
     /// QUIC, sends it as a datagram instead.
     pub fn push(&self, frame: Bytes) {
         if let Some(connection) = &self.datagrams {
-            if super::quic::send_voice_datagram(connection, frame) {
+            if send_voice_datagram(connection, frame) {
                 metrics::counter!("chorus_audio_out_total").increment(1);
             }
             return;
@@ -345,7 +365,8 @@ impl SessionIds {
         let node = u64::from_str_radix(node_hex, 16).ok()?;
         let expected = self.mac(node, nonce, user);
         // Constant time: the comparison does not reveal how much of a forged mac matched.
-        super::admin::constant_time_eq(expected.as_bytes(), mac.as_bytes()).then_some(node)
+        crate::server::common::keys::constant_time_eq(expected.as_bytes(), mac.as_bytes())
+            .then_some(node)
     }
 }
 
@@ -402,8 +423,8 @@ impl SessionRegistry {
         node_id: u64,
         ids: SessionIds,
     ) -> Self {
-        let start =
-            rand::random::<u64>() & ((1 << (super::routing::MEMBER_KEY_NODE_SHIFT - 1)) - 1);
+        let start = rand::random::<u64>()
+            & ((1 << (crate::server::common::keys::MEMBER_KEY_NODE_SHIFT - 1)) - 1);
         let (repairs, repairs_rx) = tokio::sync::mpsc::channel(REPAIRS_PENDING_MAX);
         SessionRegistry {
             config,
@@ -570,7 +591,7 @@ impl SessionRegistry {
         let session = Arc::new(Session {
             id: id.clone(),
             user_id: user_id.to_string(),
-            key: super::routing::member_key(
+            key: crate::server::common::keys::member_key(
                 self.node_id,
                 self.next_key.fetch_add(1, Ordering::Relaxed),
             ),
@@ -640,4 +661,18 @@ impl SessionRegistry {
 pub fn random_id(prefix: &str) -> String {
     let value: u128 = rand::random();
     format!("{prefix}{value:032x}")
+}
+
+/// Sends a voice frame as a datagram; whether it was queued. Unreliable: quinn keeps a
+/// bounded datagram buffer that drops the oldest; a datagram the path cannot carry (or a
+/// peer that refuses datagrams) loses this frame only, counted as dropped.
+pub fn send_voice_datagram(connection: &quinn::Connection, frame: Bytes) -> bool {
+    match connection.send_datagram(frame) {
+        Ok(()) => true,
+        Err(error) => {
+            metrics::counter!("chorus_audio_dropped_total", "reason" => "datagram").increment(1);
+            tracing::debug!(%error, "voice datagram not sent");
+            false
+        }
+    }
 }

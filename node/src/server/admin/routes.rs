@@ -1,11 +1,15 @@
-//! The HTTP admin API (`/admin/…` on the node's HTTP port), guarded by a bearer token.
+//! The HTTP admin API (`/admin/…` on the node's HTTP port, or only on `--admin-addr` when
+//! set), guarded by a bearer token. `chorus admin` is its client.
 //!
 //! - `GET /admin/status`: this node's view of the cluster (self, leader, term, ring epoch,
 //!   voters, learners, members with their states, `mesh_peers`: the members this node has
 //!   an actor session with).
 //! - `GET /admin/nodes`: the members.
-//! - `GET /admin/where?key=KEY`: the owner of an actor key on this node's ring (a bare
-//!   room id `r-…` means `room/r-…`).
+//! - `GET /admin/where?key=KEY`: the owner of an actor key on this node's ring and its
+//!   replica candidates (a bare room id `r-…` means `room/r-…`).
+//! - `POST /admin/drain?node=ID`: mark a member `Draining` (its rooms move to the others);
+//!   `POST /admin/remove?node=ID`: remove it through the leader. Both answer 202 at once
+//!   and run in the background.
 //! - `POST /admin/rain?room=R&total=CENTS&count=N&duration_ms=MS[&cap=3][&start_in_ms=MS]`:
 //!   create a red-packet rain (SPEC Q7): its definition, with the seed of its split, is
 //!   committed in Raft; answers `{rain_id, …}`.
@@ -29,32 +33,38 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hyper::{Request, StatusCode};
 
-use super::{text, HttpResponse, Node};
+use metrics_exporter_prometheus::PrometheusHandle;
 
-/// The ring key of a room id.
-pub fn room_key(room_id: &str) -> String {
-    format!("room/{room_id}")
+use crate::server::admin::readiness;
+use crate::server::common::http::{json, text, HttpResponse};
+use crate::server::common::keys::{constant_time_eq, room_key};
+use crate::server::context::NodeContext;
+use crate::server::edge::service::Edge;
+use crate::server::quiz::{self, Quiz};
+use crate::server::rain::{self, rain_key, Rain};
+use crate::server::rooms::service::Rooms;
+use crate::server::sessions::session::random_id;
+
+/// The admin side of the node: its HTTP routes (`/admin/*`), with what they read and
+/// act on.
+pub struct Admin {
+    /// What the whole node shares.
+    pub ctx: Arc<NodeContext>,
+    /// The rooms.
+    pub rooms: Arc<Rooms>,
+    /// Red-packet rains.
+    pub rain: Arc<Rain>,
+    /// Quiz shows.
+    pub quiz: Arc<Quiz>,
+    /// Client connections.
+    pub edge: Arc<Edge>,
+    /// The bearer token admin routes require.
+    pub admin_token: String,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
 }
 
-/// A JSON response with its content type.
-pub(super) fn json(status: StatusCode, value: &serde_json::Value) -> HttpResponse {
-    let mut response = text(status, Bytes::from(value.to_string()));
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// Compares without an early exit, so the time taken does not reveal how much matched.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn authorized<B>(node: &Node, request: &Request<B>) -> bool {
+fn authorized<B>(node: &Admin, request: &Request<B>) -> bool {
     request
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -70,8 +80,6 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .find(|(key, _)| *key == name)
         .map(|(_, value)| value)
 }
-
-pub use super::rain::rain_key;
 
 /// The answer when a Raft write did not commit as asked.
 fn not_committed(
@@ -117,7 +125,7 @@ struct QuizCreate {
 }
 
 /// Answers `/admin/quiz…` (reads the body of a create).
-pub async fn route_quiz(node: &Arc<Node>, request: Request<hyper::body::Incoming>) -> HttpResponse {
+pub async fn route_quiz(node: &Admin, request: Request<hyper::body::Incoming>) -> HttpResponse {
     use http_body_util::BodyExt as _;
     if !authorized(node, &request) {
         return route(node, &request);
@@ -142,11 +150,11 @@ pub async fn route_quiz(node: &Arc<Node>, request: Request<hyper::body::Incoming
         return bad_request("missing ?id=");
     };
     let action = match (path.as_str(), post) {
-        ("/admin/quiz/push", true) => super::quiz::QuizAction::Push,
-        ("/admin/quiz/announce", true) => super::quiz::QuizAction::Announce,
-        ("/admin/quiz/finish", true) => super::quiz::QuizAction::Finish,
-        ("/admin/quiz", false) => super::quiz::QuizAction::Status,
-        ("/admin/quiz/results", false) => super::quiz::QuizAction::Results {
+        ("/admin/quiz/push", true) => quiz::QuizAction::Push,
+        ("/admin/quiz/announce", true) => quiz::QuizAction::Announce,
+        ("/admin/quiz/finish", true) => quiz::QuizAction::Finish,
+        ("/admin/quiz", false) => quiz::QuizAction::Status,
+        ("/admin/quiz/results", false) => quiz::QuizAction::Results {
             user: query_param(&query, "user")
                 .filter(|u| !u.is_empty())
                 .map(str::to_string),
@@ -158,7 +166,7 @@ pub async fn route_quiz(node: &Arc<Node>, request: Request<hyper::body::Incoming
             )
         }
     };
-    match node.quiz_action(quiz_id, action).await {
+    match node.quiz.quiz_action(quiz_id, action).await {
         Ok(value) => json(StatusCode::OK, &value),
         Err(refusal) => {
             let status = match refusal.error_code() {
@@ -171,12 +179,12 @@ pub async fn route_quiz(node: &Arc<Node>, request: Request<hyper::body::Incoming
     }
 }
 
-async fn create_quiz(node: &Arc<Node>, create: QuizCreate) -> HttpResponse {
-    let shards = create.shards.unwrap_or(super::quiz::SHARDS_DEFAULT);
-    if !(1..=super::quiz::SHARDS_MAX).contains(&shards) {
-        return bad_request(format!("shards must be 1-{}", super::quiz::SHARDS_MAX));
+async fn create_quiz(node: &Admin, create: QuizCreate) -> HttpResponse {
+    let shards = create.shards.unwrap_or(quiz::SHARDS_DEFAULT);
+    if !(1..=quiz::SHARDS_MAX).contains(&shards) {
+        return bad_request(format!("shards must be 1-{}", quiz::SHARDS_MAX));
     }
-    let metadata = node.cluster.metadata();
+    let metadata = node.ctx.cluster.metadata();
     let Some(room_definition) = metadata
         .definitions
         .get(&room_key(&create.room))
@@ -191,7 +199,7 @@ async fn create_quiz(node: &Arc<Node>, create: QuizCreate) -> HttpResponse {
         return bad_request(format!("room {:?} has ended", create.room));
     }
     let definition = chorus_actors::quiz::QuizDefinition {
-        quiz_id: super::session::random_id("quiz-"),
+        quiz_id: random_id("quiz-"),
         room_id: create.room,
         start_ms: chorus_actors::room_actor::unix_now_ms().saturating_add(create.start_in_ms),
         prize_cents: create.prize_cents,
@@ -204,17 +212,17 @@ async fn create_quiz(node: &Arc<Node>, create: QuizCreate) -> HttpResponse {
     if let Err(error) = definition.validate() {
         return bad_request(error.to_string());
     }
-    let record = super::quiz::QuizRecord { definition, shards };
+    let record = quiz::QuizRecord { definition, shards };
     let value = match rmp_serde::to_vec_named(&record) {
         Ok(value) => value,
         Err(error) => return bad_request(error.to_string()),
     };
     let command = chorus_cluster::metadata::MetadataCommand::PutDefinition {
-        key: super::quiz::quiz_key(&record.definition.quiz_id),
+        key: quiz::quiz_key(&record.definition.quiz_id),
         value,
     };
     let definition = &record.definition;
-    match node.cluster.write(command).await {
+    match node.ctx.cluster.write(command).await {
         Ok(chorus_cluster::metadata::MetadataResponse::Ok) => json(
             StatusCode::OK,
             &serde_json::json!({
@@ -233,7 +241,7 @@ async fn create_quiz(node: &Arc<Node>, create: QuizCreate) -> HttpResponse {
 
 /// Answers an admin request, the ones that wait for Raft included (rains); the rest as
 /// [`route`].
-pub async fn route_async<B>(node: &Arc<Node>, request: &Request<B>) -> HttpResponse {
+pub async fn route_async<B>(node: &Admin, request: &Request<B>) -> HttpResponse {
     let path = request.uri().path();
     if !path.starts_with("/admin/rain") || !authorized(node, request) {
         return route(node, request);
@@ -252,7 +260,7 @@ pub async fn route_async<B>(node: &Arc<Node>, request: &Request<B>) -> HttpRespo
     }
 }
 
-async fn create_rain(node: &Arc<Node>, query: &str) -> HttpResponse {
+async fn create_rain(node: &Admin, query: &str) -> HttpResponse {
     let number = |name: &str| query_param(query, name).map(str::parse::<u64>);
     let (Some(room), Some(Ok(total)), Some(Ok(count)), Some(Ok(duration_ms))) = (
         query_param(query, "room").filter(|r| !r.is_empty()),
@@ -272,7 +280,7 @@ async fn create_rain(node: &Arc<Node>, query: &str) -> HttpResponse {
         Some(Ok(ms)) => ms,
         Some(Err(_)) => return bad_request("start_in_ms must be a number"),
     };
-    let metadata = node.cluster.metadata();
+    let metadata = node.ctx.cluster.metadata();
     let Some(room_definition) = metadata
         .definitions
         .get(&room_key(room))
@@ -287,7 +295,7 @@ async fn create_rain(node: &Arc<Node>, query: &str) -> HttpResponse {
         return bad_request(format!("room {room:?} has ended"));
     }
     let definition = chorus_actors::rain::RainDefinition {
-        rain_id: super::session::random_id("rain-"),
+        rain_id: random_id("rain-"),
         room_id: room.to_string(),
         creator: room_definition.host.clone(),
         total_cents: total,
@@ -308,7 +316,7 @@ async fn create_rain(node: &Arc<Node>, query: &str) -> HttpResponse {
         key: rain_key(&definition.rain_id),
         value,
     };
-    match node.cluster.write(command).await {
+    match node.ctx.cluster.write(command).await {
         Ok(chorus_cluster::metadata::MetadataResponse::Ok) => {
             json(StatusCode::OK, &rain_json(&definition))
         }
@@ -348,11 +356,12 @@ enum RainRead {
     Ledger,
 }
 
-async fn rain_read(node: &Arc<Node>, query: &str, read: RainRead) -> HttpResponse {
+async fn rain_read(node: &Admin, query: &str, read: RainRead) -> HttpResponse {
     let Some(rain_id) = query_param(query, "id").filter(|id| !id.is_empty()) else {
         return bad_request("missing ?id=");
     };
     let Some(definition) = node
+        .ctx
         .cluster
         .metadata()
         .definitions
@@ -364,7 +373,7 @@ async fn rain_read(node: &Arc<Node>, query: &str, read: RainRead) -> HttpRespons
             &serde_json::json!({"error": format!("no rain {rain_id:?}")}),
         );
     };
-    let copy = match node.rain_best_copy(rain_id).await {
+    let copy = match node.rain.rain_best_copy(rain_id).await {
         Ok(copy) => copy,
         Err(error) => {
             return json(
@@ -408,9 +417,9 @@ async fn rain_read(node: &Arc<Node>, query: &str, read: RainRead) -> HttpRespons
             &serde_json::json!({"epoch": epoch, "state": state}),
         ),
         RainRead::Ledger => {
-            let mut text = super::rain::ledger_lines(&state).join("\n");
-            text.push('\n');
-            let mut response = super::text(StatusCode::OK, Bytes::from(text));
+            let mut lines = rain::ledger_lines(&state).join("\n");
+            lines.push('\n');
+            let mut response = text(StatusCode::OK, Bytes::from(lines));
             response.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("application/x-ndjson"),
@@ -422,14 +431,14 @@ async fn rain_read(node: &Arc<Node>, query: &str, read: RainRead) -> HttpRespons
 
 /// Answers an admin request (drain and remove run in the background and answer at once
 /// with `accepted`; watch `status`).
-pub fn route<B>(node: &Arc<Node>, request: &Request<B>) -> HttpResponse {
+pub fn route<B>(node: &Admin, request: &Request<B>) -> HttpResponse {
     if !authorized(node, request) {
         return json(
             StatusCode::UNAUTHORIZED,
             &serde_json::json!({"error": "missing or wrong admin token (Authorization: Bearer …)"}),
         );
     }
-    let cluster = &node.cluster;
+    let cluster = &node.ctx.cluster;
     let post = request.method() == hyper::Method::POST;
     if !post && request.method() != hyper::Method::GET {
         return json(
@@ -441,13 +450,12 @@ pub fn route<B>(node: &Arc<Node>, request: &Request<B>) -> HttpResponse {
         "/admin/status" => {
             let status = cluster.status();
             let mut value = serde_json::to_value(&status).unwrap_or_default();
-            value["node_name"] = serde_json::json!(node.config.node_name);
-            value["connections"] = serde_json::json!(node.connection_count());
-            value["mesh_peers"] = serde_json::json!(node.mesh.peers());
-            let verdict = super::readiness::readiness(node);
+            value["node_name"] = serde_json::json!(node.ctx.config.node_name);
+            value["connections"] = serde_json::json!(node.edge.connection_count());
+            value["mesh_peers"] = serde_json::json!(node.ctx.mesh.peers());
+            let verdict = readiness::readiness(&node.ctx);
             value["ready"] = serde_json::json!(verdict.ready);
-            value["self_state"] =
-                serde_json::json!(verdict.state.map(super::readiness::state_name));
+            value["self_state"] = serde_json::json!(verdict.state.map(readiness::state_name));
             if !verdict.ready {
                 value["not_ready"] = serde_json::json!(verdict.reason);
             }
@@ -486,10 +494,10 @@ pub fn route<B>(node: &Arc<Node>, request: &Request<B>) -> HttpResponse {
                     // Whether this node runs the room's actor now.
                     "running_here": key
                         .strip_prefix("room/")
-                        .is_some_and(|room_id| node.rooms.is_running(room_id)),
+                        .is_some_and(|room_id| node.rooms.directory.is_running(room_id)),
                     // Where the owner replicates the key's state, in order of preference.
                     "replicas": ring.as_ref().map(|r| {
-                        r.owners_n(&key, super::routing::REPLICA_CANDIDATES_MAX + 1)
+                        r.owners_n(&key, crate::server::rooms::replicate::REPLICA_CANDIDATES_MAX + 1)
                             .into_iter()
                             .skip(1)
                             .collect::<Vec<_>>()

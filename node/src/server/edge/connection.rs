@@ -2,9 +2,24 @@
 //!
 //! A transport (WebSocket or QUIC) provides a [`TransportReader`] and a
 //! [`TransportWriter`]. The driver runs the protocol over them: auth, request order and
-//! rate ([`ConnectionCore`]), liveness pings, dispatch to rooms, and a writer task that
-//! drains the bounded outgoing queue. Every refusal is an error response or a close with a
-//! reason; nothing a client sends can panic the task or block another client.
+//! rate ([`ConnectionCore`]), liveness pings, dispatch to rooms, rains and quizzes, and a
+//! writer task that drains the bounded outgoing queue. Every refusal is an error response
+//! or a close with a reason; nothing a client sends can panic the task or block another
+//! client.
+//!
+//! - One request in flight per connection: the driver finishes a frame before it reads the
+//!   next. With the connection's token bucket and the node's connection cap, this bounds
+//!   what a client puts in front of a room's unbounded mailbox.
+//! - A room request gets a deadline and, for a comment, a request id (see `rooms::route`).
+//! - A node that becomes cut off closes its client connections with 4401 (`unavailable`),
+//!   so clients resume on other nodes; so does a stopping node.
+//!
+//! **Boundary:** the outgoing queue is bounded (`outgoing_queue_frames_max`, 4,096 frames)
+//! and rooms never wait on it: when it is full the connection is closed as a slow consumer
+//! (4203), and the client may resume from its session's buffer. Voice has its own queue
+//! beside it (`audio_queue_frames_max`, 64 frames) that drops the oldest frame; the writer
+//! sends voice first, and on QUIC voice goes straight out as datagrams. Voice is never
+//! acknowledged, retried or kept for resume.
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -23,12 +38,13 @@ use chorus_protocol::{
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::routing::{room_error, RoomOp, RoomOpReply};
+use crate::server::rooms::messages::{RoomOp, RoomOpReply};
+use crate::server::rooms::route::{room_error, REQUEST_DEADLINE_MS};
 
 /// Users in a `room.members` page when the request names no limit.
 const MEMBERS_PAGE_DEFAULT: usize = 50;
-use super::session::{AudioQueue, CloseSignal, OutFrame, Outbound, Session};
-use super::Node;
+use crate::server::edge::service::Edge;
+use crate::server::sessions::session::{AudioQueue, CloseSignal, OutFrame, Outbound, Session};
 use crate::token::TokenError;
 
 /// Time the writer gets to flush and close after the connection ends.
@@ -46,7 +62,7 @@ pub enum Inbound {
     /// A WebSocket text message that is not UTF-8: close (1007).
     NotUtf8,
     /// A read broke the connection's budget (see `budget`): close.
-    OverBudget(super::budget::BudgetExceeded),
+    OverBudget(crate::server::edge::budget::BudgetExceeded),
     /// The client closed on purpose (WebSocket close 1000, QUIC stream finished or close
     /// code 0): its session ends now instead of waiting out the resume window.
     Goodbye,
@@ -87,11 +103,11 @@ pub trait TransportWriter: Send + 'static {
 
 /// Runs one connection to completion.
 pub(crate) async fn drive<R: TransportReader, W: TransportWriter>(
-    node: Arc<Node>,
+    node: Arc<Edge>,
     transport: &'static str,
     reader: R,
     writer: W,
-    slot: super::ConnectionSlot,
+    slot: crate::server::edge::service::ConnectionSlot,
 ) {
     use tracing::Instrument;
     let attachment = node.next_attachment_id();
@@ -110,13 +126,13 @@ pub(crate) async fn drive<R: TransportReader, W: TransportWriter>(
 }
 
 async fn drive_attached<R: TransportReader, W: TransportWriter>(
-    node: Arc<Node>,
+    node: Arc<Edge>,
     transport: &'static str,
     attachment: u64,
     mut reader: R,
     writer: W,
 ) {
-    let limits = &node.config.limits;
+    let limits = &node.ctx.config.limits;
     let close = Arc::new(CloseSignal::default());
     let audio = Arc::new(AudioQueue::new(
         limits.audio_queue_frames_max,
@@ -166,14 +182,14 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
         },
     };
 
-    let mut cut_off = node.cluster.subscribe_cut_off();
+    let mut cut_off = node.ctx.cluster.subscribe_cut_off();
     let mut authenticated = false;
     loop {
         let deadline_ms = conn.core.next_deadline_ms();
         let sleep = Duration::from_millis(deadline_ms.saturating_sub(unix_now_ms()));
         tokio::select! {
             _ = close.requested() => break,
-            _ = node.shutdown.cancelled() => {
+            _ = node.ctx.shutdown.cancelled() => {
                 close.close(ErrorCode::Unavailable, "node shutting down");
                 break;
             }
@@ -211,7 +227,7 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
                 None => break,
                 Some(Ok(Inbound::Goodbye)) => {
                     if let Some(session) = conn.session.take() {
-                        node.end_session(&session).await;
+                        node.rooms.end_session(&session).await;
                     }
                     break;
                 }
@@ -223,15 +239,15 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
                     close.close(ErrorCode::FrameTooLarge, "message exceeds the transport cap");
                     break;
                 }
-                Some(Ok(Inbound::OverBudget(super::budget::BudgetExceeded::PreAuth))) => {
-                    let limit = node.config.limits.preauth_message_bytes_max;
+                Some(Ok(Inbound::OverBudget(crate::server::edge::budget::BudgetExceeded::PreAuth))) => {
+                    let limit = node.ctx.config.limits.preauth_message_bytes_max;
                     close.close(
                         ErrorCode::FrameTooLarge,
                         format!("before auth a message may hold at most {limit} bytes"),
                     );
                     break;
                 }
-                Some(Ok(Inbound::OverBudget(super::budget::BudgetExceeded::Node))) => {
+                Some(Ok(Inbound::OverBudget(crate::server::edge::budget::BudgetExceeded::Node))) => {
                     close.close(
                         ErrorCode::Unavailable,
                         "the node holds too many partial messages: retry later or elsewhere",
@@ -243,7 +259,7 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
                     break;
                 }
                 Some(Ok(Inbound::TooLarge(size_bytes))) => {
-                    let error = ProtocolError::FrameTooLarge { size_bytes, limit_bytes: node.config.limits.frame_bytes_max };
+                    let error = ProtocolError::FrameTooLarge { size_bytes, limit_bytes: node.ctx.config.limits.frame_bytes_max };
                     conn.respond_error(0, error.to_body());
                 }
                 Some(Ok(Inbound::Audio(bytes))) => {
@@ -362,7 +378,7 @@ enum Flow {
 }
 
 struct Connection {
-    node: Arc<Node>,
+    node: Arc<Edge>,
     span: tracing::Span,
     core: ConnectionCore,
     session: Option<Arc<Session>>,
@@ -451,7 +467,7 @@ impl Connection {
             );
             return;
         }
-        self.node.route_audio(&session, uplink, &bytes).await;
+        self.node.rooms.route_audio(&session, uplink, &bytes).await;
     }
 
     fn refuse_audio(&mut self, now_ms: u64, error: ErrorBody) {
@@ -617,9 +633,9 @@ impl Connection {
                 session_id: session_id.to_string(),
                 resume: outcome,
                 notification_seq,
-                node: node.config.node_name.clone(),
-                ping_interval_ms: node.config.limits.ping_interval_ms,
-                resume_window_ms: node.config.limits.resume_window_ms,
+                node: node.ctx.config.node_name.clone(),
+                ping_interval_ms: node.ctx.config.limits.ping_interval_ms,
+                resume_window_ms: node.ctx.config.limits.resume_window_ms,
             };
             encode_response_ok(encoding, seq, &body).unwrap_or_default()
         };
@@ -627,14 +643,16 @@ impl Connection {
         if let Some(resume) = &auth.resume {
             outcome = ResumeOutcome::Resync;
             let local = node
+                .ctx
                 .sessions
                 .get(&resume.session_id)
-                .or_else(|| node.sessions.taken_over_copy(&resume.session_id));
+                .or_else(|| node.ctx.sessions.taken_over_copy(&resume.session_id));
             // Not here: if the client lists its rooms and the id is really its own, take
             // the session over (its node is gone, or the client moved).
             let taken_over = match (&local, &resume.rooms) {
                 (None, Some(rooms)) => {
-                    node.take_over_session(&resume.session_id, &user, resume.last_seq, rooms)
+                    node.rooms
+                        .take_over_session(&resume.session_id, &user, resume.last_seq, rooms)
                         .await
                 }
                 _ => None,
@@ -665,6 +683,7 @@ impl Connection {
             metrics::counter!("chorus_resumes_total", "outcome" => "resync").increment(1);
         }
         match node
+            .ctx
             .sessions
             .create(&user, self.outbound.clone(), |id| response(id, outcome, 0))
         {
@@ -673,13 +692,13 @@ impl Connection {
                     // The user's oldest idle session made room: it leaves its rooms.
                     tracing::debug!(session = %evicted.id, "session ended: the user opened too many");
                     let node = node.clone();
-                    tokio::spawn(async move { node.leave_all_rooms(&evicted).await });
+                    tokio::spawn(async move { node.rooms.leave_all_rooms(&evicted).await });
                 }
                 self.core.handle_authenticated();
                 self.session = Some(created.session);
                 Flow::Continue
             }
-            Err(super::session::SessionRefusal::NodeFull) => {
+            Err(crate::server::sessions::session::SessionRefusal::NodeFull) => {
                 self.respond_error(
                     seq,
                     ErrorBody::new(ErrorCode::Unavailable, "node has too many sessions"),
@@ -687,7 +706,7 @@ impl Connection {
                 self.close_after_flush(ErrorCode::Unavailable, "too many sessions");
                 Flow::Stop
             }
-            Err(super::session::SessionRefusal::UserFull(max)) => {
+            Err(crate::server::sessions::session::SessionRefusal::UserFull(max)) => {
                 let message = format!(
                     "this user already has {max} sessions on this node, all connected: close one"
                 );
@@ -724,25 +743,28 @@ impl Connection {
         let user = session.user_id.clone();
         match request {
             ClientRequest::RoomCreate(create) => {
-                node.users
-                    .try_room_create(&user, now_ms, |room| node.room_is_open(room))
+                node.ctx
+                    .users
+                    .try_room_create(&user, now_ms, |room| node.ctx.room_is_open(room))
                     .map_err(|refusal| creation_refused(refusal, "rooms"))?;
                 let definition = RoomDefinition::new(
-                    super::session::random_id("r-"),
+                    crate::server::sessions::session::random_id("r-"),
                     &create.title,
                     user,
                     create.scheduled_start_ms,
                     now_ms,
-                    node.rooms.config(),
+                    node.rooms.directory.config(),
                 )
                 .map_err(room_error)?;
                 let room_id = definition.room_id.clone();
                 match node
+                    .rooms
                     .room_op(session, &room_id, RoomOp::Create(definition))
                     .await?
                 {
                     RoomOpReply::Created(room) => {
-                        node.users
+                        node.ctx
+                            .users
                             .room_created(&session.user_id, &room.room_id, now_ms);
                         Ok(ok(RoomCreateResponse {
                             room_id: room.room_id.clone(),
@@ -763,8 +785,8 @@ impl Connection {
                 // that overtake the answer are recorded (their positions bound a later
                 // catch-up); undone if the join fails.
                 let was_in_room = session.with_core(|core| core.in_room(&join.room_id));
-                let memberships_max = node.config.limits.memberships_per_user_max;
-                if !was_in_room && node.sessions.user_memberships(&user) >= memberships_max {
+                let memberships_max = node.ctx.config.limits.memberships_per_user_max;
+                if !was_in_room && node.ctx.sessions.user_memberships(&user) >= memberships_max {
                     return Err(ErrorBody::new(
                         ErrorCode::TooManyRooms,
                         format!(
@@ -783,6 +805,7 @@ impl Connection {
                     None
                 };
                 let reply = node
+                    .rooms
                     .room_op(session, &join.room_id, RoomOp::Join { user, since })
                     .await;
                 let response = match reply {
@@ -790,7 +813,7 @@ impl Connection {
                     other => {
                         if !was_in_room {
                             session.with_core(|core| core.handle_room_left(&join.room_id));
-                            node.forget_mirror(&join.room_id, session);
+                            node.rooms.forget_mirror(&join.room_id, session);
                         }
                         return Err(match other {
                             Err(error) => error,
@@ -810,23 +833,32 @@ impl Connection {
             }
             ClientRequest::RoomLeave(leave) => {
                 self.require_member(session, &leave.room_id)?;
-                let result = node.room_op(session, &leave.room_id, RoomOp::Leave).await;
+                let result = node
+                    .rooms
+                    .room_op(session, &leave.room_id, RoomOp::Leave)
+                    .await;
                 session.with_core(|core| core.handle_room_left(&leave.room_id));
                 result?;
                 Ok(ok(Empty {}))
             }
             ClientRequest::RoomStart(start) => {
-                node.room_op(session, &start.room_id, RoomOp::Start { user })
+                node.rooms
+                    .room_op(session, &start.room_id, RoomOp::Start { user })
                     .await?;
                 Ok(ok(Empty {}))
             }
             ClientRequest::RoomEnd(end) => {
-                node.room_op(session, &end.room_id, RoomOp::End { user })
+                node.rooms
+                    .room_op(session, &end.room_id, RoomOp::End { user })
                     .await?;
                 Ok(ok(Empty {}))
             }
             ClientRequest::RoomInfo(info) => {
-                match node.room_op(session, &info.room_id, RoomOp::Info).await? {
+                match node
+                    .rooms
+                    .room_op(session, &info.room_id, RoomOp::Info)
+                    .await?
+                {
                     RoomOpReply::Info(room) => Ok(ok(room)),
                     other => Err(unexpected(other)),
                 }
@@ -850,7 +882,7 @@ impl Connection {
                 };
                 let answer = tokio::time::timeout(
                     Duration::from_millis(REQUEST_DEADLINE_MS),
-                    node.room_op(session, &comment.room_id, op),
+                    node.rooms.room_op(session, &comment.room_id, op),
                 )
                 .await
                 .map_err(|_| {
@@ -875,6 +907,7 @@ impl Connection {
                     .unwrap_or(chorus_protocol::COMMENTS_PAGE_MAX)
                     .clamp(1, chorus_protocol::COMMENTS_PAGE_MAX);
                 let response = node
+                    .rooms
                     .room_comments(session, &page.room_id, page.after, u64::from(limit))
                     .await?;
                 Ok(ok(response))
@@ -882,9 +915,9 @@ impl Connection {
             ClientRequest::RoomReact(react) => {
                 // Counted here and sent to the owner in batches (R7).
                 self.require_member(session, &react.room_id)?;
-                chorus_actors::room::check_emoji(&node.config.room, &react.emoji)
+                chorus_actors::room::check_emoji(&node.ctx.config.room, &react.emoji)
                     .map_err(room_error)?;
-                if !node.reactions.add(&react.room_id, &react.emoji) {
+                if !node.rooms.reactions.add(&react.room_id, &react.emoji) {
                     return Err(ErrorBody::new(
                         ErrorCode::RateLimited,
                         "too many different reactions in this moment; retry",
@@ -896,7 +929,8 @@ impl Connection {
             ClientRequest::RoomBullet(bullet) => {
                 // Checked and rate limited here, sent to the owner in batches (Q6).
                 self.require_member(session, &bullet.room_id)?;
-                node.bullets
+                node.rooms
+                    .bullets
                     .send(now_ms, &bullet.room_id, &user, &bullet.text)?;
                 metrics::counter!("chorus_bullets_total").increment(1);
                 Ok(ok(Empty {}))
@@ -966,11 +1000,12 @@ impl Connection {
                     user,
                     users: r.user_ids,
                 };
-                node.room_op(session, &r.room_id, op).await?;
+                node.rooms.room_op(session, &r.room_id, op).await?;
                 Ok(ok(Empty {}))
             }
             ClientRequest::RoomPollCreate(r) => {
-                node.users
+                node.ctx
+                    .users
                     .try_poll_create(&user, now_ms)
                     .map_err(|refusal| creation_refused(refusal, "polls"))?;
                 let op = RoomOp::PollCreate {
@@ -978,7 +1013,7 @@ impl Connection {
                     question: r.question,
                     options: r.options,
                 };
-                match node.room_op(session, &r.room_id, op).await? {
+                match node.rooms.room_op(session, &r.room_id, op).await? {
                     RoomOpReply::Poll(poll) => Ok(ok(poll)),
                     other => Err(unexpected(other)),
                 }
@@ -988,7 +1023,7 @@ impl Connection {
                     poll_id: r.poll_id,
                     option: r.option,
                 };
-                node.room_op(session, &r.room_id, op).await?;
+                node.rooms.room_op(session, &r.room_id, op).await?;
                 Ok(ok(Empty {}))
             }
             ClientRequest::RoomPollClose(r) => {
@@ -996,17 +1031,24 @@ impl Connection {
                     user,
                     poll_id: r.poll_id,
                 };
-                match node.room_op(session, &r.room_id, op).await? {
+                match node.rooms.room_op(session, &r.room_id, op).await? {
                     RoomOpReply::Poll(poll) => Ok(ok(poll)),
                     other => Err(unexpected(other)),
                 }
             }
             ClientRequest::RainGrab(r) => {
-                let answer = node.rain_grab(&r.rain_id, &user, &r.request_id).await?;
+                let answer = node
+                    .rain
+                    .rain_grab(&r.rain_id, &user, &r.request_id)
+                    .await?;
                 Ok(ok(answer))
             }
             ClientRequest::RoomSummary(r) => {
-                match node.room_op(session, &r.room_id, RoomOp::Summary).await? {
+                match node
+                    .rooms
+                    .room_op(session, &r.room_id, RoomOp::Summary)
+                    .await?
+                {
                     RoomOpReply::Summary(summary) => Ok(ok(summary)),
                     other => Err(unexpected(other)),
                 }
@@ -1016,7 +1058,7 @@ impl Connection {
                     user,
                     interested: r.interested,
                 };
-                match node.room_op(session, &r.room_id, op).await? {
+                match node.rooms.room_op(session, &r.room_id, op).await? {
                     RoomOpReply::Interested(count) => {
                         Ok(ok(chorus_protocol::RoomInterestResponse {
                             interested_count: count,
@@ -1031,7 +1073,7 @@ impl Connection {
                     after: r.after,
                     limit: r.limit.map_or(MEMBERS_PAGE_DEFAULT, |l| l as usize),
                 };
-                match node.room_op(session, &r.room_id, op).await? {
+                match node.rooms.room_op(session, &r.room_id, op).await? {
                     RoomOpReply::Members(page) => Ok(ok(page)),
                     other => Err(unexpected(other)),
                 }
@@ -1039,6 +1081,7 @@ impl Connection {
             ClientRequest::RoomStage(r) => {
                 self.require_member(session, &r.room_id)?;
                 match node
+                    .rooms
                     .room_op(session, &r.room_id, RoomOp::StageInfo { user })
                     .await?
                 {
@@ -1046,7 +1089,9 @@ impl Connection {
                     other => Err(unexpected(other)),
                 }
             }
-            ClientRequest::QuizAnswer(answer) => Ok(ok(node.quiz_answer(session, answer).await?)),
+            ClientRequest::QuizAnswer(answer) => {
+                Ok(ok(node.quiz.quiz_answer(session, answer).await?))
+            }
             ClientRequest::Auth(_) | ClientRequest::Ping(_) => Err(ErrorBody::new(
                 ErrorCode::Internal,
                 "auth and ping are handled before dispatch",
@@ -1057,14 +1102,15 @@ impl Connection {
     /// A stage change by a member of the room.
     async fn stage(
         &self,
-        node: &Node,
+        node: &Edge,
         session: &Arc<Session>,
         room_id: &str,
         user: String,
         command: StageCommand,
     ) -> Result<(), ErrorBody> {
         self.require_member(session, room_id)?;
-        node.room_op(session, room_id, RoomOp::Stage { user, command })
+        node.rooms
+            .room_op(session, room_id, RoomOp::Stage { user, command })
             .await?;
         Ok(())
     }
@@ -1095,10 +1141,6 @@ async fn until_cut_off(cut_off: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-/// How long the node works on a request that goes to a room before it answers `5001`; the
-/// room does not run a request that reaches it after this deadline (`5002`).
-pub const REQUEST_DEADLINE_MS: u64 = 10_000;
-
 /// A client's `request_id`: 1 to [`chorus_protocol::REQUEST_ID_BYTES_MAX`] bytes.
 fn check_request_id(id: &str) -> Result<(), ErrorBody> {
     if id.is_empty() || id.len() > chorus_protocol::REQUEST_ID_BYTES_MAX {
@@ -1114,13 +1156,16 @@ fn check_request_id(id: &str) -> Result<(), ErrorBody> {
 }
 
 /// The error for a creation refused by a per-user bound.
-fn creation_refused(refusal: super::users::CreateRefusal, what: &str) -> ErrorBody {
+fn creation_refused(
+    refusal: crate::server::sessions::users::CreateRefusal,
+    what: &str,
+) -> ErrorBody {
     match refusal {
-        super::users::CreateRefusal::Rate => ErrorBody::new(
+        crate::server::sessions::users::CreateRefusal::Rate => ErrorBody::new(
             ErrorCode::RateLimited,
             format!("this user creates {what} too fast: wait a little"),
         ),
-        super::users::CreateRefusal::OpenRooms(max) => ErrorBody::new(
+        crate::server::sessions::users::CreateRefusal::OpenRooms(max) => ErrorBody::new(
             ErrorCode::QuotaExceeded,
             format!("this user already has {max} open rooms: end one first"),
         ),

@@ -11,8 +11,12 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use chorus_protocol::{Encoding, ErrorCode};
 
-use super::budget::{BudgetExceeded, BudgetedRead, ReadBudget};
-use super::connection::{Inbound, TransportReader, TransportWriter};
+use tokio_util::task::TaskTracker;
+
+use crate::server::edge::budget::{BudgetExceeded, BudgetedRead, ReadBudget};
+use crate::server::edge::connection::{Inbound, TransportReader, TransportWriter};
+use crate::server::edge::service::Edge;
+use crate::server::sessions::session::send_voice_datagram;
 
 /// QUIC idle timeout: a peer silent for this long is gone.
 pub const IDLE_TIMEOUT_MS: u32 = 30_000;
@@ -200,20 +204,6 @@ impl TransportWriter for QuicWriter {
     }
 }
 
-/// Sends a voice frame as a datagram; whether it was queued. Unreliable: quinn keeps a
-/// bounded datagram buffer that drops the oldest; a datagram the path cannot carry (or a
-/// peer that refuses datagrams) loses this frame only, counted as dropped.
-pub fn send_voice_datagram(connection: &quinn::Connection, frame: Bytes) -> bool {
-    match connection.send_datagram(frame) {
-        Ok(()) => true,
-        Err(error) => {
-            metrics::counter!("chorus_audio_dropped_total", "reason" => "datagram").increment(1);
-            tracing::debug!(%error, "voice datagram not sent");
-            false
-        }
-    }
-}
-
 /// Closes a connection that could not be served (e.g. too many connections).
 pub fn refuse(connection: &quinn::Connection, code: ErrorCode, reason: &str) {
     connection.close(
@@ -230,4 +220,48 @@ pub fn server_config(
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config()));
     Ok(config)
+}
+
+/// Accepts client QUIC connections until the node stops.
+pub(crate) async fn accept(node: Arc<Edge>, endpoint: quinn::Endpoint, tracker: TaskTracker) {
+    loop {
+        let incoming = tokio::select! {
+            _ = node.ctx.shutdown.cancelled() => return,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => return,
+            },
+        };
+        let node = node.clone();
+        tracker.spawn(async move {
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    tracing::debug!(%error, "QUIC handshake failed");
+                    return;
+                }
+            };
+            let Some(slot) = node.try_open_connection() else {
+                refuse(&connection, ErrorCode::TooManyConnections, "node is full");
+                return;
+            };
+            let accepted = tokio::select! {
+                _ = node.ctx.shutdown.cancelled() => None,
+                stream = connection.accept_bi() => stream.ok(),
+                _ = tokio::time::sleep(Duration::from_millis(node.ctx.config.limits.auth_timeout_ms)) => None,
+            };
+            let Some((send, recv)) = accepted else {
+                refuse(&connection, ErrorCode::Unauthenticated, "no stream opened");
+                return;
+            };
+            let (reader, writer) = split(
+                connection,
+                send,
+                recv,
+                &node.ctx.config.limits,
+                node.read_budget(),
+            );
+            crate::server::edge::connection::drive(node.clone(), "quic", reader, writer, slot).await;
+        });
+    }
 }

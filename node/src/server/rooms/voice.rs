@@ -14,9 +14,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use chorus_actors::room_actor::RoomMsg;
 use chorus_protocol::audio::{decode_frame, decode_uplink, AudioKind, AudioUplink, AUDIO_MARKER};
 
-use super::routing::{EdgeRelay, RoomMirrors};
-use super::session::Session;
-use super::Node;
+use crate::server::rooms::relay::RoomMirrors;
+use crate::server::rooms::service::Rooms;
+use crate::server::sessions::session::Session;
 
 /// Second byte of a frame forwarded from an edge to a room's owner (inside the cluster;
 /// clients never see it).
@@ -52,7 +52,7 @@ fn decode_forward(datagram: &Bytes) -> Option<(u64, AudioUplink)> {
     Some((u64::from_be_bytes(key), uplink))
 }
 
-impl Node {
+impl Rooms {
     /// Passes a checked voice frame of `session` to its room's owner (see the module docs).
     /// `bytes` is the frame as the client sent it, `uplink` its decoded parts.
     pub(crate) async fn route_audio(
@@ -62,12 +62,13 @@ impl Node {
         bytes: &Bytes,
     ) {
         let member_key = session.member().key();
-        let owner = self.owner_of(&uplink.room_id);
-        if owner == self.cluster.node_id() {
+        let owner = self.ctx.owner_of(&uplink.room_id);
+        if owner == self.ctx.cluster.node_id() {
             self.audio_to_room(member_key, uplink).await;
             return;
         }
         if let Err(error) = self
+            .ctx
             .cluster
             .send_app_datagram(owner, encode_forward(member_key, bytes))
         {
@@ -77,7 +78,7 @@ impl Node {
     }
 
     async fn audio_to_room(&self, member_key: u64, uplink: AudioUplink) {
-        let Some(actor) = self.rooms.find_running(&uplink.room_id).await else {
+        let Some(actor) = self.directory.find_running(&uplink.room_id).await else {
             return dropped("room_not_running");
         };
         let _ = actor.cast(RoomMsg::Audio {
@@ -100,16 +101,6 @@ impl Node {
                 Err(_) => dropped("malformed"),
             },
             _ => dropped("malformed"),
-        }
-    }
-}
-
-impl EdgeRelay {
-    /// Sends a relayed voice frame to this relay's node as one datagram.
-    pub fn send_audio(&self, node: &Node, frame: &Bytes) {
-        if let Err(error) = node.cluster.send_app_datagram(self.edge(), frame.clone()) {
-            tracing::debug!(edge = self.edge(), %error, "voice frame not relayed");
-            dropped("relay");
         }
     }
 }

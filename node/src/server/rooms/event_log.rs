@@ -4,8 +4,9 @@
 //! from every other live node, the part that node logged while it owned the room (a room
 //! that moved has several); merged in (epoch, sequence) order and handed with the summary
 //! to the analytics sink. The parts are removed as they are gathered. A part on a node
-//! that cannot be reached is named in the export as missing; the expiry sweep removes
-//! parts left behind.
+//! that cannot be reached (one marked down included) is named in the export as missing;
+//! the expiry sweep (`upkeep`, `ended_retention_ms` after the end) removes parts left
+//! behind. The parts also serve history reads (`room.comments`, see `route`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -15,8 +16,9 @@ use bytes::Bytes;
 use chorus_actors::room_actor::{AnalyticsSink, EventLog, LoggedEvent};
 use chorus_protocol::RoomSummary;
 
-use super::routing::{decode, encode, NodeMessage};
-use super::Node;
+use crate::server::common::codec::{decode, request, Domain};
+use crate::server::context::NodeContext;
+use crate::server::rooms::messages::RoomMessage;
 
 /// The sled tree of the logs.
 pub const EVENT_LOG_TREE: &str = "rooms/log";
@@ -43,7 +45,7 @@ fn key(room_id: &str, epoch: u64, seq: u64) -> Vec<u8> {
 
 /// The node's event logs.
 pub struct NodeEventLog {
-    node: Weak<Node>,
+    node: Weak<NodeContext>,
     tree: sled::Tree,
     /// Next sequence number per (room, epoch): the logs of rooms this node owns now.
     next_seq: Mutex<HashMap<(String, u64), u64>>,
@@ -58,7 +60,7 @@ impl NodeEventLog {
     /// sled's, opening the tree.
     pub fn open(
         db: &sled::Db,
-        node: Weak<Node>,
+        node: Weak<NodeContext>,
         sink: Arc<dyn AnalyticsSink>,
     ) -> Result<Self, sled::Error> {
         Ok(NodeEventLog {
@@ -147,11 +149,13 @@ impl NodeEventLog {
         this
     }
 
-    async fn gather(node: &Node, room_id: &str) -> (Vec<LoggedEvent>, Vec<String>) {
-        let mut events = node
-            .event_log()
-            .map(|log| log.take(room_id))
-            .unwrap_or_default();
+    /// This node's part `own` of `room_id`'s log, with every other node's.
+    async fn gather(
+        node: &NodeContext,
+        own: Vec<LoggedEvent>,
+        room_id: &str,
+    ) -> (Vec<LoggedEvent>, Vec<String>) {
+        let mut events = own;
         let mut missing = Vec::new();
         // A member marked down cannot answer: its part is missing without a wait.
         let live = node.live_peers();
@@ -162,9 +166,12 @@ impl NodeEventLog {
             }
         }
         let others = live;
-        let message = encode(&NodeMessage::LogTake {
-            room_id: room_id.to_string(),
-        });
+        let message = request(
+            Domain::Rooms,
+            &RoomMessage::LogTake {
+                room_id: room_id.to_string(),
+            },
+        );
         for peer in others {
             let call = node.cluster.call_app(peer, message.clone());
             match tokio::time::timeout(Duration::from_millis(GATHER_TIMEOUT_MS), call).await {
@@ -210,9 +217,10 @@ impl EventLog for NodeEventLog {
     fn finish(&self, summary: RoomSummary) {
         let node = self.node.clone();
         let sink = self.sink.clone();
+        let own = self.take(&summary.room_id);
         tokio::spawn(async move {
             let Some(node) = node.upgrade() else { return };
-            let (events, missing) = Self::gather(&node, &summary.room_id).await;
+            let (events, missing) = Self::gather(&node, own, &summary.room_id).await;
             if !missing.is_empty() {
                 tracing::warn!(room = %summary.room_id, ?missing, "parts of the event log could not be gathered");
             }

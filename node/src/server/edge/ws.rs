@@ -20,8 +20,8 @@ use tokio_tungstenite::WebSocketStream;
 
 use chorus_protocol::{Encoding, ErrorCode};
 
-use super::budget::{BudgetedRead, ReadBudget};
-use super::connection::{Inbound, TransportReader, TransportWriter};
+use crate::server::edge::budget::{BudgetedRead, ReadBudget};
+use crate::server::edge::connection::{Inbound, TransportReader, TransportWriter};
 
 /// The stream type after the HTTP upgrade, its reads counted against a [`ReadBudget`].
 pub type ServerWebSocket = WebSocketStream<BudgetedRead<TokioIo<Upgraded>>>;

@@ -1,0 +1,4 @@
+//! The admin side: `/admin/*` routes, readiness.
+
+pub mod readiness;
+pub mod routes;

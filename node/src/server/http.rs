@@ -1,0 +1,244 @@
+//! The node's HTTP listeners: the public one (`--http-addr`: `/ws` and `/ws/echo`
+//! upgrades, `/healthz`, `/readyz`, and `/admin/*` and `/metrics` unless they have their
+//! own) and the admin one (`--admin-addr`: admin, metrics and health).
+//!
+//! **Boundary:** budgets before trust. A client TCP connection holds one of
+//! `connections_max` places (50,000) from its accept, so unfinished HTTP heads and
+//! upgrades count like WebSocket clients; a connection with no place gets 503. Its head
+//! must arrive within `http_header_timeout_ms` (10 s). An upgraded WebSocket keeps its
+//! place and is read through a `BudgetedRead` (`edge::budget`). The admin listener is
+//! outside `connections_max` and takes at most 256 connections at once.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chorus_protocol::WS_SUBPROTOCOL;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::task::TaskTracker;
+
+use crate::server::admin::readiness::readyz;
+use crate::server::admin::routes::{self, Admin};
+use crate::server::common::http::{text, HttpResponse};
+use crate::server::edge::budget::BudgetedRead;
+use crate::server::edge::service::{ConnectionSlot, Edge, SharedSlot};
+use crate::server::edge::{connection, ws};
+
+/// Message size accepted on `/ws/echo` (the Autobahn cases send up to 16 MiB).
+const ECHO_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// What the HTTP listeners serve: client upgrades to the edge, admin routes to the admin.
+pub(crate) struct HttpService {
+    /// Client connections.
+    pub edge: Arc<Edge>,
+    /// Admin routes, metrics.
+    pub admin: Arc<Admin>,
+}
+
+/// Which routes an HTTP listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HttpListener {
+    /// `--http-addr`: `/ws`, health, and admin and metrics unless they have their own.
+    Public,
+    /// `--admin-addr`: admin, metrics and health.
+    Admin,
+}
+
+/// Concurrent connections on the admin listener (operators and scrapers, not clients).
+const ADMIN_CONNECTIONS_MAX: usize = 256;
+
+pub(crate) async fn accept_http(
+    node: Arc<HttpService>,
+    listener: TcpListener,
+    kind: HttpListener,
+    tracker: TaskTracker,
+) {
+    let admin_connections = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS_MAX));
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = node.edge.ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        // Every client connection holds a place from its accept on, so unfinished HTTP
+        // requests and upgrades count against `connections_max` like WebSocket clients.
+        let slot = match kind {
+            HttpListener::Public => match node.edge.try_open_connection() {
+                Some(slot) => Some(ConnectionSlot::into_shared(slot)),
+                None => {
+                    tracker.spawn(refuse_http(stream));
+                    continue;
+                }
+            },
+            HttpListener::Admin => None,
+        };
+        let admin_permit = match kind {
+            HttpListener::Admin => match admin_connections.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    tracker.spawn(refuse_http(stream));
+                    continue;
+                }
+            },
+            HttpListener::Public => None,
+        };
+        let node = node.clone();
+        let conn_tracker = tracker.clone();
+        tracker.spawn(async move {
+            let _admin_permit = admin_permit;
+            let header_timeout =
+                Duration::from_millis(node.edge.ctx.config.limits.http_header_timeout_ms);
+            let service = hyper::service::service_fn(move |request| {
+                let node = node.clone();
+                let tracker = conn_tracker.clone();
+                let slot = slot.clone();
+                async move { Ok::<_, Infallible>(route(node, kind, slot, tracker, request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "http connection ended with error");
+            }
+        });
+    }
+}
+
+/// Answers a connection the node has no place for with 503 and closes it.
+async fn refuse_http(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
+        content-length: 13\r\nretry-after: 5\r\nconnection: close\r\n\r\nnode is full\n";
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(FULL)).await;
+}
+
+async fn route(
+    node: Arc<HttpService>,
+    kind: HttpListener,
+    slot: Option<SharedSlot>,
+    tracker: TaskTracker,
+    request: Request<Incoming>,
+) -> HttpResponse {
+    let path = request.uri().path();
+    // With an admin listener, admin and metrics are served only there; clients only here.
+    let admin_here = kind == HttpListener::Admin || node.edge.ctx.config.admin_addr.is_none();
+    let is_admin_route = path == "/metrics" || path.starts_with("/admin/");
+    let is_client_route = path == "/ws" || path == "/ws/echo";
+    if (is_admin_route && !admin_here) || (is_client_route && kind == HttpListener::Admin) {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    match (request.method(), path) {
+        (&Method::GET, "/healthz") => {
+            if node.edge.ctx.shutdown.is_cancelled() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            } else {
+                text(StatusCode::OK, "ok\n")
+            }
+        }
+        (&Method::GET, "/readyz") => readyz(&node.edge.ctx),
+        (&Method::GET, "/metrics") => {
+            let mut response = text(StatusCode::OK, node.admin.metrics.render());
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        (&Method::GET, "/ws") => upgrade(node, tracker, slot, request, false),
+        (&Method::GET, "/ws/echo") => upgrade(node, tracker, slot, request, true),
+        (_, path) if path == "/admin/quiz" || path.starts_with("/admin/quiz/") => {
+            routes::route_quiz(&node.admin, request).await
+        }
+        (_, path) if path.starts_with("/admin/") => {
+            routes::route_async(&node.admin, &request).await
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn upgrade(
+    node: Arc<HttpService>,
+    tracker: TaskTracker,
+    slot: Option<SharedSlot>,
+    mut request: Request<Incoming>,
+    echo: bool,
+) -> HttpResponse {
+    // The connection's place goes with the WebSocket.
+    let slot = slot.and_then(|slot| slot.lock().ok()?.take());
+    let Some(slot) = slot else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "node is full\n");
+    };
+    let headers = request.headers();
+    let is_upgrade = headers
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = headers.get(SEC_WEBSOCKET_KEY).filter(|_| is_upgrade) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade request\n",
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let offers_subprotocol = headers
+        .get(hyper::header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|p| p.trim() == WS_SUBPROTOCOL));
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let limits = node.edge.ctx.config.limits.clone();
+    tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                tracing::debug!(%error, "upgrade failed");
+                return;
+            }
+        };
+        let io = TokioIo::new(upgraded);
+        if echo {
+            let config = ws::config(ECHO_MESSAGE_BYTES_MAX);
+            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+            ws::echo(socket).await;
+            drop(slot);
+            return;
+        }
+        let budget = node.edge.read_budget();
+        let io = BudgetedRead::new(io, budget.clone());
+        let config = ws::config(limits.transport_message_bytes_max);
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        let (reader, writer) = ws::split(socket, limits.frame_bytes_max, budget);
+        connection::drive(node.edge.clone(), "ws", reader, writer, slot).await;
+    });
+    let mut response = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+    let headers = response.headers_mut();
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(value) = HeaderValue::from_str(&accept) {
+        headers.insert(SEC_WEBSOCKET_ACCEPT, value);
+    }
+    if offers_subprotocol {
+        headers.insert(
+            hyper::header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(WS_SUBPROTOCOL),
+        );
+    }
+    response
+}

@@ -1,0 +1,4 @@
+//! Client sessions and per-user bounds.
+
+pub mod session;
+pub mod users;
