@@ -5,6 +5,11 @@
 //! window. A *connection* is one transport attachment: its request order, rate limit and
 //! liveness (server pings). Neither reads the clock nor touches a socket: the node's
 //! connection driver feeds them `now_ms` and executes what they decide.
+//!
+//! Per room a session keeps the position (comment id) of the latest comment it delivered.
+//! [`SessionCore::handle_position`] says whether the next one is delivered, a repeat, or a
+//! gap (one it lacks comes first), and whether to start a repair; the node's session shell
+//! drops repeats and gaps and re-joins the room to repair.
 
 use std::collections::{BTreeMap, VecDeque};
 

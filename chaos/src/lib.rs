@@ -9,7 +9,7 @@
 //! scheduling of real processes is not replayable, so a replay repeats the same faults, not
 //! the same interleaving.
 //!
-//! Not yet: link cuts (nftables in a network namespace or a fault-injecting proxy).
+//! Link cuts between nodes (nftables, `netcut`) drive the partition scenario.
 
 pub mod check;
 pub mod cluster;

@@ -6,9 +6,15 @@
 //! RPC is one bidirectional stream: the request bytes, then the reply bytes, each bounded.
 //! A stream whose first byte is [`ACTOR_STREAM_TAG`] is not an RPC but a long-lived
 //! byte stream handed whole to [`RpcHandler::actor_stream`] (the actor mesh runs
-//! ractor_cluster over it). Datagrams are enabled for voice. QUIC keep-alive and idle timeout are the failure
-//! detector's input: a peer that stops answering is noticed within
+//! ractor_cluster over it). Datagrams are enabled for voice. QUIC keep-alive and idle
+//! timeout are the failure detector's input: a peer that stops answering is noticed within
 //! [`LinkConfig::idle_timeout_ms`].
+//!
+//! Both QUIC endpoints of a node (this one and the clients') keep the secret of their
+//! stateless resets and connection ids in the data dir ([`stateless_reset_secret`]): a peer
+//! or client still sending on a connection to a killed node's previous run gets a reset
+//! from the restarted node at its next packet and reconnects at once, instead of waiting
+//! out its idle timeout.
 //!
 //! This module moves bytes; what they mean (Raft, routing, relay) is decided above it.
 

@@ -13,7 +13,7 @@
 //!
 //! Remote-capable actors take [`MeshMsg`] (requests and replies are MessagePack of the
 //! application's own types) and join a process group named by [`mesh_group`]; ractor_cluster
-//! mirrors group membership over the sessions, so [`call`] and [`cast`] reach an actor on
+//! mirrors group membership over the sessions, so [`MeshTarget::call`] and [`MeshTarget::cast`] reach an actor on
 //! another node as a `RemoteActor` that serializes the message onto the stream. Keep few
 //! actor types remote-capable: everything else stays local and typed.
 //!

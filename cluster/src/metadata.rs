@@ -1,9 +1,21 @@
 //! The cluster metadata state machine (sans-IO): what Raft replicates.
 //!
-//! Members and their addresses and states, the placement ring's epoch, room ownership
-//! with fencing epochs, and durable room definitions. [`ClusterMetadata::apply`] is a pure
-//! function of the state and one [`MetadataCommand`]: Raft feeds it committed log entries
-//! in order on every node, so every node holds the same state at the same log index.
+//! Members and their addresses and states, the placement ring's epoch, the owners of actor
+//! keys (rooms, red-packet pools) with fencing epochs, and durable definitions (rooms,
+//! rains, quiz shows and their committed state) as opaque bytes.
+//! [`ClusterMetadata::apply`] is a pure function of the state and one [`MetadataCommand`]:
+//! Raft feeds it committed log entries in order on every node, so every node holds the same
+//! state at the same log index. The state is kept in memory (and in sled); what makes it
+//! durable is the Raft log and snapshots: after a restart openraft re-applies the durable
+//! log over whatever applied state survived (`raft::store`).
+//!
+//! **Fencing.** `ClaimOwnership` is granted only to the key's owner on the committed ring,
+//! at an epoch one above the previous claim, so every activation of a room or a pool gets a
+//! new, higher epoch and a stale owner is always older. The nodes refuse writes from an
+//! epoch below the highest they have seen or below the committed one.
+//!
+//! **Ids.** The first member is [`BOOTSTRAP_NODE_ID`]; `AddNode` gives every joiner the next
+//! id, never reused, and the same id again to a retried `AddNode` with the same join token.
 //!
 //! This module does not know about Raft, sockets or disks; `raft` wraps it.
 

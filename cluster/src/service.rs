@@ -1,25 +1,75 @@
 //! The cluster service: one node's membership in the cluster.
 //!
 //! It owns the node's [`ClusterEndpoint`] (inter-node QUIC) and its [`MetadataRaft`]
-//! member, carries Raft RPCs over QUIC, runs the join protocol, and forwards metadata
-//! writes to the leader. The node's id is assigned by the metadata on first join, kept in
-//! sled, and reused on restart (ids are never reused by another node).
+//! member, carries Raft RPCs over QUIC, runs the join protocol and the failure detector,
+//! and forwards metadata writes to the leader. The node's id is assigned by the metadata
+//! on first join, kept in sled, and reused on restart (ids are never reused by another
+//! node).
 //!
-//! Join protocol (`chorus serve --join ADDR`, ADDR any member's cluster address, or a node
-//! that is itself still joining: it points the joiner at its own seed):
+//! # Joining
+//!
+//! Joining is safe when any number of nodes start at once (`chorus serve --join ADDR`,
+//! ADDR any member's cluster address, or a node that is itself still joining: it points
+//! the joiner at its own seed, so nodes may join through each other in a chain). The first
+//! member registers itself as id 1 (`Bootstrap`, applied once); every joiner's id comes
+//! from one Raft decision and is above 1, so a join that reaches the first member before
+//! its own record is committed cannot take its id.
+//!
 //! 1. `Register` (forwarded to the leader): the leader appends `AddNode` with the joiner's
-//!    random join token (kept on the joiner's disk first) and answers the id. One Raft
-//!    decision, so ids are never given twice; a retried `Register` with the same token
-//!    gets the same id. The joiner stores the id, starts its Raft member and serves RPCs.
-//! 2. `Activate` (forwarded to the leader): the leader, one membership change at a time,
-//!    adds it as a learner (waits until it caught up), makes it a voter while there are
-//!    fewer than `voters_max`, and marks it `Up` (which bumps the ring epoch).
+//!    random join token (flushed to the joiner's disk first) and answers the id. A retried
+//!    `Register` with the same token (a lost answer, a restart half-way) gets the same id,
+//!    while a new process at a known address (its data dir was lost) gets a new one. The
+//!    joiner stores the id, starts its Raft member and serves RPCs.
+//! 2. `Activate` (forwarded to the leader): the leader adds it as a learner (and waits
+//!    until it caught up), makes it a voter while there are fewer than `voters_max` (3 or
+//!    5), and marks it `Up`, which bumps the ring epoch.
 //!
-//! Both steps are retried with backoff (no leader yet, another membership change in
-//! progress, the seed still starting) until [`ClusterConfig::join_timeout`]; then the
-//! join fails with [`ClusterError::JoinTimeout`] and the node exits. A certificate refused
-//! either way ([`LinkError::Certificate`]: the nodes do not share a CA) ends the join at
-//! once with that error.
+//! The leader runs one membership change at a time (join, removal, new addresses: a lock
+//! across the Raft steps); a change Raft still refuses (a new leader finishing its
+//! predecessor's) is answered `Retry`. The joiner retries each step with jittered backoff
+//! (100 ms doubling to 2 s) until [`ClusterConfig::join_timeout`] (60 s); then the join
+//! fails with [`ClusterError::JoinTimeout`], naming the seed and the last answer, and the
+//! node exits non-zero. A certificate refused either way ([`LinkError::Certificate`]: the
+//! nodes do not share a CA) ends the join at once with that error.
+//!
+//! # Addresses
+//!
+//! A member's addresses in the metadata are what it advertises (`--advertise-ip` with the
+//! bound ports, else the bound addresses). A node restarted at other addresses (a pod with
+//! a new IP) finds the leader through the members it knows and asks it to record them
+//! (`SetAddresses` in the metadata, the new address in the Raft membership). The Raft
+//! transport dials a member at its address in the applied metadata, so replication reaches
+//! it at once. Raft RPCs and application messages name their target node, and a node
+//! refuses those meant for another id, so an address that passed from one member to
+//! another is never mistaken for the old member.
+//!
+//! # Failures and removal
+//!
+//! Every member probes every other every 500 ms; the leader marks a member `Down` after 4
+//! failed probes in a row (about 2 s), which moves the ring. A running node that finds
+//! itself `Down` (it was paused or cut off) asks to be `Up` again.
+//!
+//! Removal goes through the leader ([`ClusterService::remove_node`], retried for up to
+//! 30 s while the leader is busy or an election runs); an `Up` learner is promoted when the
+//! voters fall below `voters_max`. A leader asked to remove itself hands leadership to
+//! another `Up` voter and answers `Retry`, and the caller asks the new leader: once its own
+//! removal commits, a leader can propose nothing more, and openraft refuses a membership
+//! change from it.
+//!
+//! A node whose Raft core stops on its own (a storage error, a library bug) cannot follow
+//! the cluster any more: [`ClusterService::raft_failed`] resolves, and `chorus serve` stops
+//! as on SIGTERM and exits 1, so its supervisor restarts it from its data dir.
+//!
+//! # Cut off
+//!
+//! Each probe round also counts the Raft voters this member reached, itself included.
+//! After 4 rounds in a row without a majority it is cut off
+//! ([`ClusterService::is_cut_off`]). With fewer than three voters no member counts as cut
+//! off: neither side of a cut has a majority, and both keep serving the rooms they own
+//! while Raft commits nothing. Once it reaches a majority again it asks the leader for a
+//! read index (`ReadIndex`: the leader confirms its term with a quorum) and is no longer
+//! cut off only after it has applied up to that index, so it is ready again only on the
+//! current metadata. What the node does meanwhile is in `docs/design.md` ("Partitions").
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,11 +1,18 @@
-//! The node server: HTTP (WebSocket `/ws`, `/ws/echo`, `/healthz`, `/readyz`, `/metrics`) and QUIC
-//! edges, the session registry and the room directory, and orderly shutdown.
+//! The node server, in layers whose imports run one way (bottom to top; checked by
+//! `tests/module_graph.rs`):
 //!
-//! Shutdown order: drain (hand the rooms to other members), stop accepting and close client
-//! connections (`unavailable`, they resume elsewhere), stop room actors, stop Raft, flush
-//! sled, close the QUIC endpoints; each step bounded, and all of them together by the drain
-//! deadline, after which (or at a second signal) only sled is flushed
-//! ([`RunningNode::shutdown`]).
+//! - [`common`]: the inter-node encoding (a [`common::codec::Domain`] tag per request),
+//!   ring and member keys, HTTP responses, group commit, per-key locks, analytics.
+//! - [`sessions`]: client sessions (resume, ordered delivery) and per-user bounds.
+//! - [`context`]: [`context::NodeContext`], what every part shares (configuration,
+//!   cluster, database, sessions, stop signal).
+//! - [`rooms`]: [`rooms::service::Rooms`] and everything about rooms: routing to owners,
+//!   activation and recovery, replication, relays and mirrors, upkeep, batches, voice.
+//! - [`rain`], [`quiz`]: red-packet rains and quiz shows, over the rooms.
+//! - [`edge`]: client connections (WebSocket, QUIC) and their request handler.
+//! - [`admin`]: `/admin/*`, readiness.
+//! - [`http`]: the HTTP listeners.
+//! - [`node`]: the wiring: [`Node`], [`start`], [`RunningNode`] and its ordered stop.
 
 pub mod admin;
 pub mod common;

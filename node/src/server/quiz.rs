@@ -9,7 +9,7 @@
 //!   (push, announce, finish). Each transition is committed in Raft first (`quiz/<id>/state`:
 //!   phase, one random 32-byte key per pushed question, per-question counts, the payout),
 //!   then told to every live node (`QuizPhase`), then broadcast to the room with
-//!   [`Node::announce`] (one notice through the room's owner). So a controller that dies
+//!   [`Rooms::announce`] (one notice through the room's owner). So a controller that dies
 //!   loses nothing: the next owner of the key reads the committed state.
 //! - **Answer shards** (the ring owner of `quiz/<id>/shard/<s>`, user → `s` by
 //!   `chorus_actors::quiz::shard_of`): judge answers at once against the open question
@@ -82,20 +82,9 @@ pub const QUIZ_PEER_TIMEOUT_MS: u64 = 3_000;
 /// Time a replica has to take judged viewers.
 pub const QUIZ_REPLICATE_TIMEOUT_MS: u64 = 1_000;
 
-/// The ring and definition key of a show.
-pub fn quiz_key(quiz_id: &str) -> String {
-    format!("quiz/{quiz_id}")
-}
-
-/// The definition key of a show's state (phase, keys, counts, payout).
-pub fn state_key(quiz_id: &str) -> String {
-    format!("quiz/{quiz_id}/state")
-}
-
-/// The ring key of one of a show's answer shards.
-pub fn shard_key(quiz_id: &str, shard: u32) -> String {
-    format!("quiz/{quiz_id}/shard/{shard}")
-}
+pub use crate::server::common::keys::{
+    quiz_key, quiz_shard_key as shard_key, quiz_state_key as state_key,
+};
 
 /// A show as stored in Raft under [`quiz_key`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

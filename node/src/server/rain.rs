@@ -63,6 +63,7 @@ use tokio_util::sync::CancellationToken;
 use bytes::Bytes;
 
 use crate::server::common::codec::{decode, encode, request, Domain};
+use crate::server::common::keys::ActorKey;
 use crate::server::context::{NodeContext, Stopping};
 use crate::server::rooms::service::Rooms;
 
@@ -86,10 +87,7 @@ const COPIES_TREE: &str = "rains/copies";
 const GRANTS_TREE: &str = "rains/grants";
 const FENCES_TREE: &str = "rains/fences";
 
-/// The ring and definition key of a rain.
-pub fn rain_key(rain_id: &str) -> String {
-    format!("rain/{rain_id}")
-}
+pub use crate::server::common::keys::rain_key;
 
 /// Messages between nodes about rains ([`Domain::Rain`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,7 +119,7 @@ pub enum RainMessage {
         from: usize,
     },
     /// Replace the copy with this one, written by the owner at `epoch` (answered with a
-    /// `Result<Held, ErrorBody>`).
+    /// `Result<Result<Held, CopyRefused>, ErrorBody>`).
     Full {
         /// Rain.
         rain_id: String,
@@ -135,8 +133,9 @@ pub enum RainMessage {
         refunded_cents: Option<u64>,
     },
     /// Add the owner's grants `from ..` to the copy written at `epoch` (answered with a
-    /// `Result<Held, ErrorBody>`; refused with [`OUT_OF_STEP_REASON`] if the copy is not at
-    /// that epoch or lacks grants before `from`).
+    /// `Result<Result<Held, CopyRefused>, ErrorBody>`; refused with
+    /// [`CopyRefused::OutOfStep`] if the copy is not at that epoch or lacks grants before
+    /// `from`).
     Append {
         /// Rain.
         rain_id: String,
@@ -150,11 +149,6 @@ pub enum RainMessage {
         refunded_cents: Option<u64>,
     },
 }
-
-/// Refusal reason: the copy does not follow (the owner then sends the whole copy).
-pub const OUT_OF_STEP_REASON: &str = "rain copy out of step";
-/// Refusal reason: a newer owner exists.
-pub const FENCED_REASON: &str = "stale rain ownership epoch";
 
 pub use chorus_actors::rain_quorum::Held;
 use chorus_actors::rain_quorum::{PoolQuorum, QuorumCommand};
@@ -217,14 +211,15 @@ impl Copy {
     }
 }
 
-/// Why a write to a copy is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a write to a copy is refused (the answer to a write another node sends: the
+/// writer acts on the kind, never on the words).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum CopyRefused {
     /// A newer owner exists (the highest epoch seen).
-    #[error("{FENCED_REASON}: the rain is at epoch {0}")]
+    #[error("stale rain ownership epoch: the rain is at epoch {0}")]
     Fenced(u64),
-    /// The copy does not follow.
-    #[error("{OUT_OF_STEP_REASON}")]
+    /// The copy does not follow (the owner then sends the whole copy).
+    #[error("rain copy out of step")]
     OutOfStep,
     /// The definition does not make a rain.
     #[error("invalid rain: {0}")]
@@ -972,7 +967,7 @@ impl Rain {
                     ))
                 };
                 self.rain_pools.stop_below(&rain_id, epoch);
-                encode(&result.map_err(|e| unavailable(e.to_string())))
+                encode(&Ok::<_, ErrorBody>(result))
             }
             RainMessage::Append {
                 rain_id,
@@ -991,7 +986,7 @@ impl Rain {
                     refunded_cents,
                 );
                 self.rain_pools.stop_below(&rain_id, epoch);
-                encode(&result.map_err(|e| unavailable(e.to_string())))
+                encode(&Ok::<_, ErrorBody>(result))
             }
         }
     }
@@ -1507,8 +1502,10 @@ async fn replicate_to(
         let answer = tokio::time::timeout(Duration::from_millis(RAIN_CALL_TIMEOUT_MS), call).await;
         drop(node);
         match answer {
-            Ok(Ok(reply)) => match decode::<Result<Held, ErrorBody>>(&reply).and_then(|r| r) {
-                Ok(now_held) => {
+            Ok(Ok(reply)) => match decode::<Result<Result<Held, CopyRefused>, ErrorBody>>(&reply)
+                .and_then(|r| r)
+            {
+                Ok(Ok(now_held)) => {
                     backoff_ms = 50;
                     held = Some(now_held);
                     if pool
@@ -1523,19 +1520,16 @@ async fn replicate_to(
                     }
                     continue;
                 }
-                Err(error) if error.message.starts_with(FENCED_REASON) => {
-                    let fence = error
-                        .message
-                        .rsplit(' ')
-                        .next()
-                        .and_then(|n| n.parse().ok())
-                        .unwrap_or(epoch + 1);
+                Ok(Err(CopyRefused::Fenced(fence))) => {
                     let _ = pool.send(PoolMsg::Fenced { fence }).await;
                     return;
                 }
-                Err(error) if error.message.starts_with(OUT_OF_STEP_REASON) => {
+                Ok(Err(CopyRefused::OutOfStep)) => {
                     held = None;
                     continue;
+                }
+                Ok(Err(refused @ CopyRefused::Invalid(_))) => {
+                    tracing::warn!(rain = %rain_id, peer, %refused, "rain replication refused");
                 }
                 Err(error) => {
                     tracing::debug!(rain = %rain_id, peer, error = %error.message, "rain replication refused");
@@ -1569,7 +1563,7 @@ pub(crate) async fn run_rains(node: Weak<Rain>) {
             .definitions
             .iter()
             .filter_map(|(key, bytes)| {
-                let rain_id = key.strip_prefix("rain/")?;
+                let rain_id = ActorKey::parse(key)?.rain()?;
                 let definition: RainDefinition = rmp_serde::from_slice(bytes).ok()?;
                 let soon = now + ACTIVATE_AHEAD_MS >= definition.start_ms;
                 let finished = node

@@ -37,7 +37,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::server::admin::readiness;
 use crate::server::common::http::{json, text, HttpResponse};
-use crate::server::common::keys::{constant_time_eq, room_key};
+use crate::server::common::keys::{constant_time_eq, room_key, ActorKey};
 use crate::server::context::NodeContext;
 use crate::server::edge::service::Edge;
 use crate::server::quiz::{self, Quiz};
@@ -492,8 +492,8 @@ pub fn route<B>(node: &Admin, request: &Request<B>) -> HttpResponse {
                     "ring_epoch": metadata.ring_epoch,
                     "ownership": metadata.owners.get(&key),
                     // Whether this node runs the room's actor now.
-                    "running_here": key
-                        .strip_prefix("room/")
+                    "running_here": ActorKey::parse(&key)
+                        .and_then(ActorKey::room)
                         .is_some_and(|room_id| node.rooms.directory.is_running(room_id)),
                     // Where the owner replicates the key's state, in order of preference.
                     "replicas": ring.as_ref().map(|r| {

@@ -16,7 +16,7 @@
 //! copy on a second node is the guarantee against losing a machine.
 //!
 //! **Boundary:** this module only flushes; it never reads or writes keys, and it does not
-//! decide which changes need a flush (the replication paths do: `routing`, `rain`).
+//! decide which changes need a flush (the replication paths do: `rooms::replicate`, `rain`).
 //! Waiters are bounded by [`FLUSH_WAITERS_MAX`]: beyond it, [`GroupCommit::durable`] waits
 //! for room in the queue (each waiter is an actor or task awaiting its own change).
 

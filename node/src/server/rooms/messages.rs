@@ -143,8 +143,31 @@ pub struct RoomRecovery {
 /// Users named in one inter-node user notice; longer lists go in several.
 pub const USER_NOTICE_USERS_MAX: usize = 1_000;
 
-/// Why a replica refused a room's durable state.
-pub const STALE_EPOCH_REASON: &str = "stale ownership epoch";
+/// A node's answer to a copy of a room's state (`Replicate`, `ReplicateVotes`,
+/// `ReplicateChange`): typed, so the owner acts on the kind, never on words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyReply {
+    /// Kept (the node holds the room at the new revision).
+    Kept,
+    /// A newer owner exists: the room is at epoch `fence`. The writer stops acting for it.
+    Stale {
+        /// The highest ownership epoch the node has seen for the room.
+        fence: u64,
+    },
+    /// The delta does not follow the state held (the owner sends its whole state).
+    OutOfStep,
+}
+
+impl CopyReply {
+    /// The answer to a delta applied (or not) by the replica store.
+    pub fn of(applied: Result<(), chorus_actors::replica::VotesRefused>) -> CopyReply {
+        match applied {
+            Ok(()) => CopyReply::Kept,
+            Err(chorus_actors::replica::VotesRefused::Stale(fence)) => CopyReply::Stale { fence },
+            Err(chorus_actors::replica::VotesRefused::OutOfStep) => CopyReply::OutOfStep,
+        }
+    }
+}
 
 /// One item relayed from an owner to an edge.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,7 +203,7 @@ pub enum RelayItem {
 }
 
 /// A message between nodes about rooms (inside the cluster's application channel,
-/// [`Domain::Rooms`]).
+/// [`crate::server::common::codec::Domain::Rooms`]).
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RoomMessage {
     /// A room operation for the owner, on behalf of a session on node `from`.
@@ -199,7 +222,7 @@ pub enum RoomMessage {
         deadline_ms: Option<u64>,
     },
     /// Keep the durable state of `room_id`, written by its owner at ownership `epoch`
-    /// (answered with `Ok(Done)`, or refused with [`STALE_EPOCH_REASON`] if a newer owner
+    /// (answered with a [`CopyReply`]: `Stale` if a newer owner
     /// exists).
     Replicate {
         /// Room.
@@ -210,8 +233,7 @@ pub enum RoomMessage {
         durable: RoomDurable,
     },
     /// Apply these votes to the state of `room_id` held at `base_revision` (written by its
-    /// owner at `epoch`), which then is at `revision` (answered with `Ok(Done)`; refused if
-    /// the held state is not at `base_revision`, or with [`STALE_EPOCH_REASON`]).
+    /// owner at `epoch`), which then is at `revision` (answered with a [`CopyReply`]).
     ReplicateVotes {
         /// Room.
         room_id: String,
@@ -226,8 +248,7 @@ pub enum RoomMessage {
     },
     /// Take this state of `room_id` without its polls (the held polls stay) over the
     /// state held at `base_revision` (written by its owner at `epoch`): a change that left
-    /// the polls alone (answered with `Ok(Done)`; refused if the held state is not at
-    /// `base_revision`, or with [`STALE_EPOCH_REASON`]).
+    /// the polls alone (answered with a [`CopyReply`]).
     ReplicateChange {
         /// Room.
         room_id: String,

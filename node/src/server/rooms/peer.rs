@@ -8,9 +8,7 @@ use chorus_actors::room::RoomError;
 use chorus_protocol::{EncodedBody, ErrorBody, ErrorCode};
 
 use crate::server::common::codec::{decode, encode};
-use crate::server::rooms::messages::{
-    RoomMessage, RoomOpReply, STALE_EPOCH_REASON, USER_NOTICE_USERS_MAX,
-};
+use crate::server::rooms::messages::{CopyReply, RoomMessage, RoomOpReply, USER_NOTICE_USERS_MAX};
 use crate::server::rooms::relay::RemoteMember;
 use crate::server::rooms::replica::VotesRefused;
 use crate::server::rooms::replicate::committed_epoch;
@@ -38,13 +36,11 @@ impl Rooms {
                 } else {
                     node.durable.keep(&room_id, epoch, durable)
                 };
-                match kept {
-                    Ok(()) => encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done)),
-                    Err(fence) => encode(&Err::<RoomOpReply, _>(ErrorBody::new(
-                        ErrorCode::Unavailable,
-                        format!("{STALE_EPOCH_REASON}: {room_id:?} is at epoch {fence}, the write at {epoch}"),
-                    ))),
-                }
+                let reply = match kept {
+                    Ok(()) => CopyReply::Kept,
+                    Err(fence) => CopyReply::Stale { fence },
+                };
+                encode(&Ok::<CopyReply, ErrorBody>(reply))
             }
             Ok(RoomMessage::ReplicateVotes {
                 room_id,
@@ -60,17 +56,7 @@ impl Rooms {
                     node.durable
                         .apply_votes(&room_id, epoch, base_revision, revision, &votes)
                 };
-                match applied {
-                    Ok(()) => encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done)),
-                    Err(VotesRefused::Stale(fence)) => encode(&Err::<RoomOpReply, _>(ErrorBody::new(
-                        ErrorCode::Unavailable,
-                        format!("{STALE_EPOCH_REASON}: {room_id:?} is at epoch {fence}, the votes at {epoch}"),
-                    ))),
-                    Err(VotesRefused::OutOfStep) => encode(&Err::<RoomOpReply, _>(ErrorBody::new(
-                        ErrorCode::Unavailable,
-                        format!("votes for {room_id:?} follow revision {base_revision}, which this node does not hold"),
-                    ))),
-                }
+                encode(&Ok::<CopyReply, ErrorBody>(CopyReply::of(applied)))
             }
             Ok(RoomMessage::ReplicateChange {
                 room_id,
@@ -85,17 +71,7 @@ impl Rooms {
                     node.durable
                         .apply_change(&room_id, epoch, base_revision, durable)
                 };
-                match applied {
-                    Ok(()) => encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done)),
-                    Err(VotesRefused::Stale(fence)) => encode(&Err::<RoomOpReply, _>(ErrorBody::new(
-                        ErrorCode::Unavailable,
-                        format!("{STALE_EPOCH_REASON}: {room_id:?} is at epoch {fence}, the change at {epoch}"),
-                    ))),
-                    Err(VotesRefused::OutOfStep) => encode(&Err::<RoomOpReply, _>(ErrorBody::new(
-                        ErrorCode::Unavailable,
-                        format!("a change of {room_id:?} follows revision {base_revision}, which this node does not hold"),
-                    ))),
-                }
+                encode(&Ok::<CopyReply, ErrorBody>(CopyReply::of(applied)))
             }
             Ok(RoomMessage::ReactBatch { room_id, counts }) => {
                 node.react_batch_here(&room_id, counts).await;

@@ -11,9 +11,7 @@ use chorus_protocol::{EncodedBody, Encoding, ErrorBody, UserId};
 use crate::server::common::codec::{decode, request, Domain};
 use crate::server::common::keys::room_key;
 use crate::server::context::NodeContext;
-use crate::server::rooms::messages::{
-    RoomMessage, RoomOpReply, STALE_EPOCH_REASON, USER_NOTICE_USERS_MAX,
-};
+use crate::server::rooms::messages::{CopyReply, RoomMessage, USER_NOTICE_USERS_MAX};
 use crate::server::rooms::replica::DurableStates;
 
 /// Time a replica has to take a room's durable state.
@@ -70,7 +68,7 @@ impl NodeReplicator {
     ) -> Result<(), DirectoryError> {
         let stale = |fence: u64| {
             DirectoryError::Replication(format!(
-                "{STALE_EPOCH_REASON}: room {room_id:?} is owned at epoch {fence}, this node holds epoch {epoch}"
+                "stale ownership epoch: room {room_id:?} is owned at epoch {fence}, this node holds epoch {epoch}"
             ))
         };
         let fence = self.durable.fence_of(room_id);
@@ -96,13 +94,16 @@ impl NodeReplicator {
         for replica in candidates {
             let call = ctx.cluster.call_app(replica, message.clone());
             match tokio::time::timeout(Duration::from_millis(REPLICATE_TIMEOUT_MS), call).await {
-                Ok(Ok(reply)) => match decode::<Result<RoomOpReply, ErrorBody>>(&reply) {
-                    Ok(Ok(_)) => {
+                Ok(Ok(reply)) => match decode::<Result<CopyReply, ErrorBody>>(&reply) {
+                    Ok(Ok(CopyReply::Kept)) => {
                         return self.durable.keep(room_id, epoch, durable).map_err(stale);
                     }
-                    Ok(Err(refusal)) if refusal.message.starts_with(STALE_EPOCH_REASON) => {
-                        self.durable.fence(room_id, epoch + 1);
-                        return Err(DirectoryError::Replication(refusal.message));
+                    Ok(Ok(CopyReply::Stale { fence })) => {
+                        self.durable.fence(room_id, fence.max(epoch + 1));
+                        return Err(stale(fence));
+                    }
+                    Ok(Ok(CopyReply::OutOfStep)) => {
+                        failures.push(format!("node {replica}: out of step"))
                     }
                     Ok(Err(refusal)) => {
                         failures.push(format!("node {replica}: {}", refusal.message))
@@ -163,13 +164,14 @@ impl NodeReplicator {
             let call = ctx.cluster.call_app(replica, message.clone());
             match tokio::time::timeout(Duration::from_millis(REPLICATE_TIMEOUT_MS), call).await {
                 Ok(Ok(reply)) => {
-                    return match decode::<Result<RoomOpReply, ErrorBody>>(&reply) {
+                    return match decode::<Result<CopyReply, ErrorBody>>(&reply) {
                         // The local copy follows; if it cannot, the next whole state
                         // brings it up to date.
-                        Ok(Ok(_)) => {
+                        Ok(Ok(CopyReply::Kept)) => {
                             let _ = apply_here();
                             Ok(())
                         }
+                        Ok(Ok(refusal)) => Err(refused(format!("{refusal:?}"))),
                         Ok(Err(refusal)) => Err(refused(refusal.message)),
                         Err(error) => Err(refused(error.message)),
                     };
@@ -216,15 +218,16 @@ impl NodeReplicator {
             let call = ctx.cluster.call_app(replica, message.clone());
             match tokio::time::timeout(Duration::from_millis(REPLICATE_TIMEOUT_MS), call).await {
                 Ok(Ok(reply)) => {
-                    return match decode::<Result<RoomOpReply, ErrorBody>>(&reply) {
+                    return match decode::<Result<CopyReply, ErrorBody>>(&reply) {
                         // The local copy follows; if it cannot, the next whole state
                         // brings it up to date.
-                        Ok(Ok(_)) => {
+                        Ok(Ok(CopyReply::Kept)) => {
                             let _ =
                                 self.durable
                                     .apply_change(room_id, epoch, base_revision, change);
                             Ok(())
                         }
+                        Ok(Ok(refusal)) => Err(refused(format!("{refusal:?}"))),
                         Ok(Err(refusal)) => Err(refused(refusal.message)),
                         Err(error) => Err(refused(error.message)),
                     };

@@ -572,7 +572,7 @@ impl Rooms {
         info.map(|info| info.listener_count).unwrap_or(0)
     }
 
-    /// [`Node::announce`] on the owner.
+    /// [`Rooms::announce`] on the owner.
     pub(crate) async fn announce_local(
         &self,
         room_id: &str,

@@ -40,7 +40,7 @@ use chorus_protocol::ErrorBody;
 
 use crate::server::common::codec::{decode, request, Domain};
 use crate::server::common::keys::room_key;
-use crate::server::common::keys::MEMBER_KEY_NODE_SHIFT;
+use crate::server::common::keys::{ActorKey, MEMBER_KEY_NODE_SHIFT};
 use crate::server::rooms::messages::{RoomMessage, RoomOp, RoomOpReply};
 use crate::server::rooms::replicate::REPLICATE_TIMEOUT_MS;
 use crate::server::rooms::route::*;
@@ -344,7 +344,7 @@ pub(crate) async fn expire_rooms(node: Weak<Rooms>) {
         let mut expired = Vec::new();
         let mut deletable = Vec::new();
         for (key, bytes) in &metadata.definitions {
-            let Some(room_id) = key.strip_prefix("room/") else {
+            let Some(room_id) = ActorKey::parse(key).and_then(ActorKey::room) else {
                 continue;
             };
             let Ok(definition) = rmp_serde::from_slice::<RoomDefinition>(bytes) else {
