@@ -23,3 +23,4 @@ pub mod session;
 pub mod store;
 pub mod totals;
 pub mod voice;
+pub mod voicemail;
