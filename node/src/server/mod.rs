@@ -9,6 +9,7 @@
 //! - [`rooms`]: [`rooms::service::Rooms`] and everything about rooms: routing to owners,
 //!   activation and recovery, replication, relays and mirrors, upkeep, batches, voice.
 //! - [`rain`], [`quiz`]: red-packet rains and quiz shows, over the rooms.
+//! - [`voicemail`]: voice messages (their store so far).
 //! - [`edge`]: client connections (WebSocket, QUIC) and their request handler.
 //! - [`admin`]: `/admin/*`, readiness.
 //! - [`http`]: the HTTP listeners.
@@ -24,5 +25,6 @@ pub mod quiz;
 pub mod rain;
 pub mod rooms;
 pub mod sessions;
+pub mod voicemail;
 
 pub use node::{start, Node, RunningNode, ServeError, StopOutcome, STOP_NOW_FLUSH_TIMEOUT_MS};
