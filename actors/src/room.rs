@@ -1541,9 +1541,10 @@ impl<M: Clone + Ord> RoomCore<M> {
     /// `by` (who must be in the room) changes the stage. Every change is durable (the
     /// revision moves on) and announced: role changes, mutes, kicks and blocks to the whole
     /// room; hands and invitations to the host, the moderators and the user concerned.
-    /// What `by`'s role does not allow is refused with [`RoomError::Forbidden`]; a change
-    /// that does not apply (lowering a hand not raised, answering no invitation) with
-    /// [`RoomError::InvalidArgument`]; a no-op (muting the muted) succeeds quietly.
+    /// What `by`'s role does not allow is refused with [`RoomError::Forbidden`] (a speaker
+    /// raising a hand); a change that does not apply (answering no invitation) with
+    /// [`RoomError::InvalidArgument`]; a no-op (muting the muted, lowering a hand not
+    /// raised) succeeds quietly.
     pub fn handle_stage(
         &mut self,
         now_ms: u64,
@@ -1559,8 +1560,13 @@ impl<M: Clone + Ord> RoomCore<M> {
         let changed = match command {
             StageCommand::SetRole { user, role } => self.set_role(by, by_role, &user, role)?,
             StageCommand::Hand { raised } => {
+                // Raising is a listener's: the stage's role does not allow it (2004).
+                // Lowering a hand that is not raised changes nothing and succeeds.
                 if self.role_of(by) != Role::Listener {
-                    return Err(RoomError::InvalidArgument(
+                    if !raised {
+                        return Ok(());
+                    }
+                    return Err(RoomError::Forbidden(
                         "you are on stage already: only listeners raise hands".into(),
                     ));
                 }
@@ -3044,6 +3050,27 @@ mod tests {
             "the blocked member is removed on restore"
         );
         assert_eq!(next.stage_info(HOST).hands, vec!["ann"]);
+    }
+
+    /// docs/protocol.md §6.10: raising a hand is a listener's (2004 for anyone on stage);
+    /// lowering a hand that is not raised changes nothing and succeeds quietly.
+    #[test]
+    fn hands_follow_the_documented_rules() {
+        let mut room = room_with(RoomConfig::default());
+        for (member, user) in [(1, HOST), (2, "a")] {
+            room.handle_join(T0, member, user).expect("join");
+        }
+        room.drain_effects();
+        let raised = room.handle_stage(T0, HOST, StageCommand::Hand { raised: true });
+        assert_eq!(raised.expect_err("host").code(), ErrorCode::Forbidden);
+        room.handle_stage(T0, HOST, StageCommand::Hand { raised: false })
+            .expect("lowering no hand");
+        room.handle_stage(T0, "a", StageCommand::Hand { raised: false })
+            .expect("lowering no hand");
+        assert!(room.drain_effects().is_empty(), "nothing to announce");
+        room.handle_stage(T0, "a", StageCommand::Hand { raised: true })
+            .expect("a listener raises");
+        assert_eq!(room.stage_info(HOST).hands, vec!["a"]);
     }
 
     #[test]

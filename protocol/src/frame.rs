@@ -47,6 +47,12 @@ impl Body {
             // rmpv's own deserializer cannot read enums sent as strings (unit variants):
             // re-encode the (small, already bounded) value and let rmp-serde read it.
             Body::MsgPack(v) => {
+                if holds_bin(v) {
+                    return Err(invalid(
+                        "a MessagePack bin where a string is required (strings are str, §4.2)"
+                            .into(),
+                    ));
+                }
                 let bytes = rmp_serde::to_vec(v).map_err(|e| invalid(e.to_string()))?;
                 rmp_serde::from_slice(&bytes).map_err(|e| invalid(e.to_string()))
             }
@@ -97,14 +103,36 @@ pub enum Frame {
     Notification(NotificationFrame),
 }
 
+/// A string field that MUST be a string: MessagePack `str`, never `bin` (§4.2).
+struct StrictString(String);
+
+impl<'de> Deserialize<'de> for StrictString {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = StrictString;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string (MessagePack str, not bin)")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StrictString, E> {
+                Ok(StrictString(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<StrictString, E> {
+                Ok(StrictString(v))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(bound(deserialize = "B: Deserialize<'de>"))]
 struct Envelope<B> {
     #[serde(rename = "type")]
-    frame_type: String,
+    frame_type: StrictString,
     seq: u64,
     #[serde(default)]
-    kind: Option<String>,
+    kind: Option<StrictString>,
     #[serde(default)]
     body: Option<B>,
     #[serde(default)]
@@ -133,12 +161,11 @@ fn envelope_into_frame<B>(
     wrap: impl Fn(B) -> Body,
 ) -> Result<Frame, ProtocolError> {
     let body = |b: Option<B>| b.map(&wrap).unwrap_or(Body::Empty);
-    match env.frame_type.as_str() {
+    let kind = env.kind.map(|k| k.0);
+    match env.frame_type.0.as_str() {
         "req" => Ok(Frame::Request(RequestFrame {
             seq: env.seq,
-            kind: env
-                .kind
-                .ok_or_else(|| ProtocolError::Malformed("request without kind".into()))?,
+            kind: kind.ok_or_else(|| ProtocolError::Malformed("request without kind".into()))?,
             body: body(env.body),
         })),
         "res" => {
@@ -153,14 +180,30 @@ fn envelope_into_frame<B>(
         }
         "ntf" => Ok(Frame::Notification(NotificationFrame {
             seq: env.seq,
-            kind: env
-                .kind
+            kind: kind
                 .ok_or_else(|| ProtocolError::Malformed("notification without kind".into()))?,
             body: body(env.body),
         })),
         other => Err(ProtocolError::Malformed(format!(
             "unknown frame type {other:?} (expected \"req\", \"res\" or \"ntf\")"
         ))),
+    }
+}
+
+/// A frame, body or result that is not a map (§4.1).
+fn not_a_map(what: &str) -> ProtocolError {
+    ProtocolError::Malformed(format!(
+        "a {what} must be a map (JSON object / MessagePack map)"
+    ))
+}
+
+/// Whether a MessagePack value holds a `bin` anywhere (a string must be `str`, §4.2).
+fn holds_bin(value: &rmpv::Value) -> bool {
+    match value {
+        rmpv::Value::Binary(_) => true,
+        rmpv::Value::Array(items) => items.iter().any(holds_bin),
+        rmpv::Value::Map(entries) => entries.iter().any(|(k, v)| holds_bin(k) || holds_bin(v)),
+        _ => false,
     }
 }
 
@@ -173,14 +216,29 @@ pub fn decode_frame(
     match encoding {
         Encoding::MsgPack => {
             scan_msgpack(bytes, limits)?;
+            if !matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+                return Err(not_a_map("frame"));
+            }
             let env: Envelope<rmpv::Value> = rmp_serde::from_slice(bytes)
                 .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+            let is_map = |v: &Option<rmpv::Value>| v.as_ref().is_none_or(rmpv::Value::is_map);
+            if !is_map(&env.body) || !is_map(&env.ok) {
+                return Err(not_a_map("body"));
+            }
             envelope_into_frame(env, Body::MsgPack)
         }
         Encoding::Json => {
             scan_json(bytes, limits)?;
+            if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+                return Err(not_a_map("frame"));
+            }
             let env: Envelope<serde_json::Value> = serde_json::from_slice(bytes)
                 .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+            let is_map =
+                |v: &Option<serde_json::Value>| v.as_ref().is_none_or(serde_json::Value::is_object);
+            if !is_map(&env.body) || !is_map(&env.ok) {
+                return Err(not_a_map("body"));
+            }
             envelope_into_frame(env, Body::Json)
         }
     }
@@ -392,6 +450,68 @@ mod tests {
     struct Hello {
         text: String,
         n: u32,
+    }
+
+    /// §4.1: every frame and body is a map; §4.2: a string is never MessagePack `bin`.
+    #[test]
+    fn arrays_and_bin_strings_are_refused_with_their_codes() {
+        let limits = FrameLimits::default();
+        let code = |encoding, bytes: &[u8]| match decode_frame(encoding, bytes, &limits) {
+            Ok(Frame::Request(r)) => match r.body.decode::<Hello>(&r.kind) {
+                Ok(_) => 0,
+                Err(e) => e.code() as u16,
+            },
+            Ok(_) => 0,
+            Err(e) => e.code() as u16,
+        };
+        let good = rmp_serde::to_vec_named(&serde_json::json!({
+            "type": "req", "seq": 1, "kind": "k", "body": {"text": "hi", "n": 1}
+        }))
+        .expect("encode");
+        assert_eq!(code(Encoding::MsgPack, &good), 0);
+        // The frame as an array (read by position before).
+        let array = rmp_serde::to_vec(&("req", 1u64, "k", ("hi", 1u32))).expect("encode");
+        assert_eq!(code(Encoding::MsgPack, &array), 1000);
+        assert_eq!(
+            code(Encoding::Json, br#"["req",1,"k",{"text":"hi","n":1}]"#),
+            1000
+        );
+        // The body as an array.
+        let body_array = rmp_serde::to_vec_named(&serde_json::json!({
+            "type": "req", "seq": 1, "kind": "k", "body": ["hi", 1]
+        }))
+        .expect("encode");
+        assert_eq!(code(Encoding::MsgPack, &body_array), 1000);
+        assert_eq!(
+            code(
+                Encoding::Json,
+                br#"{"type":"req","seq":1,"kind":"k","body":["hi",1]}"#
+            ),
+            1000
+        );
+        // A string sent as bin: in the body 1003, in the envelope 1000.
+        let mut map = vec![0x84];
+        for (k, v) in [("type", "req"), ("kind", "k")] {
+            map.extend(rmp_serde::to_vec(k).expect("key"));
+            map.extend(rmp_serde::to_vec(v).expect("value"));
+        }
+        map.extend(rmp_serde::to_vec("seq").expect("key"));
+        map.push(0x01);
+        map.extend(rmp_serde::to_vec("body").expect("key"));
+        map.push(0x82);
+        map.extend(rmp_serde::to_vec("text").expect("key"));
+        map.extend([0xc4, 0x02, b'h', b'i']);
+        map.extend(rmp_serde::to_vec("n").expect("key"));
+        map.push(0x01);
+        assert_eq!(code(Encoding::MsgPack, &map), 1003);
+        let mut bin_kind = map.clone();
+        // "kind": fixstr a4 "kind", then fixstr a1 "k" → bin c4 01 "k".
+        let at = bin_kind
+            .windows(6)
+            .position(|w| w == [0xa4, b'k', b'i', b'n', b'd', 0xa1])
+            .expect("kind");
+        bin_kind.splice(at + 5..at + 6, [0xc4, 0x01]);
+        assert_eq!(code(Encoding::MsgPack, &bin_kind), 1000);
     }
 
     #[test]

@@ -939,6 +939,16 @@ macro_rules! request_table {
             pub fn encode(&self, encoding: Encoding, seq: u64) -> Result<Bytes, ProtocolError> {
                 match self { $( ClientRequest::$variant(b) => encode_request(encoding, seq, $kind, b), )* }
             }
+
+            /// Decodes the `ok` body of a response to a request of `kind` as its type and
+            /// encodes it back as JSON (what this server would send for it).
+            pub fn response_json(kind: &str, ok: &Body) -> Result<serde_json::Value, ProtocolError> {
+                match kind {
+                    $( $kind => serde_json::to_value(ok.decode::<$resp>(kind)?)
+                        .map_err(|e| ProtocolError::Encode(e.to_string())), )*
+                    other => Err(ProtocolError::UnknownKind(other.to_string())),
+                }
+            }
         }
     };
 }
