@@ -106,6 +106,9 @@ pub enum QuizCommand {
         /// Answer shards (default 16): more spread answers over more nodes.
         #[arg(long)]
         shards: Option<u32>,
+        /// Print only the quiz id (for scripts: `QUIZ=$(chorus admin quiz create … -q)`).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Push the next question to every viewer (with its deadline).
     Push {
@@ -188,6 +191,9 @@ pub enum RainCommand {
         /// Seconds it stays open.
         #[arg(long)]
         duration: f64,
+        /// Print only the rain id (for scripts: `RAIN=$(chorus admin rain create … -q)`).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// A rain's definition, split totals, and what was granted and refunded.
     Status {
@@ -555,6 +561,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                     cap,
                     start_in,
                     duration,
+                    ..
                 },
         } => {
             anyhow::ensure!(
@@ -618,11 +625,17 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Ready { .. } => unreachable!("handled above"),
         AdminCommand::Drain { node } => println!("draining node {node}; watch `status`"),
         AdminCommand::Remove { node } => println!("removing node {node}; watch `status`"),
+        AdminCommand::Rain {
+            command: RainCommand::Create { quiet: true, .. },
+        } => println!("{}", body["rain_id"].as_str().unwrap_or("?")),
         // A rain is data for scripts: JSON either way.
         AdminCommand::Rain { .. } | AdminCommand::AuditRain { .. } => println!("{body}"),
         AdminCommand::Quiz {
             command: QuizCommand::Results { json: false, .. },
         } => print_quiz_results(&body),
+        AdminCommand::Quiz {
+            command: QuizCommand::Create { quiet: true, .. },
+        } => println!("{}", body["quiz_id"].as_str().unwrap_or("?")),
         // The other quiz steps print JSON for scripts.
         AdminCommand::Quiz { .. } => println!("{body}"),
         AdminCommand::Where { .. } => println!(
@@ -646,6 +659,7 @@ fn quiz_request(command: &QuizCommand) -> anyhow::Result<(hyper::Method, String,
             start_in,
             window_secs,
             shards,
+            ..
         } => {
             check_id("--room", room)?;
             let text = std::fs::read(questions)

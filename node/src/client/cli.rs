@@ -75,6 +75,9 @@ pub enum ClientCommand {
         /// Scheduled start, milliseconds since the Unix epoch (must be in the future).
         #[arg(long)]
         scheduled_start_ms: Option<u64>,
+        /// Print only the room id (for scripts: `ROOM=$(chorus client … create-room … -q)`).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Start a scheduled room (host only): it goes live, and the users interested in it
     /// get `room.live`.
@@ -399,6 +402,7 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
             title,
             starts_in,
             scheduled_start_ms,
+            quiet,
         } => {
             let now_ms = unix_now_secs().saturating_mul(1000);
             let scheduled_start_ms = match (starts_in, scheduled_start_ms) {
@@ -418,7 +422,11 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 })
                 .await
                 .context("room.create failed")?;
-            print_json(&response);
+            if quiet {
+                println!("{}", response.room_id);
+            } else {
+                print_json(&response);
+            }
         }
         ClientCommand::Join { room, for_secs } => {
             stay(client, room, for_secs, None).await?;
@@ -745,7 +753,21 @@ async fn stay(
         Some(_) => None,
         None => Some(stdin_eof()),
     };
-    let ctrl_c = tokio::signal::ctrl_c();
+    // Ctrl-C or SIGTERM ends the stay like its end: a recording is finished, a summary
+    // printed.
+    let ctrl_c = async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match terminate.as_mut() {
+                    Some(signal) => { signal.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+    };
     tokio::pin!(ctrl_c);
     let mut failure = None;
     let mut sealed = super::quiz::SealedResults::default();
