@@ -126,20 +126,10 @@ impl ReplicaStore {
         revision: u64,
         votes: &[VoteRecord],
     ) -> Result<&HeldCopy, VotesRefused> {
-        let held = self.rooms.entry(room_id.to_string()).or_default();
-        if epoch < held.fence {
-            return Err(VotesRefused::Stale(held.fence));
-        }
-        match &mut held.state {
-            Some((held_epoch, state))
-                if *held_epoch == epoch && state.revision == base_revision =>
-            {
-                state.polls.apply(votes);
-                state.revision = revision;
-            }
-            _ => return Err(VotesRefused::OutOfStep),
-        }
-        Ok(held)
+        self.apply_delta(room_id, epoch, base_revision, |state| {
+            state.polls.apply(votes);
+            state.revision = revision;
+        })
     }
 
     /// Takes a change replicated without the polls (see
@@ -158,17 +148,33 @@ impl ReplicaStore {
         base_revision: u64,
         change: RoomDurable,
     ) -> Result<&HeldCopy, VotesRefused> {
+        if change.revision < base_revision {
+            return Err(VotesRefused::OutOfStep);
+        }
+        self.apply_delta(room_id, epoch, base_revision, |state| {
+            state.take_change(change)
+        })
+    }
+
+    /// Applies a delta (votes, a change without polls) to the copy of `room_id` if it is
+    /// the one the delta follows: written at `epoch`, at `base_revision`, and not fenced
+    /// by a newer owner. Returns the copy to persist; a refusal changes nothing.
+    fn apply_delta(
+        &mut self,
+        room_id: &str,
+        epoch: u64,
+        base_revision: u64,
+        apply: impl FnOnce(&mut RoomDurable),
+    ) -> Result<&HeldCopy, VotesRefused> {
         let held = self.rooms.entry(room_id.to_string()).or_default();
         if epoch < held.fence {
             return Err(VotesRefused::Stale(held.fence));
         }
         match &mut held.state {
             Some((held_epoch, state))
-                if *held_epoch == epoch
-                    && state.revision == base_revision
-                    && change.revision >= base_revision =>
+                if *held_epoch == epoch && state.revision == base_revision =>
             {
-                state.take_change(change);
+                apply(state);
             }
             _ => return Err(VotesRefused::OutOfStep),
         }

@@ -674,15 +674,8 @@ impl<M: Clone + Ord> RoomCore<M> {
     /// The durable part of the state (see [`RoomDurable`]).
     pub fn durable(&self) -> RoomDurable {
         RoomDurable {
-            revision: self.revision,
-            stage: self.stage.clone(),
-            interested: self.interested.clone(),
-            totals: self.totals.clone(),
-            comment_count: self.comment_count,
-            recent_comments: self.recent_comments.iter().cloned().collect(),
-            comment_latest_at_ms: self.comment_latest_at_ms,
             polls: self.polls.clone(),
-            requests: self.requests.iter().cloned().collect(),
+            ..self.durable_without_polls()
         }
     }
 

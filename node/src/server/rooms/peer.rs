@@ -27,52 +27,30 @@ impl Rooms {
                 room_id,
                 epoch,
                 durable,
-            }) => {
-                // Fenced twice: by the epochs this node has seen, and by the committed
-                // ownership in its metadata.
-                let committed = committed_epoch(&node.ctx, &room_id);
-                let kept = if epoch < committed {
-                    Err(committed)
-                } else {
-                    node.durable.keep(&room_id, epoch, durable)
-                };
-                let reply = match kept {
-                    Ok(()) => CopyReply::Kept,
-                    Err(fence) => CopyReply::Stale { fence },
-                };
-                encode(&Ok::<CopyReply, ErrorBody>(reply))
-            }
+            }) => copy_reply(node, &room_id, epoch, || {
+                node.durable
+                    .keep(&room_id, epoch, durable)
+                    .map_err(VotesRefused::Stale)
+            }),
             Ok(RoomMessage::ReplicateVotes {
                 room_id,
                 epoch,
                 base_revision,
                 revision,
                 votes,
-            }) => {
-                let committed = committed_epoch(&node.ctx, &room_id);
-                let applied = if epoch < committed {
-                    Err(VotesRefused::Stale(committed))
-                } else {
-                    node.durable
-                        .apply_votes(&room_id, epoch, base_revision, revision, &votes)
-                };
-                encode(&Ok::<CopyReply, ErrorBody>(CopyReply::of(applied)))
-            }
+            }) => copy_reply(node, &room_id, epoch, || {
+                node.durable
+                    .apply_votes(&room_id, epoch, base_revision, revision, &votes)
+            }),
             Ok(RoomMessage::ReplicateChange {
                 room_id,
                 epoch,
                 base_revision,
                 durable,
-            }) => {
-                let committed = committed_epoch(&node.ctx, &room_id);
-                let applied = if epoch < committed {
-                    Err(VotesRefused::Stale(committed))
-                } else {
-                    node.durable
-                        .apply_change(&room_id, epoch, base_revision, durable)
-                };
-                encode(&Ok::<CopyReply, ErrorBody>(CopyReply::of(applied)))
-            }
+            }) => copy_reply(node, &room_id, epoch, || {
+                node.durable
+                    .apply_change(&room_id, epoch, base_revision, durable)
+            }),
             Ok(RoomMessage::ReactBatch { room_id, counts }) => {
                 node.react_batch_here(&room_id, counts).await;
                 encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))
@@ -149,4 +127,22 @@ impl Rooms {
             Err(error) => encode(&Err::<RoomOpReply, _>(error)),
         }
     }
+}
+
+/// Answers a copy of `room_id` written by its owner at `epoch` (whole, votes, or a change
+/// without polls): fenced twice, by the epochs this node has seen (in `apply`) and by the
+/// committed ownership in its metadata (here, before `apply` runs).
+fn copy_reply(
+    node: &Rooms,
+    room_id: &str,
+    epoch: u64,
+    apply: impl FnOnce() -> Result<(), VotesRefused>,
+) -> Bytes {
+    let committed = committed_epoch(&node.ctx, room_id);
+    let applied = if epoch < committed {
+        Err(VotesRefused::Stale(committed))
+    } else {
+        apply()
+    };
+    encode(&Ok::<CopyReply, ErrorBody>(CopyReply::of(applied)))
 }

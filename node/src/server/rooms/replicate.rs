@@ -58,6 +58,34 @@ pub(crate) fn committed_epoch(ctx: &NodeContext, room_id: &str) -> u64 {
     ctx.committed_epoch_of(&room_key(room_id))
 }
 
+/// Sends a delta (`message`: votes, or a change without polls) to the first of
+/// `candidates` that answers; `Ok` once it kept it. A refusal, or no answer from any, is
+/// an error: the room then replicates its whole state.
+async fn send_delta(
+    ctx: &NodeContext,
+    candidates: Vec<NodeId>,
+    message: bytes::Bytes,
+    what: &str,
+) -> Result<(), DirectoryError> {
+    let refused = |why: String| DirectoryError::Replication(why);
+    for replica in candidates {
+        let call = ctx.cluster.call_app(replica, message.clone());
+        match tokio::time::timeout(Duration::from_millis(REPLICATE_TIMEOUT_MS), call).await {
+            Ok(Ok(reply)) => {
+                return match decode::<Result<CopyReply, ErrorBody>>(&reply) {
+                    Ok(Ok(CopyReply::Kept)) => Ok(()),
+                    Ok(Ok(refusal)) => Err(refused(format!("{refusal:?}"))),
+                    Ok(Err(refusal)) => Err(refused(refusal.message)),
+                    Err(error) => Err(refused(error.message)),
+                };
+            }
+            Ok(Err(error)) => tracing::debug!(replica, %error, "{what}: replica unreachable"),
+            Err(_) => tracing::debug!(replica, "{what}: replica silent"),
+        }
+    }
+    Err(refused("no replica answered".into()))
+}
+
 impl NodeReplicator {
     pub(crate) async fn replicate_to_others(
         &self,
@@ -160,29 +188,10 @@ impl NodeReplicator {
                 votes: votes.clone(),
             },
         );
-        for replica in candidates {
-            let call = ctx.cluster.call_app(replica, message.clone());
-            match tokio::time::timeout(Duration::from_millis(REPLICATE_TIMEOUT_MS), call).await {
-                Ok(Ok(reply)) => {
-                    return match decode::<Result<CopyReply, ErrorBody>>(&reply) {
-                        // The local copy follows; if it cannot, the next whole state
-                        // brings it up to date.
-                        Ok(Ok(CopyReply::Kept)) => {
-                            let _ = apply_here();
-                            Ok(())
-                        }
-                        Ok(Ok(refusal)) => Err(refused(format!("{refusal:?}"))),
-                        Ok(Err(refusal)) => Err(refused(refusal.message)),
-                        Err(error) => Err(refused(error.message)),
-                    };
-                }
-                Ok(Err(error)) => {
-                    tracing::debug!(replica, %error, "vote delta: replica unreachable");
-                }
-                Err(_) => tracing::debug!(replica, "vote delta: replica silent"),
-            }
-        }
-        Err(refused("no replica answered".into()))
+        send_delta(ctx, candidates, message, "vote delta").await?;
+        // The local copy follows; if it cannot, the next whole state brings it up to date.
+        let _ = apply_here();
+        Ok(())
     }
 
     /// Replicates a change that left the polls alone as the state without them, against
@@ -214,31 +223,12 @@ impl NodeReplicator {
                 durable: change.clone(),
             },
         );
-        for replica in candidates {
-            let call = ctx.cluster.call_app(replica, message.clone());
-            match tokio::time::timeout(Duration::from_millis(REPLICATE_TIMEOUT_MS), call).await {
-                Ok(Ok(reply)) => {
-                    return match decode::<Result<CopyReply, ErrorBody>>(&reply) {
-                        // The local copy follows; if it cannot, the next whole state
-                        // brings it up to date.
-                        Ok(Ok(CopyReply::Kept)) => {
-                            let _ =
-                                self.durable
-                                    .apply_change(room_id, epoch, base_revision, change);
-                            Ok(())
-                        }
-                        Ok(Ok(refusal)) => Err(refused(format!("{refusal:?}"))),
-                        Ok(Err(refusal)) => Err(refused(refusal.message)),
-                        Err(error) => Err(refused(error.message)),
-                    };
-                }
-                Ok(Err(error)) => {
-                    tracing::debug!(replica, %error, "change: replica unreachable");
-                }
-                Err(_) => tracing::debug!(replica, "change: replica silent"),
-            }
-        }
-        Err(refused("no replica answered".into()))
+        send_delta(ctx, candidates, message, "change").await?;
+        // The local copy follows; if it cannot, the next whole state brings it up to date.
+        let _ = self
+            .durable
+            .apply_change(room_id, epoch, base_revision, change);
+        Ok(())
     }
 }
 
