@@ -54,6 +54,9 @@ pub(crate) enum HttpListener {
 
 /// Concurrent connections on the admin listener (operators and scrapers, not clients).
 const ADMIN_CONNECTIONS_MAX: usize = 256;
+/// Refused connections answered with a lingering close at once; past this many, a refused
+/// connection gets its 503 and is closed without waiting for the client's request.
+const LINGERING_REFUSALS_MAX: usize = 256;
 
 pub(crate) async fn accept_http(
     node: Arc<HttpService>,
@@ -62,6 +65,7 @@ pub(crate) async fn accept_http(
     tracker: TaskTracker,
 ) {
     let admin_connections = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS_MAX));
+    let lingering = Arc::new(tokio::sync::Semaphore::new(LINGERING_REFUSALS_MAX));
     loop {
         let (stream, _peer) = tokio::select! {
             _ = node.edge.ctx.shutdown.cancelled() => return,
@@ -82,7 +86,7 @@ pub(crate) async fn accept_http(
             HttpListener::Public => match node.edge.try_open_connection() {
                 Some(slot) => Some(ConnectionSlot::into_shared(slot)),
                 None => {
-                    tracker.spawn(refuse_http(stream));
+                    tracker.spawn(refuse_http(stream, lingering.clone()));
                     continue;
                 }
             },
@@ -92,7 +96,7 @@ pub(crate) async fn accept_http(
             HttpListener::Admin => match admin_connections.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
-                    tracker.spawn(refuse_http(stream));
+                    tracker.spawn(refuse_http(stream, lingering.clone()));
                     continue;
                 }
             },
@@ -123,11 +127,39 @@ pub(crate) async fn accept_http(
 }
 
 /// Answers a connection the node has no place for with 503 and closes it.
-async fn refuse_http(mut stream: tokio::net::TcpStream) {
-    use tokio::io::AsyncWriteExt;
+///
+/// The close lingers: the node stops writing and reads (and drops) what the client sends
+/// for up to a second, so the client's request, unread, does not turn the close into a
+/// reset that would throw away the 503 before the client reads it.
+async fn refuse_http(mut stream: tokio::net::TcpStream, lingering: Arc<tokio::sync::Semaphore>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
         content-length: 13\r\nretry-after: 5\r\nconnection: close\r\n\r\nnode is full\n";
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(FULL)).await;
+    const LINGER: Duration = Duration::from_secs(1);
+    const LINGER_BYTES_MAX: usize = 64 * 1024;
+    let Ok(_permit) = lingering.try_acquire_owned() else {
+        let _ = tokio::time::timeout(LINGER, stream.write_all(FULL)).await;
+        return;
+    };
+    let written = tokio::time::timeout(LINGER, async {
+        stream.write_all(FULL).await?;
+        stream.shutdown().await
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        return;
+    }
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut buffer = [0u8; 4096];
+        let mut read = 0;
+        while read < LINGER_BYTES_MAX {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
 }
 
 async fn route(
