@@ -15,6 +15,7 @@ const SECTIONS: &[(&str, &str, &str)] = &[
     ("node/src/config.rs", "NodeConfig", ""),
     ("node/src/config.rs", "LimitsConfig", "limits."),
     ("node/src/config.rs", "RainConfig", "rain."),
+    ("node/src/config.rs", "VoicemailConfig", "voicemail."),
     ("actors/src/room.rs", "RoomConfig", "room."),
     ("actors/src/voice.rs", "VoiceConfig", "room.voice."),
     ("actors/src/polls.rs", "PollConfig", "room.polls."),

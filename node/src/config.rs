@@ -69,6 +69,8 @@ pub struct NodeConfig {
     pub room: chorus_actors::room::RoomConfig,
     /// Red-packet rains.
     pub rain: RainConfig,
+    /// Voice messages (`[voicemail]`).
+    pub voicemail: VoicemailConfig,
     /// Emit logs as JSON lines.
     pub log_json: bool,
     /// How long stopping may take, in ms: on SIGTERM the node drains (its rooms move to
@@ -95,6 +97,40 @@ impl Default for RainConfig {
     fn default() -> Self {
         RainConfig {
             grabs_per_sec: 20_000,
+        }
+    }
+}
+
+/// Voice-message settings (`[voicemail]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VoicemailConfig {
+    /// Largest voice message, bytes of Ogg Opus. Default 262,144 (256 KiB).
+    pub message_bytes_max: u64,
+    /// Longest voice message, ms of audio. Default 60,000.
+    pub message_duration_ms_max: u64,
+    /// Largest chunk of a `vm.chunk`, bytes (before base64); at most 40,960 so that a chunk
+    /// fits the frame bound. Default 32,768.
+    pub chunk_bytes_max: usize,
+    /// An upload with no chunk for this long fails, ms. Default 120,000.
+    pub upload_idle_ms: u64,
+    /// Uploads in progress this node owns at once (each holds its bytes in memory, at most
+    /// `message_bytes_max`); past it `vm.send` and the first chunk get `5001`. Default 2,048.
+    pub uploads_max: usize,
+    /// How long voice messages are kept, ms, from when they were sent; then they are
+    /// deleted from every node and every inbox. Default 2,592,000,000 (30 days).
+    pub retention_ms: u64,
+}
+
+impl Default for VoicemailConfig {
+    fn default() -> Self {
+        VoicemailConfig {
+            message_bytes_max: 256 * 1024,
+            message_duration_ms_max: 60_000,
+            chunk_bytes_max: 32 * 1024,
+            upload_idle_ms: 120_000,
+            uploads_max: 2_048,
+            retention_ms: 30 * 24 * 3_600_000,
         }
     }
 }
@@ -228,6 +264,7 @@ impl Default for NodeConfig {
             limits: LimitsConfig::default(),
             room: chorus_actors::room::RoomConfig::default(),
             rain: RainConfig::default(),
+            voicemail: VoicemailConfig::default(),
             log_json: false,
             drain_timeout_ms: 30_000,
         }
@@ -398,6 +435,34 @@ impl NodeConfig {
             }
         }
         self.room.bullets.validate().map_err(ConfigError::Invalid)?;
+        let v = &self.voicemail;
+        let voice_checks: [(bool, &str); 5] = [
+            (
+                (1024..=16 * 1024 * 1024).contains(&v.message_bytes_max),
+                "voicemail.message_bytes_max must be between 1024 and 16777216",
+            ),
+            (
+                v.message_duration_ms_max >= 1000,
+                "voicemail.message_duration_ms_max must be at least 1000",
+            ),
+            (
+                (1024..=40 * 1024).contains(&v.chunk_bytes_max),
+                "voicemail.chunk_bytes_max must be between 1024 and 40960 (a chunk must fit a frame)",
+            ),
+            (
+                v.upload_idle_ms >= 1000,
+                "voicemail.upload_idle_ms must be at least 1000",
+            ),
+            (
+                v.uploads_max >= 1 && v.retention_ms >= 60_000,
+                "voicemail.uploads_max must be positive and voicemail.retention_ms at least 60000",
+            ),
+        ];
+        for (ok, message) in voice_checks {
+            if !ok {
+                return Err(ConfigError::Invalid(message.to_string()));
+            }
+        }
         if self.join_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "join_timeout_ms must be above 0".into(),

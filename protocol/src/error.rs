@@ -67,6 +67,21 @@ pub enum ErrorCode {
     /// this one (`not_current`), an earlier question was not passed (`skipped`), or the
     /// viewer is out (`eliminated`); the message starts with that word.
     QuizRefused = 4006,
+    /// The voice message does not exist (or was deleted), or the user is neither its
+    /// sender nor a recipient.
+    MessageNotFound = 4007,
+    /// A chunk does not continue the upload: its offset is past the bytes held; the
+    /// message names the offset to continue from (also `vm.status`).
+    UploadOutOfOrder = 4008,
+    /// A chunk's bytes differ from the bytes already uploaded at the same offset.
+    UploadConflict = 4009,
+    /// The message or the chunk is too large or too long (bytes, chunk bytes, duration).
+    MessageTooLarge = 4010,
+    /// The bytes are not Opus in Ogg (a bad page, checksum, header or codec).
+    NotOpus = 4011,
+    /// The upload is over (`complete`, `failed` or `cancelled`, named in the message) and
+    /// takes no new bytes.
+    UploadClosed = 4012,
     /// An unexpected server error; the request may be retried.
     Internal = 5000,
     /// The server is shutting down or overloaded; retry elsewhere or later.
@@ -106,6 +121,12 @@ impl ErrorCode {
         ErrorCode::ResumeFailed,
         ErrorCode::QuizNotFound,
         ErrorCode::QuizRefused,
+        ErrorCode::MessageNotFound,
+        ErrorCode::UploadOutOfOrder,
+        ErrorCode::UploadConflict,
+        ErrorCode::MessageTooLarge,
+        ErrorCode::NotOpus,
+        ErrorCode::UploadClosed,
         ErrorCode::Internal,
         ErrorCode::Unavailable,
         ErrorCode::DeadlineExceeded,
@@ -151,6 +172,12 @@ impl ErrorCode {
             ErrorCode::ResumeFailed => "resume_failed",
             ErrorCode::QuizNotFound => "quiz_not_found",
             ErrorCode::QuizRefused => "quiz_refused",
+            ErrorCode::MessageNotFound => "message_not_found",
+            ErrorCode::UploadOutOfOrder => "upload_out_of_order",
+            ErrorCode::UploadConflict => "upload_conflict",
+            ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::NotOpus => "not_opus",
+            ErrorCode::UploadClosed => "upload_closed",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",

@@ -12,6 +12,7 @@ pub mod frame;
 pub mod limits;
 pub mod messages;
 pub mod sealed;
+pub mod voicemail;
 
 pub use error::{ErrorBody, ErrorCode, ProtocolError};
 pub use frame::{
@@ -20,6 +21,7 @@ pub use frame::{
 };
 pub use limits::FrameLimits;
 pub use messages::*;
+pub use voicemail::*;
 
 /// The protocol version this crate implements.
 pub const PROTOCOL_VERSION: u32 = 1;

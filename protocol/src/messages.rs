@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ProtocolError;
 use crate::frame::{encode_request, Body, EncodedBody, Encoding};
+use crate::voicemail::*;
 
 /// A room identifier (opaque string, e.g. `r-3f9c…`).
 pub type RoomId = String;
@@ -1012,6 +1013,24 @@ request_table! {
     RoomBullet = "room.bullet": RoomBulletRequest => Empty,
     /// `quiz.answer`
     QuizAnswer = "quiz.answer": QuizAnswerRequest => QuizResultEvent,
+    /// `vm.send`
+    VmSend = "vm.send": VmSendRequest => VmSendResponse,
+    /// `vm.chunk`
+    VmChunk = "vm.chunk": VmChunkRequest => VmUploadState,
+    /// `vm.status`
+    VmStatus = "vm.status": VmStatusRequest => VmUploadState,
+    /// `vm.cancel`
+    VmCancel = "vm.cancel": VmCancelRequest => VmUploadState,
+    /// `vm.fetch`
+    VmFetch = "vm.fetch": VmFetchRequest => VmFetchResponse,
+    /// `vm.sync`
+    VmSync = "vm.sync": VmSyncRequest => VmPage,
+    /// `vm.read`
+    VmRead = "vm.read": VmReadRequest => VmStateEvent,
+    /// `vm.play`
+    VmPlay = "vm.play": VmPlayRequest => VmStateEvent,
+    /// `vm.history`
+    VmHistory = "vm.history": VmHistoryRequest => VmPage,
 }
 
 macro_rules! request_kinds {
@@ -1050,6 +1069,15 @@ request_kinds! {
     RainGrabRequest = "rain.grab" => RainGrabResponse,
     RoomBulletRequest = "room.bullet" => Empty,
     QuizAnswerRequest = "quiz.answer" => QuizResultEvent,
+    VmSendRequest = "vm.send" => VmSendResponse,
+    VmChunkRequest = "vm.chunk" => VmUploadState,
+    VmStatusRequest = "vm.status" => VmUploadState,
+    VmCancelRequest = "vm.cancel" => VmUploadState,
+    VmFetchRequest = "vm.fetch" => VmFetchResponse,
+    VmSyncRequest = "vm.sync" => VmPage,
+    VmReadRequest = "vm.read" => VmStateEvent,
+    VmPlayRequest = "vm.play" => VmStateEvent,
+    VmHistoryRequest = "vm.history" => VmPage,
 }
 
 macro_rules! event_table {
@@ -1129,29 +1157,36 @@ event_table! {
     QuizAnnounce = "quiz.announce": QuizAnnounceEvent,
     /// A quiz show's prize was split.
     QuizFinished = "quiz.finished": QuizFinishedEvent,
+    /// A voice message entered the user's inbox.
+    VmMessage = "vm.message": VmMessageEvent,
+    /// A voice message's state for the user changed.
+    VmState = "vm.state": VmStateEvent,
+    /// More of a voice message's audio is stored, or its upload ended.
+    VmBytes = "vm.bytes": VmBytesEvent,
 }
 
 impl Event {
-    /// The room this event belongs to.
-    pub fn room_id(&self) -> &str {
+    /// The room this event belongs to (`None` for voice messages).
+    pub fn room_id(&self) -> Option<&str> {
         match self {
-            Event::Comment(e) => &e.room_id,
-            Event::Gap(e) => &e.room_id,
-            Event::Reactions(e) => &e.room_id,
-            Event::Listeners(e) => &e.room_id,
-            Event::RoomEnded(e) => &e.room_id,
-            Event::Stage(e) => &e.room_id,
-            Event::Live(e) => &e.room_id,
-            Event::Invitation(e) => &e.room_id,
-            Event::Speaking(e) => &e.room_id,
-            Event::Poll(e) => &e.room_id,
-            Event::RainStart(e) => &e.room_id,
-            Event::RainEnded(e) => &e.room_id,
-            Event::Bullets(e) => &e.room_id,
-            Event::QuizQuestion(e) => &e.room_id,
-            Event::QuizResult(e) => &e.room_id,
-            Event::QuizAnnounce(e) => &e.room_id,
-            Event::QuizFinished(e) => &e.room_id,
+            Event::Comment(e) => Some(&e.room_id),
+            Event::Gap(e) => Some(&e.room_id),
+            Event::Reactions(e) => Some(&e.room_id),
+            Event::Listeners(e) => Some(&e.room_id),
+            Event::RoomEnded(e) => Some(&e.room_id),
+            Event::Stage(e) => Some(&e.room_id),
+            Event::Live(e) => Some(&e.room_id),
+            Event::Invitation(e) => Some(&e.room_id),
+            Event::Speaking(e) => Some(&e.room_id),
+            Event::Poll(e) => Some(&e.room_id),
+            Event::RainStart(e) => Some(&e.room_id),
+            Event::RainEnded(e) => Some(&e.room_id),
+            Event::Bullets(e) => Some(&e.room_id),
+            Event::QuizQuestion(e) => Some(&e.room_id),
+            Event::QuizResult(e) => Some(&e.room_id),
+            Event::QuizAnnounce(e) => Some(&e.room_id),
+            Event::QuizFinished(e) => Some(&e.room_id),
+            Event::VmMessage(_) | Event::VmState(_) | Event::VmBytes(_) => None,
         }
     }
 
@@ -1266,6 +1301,15 @@ mod tests {
             RainGrabRequest::KIND,
             RoomBulletRequest::KIND,
             QuizAnswerRequest::KIND,
+            VmSendRequest::KIND,
+            VmChunkRequest::KIND,
+            VmStatusRequest::KIND,
+            VmCancelRequest::KIND,
+            VmFetchRequest::KIND,
+            VmSyncRequest::KIND,
+            VmReadRequest::KIND,
+            VmPlayRequest::KIND,
+            VmHistoryRequest::KIND,
         ];
         assert_eq!(ClientRequest::KINDS, kinds.as_slice());
         assert!(Event::KINDS.contains(&"room.comment"));

@@ -173,7 +173,7 @@ async fn route(
     // With an admin listener, admin and metrics are served only there; clients only here.
     let admin_here = kind == HttpListener::Admin || node.edge.ctx.config.admin_addr.is_none();
     let is_admin_route = path == "/metrics" || path.starts_with("/admin/");
-    let is_client_route = path == "/ws" || path == "/ws/echo";
+    let is_client_route = path == "/ws" || path == "/ws/echo" || path.starts_with("/vm/");
     if (is_admin_route && !admin_here) || (is_client_route && kind == HttpListener::Admin) {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
@@ -196,6 +196,7 @@ async fn route(
         }
         (&Method::GET, "/ws") => upgrade(node, tracker, slot, request, false),
         (&Method::GET, "/ws/echo") => upgrade(node, tracker, slot, request, true),
+        (&Method::GET, path) if path.starts_with("/vm/") => voice_message(&node, &request).await,
         (_, path) if path == "/admin/quiz" || path.starts_with("/admin/quiz/") => {
             routes::route_quiz(&node.admin, request).await
         }
@@ -204,6 +205,41 @@ async fn route(
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `GET /vm/<message_id>` (see `voicemail::http`): the bearer token names the user.
+async fn voice_message(node: &HttpService, request: &Request<Incoming>) -> HttpResponse {
+    let message_id = request.uri().path().trim_start_matches("/vm/");
+    let token = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = token else {
+        let mut response = text(
+            StatusCode::UNAUTHORIZED,
+            "send the user's token as Authorization: Bearer <token>\n",
+        );
+        response.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        return response;
+    };
+    let now_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = match node.edge.keys.verify(token.trim(), now_secs) {
+        Ok(claims) => claims,
+        Err(error) => return text(StatusCode::UNAUTHORIZED, format!("{error}\n")),
+    };
+    let range = request
+        .headers()
+        .get(hyper::header::RANGE)
+        .and_then(|v| v.to_str().ok());
+    crate::server::voicemail::http::serve(&node.edge.voicemail, &claims.sub, message_id, range)
+        .await
 }
 
 fn upgrade(

@@ -61,6 +61,7 @@ use crate::server::rooms::service::Rooms;
 use crate::server::rooms::{batches, upkeep};
 use crate::server::sessions::session::{SessionIds, SessionRegistry};
 use crate::server::sessions::users::UserBounds;
+use crate::server::voicemail::service::Voicemail;
 use crate::token::TokenKeys;
 
 /// How often detached sessions are checked for expiry.
@@ -150,6 +151,8 @@ pub struct Node {
     pub rain: Arc<Rain>,
     /// Quiz shows.
     pub quiz: Arc<Quiz>,
+    /// Voice messages and user actors.
+    pub voicemail: Arc<Voicemail>,
     /// Client connections.
     pub edge: Arc<Edge>,
     /// Admin routes and metrics.
@@ -162,6 +165,7 @@ struct NodeApp {
     rooms: Weak<Rooms>,
     rain: Weak<Rain>,
     quiz: Weak<Quiz>,
+    voicemail: Weak<Voicemail>,
 }
 
 impl chorus_cluster::service::AppHandler for NodeApp {
@@ -198,6 +202,10 @@ impl chorus_cluster::service::AppHandler for NodeApp {
                 },
                 Ok((Domain::Quiz, message)) => match self.quiz.upgrade() {
                     Some(quiz) => quiz.handle_peer(message).await,
+                    None => shutting_down(),
+                },
+                Ok((Domain::Voice, message)) => match self.voicemail.upgrade() {
+                    Some(voicemail) => voicemail.handle_peer(message).await,
                     None => shutting_down(),
                 },
                 Err(error) => encode(&Err::<(), _>(error)),
@@ -508,11 +516,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let rooms = Rooms::new(ctx.clone(), definitions, durable);
     let rain = Rain::open(ctx.clone(), rooms.clone()).map_err(storage)?;
     let quiz = Quiz::open(ctx.clone(), rooms.clone()).map_err(storage)?;
+    let voicemail = Voicemail::open(ctx.clone()).map_err(storage)?;
     let edge = Arc::new(Edge::new(
         ctx.clone(),
         rooms.clone(),
         rain.clone(),
         quiz.clone(),
+        voicemail.clone(),
         TokenKeys::new(secret.as_bytes()),
         frame_limits,
     ));
@@ -530,6 +540,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         rooms,
         rain,
         quiz,
+        voicemail,
         edge,
         admin,
     });
@@ -546,6 +557,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         rooms: Arc::downgrade(&node.rooms),
         rain: Arc::downgrade(&node.rain),
         quiz: Arc::downgrade(&node.quiz),
+        voicemail: Arc::downgrade(&node.voicemail),
     }));
 
     let (control, _) = ractor::Actor::spawn(None, NodeControl, Arc::downgrade(&node.rooms))
@@ -577,6 +589,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         tracker.clone(),
     ));
     tracker.spawn(sweep_sessions(node.rooms.clone()));
+    node.voicemail.start_upkeep(&tracker);
     let rooms = Arc::downgrade(&node.rooms);
     tokio::spawn(upkeep::follow_ring(rooms.clone()));
     tokio::spawn(upkeep::rejoin_after_cut(rooms.clone()));

@@ -1,5 +1,5 @@
 //! The inter-node channel's encoding: MessagePack, each request tagged with the domain
-//! that handles it (rooms, red-packet rains, quizzes), so each domain owns its messages.
+//! that handles it (rooms, red-packet rains, quizzes, voice messages), so each domain owns its messages.
 
 use bytes::Bytes;
 use chorus_protocol::{ErrorBody, ErrorCode};
@@ -15,6 +15,8 @@ pub enum Domain {
     Rain = 2,
     /// Quizzes (`quiz::QuizMessage`).
     Quiz = 3,
+    /// Voice messages and user actors (`voicemail::messages::VoiceMessage`).
+    Voice = 4,
 }
 
 impl Domain {
@@ -23,6 +25,7 @@ impl Domain {
             1 => Some(Domain::Rooms),
             2 => Some(Domain::Rain),
             3 => Some(Domain::Quiz),
+            4 => Some(Domain::Voice),
             _ => None,
         }
     }

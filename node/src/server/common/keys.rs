@@ -2,7 +2,7 @@
 //!
 //! Everything placed on the ring, and every definition in the cluster's metadata, has
 //! one [`ActorKey`]: its text form (`room/<id>`, `rain/<id>`, `quiz/<id>`,
-//! `quiz/<id>/state`, `quiz/<id>/shard/<n>`) is the ring's hash input and the metadata's
+//! `quiz/<id>/state`, `quiz/<id>/shard/<n>`, `user/<id>`, `vm/<id>`) is the ring's hash input and the metadata's
 //! map key, and [`ActorKey::parse`] reads it back. No other code formats or splits keys.
 
 use chorus_cluster::metadata::NodeId;
@@ -20,6 +20,10 @@ pub enum ActorKey<'a> {
     QuizState(&'a str),
     /// One of a quiz show's answer shards.
     QuizShard(&'a str, u32),
+    /// A user (its inbox: the user actor).
+    User(&'a str),
+    /// A voice message (its upload and audio).
+    Message(&'a str),
 }
 
 impl<'a> ActorKey<'a> {
@@ -30,6 +34,12 @@ impl<'a> ActorKey<'a> {
         }
         if let Some(rain_id) = key.strip_prefix("rain/") {
             return Some(ActorKey::Rain(rain_id));
+        }
+        if let Some(user) = key.strip_prefix("user/") {
+            return Some(ActorKey::User(user));
+        }
+        if let Some(message_id) = key.strip_prefix("vm/") {
+            return Some(ActorKey::Message(message_id));
         }
         let rest = key.strip_prefix("quiz/")?;
         if let Some(quiz_id) = rest.strip_suffix("/state") {
@@ -66,8 +76,20 @@ impl std::fmt::Display for ActorKey<'_> {
             ActorKey::Quiz(id) => write!(f, "quiz/{id}"),
             ActorKey::QuizState(id) => write!(f, "quiz/{id}/state"),
             ActorKey::QuizShard(id, shard) => write!(f, "quiz/{id}/shard/{shard}"),
+            ActorKey::User(id) => write!(f, "user/{id}"),
+            ActorKey::Message(id) => write!(f, "vm/{id}"),
         }
     }
+}
+
+/// The ring key of a user (its user actor).
+pub fn user_key(user: &str) -> String {
+    ActorKey::User(user).to_string()
+}
+
+/// The ring key of a voice message.
+pub fn message_key(message_id: &str) -> String {
+    ActorKey::Message(message_id).to_string()
 }
 
 /// Bits of a member key that hold the session number; the node id sits above them, so
@@ -124,6 +146,8 @@ mod tests {
             ActorKey::Quiz("q-2"),
             ActorKey::QuizState("q-2"),
             ActorKey::QuizShard("q-2", 15),
+            ActorKey::User("alice"),
+            ActorKey::Message("vm-1"),
         ];
         for key in keys {
             assert_eq!(ActorKey::parse(&key.to_string()), Some(key));

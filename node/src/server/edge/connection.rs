@@ -1092,6 +1092,19 @@ impl Connection {
             ClientRequest::QuizAnswer(answer) => {
                 Ok(ok(node.quiz.quiz_answer(session, answer).await?))
             }
+            ClientRequest::VmSend(r) => Ok(ok(node.voicemail.send(&user, r.to).await?)),
+            ClientRequest::VmChunk(r) => Ok(ok(node.voicemail.chunk(&user, r).await?)),
+            ClientRequest::VmStatus(r) => {
+                Ok(ok(node.voicemail.status(&user, r.message_id).await?))
+            }
+            ClientRequest::VmCancel(r) => {
+                Ok(ok(node.voicemail.cancel(&user, r.message_id).await?))
+            }
+            ClientRequest::VmFetch(r) => Ok(ok(node.voicemail.fetch(&user, r).await?)),
+            ClientRequest::VmSync(r) => Ok(ok(node.voicemail.sync(&user, r).await?)),
+            ClientRequest::VmRead(r) => Ok(ok(node.voicemail.read(&user, r.message_id).await?)),
+            ClientRequest::VmPlay(r) => Ok(ok(node.voicemail.play(&user, r).await?)),
+            ClientRequest::VmHistory(r) => Ok(ok(node.voicemail.history(&user, r).await?)),
             ClientRequest::Auth(_) | ClientRequest::Ping(_) => Err(ErrorBody::new(
                 ErrorCode::Internal,
                 "auth and ping are handled before dispatch",

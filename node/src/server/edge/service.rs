@@ -2,6 +2,7 @@
 //! places (`connections_max`) they hold. Sits above the rooms, rains and quizzes, whose
 //! requests it routes.
 
+use crate::server::voicemail::service::Voicemail;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -24,6 +25,8 @@ pub struct Edge {
     pub rain: Arc<Rain>,
     /// Quiz shows.
     pub quiz: Arc<Quiz>,
+    /// Voice messages and user actors.
+    pub voicemail: Arc<Voicemail>,
     /// Checks clients' tokens.
     pub keys: TokenKeys,
     /// Frame bounds for clients.
@@ -42,6 +45,7 @@ impl Edge {
         rooms: Arc<Rooms>,
         rain: Arc<Rain>,
         quiz: Arc<Quiz>,
+        voicemail: Arc<Voicemail>,
         keys: TokenKeys,
         frame_limits: FrameLimits,
     ) -> Edge {
@@ -53,6 +57,7 @@ impl Edge {
             rooms,
             rain,
             quiz,
+            voicemail,
             keys,
             frame_limits,
             connections: AtomicUsize::new(0),

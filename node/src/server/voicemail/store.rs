@@ -7,12 +7,15 @@
 //!   piece's bytes. Pieces are appended in order, page-aligned (what the upload
 //!   acknowledged), so a range read is a prefix scan.
 //!
+//! - `vm/users`: user id → [`UserCopy`] (a user actor's fenced copy).
+//!
 //! An append names the offset it continues from and is taken only there (in step): the
 //! record's byte count and the piece are written in one sled transaction, so the two never
 //! disagree after a crash. Deleting a message removes its record and every piece.
 
 use chorus_actors::voicemail::inbox::MessageMeta;
 use chorus_actors::voicemail::upload::UploadStatus;
+use chorus_actors::voicemail::user::{CopyRefused, UserCopies, UserCopy, UserOp, UserState};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
@@ -37,6 +40,9 @@ pub struct StoredMessage {
     pub bytes: u64,
     /// Audio held, ms.
     pub duration_ms: u64,
+    /// Every inbox in `recipients` has the message.
+    #[serde(default)]
+    pub delivered: bool,
 }
 
 /// Why a write was not taken. Nothing changed.
@@ -98,24 +104,53 @@ impl MessageStore {
         rmp_serde::from_slice(&bytes).ok()
     }
 
-    /// Writes a message's record as it is (a new message, a status change), written at
-    /// `record.epoch`.
+    /// Writes a message's record (a new message, a status change), written at
+    /// `record.epoch`, merged with the record held: the status moves only forward from
+    /// `uploading`, `delivered` only from false to true, and the byte count stays what the
+    /// held audio says (only [`MessageStore::append`] changes it). The record now held.
     ///
     /// # Errors
     ///
     /// [`StoreRefused::Stale`] if a newer owner wrote it; [`StoreRefused::Storage`].
-    pub fn put(&self, message_id: &str, record: &StoredMessage) -> Result<(), StoreRefused> {
-        if let Some(held) = self.get(message_id) {
-            if held.epoch > record.epoch {
-                return Err(StoreRefused::Stale(held.epoch));
+    pub fn put(
+        &self,
+        message_id: &str,
+        record: &StoredMessage,
+    ) -> Result<StoredMessage, StoreRefused> {
+        let merged = match self.get(message_id) {
+            Some(held) => {
+                if held.epoch > record.epoch {
+                    return Err(StoreRefused::Stale(held.epoch));
+                }
+                let mut merged = held.clone();
+                merged.epoch = record.epoch;
+                if !held.status.is_final() {
+                    merged.status = record.status;
+                }
+                merged.delivered |= record.delivered;
+                merged
             }
-        }
+            None => StoredMessage {
+                bytes: 0,
+                ..record.clone()
+            },
+        };
         let bytes =
-            rmp_serde::to_vec_named(record).map_err(|e| StoreRefused::Storage(e.to_string()))?;
+            rmp_serde::to_vec_named(&merged).map_err(|e| StoreRefused::Storage(e.to_string()))?;
         self.meta
             .insert(message_id.as_bytes(), bytes)
             .map_err(|e| StoreRefused::Storage(e.to_string()))?;
-        Ok(())
+        Ok(merged)
+    }
+
+    /// Every message record held.
+    pub fn records(&self) -> Vec<StoredMessage> {
+        self.meta
+            .iter()
+            .values()
+            .filter_map(Result::ok)
+            .filter_map(|bytes| rmp_serde::from_slice::<StoredMessage>(&bytes).ok())
+            .collect()
     }
 
     /// Appends `piece` at `offset` (where the held audio ends) and updates the record to
@@ -228,6 +263,127 @@ impl MessageStore {
     }
 }
 
+/// The tree of user copies: user id → [`UserCopy`].
+pub const VM_USERS_TREE: &str = "vm/users";
+
+/// Why a user copy was not kept. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum UserCopyRefused {
+    /// The core refused it (a newer owner, or out of step).
+    #[error("{0:?}")]
+    Refused(CopyRefused),
+    /// sled failed.
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+/// The user copies this node holds (as owner or replica), in sled: each write reads the
+/// user's copy, lets [`UserCopies`] decide, and writes it back, one user at a time.
+pub struct UserStore {
+    tree: sled::Tree,
+    lock: std::sync::Mutex<()>,
+}
+
+impl UserStore {
+    /// The user copies in `db`.
+    ///
+    /// # Errors
+    ///
+    /// sled's, opening the tree.
+    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+        Ok(UserStore {
+            tree: db.open_tree(VM_USERS_TREE)?,
+            lock: std::sync::Mutex::new(()),
+        })
+    }
+
+    fn load(&self, user: &str) -> Option<UserCopy> {
+        let bytes = self.tree.get(user.as_bytes()).ok()??;
+        rmp_serde::from_slice(&bytes).ok()
+    }
+
+    fn with_copy<T>(
+        &self,
+        user: &str,
+        decide: impl FnOnce(&mut UserCopies) -> Result<T, CopyRefused>,
+    ) -> Result<T, UserCopyRefused> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self.load(user);
+        let mut copies = UserCopies::from_copies(held.clone().map(|c| (user.to_string(), c)));
+        let answer = decide(&mut copies).map_err(UserCopyRefused::Refused)?;
+        let after = copies.copy(user).cloned();
+        if after != held {
+            if let Some(copy) = after {
+                let bytes = rmp_serde::to_vec_named(&copy)
+                    .map_err(|e| UserCopyRefused::Storage(e.to_string()))?;
+                self.tree
+                    .insert(user.as_bytes(), bytes)
+                    .map_err(|e| UserCopyRefused::Storage(e.to_string()))?;
+            }
+        }
+        Ok(answer)
+    }
+
+    /// Keeps `state` at `epoch` (see [`UserCopies::keep`]).
+    ///
+    /// # Errors
+    ///
+    /// The core's refusal, or sled's.
+    pub fn keep(&self, user: &str, epoch: u64, state: UserState) -> Result<(), UserCopyRefused> {
+        self.with_copy(user, |copies| copies.keep(user, epoch, state).map(|_| ()))
+    }
+
+    /// Applies `op` at `epoch` on revision `base` (see [`UserCopies::apply`]).
+    ///
+    /// # Errors
+    ///
+    /// The core's refusal, or sled's.
+    pub fn apply(
+        &self,
+        user: &str,
+        epoch: u64,
+        base: u64,
+        op: &UserOp,
+    ) -> Result<(), UserCopyRefused> {
+        self.with_copy(user, |copies| {
+            copies.apply(user, epoch, base, op).map(|_| ())
+        })
+    }
+
+    /// Raises the fence (a new owner's claim); the copy held.
+    ///
+    /// # Errors
+    ///
+    /// sled's.
+    pub fn fence(
+        &self,
+        user: &str,
+        epoch: u64,
+    ) -> Result<Option<(u64, UserState)>, UserCopyRefused> {
+        self.with_copy(user, |copies| Ok(copies.fence(user, epoch).0))
+    }
+
+    /// Every user with a copy here.
+    pub fn users(&self) -> Vec<String> {
+        self.tree
+            .iter()
+            .keys()
+            .filter_map(Result::ok)
+            .map(|key| String::from_utf8_lossy(&key).into_owned())
+            .collect()
+    }
+
+    /// Forgets `user`'s copy (the user is owned and replicated elsewhere).
+    ///
+    /// # Errors
+    ///
+    /// sled's.
+    pub fn forget(&self, user: &str) -> Result<(), sled::Error> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.tree.remove(user.as_bytes()).map(|_| ())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +403,7 @@ mod tests {
             status: UploadStatus::Uploading,
             bytes: 0,
             duration_ms: 0,
+            delivered: false,
         }
     }
 
@@ -293,7 +450,10 @@ mod tests {
         let mut newer = record("m1");
         newer.epoch = 3;
         store.put("m1", &newer).expect("put");
-        assert_eq!(store.put("m1", &record("m1")), Err(StoreRefused::Stale(3)));
+        assert_eq!(
+            store.put("m1", &record("m1")).err(),
+            Some(StoreRefused::Stale(3))
+        );
         assert_eq!(
             store.append("m1", 2, 0, b"x", UploadStatus::Uploading, 0),
             Err(StoreRefused::Stale(3))
