@@ -64,6 +64,13 @@ pub struct ClientArgs {
 /// The actions of `chorus client`.
 #[derive(Debug, clap::Subcommand)]
 pub enum ClientCommand {
+    /// Voice messages: send an `.opus` file, resume, inbox, fetch, read, play, history
+    /// (`vm --help`).
+    Vm {
+        /// The voice-message command.
+        #[command(subcommand)]
+        command: super::voicemail_cli::VmCommand,
+    },
     /// Create a room; prints `{"room_id": …, "room": {…}}`.
     CreateRoom {
         /// Room title (1-200 characters).
@@ -398,6 +405,7 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
             | ClientCommand::Unblock { .. }
     );
     match command {
+        ClientCommand::Vm { command } => super::voicemail_cli::execute(client, command).await?,
         ClientCommand::CreateRoom {
             title,
             starts_in,

@@ -28,6 +28,7 @@ mod driver;
 mod error;
 pub mod ogg_opus;
 pub mod quiz;
+pub mod voicemail_cli;
 
 #[cfg(test)]
 mod tests;
