@@ -408,3 +408,195 @@ async fn history_is_newest_first_in_complete_pages_and_refusals_have_their_codes
         ErrorCode::MessageNotFound.as_u16()
     );
 }
+
+/// The test node that owns ring key `key`, by `/admin/where`.
+async fn owner_of<'a>(nodes: &'a [TestNode], key: &str) -> &'a TestNode {
+    let place = nodes[0].admin(&format!("/admin/where?key={key}")).await;
+    let http = place["owner_http_addr"]
+        .as_str()
+        .expect("owner address")
+        .to_string();
+    nodes
+        .iter()
+        .find(|n| n.http.to_string() == http)
+        .unwrap_or_else(|| panic!("no test node at {http}"))
+}
+
+/// Retries `request` while the cluster answers `5001` (a failover under way).
+async fn retrying<T, F, Fut>(what: &str, mut request: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    loop {
+        match request().await {
+            Ok(answer) => return answer,
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                eprintln!("{what}: {error}; again");
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            Err(error) => panic!("{what}: {error}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_the_kill_of_their_owner_and_the_recipients_owner() {
+    let dir = tempfile::tempdir().expect("dir");
+    let nodes = three_node_cluster(dir.path()).await;
+    let audio = sample();
+    // Messages until one is owned by the node that owns bob's user actor too.
+    let bob_owner = owner_of(&nodes, "user/bob").await.http;
+    let mut sent = Vec::new();
+    let mut doomed = None;
+    for i in 0..12 {
+        let alice = client(&nodes[i % 3], "alice").await;
+        let id = send(&alice, &["bob"]).await;
+        let state = chunk(&alice, &id, 0, &audio, true).await.expect("upload");
+        assert_eq!(state.status, VmUploadStatus::Complete);
+        if owner_of(&nodes, &format!("vm/{id}")).await.http == bob_owner {
+            doomed = Some(id.clone());
+        }
+        sent.push(id);
+        if doomed.is_some() && sent.len() >= 3 {
+            break;
+        }
+    }
+    let doomed = doomed.expect("a message owned by bob's owner among 12");
+    let [a, b, c] = nodes;
+    let (victim, survivors): (TestNode, Vec<TestNode>) = if a.http == bob_owner {
+        (a, vec![b, c])
+    } else if b.http == bob_owner {
+        (b, vec![a, c])
+    } else {
+        (c, vec![a, b])
+    };
+    eprintln!(
+        "killing the owner of {doomed} and of user/bob: {}",
+        victim.http
+    );
+    victim.kill().await;
+    for node in &survivors {
+        let bob = client(node, "bob").await;
+        let fetched = retrying("fetch after the kill", || async {
+            let mut bytes = Vec::new();
+            loop {
+                let answer = bob
+                    .request(VmFetchRequest {
+                        message_id: doomed.clone(),
+                        offset: bytes.len() as u64,
+                        length: None,
+                        wait_ms: None,
+                    })
+                    .await?;
+                let piece = unb64(&answer.data);
+                bytes.extend_from_slice(&piece);
+                if piece.is_empty() || bytes.len() as u64 >= answer.acked {
+                    return Ok((bytes, answer.status));
+                }
+            }
+        })
+        .await;
+        assert_eq!(fetched.1, VmUploadStatus::Complete);
+        assert_eq!(fetched.0, audio, "bit-exact after the owner was killed");
+        let page = retrying("sync after the kill", || {
+            bob.request(VmSyncRequest {
+                device: "phone".into(),
+                after: 0,
+                limit: Some(200),
+            })
+        })
+        .await;
+        let ids: Vec<&str> = page.entries.iter().map(|e| e.message_id.as_str()).collect();
+        for id in &sent {
+            assert_eq!(
+                ids.iter().filter(|i| **i == id.as_str()).count(),
+                1,
+                "{id} is in bob's inbox exactly once: {ids:?}"
+            );
+        }
+        let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+        let gapless: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(seqs, gapless, "bob's inbox numbers are gapless");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_off_resumes_on_another_node_and_curl_plays_it_by_range() {
+    let dir = tempfile::tempdir().expect("dir");
+    let [a, b, _c] = three_node_cluster(dir.path()).await;
+    let audio = sample();
+    let first = client(&a, "frank").await;
+    let id = send(&first, &["grace"]).await;
+    chunk(&first, &id, 0, &audio[..900], false)
+        .await
+        .expect("first half");
+    drop(first);
+    // A browser-like reader while the upload is cut off: the stored bytes, size unknown.
+    let grace_token = common::token("grace");
+    let curl = |range: &str| {
+        let output = std::process::Command::new("curl")
+            .args(["--silent", "--include", "--range", range, "-H"])
+            .arg(format!("Authorization: Bearer {grace_token}"))
+            .arg(format!("http://{}/vm/{id}", b.http))
+            .output()
+            .expect("curl (apt-get install curl)");
+        assert!(output.status.success(), "curl failed");
+        output.stdout
+    };
+    let head_and_body = |response: &[u8]| {
+        let at = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("head");
+        (
+            String::from_utf8_lossy(&response[..at]).to_lowercase(),
+            response[at + 4..].to_vec(),
+        )
+    };
+    let (head, body) = head_and_body(&curl("0-99"));
+    assert!(head.starts_with("http/1.1 206"), "{head}");
+    assert!(head.contains("content-range: bytes 0-99/*"), "{head}");
+    assert!(
+        head.contains("content-type: audio/ogg; codecs=opus"),
+        "{head}"
+    );
+    assert_eq!(body, audio[..100]);
+    // The sender comes back on another node, asks where it stands and continues there.
+    let again = client(&b, "frank").await;
+    let status = again
+        .request(VmStatusRequest {
+            message_id: id.clone(),
+        })
+        .await
+        .expect("status");
+    assert_eq!(status.status, VmUploadStatus::Uploading);
+    assert!(status.acked > 0 && status.acked <= 900);
+    let done = chunk(
+        &again,
+        &id,
+        status.acked,
+        &audio[status.acked as usize..],
+        true,
+    )
+    .await
+    .expect("the rest");
+    assert_eq!(done.status, VmUploadStatus::Complete);
+    assert_eq!(done.acked, audio.len() as u64);
+    // Once complete the size is known; ranges put together give the file.
+    let mut whole = Vec::new();
+    let total = audio.len();
+    for start in (0..total).step_by(700) {
+        let end = (start + 699).min(total - 1);
+        let (head, body) = head_and_body(&curl(&format!("{start}-{end}")));
+        assert!(
+            head.contains(&format!("content-range: bytes {start}-{end}/{total}")),
+            "{head}"
+        );
+        whole.extend_from_slice(&body);
+    }
+    assert_eq!(whole, audio, "the ranges put together are the message");
+    let (head, _) = head_and_body(&curl(&format!("{total}-")));
+    assert!(head.starts_with("http/1.1 416"), "{head}");
+}

@@ -494,7 +494,8 @@ pub fn route<B>(node: &Admin, request: &Request<B>) -> HttpResponse {
                     // Whether this node runs the room's actor now.
                     "running_here": ActorKey::parse(&key)
                         .and_then(ActorKey::room)
-                        .is_some_and(|room_id| node.rooms.directory.is_running(room_id)),
+                        .is_some_and(|room_id| node.rooms.directory.is_running(room_id))
+                        || node.edge.voicemail.is_active(&key),
                     // Where the owner replicates the key's state, in order of preference.
                     "replicas": ring.as_ref().map(|r| {
                         r.owners_n(&key, crate::server::rooms::replicate::REPLICA_CANDIDATES_MAX + 1)
