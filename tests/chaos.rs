@@ -251,3 +251,39 @@ async fn partitions_lose_nothing_post_nothing_twice_and_a_cut_off_node_says_so()
         Err(error) => panic!("partition run failed: {error}"),
     }
 }
+
+/// M (voice messages) short form: 8 users send voice messages in paced chunks and read and
+/// play them on a second device while a node is SIGKILLed and restarted and another
+/// paused; every acknowledged byte is fetched bit-exact, every completed message is in
+/// each inbox once, inboxes are gapless and every device ends with the same state. The
+/// full form: `chorus-chaos --scenario voice`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voice_messages_survive_kills_and_pauses() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = chorus_chaos::voicemail::VoiceChaosConfig::new(
+        PathBuf::from(env!("CARGO_BIN_EXE_chorus")),
+        dir.path().join("voice"),
+        SEED,
+    );
+    config.users = 8;
+    config.messages_per_user = 3;
+    config.kills = 1;
+    config.pauses = 1;
+    config.down_ms = 4_000;
+    config.base_ip = "127.0.11.11".parse().expect("ip");
+    match chorus_chaos::voicemail::run_voice(config).await {
+        Ok(report) => {
+            assert_eq!(report.faults.len(), 4, "{:#?}", report.faults);
+            assert!(report.messages_completed > 0, "{report:#?}");
+        }
+        Err(chorus_chaos::ChaosError::VoiceViolations { report }) => {
+            let kept = dir.keep();
+            panic!(
+                "voice chaos found violations (work dir kept: {}): {report:#?}",
+                kept.display()
+            );
+        }
+        Err(error) => panic!("voice chaos run failed: {error}"),
+    }
+}

@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod membership;
 pub mod netcut;
 pub mod rain;
+pub mod voicemail;
 pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -320,6 +321,12 @@ pub enum ChaosError {
     MembershipViolations {
         /// The full report.
         report: Box<membership::MembershipReport>,
+    },
+    /// The voice-message scenario completed and some check failed; the report lists them.
+    #[error("{} voice-message violation(s), seed {}; first: {}", report.violations.len(), report.seed, report.violations.first().cloned().unwrap_or_default())]
+    VoiceViolations {
+        /// The run's report.
+        report: Box<voicemail::VoiceChaosReport>,
     },
     /// The rain scenario's audit failed.
     #[error("the rain audit failed: {}", report.audit)]

@@ -14,8 +14,10 @@ struct Args {
     /// `rooms` (comments, kills, pauses, cuts; the default), `rain` (a red-packet rain
     /// under a SIGKILL of the pool's node and a pause of another, then the audit) or
     /// `membership` (nodes join, leave, are replaced and killed, several at once, under the
-    /// room workload).
-    #[arg(long, default_value = "rooms", value_parser = ["rooms", "rain", "membership", "partition"])]
+    /// room workload) or `voice` (users send voice messages in chunks and sync on a second
+    /// device while nodes are killed, restarted and paused; `--clients` is the number of
+    /// users, default 12).
+    #[arg(long, default_value = "rooms", value_parser = ["rooms", "rain", "membership", "partition", "voice"])]
     scenario: String,
     /// Membership: rounds of concurrent operations.
     #[arg(long, default_value_t = 6)]
@@ -139,6 +141,34 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
         let (report, code) = match chorus_chaos::rain::run_rain(config).await {
             Ok(report) => (report, ExitCode::SUCCESS),
             Err(ChaosError::RainAudit { report }) => (*report, ExitCode::FAILURE),
+            Err(error) => {
+                eprintln!("chorus-chaos: {error} (seed {seed})");
+                return Ok(ExitCode::from(2));
+            }
+        };
+        let text = serde_json::to_string_pretty(&report)?;
+        if let Some(json) = &args.json {
+            std::fs::write(json, &text).with_context(|| format!("write {}", json.display()))?;
+        }
+        println!("{text}");
+        return Ok(code);
+    }
+    if args.scenario == "voice" {
+        let mut config = chorus_chaos::voicemail::VoiceChaosConfig::new(chorus, work_dir, seed);
+        config.nodes = args.nodes;
+        config.users = args.clients.unwrap_or(12);
+        config.kills = args.kills;
+        config.pauses = args.pauses;
+        if args.base_ip != std::net::Ipv4Addr::new(127, 0, 0, 11) {
+            config.base_ip = args.base_ip;
+        }
+        eprintln!(
+            "chorus-chaos voice: seed {seed}, work dir {}",
+            config.work_dir.display()
+        );
+        let (report, code) = match chorus_chaos::voicemail::run_voice(config).await {
+            Ok(report) => (report, ExitCode::SUCCESS),
+            Err(ChaosError::VoiceViolations { report }) => (*report, ExitCode::FAILURE),
             Err(error) => {
                 eprintln!("chorus-chaos: {error} (seed {seed})");
                 return Ok(ExitCode::from(2));
