@@ -44,6 +44,7 @@ use tokio_util::task::TaskTracker;
 mod quiz;
 mod rain;
 mod stage;
+mod voicemail;
 
 use crate::client::{
     client_endpoint, Client, ClientConfig, ClientError, ClientEvent, ReconnectPolicy, ServerUrl,
@@ -184,6 +185,14 @@ pub struct LoadgenArgs {
     /// WebSocket `--url`).
     #[arg(long)]
     pub admin_url: Option<String>,
+    /// Run voice messages instead: this many users, spread over the `--url`s, each sending
+    /// voice messages to the next user (on the next URL) for `--duration` seconds; reports
+    /// messages/s and the time from a chunk's acknowledgement to its recipient.
+    #[arg(long, default_value_t = 0)]
+    pub vm_users: u32,
+    /// Seconds of audio in each voice message of `--vm-users`.
+    #[arg(long, default_value_t = 10)]
+    pub vm_message_secs: u32,
     /// Admin token for the quiz.
     #[arg(long, env = "CHORUS_ADMIN_TOKEN", hide_env_values = true, default_value = crate::config::DEV_ADMIN_TOKEN)]
     pub admin_token: String,
@@ -524,6 +533,9 @@ impl Plan {
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     if args.quiz_viewers > 0 {
         return quiz::run(&args).await;
+    }
+    if args.vm_users > 0 {
+        return voicemail::run(&args).await;
     }
     validate(&args)?;
     raise_open_files_limit(
