@@ -802,6 +802,78 @@ async def run(args: argparse.Namespace) -> None:
 
     await step("5 ping / unknown kind / request before auth / forged token", c5, timeout=25.0)
 
+    # 5v. voice messages (§14): A sends to B and C in chunks; B fetches it all over
+    # WebSocket/MessagePack, C a range over QUIC, B marks it read and syncs; a browser-like
+    # HTTP range request gets 206 with Content-Range.
+    async def c5v():
+        sample_path = os.path.join(
+            os.path.dirname(os.path.abspath(__file__)),
+            "..", "..", "actors", "src", "voicemail", "testdata", "sine-1s.opus",
+        )
+        with open(sample_path, "rb") as f:
+            audio = f.read()
+        require(audio[:4] == b"OggS", "the sample is not an Ogg file")
+        for x in (a, b, c):
+            require(x in conns and not x.closed.is_set(), f"{x.name} is not connected")
+        sent = await a.ok("vm.send", {"to": [users["b"], users["c"]]})
+        mid = sent.get("message_id")
+        require(isinstance(mid, str) and mid, f"vm.send ok lacks message_id: {sent}")
+        members = sorted([users["a"], users["b"], users["c"]])
+        require(sent.get("conversation") == "group:" + ",".join(members), f"conversation {sent.get('conversation')!r}")
+        acked = 0
+        offset = 0
+        while offset < len(audio):
+            end = min(offset + 600, len(audio))
+            st = await a.ok("vm.chunk", {
+                "message_id": mid, "offset": offset,
+                "data": base64.b64encode(audio[offset:end]).decode(),
+                "last": end == len(audio),
+            })
+            require(st.get("message_id") == mid, f"UploadState for another message: {st}")
+            require(isinstance(st.get("acked"), int) and acked <= st["acked"] <= end, f"acked {st.get('acked')} after sending {end}")
+            acked = st["acked"]
+            offset = end
+        require(st.get("status") == "complete" and acked == len(audio), f"final UploadState {st}")
+        await b.wait_until(
+            lambda: any(n.get("kind") == "vm.message" and n["body"].get("message_id") == mid for n in b.ntfs),
+            "vm.message on B",
+        )
+        got = b""
+        while True:
+            f = await b.ok("vm.fetch", {"message_id": mid, "offset": len(got)})
+            piece = base64.b64decode(f.get("data", ""))
+            got += piece
+            if not piece or len(got) >= f["acked"]:
+                break
+        require(got == audio, f"B fetched {len(got)} bytes, not the {len(audio)} sent")
+        r = await c.ok("vm.fetch", {"message_id": mid, "offset": 100, "length": 200})
+        require(base64.b64decode(r["data"]) == audio[100:300] and r["status"] == "complete", f"C's range fetch: {r.get('status')}")
+        rd = await b.ok("vm.read", {"message_id": mid})
+        require(rd["state"]["read"] is True and rd["state"]["version"] >= 2, f"vm.read state {rd}")
+        page = await b.ok("vm.sync", {"device": "interop", "after": 0})
+        entries = [e for e in page["entries"] if e["message_id"] == mid]
+        require(len(entries) == 1 and entries[0]["state"]["read"] and entries[0]["sender"] == users["a"], f"vm.sync entries {page['entries']}")
+        require(page["last_seq"] >= entries[0]["seq"] >= 1, f"last_seq {page['last_seq']}")
+        err = await c.error("vm.fetch", {"message_id": "vm-no-such-message"})
+        require(err["code"] == 4007, f"unknown message: {err}")
+        http = args.ws.replace("ws://", "http://").rsplit("/ws", 1)[0]
+        req = urllib.request.Request(
+            f"{http}/vm/{mid}",
+            headers={"Authorization": f"Bearer {user_token(secret, users['b'])}", "Range": "bytes=0-99"},
+        )
+        loop = asyncio.get_running_loop()
+        def get():
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        status, headers, body = await loop.run_in_executor(None, get)
+        headers = {k.lower(): v for k, v in headers.items()}
+        require(status == 206, f"HTTP range status {status}")
+        require(headers.get("content-range") == f"bytes 0-99/{len(audio)}", f"Content-Range {headers.get('content-range')!r}")
+        require(body == audio[:100], "HTTP range body differs")
+        return f"{mid}: {len(audio)} bytes in {(len(audio) + 599) // 600} chunks, fetched over WS and QUIC, read, synced, HTTP 206"
+
+    await step("5v voice messages: vm.send, vm.chunk, vm.fetch (WS, QUIC), vm.read, vm.sync, HTTP Range", c5v, timeout=30.0)
+
     # 6. server pings are answered (§5.4)
     async def c6():
         # The answer encoder must produce exactly the documented frame.
