@@ -600,3 +600,107 @@ async fn an_upload_cut_off_resumes_on_another_node_and_curl_plays_it_by_range() 
     let (head, _) = head_and_body(&curl(&format!("{total}-")));
     assert!(head.starts_with("http/1.1 416"), "{head}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_upload_fails_and_messages_past_retention_are_gone_from_every_node() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("chorus.toml");
+    std::fs::write(
+        &config,
+        "[voicemail]\nupload_idle_ms = 1500\nretention_ms = 10000\n",
+    )
+    .expect("config");
+    let nodes =
+        common::three_node_cluster_with(dir.path(), &["--config", config.to_str().expect("utf-8")])
+            .await;
+    let audio = sample();
+    let henry = client(&nodes[0], "henry").await;
+    let mut ivy = client(&nodes[1], "ivy").await;
+
+    // An upload that stops: the server fails it, and the recipient's state says so.
+    let stalled = send(&henry, &["ivy"]).await;
+    chunk(&henry, &stalled, 0, &audio[..700], false)
+        .await
+        .expect("first chunk");
+    let failed = expect_event(&mut ivy, "vm.state failed", |e| match e {
+        Event::VmState(s)
+            if s.message_id == stalled && s.state.upload == VmUploadStatus::Failed =>
+        {
+            Some(s.clone())
+        }
+        _ => None,
+    })
+    .await;
+    assert!(failed.state.bytes > 0);
+    let status = henry
+        .request(VmStatusRequest {
+            message_id: stalled.clone(),
+        })
+        .await
+        .expect("status");
+    assert_eq!(status.status, VmUploadStatus::Failed);
+    assert_eq!(
+        code_of(
+            chunk(
+                &henry,
+                &stalled,
+                status.acked,
+                &audio[status.acked as usize..],
+                true
+            )
+            .await
+        ),
+        ErrorCode::UploadClosed.as_u16()
+    );
+
+    // A complete message is there, then past retention it is gone: no node serves it and
+    // no inbox lists it.
+    let kept = send(&henry, &["ivy"]).await;
+    chunk(&henry, &kept, 0, &audio, true)
+        .await
+        .expect("whole message");
+    // Retention is 10 s: poll for up to a minute.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let mut gone = true;
+        for node in &nodes {
+            let reader = client(node, "ivy").await;
+            for id in [&stalled, &kept] {
+                let fetched = reader
+                    .request(VmFetchRequest {
+                        message_id: id.to_string(),
+                        offset: 0,
+                        length: None,
+                        wait_ms: None,
+                    })
+                    .await;
+                gone &= matches!(fetched, Err(ClientError::Server(b)) if b.code == ErrorCode::MessageNotFound.as_u16());
+            }
+            let page = reader
+                .request(VmSyncRequest {
+                    device: "phone".into(),
+                    after: 0,
+                    limit: None,
+                })
+                .await;
+            gone &= page.is_ok_and(|p| p.entries.is_empty() && p.last_seq == 2);
+        }
+        if gone {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the messages past retention are not gone everywhere after a minute"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    // Each copy was deleted where it was held: two messages, each on two nodes at least.
+    let mut expired = 0.0;
+    for node in &nodes {
+        expired += node
+            .metric("chorus_vm_messages_expired_total")
+            .await
+            .unwrap_or(0.0);
+    }
+    assert!(expired >= 4.0, "{expired} copies deleted");
+}

@@ -454,8 +454,8 @@ impl NodeConfig {
                 "voicemail.upload_idle_ms must be at least 1000",
             ),
             (
-                v.uploads_max >= 1 && v.retention_ms >= 60_000,
-                "voicemail.uploads_max must be positive and voicemail.retention_ms at least 60000",
+                v.uploads_max >= 1 && v.retention_ms >= 1_000,
+                "voicemail.uploads_max must be positive and voicemail.retention_ms at least 1000",
             ),
         ];
         for (ok, message) in voice_checks {

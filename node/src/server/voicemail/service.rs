@@ -75,8 +75,9 @@ pub const USER_ID_BYTES_MAX: usize = 128;
 const OWNER_ATTEMPTS: u32 = 3;
 /// Every how often the upkeep runs (idle uploads, releases).
 const UPKEEP_PERIOD_MS: u64 = 1_000;
-/// Every how many upkeep rounds the sweeps run (retention, unsettled messages).
-const SWEEP_EVERY_ROUNDS: u64 = 30;
+/// Every how many upkeep rounds the sweeps run (retention, unsettled messages), at most;
+/// a short retention sweeps more often (a quarter of it, at least every round).
+const SWEEP_EVERY_ROUNDS_MAX: u64 = 30;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -686,8 +687,7 @@ impl Voicemail {
         copies.extend(own);
         let mut state = most_advanced(copies).map(|(_, s)| s).unwrap_or_default();
         // Retention: messages past it leave the inbox as the actor starts.
-        let cutoff = now_ms().saturating_sub(self.ctx.config.voicemail.retention_ms);
-        let old = state.inbox.older_than(cutoff);
+        let old = state.inbox.older_than(self.retention_cutoff());
         if !old.is_empty() {
             let _ = state.apply(&UserOp::Forget { message_ids: old });
         }
@@ -925,6 +925,9 @@ impl Voicemail {
         let Some(record) = self.store.get(message_id) else {
             return Err(VoiceError::NotFound(message_id.to_string()));
         };
+        if record.meta.created_at_ms < self.retention_cutoff() {
+            return Err(VoiceError::NotFound(message_id.to_string()));
+        }
         let audio = self.store.read(message_id, 0, record.bytes as usize);
         if audio.len() as u64 != record.bytes {
             return Err(VoiceError::Internal(format!(
@@ -1266,6 +1269,12 @@ impl Voicemail {
     ) -> Result<OwnerReply, VoiceError> {
         // A finished message this node holds whole is read from the store.
         let finished = self.store.get(message_id).filter(|r| r.status.is_final());
+        if finished
+            .as_ref()
+            .is_some_and(|r| r.meta.created_at_ms < self.retention_cutoff())
+        {
+            return Err(VoiceError::NotFound(message_id.to_string()));
+        }
         let (record, mut progress) = match finished {
             Some(record) => (record, None),
             None => {
@@ -1451,6 +1460,12 @@ impl Voicemail {
             let mut tick = tokio::time::interval(Duration::from_millis(UPKEEP_PERIOD_MS));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut round: u64 = 0;
+            let sweep_every = (weak
+                .upgrade()
+                .map_or(u64::MAX, |v| v.ctx.config.voicemail.retention_ms)
+                / 4
+                / UPKEEP_PERIOD_MS)
+                .clamp(1, SWEEP_EVERY_ROUNDS_MAX);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -1461,7 +1476,7 @@ impl Voicemail {
                 };
                 voicemail.upkeep().await;
                 round += 1;
-                if round.is_multiple_of(SWEEP_EVERY_ROUNDS) {
+                if round.is_multiple_of(sweep_every) {
                     voicemail.sweep().await;
                 }
             }
@@ -1533,7 +1548,29 @@ impl Voicemail {
 
     /// Retention, and messages owned here whose inboxes are not yet settled.
     async fn sweep(&self) {
-        let cutoff = now_ms().saturating_sub(self.ctx.config.voicemail.retention_ms);
+        let cutoff = self.retention_cutoff();
+        // Inboxes of the user actors active here: messages past retention leave them.
+        let users: Vec<(String, Cell<ActiveUser>)> = lock(&self.users)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (user, cell) in users {
+            let old = match cell.try_lock() {
+                Ok(guard) => guard
+                    .as_ref()
+                    .map(|a| a.state.inbox.older_than(cutoff))
+                    .unwrap_or_default(),
+                Err(_) => continue,
+            };
+            if !old.is_empty() {
+                if let Err(error) = self
+                    .serve_user(&user, UserOp::Forget { message_ids: old })
+                    .await
+                {
+                    tracing::debug!(user, %error, "retention: inbox not trimmed yet");
+                }
+            }
+        }
         for message_id in self.store.older_than(cutoff) {
             lock(&self.messages).remove(&message_id);
             if let Err(error) = self.store.delete(&message_id) {
@@ -1569,6 +1606,11 @@ impl Voicemail {
                 }
             }
         }
+    }
+
+    /// Messages created before this are past retention.
+    fn retention_cutoff(&self) -> u64 {
+        now_ms().saturating_sub(self.ctx.config.voicemail.retention_ms)
     }
 
     /// Whether the node runs `key`'s actor here (for `/admin/keys`).
