@@ -67,6 +67,9 @@ pub struct VoiceLoadReport {
     pub chunk_to_recipient: LatencyReport,
 }
 
+/// When a chunk was acknowledged and when its recipient was told (in either order).
+type Times = (Option<Instant>, Option<Instant>);
+
 #[derive(Default)]
 struct VoiceStats {
     started: AtomicU64,
@@ -74,7 +77,7 @@ struct VoiceStats {
     chunks: AtomicU64,
     errors: AtomicU64,
     /// (message, acked) → (acknowledged at, recipient told at).
-    pending: Mutex<HashMap<(String, u64), (Option<Instant>, Option<Instant>)>>,
+    pending: Mutex<HashMap<(String, u64), Times>>,
     /// Message → its sender's index (the sender's own sessions get `vm.bytes` too).
     senders: Mutex<HashMap<String, usize>>,
 }
