@@ -44,6 +44,7 @@ fn code_of<T: std::fmt::Debug>(result: Result<T, ClientError>) -> u16 {
 async fn send(from: &Client, to: &[&str]) -> String {
     from.request(VmSendRequest {
         to: to.iter().map(|s| s.to_string()).collect(),
+        group: None,
     })
     .await
     .expect("vm.send")
@@ -394,7 +395,14 @@ async fn history_is_newest_first_in_complete_pages_and_refusals_have_their_codes
         ErrorCode::UploadClosed.as_u16()
     );
     assert_eq!(
-        code_of(carol.request(VmSendRequest { to: vec![] }).await),
+        code_of(
+            carol
+                .request(VmSendRequest {
+                    to: vec![],
+                    group: None
+                })
+                .await
+        ),
         ErrorCode::InvalidArgument.as_u16()
     );
     assert_eq!(
@@ -703,4 +711,81 @@ async fn an_idle_upload_fails_and_messages_past_retention_are_gone_from_every_no
             .unwrap_or(0.0);
     }
     assert!(expired >= 4.0, "{expired} copies deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_message_reaches_every_member_on_every_node() {
+    use chorus_protocol::{VmGroupCreateRequest, VmGroupInfoRequest};
+    let dir = tempfile::tempdir().expect("dir");
+    let [a, b, c] = three_node_cluster(dir.path()).await;
+    let audio = sample();
+    let ann = client(&a, "ann").await;
+    let mut ben = client(&b, "ben").await;
+    let mut cat = client(&c, "cat").await;
+    let dan = client(&c, "dan").await;
+    let group = ann
+        .request(VmGroupCreateRequest {
+            members: vec!["ben".into(), "cat".into()],
+            name: Some("Band".into()),
+        })
+        .await
+        .expect("vm.group_create");
+    assert_eq!(group.members, ["ann", "ben", "cat"]);
+    // Read at once through another node.
+    let seen = cat
+        .request(VmGroupInfoRequest {
+            group_id: group.group_id.clone(),
+        })
+        .await
+        .expect("vm.group_info");
+    assert_eq!(seen, group);
+    let sent = ann
+        .request(VmSendRequest {
+            to: vec![],
+            group: Some(group.group_id.clone()),
+        })
+        .await
+        .expect("vm.send to the group");
+    assert_eq!(sent.conversation, group.conversation);
+    chunk(&ann, &sent.message_id, 0, &audio, true)
+        .await
+        .expect("upload");
+    for (who, member) in [("ben", &mut ben), ("cat", &mut cat)] {
+        let entry = expect_event(member, "vm.message for the group", |e| match e {
+            Event::VmMessage(entry) if entry.message_id == sent.message_id => Some(entry.clone()),
+            _ => None,
+        })
+        .await;
+        assert_eq!(entry.conversation, group.conversation, "{who}");
+        assert_eq!(fetch_all(member, &sent.message_id).await, audio, "{who}");
+        let history = member
+            .request(VmHistoryRequest {
+                conversation: group.conversation.clone(),
+                before: None,
+                limit: None,
+            })
+            .await
+            .expect("history");
+        assert_eq!(history.entries.len(), 1, "{who}");
+    }
+    // Not a member: the group is not there for dan.
+    assert_eq!(
+        code_of(
+            dan.request(VmGroupInfoRequest {
+                group_id: group.group_id.clone()
+            })
+            .await
+        ),
+        ErrorCode::MessageNotFound.as_u16()
+    );
+    assert_eq!(
+        code_of(
+            dan.request(VmSendRequest {
+                to: vec![],
+                group: Some(group.group_id.clone())
+            })
+            .await
+        ),
+        ErrorCode::MessageNotFound.as_u16()
+    );
 }

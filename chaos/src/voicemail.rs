@@ -241,6 +241,7 @@ async fn send_messages(
         let started = retry(&tally, || {
             client.request(VmSendRequest {
                 to: vec![recipient.clone()],
+                group: None,
             })
         })
         .await;

@@ -1031,6 +1031,10 @@ request_table! {
     VmPlay = "vm.play": VmPlayRequest => VmStateEvent,
     /// `vm.history`
     VmHistory = "vm.history": VmHistoryRequest => VmPage,
+    /// `vm.group_create`
+    VmGroupCreate = "vm.group_create": VmGroupCreateRequest => VmGroup,
+    /// `vm.group_info`
+    VmGroupInfo = "vm.group_info": VmGroupInfoRequest => VmGroup,
 }
 
 macro_rules! request_kinds {
@@ -1078,6 +1082,8 @@ request_kinds! {
     VmReadRequest = "vm.read" => VmStateEvent,
     VmPlayRequest = "vm.play" => VmStateEvent,
     VmHistoryRequest = "vm.history" => VmPage,
+    VmGroupCreateRequest = "vm.group_create" => VmGroup,
+    VmGroupInfoRequest = "vm.group_info" => VmGroup,
 }
 
 macro_rules! event_table {
@@ -1310,6 +1316,8 @@ mod tests {
             VmReadRequest::KIND,
             VmPlayRequest::KIND,
             VmHistoryRequest::KIND,
+            VmGroupCreateRequest::KIND,
+            VmGroupInfoRequest::KIND,
         ];
         assert_eq!(ClientRequest::KINDS, kinds.as_slice());
         assert!(Event::KINDS.contains(&"room.comment"));

@@ -31,11 +31,53 @@ pub enum VmUploadStatus {
     Cancelled,
 }
 
-/// `vm.send` body: starts a voice message to other users (one or more: a group).
+/// `vm.send` body: starts a voice message to other users, or to a group the sender is in
+/// (exactly one of `to` and `group`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSendRequest {
     /// The recipients' user ids: 1 to [`RECIPIENTS_MAX`], not the sender.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<String>,
+    /// A group (`vm.group_create`): every other member receives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// Most characters in a group's name.
+pub const GROUP_NAME_CHARS_MAX: usize = 100;
+
+/// `vm.group_create` body: a group conversation of the sender and `members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmGroupCreateRequest {
+    /// The other members: 1 to [`RECIPIENTS_MAX`] user ids.
+    pub members: Vec<String>,
+    /// A name (at most [`GROUP_NAME_CHARS_MAX`] characters).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `vm.group_info` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmGroupInfoRequest {
+    /// The group.
+    pub group_id: String,
+}
+
+/// A group conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmGroup {
+    /// Its id.
+    pub group_id: String,
+    /// Its conversation id (`group:<group_id>`), for `vm.history`.
+    pub conversation: String,
+    /// Its name (empty if none).
+    pub name: String,
+    /// Every member, the creator included, in byte order.
+    pub members: Vec<String>,
+    /// Who created it.
+    pub created_by: String,
+    /// When, ms since the epoch.
+    pub created_at_ms: u64,
 }
 
 /// `vm.send` answer: the new message, with status `uploading` and no bytes yet.

@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use base64::Engine as _;
 use chorus_protocol::{
-    ErrorCode, VmCancelRequest, VmChunkRequest, VmFetchRequest, VmHistoryRequest, VmPlayRequest,
-    VmReadRequest, VmSendRequest, VmStatusRequest, VmSyncRequest, VmUploadState, VmUploadStatus,
-    FETCH_BYTES_MAX,
+    ErrorCode, VmCancelRequest, VmChunkRequest, VmFetchRequest, VmGroupCreateRequest,
+    VmGroupInfoRequest, VmHistoryRequest, VmPlayRequest, VmReadRequest, VmSendRequest,
+    VmStatusRequest, VmSyncRequest, VmUploadState, VmUploadStatus, FETCH_BYTES_MAX,
 };
 
 use super::{Client, ClientError};
@@ -30,9 +30,12 @@ pub enum VmCommand {
     /// id, then the upload's state when it completes (`-q`: only the id). On a terminal, a
     /// progress line goes to standard error. Cut off, it says how to resume.
     Send {
-        /// The recipient (repeat for a group message).
-        #[arg(long = "to", required = true)]
+        /// The recipient (repeat for several).
+        #[arg(long = "to", required_unless_present = "group")]
         to: Vec<String>,
+        /// A group (from `vm group-create`) instead of `--to`.
+        #[arg(long, conflicts_with = "to")]
+        group: Option<String>,
         /// The `.opus` file.
         file: PathBuf,
         /// Bytes per chunk (at most the node's `voicemail.chunk_bytes_max`, 32 KiB by
@@ -102,6 +105,21 @@ pub enum VmCommand {
         #[arg(long, default_value = "cli")]
         device: String,
     },
+    /// Create a group conversation of you and the members; prints the group (its
+    /// `group_id` for `send --group`, its `conversation` for `history`).
+    GroupCreate {
+        /// A member (repeat; at most 32).
+        #[arg(long = "member", required = true)]
+        members: Vec<String>,
+        /// The group's name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show a group you are in.
+    GroupInfo {
+        /// The group id.
+        group: String,
+    },
     /// A conversation's messages, newest first: one JSON line per message, every page.
     History {
         /// The conversation (`direct:<a>:<b>`, as `vm.message` and `inbox` show it).
@@ -144,6 +162,7 @@ async fn run(client: &mut Client, command: VmCommand) -> anyhow::Result<()> {
     match command {
         VmCommand::Send {
             to,
+            group,
             file,
             chunk_bytes,
             pace_ms,
@@ -151,7 +170,7 @@ async fn run(client: &mut Client, command: VmCommand) -> anyhow::Result<()> {
         } => {
             let audio = read_opus(&file)?;
             let sent = client
-                .request(VmSendRequest { to })
+                .request(VmSendRequest { to, group })
                 .await
                 .context("vm.send failed")?;
             if quiet {
@@ -273,6 +292,20 @@ async fn run(client: &mut Client, command: VmCommand) -> anyhow::Result<()> {
                 .await
                 .context("vm.play failed")?;
             print_json(&state);
+        }
+        VmCommand::GroupCreate { members, name } => {
+            let group = client
+                .request(VmGroupCreateRequest { members, name })
+                .await
+                .context("vm.group_create failed")?;
+            print_json(&group);
+        }
+        VmCommand::GroupInfo { group } => {
+            let group = client
+                .request(VmGroupInfoRequest { group_id: group })
+                .await
+                .context("vm.group_info failed")?;
+            print_json(&group);
         }
         VmCommand::History { conversation, page } => {
             let mut before = None;

@@ -246,6 +246,7 @@ pub(super) async fn run(args: &LoadgenArgs) -> anyhow::Result<()> {
                 let Ok(sent) = requester
                     .request(VmSendRequest {
                         to: vec![recipient.clone()],
+                        group: None,
                     })
                     .await
                 else {

@@ -2,7 +2,7 @@
 //!
 //! Everything placed on the ring, and every definition in the cluster's metadata, has
 //! one [`ActorKey`]: its text form (`room/<id>`, `rain/<id>`, `quiz/<id>`,
-//! `quiz/<id>/state`, `quiz/<id>/shard/<n>`, `user/<id>`, `vm/<id>`) is the ring's hash input and the metadata's
+//! `quiz/<id>/state`, `quiz/<id>/shard/<n>`, `user/<id>`, `vm/<id>`, `group/<id>`) is the ring's hash input and the metadata's
 //! map key, and [`ActorKey::parse`] reads it back. No other code formats or splits keys.
 
 use chorus_cluster::metadata::NodeId;
@@ -24,6 +24,8 @@ pub enum ActorKey<'a> {
     User(&'a str),
     /// A voice message (its upload and audio).
     Message(&'a str),
+    /// A group conversation (a definition in the metadata: its members).
+    Group(&'a str),
 }
 
 impl<'a> ActorKey<'a> {
@@ -40,6 +42,9 @@ impl<'a> ActorKey<'a> {
         }
         if let Some(message_id) = key.strip_prefix("vm/") {
             return Some(ActorKey::Message(message_id));
+        }
+        if let Some(group_id) = key.strip_prefix("group/") {
+            return Some(ActorKey::Group(group_id));
         }
         let rest = key.strip_prefix("quiz/")?;
         if let Some(quiz_id) = rest.strip_suffix("/state") {
@@ -78,6 +83,7 @@ impl std::fmt::Display for ActorKey<'_> {
             ActorKey::QuizShard(id, shard) => write!(f, "quiz/{id}/shard/{shard}"),
             ActorKey::User(id) => write!(f, "user/{id}"),
             ActorKey::Message(id) => write!(f, "vm/{id}"),
+            ActorKey::Group(id) => write!(f, "group/{id}"),
         }
     }
 }
@@ -85,6 +91,11 @@ impl std::fmt::Display for ActorKey<'_> {
 /// The ring key of a user (its user actor).
 pub fn user_key(user: &str) -> String {
     ActorKey::User(user).to_string()
+}
+
+/// The metadata key of a group conversation.
+pub fn group_key(group_id: &str) -> String {
+    ActorKey::Group(group_id).to_string()
 }
 
 /// The ring key of a voice message.
@@ -148,6 +159,7 @@ mod tests {
             ActorKey::QuizShard("q-2", 15),
             ActorKey::User("alice"),
             ActorKey::Message("vm-1"),
+            ActorKey::Group("g-1"),
         ];
         for key in keys {
             assert_eq!(ActorKey::parse(&key.to_string()), Some(key));

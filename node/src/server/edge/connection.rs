@@ -1092,7 +1092,13 @@ impl Connection {
             ClientRequest::QuizAnswer(answer) => {
                 Ok(ok(node.quiz.quiz_answer(session, answer).await?))
             }
-            ClientRequest::VmSend(r) => Ok(ok(node.voicemail.send(&user, r.to).await?)),
+            ClientRequest::VmSend(r) => Ok(ok(node.voicemail.send(&user, r.to, r.group).await?)),
+            ClientRequest::VmGroupCreate(r) => {
+                Ok(ok(node.voicemail.group_create(&user, r).await?))
+            }
+            ClientRequest::VmGroupInfo(r) => {
+                Ok(ok(node.voicemail.group_info(&user, &r.group_id).await?))
+            }
             ClientRequest::VmChunk(r) => Ok(ok(node.voicemail.chunk(&user, r).await?)),
             ClientRequest::VmStatus(r) => {
                 Ok(ok(node.voicemail.status(&user, r.message_id).await?))

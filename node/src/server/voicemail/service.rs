@@ -42,15 +42,15 @@ use chorus_actors::voicemail::wire;
 use chorus_cluster::metadata::{MetadataCommand, MetadataResponse, NodeId};
 use chorus_protocol::{
     EncodedBody, Encoding, ErrorBody, Event, VmBytesEvent, VmChunkRequest, VmFetchRequest,
-    VmFetchResponse, VmHistoryRequest, VmPage, VmPlayRequest, VmSendResponse, VmStateEvent,
-    VmSyncRequest, VmUploadState, FETCH_BYTES_MAX, FETCH_WAIT_MS_MAX, MESSAGE_ID_BYTES_MAX,
-    RECIPIENTS_MAX,
+    VmFetchResponse, VmGroup, VmGroupCreateRequest, VmHistoryRequest, VmPage, VmPlayRequest,
+    VmSendResponse, VmStateEvent, VmSyncRequest, VmUploadState, FETCH_BYTES_MAX, FETCH_WAIT_MS_MAX,
+    GROUP_NAME_CHARS_MAX, MESSAGE_ID_BYTES_MAX, RECIPIENTS_MAX,
 };
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::server::common::codec::{decode, encode, request, Domain};
-use crate::server::common::keys::{message_key, user_key, ActorKey};
+use crate::server::common::keys::{group_key, message_key, user_key, ActorKey};
 use crate::server::context::NodeContext;
 use crate::server::voicemail::messages::{OwnerReply, OwnerRequest, VoiceError, VoiceMessage};
 use crate::server::voicemail::store::{MessageStore, StoredMessage, UserCopyRefused, UserStore};
@@ -180,41 +180,44 @@ impl Voicemail {
 
     // ---- Client requests (any node) -------------------------------------------------
 
-    /// `vm.send`: a new message from `user` to `to`.
+    /// `vm.send`: a new message from `user` to the users `to`, or to the other members of
+    /// `group`.
     pub(crate) async fn send(
         &self,
         user: &str,
         to: Vec<String>,
+        group: Option<String>,
     ) -> Result<VmSendResponse, VoiceError> {
-        let mut recipients = to;
-        recipients.sort();
-        recipients.dedup();
-        if recipients.is_empty() || recipients.len() > RECIPIENTS_MAX {
-            return Err(VoiceError::Invalid(format!(
-                "a voice message goes to 1 to {RECIPIENTS_MAX} users"
-            )));
-        }
-        if let Some(bad) = recipients
-            .iter()
-            .find(|r| r.is_empty() || r.len() > USER_ID_BYTES_MAX)
-        {
-            return Err(VoiceError::Invalid(format!(
-                "recipient {bad:?}: a user id has 1 to {USER_ID_BYTES_MAX} bytes"
-            )));
-        }
-        if recipients.iter().any(|r| r == user) {
-            return Err(VoiceError::Invalid(
-                "the sender is not a recipient of their own message".into(),
-            ));
-        }
-        let conversation = if recipients.len() == 1 {
-            direct_conversation(user, &recipients[0])
-        } else {
-            let mut members: Vec<&str> = recipients.iter().map(String::as_str).collect();
-            members.push(user);
-            members.sort_unstable();
-            format!("group:{}", members.join(","))
+        let (recipients, conversation) = match group {
+            Some(group_id) => {
+                if !to.is_empty() {
+                    return Err(VoiceError::Invalid(
+                        "give either to or group, not both".into(),
+                    ));
+                }
+                let group = self.group(&group_id).await?;
+                if !group.members.iter().any(|m| m == user) {
+                    return Err(VoiceError::NotFound(format!("group {group_id}")));
+                }
+                let others: Vec<String> = group.members.into_iter().filter(|m| m != user).collect();
+                (others, group.conversation)
+            }
+            None => {
+                let recipients = check_users(user, to)?;
+                let conversation = if recipients.len() == 1 {
+                    direct_conversation(user, &recipients[0])
+                } else {
+                    let mut members: Vec<&str> = recipients.iter().map(String::as_str).collect();
+                    members.push(user);
+                    members.sort_unstable();
+                    format!("group:{}", members.join(","))
+                };
+                (recipients, conversation)
+            }
         };
+        if recipients.is_empty() {
+            return Err(VoiceError::Invalid("the group has no other member".into()));
+        }
         let message_id = crate::server::sessions::session::random_id("vm-");
         let created_at_ms = now_ms();
         let mut participants = recipients;
@@ -413,6 +416,93 @@ impl Voicemail {
             OwnerReply::Page(page) => Ok(page),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// `vm.group_create`: a group of `user` and `members`, a definition in the cluster's
+    /// metadata (Raft): every node reads its members from there.
+    pub(crate) async fn group_create(
+        &self,
+        user: &str,
+        request: VmGroupCreateRequest,
+    ) -> Result<VmGroup, VoiceError> {
+        let others = check_users(user, request.members)?;
+        let name = request.name.unwrap_or_default();
+        if name.chars().count() > GROUP_NAME_CHARS_MAX {
+            return Err(VoiceError::Invalid(format!(
+                "a group name has at most {GROUP_NAME_CHARS_MAX} characters"
+            )));
+        }
+        let group_id = crate::server::sessions::session::random_id("g-");
+        let mut members = others;
+        members.push(user.to_string());
+        members.sort();
+        let group = VmGroup {
+            conversation: format!("group:{group_id}"),
+            group_id: group_id.clone(),
+            name,
+            members,
+            created_by: user.to_string(),
+            created_at_ms: now_ms(),
+        };
+        let value = rmp_serde::to_vec_named(&group)
+            .map_err(|e| VoiceError::Internal(format!("encode a group: {e}")))?;
+        let put = MetadataCommand::PutDefinition {
+            key: group_key(&group_id),
+            value,
+        };
+        match self.ctx.cluster.write(put).await {
+            Ok(MetadataResponse::Ok) => Ok(group),
+            Ok(other) => Err(VoiceError::Unavailable(format!(
+                "group not stored: {other:?}"
+            ))),
+            Err(error) => Err(VoiceError::Unavailable(format!(
+                "group not stored: {error}"
+            ))),
+        }
+    }
+
+    /// `vm.group_info`: the group, for its members.
+    pub(crate) async fn group_info(
+        &self,
+        user: &str,
+        group_id: &str,
+    ) -> Result<VmGroup, VoiceError> {
+        let group = self.group(group_id).await?;
+        if !group.members.iter().any(|m| m == user) {
+            return Err(VoiceError::NotFound(format!("group {group_id}")));
+        }
+        Ok(group)
+    }
+
+    /// The group's definition; one catch-up with the leader before "not found" (it may have
+    /// just been created through another node).
+    async fn group(&self, group_id: &str) -> Result<VmGroup, VoiceError> {
+        if group_id.is_empty() || group_id.len() > MESSAGE_ID_BYTES_MAX {
+            return Err(VoiceError::Invalid(format!(
+                "group_id must be 1 to {MESSAGE_ID_BYTES_MAX} bytes"
+            )));
+        }
+        let key = group_key(group_id);
+        for attempt in 0..2 {
+            let held = self.ctx.cluster.metadata().definitions.get(&key).cloned();
+            if let Some(bytes) = held {
+                return rmp_serde::from_slice(&bytes)
+                    .map_err(|e| VoiceError::Internal(format!("group {group_id}: {e}")));
+            }
+            if attempt == 0 {
+                let caught = tokio::time::timeout(
+                    Duration::from_millis(CLAIM_APPLIED_TIMEOUT_MS),
+                    self.ctx.cluster.catch_up(),
+                )
+                .await;
+                if !matches!(caught, Ok(Ok(_))) {
+                    return Err(VoiceError::Unavailable(
+                        "cannot reach the cluster's leader to look the group up".into(),
+                    ));
+                }
+            }
+        }
+        Err(VoiceError::NotFound(format!("group {group_id}")))
     }
 
     async fn user_op(&self, user: &str, op: UserOp) -> Result<OwnerReply, VoiceError> {
@@ -1637,6 +1727,33 @@ fn upload_state(active: &ActiveMessage) -> VmUploadState {
         status: wire::status(status),
         duration_ms: active.upload.duration_ms(),
     }
+}
+
+/// The recipients of a message from `user`, checked: 1 to [`RECIPIENTS_MAX`] distinct
+/// valid user ids, not `user`; in byte order.
+fn check_users(user: &str, to: Vec<String>) -> Result<Vec<String>, VoiceError> {
+    let mut recipients = to;
+    recipients.sort();
+    recipients.dedup();
+    if recipients.is_empty() || recipients.len() > RECIPIENTS_MAX {
+        return Err(VoiceError::Invalid(format!(
+            "a voice message goes to 1 to {RECIPIENTS_MAX} users"
+        )));
+    }
+    if let Some(bad) = recipients
+        .iter()
+        .find(|r| r.is_empty() || r.len() > USER_ID_BYTES_MAX)
+    {
+        return Err(VoiceError::Invalid(format!(
+            "recipient {bad:?}: a user id has 1 to {USER_ID_BYTES_MAX} bytes"
+        )));
+    }
+    if recipients.iter().any(|r| r == user) {
+        return Err(VoiceError::Invalid(
+            "the sender is not a recipient of their own message".into(),
+        ));
+    }
+    Ok(recipients)
 }
 
 fn stale_user(user: &str, fence: u64) -> VoiceError {
