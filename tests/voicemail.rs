@@ -581,6 +581,24 @@ async fn an_upload_cut_off_resumes_on_another_node_and_curl_plays_it_by_range() 
         .expect("status");
     assert_eq!(status.status, VmUploadStatus::Uploading);
     assert!(status.acked > 0 && status.acked <= 900);
+    // Grace waits for the next bytes longer than one inter-node call lasts (5 s).
+    let grace = client(&b, "grace").await;
+    let waiting = {
+        let grace = grace.requester();
+        let id = id.clone();
+        let at = status.acked;
+        tokio::spawn(async move {
+            grace
+                .request(VmFetchRequest {
+                    message_id: id,
+                    offset: at,
+                    length: None,
+                    wait_ms: Some(25_000),
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
     let done = chunk(
         &again,
         &id,
@@ -592,6 +610,19 @@ async fn an_upload_cut_off_resumes_on_another_node_and_curl_plays_it_by_range() 
     .expect("the rest");
     assert_eq!(done.status, VmUploadStatus::Complete);
     assert_eq!(done.acked, audio.len() as u64);
+    let waited = waiting
+        .await
+        .expect("task")
+        .expect("the long wait is answered");
+    let piece = unb64(&waited.data);
+    assert!(
+        !piece.is_empty(),
+        "the waiting fetch got the bytes sent 7 s later"
+    );
+    assert_eq!(
+        piece[..],
+        audio[status.acked as usize..status.acked as usize + piece.len()]
+    );
     // Once complete the size is known; ranges put together give the file.
     let mut whole = Vec::new();
     let total = audio.len();

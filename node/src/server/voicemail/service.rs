@@ -55,8 +55,12 @@ use crate::server::context::NodeContext;
 use crate::server::voicemail::messages::{OwnerReply, OwnerRequest, VoiceError, VoiceMessage};
 use crate::server::voicemail::store::{MessageStore, StoredMessage, UserCopyRefused, UserStore};
 
-/// A request forwarded to an owner waits at most this long (plus a fetch's own wait).
+/// A request forwarded to an owner waits at most this long (plus a fetch's own wait); the
+/// inter-node call itself gives up after 5 s.
 pub const OWNER_CALL_TIMEOUT_MS: u64 = 10_000;
+/// A fetch's wait is sent to the owner in parts of at most this long, so that each fits
+/// an inter-node call.
+pub const OWNER_WAIT_PART_MS: u64 = 3_000;
 /// A copy to a replica, a fence or a gather waits at most this long per node.
 pub const COPY_TIMEOUT_MS: u64 = 1_000;
 /// A new owner waits at most this long to apply its own ownership claim.
@@ -332,19 +336,32 @@ impl Voicemail {
             )));
         }
         let started = std::time::Instant::now();
-        let request = OwnerRequest::Fetch {
-            message_id: fetch.message_id,
-            user: user.to_string(),
-            offset: fetch.offset,
-            length,
-            wait_ms,
+        let deadline = started + Duration::from_millis(wait_ms);
+        // A long wait goes to the owner in parts that fit an inter-node call.
+        let answer = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let part = (left.as_millis() as u64).min(OWNER_WAIT_PART_MS);
+            let request = OwnerRequest::Fetch {
+                message_id: fetch.message_id.clone(),
+                user: user.to_string(),
+                offset: fetch.offset,
+                length,
+                wait_ms: part,
+            };
+            let answer = match self.at_owner(request).await {
+                Ok(OwnerReply::Fetch(answer)) => answer,
+                Ok(other) => return Err(unexpected(other)),
+                Err(error) => return Err(error),
+            };
+            let waiting = answer.data.is_empty()
+                && answer.status == chorus_protocol::VmUploadStatus::Uploading
+                && std::time::Instant::now() < deadline;
+            if !waiting {
+                break answer;
+            }
         };
-        let reply = self.at_owner(request).await;
         metrics::histogram!("chorus_vm_fetch_seconds").record(started.elapsed().as_secs_f64());
-        match reply? {
-            OwnerReply::Fetch(answer) => Ok(answer),
-            other => Err(unexpected(other)),
-        }
+        Ok(answer)
     }
 
     /// `vm.sync`.
