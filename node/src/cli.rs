@@ -29,7 +29,8 @@ pub enum Command {
     Token(TokenArgs),
     /// Act as a client: rooms (create-room, join, info, members, end, summary), comments and
     /// reactions (say, react, bullet), the stage (raise-hand, invite, mute, kick, …), polls,
-    /// voice (speak, listen), quiz answers and rain grabs. `chorus client --help` lists all.
+    /// voice (speak, listen), quiz answers, rain grabs and voice messages (vm send, vm inbox,
+    /// vm fetch, …). `chorus client --help` lists all.
     Client(crate::client::cli::ClientArgs),
     /// Generate load: listeners and senders in one room; prints delivery latency.
     Loadgen(crate::loadgen::LoadgenArgs),

@@ -1219,18 +1219,22 @@ impl Voicemail {
         metrics::counter!("chorus_vm_chunks_total").increment(1);
         if accepted.acked > held || accepted.status != active.record.status {
             let piece = &active.upload.bytes()[held as usize..accepted.acked as usize];
-            let record = self
-                .store
-                .append(
-                    message_id,
-                    0,
-                    held,
-                    piece,
-                    accepted.status,
-                    active.upload.duration_ms(),
-                )
-                .map_err(storage)?;
-            active.record = record;
+            let appended = self.store.append(
+                message_id,
+                0,
+                held,
+                piece,
+                accepted.status,
+                active.upload.duration_ms(),
+            );
+            match appended {
+                Ok(record) => active.record = record,
+                Err(error) => {
+                    // The upload in memory is ahead of the disk: start again from the disk.
+                    *guard = None;
+                    return Err(storage(error));
+                }
+            }
         }
         self.settle_active(active).await?;
         let after = (active.replicated, active.record.status);
