@@ -1,5 +1,6 @@
-//! Voice messages (SPEC M1-M6) over real node processes: a three-node cluster on
-//! loopback, users on different nodes, chunked uploads, fetch while uploading, inbox sync
+//! Voice messages (SPEC M1-M6) over real node processes: a three-node cluster on three
+//! loopback addresses (127.0.12.11, .12, .13; ports chosen by the OS), users on different
+//! nodes, chunked uploads, fetch while uploading, inbox sync
 //! and state across devices, history, and every refusal with its documented code.
 
 mod common;
@@ -12,7 +13,57 @@ use chorus_protocol::{
     ErrorCode, Event, VmCancelRequest, VmChunkRequest, VmFetchRequest, VmHistoryRequest,
     VmPlayRequest, VmReadRequest, VmSendRequest, VmStatusRequest, VmSyncRequest, VmUploadStatus,
 };
-use common::{expect_event, three_node_cluster, TestNode};
+use common::{expect_event, TestNode};
+
+/// Three nodes, one per loopback address 127.0.12.11-13 (ports chosen by the OS, so tests
+/// can run at once), converged.
+async fn three_node_cluster(dir: &std::path::Path) -> [TestNode; 3] {
+    three_node_cluster_with(dir, &[]).await
+}
+
+/// [`three_node_cluster`] with `extra` flags for every node.
+async fn three_node_cluster_with(dir: &std::path::Path, extra: &[&str]) -> [TestNode; 3] {
+    let flags = |i: usize| -> Vec<String> {
+        let ip = format!("127.0.12.{}", 11 + i);
+        let mut flags: Vec<String> = [
+            ("--http-addr", format!("{ip}:0")),
+            ("--quic-addr", format!("{ip}:0")),
+            ("--cluster-addr", format!("{ip}:0")),
+        ]
+        .into_iter()
+        .flat_map(|(flag, addr)| [flag.to_string(), addr])
+        .collect();
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        flags
+    };
+    let args: Vec<Vec<String>> = (0..3).map(flags).collect();
+    let args: Vec<Vec<&str>> = args
+        .iter()
+        .map(|a| a.iter().map(String::as_str).collect())
+        .collect();
+    let a = common::start_member_with(dir, "a", None, &args[0]).await;
+    let b = common::start_member_with(dir, "b", Some(&a), &args[1]).await;
+    let c = common::start_member_with(dir, "c", Some(&a), &args[2]).await;
+    let nodes = [a, b, c];
+    common::eventually("the cluster to converge", || async {
+        let mut statuses = Vec::new();
+        for node in &nodes {
+            statuses.push(node.admin("/admin/status").await);
+        }
+        statuses.iter().all(|s| {
+            s["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["state"] == "up"))
+                && s["ring_epoch"] == statuses[0]["ring_epoch"]
+                && !s["leader"].is_null()
+        })
+    })
+    .await;
+    for (i, node) in nodes.iter().enumerate() {
+        assert_eq!(node.http.ip().to_string(), format!("127.0.12.{}", 11 + i));
+    }
+    nodes
+}
 
 fn sample() -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -650,8 +701,7 @@ async fn an_idle_upload_fails_and_messages_past_retention_are_gone_from_every_no
     )
     .expect("config");
     let nodes =
-        common::three_node_cluster_with(dir.path(), &["--config", config.to_str().expect("utf-8")])
-            .await;
+        three_node_cluster_with(dir.path(), &["--config", config.to_str().expect("utf-8")]).await;
     let audio = sample();
     let henry = client(&nodes[0], "henry").await;
     let mut ivy = client(&nodes[1], "ivy").await;
