@@ -244,7 +244,7 @@ impl Upload {
         }
         let acked = self.bytes.len() as u64;
         let held = acked + self.tail.len() as u64;
-        let end = offset + data.len() as u64;
+        let end = offset.saturating_add(data.len() as u64);
         if self.status.is_final() && end > acked {
             // Only a repeat of bytes already here is answered (below).
             return Err(ChunkRefusal::Over(self.status));
@@ -357,6 +357,18 @@ mod tests {
     fn message(packets: usize) -> Vec<u8> {
         let packets: Vec<Vec<u8>> = (0..packets).map(|i| vec![0xfc, i as u8, 1, 2, 3]).collect();
         build_stream(11, &packets, 5)
+    }
+
+    #[test]
+    fn an_offset_at_the_end_of_the_number_range_is_out_of_order_not_a_panic() {
+        let mut upload = Upload::new(0, UploadLimits::default());
+        for offset in [u64::MAX, u64::MAX - 1] {
+            assert_eq!(
+                upload.chunk(1, offset, b"OggS", false),
+                Err(ChunkRefusal::OutOfOrder { expected: 0 })
+            );
+        }
+        assert_eq!(upload.acked(), 0);
     }
 
     #[test]

@@ -109,7 +109,10 @@ async fn read(
     let mut bytes = Vec::new();
     let mut at = start;
     loop {
-        let want = (start + len - at).min(u64::from(FETCH_BYTES_MAX)) as u32;
+        let want = start
+            .saturating_add(len)
+            .saturating_sub(at)
+            .min(u64::from(FETCH_BYTES_MAX)) as u32;
         let answer = voicemail
             .fetch(
                 user,
@@ -124,7 +127,7 @@ async fn read(
         let piece = decode(&answer);
         at += piece.len() as u64;
         bytes.extend_from_slice(&piece);
-        if piece.is_empty() || at >= start + len || at >= answer.acked {
+        if piece.is_empty() || at >= start.saturating_add(len) || at >= answer.acked {
             return Ok((answer, bytes));
         }
     }
@@ -169,7 +172,7 @@ pub async fn serve(
         return response;
     };
     let len = range.end.map_or(RANGE_BYTES_MAX, |end| {
-        (end - range.start + 1).min(RANGE_BYTES_MAX)
+        (end - range.start).saturating_add(1).min(RANGE_BYTES_MAX)
     });
     let (answer, bytes) =
         match read(voicemail, user, message_id, range.start, len, RANGE_WAIT_MS).await {

@@ -181,7 +181,7 @@ impl MessageStore {
             if record.epoch > epoch {
                 return Err(abort(StoreRefused::Stale(record.epoch)));
             }
-            if offset + piece.len() as u64 <= record.bytes && offset <= record.bytes {
+            if offset.saturating_add(piece.len() as u64) <= record.bytes && offset <= record.bytes {
                 // A repeat of what is held (a retry after a lost answer).
                 return Ok(record);
             }
