@@ -45,20 +45,7 @@ async fn three_node_cluster_with(dir: &std::path::Path, extra: &[&str]) -> [Test
     let b = common::start_member_with(dir, "b", Some(&a), &args[1]).await;
     let c = common::start_member_with(dir, "c", Some(&a), &args[2]).await;
     let nodes = [a, b, c];
-    common::eventually("the cluster to converge", || async {
-        let mut statuses = Vec::new();
-        for node in &nodes {
-            statuses.push(node.admin("/admin/status").await);
-        }
-        statuses.iter().all(|s| {
-            s["members"]
-                .as_array()
-                .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["state"] == "up"))
-                && s["ring_epoch"] == statuses[0]["ring_epoch"]
-                && !s["leader"].is_null()
-        })
-    })
-    .await;
+    common::wait_converged(&nodes).await;
     for (i, node) in nodes.iter().enumerate() {
         assert_eq!(node.http.ip().to_string(), format!("127.0.12.{}", 11 + i));
     }

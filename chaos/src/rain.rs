@@ -149,11 +149,17 @@ fn say(start: Instant, line: impl std::fmt::Display) {
     eprintln!("[rain-chaos +{:>6} ms] {line}", start.elapsed().as_millis());
 }
 
-fn client_config(urls: Vec<String>, ca: &Path, user: &str) -> Result<ClientConfig, ChaosError> {
+/// A client of `user` trying `urls` in turn (shared with the voice scenario).
+pub(crate) fn client_config(
+    urls: Vec<String>,
+    ca: &Path,
+    user: &str,
+) -> Result<ClientConfig, ChaosError> {
     crate::workload::client_config_for(&urls, ca, user).map_err(ChaosError::Setup)
 }
 
-async fn connect(config: ClientConfig) -> Result<Client, ChaosError> {
+/// Connects, retrying for 5 s while the nodes come up (shared with the voice scenario).
+pub(crate) async fn connect(config: ClientConfig) -> Result<Client, ChaosError> {
     let mut last = String::new();
     for _ in 0..20 {
         match Client::connect(config.clone()).await {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use chorus_node::client::{Client, ClientConfig, ClientError, ClientEvent};
+use chorus_node::client::{Client, ClientError, ClientEvent};
 use chorus_protocol::{
     ErrorCode, Event, VmChunkRequest, VmFetchRequest, VmPlayRequest, VmReadRequest, VmSendRequest,
     VmStatusRequest, VmSyncRequest, VmUploadStatus,
@@ -30,6 +30,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::cluster::{self, Health};
+use crate::rain::{client_config, connect};
 use crate::ChaosError;
 
 /// The message every user sends: one second of Opus in Ogg (opusenc output).
@@ -156,26 +157,6 @@ fn say(start: Instant, line: impl std::fmt::Display) {
         "[voice-chaos +{:>6} ms] {line}",
         start.elapsed().as_millis()
     );
-}
-
-fn client_config(urls: Vec<String>, ca: &Path, user: &str) -> Result<ClientConfig, ChaosError> {
-    crate::workload::client_config_for(&urls, ca, user).map_err(ChaosError::Setup)
-}
-
-async fn connect(config: ClientConfig) -> Result<Client, ChaosError> {
-    let mut last = String::new();
-    for _ in 0..20 {
-        match Client::connect(config.clone()).await {
-            Ok(client) => return Ok(client),
-            Err(error) => {
-                last = error.to_string();
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-    }
-    Err(ChaosError::Setup(format!(
-        "a client cannot connect: {last}"
-    )))
 }
 
 fn transient(error: &ClientError) -> bool {

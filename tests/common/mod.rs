@@ -459,21 +459,26 @@ pub async fn three_node_cluster_with(dir: &Path, extra: &[&str]) -> [TestNode; 3
     let b = start_member_with(dir, "b", Some(&a), extra).await;
     let c = start_member_with(dir, "c", Some(&a), extra).await;
     let nodes = [a, b, c];
+    wait_converged(&nodes).await;
+    nodes
+}
+
+/// Waits until every one of `nodes` sees them all `up`, one ring epoch and a leader.
+pub async fn wait_converged(nodes: &[TestNode]) {
     eventually("the cluster to converge", || async {
         let mut statuses = Vec::new();
-        for node in &nodes {
+        for node in nodes {
             statuses.push(node.admin("/admin/status").await);
         }
         statuses.iter().all(|s| {
             s["members"]
                 .as_array()
-                .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["state"] == "up"))
+                .is_some_and(|m| m.len() == nodes.len() && m.iter().all(|m| m["state"] == "up"))
                 && s["ring_epoch"] == statuses[0]["ring_epoch"]
                 && !s["leader"].is_null()
         })
     })
     .await;
-    nodes
 }
 
 /// Node arguments that lift the per-connection request limits.

@@ -267,16 +267,19 @@ impl Voicemail {
         let data = base64::engine::general_purpose::STANDARD
             .decode(chunk.data.as_bytes())
             .map_err(|e| VoiceError::Invalid(format!("data is not base64: {e}")))?;
-        match self
-            .at_owner(OwnerRequest::Chunk {
-                message_id: chunk.message_id,
-                user: user.to_string(),
-                offset: chunk.offset,
-                data: Bytes::from(data),
-                last: chunk.last,
-            })
-            .await?
-        {
+        self.upload_at_owner(OwnerRequest::Chunk {
+            message_id: chunk.message_id,
+            user: user.to_string(),
+            offset: chunk.offset,
+            data: Bytes::from(data),
+            last: chunk.last,
+        })
+        .await
+    }
+
+    /// Serves an upload request (chunk, status, cancel) on the message's owner: its state.
+    async fn upload_at_owner(&self, request: OwnerRequest) -> Result<VmUploadState, VoiceError> {
+        match self.at_owner(request).await? {
             OwnerReply::Upload(state) => Ok(state),
             other => Err(unexpected(other)),
         }
@@ -289,14 +292,11 @@ impl Voicemail {
         message_id: String,
     ) -> Result<VmUploadState, VoiceError> {
         check_message_id(&message_id)?;
-        let request = OwnerRequest::Status {
+        self.upload_at_owner(OwnerRequest::Status {
             message_id,
             user: user.to_string(),
-        };
-        match self.at_owner(request).await? {
-            OwnerReply::Upload(state) => Ok(state),
-            other => Err(unexpected(other)),
-        }
+        })
+        .await
     }
 
     /// `vm.cancel`.
@@ -306,14 +306,11 @@ impl Voicemail {
         message_id: String,
     ) -> Result<VmUploadState, VoiceError> {
         check_message_id(&message_id)?;
-        let request = OwnerRequest::Cancel {
+        self.upload_at_owner(OwnerRequest::Cancel {
             message_id,
             user: user.to_string(),
-        };
-        match self.at_owner(request).await? {
-            OwnerReply::Upload(state) => Ok(state),
-            other => Err(unexpected(other)),
-        }
+        })
+        .await
     }
 
     /// `vm.fetch` (also the HTTP range endpoint).
