@@ -75,12 +75,8 @@ async fn two_cli_users_on_different_transports_talk_in_a_room() {
 
     // carol sends a bullet comment; bob prints the window that shows it
     let sent = run(&node, "carol", &["bullet", &room_id, " 666 "], true).await;
-    // The join response, then the bullet's answer.
-    assert_eq!(
-        sent.get(1),
-        Some(&serde_json::json!({})),
-        "answered Empty: {sent:?}"
-    );
+    // Only the bullet's answer: the moment's join is not printed.
+    assert_eq!(sent, [serde_json::json!({})], "answered Empty alone");
     run(
         &node,
         "carol",
@@ -201,6 +197,99 @@ async fn the_stage_is_run_from_the_cli() {
         .find(|l| l["state"] == "closed" && l["poll_id"].is_u64())
         .expect("the final result");
     assert_eq!(result["tallies"], serde_json::json!([1, 0]), "{result}");
+    let _ = bob.kill().await;
+}
+
+/// The host's and moderators' commands and the views do not join the room: the one
+/// listener is the only user the room ever counts, and sees nobody else come and go. A
+/// one-shot comment prints its own answer alone.
+#[tokio::test]
+async fn operators_commands_do_not_join_the_room() {
+    let node = TestNode::start(&[]).await;
+    let created = run(&node, "alice", &["create-room", "Quiet host"], true).await;
+    let room = created[0]["room_id"].as_str().expect("room_id").to_string();
+    let mut bob = client(&node, &node.quic_url(), "bob")
+        .args(["join", &room, "--for", "30"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn join");
+    let mut bob_lines = BufReader::new(bob.stdout.take().expect("stdout")).lines();
+    tokio::time::timeout(DEADLINE, bob_lines.next_line())
+        .await
+        .expect("join response")
+        .expect("read");
+
+    // The host and a moderator, from outside the room: a moderator made, a poll opened
+    // and closed, the views read by anyone.
+    run(
+        &node,
+        "alice",
+        &["set-role", &room, "carol", "moderator"],
+        true,
+    )
+    .await;
+    let poll = run(
+        &node,
+        "alice",
+        &["poll-create", &room, "Go?", "yes", "no"],
+        true,
+    )
+    .await;
+    assert_eq!(poll.len(), 1, "the poll alone: {poll:?}");
+    let poll_id = poll[0]["poll_id"].as_u64().expect("poll_id").to_string();
+    let members = run(&node, "carol", &["members", &room], true).await;
+    assert_eq!(members.len(), 1, "one page: {members:?}");
+    assert_eq!(
+        members[0]["count"], 1,
+        "bob alone is in the room: {members:?}"
+    );
+    let stage = run(&node, "dave", &["stage", &room], true).await;
+    assert_eq!(stage[0]["hands"], serde_json::json!([]), "{stage:?}");
+    run(&node, "carol", &["poll-close", &room, &poll_id], true).await;
+    // A listener outside the room can't act as a moderator.
+    run(
+        &node,
+        "dave",
+        &["poll-create", &room, "Me?", "a", "b"],
+        false,
+    )
+    .await;
+
+    // bob comments from a one-shot session: its answer alone is printed.
+    let said = run(&node, "bob", &["say", &room, "only me"], true).await;
+    assert_eq!(said.len(), 1, "the comment's answer alone: {said:?}");
+    assert!(said[0]["comment_id"].is_u64(), "{said:?}");
+    // Everything bob's listening session saw up to that comment: nobody else came.
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let line = tokio::time::timeout_at(deadline, bob_lines.next_line())
+            .await
+            .expect("bob's comment in time")
+            .expect("read")
+            .expect("a line");
+        let event: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
+        let done = event["kind"] == "room.comment" && event["body"]["text"] == "only me";
+        seen.push(event);
+        if done {
+            break;
+        }
+    }
+    for event in &seen {
+        if event["kind"] == "room.listeners" {
+            assert_eq!(event["body"]["count"], 1, "{seen:?}");
+            assert!(
+                event["body"]["joined"].is_null()
+                    || event["body"]["joined"] == serde_json::json!(["bob"]),
+                "{seen:?}"
+            );
+        }
+    }
+
+    let summary = run(&node, "alice", &["summary", &room], true).await;
+    assert_eq!(summary[0]["unique_listeners"], 1, "{summary:?}");
+    assert_eq!(summary[0]["peak_listeners"], 1, "{summary:?}");
     let _ = bob.kill().await;
 }
 

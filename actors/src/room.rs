@@ -1545,11 +1545,21 @@ impl<M: Clone + Ord> RoomCore<M> {
         command: StageCommand,
     ) -> Result<(), RoomError> {
         self.refuse_if_ended()?;
-        if !self.users.contains_key(by) {
-            return Err(RoomError::NotInRoom);
-        }
         let by_role = self.role_of(by);
         let moderating = by_role <= Role::Moderator;
+        // What a user does as itself (its hand, its invitation, its own microphone) needs it
+        // in the room; the host and moderators moderate by role, present or not.
+        let as_itself = match &command {
+            StageCommand::Hand { .. } | StageCommand::InviteAnswer { .. } => true,
+            StageCommand::Mute { user, .. } => user.as_deref().is_none_or(|u| u == by),
+            StageCommand::SetRole { user, .. } => user == by,
+            StageCommand::Invite { .. }
+            | StageCommand::Kick { .. }
+            | StageCommand::Block { .. } => false,
+        };
+        if as_itself && !self.users.contains_key(by) {
+            return Err(RoomError::NotInRoom);
+        }
         let changed = match command {
             StageCommand::SetRole { user, role } => self.set_role(by, by_role, &user, role)?,
             StageCommand::Hand { raised } => {
@@ -1778,13 +1788,10 @@ impl<M: Clone + Ord> RoomCore<M> {
         Ok(true)
     }
 
-    /// Refuses unless the room is live or scheduled, `by` is in it, and is the host or a
-    /// moderator (who alone may `action`).
+    /// Refuses unless the room is live or scheduled and `by` is the host or a moderator
+    /// (who alone may `action`, in the room or not).
     fn refuse_unless_moderating(&self, by: &str, action: &str) -> Result<(), RoomError> {
         self.refuse_if_ended()?;
-        if !self.users.contains_key(by) {
-            return Err(RoomError::NotInRoom);
-        }
         self.refuse_unless(
             self.role_of(by) <= Role::Moderator,
             &format!("only the host and moderators {action}"),
@@ -3064,6 +3071,52 @@ mod tests {
         room.handle_stage(T0, "a", StageCommand::Hand { raised: true })
             .expect("a listener raises");
         assert_eq!(room.stage_info(HOST).hands, vec!["a"]);
+    }
+
+    #[test]
+    fn the_host_and_moderators_moderate_from_outside_the_room_and_others_act_from_inside() {
+        let mut room = room();
+        room.handle_join(T0, 2, "a").expect("join");
+        room.handle_join(T0, 3, "b").expect("join");
+        // The host is not in the room: it makes a moderator, invites, kicks, polls.
+        room.handle_stage(
+            T0,
+            HOST,
+            StageCommand::SetRole {
+                user: "m".into(),
+                role: Role::Moderator,
+            },
+        )
+        .expect("the host names a moderator from outside");
+        room.handle_stage(T0, "m", StageCommand::Invite { user: "a".into() })
+            .expect("a moderator invites from outside");
+        room.handle_stage(T0, "m", StageCommand::Kick { user: "b".into() })
+            .expect("a moderator kicks from outside");
+        room.handle_poll_create(T0, HOST, "Go?", &["y".into(), "n".into()])
+            .expect("the host opens a poll from outside");
+        // What one does as oneself needs the room.
+        let hand = room.handle_stage(T0, "x", StageCommand::Hand { raised: true });
+        assert_eq!(hand.expect_err("outside").code(), ErrorCode::NotInRoom);
+        let own_mute = room.handle_stage(
+            T0,
+            HOST,
+            StageCommand::Mute {
+                user: None,
+                muted: true,
+            },
+        );
+        assert_eq!(own_mute.expect_err("outside").code(), ErrorCode::NotInRoom);
+        // Moderating is by role: a listener outside (or inside) gets 2004.
+        let invite = room.handle_stage(T0, "x", StageCommand::Invite { user: "a".into() });
+        assert_eq!(
+            invite.expect_err("not a moderator").code(),
+            ErrorCode::Forbidden
+        );
+        let poll = room.handle_poll_create(T0, "x", "Me?", &["y".into(), "n".into()]);
+        assert_eq!(
+            poll.expect_err("not a moderator").code(),
+            ErrorCode::Forbidden
+        );
     }
 
     #[test]

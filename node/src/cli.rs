@@ -65,6 +65,13 @@ pub struct ServeArgs {
     /// are then not served on --http-addr. Default: none.
     #[arg(long, env = "CHORUS_ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
+    /// PEM certificate chain for clients on --http-addr (with --tls-key): the port then
+    /// speaks only https:// and wss://. Reloaded on SIGHUP and when the file changes.
+    #[arg(long, env = "CHORUS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "CHORUS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// QUIC address (ALPN chorus/1). Default 127.0.0.1:7071.
     #[arg(long)]
     pub quic_addr: Option<SocketAddr>,
@@ -232,6 +239,12 @@ impl ServeArgs {
         }
         if self.admin_addr.is_some() {
             config.admin_addr = self.admin_addr;
+        }
+        if self.tls_cert.is_some() {
+            config.tls_cert = self.tls_cert;
+        }
+        if self.tls_key.is_some() {
+            config.tls_key = self.tls_key;
         }
         if self.admin_token.is_some() {
             config.admin_token = self.admin_token;

@@ -62,6 +62,17 @@ pub struct NodeConfig {
     /// Extra names (DNS or IP) for the node's certificate. localhost, 127.0.0.1 and the
     /// QUIC listen IP are always included.
     pub tls_names: Vec<String>,
+    /// PEM certificate chain (leaf first) for clients on `http_addr`: with `tls_key`, the
+    /// public listener speaks only TLS (`https://`, `wss://`). Read again on SIGHUP and
+    /// when the file changes. Separate from the cluster CA (QUIC, inter-node). Default:
+    /// none (plain `http://`, `ws://`; put TLS at a proxy or ingress instead).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`. Default: none.
+    pub tls_key: Option<PathBuf>,
+    /// How often the node checks `tls_cert` and `tls_key` for a change (size or
+    /// modification time), ms; a changed pair is loaded for new connections (a pair that
+    /// fails to load leaves the previous one in use). 100 to 3,600,000. Default 10,000.
+    pub tls_reload_interval_ms: u64,
     /// Protocol limits.
     pub limits: LimitsConfig,
     /// Room limits (comment length and rate, reaction window, listener-count interval,
@@ -260,6 +271,9 @@ impl Default for NodeConfig {
             secret: None,
             node_name: "node-1".to_string(),
             tls_names: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls_reload_interval_ms: 10_000,
             advertise_ip: None,
             limits: LimitsConfig::default(),
             room: chorus_actors::room::RoomConfig::default(),
@@ -490,6 +504,17 @@ impl NodeConfig {
         }
         if self.node_name.is_empty() {
             return Err(ConfigError::Invalid("node_name must not be empty".into()));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "client TLS needs both tls_cert and tls_key (--tls-cert, --tls-key)".into(),
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.tls_reload_interval_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "tls_reload_interval_ms must be 100 to 3600000, not {}",
+                self.tls_reload_interval_ms
+            )));
         }
         Ok(())
     }

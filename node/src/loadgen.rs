@@ -90,11 +90,11 @@ pub const SPEAKERS_MAX: u32 = 50;
 /// Options of `chorus loadgen`.
 #[derive(Debug, clap::Args)]
 pub struct LoadgenArgs {
-    /// Server URL: `ws://HOST:PORT/ws` or `quic://HOST:PORT`. Repeat it to spread the
+    /// Server URL: `ws://HOST:PORT/ws`, `wss://HOST:PORT/ws` or `quic://HOST:PORT`. Repeat it to spread the
     /// clients over several nodes (client `i` uses URL `i mod n`).
     #[arg(long = "url", default_value = "ws://127.0.0.1:7070/ws")]
     pub urls: Vec<String>,
-    /// CA certificate (PEM) trusted for QUIC.
+    /// CA certificate (PEM) trusted for QUIC, and for `wss://` besides the system's roots.
     #[arg(long, default_value = "./chorus-data/ca.pem")]
     pub ca: PathBuf,
     /// Secret to mint the virtual users' tokens with.

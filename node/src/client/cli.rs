@@ -3,7 +3,9 @@
 //! Every response and every received event is printed as one JSON line on stdout
 //! (events as `{"seq":…,"kind":…,"body":{…}}`, see [`ClientEvent::to_json`]); errors go
 //! to stderr and the command exits non-zero. Each invocation is one connection (one
-//! session), so commands that need membership (`say`, `react`, `bullet`) join first.
+//! session). What a user does in a room as itself (`say`, `react`, `bullet`, `vote`, its
+//! hand, its invitation, its own microphone) joins for that moment and leaves; the host's
+//! and moderators' commands and the views (`stage`, `members`) do not join at all.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,7 +35,7 @@ pub const JOIN_FOR_SECS_MAX: u64 = 86_400;
 /// Options of `chorus client`.
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
-    /// Server URL: `ws://HOST:PORT/ws` or `quic://HOST:PORT`. Repeat to give fallbacks
+    /// Server URL: `ws://HOST:PORT/ws`, `wss://HOST:PORT/ws` or `quic://HOST:PORT`. Repeat to give fallbacks
     /// that reconnects try in turn.
     #[arg(long = "url", default_value = "ws://127.0.0.1:7070/ws")]
     pub urls: Vec<String>,
@@ -47,7 +49,7 @@ pub struct ClientArgs {
     /// Secret used to mint the `--user` token.
     #[arg(long, env = "CHORUS_SECRET", default_value = DEV_SECRET, hide_env_values = true, hide_default_value = true)]
     pub secret: String,
-    /// CA certificate (PEM) trusted for QUIC.
+    /// CA certificate (PEM) trusted for QUIC, and for `wss://` besides the system's roots.
     #[arg(long, default_value = "./chorus-data/ca.pem")]
     pub ca: PathBuf,
     /// Use JSON text frames on WebSocket instead of MessagePack binary frames.
@@ -101,22 +103,22 @@ pub enum ClientCommand {
         #[arg(long = "for")]
         for_secs: Option<f64>,
     },
-    /// Join a room (this is a new session) and post a comment.
+    /// Post a comment (joins the room for that moment: a new session of yours).
     Say {
         /// Room id.
         room: String,
         /// Comment text (1-500 characters).
         text: String,
     },
-    /// Join a room and send a reaction.
+    /// Send a reaction (joins the room for that moment).
     React {
         /// Room id.
         room: String,
         /// One emoji.
         emoji: String,
     },
-    /// Join a room and send a bullet comment (shown over the stream if the room picks it;
-    /// `join` prints the `room.bullets` a room shows).
+    /// Send a bullet comment (joins the room for that moment; shown over the stream if
+    /// the room picks it; `join` prints the `room.bullets` a room shows).
     Bullet {
         /// Room id.
         room: String,
@@ -447,41 +449,26 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
             for_secs,
         } => listen(client, room, record, speaker, for_secs).await?,
         ClientCommand::Say { room, text } => {
-            join_once(client, &room).await?;
-            let response = client
-                .request(RoomCommentRequest {
-                    room_id: room,
-                    text,
-                    request_id: None,
-                })
-                .await
-                .context("room.comment failed")?;
-            print_json(&response);
-            print_buffered(client);
+            let request = RoomCommentRequest {
+                room_id: room.clone(),
+                text,
+                request_id: None,
+            };
+            act_present(client, &room, request).await?;
         }
         ClientCommand::React { room, emoji } => {
-            join_once(client, &room).await?;
-            let response = client
-                .request(RoomReactRequest {
-                    room_id: room,
-                    emoji,
-                })
-                .await
-                .context("room.react failed")?;
-            print_json(&response);
-            print_buffered(client);
+            let request = RoomReactRequest {
+                room_id: room.clone(),
+                emoji,
+            };
+            act_present(client, &room, request).await?;
         }
         ClientCommand::Bullet { room, text } => {
-            join_once(client, &room).await?;
-            let response = client
-                .request(RoomBulletRequest {
-                    room_id: room,
-                    text,
-                })
-                .await
-                .context("room.bullet failed")?;
-            print_json(&response);
-            print_buffered(client);
+            let request = RoomBulletRequest {
+                room_id: room.clone(),
+                text,
+            };
+            act_present(client, &room, request).await?;
         }
         ClientCommand::Leave { room } => {
             let response = client
@@ -525,7 +512,7 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 room_id: room.clone(),
                 raised: yes,
             };
-            act(client, &room, request).await?;
+            act_present(client, &room, request).await?;
         }
         ClientCommand::Invite { room, user } => {
             let request = RoomInviteRequest {
@@ -539,15 +526,20 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 room_id: room.clone(),
                 accept: yes,
             };
-            act(client, &room, request).await?;
+            act_present(client, &room, request).await?;
         }
         ClientCommand::Mute { room, speaker } => {
+            let own = speaker.as_deref().is_none_or(|s| s == client.user_id());
             let request = RoomMuteRequest {
                 room_id: room.clone(),
                 user_id: speaker,
                 muted: true,
             };
-            act(client, &room, request).await?;
+            if own {
+                act_present(client, &room, request).await?;
+            } else {
+                act(client, &room, request).await?;
+            }
         }
         ClientCommand::Unmute { room } => {
             let request = RoomMuteRequest {
@@ -555,7 +547,7 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 user_id: None,
                 muted: false,
             };
-            act(client, &room, request).await?;
+            act_present(client, &room, request).await?;
         }
         ClientCommand::InviteUsers { room, users } => {
             let response = client
@@ -609,7 +601,7 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 poll_id: poll,
                 option,
             };
-            act(client, &room, request).await?;
+            act_present(client, &room, request).await?;
         }
         ClientCommand::PollClose { room, poll } => {
             let request = RoomPollCloseRequest {
@@ -696,19 +688,52 @@ async fn answer(
     }
 }
 
-/// Joins `room` (a new session), sends `request`, prints the answer and what arrived.
+/// Sends `request` about `room` and prints the answer. The session does not join: the
+/// host and moderators act on a room by their role, and views (`stage`, `members`) are
+/// open, so an operator's command never shows up as a listener.
 async fn act<R>(client: &mut Client, room: &str, request: R) -> anyhow::Result<()>
 where
     R: RequestKind + Send + 'static,
     R::Response: Serialize,
 {
-    join_once(client, room).await?;
     let response = client
         .request(request)
         .await
-        .with_context(|| format!("{} failed", R::KIND))?;
+        .with_context(|| format!("{} failed in room {room}", R::KIND))?;
     print_json(&response);
-    print_buffered(client);
+    Ok(())
+}
+
+/// What a user does in a room as itself (comment, react, bullet, vote, its hand, its
+/// invitation, its own microphone) needs the session in the room: joins (quietly),
+/// sends `request`, prints only its answer, and leaves. To the room the user is present
+/// only for that moment, as a person who walks in to say one thing.
+async fn act_present<R>(client: &mut Client, room: &str, request: R) -> anyhow::Result<()>
+where
+    R: RequestKind + Send + 'static,
+    R::Response: Serialize,
+{
+    client
+        .request(RoomRef {
+            room_id: room.to_string(),
+        })
+        .await
+        .with_context(|| format!("room.join {room} failed"))?;
+    let response = client
+        .request(request)
+        .await
+        .with_context(|| format!("{} failed in room {room}", R::KIND))?;
+    print_json(&response);
+    // Leaving is a courtesy (closing the connection leaves too): its failure is not the
+    // command's.
+    let _ = client
+        .request(RoomLeaveRequest {
+            room_id: room.to_string(),
+        })
+        .await;
+    // What the room said during that moment (its own comment among it) is not this
+    // command's output: `join` is the command that listens.
+    while client.try_next_event().is_some() {}
     Ok(())
 }
 

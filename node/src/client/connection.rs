@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,10 +72,12 @@ pub enum TransportKind {
 /// A parsed server URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerUrl {
-    /// `ws://HOST:PORT/PATH`, kept as given (tungstenite parses it again).
+    /// `ws://HOST:PORT/PATH` or `wss://…`, kept as given (tungstenite parses it again).
     WebSocket {
         /// The URL.
         url: String,
+        /// `wss://`: TLS, trusting the CA file and the system's roots.
+        tls: bool,
     },
     /// `quic://HOST:PORT`.
     Quic {
@@ -90,29 +92,29 @@ pub enum ServerUrl {
 }
 
 impl ServerUrl {
-    /// Parses `ws://…` or `quic://HOST[:PORT]`.
+    /// Parses `ws://…`, `wss://…` or `quic://HOST[:PORT]`.
     pub fn parse(url: &str) -> Result<Self, ClientError> {
         let invalid = |reason: &str| ClientError::InvalidUrl {
             url: url.to_string(),
             reason: reason.to_string(),
         };
-        if let Some(rest) = url.strip_prefix("ws://") {
-            if rest.is_empty() {
-                return Err(invalid("no host"));
+        for (scheme, tls) in [("ws://", false), ("wss://", true)] {
+            if let Some(rest) = url.strip_prefix(scheme) {
+                if rest.is_empty() {
+                    return Err(invalid("no host"));
+                }
+                url.into_client_request()
+                    .map_err(|e| invalid(&e.to_string()))?;
+                return Ok(ServerUrl::WebSocket {
+                    url: url.to_string(),
+                    tls,
+                });
             }
-            url.into_client_request()
-                .map_err(|e| invalid(&e.to_string()))?;
-            return Ok(ServerUrl::WebSocket {
-                url: url.to_string(),
-            });
-        }
-        if url.starts_with("wss://") {
-            return Err(invalid(
-                "TLS WebSocket (wss://) is not supported by this client; use ws:// or quic://",
-            ));
         }
         let Some(rest) = url.strip_prefix("quic://") else {
-            return Err(invalid("expected ws://HOST:PORT/ws or quic://HOST:PORT"));
+            return Err(invalid(
+                "expected ws://HOST:PORT/ws, wss://HOST:PORT/ws or quic://HOST:PORT",
+            ));
         };
         let authority = rest.split('/').next().unwrap_or_default();
         let (host, port) = split_host_port(authority).ok_or_else(|| invalid("bad host:port"))?;
@@ -176,6 +178,8 @@ pub struct Connector {
     encoding: Encoding,
     connect_timeout: Duration,
     quic: Option<quinn::ClientConfig>,
+    /// TLS for `wss://` URLs.
+    ws_tls: Option<Arc<rustls::ClientConfig>>,
     quic_endpoint: Option<quinn::Endpoint>,
 }
 
@@ -185,6 +189,7 @@ impl std::fmt::Debug for Connector {
             .field("encoding", &self.encoding)
             .field("connect_timeout", &self.connect_timeout)
             .field("quic", &self.quic.is_some())
+            .field("wss", &self.ws_tls.is_some())
             .finish()
     }
 }
@@ -196,9 +201,18 @@ impl Connector {
             return Err(ClientError::Config("no server URL given".into()));
         }
         let mut needs_quic = false;
+        let mut needs_tls_ws = false;
         for url in &config.urls {
-            needs_quic |= ServerUrl::parse(url)?.transport() == TransportKind::Quic;
+            match ServerUrl::parse(url)? {
+                ServerUrl::Quic { .. } => needs_quic = true,
+                ServerUrl::WebSocket { tls, .. } => needs_tls_ws |= tls,
+            }
         }
+        let ws_tls = if needs_tls_ws {
+            Some(wss_client_config(config.ca_path.as_deref())?)
+        } else {
+            None
+        };
         let quic = if needs_quic {
             let ca_path = config.ca_path.as_deref().ok_or_else(|| {
                 ClientError::Config("a quic:// URL needs a CA file to trust (--ca)".into())
@@ -211,6 +225,7 @@ impl Connector {
             encoding: config.encoding,
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             quic,
+            ws_tls,
             quic_endpoint: config.quic_endpoint.clone(),
         })
     }
@@ -239,17 +254,30 @@ impl Connector {
             reason,
         };
         let transport = match parsed {
-            ServerUrl::WebSocket { url: ws_url } => {
+            ServerUrl::WebSocket { url: ws_url, tls } => {
                 let config = WebSocketConfig::default()
                     .read_buffer_size(WS_READ_BUFFER_BYTES)
                     // Write each frame at once: latency matters more than syscalls here.
                     .write_buffer_size(0)
                     .max_message_size(Some(TRANSPORT_MESSAGE_BYTES_MAX))
                     .max_frame_size(Some(TRANSPORT_MESSAGE_BYTES_MAX));
-                let (stream, _response) =
-                    tokio_tungstenite::connect_async_with_config(ws_url, Some(config), true)
-                        .await
-                        .map_err(|e| connect_error(e.to_string()))?;
+                let connector = match (tls, &self.ws_tls) {
+                    (true, Some(tls)) => Some(tokio_tungstenite::Connector::Rustls(tls.clone())),
+                    (true, None) => {
+                        return Err(ClientError::Config(
+                            "no TLS configuration for wss://".into(),
+                        ))
+                    }
+                    (false, _) => Some(tokio_tungstenite::Connector::Plain),
+                };
+                let (stream, _response) = tokio_tungstenite::connect_async_tls_with_config(
+                    ws_url,
+                    Some(config),
+                    true,
+                    connector,
+                )
+                .await
+                .map_err(|e| ws_connect_error(url, tls, e))?;
                 Transport::WebSocket(Box::new(stream))
             }
             ServerUrl::Quic {
@@ -357,15 +385,16 @@ pub fn udp_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket)
 }
 
-/// Builds the QUIC client configuration: TLS 1.3 with the ring provider, trusting only the
-/// CA certificates in `ca_path`, ALPN `chorus/1`, keep-alive well inside the idle timeout.
-pub fn quic_client_config(
-    ca_path: &Path,
-    idle_timeout_ms: u64,
-) -> Result<quinn::ClientConfig, ClientError> {
+/// The system's CA bundle: `SSL_CERT_FILE`, else Debian's and Red Hat's usual paths.
+const SYSTEM_CA_FILES: [&str; 2] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+];
+
+/// Adds every certificate of the PEM file `ca_path` to `roots`; errors if it has none.
+fn add_ca_file(roots: &mut rustls::RootCertStore, ca_path: &Path) -> Result<(), ClientError> {
     let pem = std::fs::read(ca_path)
         .map_err(|e| ClientError::Tls(format!("cannot read CA file {}: {e}", ca_path.display())))?;
-    let mut roots = rustls::RootCertStore::empty();
     let mut found = 0usize;
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         let cert =
@@ -381,6 +410,96 @@ pub fn quic_client_config(
             ca_path.display()
         )));
     }
+    Ok(())
+}
+
+/// The TLS configuration for `wss://`: TLS 1.2 or 1.3 with the ring provider, trusting the
+/// CA file `ca_path` when it exists (a private CA, or the test's) and the system's roots
+/// (a public certificate), ALPN `http/1.1`.
+pub fn wss_client_config(ca_path: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = ca_path.filter(|p| p.exists()) {
+        add_ca_file(&mut roots, path)?;
+    }
+    let system = std::env::var_os("SSL_CERT_FILE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(SYSTEM_CA_FILES.iter().map(PathBuf::from))
+        .find(|p| p.exists());
+    if let Some(bundle) = system {
+        if let Ok(pem) = std::fs::read(&bundle) {
+            // A bundle may hold certificates this TLS library refuses: skip those.
+            let mut reader = pem.as_slice();
+            let certs = rustls_pemfile::certs(&mut reader).filter_map(Result::ok);
+            roots.add_parsable_certificates(certs);
+        }
+    }
+    if roots.is_empty() {
+        return Err(ClientError::Tls(
+            "no CA to trust for wss://: give --ca FILE (no system CA bundle either)".into(),
+        ));
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ClientError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// A failed WebSocket connect, with the likely cause for TLS mix-ups.
+fn ws_connect_error(
+    url: &str,
+    tls: bool,
+    error: tokio_tungstenite::tungstenite::Error,
+) -> ClientError {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let text = error.to_string();
+    match (&error, tls) {
+        (WsError::Tls(_), _) | (WsError::Io(_), true)
+            if text.contains("certificate") || text.contains("UnknownIssuer") =>
+        {
+            ClientError::Tls(format!(
+                "{url}: {text}: the server's certificate is not one this client trusts \
+                 (give its CA with --ca FILE, or use a certificate from a public CA)"
+            ))
+        }
+        (WsError::Io(_), true)
+            if text.contains("InvalidContentType") || text.contains("corrupt message") =>
+        {
+            ClientError::Tls(format!(
+                "{url}: {text}: the server does not speak TLS on this port (try ws://)"
+            ))
+        }
+        (WsError::Protocol(_) | WsError::Io(_) | WsError::Http(_), false)
+            if text.contains("reset")
+                || text.contains("Handshake not finished")
+                || text.contains("HttpFormat")
+                || text.contains("httparse") =>
+        {
+            ClientError::Connect {
+                url: url.to_string(),
+                reason: format!("{text} (does the server expect TLS? try wss://)"),
+            }
+        }
+        _ => ClientError::Connect {
+            url: url.to_string(),
+            reason: text,
+        },
+    }
+}
+
+/// Builds the QUIC client configuration: TLS 1.3 with the ring provider, trusting only the
+/// CA certificates in `ca_path`, ALPN `chorus/1`, keep-alive well inside the idle timeout.
+pub fn quic_client_config(
+    ca_path: &Path,
+    idle_timeout_ms: u64,
+) -> Result<quinn::ClientConfig, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    add_ca_file(&mut roots, ca_path)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -865,10 +984,19 @@ mod tests {
         assert_eq!(
             url,
             ServerUrl::WebSocket {
-                url: "ws://127.0.0.1:7070/ws".into()
+                url: "ws://127.0.0.1:7070/ws".into(),
+                tls: false,
             }
         );
         assert_eq!(url.transport(), TransportKind::WebSocket);
+        let url = ServerUrl::parse("wss://chorus.example:443/ws").expect("valid");
+        assert_eq!(
+            url,
+            ServerUrl::WebSocket {
+                url: "wss://chorus.example:443/ws".into(),
+                tls: true,
+            }
+        );
     }
 
     #[test]
@@ -912,8 +1040,8 @@ mod tests {
         for url in [
             "",
             "http://x/ws",
-            "wss://x/ws",
             "ws://",
+            "wss://",
             "quic://",
             "quic://host:notaport",
             "quic://[::1",

@@ -58,10 +58,14 @@ const ADMIN_CONNECTIONS_MAX: usize = 256;
 /// connection gets its 503 and is closed without waiting for the client's request.
 const LINGERING_REFUSALS_MAX: usize = 256;
 
+/// Accepts connections on `listener` until shutdown, each served by its own task; with
+/// `tls`, the TLS handshake comes first (within the same `http_header_timeout_ms` as the
+/// request head).
 pub(crate) async fn accept_http(
     node: Arc<HttpService>,
     listener: TcpListener,
     kind: HttpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     tracker: TaskTracker,
 ) {
     let admin_connections = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS_MAX));
@@ -104,25 +108,76 @@ pub(crate) async fn accept_http(
         };
         let node = node.clone();
         let conn_tracker = tracker.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
             let _admin_permit = admin_permit;
             let header_timeout =
                 Duration::from_millis(node.edge.ctx.config.limits.http_header_timeout_ms);
-            let service = hyper::service::service_fn(move |request| {
-                let node = node.clone();
-                let tracker = conn_tracker.clone();
-                let slot = slot.clone();
-                async move { Ok::<_, Infallible>(route(node, kind, slot, tracker, request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "http connection ended with error");
+            match tls {
+                None => {
+                    Box::pin(serve_http(
+                        node,
+                        kind,
+                        slot,
+                        conn_tracker,
+                        header_timeout,
+                        stream,
+                    ))
+                    .await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            Box::pin(serve_http(
+                                node,
+                                kind,
+                                slot,
+                                conn_tracker,
+                                header_timeout,
+                                stream,
+                            ))
+                            .await
+                        }
+                        Ok(Err(error)) => {
+                            metrics::counter!("chorus_tls_handshakes_failed_total").increment(1);
+                            tracing::debug!(%error, "client TLS handshake failed");
+                        }
+                        Err(_) => {
+                            metrics::counter!("chorus_tls_handshakes_failed_total").increment(1);
+                            tracing::debug!("client TLS handshake timed out");
+                        }
+                    }
+                }
             }
         });
+    }
+}
+
+/// Serves one HTTP/1.1 connection (plain or TLS) with upgrades.
+async fn serve_http<I>(
+    node: Arc<HttpService>,
+    kind: HttpListener,
+    slot: Option<SharedSlot>,
+    tracker: TaskTracker,
+    header_timeout: Duration,
+    io: I,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let node = node.clone();
+        let tracker = tracker.clone();
+        let slot = slot.clone();
+        // Boxed: the route's future is deep, and this one is built for two stream types.
+        async move { Ok::<_, Infallible>(Box::pin(route(node, kind, slot, tracker, request)).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, "http connection ended with error");
     }
 }
 

@@ -45,6 +45,7 @@ use crate::config::NodeConfig;
 use crate::server::admin::readiness;
 use crate::server::admin::routes::Admin;
 use crate::server::common::analytics::FileAnalytics;
+use crate::server::common::client_tls::ReloadingCert;
 use crate::server::common::codec::{encode, split_request, Domain};
 use crate::server::common::group_commit::GroupCommit;
 use crate::server::context::NodeContext;
@@ -121,6 +122,9 @@ pub enum ServeError {
     /// Certificates could not be prepared.
     #[error(transparent)]
     Tls(#[from] chorus_cluster::tls::TlsError),
+    /// The client TLS certificate or key (`--tls-cert`, `--tls-key`) could not be used.
+    #[error("client TLS: {0}")]
+    ClientTls(String),
     /// The QUIC endpoint could not be configured.
     #[error("QUIC setup: {0}")]
     Quic(String),
@@ -368,6 +372,16 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         flag: "quic-addr",
         source,
     })?;
+    // Client TLS first: a bad certificate or key stops the start with its reason.
+    let client_tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            ReloadingCert::load(cert, key).map_err(ServeError::ClientTls)?,
+        )),
+        _ => None,
+    };
+    let tls_acceptor = client_tls
+        .as_ref()
+        .map(|cert| tokio_rustls::TlsAcceptor::from(Arc::new(cert.server_config())));
     let listener = TcpListener::bind(config.http_addr)
         .await
         .map_err(|source| ServeError::Bind {
@@ -429,12 +443,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let starting_http = tokio::spawn(readiness::serve_while_starting(
         listener,
         config.node_name.clone(),
+        tls_acceptor.clone(),
         starting.clone(),
     ));
     let starting_admin = admin_listener.map(|listener| {
         tokio::spawn(readiness::serve_while_starting(
             listener,
             config.node_name.clone(),
+            None,
             starting.clone(),
         ))
     });
@@ -573,13 +589,19 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         http.clone(),
         listener,
         HttpListener::Public,
+        tls_acceptor,
         tracker.clone(),
     ));
+    if let Some(cert) = client_tls {
+        let interval = Duration::from_millis(node.ctx.config.tls_reload_interval_ms);
+        tracker.spawn(cert.watch(interval, node.ctx.shutdown.clone()));
+    }
     if let Some(listener) = admin_listener {
         tracker.spawn(accept_http(
             http.clone(),
             listener,
             HttpListener::Admin,
+            None,
             tracker.clone(),
         ));
     }

@@ -132,6 +132,7 @@ fn starting_response(request: &Request<Incoming>, node_name: &str) -> HttpRespon
 pub async fn serve_while_starting(
     listener: TcpListener,
     node_name: String,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     done: CancellationToken,
 ) -> TcpListener {
     let tracker = TaskTracker::new();
@@ -149,18 +150,38 @@ pub async fn serve_while_starting(
             },
         };
         let node_name = node_name.clone();
-        tracker.spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let response = starting_response(&request, &node_name);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            // Bounded: a client that never sends its request does not hold this task.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
-        });
+        let tls = tls.clone();
+        // Bounded: a client that never shakes hands or sends its request does not hold
+        // this task.
+        tracker.spawn(tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            async move {
+                match tls {
+                    None => answer_starting(stream, node_name).await,
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            answer_starting(stream, node_name).await;
+                        }
+                    }
+                }
+            },
+        ));
     }
     tracker.close();
     listener
+}
+
+/// Answers one connection while the node starts (health, not ready).
+async fn answer_starting<I>(io: I, node_name: Arc<str>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let response = starting_response(&request, &node_name);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
 }

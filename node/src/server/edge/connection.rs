@@ -1068,7 +1068,6 @@ impl Connection {
                 }
             }
             ClientRequest::RoomMembers(r) => {
-                self.require_member(session, &r.room_id)?;
                 let op = RoomOp::Members {
                     after: r.after,
                     limit: r.limit.map_or(MEMBERS_PAGE_DEFAULT, |l| l as usize),
@@ -1079,7 +1078,6 @@ impl Connection {
                 }
             }
             ClientRequest::RoomStage(r) => {
-                self.require_member(session, &r.room_id)?;
                 match node
                     .rooms
                     .room_op(session, &r.room_id, RoomOp::StageInfo { user })
@@ -1118,7 +1116,9 @@ impl Connection {
         }
     }
 
-    /// A stage change by a member of the room.
+    /// A stage change: what a user does as itself (its hand, its invitation, its own
+    /// microphone) needs this session in the room; the room's owner checks the role, and
+    /// the host and moderators moderate from outside the room too (docs/protocol.md §6.10).
     async fn stage(
         &self,
         node: &Edge,
@@ -1127,7 +1127,17 @@ impl Connection {
         user: String,
         command: StageCommand,
     ) -> Result<(), ErrorBody> {
-        self.require_member(session, room_id)?;
+        let as_itself = match &command {
+            StageCommand::Hand { .. } | StageCommand::InviteAnswer { .. } => true,
+            StageCommand::Mute { user: target, .. } => target.as_ref().is_none_or(|t| *t == user),
+            StageCommand::SetRole { .. }
+            | StageCommand::Invite { .. }
+            | StageCommand::Kick { .. }
+            | StageCommand::Block { .. } => false,
+        };
+        if as_itself {
+            self.require_member(session, room_id)?;
+        }
         node.rooms
             .room_op(session, room_id, RoomOp::Stage { user, command })
             .await?;
