@@ -892,3 +892,131 @@ async fn users_interested_through_any_node_hear_the_room_go_live() {
         assert_eq!(live, room);
     }
 }
+
+/// Every page of `room.list` in `state`, three rooms at a time.
+async fn list_all(
+    client: &Client,
+    state: Option<chorus_protocol::RoomState>,
+) -> Vec<chorus_protocol::RoomListEntry> {
+    let mut rooms = Vec::new();
+    let mut after = None;
+    loop {
+        let page = client
+            .request(chorus_protocol::RoomListRequest {
+                state,
+                after: after.take(),
+                limit: Some(3),
+            })
+            .await
+            .expect("room.list");
+        assert!(page.rooms.len() <= 3);
+        rooms.extend(page.rooms);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return rooms,
+        }
+    }
+}
+
+/// `room.list`: every node lists the same open rooms, newest first, page by page, with
+/// listener counts from each room's owner; an ended room leaves the list; the CLI lists
+/// them too.
+#[tokio::test]
+async fn every_node_lists_the_same_rooms_with_their_listener_counts() {
+    use chorus_protocol::{RoomEndRequest, RoomListRequest, RoomState};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = three_node_cluster(dir.path()).await;
+    let hosts: Vec<_> = futures_util::future::join_all(nodes.iter().map(|n| async move {
+        let url = n.ws_url();
+        n.client(&url, "host").await
+    }))
+    .await;
+    let mut created = Vec::new();
+    for i in 0..7 {
+        created.push(create_room(&hosts[i % 3], &format!("room {i}")).await);
+    }
+    let later = chorus_actors::room_actor::unix_now_ms() + 3_600_000;
+    let scheduled = common::create_scheduled_room(&hosts[0], "later", later).await;
+    // Two listeners, on two nodes, in room 2.
+    let listeners = [
+        nodes[1].client(&nodes[1].ws_url(), "l1").await,
+        nodes[2].client(&nodes[2].quic_url(), "l2").await,
+    ];
+    for l in &listeners {
+        join(l, &created[2]).await;
+    }
+    // Every node, once its list has caught up, lists all eight, newest first.
+    for (i, host) in hosts.iter().enumerate() {
+        eventually(&format!("node {i} lists every room"), || async {
+            list_all(host, None).await.len() == 8
+        })
+        .await;
+        let rooms = list_all(host, None).await;
+        let mut sorted = rooms.clone();
+        sorted.sort_by_key(|r| (std::cmp::Reverse(r.created_at_ms), r.room_id.clone()));
+        assert_eq!(rooms, sorted, "newest first");
+        let busy = rooms
+            .iter()
+            .find(|r| r.room_id == created[2])
+            .expect("room 2");
+        assert_eq!(busy.listener_count, Some(2), "node {i}: {busy:?}");
+        assert_eq!(busy.title, "room 2");
+        assert_eq!(busy.host, "host");
+        let quiet = rooms
+            .iter()
+            .find(|r| r.room_id == created[5])
+            .expect("room 5");
+        assert_eq!(quiet.listener_count, Some(0));
+        let only_scheduled = list_all(host, Some(RoomState::Scheduled)).await;
+        assert_eq!(only_scheduled.len(), 1);
+        assert_eq!(only_scheduled[0].room_id, scheduled);
+        assert_eq!(list_all(host, Some(RoomState::Live)).await.len(), 7);
+    }
+    // An ended room leaves every node's list.
+    hosts[0]
+        .request(RoomEndRequest {
+            room_id: created[4].clone(),
+        })
+        .await
+        .expect("end");
+    for (i, host) in hosts.iter().enumerate() {
+        eventually(&format!("node {i} drops the ended room"), || async {
+            let rooms = list_all(host, None).await;
+            rooms.len() == 7 && !rooms.iter().any(|r| r.room_id == created[4])
+        })
+        .await;
+    }
+    // A cursor that is not one: a clear refusal.
+    let refused = hosts[1]
+        .request(RoomListRequest {
+            state: None,
+            after: Some("nonsense".into()),
+            limit: None,
+        })
+        .await
+        .expect_err("a bad cursor");
+    assert!(refused.to_string().contains("cursor"), "{refused}");
+    // The CLI.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args([
+            "client",
+            "--url",
+            &nodes[2].ws_url(),
+            "--user",
+            "viewer",
+            "rooms",
+            "--state",
+            "live",
+        ])
+        .env("CHORUS_LOG", "warn")
+        .output()
+        .await
+        .expect("chorus client rooms");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let page: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON line");
+    assert_eq!(page["rooms"].as_array().map(Vec::len), Some(6), "{page}");
+}

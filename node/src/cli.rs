@@ -27,7 +27,7 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Print a client token (JWT, HS256) for development.
     Token(TokenArgs),
-    /// Act as a client: rooms (create-room, join, info, members, end, summary), comments and
+    /// Act as a client: rooms (rooms, create-room, join, info, members, end, summary), comments and
     /// reactions (say, react, bullet), the stage (raise-hand, invite, mute, kick, …), polls,
     /// voice (speak, listen), quiz answers, rain grabs and voice messages (vm send, vm inbox,
     /// vm fetch, …). `chorus client --help` lists all.

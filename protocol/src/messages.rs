@@ -321,6 +321,61 @@ pub struct RoomLiveEvent {
     pub host: UserId,
 }
 
+/// `room.list` body: a page of the cluster's rooms that are live or scheduled, newest
+/// first (by creation time, then room id). Any node answers for the whole cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomListRequest {
+    /// Only rooms in this state: `live` or `scheduled` (`ended` is refused with `4003`).
+    /// Default: both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<RoomState>,
+    /// Continue after this cursor: the previous page's `next`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Rooms in the page, 1 to [`ROOM_LIST_PAGE_MAX`]; default 20 (larger values are
+    /// capped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// Most rooms in one `room.list` page.
+pub const ROOM_LIST_PAGE_MAX: u32 = 50;
+
+/// One room in a `room.list` page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomListEntry {
+    /// Room id.
+    pub room_id: RoomId,
+    /// Title.
+    pub title: String,
+    /// The host.
+    pub host: UserId,
+    /// `live` or `scheduled`.
+    pub state: RoomState,
+    /// Scheduled start, ms since the epoch, if the room was created with one.
+    #[serde(default)]
+    pub scheduled_start_ms: Option<u64>,
+    /// When it went live, ms since the epoch.
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: u64,
+    /// Listeners (distinct users) in the room now, from its owner; `null` when the owner
+    /// did not answer in time.
+    #[serde(default)]
+    pub listener_count: Option<u64>,
+}
+
+/// Response to `room.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomListResponse {
+    /// The page, newest first.
+    pub rooms: Vec<RoomListEntry>,
+    /// The `after` of the next page; `null` on the last.
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
 /// `room.summary` body: read the room's totals (R10).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomSummaryRequest {
@@ -999,6 +1054,8 @@ request_table! {
     RoomInterest = "room.interest": RoomInterestRequest => RoomInterestResponse,
     /// `room.summary`
     RoomSummary = "room.summary": RoomSummaryRequest => RoomSummary,
+    /// `room.list`
+    RoomList = "room.list": RoomListRequest => RoomListResponse,
     /// `room.invite_users`
     RoomInviteUsers = "room.invite_users": RoomInviteUsersRequest => Empty,
     /// `room.poll_create`
@@ -1066,6 +1123,7 @@ request_kinds! {
     RoomMembersRequest = "room.members" => RoomMembersResponse,
     RoomInterestRequest = "room.interest" => RoomInterestResponse,
     RoomSummaryRequest = "room.summary" => RoomSummary,
+    RoomListRequest = "room.list" => RoomListResponse,
     RoomInviteUsersRequest = "room.invite_users" => Empty,
     RoomPollCreateRequest = "room.poll_create" => PollInfo,
     RoomVoteRequest = "room.vote" => Empty,
@@ -1300,6 +1358,7 @@ mod tests {
             RoomMembersRequest::KIND,
             RoomInterestRequest::KIND,
             RoomSummaryRequest::KIND,
+            RoomListRequest::KIND,
             RoomInviteUsersRequest::KIND,
             RoomPollCreateRequest::KIND,
             RoomVoteRequest::KIND,

@@ -633,6 +633,42 @@ async def run(args: argparse.Namespace) -> None:
 
     await step("3 QUIC/MessagePack: auth C, room.join", c3)
 
+    # 3l. room.list (§6.13a): the room is listed, newest first, with its listener count,
+    # on WebSocket/JSON and on QUIC; pages follow `next`; a bad cursor is 4003.
+    async def c3l():
+        room_id = state.get("room_id")
+        require(room_id is not None, "no room")
+        found = None
+        for x in (a, c):
+            rooms, after, pages = [], None, 0
+            while True:
+                body = {"limit": 2} if after is None else {"limit": 2, "after": after}
+                page = await x.ok("room.list", body)
+                require(isinstance(page.get("rooms"), list), f"{x.name}: room.list ok lacks rooms: {page}")
+                require(len(page["rooms"]) <= 2, f"{x.name}: a page of {len(page['rooms'])} over limit 2")
+                rooms += page["rooms"]
+                pages += 1
+                after = page.get("next")
+                if after is None or pages >= 500:
+                    break
+                require(isinstance(after, str), f"{x.name}: next {after!r}")
+            keys = [(-r["created_at_ms"], r["room_id"]) for r in rooms]
+            require(keys == sorted(keys), f"{x.name}: not newest first")
+            mine = [r for r in rooms if r.get("room_id") == room_id]
+            require(len(mine) == 1, f"{x.name}: the room is listed {len(mine)} times")
+            entry = mine[0]
+            for field in ("title", "host", "state", "created_at_ms", "listener_count"):
+                require(field in entry, f"{x.name}: entry lacks {field}: {entry}")
+            require(entry["state"] == "live", f"{x.name}: state {entry['state']!r}")
+            require(entry["host"] == users["a"], f"{x.name}: host {entry['host']!r}")
+            require(entry["listener_count"] == 3, f"{x.name}: listener_count {entry['listener_count']!r}, 3 joined")
+            found = entry
+        bad = await b.error("room.list", {"after": "not a cursor"})
+        require(bad.get("code") == 4003, f"a bad cursor answered {bad}")
+        return f"listed with listener_count {found['listener_count']} on WebSocket/JSON and QUIC"
+
+    await step("3l room.list: listed newest first with its listener count, pages, bad cursor", c3l)
+
     # 4. comments fan out across transports, one order for everyone
     async def c4():
         room_id = state.get("room_id")

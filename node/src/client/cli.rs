@@ -343,6 +343,27 @@ pub enum ClientCommand {
         #[arg(long)]
         limit: Option<u32>,
     },
+    /// List the cluster's live and scheduled rooms, newest first, one page: title, host,
+    /// listener count. Any node answers for the whole cluster.
+    Rooms {
+        /// Only `live` or only `scheduled` rooms (default: both).
+        #[arg(long, value_parser = parse_list_state)]
+        state: Option<chorus_protocol::RoomState>,
+        /// Continue after this cursor: the previous page's `next` (also `--page`).
+        #[arg(long, alias = "page")]
+        after: Option<String>,
+        /// Rooms per page, 1-50 (default 20).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+}
+
+fn parse_list_state(value: &str) -> Result<chorus_protocol::RoomState, String> {
+    match value {
+        "live" => Ok(chorus_protocol::RoomState::Live),
+        "scheduled" => Ok(chorus_protocol::RoomState::Scheduled),
+        other => Err(format!("unknown state {other:?}: live or scheduled")),
+    }
 }
 
 fn parse_role(value: &str) -> Result<Role, String> {
@@ -557,6 +578,21 @@ async fn execute(client: &mut Client, command: ClientCommand) -> anyhow::Result<
                 })
                 .await
                 .context("room.invite_users failed")?;
+            print_json(&response);
+        }
+        ClientCommand::Rooms {
+            state,
+            after,
+            limit,
+        } => {
+            let response = client
+                .request(chorus_protocol::RoomListRequest {
+                    state,
+                    after,
+                    limit,
+                })
+                .await
+                .context("room.list failed")?;
             print_json(&response);
         }
         ClientCommand::Summary { room } => {

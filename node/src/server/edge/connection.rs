@@ -1043,6 +1043,7 @@ impl Connection {
                     .await?;
                 Ok(ok(answer))
             }
+            ClientRequest::RoomList(r) => node.rooms.list_rooms(r).await.map(ok),
             ClientRequest::RoomSummary(r) => {
                 match node
                     .rooms

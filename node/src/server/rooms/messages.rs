@@ -302,6 +302,12 @@ pub enum RoomMessage {
         /// Ids wanted.
         limit: u64,
     },
+    /// The listener counts of these rooms, which this node owns (answered with a
+    /// `Vec<Option<u64>>` in the same order; at most `ROOM_LIST_PAGE_MAX` rooms).
+    ListenerCounts {
+        /// Rooms.
+        room_ids: Vec<String>,
+    },
     /// Another node took over session `session_id` (its client resumed there): end it
     /// here (answered with `Ok(Done)`).
     EndSession {

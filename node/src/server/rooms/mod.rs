@@ -1,4 +1,4 @@
-//! Rooms: routing to owners, activation and recovery, replication, relays and mirrors, upkeep, reactions, bullets, voice, event logs.
+//! Rooms: routing to owners, activation and recovery, replication, relays and mirrors, upkeep, reactions, bullets, voice, event logs, the room list.
 
 pub mod activation;
 pub mod batches;
@@ -6,6 +6,7 @@ pub mod bullets;
 pub mod control;
 pub mod definitions;
 pub mod event_log;
+pub mod list;
 pub mod messages;
 pub mod peer;
 pub mod reactions;

@@ -70,6 +70,9 @@ impl Rooms {
                     .map(|log| log.take(&room_id))
                     .unwrap_or_default(),
             ),
+            Ok(RoomMessage::ListenerCounts { room_ids }) => {
+                encode(&node.listener_counts_here(&room_ids).await)
+            }
             Ok(RoomMessage::EndSession { session_id }) => {
                 node.end_session_resumed_elsewhere(&session_id).await;
                 encode(&Ok::<RoomOpReply, ErrorBody>(RoomOpReply::Done))

@@ -47,6 +47,8 @@ pub struct Rooms {
     pub relays: Mutex<HashMap<u64, Arc<EdgeRelay>>>,
     /// Replicates room states to other nodes (shared with the room directory).
     pub replicator: Arc<NodeReplicator>,
+    /// The open rooms, for `room.list`.
+    pub catalog: crate::server::rooms::list::RoomCatalog,
     /// This, for tasks that outlive a call.
     pub this: Weak<Rooms>,
 }
@@ -84,6 +86,7 @@ impl Rooms {
             event_log: OnceLock::new(),
             owned_epochs,
             relays: Mutex::new(HashMap::new()),
+            catalog: Default::default(),
             this: this.clone(),
             ctx,
         })
