@@ -1,6 +1,7 @@
 //! The node's HTTP listeners: the public one (`--http-addr`: `/ws` and `/ws/echo`
-//! upgrades, `/healthz`, `/readyz`, and `/admin/*` and `/metrics` unless they have their
-//! own) and the admin one (`--admin-addr`: admin, metrics and health).
+//! upgrades, the web app at `/` (`web`), `/vm/<id>`, `/healthz`, `/readyz`, and `/admin/*`
+//! and `/metrics` unless they have their own) and the admin one (`--admin-addr`: admin,
+//! metrics and health).
 //!
 //! **Boundary:** budgets before trust. A client TCP connection holds one of
 //! `connections_max` places (50,000) from its accept, so unfinished HTTP heads and
@@ -31,6 +32,7 @@ use crate::server::common::http::{text, HttpResponse};
 use crate::server::edge::budget::BudgetedRead;
 use crate::server::edge::service::{ConnectionSlot, Edge, SharedSlot};
 use crate::server::edge::{connection, ws};
+use crate::server::web;
 
 /// Message size accepted on `/ws/echo` (the Autobahn cases send up to 16 MiB).
 const ECHO_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -228,7 +230,13 @@ async fn route(
     // With an admin listener, admin and metrics are served only there; clients only here.
     let admin_here = kind == HttpListener::Admin || node.edge.ctx.config.admin_addr.is_none();
     let is_admin_route = path == "/metrics" || path.starts_with("/admin/");
-    let is_client_route = path == "/ws" || path == "/ws/echo" || path.starts_with("/vm/");
+    let is_client_route = path == "/ws"
+        || path == "/ws/echo"
+        || path.starts_with("/vm/")
+        || path == "/"
+        || path == "/index.html"
+        || path.starts_with("/app/")
+        || path == "/dev/token";
     if (is_admin_route && !admin_here) || (is_client_route && kind == HttpListener::Admin) {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
@@ -249,6 +257,10 @@ async fn route(
             );
             response
         }
+        (&Method::GET, "/" | "/index.html") => web::index(),
+        (&Method::GET, path) if path.starts_with("/app/") => web::asset(path),
+        (&Method::GET, "/dev/token") => web::dev_token_status(&node.edge),
+        (&Method::POST, "/dev/token") => web::dev_token(&node.edge, request).await,
         (&Method::GET, "/ws") => upgrade(node, tracker, slot, request, false),
         (&Method::GET, "/ws/echo") => upgrade(node, tracker, slot, request, true),
         (&Method::GET, path) if path.starts_with("/vm/") => voice_message(&node, &request).await,

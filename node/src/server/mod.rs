@@ -26,5 +26,6 @@ pub mod rain;
 pub mod rooms;
 pub mod sessions;
 pub mod voicemail;
+pub mod web;
 
 pub use node::{start, Node, RunningNode, ServeError, StopOutcome, STOP_NOW_FLUSH_TIMEOUT_MS};

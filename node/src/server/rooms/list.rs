@@ -1,9 +1,9 @@
 //! `room.list`: the cluster's live and scheduled rooms, newest first, from any node.
 //!
 //! Every node holds every room definition (they are in the Raft metadata), so the list
-//! itself is local: a catalog of the open rooms, sorted by (creation time descending,
-//! room id), rebuilt from the metadata when it has changed, at most once per
-//! [`CATALOG_REFRESH_MS`] (so a room created or ended shows within about a second). A
+//! itself is local: a catalog of the open rooms (`rooms::catalog`), sorted by (creation
+//! time descending, room id), rebuilt from the metadata when it has changed, at most once
+//! a second (so a room created or ended shows within about a second). A
 //! rebuild decodes the definitions once: O(rooms defined) per second at most, on the node
 //! asked. A page is a binary search and at most [`ROOM_LIST_PAGE_MAX`] entries.
 //!
@@ -13,116 +13,25 @@
 //! without starting any (a room not running has nobody in it). An owner that does not
 //! answer in time leaves its rooms' counts `null`.
 
-use std::cmp::Reverse;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chorus_actors::room::RoomDefinition;
 use chorus_actors::room_actor::RoomMsg;
-use chorus_cluster::metadata::{ClusterMetadata, NodeId};
+use chorus_cluster::metadata::NodeId;
 use chorus_protocol::{
     ErrorBody, ErrorCode, RoomListEntry, RoomListRequest, RoomListResponse, RoomState,
     ROOM_LIST_PAGE_MAX,
 };
 
 use crate::server::common::codec::{decode, request, Domain};
-use crate::server::common::keys::{room_key, ActorKey};
+use crate::server::rooms::catalog::{page, parse_cursor};
 use crate::server::rooms::messages::RoomMessage;
 use crate::server::rooms::service::Rooms;
-
-/// Least time between two rebuilds of a node's catalog, ms.
-pub const CATALOG_REFRESH_MS: u64 = 1_000;
 /// How long the listing node waits for an owner's listener counts, ms.
 pub const LISTENER_COUNTS_TIMEOUT_MS: u64 = 1_000;
 /// Rooms in a page when the request names no limit.
 pub const ROOM_LIST_PAGE_DEFAULT: u32 = 20;
-
-/// The open rooms, sorted for `room.list`.
-#[derive(Default)]
-pub struct RoomCatalog {
-    cached: Mutex<Option<Cached>>,
-}
-
-struct Cached {
-    metadata: Arc<ClusterMetadata>,
-    built: Instant,
-    rooms: Arc<Vec<RoomDefinition>>,
-}
-
-/// The sort key: newest first, then by id.
-fn order(room: &RoomDefinition) -> (Reverse<u64>, &str) {
-    (Reverse(room.created_at_ms), room.room_id.as_str())
-}
-
-impl RoomCatalog {
-    /// The open rooms as of `metadata` (or of a build less than a refresh ago).
-    fn rooms(&self, metadata: Arc<ClusterMetadata>) -> Arc<Vec<RoomDefinition>> {
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cached.as_ref() {
-            let fresh = c.built.elapsed() < Duration::from_millis(CATALOG_REFRESH_MS);
-            if Arc::ptr_eq(&c.metadata, &metadata) || fresh {
-                return c.rooms.clone();
-            }
-        }
-        let mut rooms: Vec<RoomDefinition> = metadata
-            .definitions
-            .range(room_key("")..)
-            .take_while(|(key, _)| matches!(ActorKey::parse(key), Some(ActorKey::Room(_))))
-            .filter_map(|(_, bytes)| rmp_serde::from_slice::<RoomDefinition>(bytes).ok())
-            .filter(|room| room.state != RoomState::Ended)
-            .collect();
-        rooms.sort_by(|a, b| order(a).cmp(&order(b)));
-        let rooms = Arc::new(rooms);
-        *cached = Some(Cached {
-            metadata,
-            built: Instant::now(),
-            rooms: rooms.clone(),
-        });
-        rooms
-    }
-}
-
-/// The cursor of the entry `room`: `<created_at_ms>:<room_id>`.
-fn cursor(room: &RoomDefinition) -> String {
-    format!("{}:{}", room.created_at_ms, room.room_id)
-}
-
-fn parse_cursor(after: &str) -> Option<(u64, &str)> {
-    let (at, id) = after.split_once(':')?;
-    Some((at.parse().ok()?, id))
-}
-
-/// One page of `rooms` (sorted by [`order`]) after `after`, in `state` if given.
-fn page<'a>(
-    rooms: &'a [RoomDefinition],
-    state: Option<RoomState>,
-    after: Option<(u64, &str)>,
-    limit: usize,
-) -> (Vec<&'a RoomDefinition>, Option<String>) {
-    let start = match after {
-        Some((at, id)) => rooms.partition_point(|r| order(r) <= (Reverse(at), id)),
-        None => 0,
-    };
-    let mut taken = Vec::with_capacity(limit);
-    let mut more = false;
-    for room in rooms[start..]
-        .iter()
-        .filter(|r| state.is_none_or(|s| r.state == s))
-    {
-        if taken.len() == limit {
-            more = true;
-            break;
-        }
-        taken.push(room);
-    }
-    let next = if more {
-        taken.last().map(|r| cursor(r))
-    } else {
-        None
-    };
-    (taken, next)
-}
 
 impl Rooms {
     /// Answers `room.list` for the whole cluster.
@@ -222,59 +131,5 @@ impl Rooms {
             counts.push(count);
         }
         counts
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn room(id: &str, at: u64, state: RoomState) -> RoomDefinition {
-        RoomDefinition {
-            room_id: id.into(),
-            title: id.into(),
-            host: "h".into(),
-            scheduled_start_ms: None,
-            created_at_ms: at,
-            state,
-            ended_at_ms: None,
-            started_at_ms: None,
-        }
-    }
-
-    #[test]
-    fn pages_walk_newest_first_without_gaps_or_repeats() {
-        let mut rooms: Vec<RoomDefinition> = (0..25)
-            .map(|i| {
-                let state = if i % 3 == 0 {
-                    RoomState::Scheduled
-                } else {
-                    RoomState::Live
-                };
-                // Two rooms per millisecond: ties go by id.
-                room(&format!("r-{i:02}"), 1_000 + i / 2, state)
-            })
-            .collect();
-        rooms.sort_by(|a, b| order(a).cmp(&order(b)));
-        for state in [None, Some(RoomState::Live), Some(RoomState::Scheduled)] {
-            let mut seen = Vec::new();
-            let mut after = None;
-            loop {
-                let parsed = after.as_deref().and_then(parse_cursor);
-                let (taken, next) = page(&rooms, state, parsed, 4);
-                seen.extend(taken.iter().map(|r| r.room_id.clone()));
-                match next {
-                    Some(next) => after = Some(next),
-                    None => break,
-                }
-            }
-            let expected: Vec<String> = rooms
-                .iter()
-                .filter(|r| state.is_none_or(|s| r.state == s))
-                .map(|r| r.room_id.clone())
-                .collect();
-            assert_eq!(seen, expected, "{state:?}");
-        }
-        assert_eq!(rooms[0].room_id, "r-24", "the newest first");
     }
 }

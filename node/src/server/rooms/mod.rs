@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod batches;
 pub mod bullets;
+pub mod catalog;
 pub mod control;
 pub mod definitions;
 pub mod event_log;

@@ -48,7 +48,7 @@ pub struct Rooms {
     /// Replicates room states to other nodes (shared with the room directory).
     pub replicator: Arc<NodeReplicator>,
     /// The open rooms, for `room.list`.
-    pub catalog: crate::server::rooms::list::RoomCatalog,
+    pub catalog: crate::server::rooms::catalog::RoomCatalog,
     /// This, for tasks that outlive a call.
     pub this: Weak<Rooms>,
 }

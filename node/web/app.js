@@ -1,0 +1,452 @@
+// The Chorus web app: sign in, discover rooms, and take part in one (comments,
+// reactions, bullets, the stage). Plain ES modules, no build step; served by every node
+// from files embedded in the `chorus` binary.
+
+import { ChorusClient, describe } from "./client.js";
+
+const $ = (id) => document.getElementById(id);
+const ROOM_PAGE = 20;
+const COMMENTS_SHOWN_MAX = 500;
+
+const app = {
+  client: null,
+  user: null,
+  token: null,
+  room: null, // the open room's state
+  listAfter: null,
+};
+
+// ------------------------------------------------------------------ helpers --
+
+function showError(error) {
+  const box = $("error");
+  box.textContent = describe(error);
+  box.hidden = false;
+  clearTimeout(showError.timer);
+  showError.timer = setTimeout(() => { box.hidden = true; }, 8000);
+}
+
+function clearError() {
+  $("error").hidden = true;
+}
+
+function show(section) {
+  for (const id of ["signin", "rooms", "room"]) $(id).hidden = id !== section;
+}
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (k === "text") node.textContent = v;
+    else node.setAttribute(k, v);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+async function guarded(action) {
+  try {
+    clearError();
+    return await action();
+  } catch (error) {
+    showError(error);
+    return undefined;
+  }
+}
+
+function randomId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function wsUrl() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}/ws`;
+}
+
+// ------------------------------------------------------------------ sign-in --
+
+async function devToken(user) {
+  const response = await fetch("/dev/token", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ user }),
+  });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.error || `the node refused (${response.status})`);
+  return body.token;
+}
+
+function tokenUser(token) {
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(payload)).sub || "?";
+  } catch {
+    return "?";
+  }
+}
+
+async function signIn(user, token) {
+  app.user = user;
+  app.token = token;
+  const client = new ChorusClient({
+    url: wsUrl(),
+    // A development token is minted again on each reconnect; a pasted one is reused.
+    token: async () => (app.devUser ? devToken(app.devUser) : app.token),
+  });
+  client.addEventListener("state", (e) => renderState(e.detail));
+  client.addEventListener("notification", (e) => onNotification(e.detail.kind, e.detail.body));
+  client.addEventListener("resync", () => rejoinAfterResync());
+  app.client = client;
+  await client.connect();
+  $("who").textContent = `Signed in as ${client.auth.user_id}`;
+  $("signout").hidden = false;
+  sessionStorage.setItem("chorus.signin", JSON.stringify({ devUser: app.devUser || null, token: app.devUser ? null : token }));
+  show("rooms");
+  await loadRooms(true);
+}
+
+function renderState({ state, node, reason }) {
+  const badge = $("conn");
+  badge.dataset.state = state;
+  badge.textContent = {
+    idle: "not connected",
+    connecting: "connecting…",
+    live: node ? `live · ${node}` : "live",
+    reconnecting: "reconnecting…",
+    closed: reason ? `disconnected: ${reason}` : "disconnected",
+  }[state] || state;
+}
+
+$("dev-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const user = $("dev-user").value.trim();
+  guarded(async () => {
+    const token = await devToken(user);
+    app.devUser = user;
+    await signIn(user, token);
+  });
+});
+
+$("token-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const token = $("token").value.trim();
+  guarded(async () => {
+    app.devUser = null;
+    await signIn(tokenUser(token), token);
+  });
+});
+
+$("signout").addEventListener("click", () => {
+  if (app.client) app.client.close();
+  app.client = null;
+  app.room = null;
+  sessionStorage.removeItem("chorus.signin");
+  $("who").textContent = "";
+  $("signout").hidden = true;
+  show("signin");
+});
+
+// -------------------------------------------------------------------- rooms --
+
+async function loadRooms(fresh) {
+  const body = { limit: ROOM_PAGE };
+  const state = $("list-state").value;
+  if (state) body.state = state;
+  if (!fresh && app.listAfter) body.after = app.listAfter;
+  // The list changes only when the answer is here: no flicker, no empty moment.
+  const page = await app.client.request("room.list", body);
+  const items = page.rooms.map(roomItem);
+  if (fresh) {
+    if (items.length === 0) items.push(el("li", { class: "meta", text: "No rooms yet: create one." }));
+    $("room-list").replaceChildren(...items);
+  } else {
+    $("room-list").append(...items);
+  }
+  app.listAfter = page.next;
+  $("more").hidden = !page.next;
+  $("room-list").dataset.loaded = String(Date.now());
+}
+
+function roomItem(room) {
+  const listeners = room.listener_count === null || room.listener_count === undefined
+    ? "?" : String(room.listener_count);
+  const when = room.state === "scheduled" && room.scheduled_start_ms
+    ? `starts ${new Date(room.scheduled_start_ms).toLocaleString()}` : room.state;
+  return el("li", { "data-room": room.room_id },
+    el("span", { class: "title", text: room.title }),
+    el("span", { class: "meta", text: `${room.host} · ${when} · ${listeners} listening` }),
+    el("button", { type: "button", onclick: () => guarded(() => openRoom(room.room_id)), "aria-label": `Join ${room.title}` }, "Join"),
+  );
+}
+
+$("refresh").addEventListener("click", () => guarded(() => loadRooms(true)));
+$("list-state").addEventListener("change", () => guarded(() => loadRooms(true)));
+$("more").addEventListener("click", () => guarded(() => loadRooms(false)));
+
+$("create-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const title = $("create-title").value.trim();
+  guarded(async () => {
+    const ok = await app.client.request("room.create", { title });
+    $("create-title").value = "";
+    await openRoom(ok.room_id);
+  });
+});
+
+// --------------------------------------------------------------------- room --
+
+async function openRoom(roomId) {
+  const joined = await app.client.join(roomId);
+  app.room = {
+    id: roomId,
+    info: joined.room,
+    role: joined.role,
+    stage: joined.stage,
+    comments: new Map(),
+    reactions: {},
+    speaking: new Set(),
+  };
+  for (const c of joined.recent_comments || []) app.room.comments.set(c.comment_id, c);
+  show("room");
+  renderRoomHead();
+  renderStage();
+  renderComments();
+  renderReactions();
+  $("comment-text").focus();
+}
+
+function isModerator() {
+  const r = app.room;
+  if (!r) return false;
+  const me = app.client.auth.user_id;
+  return r.stage.host === me || (r.stage.moderators || []).includes(me);
+}
+
+function roleOf(user) {
+  const s = app.room.stage;
+  if (s.host === user) return "host";
+  if ((s.moderators || []).includes(user)) return "moderator";
+  if ((s.speakers || []).includes(user)) return "speaker";
+  return "listener";
+}
+
+function renderRoomHead() {
+  const r = app.room;
+  $("room-title").textContent = r.info.title;
+  $("room-host").textContent = r.info.host;
+  $("room-state").textContent = r.info.state;
+  $("listeners").textContent = String(r.info.listener_count);
+  $("end").hidden = r.info.host !== app.client.auth.user_id;
+}
+
+function renderStage() {
+  const r = app.room;
+  const s = r.stage;
+  const me = app.client.auth.user_id;
+  const onStage = [s.host, ...(s.moderators || []), ...(s.speakers || [])];
+  const list = $("stage-list");
+  list.replaceChildren();
+  for (const user of onStage) {
+    const muted = (s.muted || []).includes(user);
+    const item = el("li", { "data-user": user, class: r.speaking.has(user) ? "speaking" : "" },
+      el("span", { text: user }),
+      el("span", { class: "role", text: roleOf(user) + (muted ? " · muted" : "") }),
+    );
+    if (isModerator() && user !== s.host && user !== me && !muted) {
+      item.append(el("button", { type: "button", "aria-label": `Mute ${user}`, onclick: () => stageAction("room.mute", { user_id: user, muted: true }) }, "Mute"));
+    }
+    if (isModerator() && user !== s.host && user !== me && roleOf(user) === "speaker") {
+      item.append(el("button", { type: "button", "aria-label": `Move ${user} to the audience`, onclick: () => stageAction("room.set_role", { user_id: user, role: "listener" }) }, "To audience"));
+    }
+    list.append(item);
+  }
+  const listener = roleOf(me) === "listener";
+  const raised = (s.hands || []).includes(me) || r.handRaised;
+  $("hand").hidden = !listener;
+  $("hand").textContent = raised ? "Lower hand" : "Raise hand";
+  $("hand").dataset.raised = raised ? "1" : "";
+  const hands = $("hands-list");
+  hands.replaceChildren();
+  $("hands-box").hidden = !isModerator() || (s.hands || []).length === 0;
+  for (const user of s.hands || []) {
+    hands.append(el("li", { "data-hand": user },
+      el("span", { text: user }),
+      el("button", { type: "button", "aria-label": `Invite ${user} to speak`, onclick: () => stageAction("room.invite", { user_id: user }) }, "Invite to speak"),
+      el("button", { type: "button", "aria-label": `Kick ${user}`, onclick: () => stageAction("room.kick", { user_id: user }) }, "Kick"),
+    ));
+  }
+  $("invite-box").hidden = !r.invited;
+}
+
+async function stageAction(kind, body) {
+  await guarded(async () => {
+    await app.client.request(kind, { room_id: app.room.id, ...body });
+    await refreshStage();
+  });
+}
+
+async function refreshStage() {
+  if (!app.room) return;
+  app.room.stage = await app.client.request("room.stage", { room_id: app.room.id });
+  renderStage();
+}
+
+function renderComments() {
+  const list = $("comments");
+  const ids = [...app.room.comments.keys()].sort((a, b) => a - b);
+  const shown = ids.slice(-COMMENTS_SHOWN_MAX);
+  list.replaceChildren(...shown.map((id) => {
+    const c = app.room.comments.get(id);
+    return el("li", { "data-comment": String(id) },
+      el("span", { class: "author", text: c.user_id }),
+      el("span", { class: "text", text: c.text }));
+  }));
+  list.scrollTop = list.scrollHeight;
+}
+
+function renderReactions() {
+  for (const button of document.querySelectorAll(".react")) {
+    button.querySelector("span").textContent = String(app.room.reactions[button.dataset.emoji] || 0);
+  }
+}
+
+function flyBullet(bullet) {
+  const span = el("span", { text: `${bullet.user_id}: ${bullet.text}` });
+  span.style.top = `${Math.floor(Math.random() * 1.2)}rem`;
+  $("bullets").append(span);
+  setTimeout(() => span.remove(), 6500);
+}
+
+function onNotification(kind, body) {
+  const r = app.room;
+  if (!r || (body.room_id && body.room_id !== r.id)) {
+    if (kind === "room.live" && !$("rooms").hidden) guarded(() => loadRooms(true));
+    return;
+  }
+  switch (kind) {
+    case "room.comment":
+      r.comments.set(body.comment_id, body);
+      renderComments();
+      break;
+    case "room.reactions":
+      for (const [emoji, n] of Object.entries(body.counts || {})) r.reactions[emoji] = (r.reactions[emoji] || 0) + n;
+      renderReactions();
+      break;
+    case "room.listeners":
+      r.info.listener_count = body.count;
+      renderRoomHead();
+      break;
+    case "room.bullets":
+      for (const b of body.bullets || []) flyBullet(b);
+      break;
+    case "room.speaking":
+      r.speaking = new Set((body.speakers || []).map((s) => s.user_id));
+      renderStage();
+      break;
+    case "room.stage": {
+      const me = app.client.auth.user_id;
+      if (body.user_id === me && body.action === "invited") r.invited = true;
+      if (body.user_id === me && (body.action === "kicked" || body.action === "blocked")) {
+        showError(new Error(body.action === "kicked" ? "You were removed from the room." : "You were blocked from the room."));
+        leaveRoom(false);
+        return;
+      }
+      if (body.user_id === me && body.action === "hand_raised") r.handRaised = true;
+      if (body.user_id === me && body.action === "hand_lowered") r.handRaised = false;
+      guarded(refreshStage);
+      break;
+    }
+    case "room.ended":
+      showError(new Error(`The room was ended by ${body.by}.`));
+      leaveRoom(false);
+      break;
+    default:
+      break;
+  }
+}
+
+async function rejoinAfterResync() {
+  // A new session is in no room (§5.6): join the open room again.
+  if (app.room) await guarded(() => openRoom(app.room.id));
+}
+
+async function leaveRoom(tell) {
+  const room = app.room;
+  app.room = null;
+  if (tell && room) await guarded(() => app.client.leave(room.id));
+  show("rooms");
+  await guarded(() => loadRooms(true));
+}
+
+$("back").addEventListener("click", () => leaveRoom(true));
+$("end").addEventListener("click", () => {
+  if (!app.room || !confirm("End this room for everyone?")) return;
+  guarded(() => app.client.request("room.end", { room_id: app.room.id }));
+});
+
+$("comment-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const input = $("comment-text");
+  const text = input.value;
+  guarded(async () => {
+    const requestId = randomId();
+    await app.client.request("room.comment", { room_id: app.room.id, text, request_id: requestId });
+    input.value = "";
+  });
+});
+
+$("bullet-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const input = $("bullet-text");
+  guarded(async () => {
+    await app.client.request("room.bullet", { room_id: app.room.id, text: input.value });
+    input.value = "";
+  });
+});
+
+for (const button of document.querySelectorAll(".react")) {
+  button.addEventListener("click", () => guarded(() => app.client.request("room.react", { room_id: app.room.id, emoji: button.dataset.emoji })));
+}
+
+$("hand").addEventListener("click", () => {
+  const raised = !$("hand").dataset.raised;
+  guarded(async () => {
+    await app.client.request("room.hand", { room_id: app.room.id, raised });
+    app.room.handRaised = raised;
+    renderStage();
+  });
+});
+
+for (const [id, accept] of [["accept", true], ["decline", false]]) {
+  $(id).addEventListener("click", () => guarded(async () => {
+    await app.client.request("room.invite_answer", { room_id: app.room.id, accept });
+    app.room.invited = false;
+    await refreshStage();
+  }));
+}
+
+// Test hooks: the browser tests cut the connection as a network would.
+window.chorus = {
+  drop: () => app.client && app.client.drop(),
+  state: () => (app.client ? app.client.state : "idle"),
+};
+
+// Development sign-in only where the node offers it.
+fetch("/dev/token").then((r) => r.json()).then((info) => {
+  $("dev-form").hidden = !info.available;
+}).catch(() => { $("dev-form").hidden = true; });
+
+// Sign in again after a reload.
+const saved = JSON.parse(sessionStorage.getItem("chorus.signin") || "null");
+if (saved && (saved.devUser || saved.token)) {
+  guarded(async () => {
+    app.devUser = saved.devUser;
+    const token = saved.devUser ? await devToken(saved.devUser) : saved.token;
+    await signIn(saved.devUser || tokenUser(token), token);
+  });
+} else {
+  show("signin");
+}

@@ -1,0 +1,173 @@
+// Browser tests of the Chorus web app in real Chromium (playwright-core), against a real
+// cluster that tests/web.rs starts: CHORUS_WEB_URLS is a comma-separated list of node
+// base URLs (http://IP:PORT), CHORUS_WEB_SHOTS the directory for screenshots.
+//
+// Each check is a step; the script exits non-zero at the first failure, and fails on any
+// JavaScript error or console error of any page.
+
+import { chromium } from "playwright-core";
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+
+const urls = (process.env.CHORUS_WEB_URLS || "").split(",").filter(Boolean);
+if (urls.length < 2) throw new Error("CHORUS_WEB_URLS needs at least two node URLs");
+const shots = process.env.CHORUS_WEB_SHOTS || "screenshots";
+mkdirSync(shots, { recursive: true });
+const STEP_MS = 20_000;
+
+const PHONE = { width: 390, height: 844 };
+const DESKTOP = { width: 1280, height: 860 };
+
+const problems = [];
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+  ],
+});
+
+async function person(name, base, viewport) {
+  const context = await browser.newContext({ viewport });
+  const page = await context.newPage();
+  page.on("pageerror", (error) => problems.push(`${name}: page error: ${error.message}`));
+  page.on("console", (message) => {
+    if (message.type() === "error") problems.push(`${name}: console error: ${message.text()}`);
+  });
+  page.setDefaultTimeout(STEP_MS);
+  await page.goto(base + "/");
+  return { name, page, base };
+}
+
+async function shoot(who, screen) {
+  // Each screen at both widths.
+  for (const [label, size] of [["phone", PHONE], ["desktop", DESKTOP]]) {
+    await who.page.setViewportSize(size);
+    await who.page.screenshot({ path: join(shots, `${screen}-${label}.png`), fullPage: true });
+  }
+}
+
+async function signIn(who) {
+  await who.page.getByLabel("Your name").fill(who.name);
+  await who.page.getByRole("button", { name: "Sign in (development)" }).click();
+  await who.page.locator("#conn[data-state=live]").waitFor();
+  await who.page.locator("#rooms").waitFor({ state: "visible" });
+}
+
+async function comments(who) {
+  return who.page.$$eval("#comments li", (items) =>
+    items.map((li) => `${li.dataset.comment}|${li.querySelector(".author").textContent}|${li.querySelector(".text").textContent}`));
+}
+
+async function until(what, check) {
+  const deadline = Date.now() + STEP_MS;
+  for (;;) {
+    if (await check()) return;
+    if (Date.now() > deadline) throw new Error(`timed out: ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+async function say(who, text) {
+  await who.page.getByLabel("Comment", { exact: true }).fill(text);
+  await who.page.getByRole("button", { name: "Send" }).click();
+  await until(`${who.name}'s comment ${text} shows`, async () =>
+    (await comments(who)).some((c) => c.endsWith(`|${who.name}|${text}`)));
+}
+
+const steps = [];
+function step(name, fn) {
+  steps.push([name, fn]);
+}
+
+let alice, bob;
+
+step("sign in on two nodes (alice on desktop, bob on a phone)", async () => {
+  alice = await person("alice", urls[0], DESKTOP);
+  bob = await person("bob", urls[1], PHONE);
+  await shoot(alice, "signin");
+  await signIn(alice);
+  await signIn(bob);
+});
+
+step("alice creates a room; bob finds it in the list and joins", async () => {
+  await alice.page.getByLabel("New room").fill("Browser room");
+  await alice.page.getByRole("button", { name: "Create and join" }).click();
+  await alice.page.locator("#room").waitFor({ state: "visible" });
+  await until("bob's list shows the room", async () => {
+    const before = await bob.page.locator("#room-list").getAttribute("data-loaded");
+    await bob.page.getByRole("button", { name: "Refresh" }).click();
+    // Wait for this refresh's answer before looking.
+    await bob.page.waitForFunction(
+      (b) => document.getElementById("room-list").dataset.loaded !== b, before);
+    return (await bob.page.locator("#room-list li", { hasText: "Browser room" }).count()) > 0;
+  });
+  await shoot(bob, "rooms");
+  await bob.page.getByRole("button", { name: "Join Browser room" }).click();
+  await bob.page.locator("#room").waitFor({ state: "visible" });
+  await until("alice sees two listening", async () =>
+    (await alice.page.locator("#listeners").textContent()) === "2");
+});
+
+step("comments from both browsers arrive in the same order on both", async () => {
+  await say(alice, "hello from alice");
+  await say(bob, "hello from bob");
+  for (let i = 1; i <= 3; i++) await say(i % 2 ? alice : bob, `round ${i}`);
+  await until("five comments on both", async () =>
+    (await comments(alice)).length === 5 && (await comments(bob)).length === 5);
+  const a = await comments(alice);
+  const b = await comments(bob);
+  if (JSON.stringify(a) !== JSON.stringify(b)) throw new Error(`orders differ:\n${a}\n${b}`);
+  const ids = a.map((c) => Number(c.split("|")[0]));
+  if (ids.join() !== "1,2,3,4,5") throw new Error(`comment ids ${ids}`);
+});
+
+step("bob raises his hand; alice invites him to speak; he accepts", async () => {
+  await bob.page.getByRole("button", { name: "Raise hand" }).click();
+  await alice.page.getByRole("button", { name: "Invite bob to speak" }).waitFor();
+  await alice.page.getByRole("button", { name: "Invite bob to speak" }).click();
+  await bob.page.locator("#invite-box").waitFor({ state: "visible" });
+  await bob.page.getByRole("button", { name: "Accept" }).click();
+  for (const who of [alice, bob]) {
+    await who.page.locator("#stage-list li[data-user=bob]").waitFor();
+  }
+  await shoot(alice, "room");
+});
+
+step("bob's connection is cut: the page reconnects and misses no comment", async () => {
+  await bob.page.evaluate(() => window.chorus.drop());
+  // While bob is away (or reconnecting), alice talks.
+  for (let i = 1; i <= 3; i++) await say(alice, `while you were away ${i}`);
+  await bob.page.locator("#conn[data-state=live]").waitFor();
+  await until("bob has all eight", async () => (await comments(bob)).length === 8);
+  const a = await comments(alice);
+  const b = await comments(bob);
+  if (JSON.stringify(a) !== JSON.stringify(b)) throw new Error(`after the cut:\n${a}\n${b}`);
+});
+
+let failed = false;
+for (const [name, fn] of steps) {
+  try {
+    await fn();
+    if (problems.length) throw new Error(problems.join("\n"));
+    console.log(`PASS ${name}`);
+  } catch (error) {
+    console.log(`FAIL ${name}: ${error.stack || error}`);
+    failed = true;
+    break;
+  }
+}
+await browser.close();
+if (problems.length) {
+  console.log(`FAIL JavaScript errors:\n${problems.join("\n")}`);
+  failed = true;
+}
+process.exit(failed ? 1 : 0);
