@@ -3,6 +3,7 @@
 // from files embedded in the `chorus` binary.
 
 import { ChorusClient, describe } from "./client.js";
+import { Voice, voiceSupported } from "./voice.js";
 
 const $ = (id) => document.getElementById(id);
 const ROOM_PAGE = 20;
@@ -101,6 +102,7 @@ async function signIn(user, token) {
   client.addEventListener("resync", () => rejoinAfterResync());
   app.client = client;
   await client.connect();
+  app.voice = new Voice(client, client.auth.user_id);
   $("who").textContent = `Signed in as ${client.auth.user_id}`;
   $("signout").hidden = false;
   sessionStorage.setItem("chorus.signin", JSON.stringify({ devUser: app.devUser || null, token: app.devUser ? null : token }));
@@ -140,6 +142,7 @@ $("token-form").addEventListener("submit", (e) => {
 });
 
 $("signout").addEventListener("click", () => {
+  if (app.voice) app.voice.leave();
   if (app.client) app.client.close();
   app.client = null;
   app.room = null;
@@ -210,6 +213,7 @@ async function openRoom(roomId) {
     speaking: new Set(),
   };
   for (const c of joined.recent_comments || []) app.room.comments.set(c.comment_id, c);
+  app.voice.enter(roomId);
   show("room");
   renderRoomHead();
   renderStage();
@@ -251,7 +255,9 @@ function renderStage() {
   list.replaceChildren();
   for (const user of onStage) {
     const muted = (s.muted || []).includes(user);
-    const item = el("li", { "data-user": user, class: r.speaking.has(user) ? "speaking" : "" },
+    const speaking = r.speaking.has(user);
+    const label = `${user}, ${roleOf(user)}${muted ? ", muted" : ""}${speaking ? ", speaking" : ""}`;
+    const item = el("li", { "data-user": user, class: speaking ? "speaking" : "", "aria-label": label },
       el("span", { text: user }),
       el("span", { class: "role", text: roleOf(user) + (muted ? " · muted" : "") }),
     );
@@ -279,6 +285,17 @@ function renderStage() {
     ));
   }
   $("invite-box").hidden = !r.invited;
+  const onStageMe = !listener;
+  const mutedMe = (s.muted || []).includes(me);
+  if (!onStageMe && app.voice.talking) app.voice.stopTalking();
+  $("talk").hidden = !onStageMe || !voiceSupported();
+  $("talk").textContent = app.voice.talking ? "Stop talking" : "Start talking";
+  $("mute-self").hidden = !onStageMe;
+  $("mute-self").textContent = mutedMe ? "Unmute me" : "Mute me";
+  $("mute-self").dataset.muted = mutedMe ? "1" : "";
+  app.voice.muted = mutedMe;
+  $("audio-note").hidden = voiceSupported();
+  $("audio-note").textContent = "This browser cannot play or send live audio (no WebCodecs Opus).";
 }
 
 async function stageAction(kind, body) {
@@ -376,6 +393,7 @@ async function rejoinAfterResync() {
 async function leaveRoom(tell) {
   const room = app.room;
   app.room = null;
+  app.voice.leave();
   if (tell && room) await guarded(() => app.client.leave(room.id));
   show("rooms");
   await guarded(() => loadRooms(true));
@@ -420,6 +438,20 @@ $("hand").addEventListener("click", () => {
   });
 });
 
+$("talk").addEventListener("click", () => guarded(async () => {
+  if (app.voice.talking) app.voice.stopTalking();
+  else await app.voice.startTalking();
+  renderStage();
+}));
+
+$("mute-self").addEventListener("click", () => {
+  const muted = !$("mute-self").dataset.muted;
+  guarded(async () => {
+    await app.client.request("room.mute", { room_id: app.room.id, muted });
+    await refreshStage();
+  });
+});
+
 for (const [id, accept] of [["accept", true], ["decline", false]]) {
   $(id).addEventListener("click", () => guarded(async () => {
     await app.client.request("room.invite_answer", { room_id: app.room.id, accept });
@@ -432,6 +464,8 @@ for (const [id, accept] of [["accept", true], ["decline", false]]) {
 window.chorus = {
   drop: () => app.client && app.client.drop(),
   state: () => (app.client ? app.client.state : "idle"),
+  decoded: () => (app.voice ? app.voice.decoded : 0),
+  sent: () => (app.voice ? app.voice.sent : 0),
 };
 
 // Development sign-in only where the node offers it.

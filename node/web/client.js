@@ -232,6 +232,16 @@ export class ChorusClient extends EventTarget {
     return this.request("room.leave", { room_id: room });
   }
 
+  /** Sends a voice frame (§13) if connected; whether it went. Voice is never queued. */
+  sendVoice(frame) {
+    const ws = this.ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN || this.state !== "live") return false;
+    // A congested socket drops audio rather than delaying it.
+    if (ws.bufferedAmount > 64 * 1024) return false;
+    ws.send(frame);
+    return true;
+  }
+
   /** Drops the connection without ending the session (as a network loss would). */
   drop() {
     if (this.ws) this.ws.close(4000, "dropped");

@@ -32,6 +32,7 @@ const browser = await chromium.launch({
     "--disable-sync",
     "--use-fake-device-for-media-stream",
     "--use-fake-ui-for-media-stream",
+    "--autoplay-policy=no-user-gesture-required",
   ],
 });
 
@@ -140,6 +141,16 @@ step("bob raises his hand; alice invites him to speak; he accepts", async () => 
     await who.page.locator("#stage-list li[data-user=bob]").waitFor();
   }
   await shoot(alice, "room");
+});
+
+step("bob talks with the fake microphone: alice decodes over 100 frames and sees him speak", async () => {
+  await bob.page.getByRole("button", { name: "Start talking" }).click();
+  await until("bob sends voice", async () => (await bob.page.evaluate(() => window.chorus.sent())) > 20);
+  await until("alice decodes more than 100 frames of bob", async () =>
+    (await alice.page.evaluate(() => window.chorus.decoded())) > 100);
+  await alice.page.locator("#stage-list li.speaking[data-user=bob]").waitFor();
+  await shoot(alice, "room-speaking");
+  await bob.page.getByRole("button", { name: "Stop talking" }).click();
 });
 
 step("bob's connection is cut: the page reconnects and misses no comment", async () => {

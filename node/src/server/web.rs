@@ -18,10 +18,20 @@ use crate::server::edge::service::Edge;
 use crate::token::unix_now_secs;
 
 /// The embedded files: name under `/app/`, content, content type.
-const FILES: [(&str, &str, &str); 4] = [
+const FILES: [(&str, &str, &str); 6] = [
     (
         "app.js",
         include_str!("../../web/app.js"),
+        "text/javascript; charset=utf-8",
+    ),
+    (
+        "capture-worklet.js",
+        include_str!("../../web/capture-worklet.js"),
+        "text/javascript; charset=utf-8",
+    ),
+    (
+        "voice.js",
+        include_str!("../../web/voice.js"),
         "text/javascript; charset=utf-8",
     ),
     (
