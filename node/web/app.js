@@ -211,7 +211,10 @@ async function openRoom(roomId) {
     comments: new Map(),
     reactions: {},
     speaking: new Set(),
+    polls: new Map(),
+    votes: new Map(),
   };
+  for (const poll of joined.polls || []) app.room.polls.set(poll.poll_id, poll);
   for (const c of joined.recent_comments || []) app.room.comments.set(c.comment_id, c);
   app.voice.enter(roomId);
   show("room");
@@ -219,6 +222,7 @@ async function openRoom(roomId) {
   renderStage();
   renderComments();
   renderReactions();
+  renderPolls();
   $("comment-text").focus();
 }
 
@@ -324,6 +328,70 @@ function renderComments() {
   list.scrollTop = list.scrollHeight;
 }
 
+function renderPolls() {
+  const r = app.room;
+  $("poll-form").hidden = !isModerator();
+  const list = $("poll-list");
+  const polls = [...r.polls.values()].sort((a, b) => b.poll_id - a.poll_id);
+  list.replaceChildren(...polls.map((poll) => {
+    const total = poll.tallies.reduce((a, b) => a + b, 0);
+    const open = poll.state === "open";
+    const options = poll.options.map((option, i) => {
+      const votes = poll.tallies[i] || 0;
+      const bar = el("span");
+      bar.style.width = `${total ? Math.round((100 * votes) / total) : 0}%`;
+      const mine = r.votes.get(poll.poll_id) === i;
+      return el("div", { class: "option" },
+        el("button", {
+          type: "button",
+          "aria-label": `Vote ${option} in poll ${poll.poll_id}`,
+          "aria-pressed": mine ? "true" : "false",
+          onclick: () => vote(poll.poll_id, i),
+          ...(open ? {} : { disabled: "" }),
+        }, option),
+        el("div", { class: "bar" }, bar),
+        el("span", { class: "count", "data-tally": String(i), text: String(votes) }));
+    });
+    const item = el("li", { "data-poll": String(poll.poll_id), "data-state": poll.state },
+      el("div", { class: "question", text: poll.question }),
+      el("div", { class: "meta", text: `${open ? "open" : "closed"} · ${poll.voters} voted · by ${poll.by}` }),
+      el("div", { class: "options" }, ...options));
+    if (open && isModerator()) {
+      item.append(el("button", { type: "button", "aria-label": `Close poll ${poll.poll_id}`, onclick: () => closePoll(poll.poll_id) }, "Close poll"));
+    }
+    return item;
+  }));
+}
+
+async function vote(pollId, option) {
+  await guarded(async () => {
+    await app.client.request("room.vote", { room_id: app.room.id, poll_id: pollId, option });
+    app.room.votes.set(pollId, option);
+    renderPolls();
+  });
+}
+
+async function closePoll(pollId) {
+  await guarded(async () => {
+    const poll = await app.client.request("room.poll_close", { room_id: app.room.id, poll_id: pollId });
+    app.room.polls.set(poll.poll_id, poll);
+    renderPolls();
+  });
+}
+
+$("poll-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const question = $("poll-question").value.trim();
+  const options = $("poll-options").value.split("\n").map((o) => o.trim()).filter(Boolean);
+  guarded(async () => {
+    const poll = await app.client.request("room.poll_create", { room_id: app.room.id, question, options });
+    app.room.polls.set(poll.poll_id, poll);
+    $("poll-question").value = "";
+    $("poll-options").value = "";
+    renderPolls();
+  });
+});
+
 function renderReactions() {
   for (const button of document.querySelectorAll(".react")) {
     button.querySelector("span").textContent = String(app.room.reactions[button.dataset.emoji] || 0);
@@ -355,6 +423,10 @@ function onNotification(kind, body) {
     case "room.listeners":
       r.info.listener_count = body.count;
       renderRoomHead();
+      break;
+    case "room.poll":
+      r.polls.set(body.poll_id, body);
+      renderPolls();
       break;
     case "room.bullets":
       for (const b of body.bullets || []) flyBullet(b);

@@ -153,6 +153,21 @@ step("bob talks with the fake microphone: alice decodes over 100 frames and sees
   await bob.page.getByRole("button", { name: "Stop talking" }).click();
 });
 
+step("alice opens a poll; both vote; both see the tally, then the final result", async () => {
+  await alice.page.getByLabel("New poll").fill("Tea or coffee?");
+  await alice.page.getByLabel("Options, one per line").fill("tea\ncoffee");
+  await alice.page.getByRole("button", { name: "Open poll" }).click();
+  for (const who of [alice, bob]) await who.page.locator("#poll-list li[data-poll='1']").waitFor();
+  await bob.page.getByRole("button", { name: "Vote coffee in poll 1" }).click();
+  await alice.page.getByRole("button", { name: "Vote coffee in poll 1" }).click();
+  const tally = (who) => who.page.locator("#poll-list li[data-poll='1'] [data-tally='1']").textContent();
+  await until("both see two votes for coffee", async () => (await tally(alice)) === "2" && (await tally(bob)) === "2");
+  await alice.page.getByRole("button", { name: "Close poll 1" }).click();
+  await until("both see the poll closed", async () =>
+    (await bob.page.locator("#poll-list li[data-poll='1']").getAttribute("data-state")) === "closed");
+  await shoot(bob, "room-poll");
+});
+
 step("bob's connection is cut: the page reconnects and misses no comment", async () => {
   await bob.page.evaluate(() => window.chorus.drop());
   // While bob is away (or reconnecting), alice talks.
