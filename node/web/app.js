@@ -4,6 +4,7 @@
 
 import { ChorusClient, describe } from "./client.js";
 import { Voice, voiceSupported } from "./voice.js";
+import { Operator } from "./operator.js";
 
 const $ = (id) => document.getElementById(id);
 const ROOM_PAGE = 20;
@@ -32,7 +33,7 @@ function clearError() {
 }
 
 function show(section) {
-  for (const id of ["signin", "rooms", "room"]) $(id).hidden = id !== section;
+  for (const id of ["signin", "rooms", "room", "operator"]) $(id).hidden = id !== section;
 }
 
 function el(tag, props = {}, ...children) {
@@ -130,6 +131,38 @@ $("dev-form").addEventListener("submit", (e) => {
     app.devUser = user;
     await signIn(user, token);
   });
+});
+
+$("operator-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const token = $("admin-token").value.trim();
+  guarded(async () => {
+    if (app.operator) app.operator.stop();
+    app.operator = new Operator({
+      token,
+      onError: showError,
+      elements: {
+        node: $("op-node"),
+        leader: $("op-leader"),
+        term: $("op-term"),
+        epoch: $("op-epoch"),
+        members: document.querySelector("#members tbody"),
+        charts: {
+          connections: $("chart-connections"),
+          rooms: $("chart-rooms"),
+          frames: $("chart-frames"),
+        },
+      },
+    });
+    await app.operator.start();
+    show("operator");
+  });
+});
+
+$("operator-back").addEventListener("click", () => {
+  if (app.operator) app.operator.stop();
+  app.operator = null;
+  show(app.client ? "rooms" : "signin");
 });
 
 $("token-form").addEventListener("submit", (e) => {

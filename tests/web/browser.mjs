@@ -179,6 +179,21 @@ step("bob's connection is cut: the page reconnects and misses no comment", async
   if (JSON.stringify(a) !== JSON.stringify(b)) throw new Error(`after the cut:\n${a}\n${b}`);
 });
 
+step("the operator page lists three members with the leader and their load", async () => {
+  const op = await person("operator", urls[2], DESKTOP);
+  await op.page.getByLabel("Operator: admin token").fill("chorus-dev-admin");
+  await op.page.getByRole("button", { name: "Open the operator page" }).click();
+  await op.page.locator("#operator").waitFor({ state: "visible" });
+  await until("three members, all up", async () =>
+    (await op.page.locator("#members tbody tr[data-state=up]").count()) === 3);
+  const leader = await op.page.locator("#op-leader").textContent();
+  if (!/^\d+$/.test(leader)) throw new Error(`leader ${leader}`);
+  await until("loads from every member", async () =>
+    (await op.page.$$eval("#members tbody tr td:nth-child(5)", (tds) => tds.every((td) => td.textContent !== "?"))));
+  await op.page.waitForTimeout(2500); // a second point on the charts
+  await shoot(op, "operator");
+});
+
 let failed = false;
 for (const [name, fn] of steps) {
   try {

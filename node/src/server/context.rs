@@ -40,6 +40,9 @@ pub struct NodeContext {
     pub sessions: SessionRegistry,
     /// Per-user bounds kept on this node (sessions, creations).
     pub users: UserBounds,
+    /// Client connections open on this node (counted by the edge against
+    /// `connections_max`).
+    pub connections: std::sync::atomic::AtomicUsize,
 }
 
 impl NodeContext {

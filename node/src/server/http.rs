@@ -230,13 +230,10 @@ async fn route(
     // With an admin listener, admin and metrics are served only there; clients only here.
     let admin_here = kind == HttpListener::Admin || node.edge.ctx.config.admin_addr.is_none();
     let is_admin_route = path == "/metrics" || path.starts_with("/admin/");
-    let is_client_route = path == "/ws"
-        || path == "/ws/echo"
-        || path.starts_with("/vm/")
-        || path == "/"
-        || path == "/index.html"
-        || path.starts_with("/app/")
-        || path == "/dev/token";
+    // The page itself (`/`, `/app/*`) is on both listeners: its operator view reaches the
+    // admin API from wherever that is served.
+    let is_client_route =
+        path == "/ws" || path == "/ws/echo" || path.starts_with("/vm/") || path == "/dev/token";
     if (is_admin_route && !admin_here) || (is_client_route && kind == HttpListener::Admin) {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }

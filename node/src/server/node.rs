@@ -522,6 +522,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         mesh,
         group_commit: GroupCommit::for_db(db.clone()),
         users: UserBounds::new(&config.limits),
+        connections: std::sync::atomic::AtomicUsize::new(0),
         db,
         config,
     });

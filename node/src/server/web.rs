@@ -18,7 +18,7 @@ use crate::server::edge::service::Edge;
 use crate::token::unix_now_secs;
 
 /// The embedded files: name under `/app/`, content, content type.
-const FILES: [(&str, &str, &str); 6] = [
+const FILES: [(&str, &str, &str); 7] = [
     (
         "app.js",
         include_str!("../../web/app.js"),
@@ -27,6 +27,11 @@ const FILES: [(&str, &str, &str); 6] = [
     (
         "capture-worklet.js",
         include_str!("../../web/capture-worklet.js"),
+        "text/javascript; charset=utf-8",
+    ),
+    (
+        "operator.js",
+        include_str!("../../web/operator.js"),
         "text/javascript; charset=utf-8",
     ),
     (

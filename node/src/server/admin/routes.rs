@@ -243,6 +243,12 @@ async fn create_quiz(node: &Admin, create: QuizCreate) -> HttpResponse {
 /// [`route`].
 pub async fn route_async<B>(node: &Admin, request: &Request<B>) -> HttpResponse {
     let path = request.uri().path();
+    if path == "/admin/cluster" && request.method() == hyper::Method::GET {
+        if !authorized(node, request) {
+            return route(node, request);
+        }
+        return cluster_overview(node).await;
+    }
     if !path.starts_with("/admin/rain") || !authorized(node, request) {
         return route(node, request);
     }
@@ -258,6 +264,26 @@ pub async fn route_async<B>(node: &Admin, request: &Request<B>) -> HttpResponse 
             &serde_json::json!({"error": format!("no admin endpoint {path}")}),
         ),
     }
+}
+
+/// `GET /admin/cluster`: this node's view of the cluster with every member's load
+/// (connections, sessions, running rooms; `null` for a member that did not answer within
+/// a second), for the operator page.
+async fn cluster_overview(node: &Admin) -> HttpResponse {
+    let status = node.ctx.cluster.status();
+    let loads: std::collections::BTreeMap<u64, _> =
+        node.rooms.cluster_load().await.into_iter().collect();
+    let mut value = serde_json::to_value(&status).unwrap_or_default();
+    value["node_name"] = serde_json::json!(node.ctx.config.node_name);
+    if let Some(members) = value["members"].as_array_mut() {
+        for member in members {
+            let load = member["id"]
+                .as_u64()
+                .and_then(|id| loads.get(&id).copied().flatten());
+            member["load"] = serde_json::to_value(load).unwrap_or_default();
+        }
+    }
+    json(StatusCode::OK, &value)
 }
 
 async fn create_rain(node: &Admin, query: &str) -> HttpResponse {

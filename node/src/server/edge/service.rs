@@ -3,7 +3,7 @@
 //! requests it routes.
 
 use crate::server::voicemail::service::Voicemail;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chorus_protocol::FrameLimits;
@@ -31,8 +31,6 @@ pub struct Edge {
     pub keys: TokenKeys,
     /// Frame bounds for clients.
     pub frame_limits: FrameLimits,
-    /// Client connections open now.
-    pub connections: AtomicUsize,
     /// Bytes held in partial inbound messages (see `budget`).
     pub inbound: Arc<InboundBudget>,
     next_attachment: AtomicU64,
@@ -60,7 +58,6 @@ impl Edge {
             voicemail,
             keys,
             frame_limits,
-            connections: AtomicUsize::new(0),
             inbound,
             next_attachment: AtomicU64::new(1),
         }
@@ -75,7 +72,8 @@ impl Edge {
     /// is full.
     pub(crate) fn try_open_connection(self: &Arc<Self>) -> Option<ConnectionSlot> {
         let max = self.ctx.config.limits.connections_max;
-        self.connections
+        self.ctx
+            .connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
@@ -93,7 +91,7 @@ impl Edge {
 
     /// Current client connections.
     pub fn connection_count(&self) -> usize {
-        self.connections.load(Ordering::Acquire)
+        self.ctx.connections.load(Ordering::Acquire)
     }
 }
 
@@ -106,7 +104,7 @@ pub(crate) struct ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.edge.connections.fetch_sub(1, Ordering::AcqRel);
+        self.edge.ctx.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -117,6 +117,45 @@ impl Rooms {
             .collect()
     }
 
+    /// This node's load: connections, sessions, running rooms.
+    pub(crate) async fn load(&self) -> crate::server::rooms::messages::NodeLoad {
+        crate::server::rooms::messages::NodeLoad {
+            connections: self
+                .ctx
+                .connections
+                .load(std::sync::atomic::Ordering::Acquire) as u64,
+            sessions: self.ctx.sessions.len() as u64,
+            rooms: self.directory.running().await as u64,
+        }
+    }
+
+    /// Every member's load, this node's own and the others' asked in parallel (each at
+    /// most [`LISTENER_COUNTS_TIMEOUT_MS`]; `None` for one that did not answer).
+    pub(crate) async fn cluster_load(
+        &self,
+    ) -> Vec<(NodeId, Option<crate::server::rooms::messages::NodeLoad>)> {
+        let self_id = self.ctx.cluster.node_id();
+        let members: Vec<NodeId> = self.ctx.cluster.metadata().nodes.keys().copied().collect();
+        let calls = members.into_iter().map(|id| async move {
+            if id == self_id {
+                return (id, Some(self.load().await));
+            }
+            let call = self
+                .ctx
+                .cluster
+                .call_app(id, request(Domain::Rooms, &RoomMessage::NodeLoad));
+            let load =
+                match tokio::time::timeout(Duration::from_millis(LISTENER_COUNTS_TIMEOUT_MS), call)
+                    .await
+                {
+                    Ok(Ok(reply)) => decode(&reply).ok(),
+                    _ => None,
+                };
+            (id, load)
+        });
+        futures_util::future::join_all(calls).await
+    }
+
     /// Listener counts of rooms this node owns, from their running actors (0 for a room
     /// not running here: nobody is in it); at most [`ROOM_LIST_PAGE_MAX`] rooms.
     pub(crate) async fn listener_counts_here(&self, room_ids: &[String]) -> Vec<Option<u64>> {

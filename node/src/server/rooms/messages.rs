@@ -308,6 +308,8 @@ pub enum RoomMessage {
         /// Rooms.
         room_ids: Vec<String>,
     },
+    /// This node's load, for the operator page (answered with a [`NodeLoad`]).
+    NodeLoad,
     /// Another node took over session `session_id` (its client resumed there): end it
     /// here (answered with `Ok(Done)`).
     EndSession {
@@ -344,4 +346,15 @@ pub enum RoomMessage {
         /// In order.
         items: Vec<RelayItem>,
     },
+}
+
+/// A node's load as the operator page shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeLoad {
+    /// Client connections open.
+    pub connections: u64,
+    /// Sessions held (connected or resumable).
+    pub sessions: u64,
+    /// Room actors running (the rooms this node serves now).
+    pub rooms: u64,
 }

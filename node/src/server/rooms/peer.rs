@@ -70,6 +70,7 @@ impl Rooms {
                     .map(|log| log.take(&room_id))
                     .unwrap_or_default(),
             ),
+            Ok(RoomMessage::NodeLoad) => encode(&node.load().await),
             Ok(RoomMessage::ListenerCounts { room_ids }) => {
                 encode(&node.listener_counts_here(&room_ids).await)
             }
