@@ -5,6 +5,7 @@
 import { ChorusClient, describe } from "./client.js";
 import { Voice, voiceSupported } from "./voice.js";
 import { Operator } from "./operator.js";
+import { Shows } from "./shows.js";
 
 const $ = (id) => document.getElementById(id);
 const ROOM_PAGE = 20;
@@ -104,6 +105,7 @@ async function signIn(user, token) {
   app.client = client;
   await client.connect();
   app.voice = new Voice(client, client.auth.user_id);
+  app.shows = new Shows({ client, user: client.auth.user_id, onError: showError, $ });
   $("who").textContent = `Signed in as ${client.auth.user_id}`;
   $("signout").hidden = false;
   sessionStorage.setItem("chorus.signin", JSON.stringify({ devUser: app.devUser || null, token: app.devUser ? null : token }));
@@ -250,6 +252,7 @@ async function openRoom(roomId) {
   for (const poll of joined.polls || []) app.room.polls.set(poll.poll_id, poll);
   for (const c of joined.recent_comments || []) app.room.comments.set(c.comment_id, c);
   app.voice.enter(roomId);
+  app.shows.reset();
   show("room");
   renderRoomHead();
   renderStage();
@@ -444,6 +447,7 @@ function onNotification(kind, body) {
     if (kind === "room.live" && !$("rooms").hidden) guarded(() => loadRooms(true));
     return;
   }
+  if (app.shows.notify(kind, body)) return;
   switch (kind) {
     case "room.comment":
       r.comments.set(body.comment_id, body);
@@ -499,6 +503,7 @@ async function leaveRoom(tell) {
   const room = app.room;
   app.room = null;
   app.voice.leave();
+  app.shows.reset();
   if (tell && room) await guarded(() => app.client.leave(room.id));
   show("rooms");
   await guarded(() => loadRooms(true));
@@ -570,6 +575,7 @@ window.chorus = {
   drop: () => app.client && app.client.drop(),
   state: () => (app.client ? app.client.state : "idle"),
   decoded: () => (app.voice ? app.voice.decoded : 0),
+  room: () => (app.room ? app.room.id : null),
   sent: () => (app.voice ? app.voice.sent : 0),
 };
 

@@ -179,6 +179,73 @@ step("bob's connection is cut: the page reconnects and misses no comment", async
   if (JSON.stringify(a) !== JSON.stringify(b)) throw new Error(`after the cut:\n${a}\n${b}`);
 });
 
+const ADMIN = { authorization: "Bearer chorus-dev-admin" };
+async function admin(method, path, body) {
+  const response = await fetch(urls[0] + path, {
+    method,
+    headers: { ...ADMIN, ...(body ? { "content-type": "application/json" } : {}) },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const text = await response.text();
+  if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${text}`);
+  return text;
+}
+
+step("a quiz question is answered; the verdict opens at the announcement; the payout shows", async () => {
+  const room = await alice.page.evaluate(() => window.chorus.room());
+  const quiz = JSON.parse(await admin("POST", "/admin/quiz", {
+    room,
+    prize_cents: 10000,
+    window_ms: 4000,
+    questions: [{ text: "Which is a river?", options: ["Yangtze", "Everest"], correct: 0 }],
+  })).quiz_id;
+  await admin("POST", `/admin/quiz/push?id=${quiz}`);
+  await bob.page.locator("#quiz").waitFor({ state: "visible" });
+  await bob.page.getByRole("button", { name: "Answer Yangtze" }).click();
+  await until("bob's answer is sealed", async () =>
+    (await bob.page.locator("#quiz-status").textContent()).includes("sealed"));
+  await shoot(bob, "quiz-sealed");
+  // The answer can be announced once the question's window has closed.
+  await until("the announcement is accepted", async () => {
+    try {
+      await admin("POST", `/admin/quiz/announce?id=${quiz}`);
+      return true;
+    } catch (error) {
+      if (!String(error.message).includes(" 409 ")) throw error;
+      return false;
+    }
+  });
+  await until("bob's verdict opens: correct", async () =>
+    (await bob.page.locator("#quiz-status").getAttribute("data-verdict")) === "correct");
+  await admin("POST", `/admin/quiz/finish?id=${quiz}`);
+  await until("bob sees that he won", async () =>
+    (await bob.page.locator("#quiz-status").getAttribute("data-verdict")) === "winner");
+  await shoot(bob, "quiz-finished");
+});
+
+step("a rain is tapped; the amount shown is bob's in the server's ledger", async () => {
+  const room = await alice.page.evaluate(() => window.chorus.room());
+  const rain = JSON.parse(await admin("POST", `/admin/rain?room=${room}&total=5000&count=20&duration_ms=4000`)).rain_id;
+  await bob.page.locator("#rain").waitFor({ state: "visible" });
+  const tap = bob.page.getByRole("button", { name: "Tap!" });
+  const deadline = Date.now() + 4000;
+  while (Date.now() < deadline && !(await tap.isDisabled())) {
+    await tap.click();
+    await bob.page.waitForTimeout(120);
+  }
+  await until("the rain is over on bob's page", async () =>
+    (await bob.page.locator("#rain-info").textContent()).includes("over"));
+  await shoot(bob, "rain");
+  const shown = Number(await bob.page.locator("#rain-won").getAttribute("data-cents"));
+  let ledger = 0;
+  for (const line of (await admin("GET", `/admin/rain/ledger?id=${rain}`)).split("\n").filter(Boolean)) {
+    const entry = JSON.parse(line);
+    if (entry.kind === "grant" && entry.user === "bob") ledger += entry.amount;
+  }
+  if (shown !== ledger) throw new Error(`bob's page shows ${shown} cents, the ledger ${ledger}`);
+  if (ledger === 0) throw new Error("bob got nothing: the test did not tap");
+});
+
 step("the operator page lists three members with the leader and their load", async () => {
   const op = await person("operator", urls[2], DESKTOP);
   await op.page.getByLabel("Operator: admin token").fill("chorus-dev-admin");

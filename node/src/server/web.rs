@@ -18,7 +18,7 @@ use crate::server::edge::service::Edge;
 use crate::token::unix_now_secs;
 
 /// The embedded files: name under `/app/`, content, content type.
-const FILES: [(&str, &str, &str); 7] = [
+const FILES: [(&str, &str, &str); 9] = [
     (
         "app.js",
         include_str!("../../web/app.js"),
@@ -32,6 +32,16 @@ const FILES: [(&str, &str, &str); 7] = [
     (
         "operator.js",
         include_str!("../../web/operator.js"),
+        "text/javascript; charset=utf-8",
+    ),
+    (
+        "seal.js",
+        include_str!("../../web/seal.js"),
+        "text/javascript; charset=utf-8",
+    ),
+    (
+        "shows.js",
+        include_str!("../../web/shows.js"),
         "text/javascript; charset=utf-8",
     ),
     (
