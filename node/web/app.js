@@ -6,6 +6,7 @@ import { ChorusClient, describe } from "./client.js";
 import { Voice, voiceSupported } from "./voice.js";
 import { Operator } from "./operator.js";
 import { Shows } from "./shows.js";
+import { VoiceMessages } from "./vm.js";
 
 const $ = (id) => document.getElementById(id);
 const ROOM_PAGE = 20;
@@ -34,7 +35,7 @@ function clearError() {
 }
 
 function show(section) {
-  for (const id of ["signin", "rooms", "room", "operator"]) $(id).hidden = id !== section;
+  for (const id of ["signin", "rooms", "room", "operator", "messages"]) $(id).hidden = id !== section;
 }
 
 function el(tag, props = {}, ...children) {
@@ -106,6 +107,13 @@ async function signIn(user, token) {
   await client.connect();
   app.voice = new Voice(client, client.auth.user_id);
   app.shows = new Shows({ client, user: client.auth.user_id, onError: showError, $ });
+  app.vm = new VoiceMessages({
+    client,
+    user: client.auth.user_id,
+    token: async () => (app.devUser ? devToken(app.devUser) : app.token),
+    onError: showError,
+  });
+  app.vm.addEventListener("change", () => renderMessages());
   $("who").textContent = `Signed in as ${client.auth.user_id}`;
   $("signout").hidden = false;
   sessionStorage.setItem("chorus.signin", JSON.stringify({ devUser: app.devUser || null, token: app.devUser ? null : token }));
@@ -442,6 +450,7 @@ function flyBullet(bullet) {
 }
 
 function onNotification(kind, body) {
+  if (app.vm && app.vm.notify(kind, body)) return;
   const r = app.room;
   if (!r || (body.room_id && body.room_id !== r.id)) {
     if (kind === "room.live" && !$("rooms").hidden) guarded(() => loadRooms(true));
@@ -570,12 +579,71 @@ for (const [id, accept] of [["accept", true], ["decline", false]]) {
   }));
 }
 
+// ----------------------------------------------------------- voice messages --
+
+function renderMessages() {
+  if (!app.vm || $("messages").hidden) return;
+  const me = app.client.auth.user_id;
+  $("vm-device").textContent = app.vm.device;
+  const rec = app.vm.recording;
+  $("vm-record").hidden = Boolean(rec);
+  $("vm-stop").hidden = !rec;
+  if (rec) {
+    $("vm-progress").textContent = `Recording to ${rec.to.join(", ")}: ${(rec.durationMs / 1000).toFixed(1)} s, ${rec.acked} bytes stored on the cluster`;
+  }
+  $("vm-list").replaceChildren(...app.vm.list().map((entry) => {
+    const s = entry.state;
+    const progress = app.vm.progress.get(entry.message_id);
+    const status = progress ? progress.status : s.upload;
+    const seconds = ((progress ? progress.duration_ms : s.duration_ms) / 1000).toFixed(1);
+    const who = entry.sender === me ? `to ${entry.conversation.replace(/^direct:/, "").split(":").filter((u) => u !== me).join(", ")}` : `from ${entry.sender}`;
+    const playing = app.vm.playing === entry.message_id;
+    return el("li", { "data-message": entry.message_id, "data-read": String(s.read), "data-upload": status },
+      el("span", { class: "title", text: `${who} · ${seconds} s` }),
+      el("span", { class: "meta", text: `${status === "uploading" ? "still recording" : status} · ${s.read ? "read" : "new"}${s.play ? ` · played to ${(s.play.position_ms / 1000).toFixed(1)} s` : ""}` }),
+      el("button", {
+        type: "button",
+        "aria-label": `Play the message ${who}`,
+        onclick: () => guarded(() => app.vm.play(entry.message_id)),
+        ...(playing ? { disabled: "" } : {}),
+      }, playing ? "Playing…" : "Play"));
+  }));
+  if (app.vm.list().length === 0) $("vm-list").append(el("li", { class: "meta", text: "No voice messages yet." }));
+}
+
+$("open-messages").addEventListener("click", () => guarded(async () => {
+  show("messages");
+  await app.vm.sync();
+  renderMessages();
+}));
+
+$("messages-back").addEventListener("click", () => {
+  show("rooms");
+  guarded(() => loadRooms(true));
+});
+
+$("vm-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const to = $("vm-to").value.split(",").map((u) => u.trim()).filter(Boolean);
+  guarded(async () => {
+    await app.vm.record(to);
+    renderMessages();
+  });
+});
+
+$("vm-stop").addEventListener("click", () => guarded(async () => {
+  const rec = await app.vm.stop();
+  if (rec) $("vm-progress").textContent = `Sent: ${(rec.durationMs / 1000).toFixed(1)} s, ${rec.acked} bytes, ${rec.status}.`;
+  renderMessages();
+}));
+
 // Test hooks: the browser tests cut the connection as a network would.
 window.chorus = {
   drop: () => app.client && app.client.drop(),
   state: () => (app.client ? app.client.state : "idle"),
   decoded: () => (app.voice ? app.voice.decoded : 0),
   room: () => (app.room ? app.room.id : null),
+  vmDecoded: () => (app.vm ? app.vm.decodedFrames : 0),
   sent: () => (app.voice ? app.voice.sent : 0),
 };
 

@@ -246,6 +246,38 @@ step("a rain is tapped; the amount shown is bob's in the server's ledger", async
   if (ledger === 0) throw new Error("bob got nothing: the test did not tap");
 });
 
+step("voice message: recorded in one browser, played in another while it uploads, read on both of bob's", async () => {
+  const bob2 = await person("bob", urls[2], PHONE);
+  await signIn(bob2);
+  for (const who of [alice, bob]) {
+    await who.page.getByRole("button", { name: "Leave" }).click();
+    await who.page.locator("#rooms").waitFor({ state: "visible" });
+  }
+  for (const who of [alice, bob, bob2]) {
+    await who.page.getByRole("button", { name: "Voice messages" }).click();
+    await who.page.locator("#messages").waitFor({ state: "visible" });
+  }
+  await alice.page.getByLabel("To", { exact: true }).fill("bob");
+  await alice.page.getByRole("button", { name: "Record" }).click();
+  // bob sees it arrive while alice is still recording, and plays it at once.
+  const item = bob.page.locator("#vm-list li[data-message]").first();
+  await item.waitFor();
+  if ((await item.getAttribute("data-upload")) !== "uploading") throw new Error("the message arrived already complete");
+  await item.getByRole("button", { name: /^Play/ }).click();
+  await alice.page.waitForTimeout(3000);
+  await shoot(alice, "messages-recording");
+  await alice.page.getByRole("button", { name: "Stop and send" }).click();
+  await until("alice's message is complete", async () =>
+    (await alice.page.locator("#vm-progress").textContent()).includes("complete"));
+  await until("bob's page decodes more than 100 frames of it", async () =>
+    (await bob.page.evaluate(() => window.chorus.vmDecoded())) > 100);
+  await until("read on bob's first browser", async () =>
+    (await bob.page.locator("#vm-list li[data-message]").first().getAttribute("data-read")) === "true");
+  await until("and on his second, on another node", async () =>
+    (await bob2.page.locator("#vm-list li[data-message]").first().getAttribute("data-read")) === "true");
+  await shoot(bob2, "messages");
+});
+
 step("the operator page lists three members with the leader and their load", async () => {
   const op = await person("operator", urls[2], DESKTOP);
   await op.page.getByLabel("Operator: admin token").fill("chorus-dev-admin");

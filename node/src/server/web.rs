@@ -18,7 +18,7 @@ use crate::server::edge::service::Edge;
 use crate::token::unix_now_secs;
 
 /// The embedded files: name under `/app/`, content, content type.
-const FILES: [(&str, &str, &str); 9] = [
+const FILES: [(&str, &str, &str); 11] = [
     (
         "app.js",
         include_str!("../../web/app.js"),
@@ -42,6 +42,16 @@ const FILES: [(&str, &str, &str); 9] = [
     (
         "shows.js",
         include_str!("../../web/shows.js"),
+        "text/javascript; charset=utf-8",
+    ),
+    (
+        "ogg.js",
+        include_str!("../../web/ogg.js"),
+        "text/javascript; charset=utf-8",
+    ),
+    (
+        "vm.js",
+        include_str!("../../web/vm.js"),
         "text/javascript; charset=utf-8",
     ),
     (
