@@ -261,6 +261,7 @@ async function openRoom(roomId) {
   for (const c of joined.recent_comments || []) app.room.comments.set(c.comment_id, c);
   app.voice.enter(roomId);
   app.shows.reset();
+  $("people").open = false;
   show("room");
   renderRoomHead();
   renderStage();
@@ -346,6 +347,41 @@ function renderStage() {
   $("audio-note").textContent = "This browser cannot play or send live audio (no WebCodecs Opus).";
 }
 
+const PEOPLE_PAGE = 50;
+
+async function loadPeople(fresh) {
+  const r = app.room;
+  if (!r) return;
+  const body = { room_id: r.id, limit: PEOPLE_PAGE };
+  if (!fresh && r.peopleNext) body.after = r.peopleNext;
+  const page = await app.client.request("room.members", body);
+  const me = app.client.auth.user_id;
+  const items = page.users.map((u) => {
+    const item = el("li", { "data-person": u.user_id },
+      el("span", { class: "name", text: u.user_id }),
+      el("span", { class: "meta", text: u.role }));
+    if (isModerator() && u.user_id !== me && u.role !== "host") {
+      if (u.role === "listener") {
+        item.append(el("button", { type: "button", "aria-label": `Invite ${u.user_id} to speak`, onclick: () => stageAction("room.invite", { user_id: u.user_id }) }, "Invite"));
+      }
+      item.append(
+        el("button", { type: "button", "aria-label": `Kick ${u.user_id}`, onclick: () => confirm(`Remove ${u.user_id} from the room now?`) && stageAction("room.kick", { user_id: u.user_id }) }, "Kick"),
+        el("button", { type: "button", "aria-label": `Block ${u.user_id}`, onclick: () => confirm(`Block ${u.user_id} from this room?`) && stageAction("room.block", { user_id: u.user_id, blocked: true }) }, "Block"));
+    }
+    return item;
+  });
+  if (fresh) $("people-list").replaceChildren(...items);
+  else $("people-list").append(...items);
+  r.peopleNext = page.next;
+  $("people-more").hidden = !page.next;
+  $("people").querySelector("summary").textContent = `People in the room (${page.count})`;
+}
+
+$("people").addEventListener("toggle", () => {
+  if ($("people").open) guarded(() => loadPeople(true));
+});
+$("people-more").addEventListener("click", () => guarded(() => loadPeople(false)));
+
 async function stageAction(kind, body) {
   await guarded(async () => {
     await app.client.request(kind, { room_id: app.room.id, ...body });
@@ -357,6 +393,7 @@ async function refreshStage() {
   if (!app.room) return;
   app.room.stage = await app.client.request("room.stage", { room_id: app.room.id });
   renderStage();
+  if ($("people").open) await loadPeople(true);
 }
 
 function renderComments() {

@@ -116,6 +116,9 @@ step("alice creates a room; bob finds it in the list and joins", async () => {
   await bob.page.locator("#room").waitFor({ state: "visible" });
   await until("alice sees two listening", async () =>
     (await alice.page.locator("#listeners").textContent()) === "2");
+  await alice.page.getByText("People in the room").click();
+  await alice.page.locator("#people-list li[data-person=bob]").waitFor();
+  await alice.page.getByRole("button", { name: "Block bob" }).waitFor();
 });
 
 step("comments from both browsers arrive in the same order on both", async () => {
@@ -133,8 +136,9 @@ step("comments from both browsers arrive in the same order on both", async () =>
 
 step("bob raises his hand; alice invites him to speak; he accepts", async () => {
   await bob.page.getByRole("button", { name: "Raise hand" }).click();
-  await alice.page.getByRole("button", { name: "Invite bob to speak" }).waitFor();
-  await alice.page.getByRole("button", { name: "Invite bob to speak" }).click();
+  const invite = alice.page.locator("#hands-list").getByRole("button", { name: "Invite bob to speak" });
+  await invite.waitFor();
+  await invite.click();
   await bob.page.locator("#invite-box").waitFor({ state: "visible" });
   await bob.page.getByRole("button", { name: "Accept" }).click();
   for (const who of [alice, bob]) {
