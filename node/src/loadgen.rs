@@ -329,6 +329,32 @@ pub struct LoadgenReport {
     pub voice: Option<VoiceReport>,
     /// With `--bulleters`.
     pub bullets: Option<BulletsReport>,
+    /// Acknowledged comments against what each listener received (with `--senders`).
+    pub acknowledged: Option<AckReport>,
+    /// Requests the server refused, by error code (`"3000 rate_limited"`: count).
+    pub refusals_by_code: BTreeMap<String, u64>,
+    /// Requests that got no answer within the client's request timeout.
+    pub timeouts: u64,
+}
+
+/// Acknowledged comments against deliveries, listener by listener.
+#[derive(Debug, Clone, Serialize)]
+pub struct AckReport {
+    /// Comments the server acknowledged.
+    pub acknowledged: u64,
+    /// Listeners whose deliveries were checked (those that joined and ran to the end).
+    pub listeners_checked: u64,
+    /// Of the acknowledged comments, the fewest one listener received.
+    pub delivered_acknowledged_min: u64,
+    /// Of the acknowledged comments, the most one listener received.
+    pub delivered_acknowledged_max: u64,
+    /// Listeners that missed at least one acknowledged comment.
+    pub listeners_missing_acknowledged: u64,
+    /// Acknowledged comments missed, summed over the listeners.
+    pub acknowledged_missed_total: u64,
+    /// Deliveries of comments whose sender got no acknowledgement (a timeout or a lost
+    /// connection after the comment was ordered), summed over the listeners.
+    pub delivered_unacknowledged_total: u64,
 }
 
 /// Counters shared by every task.
@@ -375,6 +401,55 @@ struct Stats {
     /// Keys are `stage: label` with a bounded set of labels ([`ClientError::label`]).
     errors_by_kind: Mutex<BTreeMap<String, u64>>,
     latency_us: Vec<Mutex<Histogram<u64>>>,
+    /// The comment ids the server acknowledged.
+    acked: Mutex<IdSet>,
+    /// The comment ids of this run each listener received, one set per listener.
+    delivered: Mutex<Vec<IdSet>>,
+    /// Requests the server refused, by error code.
+    refusals: Mutex<BTreeMap<u16, u64>>,
+    /// Requests that got no answer in time.
+    timeouts: AtomicU64,
+}
+
+/// A set of comment ids (they run 1, 2, … in a room): one bit each, at most
+/// [`IdSet::ID_MAX`] (an id above it is counted in `untracked`).
+#[derive(Debug, Default, Clone)]
+struct IdSet {
+    bits: Vec<u64>,
+    len: u64,
+    untracked: u64,
+}
+
+impl IdSet {
+    /// Ids above this are not tracked: 2^24 bits, 2 MiB per set at most.
+    const ID_MAX: u64 = 1 << 24;
+
+    fn insert(&mut self, id: u64) {
+        if id > Self::ID_MAX {
+            self.untracked += 1;
+            return;
+        }
+        let (word, bit) = ((id / 64) as usize, id % 64);
+        if self.bits.len() <= word {
+            self.bits.resize(word + 1, 0);
+        }
+        if self.bits[word] & (1 << bit) == 0 {
+            self.bits[word] |= 1 << bit;
+            self.len += 1;
+        }
+    }
+
+    /// (in both, in `self` only).
+    fn compare(&self, other: &IdSet) -> (u64, u64) {
+        let mut both = 0u64;
+        let mut only_self = 0u64;
+        for (i, word) in self.bits.iter().enumerate() {
+            let theirs = other.bits.get(i).copied().unwrap_or(0);
+            both += u64::from((word & theirs).count_ones());
+            only_self += u64::from((word & !theirs).count_ones());
+        }
+        (both, only_self)
+    }
 }
 
 impl Stats {
@@ -424,6 +499,10 @@ impl Stats {
             last_delivery_us: AtomicU64::new(0),
             errors_by_kind: Mutex::new(BTreeMap::new()),
             latency_us,
+            acked: Mutex::new(IdSet::default()),
+            delivered: Mutex::new(Vec::new()),
+            refusals: Mutex::new(BTreeMap::new()),
+            timeouts: AtomicU64::new(0),
         })
     }
 
@@ -1031,6 +1110,7 @@ async fn listener(index: usize, plan: Arc<Plan>, stats: Arc<Stats>, stop: Cancel
     let mut voice = stage::Heard::default();
     let prefix = format!("{COMMENT_PREFIX} {} ", plan.run_id);
     let mut last_comment_id = 0u64;
+    let mut received = IdSet::default();
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => break,
@@ -1060,6 +1140,7 @@ async fn listener(index: usize, plan: Arc<Plan>, stats: Arc<Stats>, stop: Cancel
                 let Some(rest) = comment.text.strip_prefix(&prefix) else {
                     continue;
                 };
+                received.insert(comment.comment_id);
                 let now_us = unix_now_us();
                 if let Some(sent_us) = rest.rsplit(' ').next().and_then(|t| t.parse::<u64>().ok()) {
                     stats.record_latency(index, now_us.saturating_sub(sent_us));
@@ -1093,6 +1174,9 @@ async fn listener(index: usize, plan: Arc<Plan>, stats: Arc<Stats>, stop: Cancel
             Some(ClientEvent::Closed { .. }) | None => break,
             Some(_) => {}
         }
+    }
+    if let Ok(mut delivered) = stats.delivered.lock() {
+        delivered.push(received);
     }
     client.close().await;
 }
@@ -1218,19 +1302,19 @@ async fn sender(
                         let text = format!("{COMMENT_PREFIX} {} {index} {n} {sent_us}", plan.run_id);
                         let _ = stats.first_send_us.compare_exchange(0, sent_us, Ordering::Relaxed, Ordering::Relaxed);
                         in_flight.spawn(async move {
-                            requester.request(RoomCommentRequest { room_id, text, request_id: None }).await.map(|_| ())
+                            requester.request(RoomCommentRequest { room_id, text, request_id: None }).await.map(|r| Some(r.comment_id))
                         });
                     }
                     SendKind::Reaction => {
                         let emoji = REACTION_EMOJI.to_string();
                         in_flight.spawn(async move {
-                            requester.request(RoomReactRequest { room_id, emoji }).await.map(|_| ())
+                            requester.request(RoomReactRequest { room_id, emoji }).await.map(|_| None)
                         });
                     }
                     SendKind::Bullet => {
                         let text = format!("{COMMENT_PREFIX} {index} {n}");
                         in_flight.spawn(async move {
-                            requester.request(RoomBulletRequest { room_id, text }).await.map(|_| ())
+                            requester.request(RoomBulletRequest { room_id, text }).await.map(|_| None)
                         });
                     }
                 }
@@ -1288,16 +1372,30 @@ fn may_send(scheduled: Instant, now: Instant, end: Instant) -> bool {
 fn record_send(
     stats: &Stats,
     kind: SendKind,
-    done: Result<Result<(), ClientError>, tokio::task::JoinError>,
+    done: Result<Result<Option<u64>, ClientError>, tokio::task::JoinError>,
 ) {
+    match &done {
+        Ok(Err(ClientError::Server(error))) => {
+            if let Ok(mut refusals) = stats.refusals.lock() {
+                *refusals.entry(error.code).or_insert(0) += 1;
+            }
+        }
+        Ok(Err(ClientError::Timeout { .. })) => {
+            stats.timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
     match done {
-        Ok(Ok(())) => {
+        Ok(Ok(comment_id)) => {
             let counter = match kind {
                 SendKind::Comment => &stats.sent,
                 SendKind::Reaction => &stats.reactions_sent,
                 SendKind::Bullet => &stats.bullets_sent,
             };
             counter.fetch_add(1, Ordering::Relaxed);
+            if let (Some(id), Ok(mut acked)) = (comment_id, stats.acked.lock()) {
+                acked.insert(id);
+            }
         }
         // Bullets above the per-user rate are refused by design: counted, not errors.
         Ok(Err(ClientError::Server(error)))
@@ -1434,7 +1532,57 @@ fn report(
     } else {
         None
     };
+    let acknowledged = if args.senders > 0 {
+        let acked = stats.acked.lock().map(|a| a.clone()).unwrap_or_default();
+        let delivered = stats
+            .delivered
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
+        let mut report = AckReport {
+            acknowledged: acked.len,
+            listeners_checked: delivered.len() as u64,
+            delivered_acknowledged_min: u64::MAX,
+            delivered_acknowledged_max: 0,
+            listeners_missing_acknowledged: 0,
+            acknowledged_missed_total: 0,
+            delivered_unacknowledged_total: 0,
+        };
+        for listener in &delivered {
+            let (both, missed) = acked.compare(listener);
+            let (_, unacked) = listener.compare(&acked);
+            report.delivered_acknowledged_min = report.delivered_acknowledged_min.min(both);
+            report.delivered_acknowledged_max = report.delivered_acknowledged_max.max(both);
+            if missed > 0 {
+                report.listeners_missing_acknowledged += 1;
+            }
+            report.acknowledged_missed_total += missed;
+            report.delivered_unacknowledged_total += unacked;
+        }
+        if delivered.is_empty() {
+            report.delivered_acknowledged_min = 0;
+        }
+        Some(report)
+    } else {
+        None
+    };
+    let refusals_by_code = stats
+        .refusals
+        .lock()
+        .map(|r| {
+            r.iter()
+                .map(|(code, count)| {
+                    let name = chorus_protocol::ErrorCode::from_u16(*code)
+                        .map_or("unknown", chorus_protocol::ErrorCode::name);
+                    (format!("{code} {name}"), *count)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(LoadgenReport {
+        acknowledged,
+        refusals_by_code,
+        timeouts: load(&stats.timeouts),
         urls: args.urls.clone(),
         transport,
         room_id: plan.room_id.clone(),
@@ -1481,28 +1629,59 @@ fn print_report(r: &LoadgenReport) {
         "  listeners connected   {}/{} (ramp {:.1} s)",
         r.listeners_connected, r.listeners_target, r.ramp_secs
     );
-    println!(
-        "  senders connected     {}/{} at {}/s for {} s",
-        r.senders_connected, r.senders_target, r.rate_per_sender, r.duration_secs
-    );
-    println!("  comments sent         {}", r.comments_sent);
-    println!(
-        "  deliveries            {} of {} expected ({:.2}%)",
-        r.deliveries,
-        r.expected_deliveries,
-        r.delivery_ratio * 100.0
-    );
-    println!("  deliveries/s          {:.0}", r.deliveries_per_sec);
-    println!(
-        "  latency ms            p50 {:.2} · p90 {:.2} · p99 {:.2} · p999 {:.2} · max {:.2} · mean {:.2}",
-        r.latency.p50_ms,
-        r.latency.p90_ms,
-        r.latency.p99_ms,
-        r.latency.p999_ms,
-        r.latency.max_ms,
-        r.latency.mean_ms
-    );
-    println!("  order violations      {}", r.order_violations);
+    // Only the lines of what this run did: a run without senders has no comments.
+    if r.senders_target > 0 {
+        println!(
+            "  senders connected     {}/{} at {}/s for {} s",
+            r.senders_connected, r.senders_target, r.rate_per_sender, r.duration_secs
+        );
+        println!("  comments sent         {}", r.comments_sent);
+        println!(
+            "  deliveries            {} of {} expected ({:.2}%)",
+            r.deliveries,
+            r.expected_deliveries,
+            r.delivery_ratio * 100.0
+        );
+        println!("  deliveries/s          {:.0}", r.deliveries_per_sec);
+        println!(
+            "  latency ms            p50 {:.2} · p90 {:.2} · p99 {:.2} · p999 {:.2} · max {:.2} · mean {:.2}",
+            r.latency.p50_ms,
+            r.latency.p90_ms,
+            r.latency.p99_ms,
+            r.latency.p999_ms,
+            r.latency.max_ms,
+            r.latency.mean_ms
+        );
+        println!("  order violations      {}", r.order_violations);
+        if let Some(a) = &r.acknowledged {
+            println!(
+                "  acknowledged          {} comments; each of {} listeners received {}-{} of them; {} listeners missed {} in all; {} deliveries of comments never acknowledged",
+                a.acknowledged,
+                a.listeners_checked,
+                a.delivered_acknowledged_min,
+                a.delivered_acknowledged_max,
+                a.listeners_missing_acknowledged,
+                a.acknowledged_missed_total,
+                a.delivered_unacknowledged_total
+            );
+        }
+    }
+    if !r.refusals_by_code.is_empty() || r.timeouts > 0 {
+        let refusals: Vec<String> = r
+            .refusals_by_code
+            .iter()
+            .map(|(code, count)| format!("{code}: {count}"))
+            .collect();
+        println!(
+            "  refused               {} · timeouts {}",
+            if refusals.is_empty() {
+                "none".to_string()
+            } else {
+                refusals.join(", ")
+            },
+            r.timeouts
+        );
+    }
     println!(
         "  notifications/listener/s {:.2}",
         r.notifications_per_listener_per_sec
@@ -1572,6 +1751,28 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+
+    #[test]
+    fn id_sets_tell_acknowledged_from_delivered() {
+        let mut acked = IdSet::default();
+        let mut got = IdSet::default();
+        for id in [1, 2, 3, 64, 65, 200] {
+            acked.insert(id);
+        }
+        for id in [1, 3, 64, 65, 200, 201, 201] {
+            got.insert(id);
+        }
+        assert_eq!(acked.len, 6);
+        assert_eq!(got.len, 6, "a repeat counts once");
+        assert_eq!(acked.compare(&got), (5, 1), "5 delivered, comment 2 missed");
+        assert_eq!(
+            got.compare(&acked),
+            (5, 1),
+            "201 delivered, never acknowledged"
+        );
+        got.insert(IdSet::ID_MAX + 1);
+        assert_eq!(got.untracked, 1);
+    }
 
     #[derive(Debug, Parser)]
     struct Cli {

@@ -360,6 +360,13 @@ async function loadPeople(fresh) {
     const item = el("li", { "data-person": u.user_id },
       el("span", { class: "name", text: u.user_id }),
       el("span", { class: "meta", text: u.role }));
+    const host = r.stage.host === me;
+    if (host && u.user_id !== me && u.role !== "moderator") {
+      item.append(el("button", { type: "button", "aria-label": `Make ${u.user_id} a moderator`, onclick: () => stageAction("room.set_role", { user_id: u.user_id, role: "moderator" }) }, "Make moderator"));
+    }
+    if (host && u.role === "moderator") {
+      item.append(el("button", { type: "button", "aria-label": `Make ${u.user_id} a listener again`, onclick: () => stageAction("room.set_role", { user_id: u.user_id, role: "listener" }) }, "Unmake moderator"));
+    }
     if (isModerator() && u.user_id !== me && u.role !== "host") {
       if (u.role === "listener") {
         item.append(el("button", { type: "button", "aria-label": `Invite ${u.user_id} to speak`, onclick: () => stageAction("room.invite", { user_id: u.user_id }) }, "Invite"));
