@@ -4,6 +4,7 @@
 // with HTTP Range requests as it arrives and decodes it with WebCodecs.
 
 import { OggOpusReader, OggOpusWriter, toBase64 } from "./ogg.js";
+import { openMicrophone } from "./voice.js";
 
 const RATE = 48_000;
 const FRAME_SAMPLES = 960; // 20 ms
@@ -90,68 +91,40 @@ export class VoiceMessages extends EventTarget {
     if (this.recording) return;
     const ctx = this.audio();
     const sent = await this.client.request("vm.send", { to });
-    const stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
-    if (!this.workletLoaded) {
-      await ctx.audioWorklet.addModule("/app/capture-worklet.js");
-      this.workletLoaded = true;
-    }
-    const source = ctx.createMediaStreamSource(stream);
-    const node = new AudioWorkletNode(ctx, "chorus-capture", { numberOfOutputs: 0 });
     const writer = new OggOpusWriter();
     const rec = {
       id: sent.message_id,
       to,
-      stream,
-      source,
-      node,
       writer,
       packets: [],
       offset: 0,
       acked: 0,
       durationMs: 0,
       queue: Promise.resolve(),
-      stopped: false,
       failed: null,
     };
     this.recording = rec;
     for (const page of writer.headers()) this.sendPage(rec, page, false);
-    rec.encoder = new AudioEncoder({
-      output: (chunk) => {
-        const packet = new Uint8Array(chunk.byteLength);
-        chunk.copyTo(packet);
-        rec.packets.push(packet);
-        // Keep one packet back, so that the last page (with end of stream) has audio.
-        if (rec.packets.length > PAGE_PACKETS) {
-          const page = rec.packets.splice(0, PAGE_PACKETS);
-          this.sendPage(rec, writer.audio(page, FRAME_SAMPLES), false);
-        }
-      },
-      error: (error) => { rec.failed = error; },
-    });
-    rec.encoder.configure({ codec: "opus", sampleRate: RATE, numberOfChannels: 1, bitrate: 24_000 });
-    let pending = new Float32Array(FRAME_SAMPLES);
-    let filled = 0;
-    let timestampUs = 0;
-    node.port.onmessage = (message) => {
-      const block = message.data;
-      let at = 0;
-      while (at < block.length) {
-        const n = Math.min(block.length - at, FRAME_SAMPLES - filled);
-        pending.set(block.subarray(at, at + n), filled);
-        filled += n;
-        at += n;
-        if (filled === FRAME_SAMPLES) {
-          rec.encoder.encode(new AudioData({
-            format: "f32-planar", sampleRate: RATE, numberOfFrames: FRAME_SAMPLES,
-            numberOfChannels: 1, timestamp: timestampUs, data: pending,
-          }));
-          timestampUs += 20_000;
-          pending = new Float32Array(FRAME_SAMPLES);
-          filled = 0;
-        }
-      }
-    };
-    source.connect(node);
+    try {
+      rec.mic = await openMicrophone(ctx, {
+        audio: { channelCount: 1 },
+        bitrate: 24_000,
+        onPacket: (packet) => {
+          rec.packets.push(packet);
+          // Keep one packet back, so that the last page (with end of stream) has audio.
+          if (rec.packets.length > PAGE_PACKETS) {
+            const page = rec.packets.splice(0, PAGE_PACKETS);
+            this.sendPage(rec, writer.audio(page, FRAME_SAMPLES), false);
+          }
+        },
+        onError: (error) => { rec.failed = error; },
+      });
+    } catch (error) {
+      // No microphone (refused, none): nothing is recording.
+      this.recording = null;
+      this.changed();
+      throw error;
+    }
     this.changed();
     return rec.id;
   }
@@ -189,11 +162,7 @@ export class VoiceMessages extends EventTarget {
   async stop() {
     const rec = this.recording;
     if (!rec) return null;
-    rec.node.port.onmessage = null;
-    try { rec.source.disconnect(); } catch { /* gone */ }
-    for (const track of rec.stream.getTracks()) track.stop();
-    await rec.encoder.flush().catch(() => {});
-    rec.encoder.close();
+    if (rec.mic) await rec.mic.stop({ flush: true });
     if (rec.packets.length === 0) {
       rec.packets.push(new Uint8Array([0xf8, 0xff, 0xfe])); // one silent Opus frame
     }

@@ -62,6 +62,74 @@ export function parseDownlink(bytes) {
   };
 }
 
+const workletLoaded = new WeakSet();
+
+/**
+ * The microphone, encoded with WebCodecs into 20 ms Opus packets at `bitrate`:
+ * `onPacket(packet, level)` for each, with its RFC 6464 level (127, and silence sent,
+ * while `silent()` says so). The samples come through an AudioWorklet
+ * (`capture-worklet.js`). Returns `{ stop({ flush }) }`; with `flush`, the packets the
+ * encoder still holds come out before it resolves.
+ */
+export async function openMicrophone(ctx, { audio, bitrate, silent = () => false, onPacket, onError }) {
+  const stream = await navigator.mediaDevices.getUserMedia({ audio });
+  if (!workletLoaded.has(ctx)) {
+    await ctx.audioWorklet.addModule("/app/capture-worklet.js");
+    workletLoaded.add(ctx);
+  }
+  const source = ctx.createMediaStreamSource(stream);
+  // No outputs: a sink, which the audio graph runs without a path to the speakers.
+  const node = new AudioWorkletNode(ctx, "chorus-capture", { numberOfOutputs: 0 });
+  const levels = [];
+  const encoder = new AudioEncoder({
+    output: (chunk) => {
+      const packet = new Uint8Array(chunk.byteLength);
+      chunk.copyTo(packet);
+      onPacket(packet, levels.shift() ?? 127);
+    },
+    error: onError,
+  });
+  encoder.configure({ codec: "opus", sampleRate: RATE, numberOfChannels: 1, bitrate });
+  let pending = new Float32Array(FRAME_SAMPLES);
+  let filled = 0;
+  let timestampUs = 0;
+  node.port.onmessage = (message) => {
+    const block = message.data;
+    let at = 0;
+    while (at < block.length) {
+      const n = Math.min(block.length - at, FRAME_SAMPLES - filled);
+      pending.set(block.subarray(at, at + n), filled);
+      filled += n;
+      at += n;
+      if (filled === FRAME_SAMPLES) {
+        const quiet = silent();
+        levels.push(quiet ? 127 : level(pending));
+        encoder.encode(new AudioData({
+          format: "f32-planar",
+          sampleRate: RATE,
+          numberOfFrames: FRAME_SAMPLES,
+          numberOfChannels: 1,
+          timestamp: timestampUs,
+          data: quiet ? new Float32Array(FRAME_SAMPLES) : pending,
+        }));
+        timestampUs += (FRAME_SAMPLES * 1_000_000) / RATE;
+        pending = new Float32Array(FRAME_SAMPLES);
+        filled = 0;
+      }
+    }
+  };
+  source.connect(node);
+  return {
+    async stop({ flush = false } = {}) {
+      node.port.onmessage = null;
+      try { source.disconnect(); node.disconnect(); } catch { /* gone */ }
+      for (const track of stream.getTracks()) track.stop();
+      if (flush) await encoder.flush().catch(() => {});
+      try { encoder.close(); } catch { /* closed */ }
+    },
+  };
+}
+
 /** Plays what the room's speakers say, and (on stage) sends what this user says. */
 export class Voice extends EventTarget {
   constructor(client, self) {
@@ -150,72 +218,26 @@ export class Voice extends EventTarget {
     if (!voiceSupported()) throw new Error("This browser cannot send voice (no WebCodecs Opus).");
     if (this.capture || !this.room) return;
     this.enter(this.room);
-    const stream = await navigator.mediaDevices.getUserMedia({
-      audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true },
-    });
-    if (!this.workletLoaded) {
-      await this.ctx.audioWorklet.addModule("/app/capture-worklet.js");
-      this.workletLoaded = true;
-    }
-    const source = this.ctx.createMediaStreamSource(stream);
-    // No outputs: a sink, which the audio graph runs without a path to the speakers.
-    const node = new AudioWorkletNode(this.ctx, "chorus-capture", { numberOfOutputs: 0 });
     const room = this.room;
     let seq = Math.floor(Math.random() * 0xffffffff);
-    let pending = new Float32Array(FRAME_SAMPLES);
-    let filled = 0;
-    let timestampUs = 0;
-    const levels = [];
-    const encoder = new AudioEncoder({
-      output: (chunk) => {
-        const packet = new Uint8Array(chunk.byteLength);
-        chunk.copyTo(packet);
-        const audioLevel = levels.shift() ?? 127;
+    this.capture = await openMicrophone(this.ctx, {
+      audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true },
+      bitrate: 32_000,
+      silent: () => this.muted,
+      onPacket: (packet, audioLevel) => {
         if (packet.length < 1 || packet.length > 1000) return;
         const sent = this.client.sendVoice(uplinkFrame(room, seq, Date.now(), audioLevel, packet));
         seq = (seq + 1) >>> 0;
         if (sent) this.sent += 1;
       },
-      error: (error) => console.warn("encoding the microphone failed", error),
+      onError: (error) => console.warn("encoding the microphone failed", error),
     });
-    encoder.configure({ codec: "opus", sampleRate: RATE, numberOfChannels: 1, bitrate: 32_000 });
-    node.port.onmessage = (message) => {
-      const block = message.data;
-      let at = 0;
-      while (at < block.length) {
-        const n = Math.min(block.length - at, FRAME_SAMPLES - filled);
-        pending.set(block.subarray(at, at + n), filled);
-        filled += n;
-        at += n;
-        if (filled === FRAME_SAMPLES) {
-          levels.push(this.muted ? 127 : level(pending));
-          const samples = this.muted ? new Float32Array(FRAME_SAMPLES) : pending;
-          encoder.encode(new AudioData({
-            format: "f32-planar",
-            sampleRate: RATE,
-            numberOfFrames: FRAME_SAMPLES,
-            numberOfChannels: 1,
-            timestamp: timestampUs,
-            data: samples,
-          }));
-          timestampUs += (FRAME_SAMPLES * 1_000_000) / RATE;
-          pending = new Float32Array(FRAME_SAMPLES);
-          filled = 0;
-        }
-      }
-    };
-    source.connect(node);
-    this.capture = { stream, source, node, encoder };
   }
 
   stopTalking() {
-    const c = this.capture;
-    if (!c) return;
+    const capture = this.capture;
     this.capture = null;
-    c.node.port.onmessage = null;
-    try { c.source.disconnect(); c.node.disconnect(); } catch { /* gone */ }
-    for (const track of c.stream.getTracks()) track.stop();
-    try { c.encoder.close(); } catch { /* closed */ }
+    if (capture) capture.stop();
   }
 
   get talking() {
