@@ -37,20 +37,7 @@ async fn two_cli_users_on_different_transports_talk_in_a_room() {
     let room_id = created["room_id"].as_str().expect("room_id").to_string();
 
     // bob listens over QUIC and prints events as JSON lines
-    let mut bob = client(&node, &node.quic_url(), "bob")
-        .args(["join", &room_id, "--for", "30"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn join");
-    let mut lines = BufReader::new(bob.stdout.take().expect("stdout")).lines();
-    // the first line is the join response
-    let first = tokio::time::timeout(DEADLINE, lines.next_line())
-        .await
-        .expect("join response")
-        .expect("read")
-        .expect("line");
-    let first: serde_json::Value = serde_json::from_str(&first).expect("JSON line");
+    let (mut bob, mut lines, first) = join_in_background(&node, "bob", &room_id).await;
     assert_eq!(
         first["room"]["room_id"],
         room_id.as_str(),
@@ -99,6 +86,33 @@ async fn two_cli_users_on_different_transports_talk_in_a_room() {
     assert!(!missing.stderr.is_empty(), "a clear message on stderr");
 }
 
+/// `chorus client join ROOM --for 30` as `user` over QUIC, in the background: the
+/// process, its remaining stdout lines, and its first line (the join response).
+async fn join_in_background(
+    node: &TestNode,
+    user: &str,
+    room: &str,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    serde_json::Value,
+) {
+    let mut child = client(node, &node.quic_url(), user)
+        .args(["join", room, "--for", "30"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn join");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("join response")
+        .expect("read")
+        .expect("line");
+    let first = serde_json::from_str(&first).expect("JSON line");
+    (child, lines, first)
+}
+
 /// Runs a one-shot `chorus client` command; returns its stdout lines as JSON, or panics
 /// with its stderr if `ok` and it failed (or it succeeded and `ok` is false).
 async fn run(node: &TestNode, user: &str, args: &[&str], ok: bool) -> Vec<serde_json::Value> {
@@ -126,17 +140,7 @@ async fn the_stage_is_run_from_the_cli() {
     let room = created[0]["room_id"].as_str().expect("room_id").to_string();
     // bob stays in the room with one session; his one-shot commands are other sessions of
     // the same user, so his hand keeps its place when they end.
-    let mut bob = client(&node, &node.quic_url(), "bob")
-        .args(["join", &room, "--for", "30"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn join");
-    let mut bob_lines = BufReader::new(bob.stdout.take().expect("stdout")).lines();
-    tokio::time::timeout(DEADLINE, bob_lines.next_line())
-        .await
-        .expect("join response")
-        .expect("read");
+    let (mut bob, mut bob_lines, _) = join_in_background(&node, "bob", &room).await;
 
     run(&node, "bob", &["raise-hand", &room], true).await;
     let stage = run(&node, "alice", &["stage", &room], true).await;
@@ -208,17 +212,7 @@ async fn operators_commands_do_not_join_the_room() {
     let node = TestNode::start(&[]).await;
     let created = run(&node, "alice", &["create-room", "Quiet host"], true).await;
     let room = created[0]["room_id"].as_str().expect("room_id").to_string();
-    let mut bob = client(&node, &node.quic_url(), "bob")
-        .args(["join", &room, "--for", "30"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn join");
-    let mut bob_lines = BufReader::new(bob.stdout.take().expect("stdout")).lines();
-    tokio::time::timeout(DEADLINE, bob_lines.next_line())
-        .await
-        .expect("join response")
-        .expect("read");
+    let (mut bob, mut bob_lines, _) = join_in_background(&node, "bob", &room).await;
 
     // The host and a moderator, from outside the room: a moderator made, a poll opened
     // and closed, the views read by anyone.

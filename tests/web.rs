@@ -76,6 +76,17 @@ async fn two_browsers_on_two_nodes_share_a_room() {
     }
 }
 
+/// curl's arguments for `POST /dev/token {"user": USER}` on `base`.
+fn post_dev_token(base: &str, user: &str) -> Vec<String> {
+    vec![
+        "-X".into(),
+        "POST".into(),
+        "--data".into(),
+        serde_json::json!({ "user": user }).to_string(),
+        format!("{base}/dev/token"),
+    ]
+}
+
 /// The page and its files come from the binary; development sign-in exists only with the
 /// development secret, and its token signs a user in.
 #[tokio::test]
@@ -103,14 +114,7 @@ async fn the_page_is_served_and_development_tokens_only_without_a_secret() {
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
     let status = curl(vec![format!("{base}/dev/token")]).await;
     assert!(status.contains(r#"{"available":true}"#), "{status}");
-    let minted = curl(vec![
-        "-X".into(),
-        "POST".into(),
-        "--data".into(),
-        r#"{"user":"webby"}"#.into(),
-        format!("{base}/dev/token"),
-    ])
-    .await;
+    let minted = curl(post_dev_token(&base, "webby")).await;
     let body = minted.split("\r\n\r\n").nth(1).expect("a body");
     let token = serde_json::from_str::<serde_json::Value>(body).expect("JSON")["token"]
         .as_str()
@@ -122,28 +126,14 @@ async fn the_page_is_served_and_development_tokens_only_without_a_secret() {
         .await
         .expect("the minted token signs in");
     assert_eq!(client.user_id(), "webby");
-    let bad = curl(vec![
-        "-X".into(),
-        "POST".into(),
-        "--data".into(),
-        r#"{"user":"no spaces"}"#.into(),
-        format!("{base}/dev/token"),
-    ])
-    .await;
+    let bad = curl(post_dev_token(&base, "no spaces")).await;
     assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
 
     let real = common::TestNode::start(&["--secret", "a-real-secret-of-enough-bytes"]).await;
     let base = format!("http://{}", real.http);
     let status = curl(vec![format!("{base}/dev/token")]).await;
     assert!(status.contains(r#"{"available":false}"#), "{status}");
-    let refused = curl(vec![
-        "-X".into(),
-        "POST".into(),
-        "--data".into(),
-        r#"{"user":"webby"}"#.into(),
-        format!("{base}/dev/token"),
-    ])
-    .await;
+    let refused = curl(post_dev_token(&base, "webby")).await;
     assert!(refused.starts_with("HTTP/1.1 404"), "{refused}");
     assert!(refused.contains("real secret"), "{refused}");
 }

@@ -464,6 +464,22 @@ pub enum StageCommand {
     },
 }
 
+impl StageCommand {
+    /// Whether `by` does this as itself (its hand, its invitation, its own microphone, its
+    /// own role), which needs it in the room; the host and moderators moderate others by
+    /// role, present or not (docs/protocol.md §6.10).
+    pub fn acts_as_itself(&self, by: &str) -> bool {
+        match self {
+            StageCommand::Hand { .. } | StageCommand::InviteAnswer { .. } => true,
+            StageCommand::Mute { user, .. } => user.as_deref().is_none_or(|u| u == by),
+            StageCommand::SetRole { user, .. } => user == by,
+            StageCommand::Invite { .. }
+            | StageCommand::Kick { .. }
+            | StageCommand::Block { .. } => false,
+        }
+    }
+}
+
 /// The part of a room's state that must survive its owner: replicated to another node
 /// before a comment or stage change is acknowledged, and handed to the next owner.
 /// (Membership is rebuilt from the edges; reaction windows and counters are transient.)
@@ -1547,17 +1563,7 @@ impl<M: Clone + Ord> RoomCore<M> {
         self.refuse_if_ended()?;
         let by_role = self.role_of(by);
         let moderating = by_role <= Role::Moderator;
-        // What a user does as itself (its hand, its invitation, its own microphone) needs it
-        // in the room; the host and moderators moderate by role, present or not.
-        let as_itself = match &command {
-            StageCommand::Hand { .. } | StageCommand::InviteAnswer { .. } => true,
-            StageCommand::Mute { user, .. } => user.as_deref().is_none_or(|u| u == by),
-            StageCommand::SetRole { user, .. } => user == by,
-            StageCommand::Invite { .. }
-            | StageCommand::Kick { .. }
-            | StageCommand::Block { .. } => false,
-        };
-        if as_itself && !self.users.contains_key(by) {
+        if command.acts_as_itself(by) && !self.users.contains_key(by) {
             return Err(RoomError::NotInRoom);
         }
         let changed = match command {

@@ -128,31 +128,37 @@ pub(crate) async fn accept_http(
                     .await
                 }
                 Some(acceptor) => {
-                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            Box::pin(serve_http(
-                                node,
-                                kind,
-                                slot,
-                                conn_tracker,
-                                header_timeout,
-                                stream,
-                            ))
-                            .await
-                        }
-                        Ok(Err(error)) => {
-                            metrics::counter!("chorus_tls_handshakes_failed_total").increment(1);
-                            tracing::debug!(%error, "client TLS handshake failed");
-                        }
-                        Err(_) => {
-                            metrics::counter!("chorus_tls_handshakes_failed_total").increment(1);
-                            tracing::debug!("client TLS handshake timed out");
-                        }
+                    if let Some(stream) = handshake(&acceptor, stream, header_timeout).await {
+                        Box::pin(serve_http(
+                            node,
+                            kind,
+                            slot,
+                            conn_tracker,
+                            header_timeout,
+                            stream,
+                        ))
+                        .await
                     }
                 }
             }
         });
     }
+}
+
+/// The client's TLS handshake, within `timeout`; a failure is counted and logged.
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let why = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => return Some(stream),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => "timed out".to_string(),
+    };
+    metrics::counter!("chorus_tls_handshakes_failed_total").increment(1);
+    tracing::debug!(why, "client TLS handshake failed");
+    None
 }
 
 /// Serves one HTTP/1.1 connection (plain or TLS) with upgrades.

@@ -1128,15 +1128,7 @@ impl Connection {
         user: String,
         command: StageCommand,
     ) -> Result<(), ErrorBody> {
-        let as_itself = match &command {
-            StageCommand::Hand { .. } | StageCommand::InviteAnswer { .. } => true,
-            StageCommand::Mute { user: target, .. } => target.as_ref().is_none_or(|t| *t == user),
-            StageCommand::SetRole { .. }
-            | StageCommand::Invite { .. }
-            | StageCommand::Kick { .. }
-            | StageCommand::Block { .. } => false,
-        };
-        if as_itself {
+        if command.acts_as_itself(&user) {
             self.require_member(session, room_id)?;
         }
         node.rooms
