@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::polls::VoteRecord;
-use crate::room::RoomDurable;
+use crate::room::{CommentsDelta, RoomDurable};
 
 /// One room's copy on one node.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +154,30 @@ impl ReplicaStore {
         self.apply_delta(room_id, epoch, base_revision, |state| {
             state.take_change(change)
         })
+    }
+
+    /// Takes the comments of `delta` into the copy of `room_id`, if it is the one they
+    /// follow: written at `epoch`, at `base_revision`, its latest comment the one before
+    /// the delta's first. Returns the copy to persist.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::apply_votes`]. Nothing changes.
+    pub fn apply_comments(
+        &mut self,
+        room_id: &str,
+        epoch: u64,
+        base_revision: u64,
+        delta: CommentsDelta,
+    ) -> Result<&HeldCopy, VotesRefused> {
+        let mut refused = false;
+        let held = self.apply_delta(room_id, epoch, base_revision, |state| {
+            refused = state.take_comments(delta).is_err();
+        })?;
+        if refused {
+            return Err(VotesRefused::OutOfStep);
+        }
+        Ok(held)
     }
 
     /// Applies a delta (votes, a change without polls) to the copy of `room_id` if it is

@@ -538,6 +538,65 @@ impl RoomDurable {
     }
 }
 
+/// What comments changed in a room since a revision at which only comments were posted:
+/// the new comments and the requests they answered, and what they leave behind. A copy
+/// that holds the room at `base` takes it with [`RoomDurable::take_comments`]; it costs
+/// what the new comments cost, not what the room holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommentsDelta {
+    /// The revision after the comments.
+    pub revision: u64,
+    /// The comments, oldest first, ids consecutive after the copy's latest.
+    pub comments: Vec<CommentEvent>,
+    /// The requests they answered, oldest first.
+    pub requests: Vec<AnsweredRequest>,
+    /// `at_ms` of the latest comment.
+    pub comment_latest_at_ms: u64,
+    /// How many recent comments the room keeps after them.
+    pub recent_len: usize,
+    /// How many answered requests the room remembers after them.
+    pub requests_len: usize,
+    /// The running totals now (merged, never lowered).
+    pub totals: RoomTotals,
+}
+
+impl RoomDurable {
+    /// Takes the comments of `delta`, which must follow this state's latest comment:
+    /// appends them and the requests they answered, and trims both to what the room keeps.
+    ///
+    /// # Errors
+    ///
+    /// `Err(())` (nothing changed) if the comments do not continue this state's.
+    #[allow(clippy::result_unit_err)]
+    pub fn take_comments(&mut self, delta: CommentsDelta) -> Result<(), ()> {
+        let follows = delta
+            .comments
+            .first()
+            .is_some_and(|c| c.comment_id == self.comment_count + 1)
+            && delta
+                .comments
+                .windows(2)
+                .all(|w| w[1].comment_id == w[0].comment_id + 1)
+            && delta.revision >= self.revision + delta.comments.len() as u64;
+        if !follows {
+            return Err(());
+        }
+        if let Some(last) = delta.comments.last() {
+            self.comment_count = last.comment_id;
+        }
+        self.revision = delta.revision;
+        self.comment_latest_at_ms = self.comment_latest_at_ms.max(delta.comment_latest_at_ms);
+        self.recent_comments.extend(delta.comments);
+        let drop = self.recent_comments.len().saturating_sub(delta.recent_len);
+        self.recent_comments.drain(..drop);
+        self.requests.extend(delta.requests);
+        let drop = self.requests.len().saturating_sub(delta.requests_len);
+        self.requests.drain(..drop);
+        self.totals.merge(&delta.totals);
+        Ok(())
+    }
+}
+
 /// A comment request the room has run, remembered so a repeat gets the same answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AnsweredRequest {
@@ -680,6 +739,40 @@ impl<M: Clone + Ord> RoomCore<M> {
             polls: Polls::default(),
             requests: self.requests.iter().cloned().collect(),
         }
+    }
+
+    /// The comments posted since the room was at `base_revision` with `base_comments`
+    /// comments, as a delta ([`CommentsDelta`]); `None` when something else changed since
+    /// (every revision since is not a comment) or the recent log no longer holds them all.
+    pub fn comments_delta(&self, base_revision: u64, base_comments: u64) -> Option<CommentsDelta> {
+        let posted = self.comment_count.checked_sub(base_comments)?;
+        if posted == 0 || self.revision.checked_sub(base_revision)? != posted {
+            return None;
+        }
+        let comments: Vec<CommentEvent> = self
+            .recent_comments
+            .iter()
+            .filter(|c| c.comment_id > base_comments)
+            .cloned()
+            .collect();
+        if comments.len() as u64 != posted {
+            return None;
+        }
+        let requests = self
+            .requests
+            .iter()
+            .filter(|r| r.comment_id > base_comments)
+            .cloned()
+            .collect();
+        Some(CommentsDelta {
+            revision: self.revision,
+            comments,
+            requests,
+            comment_latest_at_ms: self.comment_latest_at_ms,
+            recent_len: self.recent_comments.len(),
+            requests_len: self.requests.len(),
+            totals: self.totals.clone(),
+        })
     }
 
     /// The version of the polls: it changes whenever they do.
@@ -2340,6 +2433,63 @@ mod tests {
             .unwrap();
         assert_eq!(after_move, first);
         assert_eq!(moved.comment_count(), 2);
+    }
+
+    #[test]
+    fn a_comments_delta_brings_a_copy_to_the_owners_state_and_only_after_comments() {
+        let mut room = room_with(RoomConfig {
+            recent_comments_max: 5,
+            request_ids_max: 3,
+            request_ids_window_ms: 1_000,
+            comment_burst: 100,
+            comment_rate_per_sec: 100,
+            ..RoomConfig::default()
+        });
+        room.handle_join(T0, 1, HOST).unwrap();
+        room.handle_join(T0, 2, "bob").unwrap();
+        let comment = |room: &mut RoomCore<u64>, at: u64, id: Option<&str>| {
+            let terms = RequestTerms {
+                request_id: id,
+                deadline_ms: None,
+            };
+            room.handle_comment_request(T0 + at, &1, "x", terms)
+                .unwrap()
+                .comment_id
+        };
+        for i in 0..4 {
+            comment(&mut room, i, Some(&format!("q{i}")));
+        }
+        let mut copy = room.durable_without_polls();
+        let (base, base_comments) = (room.revision(), room.comment_count());
+        assert_eq!(
+            room.comments_delta(base, base_comments),
+            None,
+            "nothing new"
+        );
+        // Three more, one without a request id, one past the request window.
+        comment(&mut room, 10, Some("q4"));
+        comment(&mut room, 11, None);
+        comment(&mut room, 2_000, Some("q6"));
+        let delta = room
+            .comments_delta(base, base_comments)
+            .expect("only comments");
+        assert_eq!(delta.comments.len(), 3);
+        copy.take_comments(delta.clone()).expect("follows");
+        assert_eq!(copy, room.durable_without_polls());
+        // Taken twice, or by a copy behind, it does not follow.
+        assert_eq!(copy.take_comments(delta), Err(()));
+        // Another change in between: no delta (the whole change goes instead).
+        let (base, base_comments) = (room.revision(), room.comment_count());
+        comment(&mut room, 2_001, None);
+        room.handle_stage(T0 + 2_002, "bob", StageCommand::Hand { raised: true })
+            .unwrap();
+        assert_eq!(room.comments_delta(base, base_comments), None);
+        // More comments than the recent log holds: no delta.
+        let (base, base_comments) = (room.revision(), room.comment_count());
+        for i in 0..6 {
+            comment(&mut room, 2_100 + i, None);
+        }
+        assert_eq!(room.comments_delta(base, base_comments), None);
     }
 
     #[test]

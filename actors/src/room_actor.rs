@@ -55,8 +55,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::polls::VoteRecord;
 use crate::room::{
-    RequestTerms, RoomConfig, RoomCore, RoomDefinition, RoomDurable, RoomEffect, RoomError,
-    StageCommand,
+    CommentsDelta, RequestTerms, RoomConfig, RoomCore, RoomDefinition, RoomDurable, RoomEffect,
+    RoomError, StageCommand,
 };
 use crate::store::{DefinitionStore, StoreError};
 
@@ -150,6 +150,22 @@ pub trait DurableSink: Send + Sync + 'static {
     {
         let _ = (room_id, epoch, base_revision, change);
         Box::pin(async { Err(DirectoryError::Replication("no change deltas".into())) })
+    }
+
+    /// Keeps the comments of `delta` for `room_id` on the node that holds its state at
+    /// `base_revision` (only comments were posted since). An `Err` of any kind makes the
+    /// room replicate its whole state instead ([`Self::replicate`]); the default always
+    /// does.
+    fn replicate_comments<'a>(
+        &'a self,
+        room_id: &'a str,
+        epoch: u64,
+        base_revision: u64,
+        delta: CommentsDelta,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DirectoryError>> + Send + 'a>>
+    {
+        let _ = (room_id, epoch, base_revision, delta);
+        Box::pin(async { Err(DirectoryError::Replication("no comment deltas".into())) })
     }
 }
 
@@ -420,6 +436,12 @@ pub enum RoomMsg {
     },
     /// Replicate the votes waiting, then acknowledge them (group commit).
     FlushVotes,
+    /// The copy of comments `flight` finished (see [`CommentCommits`]): acknowledge them and
+    /// send the comments that came since.
+    CopyDone {
+        /// Which copy.
+        flight: u64,
+    },
     /// A timer fired: flush windows and counters.
     Tick,
 }
@@ -446,6 +468,8 @@ pub struct RoomShell {
     epoch: u64,
     /// The revision last replicated.
     replicated_revision: u64,
+    /// The room's comment count in the state last replicated.
+    replicated_comments: u64,
     /// The polls' version in the state last replicated (`None`: not known, e.g. after an
     /// activation): while the polls stay at it, a change is replicated without them.
     replicated_polls: Option<u64>,
@@ -458,6 +482,8 @@ pub struct RoomShell {
     pending_votes: Vec<RpcReplyPort<Result<(), RoomError>>>,
     /// Whether a [`RoomMsg::FlushVotes`] is on its way.
     vote_flush_scheduled: bool,
+    /// Comments applied but not yet replicated (group commit).
+    commits: CommentCommits,
 }
 
 /// The room actor.
@@ -498,11 +524,13 @@ impl Actor for RoomActor {
             event_log: args.event_log,
             epoch: 0,
             replicated_revision: 0,
+            replicated_comments: 0,
             replicated_polls: None,
             tick_at_ms: None,
             audio_targets: None,
             pending_votes: Vec::new(),
             vote_flush_scheduled: false,
+            commits: CommentCommits::default(),
         })
     }
 
@@ -522,7 +550,37 @@ impl Actor for RoomActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let now_ms = unix_now_ms();
+        // Comments are group-committed (see [`CommentCommits`]); every request that reads
+        // or changes the room first waits until the comments before it are replicated and
+        // broadcast, so it sees (and replicates) them as acknowledged. Voice, edge batches
+        // and timers neither read comments nor need them settled.
+        let pipelined = matches!(
+            message,
+            RoomMsg::Comment { .. }
+                | RoomMsg::CopyDone { .. }
+                | RoomMsg::Audio { .. }
+                | RoomMsg::ReactBatch { .. }
+                | RoomMsg::BulletBatch { .. }
+                | RoomMsg::Tick
+        );
+        if !pipelined {
+            if let Err(error) = state.settle_comments(&myself).await {
+                tracing::warn!(room = %state.core.definition().room_id, %error, "comments not replicated; the room stops");
+                myself.stop(Some("replication failed".into()));
+                return Ok(());
+            }
+        }
         match message {
+            RoomMsg::CopyDone { flight } => {
+                if state.commits.in_flight_is(flight) {
+                    if let Err(error) = state.settle_in_flight().await {
+                        tracing::warn!(room = %state.core.definition().room_id, %error, "comments not replicated; the room stops");
+                        myself.stop(Some("replication failed".into()));
+                        return Ok(());
+                    }
+                    state.start_copy(&myself);
+                }
+            }
             RoomMsg::Join {
                 member,
                 user,
@@ -548,6 +606,17 @@ impl Actor for RoomActor {
                 deadline_ms,
                 reply,
             } => {
+                // Past this many comments waiting for replication the room is over its
+                // capacity: the comment is refused at once instead of waiting.
+                if state.commits.queued.len() >= state.commits_queued_max() {
+                    metrics::counter!("chorus_comments_refused_total", "reason" => "overloaded")
+                        .increment(1);
+                    let _ = reply.send(Err(RoomError::Unavailable(
+                        "the room is taking more comments than it can replicate; retry later"
+                            .into(),
+                    )));
+                    return Ok(());
+                }
                 let revision = state.core.revision();
                 let terms = RequestTerms {
                     request_id: request_id.as_deref(),
@@ -556,20 +625,28 @@ impl Actor for RoomActor {
                 let result = state
                     .core
                     .handle_comment_request(now_ms, &member, &text, terms);
-                // A repeat answered from memory changed nothing.
+                // A repeat answered from memory changed nothing; it is answered when what
+                // it repeats is replicated, if that is still under way.
                 let changed = result.is_ok() && state.core.revision() != revision;
-                // Replicate before anyone sees the comment: an acknowledged (or broadcast)
-                // comment survives the loss of this node. If it cannot be replicated, the
-                // comment is neither broadcast nor acknowledged and the room stops here
-                // (fail-stop): the next activation continues from the replicated state, so
-                // no comment id ever names two different comments.
-                if let Err(error) = state.replicate_change(changed).await {
-                    return fail_stop(&myself, reply, error);
+                if result.is_err() || (!changed && state.commits.is_idle()) {
+                    let _ = reply.send(result);
+                } else {
+                    // Replicated before anyone sees the comment: an acknowledged (or
+                    // broadcast) comment survives the loss of this node. The comment waits
+                    // with its broadcast for the next copy (group commit); if it cannot be
+                    // replicated it is neither broadcast nor acknowledged and the room stops
+                    // (fail-stop): the next activation continues from the replicated state,
+                    // so no comment id ever names two different comments.
+                    let effects = state.core.drain_effects();
+                    state.commits.queued.push(PendingComment {
+                        effects,
+                        reply,
+                        result,
+                    });
+                    if state.commits.in_flight.is_none() {
+                        state.start_copy(&myself);
+                    }
                 }
-                // Effects (the broadcast) run before the reply so that the author sees its own
-                // comment notification no later than the response.
-                state.execute_effects().await;
-                let _ = reply.send(result);
             }
             RoomMsg::Stage {
                 user,
@@ -659,6 +736,7 @@ impl Actor for RoomActor {
                 // The activation replicates what it restored itself (best effort: the
                 // next change sends the whole state).
                 state.replicated_revision = state.core.revision();
+                state.replicated_comments = state.core.comment_count();
                 state.replicated_polls = None;
                 let _ = reply.send(state.core.durable());
             }
@@ -765,10 +843,228 @@ impl Actor for RoomActor {
         // Stage changes nobody waits for (a speaker who left the room leaves the stage):
         // replicated too, best effort; the next acknowledged change carries them anyway.
         // Votes wait for their flush instead.
-        if state.core.revision() != state.replicated_revision && !state.vote_flush_scheduled {
+        if state.core.revision() != state.replicated_revision
+            && !state.vote_flush_scheduled
+            && state.commits.is_idle()
+        {
             let _ = state.replicate().await;
         }
         state.schedule_tick(&myself, now_ms);
+        Ok(())
+    }
+}
+
+/// A comment applied to the room but not yet replicated: its broadcast and its answer wait
+/// for the copy that carries it.
+struct PendingComment {
+    effects: Vec<RoomEffect<Member>>,
+    reply: RpcReplyPort<Result<RoomCommentResponse, RoomError>>,
+    result: Result<RoomCommentResponse, RoomError>,
+}
+
+/// The copy of the room's state on its way to the replica, with the comments it carries.
+struct InFlight {
+    /// Its number (a [`RoomMsg::CopyDone`] names it).
+    flight: u64,
+    /// The revision it carries.
+    revision: u64,
+    /// The room's comment count it carries.
+    comments: u64,
+    /// What it sends (for the metric).
+    kind: &'static str,
+    /// The polls' version it carries, if it is the whole state (`None`: a change without
+    /// the polls).
+    full_polls: Option<u64>,
+    /// Its outcome.
+    done: tokio::sync::oneshot::Receiver<Result<(), DirectoryError>>,
+    /// The comments it carries, in order.
+    batch: Vec<PendingComment>,
+}
+
+/// Group commit of comments. A comment is applied to the room at once and waits, with its
+/// broadcast and its answer, for a copy of the room's state on another node. One copy is
+/// on its way at a time (in its own task, so the room goes on taking comments); the
+/// comments that come meanwhile go together in the next one. A copy carries the room's
+/// recent comments (`recent_comments_max`), so at most that many wait for the next copy:
+/// past it the room is over capacity and refuses a comment at once (`5001`) rather than
+/// making it wait.
+#[derive(Default)]
+pub(crate) struct CommentCommits {
+    in_flight: Option<InFlight>,
+    queued: Vec<PendingComment>,
+    flights: u64,
+}
+
+impl CommentCommits {
+    fn is_idle(&self) -> bool {
+        self.in_flight.is_none() && self.queued.is_empty()
+    }
+
+    fn in_flight_is(&self, flight: u64) -> bool {
+        self.in_flight.as_ref().is_some_and(|f| f.flight == flight)
+    }
+}
+
+/// What one copy sends.
+enum CopyKind {
+    /// The comments posted since the revision the replica holds.
+    Comments { base: u64, delta: CommentsDelta },
+    /// The state without the polls, against the revision the replica holds.
+    Change { base: u64, state: RoomDurable },
+    /// The whole state.
+    Full(RoomDurable),
+}
+
+impl RoomShell {
+    /// Comments that may wait for the next copy: as many as a copy carries.
+    fn commits_queued_max(&self) -> usize {
+        self.core.config().recent_comments_max.max(1)
+    }
+
+    /// Sends the comments queued in one copy of the room's state (nothing if none are, or
+    /// one is on its way). Without a replicator, or when the state is already replicated
+    /// (a repeat), they are acknowledged at once.
+    fn start_copy(&mut self, myself: &ActorRef<RoomMsg>) {
+        if self.commits.in_flight.is_some() || self.commits.queued.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.commits.queued);
+        let revision = self.core.revision();
+        let replicator = match &self.replicator {
+            Some(replicator) if revision != self.replicated_revision => replicator.clone(),
+            _ => {
+                let (tx, done) = tokio::sync::oneshot::channel();
+                let _ = tx.send(Ok(()));
+                self.commits.flights += 1;
+                self.commits.in_flight = Some(InFlight {
+                    flight: self.commits.flights,
+                    revision,
+                    comments: self.core.comment_count(),
+                    kind: "none",
+                    full_polls: None,
+                    done,
+                    batch,
+                });
+                let _ = myself.cast(RoomMsg::CopyDone {
+                    flight: self.commits.flights,
+                });
+                return;
+            }
+        };
+        let polls_version = self.core.polls_version();
+        let base = self.replicated_revision;
+        let (kind, full_polls) = if self.replicated_polls != Some(polls_version) {
+            (CopyKind::Full(self.core.durable()), Some(polls_version))
+        } else if let Some(delta) = self.core.comments_delta(base, self.replicated_comments) {
+            (CopyKind::Comments { base, delta }, None)
+        } else {
+            let state = self.core.durable_without_polls();
+            (CopyKind::Change { base, state }, None)
+        };
+        let label = match kind {
+            CopyKind::Comments { .. } => "comments",
+            CopyKind::Change { .. } => "change",
+            CopyKind::Full(_) => "full",
+        };
+        let (tx, done) = tokio::sync::oneshot::channel();
+        self.commits.flights += 1;
+        let flight = self.commits.flights;
+        let room_id = self.core.definition().room_id.clone();
+        let epoch = self.epoch;
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let outcome = match kind {
+                CopyKind::Comments { base, delta } => {
+                    replicator
+                        .replicate_comments(&room_id, epoch, base, delta)
+                        .await
+                }
+                CopyKind::Change { base, state } => {
+                    replicator
+                        .replicate_change(&room_id, epoch, base, state)
+                        .await
+                }
+                CopyKind::Full(state) => replicator.replicate(&room_id, epoch, state).await,
+            };
+            let _ = tx.send(outcome);
+            let _ = myself.cast(RoomMsg::CopyDone { flight });
+        });
+        metrics::histogram!("chorus_comment_batch_size").record(batch.len() as f64);
+        self.commits.in_flight = Some(InFlight {
+            flight,
+            revision,
+            comments: self.core.comment_count(),
+            kind: label,
+            full_polls,
+            done,
+            batch,
+        });
+    }
+
+    /// Waits for the copy on its way, then broadcasts and acknowledges its comments. A
+    /// change the replica would not take is followed by the whole state. If no node took
+    /// it, every waiting comment is refused with the error and the room must stop.
+    async fn settle_in_flight(&mut self) -> Result<(), RoomError> {
+        let Some(flight) = self.commits.in_flight.take() else {
+            return Ok(());
+        };
+        let outcome = flight
+            .done
+            .await
+            .unwrap_or_else(|_| Err(DirectoryError::Replication("the copy's task ended".into())));
+        let copied = match outcome {
+            Ok(()) => {
+                if flight.revision != self.replicated_revision {
+                    metrics::counter!("chorus_room_copies_total", "kind" => flight.kind)
+                        .increment(1);
+                }
+                if flight.revision > self.replicated_revision {
+                    self.replicated_revision = flight.revision;
+                    self.replicated_comments = flight.comments;
+                }
+                if let Some(polls) = flight.full_polls {
+                    self.replicated_polls = Some(polls);
+                }
+                Ok(())
+            }
+            Err(error) if flight.full_polls.is_none() => {
+                tracing::debug!(room = %self.core.definition().room_id, %error, "change not taken; replicating the whole state");
+                self.replicated_polls = None;
+                self.replicate().await
+            }
+            Err(error) => {
+                tracing::warn!(room = %self.core.definition().room_id, epoch = self.epoch, %error, "room state not replicated");
+                metrics::counter!("chorus_room_fail_stops_total").increment(1);
+                Err(RoomError::Unavailable(error.to_string()))
+            }
+        };
+        if let Err(error) = copied {
+            for pending in flight.batch {
+                let _ = pending.reply.send(Err(error.clone()));
+            }
+            for pending in self.commits.queued.drain(..) {
+                let _ = pending.reply.send(Err(error.clone()));
+            }
+            return Err(error);
+        }
+        if self.replicated_revision == self.core.revision() {
+            self.core.vote_delta_replicated();
+        }
+        for pending in flight.batch {
+            // The broadcast before the answer: the author sees its own comment no later
+            // than the response.
+            self.execute_effect_list(pending.effects, None).await;
+            let _ = pending.reply.send(pending.result);
+        }
+        Ok(())
+    }
+
+    /// Replicates, broadcasts and acknowledges every comment applied so far.
+    async fn settle_comments(&mut self, myself: &ActorRef<RoomMsg>) -> Result<(), RoomError> {
+        while !self.commits.is_idle() {
+            self.start_copy(myself);
+            self.settle_in_flight().await?;
+        }
         Ok(())
     }
 }
@@ -816,6 +1112,8 @@ impl RoomShell {
                 Ok(()) => {
                     metrics::counter!("chorus_room_copies_total", "kind" => "change").increment(1);
                     self.replicated_revision = self.core.revision();
+                    self.replicated_comments = self.core.comment_count();
+                    self.replicated_comments = self.core.comment_count();
                     self.core.vote_delta_replicated();
                     for reply in self.pending_votes.drain(..) {
                         let _ = reply.send(Ok(()));
@@ -876,6 +1174,7 @@ impl RoomShell {
                 metrics::counter!("chorus_vote_deltas_total").increment(1);
                 metrics::counter!("chorus_votes_replicated_total").increment(count as u64);
                 self.replicated_revision = revision;
+                self.replicated_comments = self.core.comment_count();
                 self.replicated_polls = Some(self.core.polls_version());
                 for reply in self.pending_votes.drain(..) {
                     let _ = reply.send(Ok(()));
@@ -922,7 +1221,18 @@ impl RoomShell {
     /// Executes queued effects; broadcasts go to `recipients` if given, else to the
     /// current members.
     async fn execute_effects_to(&mut self, recipients: Option<&[Member]>) {
-        for effect in self.core.drain_effects() {
+        let effects = self.core.drain_effects();
+        self.execute_effect_list(effects, recipients).await;
+    }
+
+    /// Executes `effects` in order; broadcasts go to `recipients` if given, else to the
+    /// current members.
+    async fn execute_effect_list(
+        &mut self,
+        effects: Vec<RoomEffect<Member>>,
+        recipients: Option<&[Member]>,
+    ) {
+        for effect in effects {
             match effect {
                 RoomEffect::Broadcast(event) => {
                     let body = match event.encode_body() {
@@ -1420,5 +1730,216 @@ impl RoomDirectory {
         .await
         .map_err(|e| DirectoryError::Spawn(e.to_string()))?;
         Ok(actor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use crate::room::RoomConfig;
+
+    /// Definitions in memory.
+    struct Definitions;
+
+    impl DefinitionStore for Definitions {
+        fn get(&self, _room_id: &str) -> Result<Option<RoomDefinition>, StoreError> {
+            Ok(None)
+        }
+        fn put<'a>(
+            &'a self,
+            _definition: &'a RoomDefinition,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + 'a>>
+        {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// A replica that takes a copy only when the test lets one through.
+    struct GatedReplica {
+        gate: tokio::sync::Semaphore,
+        copies: AtomicUsize,
+        deltas: AtomicUsize,
+    }
+
+    impl GatedReplica {
+        async fn take(&self) -> Result<(), DirectoryError> {
+            self.gate
+                .acquire()
+                .await
+                .map_err(|e| DirectoryError::Replication(e.to_string()))?
+                .forget();
+            self.copies.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    impl DurableSink for GatedReplica {
+        fn replicate<'a>(
+            &'a self,
+            _room_id: &'a str,
+            _epoch: u64,
+            _durable: RoomDurable,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), DirectoryError>> + Send + 'a>,
+        > {
+            Box::pin(self.take())
+        }
+
+        fn replicate_comments<'a>(
+            &'a self,
+            _room_id: &'a str,
+            _epoch: u64,
+            _base_revision: u64,
+            _delta: CommentsDelta,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), DirectoryError>> + Send + 'a>,
+        > {
+            self.deltas.fetch_add(1, Ordering::SeqCst);
+            Box::pin(self.take())
+        }
+    }
+
+    /// Records the ids of the comments delivered to a member.
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<u64>>);
+
+    impl MemberSink for Seen {
+        fn deliver(&self, body: &Arc<EncodedBody>) {
+            if body.kind() == "room.comment" {
+                let json: serde_json::Value =
+                    serde_json::from_slice(body.body_bytes(chorus_protocol::Encoding::Json))
+                        .expect("json body");
+                let id = json["comment_id"].as_u64().expect("comment id");
+                self.0.lock().unwrap().push(id);
+            }
+        }
+        fn removed_from_room(&self, _room_id: &str) {}
+    }
+
+    fn seen(sink: &Seen) -> Vec<u64> {
+        sink.0.lock().unwrap().clone()
+    }
+
+    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn comments_wait_for_their_copy_go_together_and_past_capacity_are_refused_at_once() {
+        let config = RoomConfig {
+            recent_comments_max: 4,
+            comment_burst: 1_000,
+            comment_rate_per_sec: 1_000,
+            ..RoomConfig::default()
+        };
+        let definition = RoomDefinition::new(
+            "r-1".into(),
+            "t",
+            "host".into(),
+            None,
+            unix_now_ms(),
+            &config,
+        )
+        .expect("definition");
+        let replica = Arc::new(GatedReplica {
+            gate: tokio::sync::Semaphore::new(0),
+            copies: AtomicUsize::new(0),
+            deltas: AtomicUsize::new(0),
+        });
+        // Copies go through freely until the first comment is acknowledged.
+        replica.gate.add_permits(10);
+        let (room, _handle) = Actor::spawn(
+            None,
+            RoomActor,
+            RoomArgs {
+                definition,
+                config,
+                store: Arc::new(Definitions),
+                replicator: Some(replica.clone()),
+                analytics: None,
+                event_log: None,
+            },
+        )
+        .await
+        .expect("room starts");
+        let sink = Arc::new(Seen::default());
+        let member = Member::new(1, sink.clone());
+        let joined = ractor::call!(room, |reply| RoomMsg::Join {
+            member: member.clone(),
+            user: "host".into(),
+            since: None,
+            reply,
+        })
+        .expect("call");
+        joined.expect("joins");
+        // The first copy (the whole state) goes through: from then on comments go as
+        // deltas, and the gate closes.
+        let comment = |text: &str| {
+            let (room, member, text) = (room.clone(), member.clone(), text.to_string());
+            tokio::spawn(async move {
+                ractor::call!(room, |reply| RoomMsg::Comment {
+                    member,
+                    text,
+                    request_id: None,
+                    deadline_ms: None,
+                    reply,
+                })
+                .expect("call")
+            })
+        };
+        let first = tokio::time::timeout(Duration::from_secs(5), comment("first"))
+            .await
+            .expect("first in time")
+            .expect("task")
+            .expect("acknowledged");
+        assert_eq!(first.comment_id, 1);
+        assert_eq!(seen(&sink), vec![1]);
+        replica
+            .gate
+            .forget_permits(replica.gate.available_permits());
+        let copies = replica.copies.load(Ordering::SeqCst);
+        let deltas = replica.deltas.load(Ordering::SeqCst);
+
+        // One copy on its way (comment 2), and four comments behind it: none is seen or
+        // answered before its copy is taken.
+        let mut waiting = vec![comment("c2")];
+        wait_for("the next copy to start", || {
+            replica.deltas.load(Ordering::SeqCst) == deltas + 1
+        })
+        .await;
+        for i in 3..=6 {
+            waiting.push(comment(&format!("c{i}")));
+        }
+        // The queue holds a copy's worth (recent_comments_max, 4): the next is refused at
+        // once, without waiting for any copy.
+        let refused = tokio::time::timeout(Duration::from_secs(5), comment("one too many"))
+            .await
+            .expect("refusal in time")
+            .expect("task");
+        assert!(
+            matches!(refused, Err(RoomError::Unavailable(_))),
+            "{refused:?}"
+        );
+        assert_eq!(seen(&sink), vec![1]);
+        assert!(waiting.iter().all(|w| !w.is_finished()));
+
+        // Let the copies through: comment 2 alone, then 3-6 together in one copy.
+        replica.gate.add_permits(2);
+        let mut ids = Vec::new();
+        for w in waiting {
+            ids.push(w.await.expect("task").expect("acknowledged").comment_id);
+        }
+        assert_eq!(ids, vec![2, 3, 4, 5, 6]);
+        assert_eq!(seen(&sink), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(replica.copies.load(Ordering::SeqCst), copies + 2);
+        assert_eq!(replica.deltas.load(Ordering::SeqCst), deltas + 2);
+        room.stop(None);
     }
 }

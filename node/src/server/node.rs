@@ -618,6 +618,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     tokio::spawn(upkeep::rejoin_after_cut(rooms.clone()));
     tokio::spawn(upkeep::expire_rooms(rooms.clone()));
     tokio::spawn(upkeep::release_idle_rooms(rooms.clone()));
+    tokio::spawn(upkeep::save_deferred_copies(rooms.clone()));
     tokio::spawn(batches::send_reaction_batches(rooms.clone()));
     tokio::spawn(batches::send_bullet_batches(rooms.clone()));
     tokio::spawn(rain::run_rains(Arc::downgrade(&node.rain)));
@@ -783,6 +784,7 @@ impl RunningNode {
     /// Flushes sled, at most `timeout`; a failure is logged (the node stops either way).
     async fn flush_storage(&self, timeout: Duration) {
         tracing::info!("flushing storage");
+        self.node.rooms.durable.save_deferred();
         match tokio::time::timeout(timeout, self.node.ctx.db.flush_async()).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => tracing::error!(%error, "storage flush failed"),

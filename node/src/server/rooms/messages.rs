@@ -144,7 +144,7 @@ pub struct RoomRecovery {
 pub const USER_NOTICE_USERS_MAX: usize = 1_000;
 
 /// A node's answer to a copy of a room's state (`Replicate`, `ReplicateVotes`,
-/// `ReplicateChange`): typed, so the owner acts on the kind, never on words.
+/// `ReplicateChange`, `ReplicateComments`): typed, so the owner acts on the kind, never on words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CopyReply {
     /// Kept (the node holds the room at the new revision).
@@ -258,6 +258,19 @@ pub enum RoomMessage {
         base_revision: u64,
         /// The state, polls empty.
         durable: RoomDurable,
+    },
+    /// Take the comments posted in `room_id` since `base_revision` (only comments were)
+    /// into the state held at that revision (written by its owner at `epoch`): answered
+    /// with a [`CopyReply`].
+    ReplicateComments {
+        /// Room.
+        room_id: String,
+        /// The writer's ownership epoch.
+        epoch: u64,
+        /// The revision the comments follow.
+        base_revision: u64,
+        /// The comments and what they leave behind.
+        delta: chorus_actors::room::CommentsDelta,
     },
     /// A new owner activates `room_id` at `epoch`: refuse older owners' writes from now
     /// on (and stop acting for the room if this node did), and tell which sessions on this

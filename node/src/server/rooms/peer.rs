@@ -10,7 +10,7 @@ use chorus_protocol::{EncodedBody, ErrorBody, ErrorCode};
 use crate::server::common::codec::{decode, encode};
 use crate::server::rooms::messages::{CopyReply, RoomMessage, RoomOpReply, USER_NOTICE_USERS_MAX};
 use crate::server::rooms::relay::RemoteMember;
-use crate::server::rooms::replica::VotesRefused;
+use crate::server::rooms::replica::{SaveWhen, VotesRefused};
 use crate::server::rooms::replicate::committed_epoch;
 use crate::server::rooms::route::*;
 use crate::server::rooms::service::Rooms;
@@ -50,6 +50,20 @@ impl Rooms {
             }) => copy_reply(node, &room_id, epoch, || {
                 node.durable
                     .apply_change(&room_id, epoch, base_revision, durable)
+            }),
+            Ok(RoomMessage::ReplicateComments {
+                room_id,
+                epoch,
+                base_revision,
+                delta,
+            }) => copy_reply(node, &room_id, epoch, || {
+                node.durable.apply_comments(
+                    &room_id,
+                    epoch,
+                    base_revision,
+                    delta,
+                    SaveWhen::Deferred,
+                )
             }),
             Ok(RoomMessage::ReactBatch { room_id, counts }) => {
                 node.react_batch_here(&room_id, counts).await;

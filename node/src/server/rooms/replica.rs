@@ -25,11 +25,30 @@ use chorus_actors::replica::{HeldCopy, ReplicaStore};
 /// acknowledged, so a killed and restarted single node keeps every acknowledged comment
 /// and never gives a comment id twice. A room's next owner takes the most advanced copy
 /// (`chorus_actors::replica::most_advanced`).
+///
+/// Comments replicated as deltas in a cluster are saved to sled in the background, at most
+/// every [`DEFERRED_SAVE_MS`] per room ([`Self::save_deferred`]) and at shutdown, instead
+/// of once per delta: a delta costs what its comments cost, and the copy a room needs when
+/// this node is lost is the one in another node's memory.
 #[derive(Default)]
 pub struct DurableStates {
     store: Mutex<ReplicaStore>,
     /// (copies without polls, polls).
     trees: Option<(sled::Tree, sled::Tree)>,
+    /// Rooms whose copy changed since it was last saved (deltas whose save was deferred).
+    unsaved: Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// How often copies changed by deferred deltas are saved to sled.
+pub const DEFERRED_SAVE_MS: u64 = 100;
+
+/// When a copy changed by a delta is written to sled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveWhen {
+    /// Before the call returns (a lone node acknowledges only what is on its disk).
+    Now,
+    /// With the next [`DurableStates::save_deferred`].
+    Deferred,
 }
 
 /// How much of a copy changed (what to write to sled).
@@ -82,6 +101,7 @@ impl DurableStates {
         let states = DurableStates {
             store: Mutex::new(ReplicaStore::from_copies(copies)),
             trees: Some((tree, polls_tree)),
+            unsaved: Mutex::default(),
         };
         {
             let store = states.store();
@@ -217,6 +237,48 @@ impl DurableStates {
         let held = store.apply_change(room_id, epoch, base_revision, change)?;
         self.save(room_id, held, Saved::WithoutPolls);
         Ok(())
+    }
+
+    /// Takes comments replicated as a delta into the state held for `room_id`, if it is
+    /// the one they follow (see `ReplicaStore::apply_comments`); saves it without the
+    /// polls.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::apply_votes`].
+    pub fn apply_comments(
+        &self,
+        room_id: &str,
+        epoch: u64,
+        base_revision: u64,
+        delta: chorus_actors::room::CommentsDelta,
+        when: SaveWhen,
+    ) -> Result<(), VotesRefused> {
+        let mut store = self.store();
+        let held = store.apply_comments(room_id, epoch, base_revision, delta)?;
+        match when {
+            SaveWhen::Now => self.save(room_id, held, Saved::WithoutPolls),
+            SaveWhen::Deferred => {
+                self.unsaved
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(room_id.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// Saves the copies whose save was deferred (see [`SaveWhen::Deferred`]); returns
+    /// how many.
+    pub fn save_deferred(&self) -> usize {
+        let rooms = std::mem::take(&mut *self.unsaved.lock().unwrap_or_else(|e| e.into_inner()));
+        for room_id in &rooms {
+            let store = self.store();
+            if let Some(copy) = store.copy(room_id) {
+                self.save(room_id, copy, Saved::WithoutPolls);
+            }
+        }
+        rooms.len()
     }
 
     /// Raises the room's fence to `epoch` (a new owner is activating it) and returns the

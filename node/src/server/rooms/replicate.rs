@@ -12,7 +12,7 @@ use crate::server::common::codec::{decode, request, Domain};
 use crate::server::common::keys::room_key;
 use crate::server::context::NodeContext;
 use crate::server::rooms::messages::{CopyReply, RoomMessage, USER_NOTICE_USERS_MAX};
-use crate::server::rooms::replica::DurableStates;
+use crate::server::rooms::replica::{DurableStates, SaveWhen};
 
 /// Time a replica has to take a room's durable state.
 pub const REPLICATE_TIMEOUT_MS: u64 = 1_000;
@@ -232,6 +232,45 @@ impl NodeReplicator {
     }
 }
 
+impl NodeReplicator {
+    /// Replicates the comments posted since `base_revision` as a delta (see
+    /// `DurableSink::replicate_comments`): its cost is the new comments'. A refusal or no
+    /// answer makes the room send its whole state.
+    async fn replicate_comments_to_others(
+        &self,
+        ctx: &NodeContext,
+        room_id: &str,
+        epoch: u64,
+        base_revision: u64,
+        delta: chorus_actors::room::CommentsDelta,
+    ) -> Result<(), DirectoryError> {
+        let candidates = replica_candidates(ctx, room_id);
+        let refused = |why: String| DirectoryError::Replication(why);
+        if candidates.is_empty() {
+            // As for a whole state: on disk before the comments are acknowledged.
+            self.durable
+                .apply_comments(room_id, epoch, base_revision, delta, SaveWhen::Now)
+                .map_err(|e| refused(format!("own copy: {e:?}")))?;
+            return own_copy_durable(ctx).await;
+        }
+        let message = request(
+            Domain::Rooms,
+            &RoomMessage::ReplicateComments {
+                room_id: room_id.to_string(),
+                epoch,
+                base_revision,
+                delta: delta.clone(),
+            },
+        );
+        send_delta(ctx, candidates, message, "comments").await?;
+        // The local copy follows; if it cannot, the next whole state brings it up to date.
+        let _ =
+            self.durable
+                .apply_comments(room_id, epoch, base_revision, delta, SaveWhen::Deferred);
+        Ok(())
+    }
+}
+
 impl chorus_actors::room_actor::DurableSink for NodeReplicator {
     fn notify_users(&self, users: Vec<UserId>, body: Arc<EncodedBody>) {
         let Some(ctx) = self.ctx.upgrade() else {
@@ -291,6 +330,23 @@ impl chorus_actors::room_actor::DurableSink for NodeReplicator {
                 return Err(DirectoryError::Replication("node shutting down".into()));
             };
             self.replicate_votes_to_others(&ctx, room_id, epoch, base_revision, revision, votes)
+                .await
+        })
+    }
+
+    fn replicate_comments<'a>(
+        &'a self,
+        room_id: &'a str,
+        epoch: u64,
+        base_revision: u64,
+        delta: chorus_actors::room::CommentsDelta,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DirectoryError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let Some(ctx) = self.ctx.upgrade() else {
+                return Err(DirectoryError::Replication("node shutting down".into()));
+            };
+            self.replicate_comments_to_others(&ctx, room_id, epoch, base_revision, delta)
                 .await
         })
     }

@@ -441,3 +441,16 @@ pub(crate) async fn release_idle_rooms(node: Weak<Rooms>) {
         empty_since.retain(|room_id, _| seen.contains(room_id));
     }
 }
+
+/// Saves the room copies changed by deferred deltas to sled every
+/// [`DEFERRED_SAVE_MS`](crate::server::rooms::replica::DEFERRED_SAVE_MS), until the node
+/// goes away (its shutdown saves the rest before sled's last flush).
+pub(crate) async fn save_deferred_copies(node: Weak<Rooms>) {
+    let every = Duration::from_millis(crate::server::rooms::replica::DEFERRED_SAVE_MS);
+    let mut ticker = crate::server::context::NodeTicker::new(node, every);
+    while let Some(node) = ticker.next().await {
+        let durable = node.durable.clone();
+        // sled's writes may block briefly: off the async workers.
+        let _ = tokio::task::spawn_blocking(move || durable.save_deferred()).await;
+    }
+}
