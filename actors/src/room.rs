@@ -68,7 +68,9 @@ pub const INVARIANTS_MEMBERS_SCAN_MAX: usize = 1_000;
 #[serde(default)]
 pub struct RoomConfig {
     /// Comments kept for joiners (the join response carries them, oldest first). Default
-    /// 50. Bigger means more context for joiners and a bigger join response.
+    /// 50. Bigger means more context for joiners and a bigger join response. It is also
+    /// how many comments may wait for the next copy to another node; past them a comment
+    /// is refused at once with `5001`.
     pub recent_comments_max: usize,
     /// Longest title, in characters (Unicode scalar values) after trimming. Default 200.
     pub title_chars_max: usize,

@@ -36,7 +36,6 @@ use chorus_protocol::{
     PingResponse, ProtocolError, ResumeOutcome, RoomCreateResponse, PROTOCOL_VERSION,
 };
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 use crate::server::rooms::messages::{RoomOp, RoomOpReply};
 use crate::server::rooms::route::{room_error, REQUEST_DEADLINE_MS};
@@ -44,7 +43,9 @@ use crate::server::rooms::route::{room_error, REQUEST_DEADLINE_MS};
 /// Users in a `room.members` page when the request names no limit.
 const MEMBERS_PAGE_DEFAULT: usize = 50;
 use crate::server::edge::service::Edge;
-use crate::server::sessions::session::{AudioQueue, CloseSignal, OutFrame, Outbound, Session};
+use crate::server::sessions::session::{
+    AudioQueue, CloseSignal, OutFrame, Outbound, OutboundRx, Session,
+};
 use crate::token::TokenError;
 
 /// Time the writer gets to flush and close after the connection ends.
@@ -307,7 +308,7 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
 
 async fn write_loop<W: TransportWriter>(
     mut writer: W,
-    mut rx: mpsc::Receiver<OutFrame>,
+    mut rx: OutboundRx,
     audio: Arc<AudioQueue>,
     close: Arc<CloseSignal>,
     encoding: Arc<OnceLock<Encoding>>,

@@ -229,6 +229,29 @@ impl Rooms {
             .clone()
     }
 
+    /// Refuses a comment at once (`5001`) while this node delivers behind what it takes
+    /// (see [`delivery_behind`](crate::server::sessions::session::delivery_behind)): on
+    /// the edge that took it and on the room's owner, so that under overload what is
+    /// acknowledged is still delivered promptly.
+    fn refuse_comment_if_behind(&self, op: &RoomOp) -> Result<(), ErrorBody> {
+        if !matches!(op, RoomOp::Comment { .. }) {
+            return Ok(());
+        }
+        let connections = self
+            .ctx
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if crate::server::sessions::session::delivery_behind(connections) {
+            metrics::counter!("chorus_comments_refused_total", "reason" => "delivery_behind")
+                .increment(1);
+            return Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                "the node delivers behind what it takes; retry later",
+            ));
+        }
+        Ok(())
+    }
+
     /// Runs `op` for `session` on the room's owner: here, or over the inter-node link.
     ///
     /// Ownership can move while a request is under way (a node joined, drained or died):
@@ -241,6 +264,7 @@ impl Rooms {
         room_id: &str,
         op: RoomOp,
     ) -> Result<RoomOpReply, ErrorBody> {
+        self.refuse_comment_if_behind(&op)?;
         let deadline_ms = chorus_actors::room_actor::unix_now_ms() + REQUEST_DEADLINE_MS;
         let result = self
             .room_op_once(session, room_id, op.clone(), deadline_ms)
@@ -592,6 +616,7 @@ impl Rooms {
         op: RoomOp,
     ) -> Result<RoomOpReply, ErrorBody> {
         use chorus_actors::room_actor::RoomMsg;
+        self.refuse_comment_if_behind(&op)?;
         if let RoomOp::Create(definition) = op {
             let room_id = definition.room_id.clone();
             let info = self

@@ -28,7 +28,7 @@
 //! the member keys its previous run left in rooms elsewhere.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -145,6 +145,72 @@ impl AudioQueue {
     }
 }
 
+/// A connection counts as behind once its outgoing queue holds more than this many
+/// frames, and as caught up again below [`BACKLOG_LOW_FRAMES`].
+pub const BACKLOG_HIGH_FRAMES: usize = 64;
+/// See [`BACKLOG_HIGH_FRAMES`].
+pub const BACKLOG_LOW_FRAMES: usize = 16;
+
+/// Connections of this process (one node per process) whose outgoing queue is behind (see
+/// [`BACKLOG_HIGH_FRAMES`]).
+static BACKLOGGED: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether this node delivers behind what it takes: at least half of its `connections`
+/// have a queue behind. Comments are then refused at once (`5001`) instead of being
+/// taken and delivered late: under overload the acknowledged stay prompt.
+pub fn delivery_behind(connections: usize) -> bool {
+    let behind = BACKLOGGED.load(Ordering::Relaxed);
+    metrics::gauge!("chorus_connections_behind").set(behind as f64);
+    behind > 0 && behind * 2 >= connections
+}
+
+/// Whether one connection's queue counts as behind.
+#[derive(Debug, Default)]
+struct Backlog(AtomicBool);
+
+impl Backlog {
+    fn raise(&self) {
+        if !self.0.swap(true, Ordering::Relaxed) {
+            BACKLOGGED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn lower(&self) {
+        if self.0.swap(false, Ordering::Relaxed) {
+            BACKLOGGED.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The receiving side of one connection's outgoing queue (its writer's).
+#[derive(Debug)]
+pub struct OutboundRx {
+    rx: mpsc::Receiver<OutFrame>,
+    backlog: Arc<Backlog>,
+}
+
+impl OutboundRx {
+    /// The next frame; `None` once every sender is gone.
+    pub async fn recv(&mut self) -> Option<OutFrame> {
+        let frame = self.rx.recv().await;
+        if self.rx.len() < BACKLOG_LOW_FRAMES {
+            self.backlog.lower();
+        }
+        frame
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+}
+
+impl Drop for OutboundRx {
+    fn drop(&mut self) {
+        self.backlog.lower();
+    }
+}
+
 /// The sending side of one connection's bounded outgoing queue.
 #[derive(Debug, Clone)]
 pub struct Outbound {
@@ -153,6 +219,7 @@ pub struct Outbound {
     tx: mpsc::Sender<OutFrame>,
     close: Arc<CloseSignal>,
     audio: Arc<AudioQueue>,
+    backlog: Arc<Backlog>,
 }
 
 impl Outbound {
@@ -163,16 +230,18 @@ impl Outbound {
         capacity: usize,
         close: Arc<CloseSignal>,
         audio: Arc<AudioQueue>,
-    ) -> (Self, mpsc::Receiver<OutFrame>) {
+    ) -> (Self, OutboundRx) {
         let (tx, rx) = mpsc::channel(capacity);
+        let backlog = Arc::new(Backlog::default());
         (
             Outbound {
                 attachment,
                 tx,
                 close,
                 audio,
+                backlog: backlog.clone(),
             },
-            rx,
+            OutboundRx { rx, backlog },
         )
     }
 
@@ -185,7 +254,16 @@ impl Outbound {
     /// connection is closed as a slow consumer (it may resume and catch up from the buffer).
     pub fn push(&self, frame: OutFrame) -> bool {
         match self.tx.try_send(frame) {
-            Ok(()) => true,
+            Ok(()) => {
+                if self.tx.max_capacity() - self.tx.capacity() > BACKLOG_HIGH_FRAMES {
+                    self.backlog.raise();
+                    // The writer may have gone meanwhile: it lowers only while it runs.
+                    if self.tx.is_closed() {
+                        self.backlog.lower();
+                    }
+                }
+                true
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!("chorus_slow_consumer_closes_total").increment(1);
                 self.close.close(
