@@ -27,8 +27,10 @@ use crate::server::edge::connection::{Inbound, TransportReader, TransportWriter}
 pub type ServerWebSocket = WebSocketStream<BudgetedRead<TokioIo<Upgraded>>>;
 
 /// Read buffer per connection. tungstenite allocates it eagerly, so it is kept small:
-/// 10k connections × 4 KiB = 40 MiB.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// 10k connections × 1 KiB = 10 MiB. A bigger message grows it while it is read (a frame
+/// reserves its whole length at once), so this costs no more than a few more reads for
+/// the rare large ones.
+const READ_BUFFER_BYTES: usize = 1024;
 /// Write buffer per connection before a flush is forced.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
