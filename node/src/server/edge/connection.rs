@@ -228,7 +228,7 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
                 None => break,
                 Some(Ok(Inbound::Goodbye)) => {
                     if let Some(session) = conn.session.take() {
-                        Box::pin(node.rooms.end_session(&session)).await;
+                        node.rooms.end_session(&session).await;
                     }
                     break;
                 }
@@ -265,14 +265,12 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
                 }
                 Some(Ok(Inbound::Audio(bytes))) => {
                     metrics::counter!("chorus_audio_in_total", "transport" => transport).increment(1);
-                    Box::pin(conn.handle_audio(bytes)).await;
+                    conn.handle_audio(bytes).await;
                 }
                 Some(Ok(Inbound::Frame(encoding, bytes))) => {
                     let _ = conn.encoding.set(encoding);
                     metrics::counter!("chorus_frames_in_total", "transport" => transport).increment(1);
-                    // Boxed, like every request-sized future here: an idle connection's
-                    // task holds only the loop's own state (see `drive_attached`).
-                    if Box::pin(conn.handle_frame(encoding, &bytes)).await == Flow::Stop {
+                    if conn.handle_frame(encoding, &bytes).await == Flow::Stop {
                         break;
                     }
                     if !authenticated && conn.session.is_some() {
