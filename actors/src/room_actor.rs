@@ -484,6 +484,8 @@ pub struct RoomShell {
     vote_flush_scheduled: bool,
     /// Comments applied but not yet replicated (group commit).
     commits: CommentCommits,
+    /// The room's id, shared by all its events (see [`EncodedBody::with_room_position`]).
+    name: Arc<str>,
 }
 
 /// The room actor.
@@ -517,6 +519,7 @@ impl Actor for RoomActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         metrics::gauge!("chorus_rooms_active").increment(1.0);
         Ok(RoomShell {
+            name: Arc::from(args.definition.room_id.as_str()),
             core: RoomCore::new(args.definition, args.config),
             store: args.store,
             replicator: args.replicator,
@@ -1199,7 +1202,7 @@ impl RoomShell {
             if comment.comment_id <= since {
                 continue;
             }
-            match Event::Comment(comment.clone()).encode_body() {
+            match Event::Comment(comment.clone()).encode_body_in(&self.name) {
                 Ok(body) => {
                     member.sink.deliver_one(&Arc::new(body));
                     sent += 1;
@@ -1235,7 +1238,7 @@ impl RoomShell {
         for effect in effects {
             match effect {
                 RoomEffect::Broadcast(event) => {
-                    let body = match event.encode_body() {
+                    let body = match event.encode_body_in(&self.name) {
                         Ok(body) => Arc::new(body),
                         Err(error) => {
                             tracing::error!(%error, "cannot encode room event");

@@ -12,6 +12,7 @@
 //! drops repeats and gaps and re-joins the room to repair.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use chorus_protocol::{ErrorCode, RoomId};
 
@@ -65,7 +66,7 @@ pub struct SessionCore<N> {
 }
 
 /// Where a session is in one room's total order.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct RoomPosition {
     /// The latest ordered event delivered (0: none).
     latest: u64,
@@ -75,6 +76,24 @@ struct RoomPosition {
     /// A gap was seen and a repair (a re-join asking for what came after `latest`) is
     /// under way: further gaps do not ask again.
     repairing: bool,
+    /// The room's shared name as its latest event carried it (see
+    /// [`SessionCore::handle_position`]).
+    name: Option<Arc<str>>,
+}
+
+impl RoomPosition {
+    fn check(&mut self, position: u64) -> PositionCheck {
+        if position <= self.latest {
+            PositionCheck::Repeat
+        } else if self.joined && position > self.latest + 1 {
+            let repair = !self.repairing;
+            self.repairing = true;
+            PositionCheck::Gap { repair }
+        } else {
+            self.latest = position;
+            PositionCheck::Deliver
+        }
+    }
 }
 
 /// What to do with an ordered event (see [`SessionCore::handle_position`]).
@@ -237,17 +256,24 @@ impl<N: Clone> SessionCore<N> {
     /// An ordered event at `position` of `room` is about to be delivered: delivered only
     /// in order, each once. Events of rooms the session is not in pass; so do events
     /// before the room answered the join (the answer sets the position).
-    pub fn handle_position(&mut self, room: &str, position: u64) -> PositionCheck {
-        match self.rooms.get_mut(room) {
-            Some(held) if position <= held.latest => PositionCheck::Repeat,
-            Some(held) if held.joined && position > held.latest + 1 => {
-                let repair = !held.repairing;
-                held.repairing = true;
-                PositionCheck::Gap { repair }
-            }
+    ///
+    /// `room` is the event's shared room name: a room gives all its events one name, so
+    /// the session finds its entry by that pointer and compares names only when the name
+    /// is new to it (in a fan-out to thousands of sessions, reading each session's copy
+    /// of the name would cost a cache miss each).
+    pub fn handle_position(&mut self, room: &Arc<str>, position: u64) -> PositionCheck {
+        let seen = |held: &&mut RoomPosition| {
+            held.name
+                .as_ref()
+                .is_some_and(|name| Arc::ptr_eq(name, room))
+        };
+        if let Some(held) = self.rooms.values_mut().find(seen) {
+            return held.check(position);
+        }
+        match self.rooms.get_mut(&**room) {
             Some(held) => {
-                held.latest = position;
-                PositionCheck::Deliver
+                held.name = Some(room.clone());
+                held.check(position)
             }
             None => PositionCheck::Deliver,
         }
@@ -513,24 +539,36 @@ mod tests {
     fn room_positions_drop_repeats_and_gaps_and_bound_catch_up() {
         use PositionCheck::{Deliver, Gap, Repeat};
         let mut s = SessionCore::<()>::new(SessionConfig::default(), 1);
+        // Events of one room share its name; some come with a copy of it (a relayed
+        // event), which must be recognised by content.
+        let shared: Arc<str> = Arc::from("a");
+        let mut copies = 0;
+        let mut a = |i: u64| -> Arc<str> {
+            if i.is_multiple_of(3) {
+                copies += 1;
+                Arc::from("a")
+            } else {
+                shared.clone()
+            }
+        };
         assert_eq!(
-            s.handle_position("a", 3),
+            s.handle_position(&a(1), 3),
             Deliver,
             "not in the room: passes"
         );
         assert_eq!(s.handle_room_joined("a"), Ok(()));
         assert_eq!(s.room_position("a"), None, "no position before the answer");
         // an event that overtakes the join's answer is delivered and counted
-        assert_eq!(s.handle_position("a", 8), Deliver);
+        assert_eq!(s.handle_position(&a(2), 8), Deliver);
         s.handle_room_join_answered("a", 7);
         assert_eq!(s.room_position("a"), Some(8));
-        assert_eq!(s.handle_position("a", 8), Repeat, "a repeat is dropped");
-        assert_eq!(s.handle_position("a", 5), Repeat, "an older one too");
-        assert_eq!(s.handle_position("a", 9), Deliver);
+        assert_eq!(s.handle_position(&a(3), 8), Repeat, "a repeat is dropped");
+        assert_eq!(s.handle_position(&a(4), 5), Repeat, "an older one too");
+        assert_eq!(s.handle_position(&a(5), 9), Deliver);
         assert_eq!(s.room_position("a"), Some(9));
         // 10 is missing: 11 and 12 are held back, one repair is asked for.
-        assert_eq!(s.handle_position("a", 11), Gap { repair: true });
-        assert_eq!(s.handle_position("a", 12), Gap { repair: false });
+        assert_eq!(s.handle_position(&a(6), 11), Gap { repair: true });
+        assert_eq!(s.handle_position(&a(7), 12), Gap { repair: false });
         assert_eq!(
             s.room_position("a"),
             Some(9),
@@ -538,16 +576,33 @@ mod tests {
         );
         // the catch-up brings them in order
         for position in 10..=12 {
-            assert_eq!(s.handle_position("a", position), Deliver);
+            assert_eq!(s.handle_position(&a(8), position), Deliver);
         }
         s.handle_repair_done("a");
-        assert_eq!(s.handle_position("a", 14), Gap { repair: true });
+        assert_eq!(s.handle_position(&a(9), 14), Gap { repair: true });
         // the room's log no longer reaches back: go on from what it has
         s.handle_positions_skipped("a", 14);
         s.handle_repair_done("a");
-        assert_eq!(s.handle_position("a", 14), Deliver);
+        assert_eq!(s.handle_position(&a(10), 14), Deliver);
         s.handle_room_left("a");
         assert_eq!(s.room_position("a"), None);
+        assert!(copies > 0);
+    }
+
+    #[test]
+    fn a_rooms_shared_name_does_not_stand_for_another_room() {
+        let mut s = SessionCore::<()>::new(SessionConfig::default(), 1);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        assert_eq!(s.handle_room_joined("a"), Ok(()));
+        assert_eq!(s.handle_room_joined("b"), Ok(()));
+        s.handle_room_join_answered("a", 0);
+        s.handle_room_join_answered("b", 0);
+        assert_eq!(s.handle_position(&a, 1), PositionCheck::Deliver);
+        assert_eq!(s.handle_position(&b, 1), PositionCheck::Deliver);
+        assert_eq!(s.handle_position(&a, 2), PositionCheck::Deliver);
+        assert_eq!(s.handle_position(&b, 1), PositionCheck::Repeat);
+        assert_eq!(s.room_position("a"), Some(2));
+        assert_eq!(s.room_position("b"), Some(1));
     }
 
     #[test]

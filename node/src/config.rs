@@ -180,7 +180,9 @@ pub struct LimitsConfig {
     /// are refused with `unavailable`.
     pub sessions_max: usize,
     /// Voice frames queued per connection for sending. Default 64; when full the oldest
-    /// frame is dropped (a slow listener loses audio, it never slows the room).
+    /// frame is dropped (a slow listener loses audio, it never slows the room). On a plain
+    /// WebSocket, voice and frames wait in one queue: a voice frame is dropped while this
+    /// many frames wait.
     pub audio_queue_frames_max: usize,
     /// Sustained voice frames a connection may send per second. Default 200 (four rooms'
     /// worth of 20 ms frames); frames beyond it are dropped.

@@ -370,9 +370,21 @@ impl EncodedBody {
         self
     }
 
+    /// As [`Self::with_position`], naming the room by `room`: a room gives all its events
+    /// the same name, so receivers tell its events apart from others' by the pointer.
+    pub fn with_room_position(mut self, room: std::sync::Arc<str>, position: u64) -> Self {
+        self.position = Some((room, position));
+        self
+    }
+
     /// The room and position in its total order, for ordered events.
     pub fn position(&self) -> Option<(&str, u64)> {
         self.position.as_ref().map(|(room, p)| (&**room, *p))
+    }
+
+    /// As [`Self::position`], with the room's shared name.
+    pub fn room_position(&self) -> Option<(&std::sync::Arc<str>, u64)> {
+        self.position.as_ref().map(|(room, p)| (room, *p))
     }
 
     /// Rebuilds an encoded body from its parts (as relayed between nodes). `None` if the
@@ -410,32 +422,46 @@ impl EncodedBody {
 
     /// Frames the body as a notification with sequence number `seq`.
     pub fn frame(&self, encoding: Encoding, seq: u64) -> Bytes {
+        let mut out = Vec::with_capacity(self.frame_bytes_hint(encoding));
+        self.frame_into(encoding, seq, &mut out);
+        out.into()
+    }
+
+    /// About how many bytes [`Self::frame`] makes (an upper bound but for huge `seq`s).
+    pub fn frame_bytes_hint(&self, encoding: Encoding) -> usize {
+        match encoding {
+            Encoding::MsgPack => self.msgpack.len() + self.kind.len() + 32,
+            Encoding::Json => self.json.len() + self.kind.len() + 48,
+        }
+    }
+
+    /// Appends the notification frame with sequence number `seq` to `out` (the bytes of
+    /// [`Self::frame`], written where the caller wants them, e.g. after a transport's
+    /// header).
+    pub fn frame_into(&self, encoding: Encoding, seq: u64, out: &mut Vec<u8>) {
         match encoding {
             Encoding::MsgPack => {
-                let mut out = Vec::with_capacity(self.msgpack.len() + self.kind.len() + 32);
                 // Writing into a Vec cannot fail.
-                let _ = rmp::encode::write_map_len(&mut out, 4);
-                let _ = rmp::encode::write_str(&mut out, "type");
-                let _ = rmp::encode::write_str(&mut out, "ntf");
-                let _ = rmp::encode::write_str(&mut out, "seq");
-                let _ = rmp::encode::write_uint(&mut out, seq);
-                let _ = rmp::encode::write_str(&mut out, "kind");
-                let _ = rmp::encode::write_str(&mut out, self.kind);
-                let _ = rmp::encode::write_str(&mut out, "body");
+                let _ = rmp::encode::write_map_len(out, 4);
+                let _ = rmp::encode::write_str(out, "type");
+                let _ = rmp::encode::write_str(out, "ntf");
+                let _ = rmp::encode::write_str(out, "seq");
+                let _ = rmp::encode::write_uint(out, seq);
+                let _ = rmp::encode::write_str(out, "kind");
+                let _ = rmp::encode::write_str(out, self.kind);
+                let _ = rmp::encode::write_str(out, "body");
                 out.extend_from_slice(&self.msgpack);
-                out.into()
             }
             Encoding::Json => {
-                let mut out = Vec::with_capacity(self.json.len() + self.kind.len() + 48);
                 out.extend_from_slice(b"{\"type\":\"ntf\",\"seq\":");
-                out.extend_from_slice(seq.to_string().as_bytes());
+                // Writing into a Vec cannot fail.
+                let _ = std::io::Write::write_fmt(out, format_args!("{seq}"));
                 out.extend_from_slice(b",\"kind\":");
                 // Kinds are static ASCII identifiers; serde_json escapes anyway.
-                out.extend_from_slice(&serde_json::to_vec(self.kind).unwrap_or_default());
+                let _ = serde_json::to_writer(&mut *out, self.kind);
                 out.extend_from_slice(b",\"body\":");
                 out.extend_from_slice(&self.json);
                 out.push(b'}');
-                out.into()
             }
         }
     }

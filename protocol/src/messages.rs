@@ -1178,6 +1178,22 @@ macro_rules! event_table {
                 })
             }
 
+            /// As [`Self::encode_body`], naming the room by `room` (one name shared by all
+            /// of a room's events) when the event is in that room's order.
+            pub fn encode_body_in(
+                &self,
+                room: &std::sync::Arc<str>,
+            ) -> Result<EncodedBody, ProtocolError> {
+                let body = match self { $( Event::$variant(b) => EncodedBody::new($kind, b), )* }?;
+                Ok(match self.position() {
+                    Some((room_id, position)) if room_id == &**room => {
+                        body.with_room_position(room.clone(), position)
+                    }
+                    Some((room_id, position)) => body.with_position(room_id, position),
+                    None => body,
+                })
+            }
+
             /// The body as a JSON value (for printing).
             pub fn body_json(&self) -> serde_json::Value {
                 match self { $( Event::$variant(b) => serde_json::to_value(b).unwrap_or_default(), )* }

@@ -30,8 +30,10 @@ use crate::server::admin::readiness::readyz;
 use crate::server::admin::routes::{self, Admin};
 use crate::server::common::http::{text, HttpResponse};
 use crate::server::edge::budget::BudgetedRead;
+use crate::server::edge::connection::Queued;
 use crate::server::edge::service::{ConnectionSlot, Edge, SharedSlot};
 use crate::server::edge::{connection, ws};
+use crate::server::sessions::wire::Wire;
 use crate::server::web;
 
 /// Message size accepted on `/ws/echo` (the Autobahn cases send up to 16 MiB).
@@ -359,11 +361,30 @@ fn upgrade(
             return;
         }
         let budget = node.edge.read_budget();
-        let io = BudgetedRead::new(io, budget.clone());
         let config = ws::config(limits.transport_message_bytes_max);
+        // Plain TCP: the node writes frames to the socket itself (`sessions::wire`).
+        let upgraded = match io.into_inner().downcast::<TokioIo<tokio::net::TcpStream>>() {
+            Ok(parts) => {
+                let socket = Arc::new(parts.io.into_inner());
+                let wire = Arc::new(Wire::new(
+                    socket.clone(),
+                    limits.outgoing_queue_frames_max,
+                    limits.audio_queue_frames_max,
+                ));
+                let io = ws::WireIo::new(socket, parts.read_buf, wire.clone());
+                let io = BudgetedRead::new(io, budget.clone());
+                let stream = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                let reader = ws::direct(stream, wire.clone(), limits.frame_bytes_max, budget);
+                connection::drive(node.edge.clone(), "ws", reader, wire, slot).await;
+                return;
+            }
+            Err(upgraded) => upgraded,
+        };
+        // TLS: a writer task feeds the library.
+        let io = BudgetedRead::new(TokioIo::new(upgraded), budget.clone());
         let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         let (reader, writer) = ws::split(socket, limits.frame_bytes_max, budget);
-        connection::drive(node.edge.clone(), "ws", reader, writer, slot).await;
+        connection::drive(node.edge.clone(), "ws", reader, Queued(writer), slot).await;
     });
     let mut response = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
     let headers = response.headers_mut();

@@ -2,9 +2,11 @@
 //!
 //! A transport (WebSocket or QUIC) provides a [`TransportReader`] and a
 //! [`TransportWriter`]. The driver runs the protocol over them: auth, request order and
-//! rate ([`ConnectionCore`]), liveness pings, dispatch to rooms, rains and quizzes, and a
-//! writer task that drains the bounded outgoing queue. Every refusal is an error response
-//! or a close with a reason; nothing a client sends can panic the task or block another
+//! rate ([`ConnectionCore`]), liveness pings, dispatch to rooms, rains and quizzes. Its
+//! [`Egress`] writes: a writer task draining the bounded outgoing queue ([`Queued`]: QUIC,
+//! WebSocket over TLS), or, on a plain WebSocket, the `sessions::wire` that writes each
+//! frame to the socket from the task that made it. Every refusal is an error response or
+//! a close with a reason; nothing a client sends can panic the task or block another
 //! client.
 //!
 //! - One request in flight per connection: the driver finishes a frame before it reads the
@@ -18,8 +20,9 @@
 //! and rooms never wait on it: when it is full the connection is closed as a slow consumer
 //! (4203), and the client may resume from its session's buffer. Voice has its own queue
 //! beside it (`audio_queue_frames_max`, 64 frames) that drops the oldest frame; the writer
-//! sends voice first, and on QUIC voice goes straight out as datagrams. Voice is never
-//! acknowledged, retried or kept for resume.
+//! sends voice first, and on QUIC voice goes straight out as datagrams. On a plain
+//! WebSocket the same bounds hold on the wire's one queue: a voice frame is dropped while
+//! 64 frames wait. Voice is never acknowledged, retried or kept for resume.
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -42,10 +45,12 @@ use crate::server::rooms::route::{room_error, REQUEST_DEADLINE_MS};
 
 /// Users in a `room.members` page when the request names no limit.
 const MEMBERS_PAGE_DEFAULT: usize = 50;
+use crate::config::LimitsConfig;
 use crate::server::edge::service::Edge;
 use crate::server::sessions::session::{
     AudioQueue, CloseSignal, OutFrame, Outbound, OutboundRx, Session,
 };
+use crate::server::sessions::wire::Wire;
 use crate::token::TokenError;
 
 /// Time the writer gets to flush and close after the connection ends.
@@ -102,12 +107,74 @@ pub trait TransportWriter: Send + 'static {
     fn close(self, reason: Option<(u16, String)>) -> impl Future<Output = ()> + Send;
 }
 
+/// How a connection's outgoing frames reach its transport.
+pub trait Egress: Send + 'static {
+    /// Starts the connection's outgoing side under `limits`: the queue rooms and
+    /// responses push to, and the task that writes what waits.
+    fn start(self, attachment: u64, limits: &LimitsConfig) -> Started;
+}
+
+/// A connection's started outgoing side.
+pub struct Started {
+    outbound: Outbound,
+    close: Arc<CloseSignal>,
+    encoding: Arc<OnceLock<Encoding>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Frames wait in a bounded queue for a writer task that feeds them to a
+/// [`TransportWriter`] (QUIC, WebSocket over TLS).
+pub struct Queued<W>(pub W);
+
+impl<W: TransportWriter> Egress for Queued<W> {
+    fn start(self, attachment: u64, limits: &LimitsConfig) -> Started {
+        let Queued(writer) = self;
+        let close = Arc::new(CloseSignal::default());
+        let audio = Arc::new(AudioQueue::new(
+            limits.audio_queue_frames_max,
+            writer.datagrams(),
+        ));
+        let (outbound, rx) = Outbound::new(
+            attachment,
+            limits.outgoing_queue_frames_max,
+            close.clone(),
+            audio.clone(),
+        );
+        let encoding = Arc::new(OnceLock::new());
+        let task = tokio::spawn(write_loop(
+            writer,
+            rx,
+            audio,
+            close.clone(),
+            encoding.clone(),
+        ));
+        Started {
+            outbound,
+            close,
+            encoding,
+            task,
+        }
+    }
+}
+
+/// Frames go straight to a plain WebSocket's socket (see `sessions::wire`).
+impl Egress for Arc<Wire> {
+    fn start(self, attachment: u64, _limits: &LimitsConfig) -> Started {
+        Started {
+            outbound: Outbound::wire(attachment, self.clone()),
+            close: self.close.clone(),
+            encoding: self.encoding.clone(),
+            task: tokio::spawn(crate::server::sessions::wire::flush(self)),
+        }
+    }
+}
+
 /// Runs one connection to completion.
-pub(crate) async fn drive<R: TransportReader, W: TransportWriter>(
+pub(crate) async fn drive<R: TransportReader, E: Egress>(
     node: Arc<Edge>,
     transport: &'static str,
     reader: R,
-    writer: W,
+    egress: E,
     slot: crate::server::edge::service::ConnectionSlot,
 ) {
     use tracing::Instrument;
@@ -120,39 +187,26 @@ pub(crate) async fn drive<R: TransportReader, W: TransportWriter>(
         transport,
         user = tracing::field::Empty
     );
-    drive_attached(node, transport, attachment, reader, writer)
+    drive_attached(node, transport, attachment, reader, egress)
         .instrument(span)
         .await;
     drop(slot);
 }
 
-async fn drive_attached<R: TransportReader, W: TransportWriter>(
+async fn drive_attached<R: TransportReader, E: Egress>(
     node: Arc<Edge>,
     transport: &'static str,
     attachment: u64,
     mut reader: R,
-    writer: W,
+    egress: E,
 ) {
     let limits = &node.ctx.config.limits;
-    let close = Arc::new(CloseSignal::default());
-    let audio = Arc::new(AudioQueue::new(
-        limits.audio_queue_frames_max,
-        writer.datagrams(),
-    ));
-    let (outbound, rx) = Outbound::new(
-        attachment,
-        limits.outgoing_queue_frames_max,
-        close.clone(),
-        audio.clone(),
-    );
-    let encoding = Arc::new(OnceLock::new());
-    let writer_task = tokio::spawn(write_loop(
-        writer,
-        rx,
-        audio,
-        close.clone(),
-        encoding.clone(),
-    ));
+    let Started {
+        outbound,
+        close,
+        encoding,
+        task: writer_task,
+    } = egress.start(attachment, limits);
     metrics::gauge!("chorus_connections", "transport" => transport).increment(1.0);
 
     let connection_config = ConnectionConfig {
@@ -285,7 +339,9 @@ async fn drive_attached<R: TransportReader, W: TransportWriter>(
     if let Some(session) = &conn.session {
         session.detach(unix_now_ms(), attachment);
     }
-    // Dropping the last sender lets the writer finish the queue and close normally.
+    // Dropping the last sender lets a queued writer finish the queue and close normally;
+    // a wire queues its close.
+    conn.outbound.finish();
     drop(conn);
     let mut writer_task = writer_task;
     if tokio::time::timeout(

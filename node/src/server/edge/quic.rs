@@ -261,7 +261,14 @@ pub(crate) async fn accept(node: Arc<Edge>, endpoint: quinn::Endpoint, tracker: 
                 &node.ctx.config.limits,
                 node.read_budget(),
             );
-            crate::server::edge::connection::drive(node.clone(), "quic", reader, writer, slot).await;
+            crate::server::edge::connection::drive(
+                node.clone(),
+                "quic",
+                reader,
+                crate::server::edge::connection::Queued(writer),
+                slot,
+            )
+            .await;
         });
     }
 }

@@ -6,7 +6,9 @@
 //! `frame_too_large`; above the cap tungstenite fails the read and the connection closes
 //! with 1009.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -18,10 +20,13 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use chorus_protocol::{Encoding, ErrorCode};
+use chorus_protocol::Encoding;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::server::edge::budget::{BudgetedRead, ReadBudget};
 use crate::server::edge::connection::{Inbound, TransportReader, TransportWriter};
+use crate::server::sessions::wire::{truncate_utf8, ws_close_code, Wire};
 
 /// The stream type after the HTTP upgrade, its reads counted against a [`ReadBudget`].
 pub type ServerWebSocket = WebSocketStream<BudgetedRead<TokioIo<Upgraded>>>;
@@ -44,11 +49,23 @@ pub fn config(transport_message_bytes_max: usize) -> WebSocketConfig {
         .max_frame_size(Some(transport_message_bytes_max))
 }
 
+/// A plain WebSocket's stream: the node reads through the library and writes to the
+/// socket itself (see `sessions::wire`).
+pub type DirectWebSocket = WebSocketStream<BudgetedRead<WireIo>>;
+
 /// Reading half.
 pub struct WsReader {
-    stream: SplitStream<ServerWebSocket>,
+    source: Source,
     frame_bytes_max: usize,
     budget: Arc<ReadBudget>,
+}
+
+/// What a [`WsReader`] reads.
+enum Source {
+    /// Half of a stream whose other half is a [`WsWriter`] (WebSocket over TLS).
+    Split(SplitStream<ServerWebSocket>),
+    /// A whole stream whose frames the node writes to the socket through the wire.
+    Direct(Box<DirectWebSocket>, Arc<Wire>),
 }
 
 /// Writing half.
@@ -65,12 +82,91 @@ pub fn split(
     let (sink, stream) = socket.split();
     (
         WsReader {
-            stream,
+            source: Source::Split(stream),
             frame_bytes_max,
             budget,
         },
         WsWriter { sink },
     )
+}
+
+/// The reading side of a plain WebSocket whose frames go out through `wire`.
+pub fn direct(
+    socket: DirectWebSocket,
+    wire: Arc<Wire>,
+    frame_bytes_max: usize,
+    budget: Arc<ReadBudget>,
+) -> WsReader {
+    WsReader {
+        source: Source::Direct(Box::new(socket), wire),
+        frame_bytes_max,
+        budget,
+    }
+}
+
+/// A plain WebSocket's TCP socket for the WebSocket library: reads come from the socket
+/// (after the bytes the HTTP server read ahead), and the library's own writes (pongs,
+/// the close reply) join the wire's queue, in order with the node's frames.
+pub struct WireIo {
+    socket: Arc<TcpStream>,
+    read_ahead: Bytes,
+    wire: Arc<Wire>,
+}
+
+impl WireIo {
+    /// `socket`, after `read_ahead` (what the HTTP server read past the upgrade request).
+    pub fn new(socket: Arc<TcpStream>, read_ahead: Bytes, wire: Arc<Wire>) -> Self {
+        WireIo {
+            socket,
+            read_ahead,
+            wire,
+        }
+    }
+}
+
+impl AsyncRead for WireIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.read_ahead.is_empty() {
+            let n = self.read_ahead.len().min(buf.remaining());
+            buf.put_slice(&self.read_ahead.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            std::task::ready!(self.socket.poll_read_ready(cx))?;
+            match self.socket.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for WireIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(self.wire.library(buf).map(|()| buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // The wire writes what it takes (or its flusher does).
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // The wire's flusher shuts the socket after the close frame.
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl TransportReader for WsReader {
@@ -80,7 +176,11 @@ impl TransportReader for WsReader {
 
     async fn next(&mut self) -> Option<Result<Inbound, String>> {
         loop {
-            let message = match self.stream.next().await? {
+            let next = match &mut self.source {
+                Source::Split(stream) => stream.next().await,
+                Source::Direct(stream, _) => stream.next().await,
+            };
+            let message = match next? {
                 Ok(message) => message,
                 Err(tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
                     return Some(Ok(Inbound::OverCap))
@@ -96,6 +196,12 @@ impl TransportReader for WsReader {
                 }
             };
             self.budget.message_done();
+            if let (Message::Close(_), Source::Direct(stream, wire)) = (&message, &mut self.source)
+            {
+                // Nothing of ours follows the library's close reply: write it now.
+                wire.peer_closed();
+                let _ = stream.flush().await;
+            }
             let (encoding, bytes) = match message {
                 Message::Text(text) => (Encoding::Json, Bytes::from(text)),
                 Message::Binary(bytes) if chorus_protocol::audio::is_audio(&bytes) => {
@@ -151,33 +257,13 @@ impl TransportWriter for WsWriter {
                 reason: Utf8Bytes::from_static(""),
             },
             Some((code, reason)) => CloseFrame {
-                // WebSocket has its own code for an oversized message (1009).
-                // and for a text message that is not UTF-8 (1007, RFC 6455 §8.1).
-                code: if code == ErrorCode::FrameTooLarge.close_code() {
-                    CloseCode::Size
-                } else if code == ErrorCode::MalformedFrame.close_code() {
-                    CloseCode::Invalid
-                } else {
-                    CloseCode::from(code)
-                },
-                // Close reasons are limited to 123 bytes by RFC 6455.
+                code: CloseCode::from(ws_close_code(code)),
                 reason: Utf8Bytes::from(truncate_utf8(&reason, 123).to_string()),
             },
         };
         let _ = self.sink.send(Message::Close(Some(frame))).await;
         let _ = self.sink.close().await;
     }
-}
-
-fn truncate_utf8(text: &str, bytes_max: usize) -> &str {
-    if text.len() <= bytes_max {
-        return text;
-    }
-    let mut end = bytes_max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// Echoes every data message back (for the Autobahn conformance cases), with the same
@@ -200,18 +286,5 @@ where
         if socket.send(reply).await.is_err() {
             break;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn close_reasons_are_cut_on_char_boundaries() {
-        let text = "é".repeat(100);
-        let cut = truncate_utf8(&text, 123);
-        assert!(cut.len() <= 123);
-        assert_eq!(cut.len() % 2, 0);
     }
 }

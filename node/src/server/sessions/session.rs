@@ -28,7 +28,7 @@
 //! the member keys its previous run left in rooms elsewhere.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -36,7 +36,10 @@ use chorus_actors::room_actor::{Member, MemberSink};
 use chorus_actors::session::{PositionCheck, ResumeRefusal, SessionConfig, SessionCore};
 use chorus_protocol::{EncodedBody, ErrorCode};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+
+pub use super::outgoing::{delivery_behind, CloseSignal};
+use super::outgoing::{Backlog, BACKLOG_HIGH_FRAMES, BACKLOG_LOW_FRAMES};
+use super::wire::{Sent, Wire};
 
 /// One frame waiting in a connection's outgoing queue.
 #[derive(Debug)]
@@ -47,40 +50,6 @@ pub enum OutFrame {
     Encoded(Bytes),
     /// Flush what is queued, then close with this code and reason.
     Close(ErrorCode, String),
-}
-
-/// Why and how a connection must close immediately (queue overflow, takeover, shutdown).
-#[derive(Debug, Default)]
-pub struct CloseSignal {
-    token: CancellationToken,
-    reason: Mutex<Option<(ErrorCode, String)>>,
-}
-
-impl CloseSignal {
-    /// Requests an immediate close; the first reason wins.
-    pub fn close(&self, code: ErrorCode, reason: impl Into<String>) {
-        if let Ok(mut slot) = self.reason.lock() {
-            if slot.is_none() {
-                *slot = Some((code, reason.into()));
-            }
-        }
-        self.token.cancel();
-    }
-
-    /// Resolves when a close was requested.
-    pub async fn requested(&self) {
-        self.token.cancelled().await
-    }
-
-    /// Whether a close was requested.
-    pub fn is_requested(&self) -> bool {
-        self.token.is_cancelled()
-    }
-
-    /// The close reason, if any.
-    pub fn reason(&self) -> Option<(ErrorCode, String)> {
-        self.reason.lock().ok().and_then(|slot| slot.clone())
-    }
 }
 
 /// One connection's voice frames waiting to be sent: bounded, and when full the oldest
@@ -145,43 +114,6 @@ impl AudioQueue {
     }
 }
 
-/// A connection counts as behind once its outgoing queue holds more than this many
-/// frames, and as caught up again below [`BACKLOG_LOW_FRAMES`].
-pub const BACKLOG_HIGH_FRAMES: usize = 64;
-/// See [`BACKLOG_HIGH_FRAMES`].
-pub const BACKLOG_LOW_FRAMES: usize = 16;
-
-/// Connections of this process (one node per process) whose outgoing queue is behind (see
-/// [`BACKLOG_HIGH_FRAMES`]).
-static BACKLOGGED: AtomicUsize = AtomicUsize::new(0);
-
-/// Whether this node delivers behind what it takes: at least half of its `connections`
-/// have a queue behind. Comments are then refused at once (`5001`) instead of being
-/// taken and delivered late: under overload the acknowledged stay prompt.
-pub fn delivery_behind(connections: usize) -> bool {
-    let behind = BACKLOGGED.load(Ordering::Relaxed);
-    metrics::gauge!("chorus_connections_behind").set(behind as f64);
-    behind > 0 && behind * 2 >= connections
-}
-
-/// Whether one connection's queue counts as behind.
-#[derive(Debug, Default)]
-struct Backlog(AtomicBool);
-
-impl Backlog {
-    fn raise(&self) {
-        if !self.0.swap(true, Ordering::Relaxed) {
-            BACKLOGGED.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn lower(&self) {
-        if self.0.swap(false, Ordering::Relaxed) {
-            BACKLOGGED.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
 /// The receiving side of one connection's outgoing queue (its writer's).
 #[derive(Debug)]
 pub struct OutboundRx {
@@ -216,10 +148,22 @@ impl Drop for OutboundRx {
 pub struct Outbound {
     /// Identifies the connection (attachment) on this node.
     pub attachment: u64,
-    tx: mpsc::Sender<OutFrame>,
+    sink: Sink,
     close: Arc<CloseSignal>,
-    audio: Arc<AudioQueue>,
-    backlog: Arc<Backlog>,
+}
+
+/// Where an [`Outbound`]'s frames go.
+#[derive(Debug, Clone)]
+enum Sink {
+    /// A bounded channel drained by the connection's writer task (QUIC, WebSocket over
+    /// TLS), with the voice queue beside it.
+    Queue {
+        tx: mpsc::Sender<OutFrame>,
+        audio: Arc<AudioQueue>,
+        backlog: Arc<Backlog>,
+    },
+    /// Straight to the socket of a plain WebSocket (see `wire`).
+    Wire(Arc<Wire>),
 }
 
 impl Outbound {
@@ -236,30 +180,85 @@ impl Outbound {
         (
             Outbound {
                 attachment,
-                tx,
+                sink: Sink::Queue {
+                    tx,
+                    audio,
+                    backlog: backlog.clone(),
+                },
                 close,
-                audio,
-                backlog: backlog.clone(),
             },
             OutboundRx { rx, backlog },
         )
     }
 
-    /// Queues a voice frame (never blocks; drops the oldest when full).
+    /// Frames written straight to a plain WebSocket's socket through `wire`.
+    pub fn wire(attachment: u64, wire: Arc<Wire>) -> Self {
+        Outbound {
+            attachment,
+            close: wire.close.clone(),
+            sink: Sink::Wire(wire),
+        }
+    }
+
+    /// Queues a voice frame (never blocks; drops a frame when too much waits).
     pub fn push_audio(&self, frame: Bytes) {
-        self.audio.push(frame);
+        match &self.sink {
+            Sink::Queue { audio, .. } => audio.push(frame),
+            Sink::Wire(wire) => match wire.audio(&frame) {
+                Sent::Taken => metrics::counter!("chorus_audio_out_total").increment(1),
+                Sent::Dropped => {
+                    metrics::counter!("chorus_audio_dropped_total", "reason" => "listener_queue")
+                        .increment(1)
+                }
+                Sent::Full => wire.slow_consumer(),
+                Sent::Closed => {}
+            },
+        }
+    }
+
+    /// Queues notification `body` with sequence number `seq` (as [`Self::push`]).
+    pub fn notify(&self, seq: u64, body: &Arc<EncodedBody>) -> bool {
+        match &self.sink {
+            Sink::Wire(wire) => Self::sent(wire, wire.notification(seq, body)),
+            Sink::Queue { .. } => self.push(OutFrame::Notification(seq, body.clone())),
+        }
+    }
+
+    fn sent(wire: &Wire, sent: Sent) -> bool {
+        match sent {
+            Sent::Taken | Sent::Dropped => true,
+            Sent::Full => {
+                wire.slow_consumer();
+                false
+            }
+            Sent::Closed => false,
+        }
     }
 
     /// Queues a frame without waiting. A full queue means the client does not keep up: the
     /// connection is closed as a slow consumer (it may resume and catch up from the buffer).
     pub fn push(&self, frame: OutFrame) -> bool {
-        match self.tx.try_send(frame) {
+        let (tx, backlog) = match &self.sink {
+            Sink::Queue { tx, backlog, .. } => (tx, backlog),
+            Sink::Wire(wire) => {
+                let sent = match frame {
+                    OutFrame::Notification(seq, body) => wire.notification(seq, &body),
+                    OutFrame::Encoded(bytes) => wire.encoded(&bytes),
+                    OutFrame::Close(code, reason) => {
+                        wire.finish(Some((code.close_code(), reason)));
+                        return true;
+                    }
+                };
+                return Self::sent(wire, sent);
+            }
+        };
+        match tx.try_send(frame) {
             Ok(()) => {
-                if self.tx.max_capacity() - self.tx.capacity() > BACKLOG_HIGH_FRAMES {
-                    self.backlog.raise();
+                if tx.max_capacity() - tx.capacity() > BACKLOG_HIGH_FRAMES {
+                    backlog.raise();
                     // The writer may have gone meanwhile: it lowers only while it runs.
-                    if self.tx.is_closed() {
-                        self.backlog.lower();
+                    if tx.is_closed() {
+                        backlog.lower();
                     }
                 }
                 true
@@ -273,6 +272,14 @@ impl Outbound {
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// The connection ended: on a plain WebSocket, queue a normal close (a no-op after
+    /// another close). A queued writer closes once every sender is gone.
+    pub fn finish(&self) {
+        if let Sink::Wire(wire) = &self.sink {
+            wire.finish(None);
         }
     }
 
@@ -363,7 +370,7 @@ impl Session {
 impl MemberSink for Session {
     fn deliver(&self, body: &Arc<EncodedBody>) {
         let mut inner = self.lock();
-        if let Some((room, position)) = body.position() {
+        if let Some((room, position)) = body.room_position() {
             match inner.core.handle_position(room, position) {
                 PositionCheck::Deliver => {}
                 PositionCheck::Repeat => return,
@@ -384,7 +391,7 @@ impl MemberSink for Session {
         }
         let seq = inner.core.handle_notification(body.clone());
         if let Some(outbound) = &inner.outbound {
-            outbound.push(OutFrame::Notification(seq, body.clone()));
+            outbound.notify(seq, body);
         }
     }
 

@@ -1,0 +1,89 @@
+//! What a connection's outgoing side shares, whichever way its frames are written (a
+//! writer task's queue, or straight to the socket through `wire`): the close signal, and
+//! the count of connections whose queue is behind.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use chorus_protocol::ErrorCode;
+use tokio_util::sync::CancellationToken;
+
+/// Why and how a connection must close immediately (queue overflow, takeover, shutdown).
+#[derive(Debug, Default)]
+pub struct CloseSignal {
+    token: CancellationToken,
+    reason: Mutex<Option<(ErrorCode, String)>>,
+}
+
+impl CloseSignal {
+    /// Requests an immediate close; the first reason wins.
+    pub fn close(&self, code: ErrorCode, reason: impl Into<String>) {
+        if let Ok(mut slot) = self.reason.lock() {
+            if slot.is_none() {
+                *slot = Some((code, reason.into()));
+            }
+        }
+        self.token.cancel();
+    }
+
+    /// Resolves when a close was requested.
+    pub async fn requested(&self) {
+        self.token.cancelled().await
+    }
+
+    /// Whether a close was requested.
+    pub fn is_requested(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// The close reason, if any.
+    pub fn reason(&self) -> Option<(ErrorCode, String)> {
+        self.reason.lock().ok().and_then(|slot| slot.clone())
+    }
+}
+
+/// A connection counts as behind once its outgoing queue holds more than this many
+/// frames, and as caught up again below [`BACKLOG_LOW_FRAMES`].
+pub const BACKLOG_HIGH_FRAMES: usize = 64;
+/// See [`BACKLOG_HIGH_FRAMES`].
+pub const BACKLOG_LOW_FRAMES: usize = 16;
+
+/// Connections of this process (one node per process) whose outgoing queue is behind (see
+/// [`BACKLOG_HIGH_FRAMES`]).
+static BACKLOGGED: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether this node delivers behind what it takes: at least half of its `connections`
+/// have a queue behind. Comments are then refused at once (`5001`) instead of being
+/// taken and delivered late: under overload the acknowledged stay prompt.
+pub fn delivery_behind(connections: usize) -> bool {
+    let behind = BACKLOGGED.load(Ordering::Relaxed);
+    metrics::gauge!("chorus_connections_behind").set(behind as f64);
+    behind > 0 && behind * 2 >= connections
+}
+
+/// Whether one connection's queue counts as behind (in [`delivery_behind`]'s count until
+/// lowered or dropped).
+#[derive(Debug, Default)]
+pub(crate) struct Backlog(AtomicBool);
+
+impl Backlog {
+    /// The queue is behind.
+    pub(crate) fn raise(&self) {
+        if !self.0.swap(true, Ordering::Relaxed) {
+            BACKLOGGED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The queue caught up (or is gone).
+    pub(crate) fn lower(&self) {
+        if self.0.swap(false, Ordering::Relaxed) {
+            BACKLOGGED.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Backlog {
+    fn drop(&mut self) {
+        self.lower();
+    }
+}
