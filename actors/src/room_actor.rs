@@ -66,6 +66,13 @@ pub trait MemberSink: Send + Sync + 'static {
     /// another node this is a broadcast's one copy for that node (see
     /// [`Self::relay_group`]): every member there gets it.
     fn deliver(&self, body: &Arc<EncodedBody>);
+    /// Delivers several notifications in order, as [`Self::deliver`] each; a sink may
+    /// write them out together (one write for a group commit's comments).
+    fn deliver_all(&self, bodies: &[Arc<EncodedBody>]) {
+        for body in bodies {
+            self.deliver(body);
+        }
+    }
     /// Delivers an encoded notification to this member only (a catch-up, a notice to
     /// moderators). Same as [`Self::deliver`] for a local member.
     fn deliver_one(&self, body: &Arc<EncodedBody>) {
@@ -776,7 +783,7 @@ impl Actor for RoomActor {
                     }
                 }
             }
-            RoomMsg::Announce { body } => state.fan_out(&body, true, None),
+            RoomMsg::Announce { body } => state.fan_out(&[(body, true)], None),
             RoomMsg::PollCreate {
                 user,
                 question,
@@ -1053,11 +1060,17 @@ impl RoomShell {
         if self.replicated_revision == self.core.revision() {
             self.core.vote_delta_replicated();
         }
+        // The broadcasts before the answers: an author sees its own comment no later than
+        // the response. The batch's broadcasts go out together (one write per listener).
+        let mut effects = Vec::new();
+        let mut replies = Vec::with_capacity(flight.batch.len());
         for pending in flight.batch {
-            // The broadcast before the answer: the author sees its own comment no later
-            // than the response.
-            self.execute_effect_list(pending.effects, None).await;
-            let _ = pending.reply.send(pending.result);
+            effects.extend(pending.effects);
+            replies.push((pending.reply, pending.result));
+        }
+        self.execute_effect_list(effects, None).await;
+        for (reply, result) in replies {
+            let _ = reply.send(result);
         }
         Ok(())
     }
@@ -1235,18 +1248,17 @@ impl RoomShell {
         effects: Vec<RoomEffect<Member>>,
         recipients: Option<&[Member]>,
     ) {
+        // Consecutive broadcasts are fanned out together.
+        let mut run: Vec<(Arc<EncodedBody>, bool)> = Vec::new();
         for effect in effects {
+            if !matches!(effect, RoomEffect::Broadcast(_)) && !run.is_empty() {
+                self.fan_out(&std::mem::take(&mut run), recipients);
+            }
             match effect {
-                RoomEffect::Broadcast(event) => {
-                    let body = match event.encode_body_in(&self.name) {
-                        Ok(body) => Arc::new(body),
-                        Err(error) => {
-                            tracing::error!(%error, "cannot encode room event");
-                            continue;
-                        }
-                    };
-                    self.fan_out(&body, !matches!(event, Event::Speaking(_)), recipients);
-                }
+                RoomEffect::Broadcast(event) => match event.encode_body_in(&self.name) {
+                    Ok(body) => run.push((Arc::new(body), !matches!(event, Event::Speaking(_)))),
+                    Err(error) => tracing::error!(%error, "cannot encode room event"),
+                },
                 RoomEffect::Persist(definition) => {
                     if let Err(error) = self.store.put(&definition).await {
                         tracing::error!(room = %definition.room_id, %error, "cannot persist room");
@@ -1282,22 +1294,28 @@ impl RoomShell {
                 }
             }
         }
+        if !run.is_empty() {
+            self.fan_out(&run, recipients);
+        }
     }
 
-    /// Delivers `body` to `recipients` (else the current members): once to each local
-    /// member and once to each other node with members. `logged` events go to the room's
-    /// event log first.
-    fn fan_out(&self, body: &Arc<EncodedBody>, logged: bool, recipients: Option<&[Member]>) {
+    /// Delivers `bodies` in order to `recipients` (else the current members): once to
+    /// each local member and once to each other node with members, all of them to a
+    /// member at once. The `logged` ones go to the room's event log first.
+    fn fan_out(&self, bodies: &[(Arc<EncodedBody>, bool)], recipients: Option<&[Member]>) {
         let started = Instant::now();
-        if let (Some(log), true) = (&self.event_log, logged) {
-            log.append(
-                &self.core.definition().room_id,
-                self.epoch,
-                unix_now_ms(),
-                body.kind(),
-                body.body_bytes(chorus_protocol::Encoding::Json).clone(),
-            );
+        if let Some(log) = &self.event_log {
+            for (body, _) in bodies.iter().filter(|(_, logged)| *logged) {
+                log.append(
+                    &self.core.definition().room_id,
+                    self.epoch,
+                    unix_now_ms(),
+                    body.kind(),
+                    body.body_bytes(chorus_protocol::Encoding::Json).clone(),
+                );
+            }
         }
+        let bodies: Vec<Arc<EncodedBody>> = bodies.iter().map(|(body, _)| body.clone()).collect();
         let mut delivered = 0u64;
         // Bounded by the number of nodes.
         let mut relayed = std::collections::BTreeSet::new();
@@ -1307,8 +1325,11 @@ impl RoomShell {
                     return;
                 }
             }
-            member.sink.deliver(body);
-            delivered += 1;
+            match bodies.as_slice() {
+                [body] => member.sink.deliver(body),
+                all => member.sink.deliver_all(all),
+            }
+            delivered += bodies.len() as u64;
         };
         match recipients {
             Some(members) => members.iter().for_each(&mut deliver),

@@ -326,7 +326,12 @@ impl RoomMirrors {
         items: Vec<RelayItem>,
         metadata: &chorus_cluster::metadata::ClusterMetadata,
     ) {
+        // Consecutive events of one room go to each member together (one write each).
+        let mut run: Option<Run> = None;
         for item in items {
+            if !matches!(item, RelayItem::Event { .. }) {
+                self.deliver_run(run.take());
+            }
             match item {
                 RelayItem::Event {
                     ref room_id,
@@ -354,23 +359,20 @@ impl RoomMirrors {
                         tracing::warn!(%kind, "relayed event of unknown kind");
                         continue;
                     };
+                    if run.as_ref().is_some_and(|(room, _, _)| **room != *room_id)
+                        || member_key.is_some()
+                    {
+                        self.deliver_run(run.take());
+                    }
+                    let (room, _, bodies) = run.get_or_insert_with(|| {
+                        (Arc::from(room_id.as_str()), member_key, Vec::new())
+                    });
                     if let Some(position) = position {
-                        body = body.with_position(&room_id, position);
+                        body = body.with_room_position(room.clone(), position);
                     }
-                    let body = Arc::new(body);
-                    let members: Vec<Arc<Session>> = self
-                        .map()
-                        .get(&room_id)
-                        .map(|m| match member_key {
-                            Some(key) => m.get(&key).cloned().into_iter().collect(),
-                            None => m.values().cloned().collect(),
-                        })
-                        .unwrap_or_default();
-                    if members.is_empty() {
-                        tracing::debug!(room = %room_id, "relayed event for a room with no local members");
-                    }
-                    for session in members {
-                        session.deliver(&body);
+                    bodies.push(Arc::new(body));
+                    if member_key.is_some() {
+                        self.deliver_run(run.take());
                     }
                 }
                 RelayItem::Removed {
@@ -383,5 +385,35 @@ impl RoomMirrors {
                 }
             }
         }
+        self.deliver_run(run);
+    }
+
+    /// Delivers a run of one room's relayed events to its local members (or to the one
+    /// member they are for).
+    fn deliver_run(&self, run: Option<Run>) {
+        let Some((room_id, member_key, bodies)) = run else {
+            return;
+        };
+        let members: Vec<Arc<Session>> = self
+            .map()
+            .get(&*room_id)
+            .map(|m| match member_key {
+                Some(key) => m.get(&key).cloned().into_iter().collect(),
+                None => m.values().cloned().collect(),
+            })
+            .unwrap_or_default();
+        if members.is_empty() {
+            tracing::debug!(room = %room_id, "relayed event for a room with no local members");
+        }
+        for session in members {
+            match bodies.as_slice() {
+                [body] => session.deliver(body),
+                all => session.deliver_all(all),
+            }
+        }
     }
 }
+
+/// A run of one room's relayed events: the room (its shared name), the member key when
+/// they are for one member, and the events in order.
+type Run = (Arc<str>, Option<u64>, Vec<Arc<EncodedBody>>);

@@ -224,6 +224,18 @@ impl Outbound {
         }
     }
 
+    /// Queues notifications (sequence number, body) in order, together where the
+    /// transport can (one write on a plain WebSocket).
+    pub fn notify_all(&self, numbered: &[(u64, &Arc<EncodedBody>)]) -> bool {
+        match (&self.sink, numbered) {
+            (_, []) => true,
+            (Sink::Wire(wire), _) => Self::sent(wire, wire.notifications(numbered)),
+            (Sink::Queue { .. }, _) => numbered
+                .iter()
+                .all(|(seq, body)| self.push(OutFrame::Notification(*seq, (*body).clone()))),
+        }
+    }
+
     fn sent(wire: &Wire, sent: Sent) -> bool {
         match sent {
             Sent::Taken | Sent::Dropped => true,
@@ -367,31 +379,55 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Whether `body` is delivered: a room's ordered events only in order, each once (a
+    /// gap is reported for repair).
+    fn in_order(&self, inner: &mut SessionInner, body: &EncodedBody) -> bool {
+        let Some((room, position)) = body.room_position() else {
+            return true;
+        };
+        match inner.core.handle_position(room, position) {
+            PositionCheck::Deliver => true,
+            PositionCheck::Repeat => false,
+            PositionCheck::Gap { repair } => {
+                metrics::counter!("chorus_order_gaps_total").increment(1);
+                if repair
+                    && self
+                        .repairs
+                        .try_send((self.id.clone(), room.to_string()))
+                        .is_err()
+                {
+                    // The repair queue is full: the next gap asks again.
+                    inner.core.handle_repair_done(room);
+                }
+                false
+            }
+        }
+    }
+}
+
 impl MemberSink for Session {
     fn deliver(&self, body: &Arc<EncodedBody>) {
         let mut inner = self.lock();
-        if let Some((room, position)) = body.room_position() {
-            match inner.core.handle_position(room, position) {
-                PositionCheck::Deliver => {}
-                PositionCheck::Repeat => return,
-                PositionCheck::Gap { repair } => {
-                    metrics::counter!("chorus_order_gaps_total").increment(1);
-                    if repair
-                        && self
-                            .repairs
-                            .try_send((self.id.clone(), room.to_string()))
-                            .is_err()
-                    {
-                        // The repair queue is full: the next gap asks again.
-                        inner.core.handle_repair_done(room);
-                    }
-                    return;
-                }
-            }
+        if !self.in_order(&mut inner, body) {
+            return;
         }
         let seq = inner.core.handle_notification(body.clone());
         if let Some(outbound) = &inner.outbound {
             outbound.notify(seq, body);
+        }
+    }
+
+    fn deliver_all(&self, bodies: &[Arc<EncodedBody>]) {
+        let mut inner = self.lock();
+        let mut numbered = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            if self.in_order(&mut inner, body) {
+                numbered.push((inner.core.handle_notification(body.clone()), body));
+            }
+        }
+        if let Some(outbound) = &inner.outbound {
+            outbound.notify_all(&numbered);
         }
     }
 

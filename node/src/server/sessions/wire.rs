@@ -55,11 +55,14 @@ const WRITE_SLICES_MAX: usize = 64;
 /// Close reasons are limited to 123 bytes by RFC 6455.
 const CLOSE_REASON_BYTES_MAX: usize = 123;
 
-/// One frame, ready to write: the bytes from `start` on are still to go.
+/// Frames ready to write (one, or a batch written together): the bytes from `start` on
+/// are still to go.
 #[derive(Debug)]
 struct Chunk {
     bytes: Vec<u8>,
     start: usize,
+    /// How many frames the chunk holds (what the queue's bounds count).
+    frames: usize,
 }
 
 impl Chunk {
@@ -75,6 +78,33 @@ fn ws_frame(opcode: Opcode, size_hint: usize, write: impl FnOnce(&mut Vec<u8>)) 
     bytes.resize(HEADER_BYTES_MAX, 0);
     write(&mut bytes);
     let len = bytes.len() - HEADER_BYTES_MAX;
+    let (header, header_len) = ws_header(opcode, len);
+    let start = HEADER_BYTES_MAX - header_len;
+    bytes[start..HEADER_BYTES_MAX].copy_from_slice(&header[..header_len]);
+    Chunk {
+        bytes,
+        start,
+        frames: 1,
+    }
+}
+
+/// Appends a final, unmasked server frame with `opcode` to `out`; `write` appends the
+/// payload.
+fn append_ws_frame(out: &mut Vec<u8>, opcode: Opcode, write: impl FnOnce(&mut Vec<u8>)) {
+    let at = out.len();
+    out.resize(at + HEADER_BYTES_MAX, 0);
+    write(out);
+    let len = out.len() - at - HEADER_BYTES_MAX;
+    let (header, header_len) = ws_header(opcode, len);
+    // Close the gap the longest header left.
+    out.copy_within(at + HEADER_BYTES_MAX.., at + header_len);
+    out.truncate(out.len() - (HEADER_BYTES_MAX - header_len));
+    out[at..at + header_len].copy_from_slice(&header[..header_len]);
+}
+
+/// The header of a final, unmasked frame with `opcode` and a payload of `len` bytes, and
+/// its length.
+fn ws_header(opcode: Opcode, len: usize) -> ([u8; HEADER_BYTES_MAX], usize) {
     let mut header = [0u8; HEADER_BYTES_MAX];
     header[0] = 0x80 | opcode as u8;
     let header_len = if len < 126 {
@@ -89,9 +119,7 @@ fn ws_frame(opcode: Opcode, size_hint: usize, write: impl FnOnce(&mut Vec<u8>)) 
         header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
         10
     };
-    let start = HEADER_BYTES_MAX - header_len;
-    bytes[start..HEADER_BYTES_MAX].copy_from_slice(&header[..header_len]);
-    Chunk { bytes, start }
+    (header, header_len)
 }
 
 /// The WebSocket close code for a Chorus close code: WebSocket has its own for an oversized
@@ -157,6 +185,8 @@ struct State {
     /// `None` once the connection is done.
     socket: Option<Arc<TcpStream>>,
     queue: VecDeque<Chunk>,
+    /// Frames in `queue`.
+    frames: usize,
     /// A close frame is queued (or the peer's close is being answered): nothing but the
     /// library's own bytes follow it.
     closing: bool,
@@ -252,6 +282,28 @@ impl Wire {
         self.send(chunk, Kind::Frame)
     }
 
+    /// Sends notifications (sequence number, body) in order, with one write.
+    pub fn notifications(&self, list: &[(u64, &Arc<EncodedBody>)]) -> Sent {
+        let encoding = self.encoding();
+        let opcode = self.opcode(encoding);
+        let size: usize = list
+            .iter()
+            .map(|(_, body)| HEADER_BYTES_MAX + body.frame_bytes_hint(encoding))
+            .sum();
+        let mut bytes = Vec::with_capacity(size);
+        for (seq, body) in list {
+            append_ws_frame(&mut bytes, opcode, |out| {
+                body.frame_into(encoding, *seq, out)
+            });
+        }
+        let chunk = Chunk {
+            bytes,
+            start: 0,
+            frames: list.len(),
+        };
+        self.send(chunk, Kind::Frame)
+    }
+
     /// Sends an encoded frame (a response, a ping) in the connection's encoding.
     pub fn encoded(&self, frame: &[u8]) -> Sent {
         let chunk = ws_frame(self.opcode(self.encoding()), frame.len(), |out| {
@@ -276,6 +328,7 @@ impl Wire {
         let chunk = Chunk {
             bytes: bytes.to_vec(),
             start: 0,
+            frames: 1,
         };
         match self.send(chunk, Kind::Library) {
             Sent::Taken | Sent::Dropped => Ok(()),
@@ -301,6 +354,7 @@ impl Wire {
         let State {
             socket,
             queue,
+            frames,
             closing,
         } = &mut *state;
         let Some(socket) = socket else {
@@ -328,19 +382,21 @@ impl Wire {
                     return Sent::Closed;
                 }
             }
+            *frames += chunk.frames;
             queue.push_back(chunk);
             drop(state);
             self.ready.notify_one();
             return Sent::Taken;
         }
-        if kind == Kind::Audio && queue.len() >= self.audio_frames_max {
+        if kind == Kind::Audio && *frames >= self.audio_frames_max {
             return Sent::Dropped;
         }
-        if queue.len() >= self.frames_max {
+        if *frames + chunk.frames > self.frames_max {
             return Sent::Full;
         }
+        *frames += chunk.frames;
         queue.push_back(chunk);
-        if queue.len() > BACKLOG_HIGH_FRAMES {
+        if *frames > BACKLOG_HIGH_FRAMES {
             self.backlog.raise();
         }
         Sent::Taken
@@ -363,6 +419,7 @@ impl Wire {
         }
         if !state.closing {
             state.queue.push_back(close_frame(reason));
+            state.frames += 1;
             state.closing = true;
         }
         drop(state);
@@ -389,7 +446,9 @@ impl Wire {
         if !state.closing {
             let started = state.queue.front().is_some_and(|chunk| chunk.start > 0);
             state.queue.truncate(usize::from(started));
+            state.frames = state.queue.iter().map(|chunk| chunk.frames).sum();
             state.queue.push_back(close_frame(reason));
+            state.frames += 1;
             state.closing = true;
         }
         self.backlog.lower();
@@ -401,6 +460,7 @@ impl Wire {
         let State {
             socket,
             queue,
+            frames,
             closing,
         } = &mut *state;
         let Some(open) = socket else {
@@ -431,9 +491,11 @@ impl Wire {
                     break;
                 }
                 written -= rest;
-                queue.pop_front();
+                if let Some(done) = queue.pop_front() {
+                    *frames -= done.frames;
+                }
             }
-            if queue.len() < BACKLOG_LOW_FRAMES {
+            if *frames < BACKLOG_LOW_FRAMES {
                 self.backlog.lower();
             }
         }
@@ -453,6 +515,7 @@ impl Wire {
         let mut state = self.lock();
         state.socket = None;
         state.queue = VecDeque::new();
+        state.frames = 0;
         self.backlog.lower();
     }
 }
@@ -536,6 +599,26 @@ mod tests {
             };
             assert_eq!(decoded, len);
         }
+    }
+
+    #[test]
+    fn a_batch_is_frames_back_to_back() {
+        let mut out = Vec::new();
+        for len in [5usize, 300, 0] {
+            append_ws_frame(&mut out, Opcode::Text, |o| o.resize(o.len() + len, b'x'));
+        }
+        let mut rest = out.as_slice();
+        for len in [5usize, 300, 0] {
+            assert_eq!(rest[0], 0x81);
+            let (decoded, header) = match rest[1] {
+                126 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+                short => (short as usize, 2),
+            };
+            assert_eq!(decoded, len);
+            assert!(rest[header..header + len].iter().all(|b| *b == b'x'));
+            rest = &rest[header + len..];
+        }
+        assert!(rest.is_empty());
     }
 
     #[test]
