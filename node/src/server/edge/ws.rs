@@ -118,7 +118,9 @@ impl WireIo {
     pub fn new(socket: Arc<TcpStream>, read_ahead: Bytes, wire: Arc<Wire>) -> Self {
         WireIo {
             socket,
-            read_ahead,
+            // Copied out: the slice would keep the HTTP server's whole read buffer (8 KiB)
+            // alive for the connection's life, even when empty.
+            read_ahead: Bytes::copy_from_slice(&read_ahead),
             wire,
         }
     }
