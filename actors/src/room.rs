@@ -626,6 +626,51 @@ pub struct RequestTerms<'a> {
 /// sends the whole state instead.
 pub const VOTE_DELTA_MAX: usize = 10_000;
 
+/// One user's members in a room, in order: nearly always one (a user on two devices
+/// has two), so a vector sized to them rather than a tree node with room for eleven.
+#[derive(Debug, Clone)]
+struct MemberSet<M>(Vec<M>);
+
+impl<M: Ord> MemberSet<M> {
+    fn new() -> Self {
+        MemberSet(Vec::new())
+    }
+
+    fn insert(&mut self, member: M) {
+        if let Err(at) = self.0.binary_search(&member) {
+            self.0.reserve_exact(1);
+            self.0.insert(at, member);
+        }
+    }
+
+    fn remove(&mut self, member: &M) {
+        if let Ok(at) = self.0.binary_search(member) {
+            self.0.remove(at);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, M> {
+        self.0.iter()
+    }
+}
+
+impl<'a, M> IntoIterator for &'a MemberSet<M> {
+    type Item = &'a M;
+    type IntoIter = std::slice::Iter<'a, M>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// One room's state and rules. See the module docs.
 #[derive(Debug, Clone)]
 pub struct RoomCore<M> {
@@ -634,7 +679,7 @@ pub struct RoomCore<M> {
     /// Member → its user. At most `members_max` entries.
     members: BTreeMap<M, UserId>,
     /// User → its members (≥ 1); `users.len()` is the listener count.
-    users: BTreeMap<UserId, BTreeSet<M>>,
+    users: BTreeMap<UserId, MemberSet<M>>,
     /// Roles, mutes, blocks, hands, invitations (durable).
     stage: RoomStage,
     /// Users interested while the room is scheduled (durable), at most `interested_max`.
@@ -867,7 +912,10 @@ impl<M: Clone + Ord> RoomCore<M> {
                 }
                 self.members.insert(member.clone(), user.to_string());
                 self.members_version += 1;
-                let members = self.users.entry(user.to_string()).or_default();
+                let members = self
+                    .users
+                    .entry(user.to_string())
+                    .or_insert_with(MemberSet::new);
                 let first = members.is_empty();
                 members.insert(member);
                 if first {
@@ -1940,7 +1988,7 @@ impl<M: Clone + Ord> RoomCore<M> {
         self.note_presence(user, false);
         self.note_listener_change(now_ms);
         self.effects
-            .push(RoomEffect::MembersRemoved(members.into_iter().collect()));
+            .push(RoomEffect::MembersRemoved(members.0.into_iter().collect()));
     }
 
     /// A user gone from the room leaves the stage: speaker role, mute, hand, invitation.

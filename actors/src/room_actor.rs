@@ -1325,10 +1325,7 @@ impl RoomShell {
                     return;
                 }
             }
-            match bodies.as_slice() {
-                [body] => member.sink.deliver(body),
-                all => member.sink.deliver_all(all),
-            }
+            member.sink.deliver_all(&bodies);
             delivered += bodies.len() as u64;
         };
         match recipients {

@@ -11,7 +11,7 @@
 //! gap (one it lacks comes first), and whether to start a repair; the node's session shell
 //! drops repeats and gaps and re-joins the room to repair.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use chorus_protocol::{ErrorCode, RoomId};
@@ -57,12 +57,64 @@ pub enum ResumeRefusal {
 pub struct SessionCore<N> {
     config: SessionConfig,
     last_seq: u64,
-    buffer: VecDeque<(u64, N)>,
+    /// The latest notifications, in order: the last one is `last_seq` (their numbers are
+    /// consecutive, so they are not stored).
+    buffer: VecDeque<N>,
     attachment: Option<u64>,
     detached_since_ms: Option<u64>,
     /// Rooms joined (or being joined), each with the position of the latest ordered event
     /// (comment id) delivered from it.
-    rooms: BTreeMap<RoomId, RoomPosition>,
+    rooms: Rooms,
+}
+
+/// A session's rooms, sorted by id: a few (at most `rooms_max`), so a vector sized to
+/// them (a one-room session holds one entry, not a tree node for eleven).
+#[derive(Debug, Clone, Default)]
+struct Rooms(Vec<(RoomId, RoomPosition)>);
+
+impl Rooms {
+    fn find(&self, room: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(id, _)| id.as_str().cmp(room))
+    }
+
+    fn contains_key(&self, room: &str) -> bool {
+        self.find(room).is_ok()
+    }
+
+    fn get(&self, room: &str) -> Option<&RoomPosition> {
+        self.find(room).ok().map(|at| &self.0[at].1)
+    }
+
+    fn get_mut(&mut self, room: &str) -> Option<&mut RoomPosition> {
+        self.find(room).ok().map(|at| &mut self.0[at].1)
+    }
+
+    fn insert(&mut self, room: &str) {
+        if let Err(at) = self.find(room) {
+            self.0.reserve_exact(1);
+            self.0
+                .insert(at, (room.to_string(), RoomPosition::default()));
+        }
+    }
+
+    fn remove(&mut self, room: &str) {
+        if let Ok(at) = self.find(room) {
+            self.0.remove(at);
+            self.0.shrink_to_fit();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &RoomId> {
+        self.0.iter().map(|(id, _)| id)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut RoomPosition> {
+        self.0.iter_mut().map(|(_, position)| position)
+    }
 }
 
 /// Where a session is in one room's total order.
@@ -122,7 +174,7 @@ impl<N: Clone> SessionCore<N> {
             buffer: VecDeque::new(),
             attachment: Some(attachment),
             detached_since_ms: None,
-            rooms: BTreeMap::new(),
+            rooms: Rooms::default(),
         }
     }
 
@@ -136,7 +188,7 @@ impl<N: Clone> SessionCore<N> {
             buffer: VecDeque::new(),
             attachment: None,
             detached_since_ms: Some(now_ms),
-            rooms: BTreeMap::new(),
+            rooms: Rooms::default(),
         }
     }
 
@@ -154,7 +206,7 @@ impl<N: Clone> SessionCore<N> {
     /// Returns the sequence number; the caller sends it if a connection is attached.
     pub fn handle_notification(&mut self, notification: N) -> u64 {
         self.last_seq += 1;
-        self.buffer.push_back((self.last_seq, notification));
+        self.buffer.push_back(notification);
         while self.buffer.len() > self.config.resume_buffer_frames_max {
             self.buffer.pop_front();
         }
@@ -186,21 +238,24 @@ impl<N: Clone> SessionCore<N> {
         if last_seq > self.last_seq {
             return Err(ResumeRefusal::FromTheFuture);
         }
-        if last_seq < self.last_seq {
-            let oldest_buffered = self.buffer.front().map(|(s, _)| *s).unwrap_or(u64::MAX);
-            if last_seq + 1 < oldest_buffered {
-                return Err(ResumeRefusal::BufferOverrun);
-            }
+        // Some of what the client missed is no longer buffered.
+        if last_seq + 1 < self.oldest_buffered() {
+            return Err(ResumeRefusal::BufferOverrun);
         }
         self.attachment = Some(attachment);
         self.detached_since_ms = None;
-        let replay = self
-            .buffer
-            .iter()
-            .filter(|(s, _)| *s > last_seq)
-            .cloned()
+        let first = self.oldest_buffered();
+        let replay = (first..)
+            .zip(&self.buffer)
+            .filter(|(seq, _)| *seq > last_seq)
+            .map(|(seq, notification)| (seq, notification.clone()))
             .collect();
         Ok(replay)
+    }
+
+    /// The number of the oldest buffered notification (one past `last_seq` when none is).
+    fn oldest_buffered(&self) -> u64 {
+        self.last_seq + 1 - self.buffer.len() as u64
     }
 
     /// Whether the session is detached for longer than the resume window.
@@ -220,7 +275,7 @@ impl<N: Clone> SessionCore<N> {
         if self.rooms.len() >= self.config.rooms_max {
             return Err(ErrorCode::TooManyRooms);
         }
-        self.rooms.insert(room.to_string(), RoomPosition::default());
+        self.rooms.insert(room);
         Ok(())
     }
 
@@ -270,7 +325,7 @@ impl<N: Clone> SessionCore<N> {
         if let Some(held) = self.rooms.values_mut().find(seen) {
             return held.check(position);
         }
-        match self.rooms.get_mut(&**room) {
+        match self.rooms.get_mut(room) {
             Some(held) => {
                 held.name = Some(room.clone());
                 held.check(position)
@@ -309,15 +364,12 @@ impl<N: Clone> SessionCore<N> {
         #[cfg(debug_assertions)]
         {
             assert!(self.buffer.len() <= self.config.resume_buffer_frames_max);
-            let mut expected = self.buffer.front().map(|(s, _)| *s);
-            for (seq, _) in &self.buffer {
-                assert_eq!(Some(*seq), expected, "resume buffer must be contiguous");
-                expected = Some(seq + 1);
-            }
-            if let Some((last, _)) = self.buffer.back() {
-                assert_eq!(*last, self.last_seq);
-            }
+            assert!(self.buffer.len() as u64 <= self.last_seq);
             assert!(self.rooms.len() <= self.config.rooms_max);
+            assert!(
+                self.rooms.0.windows(2).all(|pair| pair[0].0 < pair[1].0),
+                "rooms are sorted and unique"
+            );
         }
     }
 }

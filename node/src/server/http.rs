@@ -18,6 +18,7 @@ use bytes::Bytes;
 use chorus_protocol::WS_SUBPROTOCOL;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -343,7 +344,6 @@ fn upgrade(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|p| p.trim() == WS_SUBPROTOCOL));
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let limits = node.edge.ctx.config.limits.clone();
     tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
@@ -352,39 +352,18 @@ fn upgrade(
                 return;
             }
         };
-        let io = TokioIo::new(upgraded);
         if echo {
-            let config = ws::config(ECHO_MESSAGE_BYTES_MAX);
-            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-            ws::echo(socket).await;
+            Box::pin(serve_echo(upgraded)).await;
             drop(slot);
             return;
         }
-        let budget = node.edge.read_budget();
-        let config = ws::config(limits.transport_message_bytes_max);
-        // Plain TCP: the node writes frames to the socket itself (`sessions::wire`).
-        let upgraded = match io.into_inner().downcast::<TokioIo<tokio::net::TcpStream>>() {
-            Ok(parts) => {
-                let socket = Arc::new(parts.io.into_inner());
-                let wire = Arc::new(Wire::new(
-                    socket.clone(),
-                    limits.outgoing_queue_frames_max,
-                    limits.audio_queue_frames_max,
-                ));
-                let io = ws::WireIo::new(socket, parts.read_buf, wire.clone());
-                let io = BudgetedRead::new(io, budget.clone());
-                let stream = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                let reader = ws::direct(stream, wire.clone(), limits.frame_bytes_max, budget);
-                connection::drive(node.edge.clone(), "ws", reader, wire, slot).await;
-                return;
-            }
-            Err(upgraded) => upgraded,
-        };
-        // TLS: a writer task feeds the library.
-        let io = BudgetedRead::new(TokioIo::new(upgraded), budget.clone());
-        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-        let (reader, writer) = ws::split(socket, limits.frame_bytes_max, budget);
-        connection::drive(node.edge.clone(), "ws", reader, Queued(writer), slot).await;
+        // Plain TCP: the node writes frames to the socket itself (`sessions::wire`). This
+        // path stays inline, the others are boxed: the task is as big as its biggest
+        // path, and most connections take this one.
+        match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+            Ok(parts) => serve_plain(node, parts, slot).await,
+            Err(upgraded) => Box::pin(serve_tls(node, upgraded, slot)).await,
+        }
     });
     let mut response = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
     let headers = response.headers_mut();
@@ -400,4 +379,45 @@ fn upgrade(
         );
     }
     response
+}
+
+/// A plain WebSocket (`ws://`) on its TCP socket, until it closes.
+async fn serve_plain(
+    node: Arc<HttpService>,
+    parts: hyper::upgrade::Parts<TokioIo<tokio::net::TcpStream>>,
+    slot: ConnectionSlot,
+) {
+    let limits = &node.edge.ctx.config.limits;
+    let budget = node.edge.read_budget();
+    let socket = Arc::new(parts.io.into_inner());
+    let wire = Arc::new(Wire::new(
+        socket.clone(),
+        limits.outgoing_queue_frames_max,
+        limits.audio_queue_frames_max,
+    ));
+    let io = ws::WireIo::new(socket, parts.read_buf, wire.clone());
+    let io = BudgetedRead::new(io, budget.clone());
+    let config = ws::config(limits.transport_message_bytes_max);
+    let stream = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    let reader = ws::direct(stream, wire.clone(), limits.frame_bytes_max, budget);
+    connection::drive(node.edge.clone(), "ws", reader, wire, slot).await;
+}
+
+/// A WebSocket over TLS (`wss://`): a writer task feeds the library.
+async fn serve_tls(node: Arc<HttpService>, upgraded: Upgraded, slot: ConnectionSlot) {
+    let limits = &node.edge.ctx.config.limits;
+    let budget = node.edge.read_budget();
+    let config = ws::config(limits.transport_message_bytes_max);
+    let io = BudgetedRead::new(TokioIo::new(upgraded), budget.clone());
+    let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    let (reader, writer) = ws::split(socket, limits.frame_bytes_max, budget);
+    connection::drive(node.edge.clone(), "ws", reader, Queued(writer), slot).await;
+}
+
+/// The echo endpoint for the Autobahn conformance cases.
+async fn serve_echo(upgraded: Upgraded) {
+    let config = ws::config(ECHO_MESSAGE_BYTES_MAX);
+    let io = TokioIo::new(upgraded);
+    let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    ws::echo(socket).await;
 }

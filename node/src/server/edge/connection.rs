@@ -3,11 +3,12 @@
 //! A transport (WebSocket or QUIC) provides a [`TransportReader`] and a
 //! [`TransportWriter`]. The driver runs the protocol over them: auth, request order and
 //! rate ([`ConnectionCore`]), liveness pings, dispatch to rooms, rains and quizzes. Its
-//! [`Egress`] writes: a writer task draining the bounded outgoing queue ([`Queued`]: QUIC,
-//! WebSocket over TLS), or, on a plain WebSocket, the `sessions::wire` that writes each
-//! frame to the socket from the task that made it. Every refusal is an error response or
-//! a close with a reason; nothing a client sends can panic the task or block another
-//! client.
+//! [`Egress`] writes, in the connection's own task (one task per connection): a writer
+//! draining the bounded outgoing queue ([`Queued`]: QUIC, WebSocket over TLS), or, on a
+//! plain WebSocket, the `sessions::wire` that writes each frame to the socket from the
+//! task that made it and flushes only what the socket did not take. Every refusal is an
+//! error response or a close with a reason; nothing a client sends can panic the task or
+//! block another client.
 //!
 //! - One request in flight per connection: the driver finishes a frame before it reads the
 //!   next. With the connection's token bucket and the node's connection cap, this bounds
@@ -109,25 +110,32 @@ pub trait TransportWriter: Send + 'static {
 
 /// How a connection's outgoing frames reach its transport.
 pub trait Egress: Send + 'static {
+    /// The writer: writes what waits until the connection's outgoing side is closed.
+    type Writer: Future<Output = ()> + Send;
+
     /// Starts the connection's outgoing side under `limits`: the queue rooms and
-    /// responses push to, and the task that writes what waits.
-    fn start(self, attachment: u64, limits: &LimitsConfig) -> Started;
+    /// responses push to, and the writer the connection's task runs beside its reading.
+    fn start(self, attachment: u64, limits: &LimitsConfig) -> Started<Self::Writer>;
 }
 
 /// A connection's started outgoing side.
-pub struct Started {
+pub struct Started<W> {
     outbound: Outbound,
     close: Arc<CloseSignal>,
     encoding: Arc<OnceLock<Encoding>>,
-    task: tokio::task::JoinHandle<()>,
+    /// Runs in the connection's own task (one task per connection, not two: an idle
+    /// connection is mostly its task).
+    writer: W,
 }
 
-/// Frames wait in a bounded queue for a writer task that feeds them to a
+/// Frames wait in a bounded queue for a writer that feeds them to a
 /// [`TransportWriter`] (QUIC, WebSocket over TLS).
 pub struct Queued<W>(pub W);
 
-impl<W: TransportWriter> Egress for Queued<W> {
-    fn start(self, attachment: u64, limits: &LimitsConfig) -> Started {
+impl<W: TransportWriter + 'static> Egress for Queued<W> {
+    type Writer = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    fn start(self, attachment: u64, limits: &LimitsConfig) -> Started<Self::Writer> {
         let Queued(writer) = self;
         let close = Arc::new(CloseSignal::default());
         let audio = Arc::new(AudioQueue::new(
@@ -141,7 +149,9 @@ impl<W: TransportWriter> Egress for Queued<W> {
             audio.clone(),
         );
         let encoding = Arc::new(OnceLock::new());
-        let task = tokio::spawn(write_loop(
+        // Boxed: the loop holds the transport's write futures, bigger than an idle
+        // connection needs inline.
+        let writer = Box::pin(write_loop(
             writer,
             rx,
             audio,
@@ -152,19 +162,21 @@ impl<W: TransportWriter> Egress for Queued<W> {
             outbound,
             close,
             encoding,
-            task,
+            writer,
         }
     }
 }
 
 /// Frames go straight to a plain WebSocket's socket (see `sessions::wire`).
 impl Egress for Arc<Wire> {
-    fn start(self, attachment: u64, _limits: &LimitsConfig) -> Started {
+    type Writer = crate::server::sessions::wire::Flush;
+
+    fn start(self, attachment: u64, _limits: &LimitsConfig) -> Started<Self::Writer> {
         Started {
             outbound: Outbound::wire(attachment, self.clone()),
             close: self.close.clone(),
             encoding: self.encoding.clone(),
-            task: tokio::spawn(crate::server::sessions::wire::flush(self)),
+            writer: crate::server::sessions::wire::flush(self),
         }
     }
 }
@@ -205,8 +217,12 @@ async fn drive_attached<R: TransportReader, E: Egress>(
         outbound,
         close,
         encoding,
-        task: writer_task,
+        writer,
     } = egress.start(attachment, limits);
+    let mut writer = Writer {
+        future: std::pin::pin!(writer),
+        done: false,
+    };
     metrics::gauge!("chorus_connections", "transport" => transport).increment(1.0);
 
     let connection_config = ConnectionConfig {
@@ -244,6 +260,7 @@ async fn drive_attached<R: TransportReader, E: Egress>(
         let sleep = Duration::from_millis(deadline_ms.saturating_sub(unix_now_ms()));
         tokio::select! {
             _ = close.requested() => break,
+            () = writer.future.as_mut(), if !writer.done => writer.done = true,
             _ = node.ctx.shutdown.cancelled() => {
                 close.close(ErrorCode::Unavailable, "node shutting down");
                 break;
@@ -282,7 +299,7 @@ async fn drive_attached<R: TransportReader, E: Egress>(
                 None => break,
                 Some(Ok(Inbound::Goodbye)) => {
                     if let Some(session) = conn.session.take() {
-                        Box::pin(node.rooms.end_session(&session)).await;
+                        writer.beside(Box::pin(node.rooms.end_session(&session))).await;
                     }
                     break;
                 }
@@ -319,14 +336,14 @@ async fn drive_attached<R: TransportReader, E: Egress>(
                 }
                 Some(Ok(Inbound::Audio(bytes))) => {
                     metrics::counter!("chorus_audio_in_total", "transport" => transport).increment(1);
-                    Box::pin(conn.handle_audio(bytes)).await;
+                    writer.beside(Box::pin(conn.handle_audio(bytes))).await;
                 }
                 Some(Ok(Inbound::Frame(encoding, bytes))) => {
                     let _ = conn.encoding.set(encoding);
                     metrics::counter!("chorus_frames_in_total", "transport" => transport).increment(1);
                     // Boxed, like every request-sized future here: an idle connection's
                     // task holds only the loop's own state (about 2 KB instead of 12).
-                    if Box::pin(conn.handle_frame(encoding, &bytes)).await == Flow::Stop {
+                    if writer.beside(Box::pin(conn.handle_frame(encoding, &bytes))).await == Flow::Stop {
                         break;
                     }
                     if !authenticated && conn.session.is_some() {
@@ -345,23 +362,44 @@ async fn drive_attached<R: TransportReader, E: Egress>(
     // a wire queues its close.
     conn.outbound.finish();
     drop(conn);
-    let mut writer_task = writer_task;
-    if tokio::time::timeout(
-        Duration::from_millis(WRITER_DRAIN_TIMEOUT_MS),
-        &mut writer_task,
-    )
-    .await
-    .is_err()
+    if !writer.done
+        && tokio::time::timeout(
+            Duration::from_millis(WRITER_DRAIN_TIMEOUT_MS),
+            writer.future.as_mut(),
+        )
+        .await
+        .is_err()
     {
         // A peer that does not read (slow consumer) would pin the writer on a full socket:
-        // abort it, which drops the socket.
+        // dropping it (with this task) drops the socket.
         tracing::debug!(
             transport,
             "writer did not drain in time; dropping the transport"
         );
-        writer_task.abort();
     }
     metrics::gauge!("chorus_connections", "transport" => transport).decrement(1.0);
+}
+
+/// A connection's writer, run by the connection's task beside whatever else it awaits.
+struct Writer<'a, F> {
+    future: std::pin::Pin<&'a mut F>,
+    /// The writer has ended (the outgoing side closed or failed).
+    done: bool,
+}
+
+impl<F: Future<Output = ()>> Writer<'_, F> {
+    /// Awaits `work` while the writer keeps writing: a request that waits on a room must
+    /// not hold up what the connection has to send.
+    async fn beside<T>(&mut self, work: impl Future<Output = T> + Unpin) -> T {
+        let mut work = work;
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                () = self.future.as_mut(), if !self.done => self.done = true,
+            }
+        }
+    }
 }
 
 async fn write_loop<W: TransportWriter>(

@@ -31,11 +31,12 @@ use crate::server::sessions::wire::{truncate_utf8, ws_close_code, Wire};
 /// The stream type after the HTTP upgrade, its reads counted against a [`ReadBudget`].
 pub type ServerWebSocket = WebSocketStream<BudgetedRead<TokioIo<Upgraded>>>;
 
-/// Read buffer per connection. tungstenite allocates it eagerly, so it is kept small:
-/// 10k connections × 1 KiB = 10 MiB. A bigger message grows it while it is read (a frame
-/// reserves its whole length at once), so this costs no more than a few more reads for
-/// the rare large ones.
-const READ_BUFFER_BYTES: usize = 1024;
+/// Read buffer per connection. tungstenite allocates it eagerly and keeps it for the
+/// connection's life, so it is sized to what an idle listener sends: its auth (about
+/// 220 bytes with a development token) and its joins. A bigger message grows it while
+/// it is read (a frame reserves its whole length at once; each read takes at most this
+/// many bytes), so the rare large one costs a few more reads.
+const READ_BUFFER_BYTES: usize = 256;
 /// Write buffer per connection before a flush is forced.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 

@@ -406,10 +406,7 @@ impl RoomMirrors {
             tracing::debug!(room = %room_id, "relayed event for a room with no local members");
         }
         for session in members {
-            match bodies.as_slice() {
-                [body] => session.deliver(body),
-                all => session.deliver_all(all),
-            }
+            session.deliver_all(&bodies);
         }
     }
 }

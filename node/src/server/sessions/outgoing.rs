@@ -2,16 +2,22 @@
 //! writer task's queue, or straight to the socket through `wire`): the close signal, and
 //! the count of connections whose queue is behind.
 
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 
 use chorus_protocol::ErrorCode;
-use tokio_util::sync::CancellationToken;
+use futures_util::task::AtomicWaker;
 
 /// Why and how a connection must close immediately (queue overflow, takeover, shutdown).
+///
+/// Awaited by one task only, the connection's own (its reading loop and its writer run
+/// in it): the signal holds one waker, not a list.
 #[derive(Debug, Default)]
 pub struct CloseSignal {
-    token: CancellationToken,
+    requested: AtomicBool,
+    waker: AtomicWaker,
     reason: Mutex<Option<(ErrorCode, String)>>,
 }
 
@@ -23,17 +29,41 @@ impl CloseSignal {
                 *slot = Some((code, reason.into()));
             }
         }
-        self.token.cancel();
+        self.requested.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Closes the connection as a slow consumer (4203): its outgoing queue is full.
+    pub fn slow_consumer(&self) {
+        metrics::counter!("chorus_slow_consumer_closes_total").increment(1);
+        self.close(
+            ErrorCode::SlowConsumer,
+            "outgoing queue full: client too slow",
+        );
+    }
+
+    /// Ready once a close was requested; else wakes the calling task when one is.
+    pub fn poll_requested(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.is_requested() {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // Again after registering: a close between the two checks has woken no one.
+        if self.is_requested() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Resolves when a close was requested.
     pub async fn requested(&self) {
-        self.token.cancelled().await
+        poll_fn(|cx| self.poll_requested(cx)).await
     }
 
     /// Whether a close was requested.
     pub fn is_requested(&self) -> bool {
-        self.token.is_cancelled()
+        self.requested.load(Ordering::Acquire)
     }
 
     /// The close reason, if any.

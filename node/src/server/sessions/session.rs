@@ -210,7 +210,7 @@ impl Outbound {
                     metrics::counter!("chorus_audio_dropped_total", "reason" => "listener_queue")
                         .increment(1)
                 }
-                Sent::Full => wire.slow_consumer(),
+                Sent::Full => wire.close.slow_consumer(),
                 Sent::Closed => {}
             },
         }
@@ -218,10 +218,7 @@ impl Outbound {
 
     /// Queues notification `body` with sequence number `seq` (as [`Self::push`]).
     pub fn notify(&self, seq: u64, body: &Arc<EncodedBody>) -> bool {
-        match &self.sink {
-            Sink::Wire(wire) => Self::sent(wire, wire.notification(seq, body)),
-            Sink::Queue { .. } => self.push(OutFrame::Notification(seq, body.clone())),
-        }
+        self.notify_all(&[(seq, body)])
     }
 
     /// Queues notifications (sequence number, body) in order, together where the
@@ -240,7 +237,7 @@ impl Outbound {
         match sent {
             Sent::Taken | Sent::Dropped => true,
             Sent::Full => {
-                wire.slow_consumer();
+                wire.close.slow_consumer();
                 false
             }
             Sent::Closed => false,
@@ -254,7 +251,7 @@ impl Outbound {
             Sink::Queue { tx, backlog, .. } => (tx, backlog),
             Sink::Wire(wire) => {
                 let sent = match frame {
-                    OutFrame::Notification(seq, body) => wire.notification(seq, &body),
+                    OutFrame::Notification(seq, body) => wire.notifications(&[(seq, &body)]),
                     OutFrame::Encoded(bytes) => wire.encoded(&bytes),
                     OutFrame::Close(code, reason) => {
                         wire.finish(Some((code.close_code(), reason)));
@@ -276,11 +273,7 @@ impl Outbound {
                 true
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!("chorus_slow_consumer_closes_total").increment(1);
-                self.close.close(
-                    ErrorCode::SlowConsumer,
-                    "outgoing queue full: client too slow",
-                );
+                self.close.slow_consumer();
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -308,8 +301,8 @@ struct SessionInner {
 
 /// A client session on this node.
 pub struct Session {
-    /// The id clients resume with.
-    pub id: String,
+    /// The id clients resume with (shared with the registry's maps).
+    pub id: Arc<str>,
     /// The authenticated user.
     pub user_id: String,
     key: u64,
@@ -394,7 +387,7 @@ impl Session {
                 if repair
                     && self
                         .repairs
-                        .try_send((self.id.clone(), room.to_string()))
+                        .try_send((self.id.to_string(), room.to_string()))
                         .is_err()
                 {
                     // The repair queue is full: the next gap asks again.
@@ -419,6 +412,10 @@ impl MemberSink for Session {
     }
 
     fn deliver_all(&self, bodies: &[Arc<EncodedBody>]) {
+        if let [body] = bodies {
+            // Most fan-outs carry one event: no list to build.
+            return self.deliver(body);
+        }
         let mut inner = self.lock();
         let mut numbered = Vec::with_capacity(bodies.len());
         for body in bodies {
@@ -514,15 +511,15 @@ pub struct SessionRegistry {
     sessions_max: usize,
     sessions_per_user_max: usize,
     /// Each user's session ids here, oldest first (locked after `sessions`).
-    by_user: Mutex<HashMap<String, VecDeque<String>>>,
+    by_user: Mutex<HashMap<String, VecDeque<Arc<str>>>>,
     next_key: AtomicU64,
     node_id: u64,
     ids: SessionIds,
-    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
     /// Sessions taken over here: the id the client resumed with → the new session's id
     /// (a client that retries the resume gets the same copy). Entries whose session is
     /// gone are dropped on the next takeover, so this holds at most `sessions_max`.
-    taken_over: Mutex<HashMap<String, String>>,
+    taken_over: Mutex<HashMap<String, Arc<str>>>,
     repairs: tokio::sync::mpsc::Sender<(String, String)>,
     repairs_rx: Mutex<Option<tokio::sync::mpsc::Receiver<(String, String)>>>,
 }
@@ -610,7 +607,7 @@ impl SessionRegistry {
         if self.user_sessions(user_id) >= self.sessions_per_user_max {
             return None;
         }
-        let id = self.ids.mint(self.node_id, user_id);
+        let id: Arc<str> = self.ids.mint(self.node_id, user_id).into();
         let core = SessionCore::new_taken_over(self.config, now_ms, last_seq);
         let session = self.admit(&mut map, id.clone(), user_id, core, None);
         let mut taken_over = self.taken_over.lock().unwrap_or_else(|e| e.into_inner());
@@ -619,7 +616,7 @@ impl SessionRegistry {
         Some(session)
     }
 
-    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Session>>> {
+    fn map(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -644,7 +641,7 @@ impl SessionRegistry {
                 .and_then(|ids| {
                     ids.iter()
                         .find(|id| {
-                            map.get(*id)
+                            map.get(&**id)
                                 .is_some_and(|s| s.with_core(|core| core.attachment().is_none()))
                         })
                         .cloned()
@@ -659,7 +656,7 @@ impl SessionRegistry {
         if map.len() >= self.sessions_max {
             return Err(SessionRefusal::NodeFull);
         }
-        let id = self.ids.mint(self.node_id, user_id);
+        let id: Arc<str> = self.ids.mint(self.node_id, user_id).into();
         outbound.push(OutFrame::Encoded(auth_response(&id)));
         let core = SessionCore::new(self.config, outbound.attachment);
         let session = self.admit(&mut map, id, user_id, core, Some(outbound));
@@ -677,7 +674,7 @@ impl SessionRegistry {
 
     /// Rooms `user_id` is in through its sessions here (counting a room once per session).
     pub fn user_memberships(&self, user_id: &str) -> usize {
-        let ids: Vec<String> = self
+        let ids: Vec<Arc<str>> = self
             .by_user
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -693,7 +690,7 @@ impl SessionRegistry {
     fn forget_user_session(&self, user_id: &str, id: &str) {
         let mut by_user = self.by_user.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(ids) = by_user.get_mut(user_id) {
-            ids.retain(|other| other != id);
+            ids.retain(|other| &**other != id);
             if ids.is_empty() {
                 by_user.remove(user_id);
             }
@@ -703,8 +700,8 @@ impl SessionRegistry {
     /// A new session `id` of `user_id` with the next member key, added to `map`.
     fn admit(
         &self,
-        map: &mut HashMap<String, Arc<Session>>,
-        id: String,
+        map: &mut HashMap<Arc<str>, Arc<Session>>,
+        id: Arc<str>,
         user_id: &str,
         core: SessionCore<Arc<EncodedBody>>,
         outbound: Option<Outbound>,
@@ -723,7 +720,8 @@ impl SessionRegistry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(user_id.to_string())
-            .or_default()
+            // Room for one: most users hold one session.
+            .or_insert_with(|| VecDeque::with_capacity(1))
             .push_back(id.clone());
         map.insert(id, session.clone());
         metrics::gauge!("chorus_sessions").set(map.len() as f64);
@@ -749,7 +747,7 @@ impl SessionRegistry {
     /// Removes and returns sessions detached for longer than the resume window.
     pub fn take_expired(&self, now_ms: u64) -> Vec<Arc<Session>> {
         let mut map = self.map();
-        let expired: Vec<String> = map
+        let expired: Vec<Arc<str>> = map
             .iter()
             .filter(|(_, s)| s.with_core(|core| core.is_expired(now_ms)))
             .map(|(id, _)| id.clone())

@@ -6,8 +6,8 @@
 //! that produced it. No writer task is woken and nothing is queued, so a delivery costs
 //! about what the system call costs (the fan-out floor, `benches/fanout.sh`). What the
 //! socket does not take at once waits in the wire's queue, in order, for the connection's
-//! flusher task ([`flush`]), which writes it as the socket drains; everything produced
-//! meanwhile queues behind it.
+//! flusher ([`flush`], run in the connection's own task), which writes it as the socket
+//! drains; everything produced meanwhile queues behind it.
 //!
 //! **Bounds.** The queue holds at most `outgoing_queue_frames_max` frames: one more closes
 //! the connection as a slow consumer (4203), as with the queued writer. A voice frame is
@@ -24,14 +24,17 @@
 //! streams cannot be written from another task.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll};
 
 use chorus_protocol::{EncodedBody, Encoding, ErrorCode};
+use futures_util::task::AtomicWaker;
 use socket2::SockRef;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
 use super::outgoing::{Backlog, CloseSignal, BACKLOG_HIGH_FRAMES, BACKLOG_LOW_FRAMES};
 
@@ -72,24 +75,19 @@ impl Chunk {
 }
 
 /// A final, unmasked server frame with `opcode`; `write` appends the payload (about
-/// `size_hint` bytes) after room for the header, so the frame is built in one buffer.
+/// `size_hint` bytes).
 fn ws_frame(opcode: Opcode, size_hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Chunk {
     let mut bytes = Vec::with_capacity(HEADER_BYTES_MAX + size_hint);
-    bytes.resize(HEADER_BYTES_MAX, 0);
-    write(&mut bytes);
-    let len = bytes.len() - HEADER_BYTES_MAX;
-    let (header, header_len) = ws_header(opcode, len);
-    let start = HEADER_BYTES_MAX - header_len;
-    bytes[start..HEADER_BYTES_MAX].copy_from_slice(&header[..header_len]);
+    append_ws_frame(&mut bytes, opcode, write);
     Chunk {
         bytes,
-        start,
+        start: 0,
         frames: 1,
     }
 }
 
 /// Appends a final, unmasked server frame with `opcode` to `out`; `write` appends the
-/// payload.
+/// payload after room for the longest header, so the frame is built in one buffer.
 fn append_ws_frame(out: &mut Vec<u8>, opcode: Opcode, write: impl FnOnce(&mut Vec<u8>)) {
     let at = out.len();
     out.resize(at + HEADER_BYTES_MAX, 0);
@@ -197,7 +195,7 @@ struct State {
 pub struct Wire {
     state: Mutex<State>,
     /// Wakes the flusher: the queue became non-empty, or a close was queued.
-    ready: Notify,
+    flusher: AtomicWaker,
     frames_max: usize,
     audio_frames_max: usize,
     /// The connection's close signal (an immediate close).
@@ -228,7 +226,7 @@ impl Wire {
                 socket: Some(socket),
                 ..State::default()
             }),
-            ready: Notify::new(),
+            flusher: AtomicWaker::new(),
             frames_max: frames_max.max(1),
             audio_frames_max: audio_frames_max.max(1),
             close: Arc::new(CloseSignal::default()),
@@ -269,17 +267,6 @@ impl Wire {
             Encoding::Json => Opcode::Text,
             Encoding::MsgPack => Opcode::Binary,
         }
-    }
-
-    /// Sends notification `body` with sequence number `seq`.
-    pub fn notification(&self, seq: u64, body: &EncodedBody) -> Sent {
-        let encoding = self.encoding();
-        let chunk = ws_frame(
-            self.opcode(encoding),
-            body.frame_bytes_hint(encoding),
-            |out| body.frame_into(encoding, seq, out),
-        );
-        self.send(chunk, Kind::Frame)
     }
 
     /// Sends notifications (sequence number, body) in order, with one write.
@@ -333,20 +320,11 @@ impl Wire {
         match self.send(chunk, Kind::Library) {
             Sent::Taken | Sent::Dropped => Ok(()),
             Sent::Full => {
-                self.slow_consumer();
+                self.close.slow_consumer();
                 Err(io::Error::other("outgoing queue full"))
             }
             Sent::Closed => Err(io::ErrorKind::BrokenPipe.into()),
         }
-    }
-
-    /// Closes the connection as a slow consumer.
-    pub fn slow_consumer(&self) {
-        metrics::counter!("chorus_slow_consumer_closes_total").increment(1);
-        self.close.close(
-            ErrorCode::SlowConsumer,
-            "outgoing queue full: client too slow",
-        );
     }
 
     fn send(&self, chunk: Chunk, kind: Kind) -> Sent {
@@ -363,16 +341,20 @@ impl Wire {
         if *closing && kind != Kind::Library {
             return Sent::Closed;
         }
-        if kind != Kind::Library {
-            frames_out().increment(1);
-        }
+        // Frames out count what is taken, written now or queued (not the library's own).
+        let taken = |frames: usize| {
+            if kind != Kind::Library {
+                frames_out().increment(frames as u64);
+            }
+            Sent::Taken
+        };
         if queue.is_empty() {
             let mut chunk = chunk;
             // A plain `send` on the descriptor: the runtime's readiness is not consulted
             // (one cache miss less per listener). A `WouldBlock` here leaves it stale, which
             // only costs the flusher one extra try before it waits.
             match SockRef::from(socket.as_ref()).send(chunk.rest()) {
-                Ok(written) if written == chunk.rest().len() => return Sent::Taken,
+                Ok(written) if written == chunk.rest().len() => return taken(chunk.frames),
                 Ok(written) => chunk.start += written,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 Err(error) => {
@@ -383,10 +365,11 @@ impl Wire {
                 }
             }
             *frames += chunk.frames;
+            let count = chunk.frames;
             queue.push_back(chunk);
             drop(state);
-            self.ready.notify_one();
-            return Sent::Taken;
+            self.flusher.wake();
+            return taken(count);
         }
         if kind == Kind::Audio && *frames >= self.audio_frames_max {
             return Sent::Dropped;
@@ -395,11 +378,12 @@ impl Wire {
             return Sent::Full;
         }
         *frames += chunk.frames;
+        let count = chunk.frames;
         queue.push_back(chunk);
         if *frames > BACKLOG_HIGH_FRAMES {
             self.backlog.raise();
         }
-        Sent::Taken
+        taken(count)
     }
 
     /// Queues a close frame last (`None`: a normal close, else a Chorus close code and
@@ -410,7 +394,7 @@ impl Wire {
         if self.close.is_requested() {
             // An immediate close came first: its reason wins.
             self.close_now();
-            self.ready.notify_one();
+            self.flusher.wake();
             return;
         }
         let mut state = self.lock();
@@ -424,7 +408,7 @@ impl Wire {
         }
         drop(state);
         // Also after the peer's close: the flusher shuts the socket once the reply is out.
-        self.ready.notify_one();
+        self.flusher.wake();
     }
 
     /// The peer's close frame arrived: nothing of ours follows the library's reply.
@@ -529,55 +513,62 @@ fn close_frame(reason: Option<(u16, String)>) -> Chunk {
     })
 }
 
-/// Lets go of the wire's socket when the flusher ends, however it ends (also when the
-/// connection aborts it).
-struct ShutOnDrop(Arc<Wire>);
-
-impl Drop for ShutOnDrop {
-    fn drop(&mut self) {
-        self.0.shut();
-    }
+/// The connection's flusher (see [`flush`]).
+#[derive(Debug)]
+pub struct Flush {
+    wire: Arc<Wire>,
+    /// The immediate close has been queued.
+    closed_now: bool,
 }
 
 /// The connection's flusher: writes what the socket did not take at once, as it drains,
-/// and closes. Ends once the close frame is out (or the socket failed).
-pub async fn flush(wire: Arc<Wire>) {
-    let _shut = ShutOnDrop(wire.clone());
-    let mut closed_now = false;
-    loop {
-        tokio::select! {
-            biased;
-            _ = wire.close.requested(), if !closed_now => {
-                closed_now = true;
-                wire.close_now();
-            }
-            _ = wire.ready.notified() => {}
+/// and closes. Ends once the close frame is out (or the socket failed). It runs in the
+/// connection's task; dropped, it lets go of the socket (and of what waits).
+pub fn flush(wire: Arc<Wire>) -> Flush {
+    Flush {
+        wire,
+        closed_now: false,
+    }
+}
+
+impl Future for Flush {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let wire = &this.wire;
+        // Registered before the queue is looked at: what is queued after is woken for.
+        wire.flusher.register(cx.waker());
+        if !this.closed_now && wire.close.poll_requested(cx).is_ready() {
+            this.closed_now = true;
+            wire.close_now();
         }
         loop {
             match wire.drain() {
-                Drain::Idle => break,
-                Drain::Done => return,
+                Drain::Idle => return Poll::Pending,
+                Drain::Done => break,
                 Drain::Failed => {
                     wire.close.close(ErrorCode::Unavailable, "write failed");
-                    return;
+                    break;
                 }
-                Drain::Blocked(socket) => {
-                    tokio::select! {
-                        biased;
-                        _ = wire.close.requested(), if !closed_now => {
-                            closed_now = true;
-                            wire.close_now();
-                        }
-                        ready = socket.writable() => {
-                            if ready.is_err() {
-                                wire.close.close(ErrorCode::Unavailable, "write failed");
-                                return;
-                            }
-                        }
+                Drain::Blocked(socket) => match socket.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => {
+                        wire.close.close(ErrorCode::Unavailable, "write failed");
+                        break;
                     }
-                }
+                    Poll::Pending => return Poll::Pending,
+                },
             }
         }
+        wire.shut();
+        Poll::Ready(())
+    }
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        self.wire.shut();
     }
 }
 
