@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use quinn::{RecvStream, SendStream, VarInt};
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use chorus_protocol::{Encoding, ErrorCode};
 
@@ -48,6 +48,10 @@ pub fn transport_config() -> quinn::TransportConfig {
     // connection's voice queue this bounds the added latency.
     transport.datagram_receive_buffer_size(Some(VOICE_DATAGRAM_BUFFER_BYTES));
     transport.datagram_send_buffer_size(VOICE_DATAGRAM_BUFFER_BYTES);
+    // One datagram per transmit: with segmentation offload a connection keeps a transmit
+    // buffer for a batch of datagrams (about 15 KB) for its whole life, and a client
+    // connection mostly sends a frame at a time.
+    transport.enable_segmentation_offload(false);
     transport
 }
 
@@ -81,9 +85,15 @@ impl QuicReader {
     }
 }
 
-/// Writing half.
+/// Read buffer per connection: sized to what an idle listener sends (its auth and joins,
+/// see `ws`); a bigger frame grows it while it is read.
+const READ_BUFFER_BYTES: usize = 256;
+
+/// Writing half: each frame goes to the stream as its 4-byte length and the frame's own
+/// bytes (no copy into a write buffer, which would be 8 KiB per connection).
 pub struct QuicWriter {
-    frames: FramedWrite<SendStream, LengthDelimitedCodec>,
+    send: SendStream,
+    transport_message_bytes_max: usize,
     connection: quinn::Connection,
 }
 
@@ -105,14 +115,19 @@ pub fn split(
     );
     (
         QuicReader {
-            frames: FramedRead::new(BudgetedRead::new(recv, budget.clone()), preauth),
+            frames: FramedRead::with_capacity(
+                BudgetedRead::new(recv, budget.clone()),
+                preauth,
+                READ_BUFFER_BYTES,
+            ),
             frame_bytes_max: limits.frame_bytes_max,
             transport_message_bytes_max,
             connection: connection.clone(),
             budget,
         },
         QuicWriter {
-            frames: FramedWrite::new(send, codec(transport_message_bytes_max)),
+            send,
+            transport_message_bytes_max,
             connection,
         },
     )
@@ -174,13 +189,24 @@ impl TransportReader for QuicReader {
 
 impl TransportWriter for QuicWriter {
     async fn feed(&mut self, frame: Bytes, _encoding: Encoding) -> Result<(), String> {
-        self.frames.feed(frame).await.map_err(|e| e.to_string())
+        if frame.len() > self.transport_message_bytes_max {
+            return Err(format!(
+                "frame of {} bytes exceeds the transport cap of {} bytes",
+                frame.len(),
+                self.transport_message_bytes_max
+            ));
+        }
+        let length = u32::try_from(frame.len()).map_err(|e| e.to_string())?;
+        let mut chunks = [Bytes::copy_from_slice(&length.to_be_bytes()), frame];
+        self.send
+            .write_all_chunks(&mut chunks)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn flush(&mut self) -> Result<(), String> {
-        SinkExt::<Bytes>::flush(&mut self.frames)
-            .await
-            .map_err(|e| e.to_string())
+        // The stream sends what it was given as the connection's window allows.
+        Ok(())
     }
 
     fn datagrams(&self) -> Option<quinn::Connection> {
@@ -193,8 +219,7 @@ impl TransportWriter for QuicWriter {
     }
 
     async fn close(mut self, reason: Option<(u16, String)>) {
-        let _ = SinkExt::<Bytes>::flush(&mut self.frames).await;
-        let send = self.frames.get_mut();
+        let send = &mut self.send;
         let _ = send.finish();
         // Let the last frames (an error response, say) reach the peer before closing.
         let _ = tokio::time::timeout(Duration::from_millis(CLOSE_LINGER_MS), send.stopped()).await;
