@@ -46,16 +46,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-
-wait_port() {
-    local deadline=$((SECONDS + 30))
-    until (exec 3<>"/dev/tcp/$IP/$1") 2>/dev/null; do
-        [ $SECONDS -lt $deadline ] || { echo "nothing listens on $IP:$1" >&2; exit 1; }
-        sleep 0.1
-    done
-}
+# shellcheck source=benches/common.sh
+source benches/common.sh
 
 # run_load LABEL URL PID: the load run against the server PID; prints one table row.
 run_load() {
@@ -96,7 +88,7 @@ FLOOR_BIN=$(find "$OUT/deps" -maxdepth 1 -type f -perm -u+x -name 'fanout_floor-
 [ -n "$FLOOR_BIN" ] || { echo "the floor's binary was not built" >&2; exit 1; }
 "$FLOOR_BIN" "$IP:7600" "$DIR/floor.pid" 2>"$DIR/floor.err" &
 PIDS+=($!)
-wait_port 7600
+wait_port "$IP" 7600
 run_load floor "ws://$IP:7600/ws" "$(cat "$DIR/floor.pid")"
 kill "${PIDS[-1]}" 2>/dev/null || true
 
@@ -105,5 +97,5 @@ kill "${PIDS[-1]}" 2>/dev/null || true
     --cluster-addr "$IP:7612" --requests-per-sec 100000 --requests-burst 100000 \
     >"$DIR/node.log" 2>&1 &
 PIDS+=($!)
-wait_port 7610
+wait_port "$IP" 7610
 run_load chorus "ws://$IP:7610/ws" "${PIDS[-1]}"

@@ -33,15 +33,8 @@ NODE=
 cleanup() { [ -z "$NODE" ] || kill "$NODE" 2>/dev/null || true; }
 trap cleanup EXIT
 
-rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-
-wait_port() {
-    local deadline=$((SECONDS + 30))
-    until (exec 3<>"/dev/tcp/$IP/$1") 2>/dev/null; do
-        [ $SECONDS -lt $deadline ] || { echo "nothing listens on $IP:$1" >&2; exit 1; }
-        sleep 0.1
-    done
-}
+# shellcheck source=benches/common.sh
+source benches/common.sh
 
 # measure N: prints "N IDLE_KB LOADED_KB".
 measure() {
@@ -50,7 +43,7 @@ measure() {
         --cluster-addr "$IP:7622" --requests-per-sec 100000 --requests-burst 100000 \
         >"$DIR/node-$n.log" 2>&1 &
     NODE=$!
-    wait_port 7620
+    wait_port "$IP" 7620
     idle=$(rss_kb "$NODE")
     "$CHORUS" loadgen --url "$URL" --ca "$data/ca.pem" --listeners "$n" --senders 1 \
         --rate 1 --duration 8 --connect-rate 1000 --drain-secs 1 >"$DIR/loadgen-$n.out" 2>"$log" &

@@ -260,7 +260,7 @@ async fn drive_attached<R: TransportReader, E: Egress>(
         let sleep = Duration::from_millis(deadline_ms.saturating_sub(unix_now_ms()));
         tokio::select! {
             _ = close.requested() => break,
-            () = writer.future.as_mut(), if !writer.done => writer.done = true,
+            () = writer.run() => {}
             _ = node.ctx.shutdown.cancelled() => {
                 close.close(ErrorCode::Unavailable, "node shutting down");
                 break;
@@ -363,12 +363,9 @@ async fn drive_attached<R: TransportReader, E: Egress>(
     conn.outbound.finish();
     drop(conn);
     if !writer.done
-        && tokio::time::timeout(
-            Duration::from_millis(WRITER_DRAIN_TIMEOUT_MS),
-            writer.future.as_mut(),
-        )
-        .await
-        .is_err()
+        && tokio::time::timeout(Duration::from_millis(WRITER_DRAIN_TIMEOUT_MS), writer.run())
+            .await
+            .is_err()
     {
         // A peer that does not read (slow consumer) would pin the writer on a full socket:
         // dropping it (with this task) drops the socket.
@@ -388,6 +385,15 @@ struct Writer<'a, F> {
 }
 
 impl<F: Future<Output = ()>> Writer<'_, F> {
+    /// Runs the writer until it ends; once it has, never resolves.
+    async fn run(&mut self) {
+        if self.done {
+            return std::future::pending().await;
+        }
+        self.future.as_mut().await;
+        self.done = true;
+    }
+
     /// Awaits `work` while the writer keeps writing: a request that waits on a room must
     /// not hold up what the connection has to send.
     async fn beside<T>(&mut self, work: impl Future<Output = T> + Unpin) -> T {
@@ -396,7 +402,7 @@ impl<F: Future<Output = ()>> Writer<'_, F> {
             tokio::select! {
                 biased;
                 out = &mut work => return out,
-                () = self.future.as_mut(), if !self.done => self.done = true,
+                () = self.run() => {}
             }
         }
     }
