@@ -160,6 +160,12 @@ pub struct LimitsConfig {
     /// Outgoing frames queued per connection. Default 4,096; a connection that lets its
     /// queue fill is closed with `slow_consumer`.
     pub outgoing_queue_frames_max: usize,
+    /// Bytes of a client's TCP connection the kernel may hold not yet sent
+    /// (`TCP_NOTSENT_LOWAT`). Default 16,384. What a client does not read waits in the
+    /// node's own queue instead, where it counts toward `outgoing_queue_frames_max` and
+    /// toward the node taking no more comments than it delivers; bytes sent and not yet
+    /// acknowledged are not limited, so a far client's throughput is not either.
+    pub socket_unsent_bytes_max: u32,
     /// Sustained requests per second per connection. Default 20.
     pub requests_per_sec: u32,
     /// Request burst per connection. Default 40.
@@ -231,6 +237,7 @@ impl Default for LimitsConfig {
             transport_message_bytes_max: 1024 * 1024,
             connections_max: 50_000,
             outgoing_queue_frames_max: 4096,
+            socket_unsent_bytes_max: 16 * 1024,
             requests_per_sec: 20,
             requests_burst: 40,
             rooms_per_session_max: 16,
@@ -409,7 +416,7 @@ impl NodeConfig {
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        let checks: [(bool, &str); 16] = [
+        let checks: [(bool, &str); 17] = [
             (l.frame_bytes_max >= 1024, "frame_bytes_max must be at least 1024"),
             (
                 l.transport_message_bytes_max >= l.frame_bytes_max,
@@ -437,6 +444,7 @@ impl NodeConfig {
             (l.poll_creates_per_min > 0, "poll_creates_per_min must be positive"),
             (l.room_idle_release_ms >= 100, "room_idle_release_ms must be at least 100"),
             (l.outgoing_queue_frames_max >= 16, "outgoing_queue_frames_max must be at least 16"),
+            (l.socket_unsent_bytes_max >= 4096, "socket_unsent_bytes_max must be at least 4096"),
             (l.requests_per_sec > 0 && l.requests_burst > 0, "request rate and burst must be positive"),
             (l.ping_interval_ms >= 10, "ping_interval_ms must be at least 10"),
             (l.pings_missed_max >= 1, "pings_missed_max must be at least 1"),

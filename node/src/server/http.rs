@@ -89,6 +89,10 @@ pub(crate) async fn accept_http(
             },
         };
         let _ = stream.set_nodelay(true);
+        // What the client does not read waits in the node's queue, not the kernel's: see
+        // `socket_unsent_bytes_max`.
+        let _ = socket2::SockRef::from(&stream)
+            .set_tcp_notsent_lowat(node.edge.ctx.config.limits.socket_unsent_bytes_max);
         // Every client connection holds a place from its accept on, so unfinished HTTP
         // requests and upgrades count against `connections_max` like WebSocket clients.
         let slot = match kind {

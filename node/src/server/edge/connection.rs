@@ -37,8 +37,10 @@ use chorus_actors::session::{ConnectionConfig, ConnectionCore, LivenessAction};
 use chorus_protocol::{
     decode_frame, encode_request, encode_response_error, encode_response_ok, AuthRequest,
     AuthResponse, ClientRequest, Empty, Encoding, ErrorBody, ErrorCode, Frame, PingRequest,
-    PingResponse, ProtocolError, ResumeOutcome, RoomCreateResponse, PROTOCOL_VERSION,
+    PingResponse, ProtocolError, ResumeOutcome, RoomCommentRequest, RoomCommentResponse,
+    RoomCreateResponse, PROTOCOL_VERSION,
 };
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 
 use crate::server::rooms::messages::{RoomOp, RoomOpReply};
@@ -255,6 +257,9 @@ async fn drive_attached<R: TransportReader, E: Egress>(
 
     let mut cut_off = node.ctx.cluster.subscribe_cut_off();
     let mut authenticated = false;
+    // Comments under way (see `Admitted::Comment`); made on the first, since most
+    // connections never comment.
+    let mut comments: Option<Comments> = None;
     loop {
         let deadline_ms = conn.core.next_deadline_ms();
         let sleep = Duration::from_millis(deadline_ms.saturating_sub(unix_now_ms()));
@@ -295,9 +300,13 @@ async fn drive_attached<R: TransportReader, E: Egress>(
                     }
                 }
             }
-            message = reader.next() => match message {
+            Some(()) = next_answered(&mut comments) => {}
+            // At most `COMMENTS_IN_FLIGHT_MAX` comments under way: then nothing more is read
+            // until one is answered.
+            message = reader.next(), if comments.as_ref().is_none_or(|c| c.len() < COMMENTS_IN_FLIGHT_MAX) => match message {
                 None => break,
                 Some(Ok(Inbound::Goodbye)) => {
+                    writer.beside(Box::pin(finish_all(&mut comments))).await;
                     if let Some(session) = conn.session.take() {
                         writer.beside(Box::pin(node.rooms.end_session(&session))).await;
                     }
@@ -341,10 +350,21 @@ async fn drive_attached<R: TransportReader, E: Egress>(
                 Some(Ok(Inbound::Frame(encoding, bytes))) => {
                     let _ = conn.encoding.set(encoding);
                     metrics::counter!("chorus_frames_in_total", "transport" => transport).increment(1);
-                    // Boxed, like every request-sized future here: an idle connection's
-                    // task holds only the loop's own state (about 2 KB instead of 12).
-                    if writer.beside(Box::pin(conn.handle_frame(encoding, &bytes))).await == Flow::Stop {
-                        break;
+                    match conn.admit(encoding, &bytes) {
+                        Admitted::Done => {}
+                        Admitted::Comment(task) => {
+                            comments.get_or_insert_with(FuturesUnordered::new).push(task);
+                        }
+                        Admitted::Alone(seq, request, span) => {
+                            // After the comments before it: a request runs alone.
+                            writer.beside(Box::pin(finish_all(&mut comments))).await;
+                            // Boxed, like every request-sized future here: an idle
+                            // connection's task holds only the loop's own state (about 2 KB
+                            // instead of 12).
+                            if writer.beside(Box::pin(conn.run_alone(seq, request, span))).await == Flow::Stop {
+                                break;
+                            }
+                        }
                     }
                     if !authenticated && conn.session.is_some() {
                         authenticated = true;
@@ -375,6 +395,24 @@ async fn drive_attached<R: TransportReader, E: Egress>(
         );
     }
     metrics::gauge!("chorus_connections", "transport" => transport).decrement(1.0);
+}
+
+/// A connection's comments under way.
+type Comments = FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>;
+
+/// Resolves when one of the comments under way is answered; never while none is.
+async fn next_answered(comments: &mut Option<Comments>) -> Option<()> {
+    match comments {
+        Some(comments) if !comments.is_empty() => comments.next().await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// Resolves when every comment under way is answered.
+async fn finish_all(comments: &mut Option<Comments>) {
+    if let Some(comments) = comments {
+        while comments.next().await.is_some() {}
+    }
 }
 
 /// A connection's writer, run by the connection's task beside whatever else it awaits.
@@ -614,18 +652,21 @@ impl Connection {
         }
     }
 
-    async fn handle_frame(&mut self, encoding: Encoding, bytes: &[u8]) -> Flow {
+    /// Decodes a frame and passes it through admission (order, authentication, rate,
+    /// kind, body): what is refused or needs no execution is answered here; a comment of
+    /// an authenticated session becomes a task of its own; anything else runs alone.
+    fn admit(&mut self, encoding: Encoding, bytes: &[u8]) -> Admitted {
         let frame = match decode_frame(encoding, bytes, &self.node.frame_limits) {
             Ok(frame) => frame,
             Err(error) => {
                 self.respond_error(0, error.to_body());
-                return Flow::Continue;
+                return Admitted::Done;
             }
         };
         let request = match frame {
             Frame::Response(response) => {
                 self.core.handle_pong(response.seq);
-                return Flow::Continue;
+                return Admitted::Done;
             }
             Frame::Notification(notification) => {
                 self.respond_error(
@@ -635,7 +676,7 @@ impl Connection {
                         "clients may not send notifications",
                     ),
                 );
-                return Flow::Continue;
+                return Admitted::Done;
             }
             Frame::Request(request) => request,
         };
@@ -648,17 +689,37 @@ impl Connection {
                 _ => "refused",
             };
             self.respond_error(seq, ErrorBody::new(code, message));
-            return Flow::Continue;
+            return Admitted::Done;
         }
         let decoded = match ClientRequest::decode(&request.kind, &request.body) {
             Ok(decoded) => decoded,
             Err(error) => {
                 self.respond_error(seq, error.to_body());
-                return Flow::Continue;
+                return Admitted::Done;
             }
         };
         let span = tracing::debug_span!("request", seq, kind = decoded.kind());
-        tracing::Instrument::instrument(self.dispatch(seq, decoded), span).await
+        match (decoded, &self.session) {
+            (ClientRequest::RoomComment(comment), Some(session)) => {
+                let task = CommentTask {
+                    node: self.node.clone(),
+                    session: session.clone(),
+                    outbound: self.outbound.clone(),
+                    encoding: self.encoding.clone(),
+                    request_nonce: self.request_nonce,
+                };
+                Admitted::Comment(Box::pin(tracing::Instrument::instrument(
+                    task.run(seq, comment, unix_now_ms()),
+                    span,
+                )))
+            }
+            (decoded, _) => Admitted::Alone(seq, decoded, span),
+        }
+    }
+
+    /// Runs a request that runs alone (see [`Self::admit`]).
+    async fn run_alone(&mut self, seq: u64, request: ClientRequest, span: tracing::Span) -> Flow {
+        tracing::Instrument::instrument(self.dispatch(seq, request), span).await
     }
 
     async fn dispatch(&mut self, seq: u64, request: ClientRequest) -> Flow {
@@ -967,41 +1028,9 @@ impl Connection {
                 }
             }
             ClientRequest::RoomComment(comment) => {
-                self.require_member(session, &comment.room_id)?;
-                let request_id = match comment.request_id {
-                    Some(id) => {
-                        check_request_id(&id)?;
-                        id
-                    }
-                    // Without one from the client, still one per request: a retry on a new
-                    // owner (the ring moved during the request) is answered, not run again.
-                    None => format!("~{:016x}#{seq}", self.request_nonce),
-                };
-                let deadline_ms = now_ms + REQUEST_DEADLINE_MS;
-                let op = RoomOp::Comment {
-                    text: comment.text,
-                    request_id: Some(request_id),
-                    deadline_ms: Some(deadline_ms),
-                };
-                let answer = tokio::time::timeout(
-                    Duration::from_millis(REQUEST_DEADLINE_MS),
-                    node.rooms.room_op(session, &comment.room_id, op),
-                )
-                .await
-                .map_err(|_| {
-                    ErrorBody::new(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "no answer from the room within {REQUEST_DEADLINE_MS} ms; the comment \
-                             may have been posted: send it again with the same request_id to \
-                             learn its id"
-                        ),
-                    )
-                })??;
-                match answer {
-                    RoomOpReply::Commented(response) => Ok(ok(response)),
-                    other => Err(unexpected(other)),
-                }
+                post_comment(node, session, self.request_nonce, seq, comment, now_ms)
+                    .await
+                    .map(ok)
             }
             ClientRequest::RoomComments(page) => {
                 self.require_member(session, &page.room_id)?;
@@ -1241,14 +1270,118 @@ impl Connection {
     }
 
     fn require_member(&self, session: &Session, room_id: &str) -> Result<(), ErrorBody> {
-        if session.with_core(|core| core.in_room(room_id)) {
-            Ok(())
-        } else {
-            Err(ErrorBody::new(
-                ErrorCode::NotInRoom,
-                format!("join room {room_id:?} first"),
-            ))
+        require_member(session, room_id)
+    }
+}
+
+/// `4001 not_in_room` unless `session` is in `room_id`.
+fn require_member(session: &Session, room_id: &str) -> Result<(), ErrorBody> {
+    if session.with_core(|core| core.in_room(room_id)) {
+        Ok(())
+    } else {
+        Err(ErrorBody::new(
+            ErrorCode::NotInRoom,
+            format!("join room {room_id:?} first"),
+        ))
+    }
+}
+
+/// Comments of one connection that may be under way at once. While this many are, the
+/// connection reads nothing more until one is answered.
+pub const COMMENTS_IN_FLIGHT_MAX: usize = 32;
+
+/// What admission made of a frame.
+enum Admitted {
+    /// Answered (or nothing to answer).
+    Done,
+    /// A comment: runs as a task of its own, beside the connection's other comments.
+    Comment(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>),
+    /// Anything else: runs alone, after the comments before it are answered.
+    Alone(u64, ClientRequest, tracing::Span),
+}
+
+/// What a comment needs to run without its connection.
+struct CommentTask {
+    node: Arc<Edge>,
+    session: Arc<Session>,
+    outbound: Outbound,
+    encoding: Arc<OnceLock<Encoding>>,
+    request_nonce: u64,
+}
+
+impl CommentTask {
+    /// Posts the comment and queues its answer.
+    async fn run(self, seq: u64, comment: RoomCommentRequest, now_ms: u64) {
+        let result = post_comment(
+            &self.node,
+            &self.session,
+            self.request_nonce,
+            seq,
+            comment,
+            now_ms,
+        )
+        .await;
+        let encoding = *self.encoding.get().unwrap_or(&Encoding::MsgPack);
+        let frame = match result {
+            Ok(response) => encode_response_ok(encoding, seq, &response),
+            Err(error) => {
+                let name = error.error_code().map(|c| c.name()).unwrap_or("unknown");
+                metrics::counter!("chorus_errors_total", "code" => name).increment(1);
+                encode_response_error(encoding, seq, &error)
+            }
+        };
+        if let Ok(frame) = frame {
+            self.outbound.push(OutFrame::Encoded(frame));
         }
+    }
+}
+
+/// Posts a comment of `session` (request `seq` of a connection named `request_nonce`):
+/// on the room's owner, within the request deadline.
+async fn post_comment(
+    node: &Arc<Edge>,
+    session: &Arc<Session>,
+    request_nonce: u64,
+    seq: u64,
+    comment: RoomCommentRequest,
+    now_ms: u64,
+) -> Result<RoomCommentResponse, ErrorBody> {
+    require_member(session, &comment.room_id)?;
+    let request_id = match comment.request_id {
+        Some(id) => {
+            check_request_id(&id)?;
+            id
+        }
+        // Without one from the client, still one per request: a retry on a new owner (the
+        // ring moved during the request) is answered, not run again.
+        None => format!("~{request_nonce:016x}#{seq}"),
+    };
+    let deadline_ms = now_ms + REQUEST_DEADLINE_MS;
+    let op = RoomOp::Comment {
+        text: comment.text,
+        request_id: Some(request_id),
+        deadline_ms: Some(deadline_ms),
+    };
+    let answer = tokio::time::timeout(
+        Duration::from_millis(REQUEST_DEADLINE_MS),
+        node.rooms.room_op(session, &comment.room_id, op),
+    )
+    .await
+    .map_err(|_| {
+        ErrorBody::new(
+            ErrorCode::Unavailable,
+            format!(
+                "no answer from the room within {REQUEST_DEADLINE_MS} ms; the comment may have \
+                 been posted: send it again with the same request_id to learn its id"
+            ),
+        )
+    })??;
+    match answer {
+        RoomOpReply::Commented(response) => Ok(response),
+        other => Err(ErrorBody::new(
+            ErrorCode::Internal,
+            format!("unexpected room reply {other:?}"),
+        )),
     }
 }
 

@@ -82,13 +82,21 @@ pub const BACKLOG_LOW_FRAMES: usize = 16;
 /// [`BACKLOG_HIGH_FRAMES`]).
 static BACKLOGGED: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether this node delivers behind what it takes: at least half of its `connections`
-/// have a queue behind. Comments are then refused at once (`5001`) instead of being
-/// taken and delivered late: under overload the acknowledged stay prompt.
+/// A node delivers behind once at least one in this many of its connections has a queue
+/// behind: a quarter. A few slow clients (a bad mobile link) do not stop the node's
+/// comments; a node short of CPU has most of its queues behind, but not evenly (clients
+/// read at different speeds), and by the time half were behind the slowest would be
+/// closed as slow consumers.
+pub const BEHIND_SHARE_INVERSE: usize = 4;
+
+/// Whether this node delivers behind what it takes: at least a quarter of its
+/// `connections` have a queue behind (see [`BEHIND_SHARE_INVERSE`]). Comments are then
+/// refused at once (`5001`) instead of being taken and delivered late: under overload the
+/// acknowledged stay prompt.
 pub fn delivery_behind(connections: usize) -> bool {
     let behind = BACKLOGGED.load(Ordering::Relaxed);
     metrics::gauge!("chorus_connections_behind").set(behind as f64);
-    behind > 0 && behind * 2 >= connections
+    behind > 0 && behind * BEHIND_SHARE_INVERSE >= connections
 }
 
 /// Whether one connection's queue counts as behind (in [`delivery_behind`]'s count until

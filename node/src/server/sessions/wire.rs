@@ -66,6 +66,8 @@ struct Chunk {
     start: usize,
     /// How many frames the chunk holds (what the queue's bounds count).
     frames: usize,
+    /// A response (or a ping): queued ahead of the notifications that wait.
+    ahead: bool,
 }
 
 impl Chunk {
@@ -83,6 +85,7 @@ fn ws_frame(opcode: Opcode, size_hint: usize, write: impl FnOnce(&mut Vec<u8>)) 
         bytes,
         start: 0,
         frames: 1,
+        ahead: false,
     }
 }
 
@@ -287,15 +290,20 @@ impl Wire {
             bytes,
             start: 0,
             frames: list.len(),
+            ahead: false,
         };
         self.send(chunk, Kind::Frame)
     }
 
-    /// Sends an encoded frame (a response, a ping) in the connection's encoding.
+    /// Sends an encoded frame (a response, a ping) in the connection's encoding, ahead
+    /// of the notifications that wait (after the responses that wait, and after a frame
+    /// already begun): a client that reads behind the room still gets its answers soon,
+    /// and the protocol promises no order between answers and notifications.
     pub fn encoded(&self, frame: &[u8]) -> Sent {
-        let chunk = ws_frame(self.opcode(self.encoding()), frame.len(), |out| {
+        let mut chunk = ws_frame(self.opcode(self.encoding()), frame.len(), |out| {
             out.extend_from_slice(frame)
         });
+        chunk.ahead = true;
         self.send(chunk, Kind::Frame)
     }
 
@@ -316,6 +324,7 @@ impl Wire {
             bytes: bytes.to_vec(),
             start: 0,
             frames: 1,
+            ahead: false,
         };
         match self.send(chunk, Kind::Library) {
             Sent::Taken | Sent::Dropped => Ok(()),
@@ -379,7 +388,16 @@ impl Wire {
         }
         *frames += chunk.frames;
         let count = chunk.frames;
-        queue.push_back(chunk);
+        if chunk.ahead {
+            // Behind a frame already begun and the answers queued before this one.
+            let at = queue
+                .iter()
+                .position(|queued| queued.start == 0 && !queued.ahead)
+                .unwrap_or(queue.len());
+            queue.insert(at, chunk);
+        } else {
+            queue.push_back(chunk);
+        }
         if *frames > BACKLOG_HIGH_FRAMES {
             self.backlog.raise();
         }
