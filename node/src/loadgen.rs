@@ -1167,9 +1167,12 @@ async fn listener(index: usize, plan: Arc<Plan>, stats: Arc<Stats>, stop: Cancel
     let prefix = format!("{COMMENT_PREFIX} {} ", plan.run_id);
     let mut last_comment_id = 0u64;
     let mut received = IdSet::default();
+    // One wait for the end of the run, not one per event.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let event = tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             Some(frame) = async {
                 match audio.as_mut() {
                     Some(audio) => audio.recv().await,
@@ -1330,11 +1333,13 @@ async fn sender(
     let mut n = 0u64;
     let run_end = tokio::time::sleep_until(end);
     tokio::pin!(run_end);
+    let finished_early = finish.cancelled();
+    tokio::pin!(finished_early);
     loop {
         // Biased: the end of the run wins over a tick that is ready at the same time.
         tokio::select! {
             biased;
-            _ = finish.cancelled() => break,
+            _ = &mut finished_early => break,
             _ = &mut run_end => break,
             Some(done) = in_flight.join_next() => record_send(&stats, schedule.kind, index, done),
             scheduled = tick.tick() => {

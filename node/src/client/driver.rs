@@ -233,10 +233,13 @@ impl Driver {
         let silence =
             tokio::time::sleep(silence_limit.unwrap_or(Duration::from_secs(365 * 86_400)));
         tokio::pin!(silence);
+        // One wait for cancellation for the whole connection, not one per frame.
+        let cancelled = self.cancel.clone().cancelled_owned();
+        tokio::pin!(cancelled);
         loop {
             // Unbiased: a busy stream of notifications must not starve requests.
             tokio::select! {
-                _ = self.cancel.cancelled() => return End::Cancelled,
+                _ = &mut cancelled => return End::Cancelled,
                 received = self.connection.recv_any() => {
                     last_frame_at = Instant::now();
                     match received {
@@ -513,6 +516,15 @@ impl Driver {
     /// Queues an event for the application; waits while the queue is full (the server then
     /// sees a slow consumer). False if the client was closed meanwhile.
     async fn emit(&mut self, event: ClientEvent) -> bool {
+        // Room in the queue (the usual case): no need to wait.
+        let event = match self.events.try_send(event) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+        };
+        if self.cancel.is_cancelled() {
+            return false;
+        }
         tokio::select! {
             biased;
             _ = self.cancel.cancelled() => false,
