@@ -14,3 +14,13 @@ wait_port() {
         sleep 0.1
     done
 }
+
+# wait_ready IP PORT: until the Chorus node there answers 200 on /readyz (60 s at most):
+# a node accepts connections before it is a working member, and answers 503 until then.
+wait_ready() {
+    local deadline=$((SECONDS + 60))
+    until curl --fail --silent --max-time 2 --output /dev/null "http://$1:$2/readyz"; do
+        [ $SECONDS -lt $deadline ] || { echo "the node on $1:$2 is not ready" >&2; exit 1; }
+        sleep 0.1
+    done
+}

@@ -97,5 +97,5 @@ kill "${PIDS[-1]}" 2>/dev/null || true
     --cluster-addr "$IP:7612" --requests-per-sec 100000 --requests-burst 100000 \
     >"$DIR/node.log" 2>&1 &
 PIDS+=($!)
-wait_port "$IP" 7610
+wait_ready "$IP" 7610
 run_load chorus "ws://$IP:7610/ws" "${PIDS[-1]}"

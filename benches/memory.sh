@@ -43,7 +43,7 @@ measure() {
         --cluster-addr "$IP:7622" --requests-per-sec 100000 --requests-burst 100000 \
         >"$DIR/node-$n.log" 2>&1 &
     NODE=$!
-    wait_port "$IP" 7620
+    wait_ready "$IP" 7620
     idle=$(rss_kb "$NODE")
     "$CHORUS" loadgen --url "$URL" --ca "$data/ca.pem" --listeners "$n" --senders 1 \
         --rate 1 --duration 8 --connect-rate 1000 --drain-secs 1 >"$DIR/loadgen-$n.out" 2>"$log" &

@@ -356,12 +356,11 @@ async fn drive_attached<R: TransportReader, E: Egress>(
                             comments.get_or_insert_with(FuturesUnordered::new).push(task);
                         }
                         Admitted::Alone(seq, request, span) => {
-                            // After the comments before it: a request runs alone.
-                            writer.beside(Box::pin(finish_all(&mut comments))).await;
                             // Boxed, like every request-sized future here: an idle
                             // connection's task holds only the loop's own state (about 2 KB
-                            // instead of 12).
-                            if writer.beside(Box::pin(conn.run_alone(seq, request, span))).await == Flow::Stop {
+                            // instead of 12), not the request.
+                            let alone = run_alone(&mut comments, &mut conn, seq, request, span);
+                            if writer.beside(Box::pin(alone)).await == Flow::Stop {
                                 break;
                             }
                         }
@@ -406,6 +405,18 @@ async fn next_answered(comments: &mut Option<Comments>) -> Option<()> {
         Some(comments) if !comments.is_empty() => comments.next().await,
         _ => std::future::pending().await,
     }
+}
+
+/// Runs a request that runs alone: after the comments before it are answered.
+async fn run_alone(
+    comments: &mut Option<Comments>,
+    conn: &mut Connection,
+    seq: u64,
+    request: ClientRequest,
+    span: tracing::Span,
+) -> Flow {
+    finish_all(comments).await;
+    tracing::Instrument::instrument(conn.dispatch(seq, request), span).await
 }
 
 /// Resolves when every comment under way is answered.
@@ -715,11 +726,6 @@ impl Connection {
             }
             (decoded, _) => Admitted::Alone(seq, decoded, span),
         }
-    }
-
-    /// Runs a request that runs alone (see [`Self::admit`]).
-    async fn run_alone(&mut self, seq: u64, request: ClientRequest, span: tracing::Span) -> Flow {
-        tracing::Instrument::instrument(self.dispatch(seq, request), span).await
     }
 
     async fn dispatch(&mut self, seq: u64, request: ClientRequest) -> Flow {
