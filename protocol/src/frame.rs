@@ -28,8 +28,10 @@ pub enum Encoding {
 pub enum Body {
     /// No body was sent; decodes as an empty map.
     Empty,
-    /// A MessagePack value.
-    MsgPack(rmpv::Value),
+    /// A MessagePack value, as its own bytes (a map or `nil`; checked when the frame was
+    /// read, see [`decode_frame`]). Kept as bytes, so that reading the body is one pass
+    /// into its type.
+    MsgPack(Bytes),
     /// A JSON value.
     Json(serde_json::Value),
 }
@@ -44,19 +46,30 @@ impl Body {
         match self {
             Body::Empty => serde_json::from_value(serde_json::Value::Object(Default::default()))
                 .map_err(|e| invalid(e.to_string())),
-            // rmpv's own deserializer cannot read enums sent as strings (unit variants):
-            // re-encode the (small, already bounded) value and let rmp-serde read it.
-            Body::MsgPack(v) => {
-                if holds_bin(v) {
+            Body::MsgPack(bytes) => {
+                // rmp-serde would read a `bin` as a string: no schema has one (§4.2).
+                if msgpack_value_end(bytes, 0).is_none_or(|(_, bin)| bin) {
                     return Err(invalid(
                         "a MessagePack bin where a string is required (strings are str, §4.2)"
                             .into(),
                     ));
                 }
-                let bytes = rmp_serde::to_vec(v).map_err(|e| invalid(e.to_string()))?;
-                rmp_serde::from_slice(&bytes).map_err(|e| invalid(e.to_string()))
+                rmp_serde::from_slice(bytes).map_err(|e| invalid(e.to_string()))
             }
             Body::Json(v) => serde_json::from_value(v.clone()).map_err(|e| invalid(e.to_string())),
+        }
+    }
+
+    /// The body as JSON, for printing (MessagePack converts losslessly except binary data,
+    /// which becomes an array of numbers; bytes that are not one value become `null`).
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Body::Empty => serde_json::Value::Object(Default::default()),
+            Body::Json(value) => value.clone(),
+            Body::MsgPack(bytes) => rmpv::decode::read_value(&mut &bytes[..])
+                .ok()
+                .and_then(|value| serde_json::to_value(value).ok())
+                .unwrap_or(serde_json::Value::Null),
         }
     }
 }
@@ -197,14 +210,113 @@ fn not_a_map(what: &str) -> ProtocolError {
     ))
 }
 
-/// Whether a MessagePack value holds a `bin` anywhere (a string must be `str`, §4.2).
-fn holds_bin(value: &rmpv::Value) -> bool {
-    match value {
-        rmpv::Value::Binary(_) => true,
-        rmpv::Value::Array(items) => items.iter().any(holds_bin),
-        rmpv::Value::Map(entries) => entries.iter().any(|(k, v)| holds_bin(k) || holds_bin(v)),
-        _ => false,
+/// Where the MessagePack value that starts at `start` ends, and whether it holds a `bin`
+/// anywhere (a string must be `str`, §4.2). `None` if the bytes end first. For bytes that
+/// [`scan_msgpack`] has passed; it walks without a stack (a count of values still to read).
+fn msgpack_value_end(bytes: &[u8], start: usize) -> Option<(usize, bool)> {
+    let len_at = |pos: usize, n: usize| -> Option<usize> {
+        let field = bytes.get(pos..pos.checked_add(n)?)?;
+        Some(
+            field
+                .iter()
+                .fold(0usize, |len, b| (len << 8) | usize::from(*b)),
+        )
+    };
+    let mut pos = start;
+    let mut to_read = 1usize;
+    let mut bin = false;
+    while to_read > 0 {
+        to_read -= 1;
+        let marker = *bytes.get(pos)?;
+        pos += 1;
+        // (length-field bytes, payload bytes besides the length, children)
+        let (len_bytes, fixed, children) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0..=0xc3 => (0, 0, 0),
+            0x80..=0x8f => (0, 0, 2 * usize::from(marker & 0x0f)),
+            0x90..=0x9f => (0, 0, usize::from(marker & 0x0f)),
+            0xa0..=0xbf => (0, usize::from(marker & 0x1f), 0),
+            0xc4 | 0xd9 => (1, 0, 0),
+            0xc5 | 0xda => (2, 0, 0),
+            0xc6 | 0xdb => (4, 0, 0),
+            0xc7 => (1, 1, 0),
+            0xc8 => (2, 1, 0),
+            0xc9 => (4, 1, 0),
+            0xca | 0xce | 0xd2 => (0, 4, 0),
+            0xcb | 0xcf | 0xd3 => (0, 8, 0),
+            0xcc | 0xd0 => (0, 1, 0),
+            0xcd | 0xd1 => (0, 2, 0),
+            0xd4 => (0, 2, 0),
+            0xd5 => (0, 3, 0),
+            0xd6 => (0, 5, 0),
+            0xd7 => (0, 9, 0),
+            0xd8 => (0, 17, 0),
+            0xdc => (2, 0, usize::MAX),
+            0xdd => (4, 0, usize::MAX),
+            0xde => (2, 0, usize::MAX - 1),
+            0xdf => (4, 0, usize::MAX - 1),
+        };
+        bin |= matches!(marker, 0xc4..=0xc6);
+        let mut skip = fixed;
+        let mut children = children;
+        if len_bytes > 0 {
+            let len = len_at(pos, len_bytes)?;
+            pos += len_bytes;
+            match children {
+                usize::MAX => children = len,
+                c if c == usize::MAX - 1 => children = len.checked_mul(2)?,
+                _ => skip = skip.checked_add(len)?,
+            }
+        }
+        pos = pos.checked_add(skip)?;
+        if pos > bytes.len() {
+            return None;
+        }
+        to_read = to_read.checked_add(children)?;
     }
+    Some((pos, bin))
+}
+
+/// The bytes of a MessagePack frame's `body` and `ok`, each `None` when absent.
+struct RawBodies<'a> {
+    body: Option<&'a [u8]>,
+    ok: Option<&'a [u8]>,
+}
+
+/// The bytes of the top-level fields `body` and `ok` of a MessagePack frame (a map that
+/// [`scan_msgpack`] has passed).
+fn msgpack_bodies(frame: &[u8]) -> Result<RawBodies<'_>, ProtocolError> {
+    let malformed = || ProtocolError::Malformed("truncated MessagePack frame".into());
+    let (entries, mut pos) = match frame.first() {
+        Some(&m @ 0x80..=0x8f) => (usize::from(m & 0x0f), 1),
+        Some(0xde) => (usize::from(u16::from_be_bytes([frame[1], frame[2]])), 3),
+        Some(0xdf) => {
+            let n = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]);
+            (usize::try_from(n).map_err(|_| malformed())?, 5)
+        }
+        _ => return Err(not_a_map("frame")),
+    };
+    let (mut body, mut ok) = (None, None);
+    for _ in 0..entries {
+        let (key_end, _) = msgpack_value_end(frame, pos).ok_or_else(malformed)?;
+        let key = &frame[pos..key_end];
+        let (value_end, _) = msgpack_value_end(frame, key_end).ok_or_else(malformed)?;
+        let value = &frame[key_end..value_end];
+        // The key's text, whichever `str` encoding carries it.
+        let text = match key.first() {
+            Some(0xa0..=0xbf) => &key[1..],
+            Some(0xd9) => key.get(2..).unwrap_or_default(),
+            Some(0xda) => key.get(3..).unwrap_or_default(),
+            Some(0xdb) => key.get(5..).unwrap_or_default(),
+            _ => &[],
+        };
+        match text {
+            b"body" => body = Some(value),
+            b"ok" => ok = Some(value),
+            _ => {}
+        }
+        pos = value_end;
+    }
+    Ok(RawBodies { body, ok })
 }
 
 /// Decodes one frame, enforcing `limits` before parsing.
@@ -219,13 +331,37 @@ pub fn decode_frame(
             if !matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
                 return Err(not_a_map("frame"));
             }
-            let env: Envelope<rmpv::Value> = rmp_serde::from_slice(bytes)
+            // The envelope through serde (its errors, duplicate keys, strict strings), the
+            // bodies as the bytes they are.
+            let env: Envelope<serde::de::IgnoredAny> = rmp_serde::from_slice(bytes)
                 .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-            let is_map = |v: &Option<rmpv::Value>| v.as_ref().is_none_or(rmpv::Value::is_map);
-            if !is_map(&env.body) || !is_map(&env.ok) {
-                return Err(not_a_map("body"));
-            }
-            envelope_into_frame(env, Body::MsgPack)
+            let RawBodies { body, ok } = msgpack_bodies(bytes)?;
+            let as_body =
+                |present: bool, raw: Option<&[u8]>| -> Result<Option<Body>, ProtocolError> {
+                    match (present, raw) {
+                        (false, _) | (true, Some([0xc0])) => Ok(None),
+                        (true, Some(raw @ [0x80..=0x8f | 0xde | 0xdf, ..])) => {
+                            Ok(Some(Body::MsgPack(Bytes::copy_from_slice(raw))))
+                        }
+                        (true, Some(_)) => Err(not_a_map("body")),
+                        (true, None) => Err(ProtocolError::Malformed(
+                            "envelope keys must be strings".into(),
+                        )),
+                    }
+                };
+            let body = as_body(env.body.is_some(), body)?;
+            let ok = as_body(env.ok.is_some(), ok)?;
+            envelope_into_frame(
+                Envelope {
+                    frame_type: env.frame_type,
+                    seq: env.seq,
+                    kind: env.kind,
+                    body,
+                    ok,
+                    error: env.error,
+                },
+                |b| b,
+            )
         }
         Encoding::Json => {
             scan_json(bytes, limits)?;
@@ -538,6 +674,91 @@ mod tests {
             .expect("kind");
         bin_kind.splice(at + 5..at + 6, [0xc4, 0x01]);
         assert_eq!(code(Encoding::MsgPack, &bin_kind), 1000);
+    }
+
+    /// The body is kept as its bytes: found whatever encodes its key and whatever comes
+    /// before it, and read into its type in one pass.
+    #[test]
+    fn msgpack_bodies_are_found_in_any_encoding_of_the_envelope() {
+        let limits = FrameLimits::default();
+        let hello = |bytes: &[u8]| match decode_frame(Encoding::MsgPack, bytes, &limits) {
+            Ok(Frame::Request(r)) => r.body.decode::<Hello>(&r.kind).map_err(|e| e.code()),
+            Ok(other) => panic!("not a request: {other:?}"),
+            Err(e) => Err(e.code()),
+        };
+        // 16 entries (map16), keys as str8, unknown fields of every shape before the body:
+        // nested containers, ext, floats, negative integers, bin.
+        let mut map = vec![0xde, 0x00, 0x0a];
+        let key = |map: &mut Vec<u8>, k: &str| {
+            map.extend([0xd9, k.len() as u8]);
+            map.extend(k.as_bytes());
+        };
+        key(&mut map, "type");
+        map.extend(rmp_serde::to_vec("req").expect("value"));
+        key(&mut map, "seq");
+        map.extend([0xcd, 0x01, 0x00]);
+        key(&mut map, "kind");
+        map.extend(rmp_serde::to_vec("k").expect("value"));
+        key(&mut map, "x_nested");
+        map.extend(
+            rmp_serde::to_vec_named(&serde_json::json!({"a": [1, -2, {"b": null}], "c": 1.5}))
+                .expect("nested"),
+        );
+        key(&mut map, "x_ext");
+        map.extend([0xd6, 0x05, 1, 2, 3, 4]);
+        key(&mut map, "x_ext8");
+        map.extend([0xc7, 0x02, 0x07, 9, 9]);
+        key(&mut map, "x_bin");
+        map.extend([0xc4, 0x02, 0xff, 0xfe]);
+        key(&mut map, "x_array16");
+        map.extend([
+            0xdc, 0x00, 0x02, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0xd3, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xff,
+        ]);
+        key(&mut map, "x_nil");
+        map.push(0xc0);
+        key(&mut map, "body");
+        map.extend(
+            rmp_serde::to_vec_named(&Hello {
+                text: "hé".into(),
+                n: 9,
+            })
+            .expect("body"),
+        );
+        assert_eq!(
+            hello(&map),
+            Ok(Hello {
+                text: "hé".into(),
+                n: 9
+            })
+        );
+        // A body of nil reads as no body; a missing required field is the body's error.
+        let nil = rmp_serde::to_vec_named(&serde_json::json!({
+            "type": "req", "seq": 1, "kind": "k", "body": null
+        }))
+        .expect("encode");
+        assert_eq!(hello(&nil), Err(ErrorCode::InvalidBody));
+        // A truncated body is the frame's error, not a panic.
+        assert_eq!(hello(&map[..map.len() - 1]), Err(ErrorCode::MalformedFrame));
+        // A response's `ok`, and its printing as JSON.
+        let res = encode_response_ok(
+            Encoding::MsgPack,
+            3,
+            &Hello {
+                text: "x".into(),
+                n: 1,
+            },
+        )
+        .expect("encode");
+        match decode_frame(Encoding::MsgPack, &res, &limits).expect("decode") {
+            Frame::Response(ResponseFrame {
+                seq: 3,
+                result: Ok(body),
+            }) => {
+                assert_eq!(body.to_json(), serde_json::json!({"text": "x", "n": 1}));
+            }
+            other => panic!("not the response: {other:?}"),
+        }
     }
 
     #[test]

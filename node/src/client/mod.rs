@@ -262,11 +262,7 @@ impl ClientEvent {
 /// A body as JSON, for printing (MessagePack values convert losslessly except binary data,
 /// which becomes an array of numbers).
 pub fn body_to_json(body: &Body) -> serde_json::Value {
-    match body {
-        Body::Empty => serde_json::Value::Object(Default::default()),
-        Body::Json(value) => value.clone(),
-        Body::MsgPack(value) => serde_json::to_value(value).unwrap_or(serde_json::Value::Null),
-    }
+    body.to_json()
 }
 
 /// Encodes a request frame once the driver has assigned its sequence number.
