@@ -51,7 +51,7 @@ const MEMBERS_PAGE_DEFAULT: usize = 50;
 use crate::config::LimitsConfig;
 use crate::server::edge::service::Edge;
 use crate::server::sessions::session::{
-    AudioQueue, CloseSignal, OutFrame, Outbound, OutboundRx, Session,
+    AheadQueue, CloseSignal, OutFrame, Outbound, OutboundRx, Session,
 };
 use crate::server::sessions::wire::Wire;
 use crate::token::TokenError;
@@ -140,7 +140,7 @@ impl<W: TransportWriter + 'static> Egress for Queued<W> {
     fn start(self, attachment: u64, limits: &LimitsConfig) -> Started<Self::Writer> {
         let Queued(writer) = self;
         let close = Arc::new(CloseSignal::default());
-        let audio = Arc::new(AudioQueue::new(
+        let ahead = Arc::new(AheadQueue::new(
             limits.audio_queue_frames_max,
             writer.datagrams(),
         ));
@@ -148,7 +148,7 @@ impl<W: TransportWriter + 'static> Egress for Queued<W> {
             attachment,
             limits.outgoing_queue_frames_max,
             close.clone(),
-            audio.clone(),
+            ahead.clone(),
         );
         let encoding = Arc::new(OnceLock::new());
         // Boxed: the loop holds the transport's write futures, bigger than an idle
@@ -156,7 +156,7 @@ impl<W: TransportWriter + 'static> Egress for Queued<W> {
         let writer = Box::pin(write_loop(
             writer,
             rx,
-            audio,
+            ahead,
             close.clone(),
             encoding.clone(),
         ));
@@ -460,7 +460,7 @@ impl<F: Future<Output = ()>> Writer<'_, F> {
 async fn write_loop<W: TransportWriter>(
     mut writer: W,
     mut rx: OutboundRx,
-    audio: Arc<AudioQueue>,
+    ahead: Arc<AheadQueue>,
     close: Arc<CloseSignal>,
     encoding: Arc<OnceLock<Encoding>>,
 ) {
@@ -472,9 +472,20 @@ async fn write_loop<W: TransportWriter>(
                 writer.close(reason).await;
                 return;
             }
-            // Voice first: it is late soon, and its queue is bounded by dropping.
-            _ = audio.ready() => {
-                for frame in audio.take_all() {
+            // Answers first, then voice (it is late soon; its queue is bounded by
+            // dropping), then the notifications that wait.
+            _ = ahead.ready() => {
+                let lanes = ahead.take_all();
+                let enc = *encoding.get().unwrap_or(&Encoding::MsgPack);
+                for frame in lanes.answers {
+                    if let Err(error) = writer.feed(frame, enc).await {
+                        tracing::debug!(%error, "write failed");
+                        close.close(ErrorCode::Unavailable, "write failed");
+                        return;
+                    }
+                    metrics::counter!("chorus_frames_out_total").increment(1);
+                }
+                for frame in lanes.audio {
                     if let Err(error) = writer.send_audio(frame).await {
                         tracing::debug!(%error, "audio write failed");
                         close.close(ErrorCode::Unavailable, "write failed");

@@ -30,6 +30,13 @@ pub const VOICE_DATAGRAM_BUFFER_BYTES: usize = 16 * 1024;
 /// Connection flow-control window before `auth`: the most stream data a client can make
 /// the node buffer (in order or not) until it has authenticated.
 pub const PREAUTH_RECEIVE_WINDOW_BYTES: u32 = 16 * 1024;
+/// Bytes a client connection's streams may hold in quinn, sent but not acknowledged or
+/// not sent yet (quinn's default is 10 MB). Past it, what the connection has to send waits
+/// in the node's own queue, where a backlog counts (a connection behind, a slow consumer)
+/// like a WebSocket's unsent bytes (`socket_unsent_bytes_max`): under overload comments
+/// are refused at once instead of waiting in quinn. 64 KiB a round trip is 640 KB/s at
+/// 100 ms, far above a room's comments.
+pub const SEND_WINDOW_BYTES: u64 = 64 * 1024;
 /// Time to wait for the peer to acknowledge the last frames before closing.
 const CLOSE_LINGER_MS: u64 = 1_000;
 
@@ -43,6 +50,7 @@ pub fn transport_config() -> quinn::TransportConfig {
     transport.max_concurrent_uni_streams(VarInt::from_u32(0));
     // Before `auth` the connection's window is small (see `budget`); it opens after.
     transport.receive_window(VarInt::from_u32(PREAUTH_RECEIVE_WINDOW_BYTES));
+    transport.send_window(SEND_WINDOW_BYTES);
     // Voice datagrams: bounded each way, the oldest dropped first, so a listener that
     // falls behind loses old audio instead of hearing it late. Together with the
     // connection's voice queue this bounds the added latency.

@@ -95,7 +95,6 @@ pub const BEHIND_SHARE_INVERSE: usize = 4;
 /// acknowledged stay prompt.
 pub fn delivery_behind(connections: usize) -> bool {
     let behind = BACKLOGGED.load(Ordering::Relaxed);
-    metrics::gauge!("chorus_connections_behind").set(behind as f64);
     behind > 0 && behind * BEHIND_SHARE_INVERSE >= connections
 }
 
@@ -108,14 +107,16 @@ impl Backlog {
     /// The queue is behind.
     pub(crate) fn raise(&self) {
         if !self.0.swap(true, Ordering::Relaxed) {
-            BACKLOGGED.fetch_add(1, Ordering::Relaxed);
+            let behind = BACKLOGGED.fetch_add(1, Ordering::Relaxed) + 1;
+            metrics::gauge!("chorus_connections_behind").set(behind as f64);
         }
     }
 
     /// The queue caught up (or is gone).
     pub(crate) fn lower(&self) {
         if self.0.swap(false, Ordering::Relaxed) {
-            BACKLOGGED.fetch_sub(1, Ordering::Relaxed);
+            let behind = BACKLOGGED.fetch_sub(1, Ordering::Relaxed) - 1;
+            metrics::gauge!("chorus_connections_behind").set(behind as f64);
         }
     }
 }

@@ -52,38 +52,54 @@ pub enum OutFrame {
     Close(ErrorCode, String),
 }
 
-/// One connection's voice frames waiting to be sent: bounded, and when full the oldest
-/// frame makes room for the newest (late audio is worth less than current audio).
+/// What a queued writer (QUIC, WebSocket over TLS) sends ahead of the notifications that
+/// wait in its queue: answers (responses, server pings), then voice frames.
 ///
-/// On QUIC the frames go straight to the connection as datagrams: quinn's datagram send
-/// buffer is the bounded queue (it drops the oldest too), and no writer task is woken per
-/// frame.
+/// Answers go ahead as on a plain WebSocket (see `Wire::encoded`): a client that reads
+/// behind its rooms still gets its answers soon, and the protocol promises no order
+/// between answers and notifications. A connection has few answers under way (one per
+/// request, a bounded number of requests at once); more than the queue's capacity waiting
+/// means the client does not read, and it is closed as a slow consumer.
+///
+/// Voice frames are bounded, and when full the oldest makes room for the newest (late
+/// audio is worth less than current audio). On QUIC they go straight to the connection as
+/// datagrams: quinn's datagram send buffer is the bounded queue (it drops the oldest too),
+/// and no writer task is woken per frame.
 #[derive(Debug)]
-pub struct AudioQueue {
-    frames: Mutex<VecDeque<Bytes>>,
+pub struct AheadQueue {
+    lanes: Mutex<Lanes>,
     capacity: usize,
     ready: tokio::sync::Notify,
     datagrams: Option<quinn::Connection>,
 }
 
-impl AudioQueue {
-    /// A queue of at most `capacity` frames (at least 1), or, with `datagrams`, a direct
-    /// path to that QUIC connection.
+/// The frames an [`AheadQueue`] holds.
+#[derive(Debug, Default)]
+pub struct Lanes {
+    /// Answers, oldest first.
+    pub answers: VecDeque<Bytes>,
+    /// Voice frames, oldest first.
+    pub audio: VecDeque<Bytes>,
+}
+
+impl AheadQueue {
+    /// A queue of at most `capacity` voice frames and as many answers (at least 1 each),
+    /// or, with `datagrams`, a direct path for voice to that QUIC connection.
     pub fn new(capacity: usize, datagrams: Option<quinn::Connection>) -> Self {
-        AudioQueue {
-            frames: Mutex::new(VecDeque::new()),
+        AheadQueue {
+            lanes: Mutex::new(Lanes::default()),
             capacity: capacity.max(1),
             ready: tokio::sync::Notify::new(),
             datagrams,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, VecDeque<Bytes>> {
-        self.frames.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Lanes> {
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `frame`, dropping the oldest if the queue is full; wakes the writer. On
-    /// QUIC, sends it as a datagram instead.
+    /// Queues voice `frame`, dropping the oldest if the queue is full; wakes the writer.
+    /// On QUIC, sends it as a datagram instead.
     pub fn push(&self, frame: Bytes) {
         if let Some(connection) = &self.datagrams {
             if send_voice_datagram(connection, frame) {
@@ -92,19 +108,33 @@ impl AudioQueue {
             return;
         }
         {
-            let mut frames = self.lock();
-            if frames.len() >= self.capacity {
-                frames.pop_front();
+            let mut lanes = self.lock();
+            if lanes.audio.len() >= self.capacity {
+                lanes.audio.pop_front();
                 metrics::counter!("chorus_audio_dropped_total", "reason" => "listener_queue")
                     .increment(1);
             }
-            frames.push_back(frame);
+            lanes.audio.push_back(frame);
         }
         self.ready.notify_one();
     }
 
-    /// Takes every queued frame, oldest first.
-    pub fn take_all(&self) -> VecDeque<Bytes> {
+    /// Queues an answer; wakes the writer. `false` when the queue is full: the client
+    /// does not read its answers.
+    pub fn push_answer(&self, frame: Bytes) -> bool {
+        {
+            let mut lanes = self.lock();
+            if lanes.answers.len() >= self.capacity {
+                return false;
+            }
+            lanes.answers.push_back(frame);
+        }
+        self.ready.notify_one();
+        true
+    }
+
+    /// Takes every queued frame, each lane oldest first.
+    pub fn take_all(&self) -> Lanes {
         std::mem::take(&mut *self.lock())
     }
 
@@ -156,10 +186,10 @@ pub struct Outbound {
 #[derive(Debug, Clone)]
 enum Sink {
     /// A bounded channel drained by the connection's writer task (QUIC, WebSocket over
-    /// TLS), with the voice queue beside it.
+    /// TLS), with the answers and voice that go ahead of it beside it.
     Queue {
         tx: mpsc::Sender<OutFrame>,
-        audio: Arc<AudioQueue>,
+        ahead: Arc<AheadQueue>,
         backlog: Arc<Backlog>,
     },
     /// Straight to the socket of a plain WebSocket (see `wire`).
@@ -167,13 +197,13 @@ enum Sink {
 }
 
 impl Outbound {
-    /// A queue of `capacity` frames, beside the connection's voice queue `audio`; returns
-    /// the receiving end for the writer.
+    /// A queue of `capacity` frames, beside the connection's answers and voice `ahead`;
+    /// returns the receiving end for the writer.
     pub fn new(
         attachment: u64,
         capacity: usize,
         close: Arc<CloseSignal>,
-        audio: Arc<AudioQueue>,
+        ahead: Arc<AheadQueue>,
     ) -> (Self, OutboundRx) {
         let (tx, rx) = mpsc::channel(capacity);
         let backlog = Arc::new(Backlog::default());
@@ -182,7 +212,7 @@ impl Outbound {
                 attachment,
                 sink: Sink::Queue {
                     tx,
-                    audio,
+                    ahead,
                     backlog: backlog.clone(),
                 },
                 close,
@@ -203,7 +233,7 @@ impl Outbound {
     /// Queues a voice frame (never blocks; drops a frame when too much waits).
     pub fn push_audio(&self, frame: Bytes) {
         match &self.sink {
-            Sink::Queue { audio, .. } => audio.push(frame),
+            Sink::Queue { ahead, .. } => ahead.push(frame),
             Sink::Wire(wire) => match wire.audio(&frame) {
                 Sent::Taken => metrics::counter!("chorus_audio_out_total").increment(1),
                 Sent::Dropped => {
@@ -248,6 +278,16 @@ impl Outbound {
     /// connection is closed as a slow consumer (it may resume and catch up from the buffer).
     pub fn push(&self, frame: OutFrame) -> bool {
         let (tx, backlog) = match &self.sink {
+            Sink::Queue { ahead, .. } if matches!(frame, OutFrame::Encoded(_)) => {
+                let OutFrame::Encoded(bytes) = frame else {
+                    return false;
+                };
+                if ahead.push_answer(bytes) {
+                    return true;
+                }
+                self.close.slow_consumer();
+                return false;
+            }
             Sink::Queue { tx, backlog, .. } => (tx, backlog),
             Sink::Wire(wire) => {
                 let sent = match frame {
@@ -793,5 +833,47 @@ pub fn send_voice_datagram(connection: &quinn::Connection, frame: Bytes) -> bool
             tracing::debug!(%error, "voice datagram not sent");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a queued connection an answer goes ahead of the notifications that wait, and a
+    /// client that reads none of its answers is closed as a slow consumer, not buffered
+    /// without end.
+    #[tokio::test]
+    async fn answers_go_ahead_of_queued_notifications_and_are_bounded() {
+        let close = Arc::new(CloseSignal::default());
+        let ahead = Arc::new(AheadQueue::new(2, None));
+        let (outbound, mut rx) = Outbound::new(7, 16, close.clone(), ahead.clone());
+        let body = Arc::new(
+            EncodedBody::new("room.comment", &serde_json::json!({"text": "hi"})).expect("encode"),
+        );
+        assert!(outbound.notify(1, &body));
+        assert!(outbound.push(OutFrame::Encoded(Bytes::from_static(b"answer 1"))));
+        // The answer waits beside the queue, which holds only the notification.
+        tokio::time::timeout(std::time::Duration::from_secs(5), ahead.ready())
+            .await
+            .expect("the writer is woken for the answer");
+        let lanes = ahead.take_all();
+        assert_eq!(lanes.answers, [Bytes::from_static(b"answer 1")]);
+        assert!(lanes.audio.is_empty());
+        assert!(matches!(
+            rx.recv().await,
+            Some(OutFrame::Notification(1, _))
+        ));
+        assert!(rx.is_empty());
+        // Two answers wait unread: a third closes the connection as a slow consumer.
+        assert!(outbound.push(OutFrame::Encoded(Bytes::from_static(b"2"))));
+        assert!(outbound.push(OutFrame::Encoded(Bytes::from_static(b"3"))));
+        assert!(!close.is_requested());
+        assert!(!outbound.push(OutFrame::Encoded(Bytes::from_static(b"4"))));
+        assert!(close.is_requested());
+        assert_eq!(
+            close.reason().map(|(code, _)| code),
+            Some(ErrorCode::SlowConsumer)
+        );
     }
 }
