@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ErrorBody, ProtocolError};
-use crate::limits::{scan_json, scan_msgpack, FrameLimits};
+use crate::limits::{msgpack_head, scan_json, scan_msgpack, FrameLimits};
 
 /// The two encodings of the same schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -214,64 +214,15 @@ fn not_a_map(what: &str) -> ProtocolError {
 /// anywhere (a string must be `str`, §4.2). `None` if the bytes end first. For bytes that
 /// [`scan_msgpack`] has passed; it walks without a stack (a count of values still to read).
 fn msgpack_value_end(bytes: &[u8], start: usize) -> Option<(usize, bool)> {
-    let len_at = |pos: usize, n: usize| -> Option<usize> {
-        let field = bytes.get(pos..pos.checked_add(n)?)?;
-        Some(
-            field
-                .iter()
-                .fold(0usize, |len, b| (len << 8) | usize::from(*b)),
-        )
-    };
     let mut pos = start;
     let mut to_read = 1usize;
     let mut bin = false;
     while to_read > 0 {
         to_read -= 1;
-        let marker = *bytes.get(pos)?;
-        pos += 1;
-        // (length-field bytes, payload bytes besides the length, children)
-        let (len_bytes, fixed, children) = match marker {
-            0x00..=0x7f | 0xe0..=0xff | 0xc0..=0xc3 => (0, 0, 0),
-            0x80..=0x8f => (0, 0, 2 * usize::from(marker & 0x0f)),
-            0x90..=0x9f => (0, 0, usize::from(marker & 0x0f)),
-            0xa0..=0xbf => (0, usize::from(marker & 0x1f), 0),
-            0xc4 | 0xd9 => (1, 0, 0),
-            0xc5 | 0xda => (2, 0, 0),
-            0xc6 | 0xdb => (4, 0, 0),
-            0xc7 => (1, 1, 0),
-            0xc8 => (2, 1, 0),
-            0xc9 => (4, 1, 0),
-            0xca | 0xce | 0xd2 => (0, 4, 0),
-            0xcb | 0xcf | 0xd3 => (0, 8, 0),
-            0xcc | 0xd0 => (0, 1, 0),
-            0xcd | 0xd1 => (0, 2, 0),
-            0xd4 => (0, 2, 0),
-            0xd5 => (0, 3, 0),
-            0xd6 => (0, 5, 0),
-            0xd7 => (0, 9, 0),
-            0xd8 => (0, 17, 0),
-            0xdc => (2, 0, usize::MAX),
-            0xdd => (4, 0, usize::MAX),
-            0xde => (2, 0, usize::MAX - 1),
-            0xdf => (4, 0, usize::MAX - 1),
-        };
+        let (marker, skip, children) = msgpack_head(bytes, &mut pos).ok()?;
         bin |= matches!(marker, 0xc4..=0xc6);
-        let mut skip = fixed;
-        let mut children = children;
-        if len_bytes > 0 {
-            let len = len_at(pos, len_bytes)?;
-            pos += len_bytes;
-            match children {
-                usize::MAX => children = len,
-                c if c == usize::MAX - 1 => children = len.checked_mul(2)?,
-                _ => skip = skip.checked_add(len)?,
-            }
-        }
-        pos = pos.checked_add(skip)?;
-        if pos > bytes.len() {
-            return None;
-        }
-        to_read = to_read.checked_add(children)?;
+        pos = pos.checked_add(skip).filter(|end| *end <= bytes.len())?;
+        to_read = to_read.checked_add(children.unwrap_or(0))?;
     }
     Some((pos, bin))
 }
@@ -286,27 +237,21 @@ struct RawBodies<'a> {
 /// [`scan_msgpack`] has passed).
 fn msgpack_bodies(frame: &[u8]) -> Result<RawBodies<'_>, ProtocolError> {
     let malformed = || ProtocolError::Malformed("truncated MessagePack frame".into());
-    let (entries, mut pos) = match frame.first() {
-        Some(&m @ 0x80..=0x8f) => (usize::from(m & 0x0f), 1),
-        Some(0xde) => (usize::from(u16::from_be_bytes([frame[1], frame[2]])), 3),
-        Some(0xdf) => {
-            let n = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]);
-            (usize::try_from(n).map_err(|_| malformed())?, 5)
-        }
+    let mut pos = 0;
+    let entries = match msgpack_head(frame, &mut pos)? {
+        (0x80..=0x8f | 0xde | 0xdf, _, Some(children)) => children / 2,
         _ => return Err(not_a_map("frame")),
     };
     let (mut body, mut ok) = (None, None);
     for _ in 0..entries {
+        let mut text_at = pos;
+        let (key_marker, _, _) = msgpack_head(frame, &mut text_at)?;
         let (key_end, _) = msgpack_value_end(frame, pos).ok_or_else(malformed)?;
-        let key = &frame[pos..key_end];
         let (value_end, _) = msgpack_value_end(frame, key_end).ok_or_else(malformed)?;
         let value = &frame[key_end..value_end];
         // The key's text, whichever `str` encoding carries it.
-        let text = match key.first() {
-            Some(0xa0..=0xbf) => &key[1..],
-            Some(0xd9) => key.get(2..).unwrap_or_default(),
-            Some(0xda) => key.get(3..).unwrap_or_default(),
-            Some(0xdb) => key.get(5..).unwrap_or_default(),
+        let text = match key_marker {
+            0xa0..=0xbf | 0xd9..=0xdb => &frame[text_at..key_end],
             _ => &[],
         };
         match text {

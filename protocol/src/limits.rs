@@ -83,41 +83,7 @@ pub fn scan_msgpack(bytes: &[u8], limits: &FrameLimits) -> Result<(), ProtocolEr
         if elements > limits.elements_max {
             return Err(too_complex("too many elements"));
         }
-        let marker = *bytes.get(pos).ok_or_else(truncated)?;
-        pos += 1;
-        // (bytes to skip, container children to push)
-        let (skip, children): (usize, Option<usize>) = match marker {
-            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, None),
-            0x80..=0x8f => (0, Some(2 * (marker & 0x0f) as usize)),
-            0x90..=0x9f => (0, Some((marker & 0x0f) as usize)),
-            0xa0..=0xbf => ((marker & 0x1f) as usize, None),
-            0xc1 => {
-                return Err(ProtocolError::Malformed(
-                    "reserved MessagePack marker 0xc1".into(),
-                ))
-            }
-            0xc4 | 0xd9 => (read_len(bytes, &mut pos, 1)?, None),
-            0xc5 | 0xda => (read_len(bytes, &mut pos, 2)?, None),
-            0xc6 | 0xdb => (read_len(bytes, &mut pos, 4)?, None),
-            0xc7 => (read_len(bytes, &mut pos, 1)? + 1, None),
-            0xc8 => (read_len(bytes, &mut pos, 2)? + 1, None),
-            0xc9 => (read_len(bytes, &mut pos, 4)? + 1, None),
-            0xca => (4, None),
-            0xcb => (8, None),
-            0xcc | 0xd0 => (1, None),
-            0xcd | 0xd1 => (2, None),
-            0xce | 0xd2 => (4, None),
-            0xcf | 0xd3 => (8, None),
-            0xd4 => (2, None),
-            0xd5 => (3, None),
-            0xd6 => (5, None),
-            0xd7 => (9, None),
-            0xd8 => (17, None),
-            0xdc => (0, Some(read_len(bytes, &mut pos, 2)?)),
-            0xdd => (0, Some(read_len(bytes, &mut pos, 4)?)),
-            0xde => (0, Some(2 * read_len(bytes, &mut pos, 2)?)),
-            0xdf => (0, Some(read_len(bytes, &mut pos, 4)?.saturating_mul(2))),
-        };
+        let (_, skip, children) = msgpack_head(bytes, &mut pos)?;
         if skip > bytes.len() - pos {
             return Err(truncated());
         }
@@ -148,6 +114,51 @@ pub fn scan_msgpack(bytes: &[u8], limits: &FrameLimits) -> Result<(), ProtocolEr
         )));
     }
     Ok(())
+}
+
+/// Reads the head of the MessagePack value at `*pos`: its marker and any length field,
+/// leaving `*pos` at its payload. Returns the marker, the payload bytes that follow, and
+/// for a container its number of child values (a map's keys and values both count).
+/// Checks the length field is there, not that the payload is.
+pub(crate) fn msgpack_head(
+    bytes: &[u8],
+    pos: &mut usize,
+) -> Result<(u8, usize, Option<usize>), ProtocolError> {
+    let marker = *bytes.get(*pos).ok_or_else(truncated)?;
+    *pos += 1;
+    let (skip, children): (usize, Option<usize>) = match marker {
+        0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, None),
+        0x80..=0x8f => (0, Some(2 * (marker & 0x0f) as usize)),
+        0x90..=0x9f => (0, Some((marker & 0x0f) as usize)),
+        0xa0..=0xbf => ((marker & 0x1f) as usize, None),
+        0xc1 => {
+            return Err(ProtocolError::Malformed(
+                "reserved MessagePack marker 0xc1".into(),
+            ))
+        }
+        0xc4 | 0xd9 => (read_len(bytes, pos, 1)?, None),
+        0xc5 | 0xda => (read_len(bytes, pos, 2)?, None),
+        0xc6 | 0xdb => (read_len(bytes, pos, 4)?, None),
+        0xc7 => (read_len(bytes, pos, 1)? + 1, None),
+        0xc8 => (read_len(bytes, pos, 2)? + 1, None),
+        0xc9 => (read_len(bytes, pos, 4)? + 1, None),
+        0xca => (4, None),
+        0xcb => (8, None),
+        0xcc | 0xd0 => (1, None),
+        0xcd | 0xd1 => (2, None),
+        0xce | 0xd2 => (4, None),
+        0xcf | 0xd3 => (8, None),
+        0xd4 => (2, None),
+        0xd5 => (3, None),
+        0xd6 => (5, None),
+        0xd7 => (9, None),
+        0xd8 => (17, None),
+        0xdc => (0, Some(read_len(bytes, pos, 2)?)),
+        0xdd => (0, Some(read_len(bytes, pos, 4)?)),
+        0xde => (0, Some(2 * read_len(bytes, pos, 2)?)),
+        0xdf => (0, Some(read_len(bytes, pos, 4)?.saturating_mul(2))),
+    };
+    Ok((marker, skip, children))
 }
 
 fn read_len(bytes: &[u8], pos: &mut usize, width: usize) -> Result<usize, ProtocolError> {

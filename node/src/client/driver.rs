@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::is_final_auth_error;
 use super::{
-    backoff_delay_ms, body_to_json, is_final_close_code, ClientConfig, ClientError, ClientEvent,
-    Command, Connection, Connector, Received, Reply, Shared,
+    backoff_delay_ms, is_final_close_code, ClientConfig, ClientError, ClientEvent, Command,
+    Connection, Connector, Received, Reply, Shared,
 };
 
 /// Normal WebSocket close code, also used as the QUIC application code for a normal close.
@@ -416,7 +416,7 @@ impl Driver {
                 }
                 ClientEvent::RawNotification {
                     seq: notification.seq,
-                    body: body_to_json(&body),
+                    body: body.to_json(),
                     kind: notification.kind,
                 }
             }

@@ -259,12 +259,6 @@ impl ClientEvent {
     }
 }
 
-/// A body as JSON, for printing (MessagePack values convert losslessly except binary data,
-/// which becomes an array of numbers).
-pub fn body_to_json(body: &Body) -> serde_json::Value {
-    body.to_json()
-}
-
 /// Encodes a request frame once the driver has assigned its sequence number.
 type EncodeRequest = Box<dyn FnOnce(Encoding, u64) -> Result<Bytes, ProtocolError> + Send>;
 

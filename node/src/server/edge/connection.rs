@@ -464,8 +464,11 @@ async fn write_loop<W: TransportWriter>(
     close: Arc<CloseSignal>,
     encoding: Arc<OnceLock<Encoding>>,
 ) {
+    // The connection's encoding, read once there is something to write (`auth` sets it).
+    let encoding = || *encoding.get().unwrap_or(&Encoding::MsgPack);
     loop {
-        let frame = tokio::select! {
+        // A frame from the queue, after what goes ahead of it.
+        let queued = tokio::select! {
             biased;
             _ = close.requested() => {
                 let reason = close.reason().map(|(code, reason)| (code.close_code(), reason));
@@ -476,62 +479,53 @@ async fn write_loop<W: TransportWriter>(
             // dropping), then the notifications that wait.
             _ = ahead.ready() => {
                 let lanes = ahead.take_all();
-                let enc = *encoding.get().unwrap_or(&Encoding::MsgPack);
                 for frame in lanes.answers {
-                    if let Err(error) = writer.feed(frame, enc).await {
-                        tracing::debug!(%error, "write failed");
-                        close.close(ErrorCode::Unavailable, "write failed");
-                        return;
+                    if let Err(error) = writer.feed(frame, encoding()).await {
+                        return write_failed(&close, "write", &error);
                     }
                     metrics::counter!("chorus_frames_out_total").increment(1);
                 }
                 for frame in lanes.audio {
                     if let Err(error) = writer.send_audio(frame).await {
-                        tracing::debug!(%error, "audio write failed");
-                        close.close(ErrorCode::Unavailable, "write failed");
-                        return;
+                        return write_failed(&close, "audio write", &error);
                     }
                     metrics::counter!("chorus_audio_out_total").increment(1);
                 }
-                if rx.is_empty() {
-                    if let Err(error) = writer.flush().await {
-                        tracing::debug!(%error, "flush failed");
-                        close.close(ErrorCode::Unavailable, "write failed");
-                        return;
-                    }
+                None
+            }
+            frame = rx.recv() => match frame {
+                None => {
+                    writer.close(None).await;
+                    return;
                 }
-                continue;
-            }
-            frame = rx.recv() => frame,
+                Some(OutFrame::Close(code, reason)) => {
+                    let _ = writer.flush().await;
+                    writer.close(Some((code.close_code(), reason))).await;
+                    return;
+                }
+                // (`Outbound` sends answers through `ahead`, not the queue.)
+                Some(OutFrame::Encoded(bytes)) => Some(bytes),
+                Some(OutFrame::Notification(seq, body)) => Some(body.frame(encoding(), seq)),
+            },
         };
-        let enc = *encoding.get().unwrap_or(&Encoding::MsgPack);
-        let bytes = match frame {
-            None => {
-                writer.close(None).await;
-                return;
+        if let Some(bytes) = queued {
+            if let Err(error) = writer.feed(bytes, encoding()).await {
+                return write_failed(&close, "write", &error);
             }
-            Some(OutFrame::Close(code, reason)) => {
-                let _ = writer.flush().await;
-                writer.close(Some((code.close_code(), reason))).await;
-                return;
-            }
-            Some(OutFrame::Encoded(bytes)) => bytes,
-            Some(OutFrame::Notification(seq, body)) => body.frame(enc, seq),
-        };
-        if let Err(error) = writer.feed(bytes, enc).await {
-            tracing::debug!(%error, "write failed");
-            close.close(ErrorCode::Unavailable, "write failed");
-            return;
+            metrics::counter!("chorus_frames_out_total").increment(1);
         }
-        metrics::counter!("chorus_frames_out_total").increment(1);
         if rx.is_empty() {
             if let Err(error) = writer.flush().await {
-                tracing::debug!(%error, "flush failed");
-                close.close(ErrorCode::Unavailable, "write failed");
-                return;
+                return write_failed(&close, "flush", &error);
             }
         }
     }
+}
+
+/// A write of `what` failed: the connection ends (the client may resume elsewhere).
+fn write_failed(close: &CloseSignal, what: &str, error: &str) {
+    tracing::debug!(%error, "{what} failed");
+    close.close(ErrorCode::Unavailable, "write failed");
 }
 
 #[derive(Debug, PartialEq, Eq)]

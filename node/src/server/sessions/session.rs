@@ -277,19 +277,17 @@ impl Outbound {
     /// Queues a frame without waiting. A full queue means the client does not keep up: the
     /// connection is closed as a slow consumer (it may resume and catch up from the buffer).
     pub fn push(&self, frame: OutFrame) -> bool {
-        let (tx, backlog) = match &self.sink {
-            Sink::Queue { ahead, .. } if matches!(frame, OutFrame::Encoded(_)) => {
-                let OutFrame::Encoded(bytes) = frame else {
-                    return false;
-                };
+        let (tx, backlog, frame) = match (&self.sink, frame) {
+            // Answers go ahead of the queue (see `AheadQueue`).
+            (Sink::Queue { ahead, .. }, OutFrame::Encoded(bytes)) => {
                 if ahead.push_answer(bytes) {
                     return true;
                 }
                 self.close.slow_consumer();
                 return false;
             }
-            Sink::Queue { tx, backlog, .. } => (tx, backlog),
-            Sink::Wire(wire) => {
+            (Sink::Queue { tx, backlog, .. }, frame) => (tx, backlog, frame),
+            (Sink::Wire(wire), frame) => {
                 let sent = match frame {
                     OutFrame::Notification(seq, body) => wire.notifications(&[(seq, &body)]),
                     OutFrame::Encoded(bytes) => wire.encoded(&bytes),
